@@ -1,0 +1,22 @@
+//! Builds the eBPF object with aya-build (nightly + bpf-linker) and leaves it in `OUT_DIR`, where
+//! `src/ebpf.rs` embeds it.
+use anyhow::{Context as _, anyhow};
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or_else(|| anyhow!("agent crate has no parent directory"))?
+        .join("kube-ovn-ebpf");
+    let root = root.to_str().context("non-UTF-8 path to the eBPF crate")?;
+    let toolchain = std::env::var("KOVN_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
+    println!("cargo:rerun-if-env-changed=KOVN_EBPF_TOOLCHAIN");
+    aya_build::build_ebpf(
+        [Package {
+            name: "kube-ovn-ebpf",
+            root_dir: root,
+            ..Package::default()
+        }],
+        Toolchain::Custom(&toolchain),
+    )
+}

@@ -1,0 +1,135 @@
+//! The embedded eBPF object and loading it, optionally with its maps pinned under a directory
+//! (pinned maps that already exist are reused with their content).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, VerifierLogLevel,
+    maps::{Map, MapInfo},
+    programs::SchedClassifier,
+};
+use kube_ovn_ebpf_common::names;
+
+/// The datapath object, built by `build.rs` from the `kube-ovn-ebpf` crate.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kube-ovn-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("parsing the embedded eBPF object: {0}")]
+    Parse(#[from] aya_obj::ParseError),
+    #[error("loading the eBPF object: {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error(
+        "pinned map {path} does not match this build ({detail}); remove it with \
+         `kube-ovn-agent detach` (this stops marking until the next `run`) and start again"
+    )]
+    IncompatiblePin { path: PathBuf, detail: String },
+    #[error("reading pinned map {path}: {source}")]
+    PinnedInfo {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Loads the object. With `maps_dir`, each map is pinned at `maps_dir/<name>`; maps already
+/// pinned there are reused (after checking that their layout matches this build).
+pub fn load(maps_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    raise_memlock_limit();
+    if let Some(dir) = maps_dir {
+        check_pinned_layouts(dir)?;
+    }
+    let mut loader = EbpfLoader::new();
+    loader.verifier_log_level(VerifierLogLevel::STATS);
+    if let Some(dir) = maps_dir {
+        for name in names::ALL_MAPS {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let mut ebpf = loader.load(OBJECT)?;
+    program(&mut ebpf)?
+        .load()
+        .map_err(|source| LoadError::Program {
+            name: names::PROGRAM,
+            source,
+        })?;
+    Ok(ebpf)
+}
+
+/// The classifier program of a loaded object.
+pub fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let name = names::PROGRAM;
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+/// Takes every datapath map out of a loaded object, by name.
+pub fn take_maps(ebpf: &mut Ebpf) -> BTreeMap<&'static str, Map> {
+    names::ALL_MAPS
+        .iter()
+        .filter_map(|name| ebpf.take_map(name).map(|map| (*name, map)))
+        .collect()
+}
+
+/// Refuses to reuse a pinned map whose type or sizes differ from this build's definition:
+/// the program would read it with the wrong layout.
+fn check_pinned_layouts(dir: &Path) -> Result<(), LoadError> {
+    let object = aya_obj::Object::parse(OBJECT)?;
+    for (name, def) in &object.maps {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| LoadError::PinnedInfo {
+            path: path.clone(),
+            source,
+        })?;
+        let want = (
+            def.map_type(),
+            def.key_size(),
+            def.value_size(),
+            def.max_entries(),
+        );
+        let have = (
+            info.map_type().map_or(u32::MAX, |t| t as u32),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        if want != have {
+            return Err(LoadError::IncompatiblePin {
+                path,
+                detail: format!("type/key/value/max_entries {have:?} pinned, {want:?} expected"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; later ones use memcg and ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid, fully initialised struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11"
+        );
+    }
+}

@@ -1,0 +1,814 @@
+//! Writing a [`Desired`] state into the datapath maps by difference.
+//!
+//! Each map is a [`MapTable`]: typed keys and values in human terms (CIDRs, addresses, ports),
+//! encoded to the `#[repr(C)]` types of the common crate at the boundary. [`Synced`] keeps a
+//! mirror of what the kernel map holds, adopted from the (possibly pinned) map at start, and
+//! writes only the difference; it never clears a map to refill it. A failed write (map full,
+//! rejected key) is reported with context and retried on the next sync; it never stops the
+//! other entries or maps from syncing.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use ipnet::{Ipv4Net, Ipv6Net};
+use kube_ovn_ebpf_common::{Config, Iface, PRESENT, ServicePortV4, ServicePortV6, counter, names};
+
+use crate::state::{Desired, FamilyState, Proto, ServicePort};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("{op} {map}[{key}]: {source}")]
+    Entry {
+        op: &'static str,
+        map: &'static str,
+        key: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("reading map {map}: {source}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("map {map} is missing from the eBPF object")]
+    Missing { map: &'static str },
+    #[error("map {map} has an unexpected type or layout: {source}")]
+    Layout {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("{op} {map}[{key}]: {reason}")]
+    Rejected {
+        op: &'static str,
+        map: &'static str,
+        key: String,
+        reason: &'static str,
+    },
+}
+
+impl MapError {
+    /// The map is at capacity (`E2BIG` from hash maps, `ENOSPC` from LPM tries).
+    pub fn is_full(&self) -> bool {
+        match self {
+            Self::Entry { source, .. } => {
+                errno(source).is_some_and(|e| e == libc::E2BIG || e == libc::ENOSPC)
+            }
+            Self::Rejected { reason, .. } => *reason == FULL,
+            _ => false,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            _ if self.is_full() => "map_full",
+            Self::Entry { .. } | Self::Rejected { .. } => "map_write",
+            Self::Read { .. } => "map_read",
+            Self::Missing { .. } | Self::Layout { .. } => "map_layout",
+        }
+    }
+
+    pub fn map(&self) -> &'static str {
+        match self {
+            Self::Entry { map, .. }
+            | Self::Read { map, .. }
+            | Self::Missing { map }
+            | Self::Layout { map, .. }
+            | Self::Rejected { map, .. } => map,
+        }
+    }
+}
+
+const FULL: &str = "map is full";
+
+fn errno(error: &aya::maps::MapError) -> Option<i32> {
+    match error {
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error(),
+        aya::maps::MapError::IoError(e) => e.raw_os_error(),
+        _ => None,
+    }
+}
+
+pub type Result<T, E = MapError> = std::result::Result<T, E>;
+
+/// One datapath map as a typed key → value table.
+pub trait MapTable<K, V>: Send {
+    fn name(&self) -> &'static str;
+    fn read_all(&self) -> Result<Vec<(K, V)>>;
+    fn write(&mut self, key: K, value: V) -> Result<()>;
+    fn remove(&mut self, key: K) -> Result<()>;
+}
+
+/// Conversion between a human key/value and the raw `#[repr(C)]` form stored in the kernel.
+pub trait Codec: Sized {
+    type Raw: aya::Pod;
+    fn encode(&self) -> Self::Raw;
+    fn decode(raw: &Self::Raw) -> Option<Self>;
+}
+
+impl Codec for Ipv4Addr {
+    type Raw = [u8; 4];
+    fn encode(&self) -> [u8; 4] {
+        self.octets()
+    }
+    fn decode(raw: &[u8; 4]) -> Option<Self> {
+        Some((*raw).into())
+    }
+}
+
+impl Codec for Ipv6Addr {
+    type Raw = [u8; 16];
+    fn encode(&self) -> [u8; 16] {
+        self.octets()
+    }
+    fn decode(raw: &[u8; 16]) -> Option<Self> {
+        Some((*raw).into())
+    }
+}
+
+impl Codec for ServicePort<Ipv4Addr> {
+    type Raw = ServicePortV4;
+    fn encode(&self) -> ServicePortV4 {
+        ServicePortV4 {
+            addr: self.addr.octets(),
+            port: self.port,
+            proto: self.proto.number(),
+            pad: 0,
+        }
+    }
+    fn decode(raw: &ServicePortV4) -> Option<Self> {
+        Some(Self {
+            addr: raw.addr.into(),
+            proto: Proto::from_number(raw.proto)?,
+            port: raw.port,
+        })
+    }
+}
+
+impl Codec for ServicePort<Ipv6Addr> {
+    type Raw = ServicePortV6;
+    fn encode(&self) -> ServicePortV6 {
+        ServicePortV6 {
+            addr: self.addr.octets(),
+            port: self.port,
+            proto: self.proto.number(),
+            pad: 0,
+        }
+    }
+    fn decode(raw: &ServicePortV6) -> Option<Self> {
+        Some(Self {
+            addr: raw.addr.into(),
+            proto: Proto::from_number(raw.proto)?,
+            port: raw.port,
+        })
+    }
+}
+
+/// Set membership: the value of set-like maps.
+impl Codec for () {
+    type Raw = u8;
+    fn encode(&self) -> u8 {
+        PRESENT
+    }
+    fn decode(_: &u8) -> Option<Self> {
+        Some(())
+    }
+}
+
+impl Codec for u32 {
+    type Raw = u32;
+    fn encode(&self) -> u32 {
+        *self
+    }
+    fn decode(raw: &u32) -> Option<Self> {
+        Some(*raw)
+    }
+}
+
+impl Codec for Iface {
+    type Raw = Iface;
+    fn encode(&self) -> Iface {
+        *self
+    }
+    fn decode(raw: &Iface) -> Option<Self> {
+        Some(*raw)
+    }
+}
+
+/// A CIDR as an LPM-trie key.
+pub trait Prefix: Sized {
+    type Data: aya::Pod;
+    fn to_key(&self) -> Key<Self::Data>;
+    fn from_key(key: &Key<Self::Data>) -> Option<Self>;
+}
+
+impl Prefix for Ipv4Net {
+    type Data = [u8; 4];
+    fn to_key(&self) -> Key<[u8; 4]> {
+        Key::new(u32::from(self.prefix_len()), self.network().octets())
+    }
+    fn from_key(key: &Key<[u8; 4]>) -> Option<Self> {
+        Self::new(
+            Ipv4Addr::from(key.data()),
+            u8::try_from(key.prefix_len()).ok()?,
+        )
+        .ok()
+    }
+}
+
+impl Prefix for Ipv6Net {
+    type Data = [u8; 16];
+    fn to_key(&self) -> Key<[u8; 16]> {
+        Key::new(u32::from(self.prefix_len()), self.network().octets())
+    }
+    fn from_key(key: &Key<[u8; 16]>) -> Option<Self> {
+        Self::new(
+            Ipv6Addr::from(key.data()),
+            u8::try_from(key.prefix_len()).ok()?,
+        )
+        .ok()
+    }
+}
+
+fn take(maps: &mut BTreeMap<&'static str, Map>, name: &'static str) -> Result<Map> {
+    maps.remove(name).ok_or(MapError::Missing { map: name })
+}
+
+/// A BPF hash map.
+pub struct HashTable<K: Codec, V: Codec> {
+    name: &'static str,
+    map: HashMap<MapData, K::Raw, V::Raw>,
+}
+
+impl<K: Codec, V: Codec> HashTable<K, V> {
+    pub fn new(maps: &mut BTreeMap<&'static str, Map>, name: &'static str) -> Result<Self> {
+        let map = take(maps, name)?
+            .try_into()
+            .map_err(|source| MapError::Layout {
+                map: name,
+                source: Box::new(source),
+            })?;
+        Ok(Self { name, map })
+    }
+}
+
+impl<K, V> MapTable<K, V> for HashTable<K, V>
+where
+    K: Codec + std::fmt::Debug + Send,
+    V: Codec + Send,
+    K::Raw: Send,
+    V::Raw: Send,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn read_all(&self) -> Result<Vec<(K, V)>> {
+        let mut entries = Vec::new();
+        for entry in &self.map {
+            let (k, v) = entry.map_err(|source| MapError::Read {
+                map: self.name,
+                source: Box::new(source),
+            })?;
+            // Entries we cannot decode were not written by us; leaving them out of the mirror
+            // means they are pruned like any other stale entry.
+            if let (Some(k), Some(v)) = (K::decode(&k), V::decode(&v)) {
+                entries.push((k, v));
+            }
+        }
+        Ok(entries)
+    }
+    fn write(&mut self, key: K, value: V) -> Result<()> {
+        self.map
+            .insert(key.encode(), value.encode(), 0)
+            .map_err(|source| MapError::Entry {
+                op: "insert",
+                map: self.name,
+                key: format!("{key:?}"),
+                source: Box::new(source),
+            })
+    }
+    fn remove(&mut self, key: K) -> Result<()> {
+        match self.map.remove(&key.encode()) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(()),
+            other => other.map_err(|source| MapError::Entry {
+                op: "remove",
+                map: self.name,
+                key: format!("{key:?}"),
+                source: Box::new(source),
+            }),
+        }
+    }
+}
+
+/// A BPF LPM trie holding a set of CIDRs.
+pub struct PrefixTable<N: Prefix> {
+    name: &'static str,
+    map: LpmTrie<MapData, N::Data, u8>,
+}
+
+impl<N: Prefix> PrefixTable<N> {
+    pub fn new(maps: &mut BTreeMap<&'static str, Map>, name: &'static str) -> Result<Self> {
+        let map = take(maps, name)?
+            .try_into()
+            .map_err(|source| MapError::Layout {
+                map: name,
+                source: Box::new(source),
+            })?;
+        Ok(Self { name, map })
+    }
+}
+
+impl<N> MapTable<N, ()> for PrefixTable<N>
+where
+    N: Prefix + std::fmt::Display + Send,
+    N::Data: Send,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn read_all(&self) -> Result<Vec<(N, ())>> {
+        let mut entries = Vec::new();
+        for key in self.map.keys() {
+            let key = key.map_err(|source| MapError::Read {
+                map: self.name,
+                source: Box::new(source),
+            })?;
+            if let Some(net) = N::from_key(&key) {
+                entries.push((net, ()));
+            }
+        }
+        Ok(entries)
+    }
+    fn write(&mut self, key: N, (): ()) -> Result<()> {
+        self.map
+            .insert(&key.to_key(), PRESENT, 0)
+            .map_err(|source| MapError::Entry {
+                op: "insert",
+                map: self.name,
+                key: key.to_string(),
+                source: Box::new(source),
+            })
+    }
+    fn remove(&mut self, key: N) -> Result<()> {
+        match self.map.remove(&key.to_key()) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::ENOENT) => Ok(()),
+            other => other.map_err(|source| MapError::Entry {
+                op: "remove",
+                map: self.name,
+                key: key.to_string(),
+                source: Box::new(source),
+            }),
+        }
+    }
+}
+
+/// The NodePort-local array: port → `nodeport` bits; zero means absent.
+pub struct PortArrayTable {
+    map: Array<MapData, u8>,
+}
+
+impl PortArrayTable {
+    pub fn new(maps: &mut BTreeMap<&'static str, Map>) -> Result<Self> {
+        let name = names::NODEPORT_LOCAL;
+        let map = take(maps, name)?
+            .try_into()
+            .map_err(|source| MapError::Layout {
+                map: name,
+                source: Box::new(source),
+            })?;
+        Ok(Self { map })
+    }
+}
+
+impl MapTable<u16, u8> for PortArrayTable {
+    fn name(&self) -> &'static str {
+        names::NODEPORT_LOCAL
+    }
+    fn read_all(&self) -> Result<Vec<(u16, u8)>> {
+        let mut entries = Vec::new();
+        for (port, bits) in self.map.iter().enumerate() {
+            let bits = bits.map_err(|source| MapError::Read {
+                map: names::NODEPORT_LOCAL,
+                source: Box::new(source),
+            })?;
+            if bits != 0 {
+                entries.push((u16::try_from(port).expect("array has 65536 slots"), bits));
+            }
+        }
+        Ok(entries)
+    }
+    fn write(&mut self, port: u16, bits: u8) -> Result<()> {
+        self.map
+            .set(u32::from(port), bits, 0)
+            .map_err(|source| MapError::Entry {
+                op: "set",
+                map: names::NODEPORT_LOCAL,
+                key: port.to_string(),
+                source: Box::new(source),
+            })
+    }
+    fn remove(&mut self, port: u16) -> Result<()> {
+        self.write(port, 0)
+    }
+}
+
+/// The single-entry config array; its "key" is `()`.
+pub struct ConfigTable {
+    map: Array<MapData, Config>,
+}
+
+impl ConfigTable {
+    pub fn new(maps: &mut BTreeMap<&'static str, Map>) -> Result<Self> {
+        let name = names::CONFIG;
+        let map = take(maps, name)?
+            .try_into()
+            .map_err(|source| MapError::Layout {
+                map: name,
+                source: Box::new(source),
+            })?;
+        Ok(Self { map })
+    }
+}
+
+impl MapTable<(), Config> for ConfigTable {
+    fn name(&self) -> &'static str {
+        names::CONFIG
+    }
+    fn read_all(&self) -> Result<Vec<((), Config)>> {
+        let config = self.map.get(&0, 0).map_err(|source| MapError::Read {
+            map: names::CONFIG,
+            source: Box::new(source),
+        })?;
+        Ok(vec![((), config)])
+    }
+    fn write(&mut self, (): (), config: Config) -> Result<()> {
+        self.map
+            .set(0, config, 0)
+            .map_err(|source| MapError::Entry {
+                op: "set",
+                map: names::CONFIG,
+                key: "0".into(),
+                source: Box::new(source),
+            })
+    }
+    fn remove(&mut self, (): ()) -> Result<()> {
+        self.write((), Config::default())
+    }
+}
+
+/// An in-memory table, for tests and for planning without a kernel. `capacity` makes writes
+/// beyond it fail like a full BPF map.
+pub struct MemTable<K, V> {
+    pub name: &'static str,
+    pub entries: BTreeMap<K, V>,
+    pub capacity: usize,
+}
+
+impl<K: Ord, V> MemTable<K, V> {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            entries: BTreeMap::new(),
+            capacity: usize::MAX,
+        }
+    }
+}
+
+impl<K, V> MapTable<K, V> for MemTable<K, V>
+where
+    K: Ord + Copy + std::fmt::Debug + Send,
+    V: Copy + Send,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn read_all(&self) -> Result<Vec<(K, V)>> {
+        Ok(self.entries.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn write(&mut self, key: K, value: V) -> Result<()> {
+        if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
+            return Err(MapError::Rejected {
+                op: "insert",
+                map: self.name,
+                key: format!("{key:?}"),
+                reason: FULL,
+            });
+        }
+        self.entries.insert(key, value);
+        Ok(())
+    }
+    fn remove(&mut self, key: K) -> Result<()> {
+        self.entries.remove(&key);
+        Ok(())
+    }
+}
+
+/// What one sync of one table did.
+#[derive(Debug, Default)]
+pub struct TableReport {
+    pub written: usize,
+    pub removed: usize,
+    pub errors: Vec<MapError>,
+}
+
+/// A table plus a mirror of its kernel content.
+pub struct Synced<K, V> {
+    table: Box<dyn MapTable<K, V>>,
+    mirror: BTreeMap<K, V>,
+}
+
+impl<K: Ord + Copy, V: Copy + PartialEq> Synced<K, V> {
+    /// Adopts whatever the map already holds (a pinned map keeps its content across restarts).
+    pub fn adopt(table: Box<dyn MapTable<K, V>>) -> Result<Self> {
+        let mirror = table.read_all()?.into_iter().collect();
+        Ok(Self { table, mirror })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.table.name()
+    }
+
+    pub fn len(&self) -> usize {
+        self.mirror.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mirror.is_empty()
+    }
+
+    pub fn entries(&self) -> &BTreeMap<K, V> {
+        &self.mirror
+    }
+
+    /// Re-reads the kernel map, e.g. after someone else wrote to it.
+    pub fn refresh(&mut self) -> Result<()> {
+        self.mirror = self.table.read_all()?.into_iter().collect();
+        Ok(())
+    }
+
+    /// Writes entries of `desired` (sorted by key, as from a `BTreeSet`/`BTreeMap`) that differ
+    /// from the mirror; with `prune`, removes entries not in `desired`. Additions go first so a
+    /// replaced entry is never briefly missing.
+    pub fn sync(&mut self, desired: impl IntoIterator<Item = (K, V)>, prune: bool) -> TableReport {
+        let mut report = TableReport::default();
+        let mut stale: Vec<K> = Vec::new();
+        let mut current = self.mirror.iter().peekable();
+        let mut writes: Vec<(K, V)> = Vec::new();
+        for (key, value) in desired {
+            while let Some((k, _)) = current.next_if(|(k, _)| **k < key) {
+                stale.push(*k);
+            }
+            match current.next_if(|(k, _)| **k == key) {
+                Some((_, v)) if *v == value => {}
+                _ => writes.push((key, value)),
+            }
+        }
+        stale.extend(current.map(|(k, _)| *k));
+
+        for (key, value) in writes {
+            match self.table.write(key, value) {
+                Ok(()) => {
+                    self.mirror.insert(key, value);
+                    report.written += 1;
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
+        if prune {
+            for key in stale {
+                match self.table.remove(key) {
+                    Ok(()) => {
+                        self.mirror.remove(&key);
+                        report.removed += 1;
+                    }
+                    Err(e) => report.errors.push(e),
+                }
+            }
+        }
+        report
+    }
+}
+
+/// The maps of one address family.
+pub struct FamilyTables<N, A> {
+    pub subnets: Synced<N, ()>,
+    pub service_cidrs: Synced<N, ()>,
+    pub service_ports: Synced<ServicePort<A>, ()>,
+    pub other_nodes: Synced<A, ()>,
+    pub local: Synced<N, ()>,
+}
+
+/// Every datapath map the agent writes.
+pub struct Tables {
+    pub config: Synced<(), Config>,
+    pub ifaces: Synced<u32, Iface>,
+    pub nodeport_local: Synced<u16, u8>,
+    pub v4: FamilyTables<Ipv4Net, Ipv4Addr>,
+    pub v6: FamilyTables<Ipv6Net, Ipv6Addr>,
+}
+
+/// The outcome of syncing every table.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    pub written: usize,
+    pub removed: usize,
+    pub errors: Vec<MapError>,
+}
+
+impl SyncReport {
+    fn add(&mut self, table: TableReport) {
+        self.written += table.written;
+        self.removed += table.removed;
+        self.errors.extend(table.errors);
+    }
+}
+
+impl Tables {
+    /// Takes the maps out of a loaded object and adopts their content.
+    pub fn from_maps(maps: &mut BTreeMap<&'static str, Map>) -> Result<Self> {
+        fn adopt<K: Ord + Copy, V: Copy + PartialEq>(
+            table: impl MapTable<K, V> + 'static,
+        ) -> Result<Synced<K, V>> {
+            Synced::adopt(Box::new(table))
+        }
+        Ok(Self {
+            config: adopt(ConfigTable::new(maps)?)?,
+            ifaces: adopt(HashTable::<u32, Iface>::new(maps, names::IFACES)?)?,
+            nodeport_local: adopt(PortArrayTable::new(maps)?)?,
+            v4: FamilyTables {
+                subnets: adopt(PrefixTable::<Ipv4Net>::new(maps, names::SUBNETS_V4)?)?,
+                service_cidrs: adopt(PrefixTable::<Ipv4Net>::new(maps, names::SERVICE_CIDRS_V4)?)?,
+                service_ports: adopt(HashTable::<ServicePort<Ipv4Addr>, ()>::new(
+                    maps,
+                    names::SERVICE_PORTS_V4,
+                )?)?,
+                other_nodes: adopt(HashTable::<Ipv4Addr, ()>::new(maps, names::OTHER_NODES_V4)?)?,
+                local: adopt(PrefixTable::<Ipv4Net>::new(maps, names::LOCAL_ADDRS_V4)?)?,
+            },
+            v6: FamilyTables {
+                subnets: adopt(PrefixTable::<Ipv6Net>::new(maps, names::SUBNETS_V6)?)?,
+                service_cidrs: adopt(PrefixTable::<Ipv6Net>::new(maps, names::SERVICE_CIDRS_V6)?)?,
+                service_ports: adopt(HashTable::<ServicePort<Ipv6Addr>, ()>::new(
+                    maps,
+                    names::SERVICE_PORTS_V6,
+                )?)?,
+                other_nodes: adopt(HashTable::<Ipv6Addr, ()>::new(maps, names::OTHER_NODES_V6)?)?,
+                local: adopt(PrefixTable::<Ipv6Net>::new(maps, names::LOCAL_ADDRS_V6)?)?,
+            },
+        })
+    }
+
+    /// In-memory tables, for tests.
+    pub fn in_memory() -> Self {
+        fn mem<K, V>(name: &'static str) -> Synced<K, V>
+        where
+            K: Ord + Copy + std::fmt::Debug + Send + 'static,
+            V: Copy + PartialEq + Send + 'static,
+        {
+            Synced::adopt(Box::new(MemTable::new(name))).expect("memory tables read infallibly")
+        }
+        Self {
+            config: mem(names::CONFIG),
+            ifaces: mem(names::IFACES),
+            nodeport_local: mem(names::NODEPORT_LOCAL),
+            v4: FamilyTables {
+                subnets: mem(names::SUBNETS_V4),
+                service_cidrs: mem(names::SERVICE_CIDRS_V4),
+                service_ports: mem(names::SERVICE_PORTS_V4),
+                other_nodes: mem(names::OTHER_NODES_V4),
+                local: mem(names::LOCAL_ADDRS_V4),
+            },
+            v6: FamilyTables {
+                subnets: mem(names::SUBNETS_V6),
+                service_cidrs: mem(names::SERVICE_CIDRS_V6),
+                service_ports: mem(names::SERVICE_PORTS_V6),
+                other_nodes: mem(names::OTHER_NODES_V6),
+                local: mem(names::LOCAL_ADDRS_V6),
+            },
+        }
+    }
+
+    /// Brings every map to `desired`. Without `prune`, entries that are no longer desired stay
+    /// (used until every source has listed once, so a partial view never deletes state).
+    pub fn apply(&mut self, desired: &Desired, prune: bool) -> SyncReport {
+        let mut report = SyncReport::default();
+        // Sets first, rules last: a rule switched on never runs against half-filled sets.
+        sync_family(&mut self.v4, &desired.v4, prune, &mut report);
+        sync_family(&mut self.v6, &desired.v6, prune, &mut report);
+        report.add(self.nodeport_local.sync(desired.nodeport_local(), prune));
+        report.add(
+            self.ifaces.sync(
+                desired
+                    .ifaces
+                    .iter()
+                    .map(|(ifindex, roles)| (*ifindex, Iface { roles: *roles })),
+                prune,
+            ),
+        );
+        report.add(self.config.sync([((), desired.config())], true));
+        report
+    }
+
+    /// The state the maps hold now, decoded.
+    pub fn current(&self) -> Desired {
+        fn family<N: Ord + Copy, A: Ord + Copy>(
+            t: &FamilyTables<N, A>,
+            rules: u32,
+        ) -> FamilyState<N, A> {
+            FamilyState {
+                rules,
+                subnets: t.subnets.entries().keys().copied().collect(),
+                service_cidrs: t.service_cidrs.entries().keys().copied().collect(),
+                service_ports: t.service_ports.entries().keys().copied().collect(),
+                other_nodes: t.other_nodes.entries().keys().copied().collect(),
+                local: t.local.entries().keys().copied().collect(),
+                nodeport_local_tcp: std::collections::BTreeSet::default(),
+                nodeport_local_udp: std::collections::BTreeSet::default(),
+            }
+        }
+        let config = self.config.entries().get(&()).copied().unwrap_or_default();
+        let mut desired = Desired {
+            v4: family(&self.v4, config.rules_v4),
+            v6: family(&self.v6, config.rules_v6),
+            ifaces: self
+                .ifaces
+                .entries()
+                .iter()
+                .map(|(i, iface)| (*i, iface.roles))
+                .collect(),
+            shadow: config.flags & kube_ovn_ebpf_common::config_flag::SHADOW != 0,
+        };
+        desired.set_nodeport_local(self.nodeport_local.entries());
+        desired
+    }
+
+    /// Entry counts per map name.
+    pub fn sizes(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (self.ifaces.name(), self.ifaces.len()),
+            (self.nodeport_local.name(), self.nodeport_local.len()),
+            (self.v4.subnets.name(), self.v4.subnets.len()),
+            (self.v4.service_cidrs.name(), self.v4.service_cidrs.len()),
+            (self.v4.service_ports.name(), self.v4.service_ports.len()),
+            (self.v4.other_nodes.name(), self.v4.other_nodes.len()),
+            (self.v4.local.name(), self.v4.local.len()),
+            (self.v6.subnets.name(), self.v6.subnets.len()),
+            (self.v6.service_cidrs.name(), self.v6.service_cidrs.len()),
+            (self.v6.service_ports.name(), self.v6.service_ports.len()),
+            (self.v6.other_nodes.name(), self.v6.other_nodes.len()),
+            (self.v6.local.name(), self.v6.local.len()),
+        ]
+    }
+}
+
+fn sync_family<N: Ord + Copy, A: Ord + Copy>(
+    tables: &mut FamilyTables<N, A>,
+    desired: &FamilyState<N, A>,
+    prune: bool,
+    report: &mut SyncReport,
+) {
+    report.add(
+        tables
+            .subnets
+            .sync(desired.subnets.iter().map(member), prune),
+    );
+    report.add(
+        tables
+            .service_cidrs
+            .sync(desired.service_cidrs.iter().map(member), prune),
+    );
+    report.add(
+        tables
+            .service_ports
+            .sync(desired.service_ports.iter().map(member), prune),
+    );
+    report.add(
+        tables
+            .other_nodes
+            .sync(desired.other_nodes.iter().map(member), prune),
+    );
+    report.add(tables.local.sync(desired.local.iter().map(member), prune));
+}
+
+/// Per-CPU counters summed over CPUs, indexed by `counter` slot.
+pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> io::Result<Vec<u64>> {
+    (0..=counter::MARKED)
+        .map(|slot| {
+            map.get(&slot, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .map_err(io::Error::other)
+        })
+        .collect()
+}
+
+fn member<K: Copy>(key: &K) -> (K, ()) {
+    (*key, ())
+}

@@ -1,0 +1,228 @@
+//! The desired content of every datapath map, in human terms (CIDRs, addresses, ports).
+//!
+//! `translate` produces it from the cluster and the node, `maps` writes it, `model` evaluates it
+//! as the reference oracle, and `dump` decodes the kernel maps back into it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use kube_ovn_ebpf_common::{config_flag, ipproto, nodeport, role, rule};
+use serde::Serialize;
+
+/// An entry of kube-proxy's `KUBE[-6]-CLUSTER-IP` set: `ip,proto:port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServicePort<A> {
+    pub addr: A,
+    pub proto: Proto,
+    pub port: u16,
+}
+
+impl<A: fmt::Display> fmt::Display for ServicePort<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}:{}", self.addr, self.proto, self.port)
+    }
+}
+
+/// The L4 protocols a Service port can declare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => ipproto::TCP,
+            Self::Udp => ipproto::UDP,
+            Self::Sctp => ipproto::SCTP,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            ipproto::TCP => Some(Self::Tcp),
+            ipproto::UDP => Some(Self::Udp),
+            ipproto::SCTP => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        })
+    }
+}
+
+/// The sets of one address family: Kube-OVN's `ovnX0*` ipsets, kube-proxy's `KUBE[-6]-*` sets and
+/// the node's local addresses, plus the rules Kube-OVN would install for this family.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FamilyState<Net: Ord, Addr: Ord> {
+    /// `rule::bit` mask of the rules active for this family.
+    #[serde(serialize_with = "serialize_rules")]
+    pub rules: u32,
+    /// `ovnX0subnets`.
+    pub subnets: BTreeSet<Net>,
+    /// `ovnX0services`.
+    pub service_cidrs: BTreeSet<Net>,
+    /// `KUBE[-6]-CLUSTER-IP`.
+    pub service_ports: BTreeSet<ServicePort<Addr>>,
+    /// `ovnX0other-node`.
+    pub other_nodes: BTreeSet<Addr>,
+    /// The kernel's local routing table (`addrtype LOCAL`).
+    pub local: BTreeSet<Net>,
+    /// `KUBE[-6]-NODE-PORT-LOCAL-TCP`.
+    pub nodeport_local_tcp: BTreeSet<u16>,
+    /// `KUBE[-6]-NODE-PORT-LOCAL-UDP`.
+    pub nodeport_local_udp: BTreeSet<u16>,
+}
+
+impl<Net: Ord, Addr: Ord> Default for FamilyState<Net, Addr> {
+    fn default() -> Self {
+        Self {
+            rules: 0,
+            subnets: BTreeSet::new(),
+            service_cidrs: BTreeSet::new(),
+            service_ports: BTreeSet::new(),
+            other_nodes: BTreeSet::new(),
+            local: BTreeSet::new(),
+            nodeport_local_tcp: BTreeSet::new(),
+            nodeport_local_udp: BTreeSet::new(),
+        }
+    }
+}
+
+pub type V4State = FamilyState<Ipv4Net, Ipv4Addr>;
+pub type V6State = FamilyState<Ipv6Net, Ipv6Addr>;
+
+/// Everything the datapath maps should contain.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Desired {
+    pub v4: V4State,
+    pub v6: V6State,
+    /// ifindex → `role` bits.
+    #[serde(serialize_with = "serialize_ifaces")]
+    pub ifaces: BTreeMap<u32, u32>,
+    /// Shadow mode: classify and count, write no mark.
+    pub shadow: bool,
+}
+
+impl Desired {
+    pub fn config(&self) -> kube_ovn_ebpf_common::Config {
+        kube_ovn_ebpf_common::Config {
+            rules_v4: self.v4.rules,
+            rules_v6: self.v6.rules,
+            flags: if self.shadow { config_flag::SHADOW } else { 0 },
+            pad: 0,
+        }
+    }
+
+    /// The NodePort-local array: port → `nodeport` bits, only ports with some bit set.
+    pub fn nodeport_local(&self) -> BTreeMap<u16, u8> {
+        let mut ports = BTreeMap::new();
+        for (set, bit) in [
+            (&self.v4.nodeport_local_tcp, nodeport::TCP_V4),
+            (&self.v4.nodeport_local_udp, nodeport::UDP_V4),
+            (&self.v6.nodeport_local_tcp, nodeport::TCP_V6),
+            (&self.v6.nodeport_local_udp, nodeport::UDP_V6),
+        ] {
+            for port in set {
+                *ports.entry(*port).or_insert(0) |= bit;
+            }
+        }
+        ports
+    }
+
+    /// Splits the NodePort-local array back into the four per-family, per-protocol sets.
+    pub fn set_nodeport_local(&mut self, ports: &BTreeMap<u16, u8>) {
+        for (port, bits) in ports {
+            for (set, bit) in [
+                (&mut self.v4.nodeport_local_tcp, nodeport::TCP_V4),
+                (&mut self.v4.nodeport_local_udp, nodeport::UDP_V4),
+                (&mut self.v6.nodeport_local_tcp, nodeport::TCP_V6),
+                (&mut self.v6.nodeport_local_udp, nodeport::UDP_V6),
+            ] {
+                if bits & bit != 0 {
+                    set.insert(*port);
+                }
+            }
+        }
+    }
+}
+
+/// Human names of the rules in a `rule::bit` mask.
+pub fn rule_names(mask: u32) -> Vec<&'static str> {
+    (0..rule::COUNT)
+        .filter(|r| mask & rule::bit(*r) != 0)
+        .map(|r| rule::NAMES[r as usize])
+        .collect()
+}
+
+/// Human names of the roles in a `role` mask.
+pub fn role_names(mask: u32) -> Vec<&'static str> {
+    role::NAMES
+        .iter()
+        .filter(|(bit, _)| mask & bit != 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with signature"
+)]
+fn serialize_rules<S: serde::Serializer>(mask: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(rule_names(*mask))
+}
+
+fn serialize_ifaces<S: serde::Serializer>(
+    ifaces: &BTreeMap<u32, u32>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(ifaces.iter().map(|(i, r)| (i, role_names(*r))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodeport_array_round_trips_through_the_four_sets() {
+        let mut desired = Desired::default();
+        desired.v4.nodeport_local_tcp.extend([30080, 30081]);
+        desired.v4.nodeport_local_udp.insert(30053);
+        desired.v6.nodeport_local_tcp.insert(30080);
+        let array = desired.nodeport_local();
+        assert_eq!(
+            array,
+            BTreeMap::from([
+                (30053, nodeport::UDP_V4),
+                (30080, nodeport::TCP_V4 | nodeport::TCP_V6),
+                (30081, nodeport::TCP_V4),
+            ])
+        );
+        let mut back = Desired::default();
+        back.set_nodeport_local(&array);
+        assert_eq!(back, desired);
+    }
+
+    #[test]
+    fn names_decode_masks() {
+        assert_eq!(
+            rule_names(rule::bit(rule::R1A) | rule::bit(rule::R3U)),
+            ["R1a", "R3u"]
+        );
+        assert_eq!(role_names(role::OVN0 | role::LOOPBACK), ["ovn0", "lo"]);
+    }
+}

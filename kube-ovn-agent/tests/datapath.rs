@@ -1,0 +1,651 @@
+//! The classifier under `BPF_PROG_TEST_RUN`: spec §5.2 vectors, odd and malformed packets, and a
+//! seeded property test against the reference model. Needs root; skips loudly otherwise.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use kube_ovn_agent::{
+    model,
+    state::{Desired, Proto, ServicePort},
+    testing::{
+        TestDatapath, VERDICT_CONTINUE,
+        fixture::{self, Mode, TEST_RUN_IFINDEX, Vector},
+        missing_privilege,
+        packet::{L4, Packet, TPID_8021AD, TPID_8021Q, ext},
+    },
+};
+use kube_ovn_ebpf_common::{counter, role, rule};
+use libtest_mimic::{Arguments, Failed, Trial};
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+
+/// A bit no Kube-OVN rule uses; it must survive every packet.
+const FOREIGN_MARK: u32 = 0x0100_0000;
+
+fn main() {
+    let args = Arguments::from_args();
+    let skip = missing_privilege();
+    if let Some(why) = &skip {
+        eprintln!("\n*** SKIPPING the privileged datapath tests: {why} ***\n");
+        if std::env::var_os("KOVN_REQUIRE_PRIVILEGED").is_some() {
+            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
+            std::process::exit(1);
+        }
+    }
+    let mut trials: Vec<Trial> = fixture::vectors()
+        .into_iter()
+        .map(|v| Trial::test(format!("spec_vector_{}", v.id), move || check_vector(&v)))
+        .collect();
+    trials.extend([
+        Trial::test(
+            "foreign_marks_survive_and_bits_are_only_ored",
+            foreign_marks,
+        ),
+        Trial::test("shadow_mode_counts_without_marking", shadow_mode),
+        Trial::test("ipv4_options_are_skipped", ipv4_options),
+        Trial::test("qinq_and_vlan_tags_in_the_frame", vlan_tags),
+        Trial::test("truncated_at_every_length_passes_untouched", truncated),
+        Trial::test("malformed_headers_pass_untouched", malformed),
+        Trial::test(
+            "ipv6_extension_header_walk_is_bounded",
+            ipv6_extension_limit,
+        ),
+        Trial::test("non_ip_and_tiny_frames_pass_untouched", non_ip),
+        Trial::test("interface_without_role_is_not_classified", no_role),
+        Trial::test("sctp_cluster_ip_matches_r1a", sctp_cluster_ip),
+        Trial::test("program_agrees_with_the_reference_model", property),
+    ]);
+    for trial in &mut trials {
+        *trial =
+            std::mem::replace(trial, Trial::test("", || Ok(()))).with_ignored_flag(skip.is_some());
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// Runs `frame` and checks the verdict, that the frame is untouched, the mark (foreign bits kept,
+/// exactly `rules`' bits added) and that each counter moved by exactly what `rules`/`skipped`
+/// say. Returns an error naming `what` on mismatch.
+fn expect(
+    dp: &mut TestDatapath,
+    desired: &Desired,
+    what: &str,
+    frame: &[u8],
+    rules: u32,
+    skipped: Option<u32>,
+) -> Result<(), Failed> {
+    let before = dp.counters();
+    let Some(result) = dp.run(frame, FOREIGN_MARK) else {
+        // The kernel refuses to test-run IP frames shorter than the IP header (see
+        // `testing::run`); `tests/netns.rs` injects those on a real veth instead.
+        return Ok(());
+    };
+    let after = dp.counters();
+    let mark_expected = if desired.shadow {
+        FOREIGN_MARK
+    } else {
+        FOREIGN_MARK | rule::mark_for(rules)
+    };
+    if result.verdict != VERDICT_CONTINUE {
+        return Err(format!("{what}: verdict {:#x}, want TC_ACT_UNSPEC", result.verdict).into());
+    }
+    if !result.unchanged {
+        return Err(format!("{what}: packet data was modified").into());
+    }
+    if result.mark != mark_expected {
+        return Err(format!(
+            "{what}: mark {:#x}, want {mark_expected:#x} (rules {:?})",
+            result.mark,
+            kube_ovn_agent::state::rule_names(rules)
+        )
+        .into());
+    }
+    for slot in 0..=counter::MARKED {
+        let want = u64::from(match slot {
+            s if s < rule::COUNT => rules & rule::bit(s) != 0,
+            counter::MARKED => rules != 0,
+            counter::PASSED => rules == 0 && skipped.is_none(),
+            s => skipped == Some(s),
+        });
+        let delta = after[slot as usize] - before[slot as usize];
+        if delta != want {
+            return Err(format!(
+                "{what}: counter {} moved by {delta}, want {want}",
+                counter::NAMES[slot as usize]
+            )
+            .into());
+        }
+    }
+    let model = model::evaluate(desired, TEST_RUN_IFINDEX, frame);
+    if model.hits() != rules {
+        return Err(
+            format!("{what}: reference model says {model:?}, test expects {rules:#x}").into(),
+        );
+    }
+    Ok(())
+}
+
+fn check_vector(v: &Vector) -> Result<(), Failed> {
+    let mut dp = TestDatapath::load();
+    let desired = fixture::desired(v.mode, v.roles);
+    dp.apply(&desired);
+    let what = format!("vector {} ({})", v.id, v.note);
+    expect(
+        &mut dp,
+        &desired,
+        &what,
+        &v.packet.frame(),
+        v.rules,
+        v.skipped,
+    )
+}
+
+fn loaded(mode: Mode, roles: u32) -> (TestDatapath, Desired) {
+    let mut dp = TestDatapath::load();
+    let desired = fixture::desired(mode, roles);
+    dp.apply(&desired);
+    (dp, desired)
+}
+
+fn foreign_marks() -> Result<(), Failed> {
+    let (mut dp, _) = loaded(Mode::A, role::NODE_NIC);
+    let frame = Packet::tcp("192.168.0.12", "192.168.0.11", 30080).frame();
+    for preset in [0, 0x4000, 0x8_4000, 0xffff_ffff, 0xf_0000, 0x1234_0001] {
+        let result = dp.run(&frame, preset).expect("a full frame runs");
+        if result.mark != preset | 0x8_4000 {
+            return Err(format!("preset {preset:#x} became {:#x}", result.mark).into());
+        }
+    }
+    Ok(())
+}
+
+fn shadow_mode() -> Result<(), Failed> {
+    let mut dp = TestDatapath::load();
+    let mut desired = fixture::desired(Mode::A, role::NODE_NIC);
+    desired.shadow = true;
+    dp.apply(&desired);
+    let frame = Packet::tcp("192.168.0.12", "192.168.0.11", 30080).frame();
+    let rules = rule::bit(rule::R2T) | rule::bit(rule::R3T);
+    expect(&mut dp, &desired, "shadow vector 13", &frame, rules, None)
+}
+
+fn ipv4_options() -> Result<(), Failed> {
+    let (mut dp, desired) = loaded(Mode::A, role::NODE_NIC);
+    let rules = rule::bit(rule::R2T) | rule::bit(rule::R3T);
+    for options in [4, 8, 20, 40] {
+        let mut p = Packet::tcp("192.168.0.12", "192.168.0.11", 30080);
+        p.ipv4_options = options;
+        expect(
+            &mut dp,
+            &desired,
+            &format!("IHL with {options} option bytes"),
+            &p.frame(),
+            rules,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn vlan_tags() -> Result<(), Failed> {
+    let (mut dp, desired) = loaded(Mode::A, role::OVN0);
+    let base = Packet::tcp("10.16.0.5", "10.96.0.1", 443);
+    let r1a = rule::bit(rule::R1A);
+    expect(
+        &mut dp,
+        &desired,
+        "802.1Q",
+        &base.clone().vlan(TPID_8021Q).frame(),
+        r1a,
+        None,
+    )?;
+    expect(
+        &mut dp,
+        &desired,
+        "802.1ad",
+        &base.clone().vlan(TPID_8021AD).frame(),
+        r1a,
+        None,
+    )?;
+    let qinq = base.clone().vlan(TPID_8021AD).vlan(TPID_8021Q);
+    expect(&mut dp, &desired, "QinQ", &qinq.frame(), r1a, None)?;
+    let three = qinq.vlan(TPID_8021Q);
+    expect(
+        &mut dp,
+        &desired,
+        "three tags",
+        &three.frame(),
+        0,
+        Some(counter::NOT_IP),
+    )
+}
+
+/// Every prefix of a few frames, from the bare Ethernet header to one byte short.
+fn truncated() -> Result<(), Failed> {
+    let (mut dp, desired) = loaded(Mode::A, role::OVN0 | role::NODE_NIC);
+    let frames = [
+        Packet::tcp("10.16.0.5", "10.96.0.1", 443).frame(),
+        Packet::tcp("10.16.0.5", "10.96.0.1", 443)
+            .vlan(TPID_8021Q)
+            .frame(),
+        Packet::udp("fd00:10:16::5", "fd00:10:96::1", 443)
+            .ext(ext::HOP_BY_HOP)
+            .ext(ext::AUTH)
+            .frame(),
+    ];
+    for frame in &frames {
+        for len in 14..frame.len() {
+            let what = format!("{}-byte frame truncated to {len}", frame.len());
+            expect(
+                &mut dp,
+                &desired,
+                &what,
+                &frame[..len],
+                0,
+                Some(counter::NOT_PARSED),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn malformed() -> Result<(), Failed> {
+    let (mut dp, desired) = loaded(Mode::A, role::NODE_NIC);
+    let good = Packet::tcp("192.168.0.12", "192.168.0.11", 30080).frame();
+    let both = rule::bit(rule::R2T) | rule::bit(rule::R3T);
+    let edit = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut frame = good.clone();
+        f(&mut frame);
+        frame
+    };
+    let set_total_len =
+        |len: u16| move |f: &mut Vec<u8>| f[16..18].copy_from_slice(&len.to_be_bytes());
+    let cases: [(&str, Vec<u8>, u32, Option<u32>); 7] = [
+        (
+            "IHL 4",
+            edit(&|f| f[14] = 0x44),
+            0,
+            Some(counter::NOT_PARSED),
+        ),
+        (
+            "IHL 0",
+            edit(&|f| f[14] = 0x40),
+            0,
+            Some(counter::NOT_PARSED),
+        ),
+        (
+            "version 6 in an IPv4 frame",
+            edit(&|f| f[14] = 0x65),
+            0,
+            Some(counter::NOT_PARSED),
+        ),
+        (
+            "total length beyond the frame",
+            edit(&set_total_len(41)),
+            0,
+            Some(counter::NOT_PARSED),
+        ),
+        (
+            "total length below IHL",
+            edit(&set_total_len(12)),
+            0,
+            Some(counter::NOT_PARSED),
+        ),
+        // Ethernet padding after the IP packet is normal and must not matter.
+        (
+            "trailing padding",
+            edit(&|f| f.extend_from_slice(&[0; 18])),
+            both,
+            None,
+        ),
+        (
+            "IHL pointing past the frame",
+            edit(&|f| f[14] = 0x4f),
+            0,
+            Some(counter::NOT_PARSED),
+        ),
+    ];
+    for (what, frame, rules, skipped) in cases {
+        expect(&mut dp, &desired, what, &frame, rules, skipped)?;
+    }
+    let mut v6 = Packet::tcp("fd00::12", "fd00::11", 30080).frame();
+    v6[18..20].copy_from_slice(&200u16.to_be_bytes());
+    expect(
+        &mut dp,
+        &desired,
+        "IPv6 payload length beyond the frame",
+        &v6,
+        0,
+        Some(counter::NOT_PARSED),
+    )
+}
+
+fn ipv6_extension_limit() -> Result<(), Failed> {
+    let (mut dp, desired) = loaded(Mode::A, role::NODE_NIC);
+    let both = rule::bit(rule::R2T) | rule::bit(rule::R3T);
+    let with = |n: usize| {
+        let mut p = Packet::tcp("fd00::12", "fd00::11", 30080);
+        for i in 0..n {
+            p = p.ext(if i % 2 == 0 {
+                ext::DEST_OPTS
+            } else {
+                ext::ROUTING
+            });
+        }
+        p.frame()
+    };
+    let limit = model::MAX_IPV6_EXT_HEADERS;
+    expect(
+        &mut dp,
+        &desired,
+        "extension headers at the limit",
+        &with(limit),
+        both,
+        None,
+    )?;
+    for n in [limit + 1, 8, 12] {
+        let what = format!("{n} extension headers");
+        expect(
+            &mut dp,
+            &desired,
+            &what,
+            &with(n),
+            0,
+            Some(counter::NOT_PARSED),
+        )?;
+    }
+    let mut atomic = Packet::tcp("fd00::12", "fd00::11", 30080).ext(ext::FRAGMENT);
+    expect(
+        &mut dp,
+        &desired,
+        "atomic fragment header",
+        &atomic.frame(),
+        both,
+        None,
+    )?;
+    atomic.fragment_offset = 16;
+    expect(
+        &mut dp,
+        &desired,
+        "IPv6 non-first fragment",
+        &atomic.frame(),
+        0,
+        Some(counter::FRAGMENT),
+    )
+}
+
+fn non_ip() -> Result<(), Failed> {
+    let (mut dp, desired) = loaded(Mode::A, role::NODE_NIC);
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[0; 20]);
+    expect(&mut dp, &desired, "ARP", &arp, 0, Some(counter::NOT_IP))?;
+    expect(
+        &mut dp,
+        &desired,
+        "14-byte ARP frame",
+        &arp[..14],
+        0,
+        Some(counter::NOT_IP),
+    )?;
+    let mut bare_ipv4 = arp[..14].to_vec();
+    bare_ipv4[12..14].copy_from_slice(&[0x08, 0x00]);
+    expect(
+        &mut dp,
+        &desired,
+        "14-byte IPv4 frame",
+        &bare_ipv4,
+        0,
+        Some(counter::NOT_PARSED),
+    )
+}
+
+fn no_role() -> Result<(), Failed> {
+    let mut dp = TestDatapath::load();
+    let mut desired = fixture::desired(Mode::A, role::OVN0);
+    desired.ifaces.clear();
+    dp.apply(&desired);
+    let frame = Packet::tcp("10.16.0.5", "10.96.0.1", 443).frame();
+    expect(
+        &mut dp,
+        &desired,
+        "unknown ifindex",
+        &frame,
+        0,
+        Some(counter::NO_ROLE),
+    )
+}
+
+fn sctp_cluster_ip() -> Result<(), Failed> {
+    let mut dp = TestDatapath::load();
+    let mut desired = fixture::desired(Mode::A, role::OVN0);
+    desired.v4.service_ports.insert(ServicePort {
+        addr: Ipv4Addr::new(10, 96, 0, 20),
+        proto: Proto::Sctp,
+        port: 3868,
+    });
+    dp.apply(&desired);
+    let r1a = rule::bit(rule::R1A);
+    let frame = Packet::sctp("10.16.0.5", "10.96.0.20", 3868).frame();
+    expect(&mut dp, &desired, "sctp ClusterIP port", &frame, r1a, None)?;
+    let frame = Packet::tcp("10.16.0.5", "10.96.0.20", 3868).frame();
+    expect(
+        &mut dp,
+        &desired,
+        "tcp to an sctp-only port",
+        &frame,
+        0,
+        None,
+    )
+}
+
+/// Random map contents × random (often malformed) frames: the program's mark must equal the
+/// reference model's, foreign bits kept, verdict "continue", data untouched.
+fn property() -> Result<(), Failed> {
+    let seed = std::env::var("KOVN_PROPTEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    let cases: usize = std::env::var("KOVN_PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
+    let per_state = 2_000;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut dp = TestDatapath::load();
+    let mut done = 0;
+    let mut refused = 0;
+    while done < cases {
+        let desired = random_state(&mut rng);
+        dp.apply(&desired);
+        for _ in 0..per_state.min(cases - done) {
+            let frame = random_frame(&mut rng, &desired);
+            let mark_in: u32 = rng.random::<u32>() & !rule::mark_for(u32::MAX);
+            let want = mark_in | model::evaluate(&desired, TEST_RUN_IFINDEX, &frame).mark();
+            done += 1;
+            let Some(got) = dp.run(&frame, mark_in) else {
+                refused += 1;
+                continue;
+            };
+            if got.mark != want || got.verdict != VERDICT_CONTINUE || !got.unchanged {
+                return Err(format!(
+                    "seed {seed} (rerun with KOVN_PROPTEST_SEED={seed}), case {done}: program \
+                     {got:?}, model mark {want:#x}\nframe {frame:02x?}\nstate {desired:#?}"
+                )
+                .into());
+            }
+        }
+    }
+    eprintln!(
+        "property test: {} cases agreed, {refused} frames too short for the kernel's test-run \
+         (seed {seed})",
+        cases - refused
+    );
+    Ok(())
+}
+
+const V4_POOL: [&str; 8] = [
+    "10.16.0.5",
+    "10.96.0.1",
+    "10.96.0.10",
+    "192.168.0.11",
+    "192.168.0.12",
+    "100.64.0.2",
+    "203.0.113.7",
+    "127.0.0.1",
+];
+const V6_POOL: [&str; 6] = [
+    "fd00:10:16::5",
+    "fd00:10:96::1",
+    "fd00::11",
+    "fd00::12",
+    "2001:db8::7",
+    "::1",
+];
+const PORT_POOL: [u16; 6] = [443, 53, 30080, 30053, 8080, 3868];
+
+fn random_state(rng: &mut StdRng) -> Desired {
+    let mut d = Desired::default();
+    let v4 = |rng: &mut StdRng| {
+        V4_POOL
+            .choose(rng)
+            .expect("pool")
+            .parse::<Ipv4Addr>()
+            .expect("addr")
+    };
+    let v6 = |rng: &mut StdRng| {
+        V6_POOL
+            .choose(rng)
+            .expect("pool")
+            .parse::<Ipv6Addr>()
+            .expect("addr")
+    };
+    let proto = |rng: &mut StdRng| {
+        *[Proto::Tcp, Proto::Udp, Proto::Sctp]
+            .choose(rng)
+            .expect("protos")
+    };
+    for _ in 0..rng.random_range(0..4) {
+        let len = *[8u8, 12, 16, 24, 32].choose(rng).expect("lens");
+        d.v4.subnets
+            .insert(ipnet::Ipv4Net::new(v4(rng), len).expect("len").trunc());
+        d.v4.service_cidrs
+            .insert(ipnet::Ipv4Net::new(v4(rng), len).expect("len").trunc());
+        d.v4.local.insert(
+            ipnet::Ipv4Net::new(v4(rng), len.max(24))
+                .expect("len")
+                .trunc(),
+        );
+        let len6 = *[48u8, 64, 112, 128].choose(rng).expect("lens");
+        d.v6.subnets
+            .insert(ipnet::Ipv6Net::new(v6(rng), len6).expect("len").trunc());
+        d.v6.service_cidrs
+            .insert(ipnet::Ipv6Net::new(v6(rng), len6).expect("len").trunc());
+        d.v6.local
+            .insert(ipnet::Ipv6Net::new(v6(rng), 128).expect("len"));
+    }
+    for _ in 0..rng.random_range(0..6) {
+        let port = *PORT_POOL.choose(rng).expect("ports");
+        d.v4.service_ports.insert(ServicePort {
+            addr: v4(rng),
+            proto: proto(rng),
+            port,
+        });
+        d.v6.service_ports.insert(ServicePort {
+            addr: v6(rng),
+            proto: proto(rng),
+            port,
+        });
+        d.v4.other_nodes.insert(v4(rng));
+        d.v6.other_nodes.insert(v6(rng));
+        let sets = [
+            &mut d.v4.nodeport_local_tcp,
+            &mut d.v4.nodeport_local_udp,
+            &mut d.v6.nodeport_local_tcp,
+            &mut d.v6.nodeport_local_udp,
+        ];
+        let i = rng.random_range(0..sets.len());
+        sets.into_iter()
+            .nth(i)
+            .expect("index in range")
+            .insert(port);
+    }
+    d.v4.rules = rng.random::<u32>() & rule::NAT_RULES;
+    d.v6.rules = rng.random::<u32>() & rule::NAT_RULES;
+    if rng.random_bool(0.95) {
+        d.ifaces
+            .insert(TEST_RUN_IFINDEX, rng.random::<u32>() & role::ALL);
+    }
+    d
+}
+
+fn random_frame(rng: &mut StdRng, _desired: &Desired) -> Vec<u8> {
+    let v6 = rng.random_bool(0.4);
+    let pick = |rng: &mut StdRng| -> IpAddr {
+        if v6 {
+            V6_POOL.choose(rng).expect("pool").parse().expect("addr")
+        } else {
+            V4_POOL.choose(rng).expect("pool").parse().expect("addr")
+        }
+    };
+    let port = |rng: &mut StdRng| {
+        if rng.random_bool(0.8) {
+            *PORT_POOL.choose(rng).expect("ports")
+        } else {
+            rng.random()
+        }
+    };
+    let l4 = match rng.random_range(0..6) {
+        0 | 1 => L4::Tcp {
+            sport: rng.random(),
+            dport: port(rng),
+            flags: rng.random(),
+        },
+        2 | 3 => L4::Udp {
+            sport: rng.random(),
+            dport: port(rng),
+        },
+        4 => L4::Sctp {
+            sport: rng.random(),
+            dport: port(rng),
+        },
+        _ => *[L4::Echo, L4::Other(47), L4::Other(59)]
+            .choose(rng)
+            .expect("l4"),
+    };
+    let mut p = Packet::new(pick(rng), pick(rng), l4);
+    for _ in 0..rng.random_range(0..4usize).saturating_sub(1) {
+        p = p.vlan(*[TPID_8021Q, TPID_8021AD].choose(rng).expect("tpids"));
+    }
+    if v6 {
+        for _ in 0..rng.random_range(0..10usize).saturating_sub(4) {
+            let headers = [
+                ext::HOP_BY_HOP,
+                ext::ROUTING,
+                ext::DEST_OPTS,
+                ext::AUTH,
+                ext::FRAGMENT,
+            ];
+            p = p.ext(*headers.choose(rng).expect("headers"));
+        }
+    } else if rng.random_bool(0.2) {
+        p.ipv4_options = rng.random_range(0..=40);
+    }
+    if rng.random_bool(0.1) {
+        p.more_fragments = rng.random();
+        p.fragment_offset = if rng.random() {
+            0
+        } else {
+            rng.random_range(1..100)
+        };
+    }
+    p.payload_len = rng.random_range(0..40);
+    let mut frame = p.frame();
+    if rng.random_bool(0.1) {
+        let len = rng.random_range(14..=frame.len());
+        frame.truncate(len);
+    }
+    if rng.random_bool(0.1) {
+        let at = rng.random_range(12..frame.len().min(80));
+        frame[at] = rng.random();
+    }
+    frame
+}

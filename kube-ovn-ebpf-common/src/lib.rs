@@ -1,0 +1,318 @@
+//! Map keys, values and constants shared by the eBPF datapath and the agent.
+//!
+//! Every type here crosses the kernel boundary: `#[repr(C)]`, explicit padding, a size assert,
+//! and (with the `user` feature) `bytemuck::Pod` derives that refuse hidden padding.
+#![no_std]
+
+use core::mem::size_of;
+
+/// `skb->mark` bits. These are a contract with Kube-OVN's POSTROUTING rules, kube-proxy and the
+/// TPROXY policy routes (spec §1.4): never change them.
+pub mod mark {
+    /// Masquerade bit (kube-proxy's bit 14), set by R1a, R1b and R3; consumed by Kube-OVN's P1/P2,
+    /// the IPVS-mode REJECT guard and kube-proxy's KUBE-POSTROUTING.
+    pub const MASQUERADE: u32 = 0x4000;
+    /// ETP=Local NodePort bit, set by R2; consumed by Kube-OVN's P4/P5.
+    pub const NODEPORT_LOCAL: u32 = 0x8_0000;
+    /// TPROXY prerouting mark; consumed by `ip rule fwmark 0x90004/0x90004 lookup 10001`.
+    pub const TPROXY: u32 = 0x9_0004;
+    /// Every bit this datapath may set. It only ever ORs these in.
+    pub const ALL: u32 = MASQUERADE | NODEPORT_LOCAL | TPROXY;
+}
+
+/// Rule ids. A rule's id is its counter index, and `1 << id` is its bit in [`Config`]'s
+/// per-family rule masks and in a classification result.
+pub mod rule {
+    /// `-i ovn0`, src in subnets, (dst, proto, dport) in KUBE-CLUSTER-IP (kube-proxy IPVS mode).
+    pub const R1A: u32 = 0;
+    /// `-i ovn0`, src in subnets, dst in the Service CIDR (kube-proxy iptables mode / none).
+    pub const R1B: u32 = 1;
+    /// tcp, dst is local, dport in KUBE-NODE-PORT-LOCAL-TCP.
+    pub const R2T: u32 = 2;
+    /// udp, dst is local, dport in KUBE-NODE-PORT-LOCAL-UDP.
+    pub const R2U: u32 = 3;
+    /// tcp, src is another node, dport in KUBE-NODE-PORT-LOCAL-TCP.
+    pub const R3T: u32 = 4;
+    /// udp, src is another node, dport in KUBE-NODE-PORT-LOCAL-UDP.
+    pub const R3U: u32 = 5;
+    /// Custom-VPC probe port steered to the transparent listener.
+    pub const TPROXY: u32 = 6;
+
+    /// Number of rules; ids are `0..COUNT`.
+    pub const COUNT: u32 = 7;
+
+    pub const fn bit(rule: u32) -> u32 {
+        1 << rule
+    }
+
+    /// Rules whose match sets [`super::mark::MASQUERADE`].
+    pub const MASQUERADE_RULES: u32 = bit(R1A) | bit(R1B) | bit(R3T) | bit(R3U);
+    /// Rules whose match sets [`super::mark::NODEPORT_LOCAL`].
+    pub const NODEPORT_LOCAL_RULES: u32 = bit(R2T) | bit(R2U);
+    /// Every rule the NAT-table hook has (everything but TPROXY).
+    pub const NAT_RULES: u32 = MASQUERADE_RULES | NODEPORT_LOCAL_RULES;
+
+    /// The mark bits a set of rule hits adds to `skb->mark`.
+    pub const fn mark_for(hits: u32) -> u32 {
+        let mut mark = 0;
+        if hits & MASQUERADE_RULES != 0 {
+            mark |= super::mark::MASQUERADE;
+        }
+        if hits & NODEPORT_LOCAL_RULES != 0 {
+            mark |= super::mark::NODEPORT_LOCAL;
+        }
+        if hits & bit(TPROXY) != 0 {
+            mark |= super::mark::TPROXY;
+        }
+        mark
+    }
+
+    pub const NAMES: [&str; COUNT as usize] = ["R1a", "R1b", "R2t", "R2u", "R3t", "R3u", "TPROXY"];
+}
+
+/// Indexes into the per-CPU counter array. `0..rule::COUNT` are the rule hit counters.
+pub mod counter {
+    /// Parsed IP packet that matched no rule.
+    pub const PASSED: u32 = super::rule::COUNT;
+    /// Truncated or malformed IP packet, or one past the IPv6 extension-header walk limit.
+    pub const NOT_PARSED: u32 = PASSED + 1;
+    /// Not IPv4/IPv6 (ARP, LLDP, …).
+    pub const NOT_IP: u32 = PASSED + 2;
+    /// Non-first fragment: carries no ports, so it is never classified (the reassembled packet
+    /// takes the mark of the offset-0 fragment).
+    pub const FRAGMENT: u32 = PASSED + 3;
+    /// Packet seen on an interface that has no role in the interface map.
+    pub const NO_ROLE: u32 = PASSED + 4;
+    /// Packets that matched at least one rule (marked, or would be in shadow mode).
+    pub const MARKED: u32 = PASSED + 5;
+
+    /// Size of the counter array; room to grow without changing the map layout.
+    pub const SLOTS: u32 = 16;
+
+    const _: () = assert!(MARKED < SLOTS);
+
+    pub const NAMES: [&str; (MARKED + 1) as usize] = [
+        "R1a",
+        "R1b",
+        "R2t",
+        "R2u",
+        "R3t",
+        "R3u",
+        "TPROXY",
+        "passed",
+        "not_parsed",
+        "not_ip",
+        "fragment",
+        "no_role",
+        "marked",
+    ];
+}
+
+/// Interface roles, ORed into [`Iface::roles`]. They decide which rules a packet arriving on
+/// that interface can hit.
+pub mod role {
+    /// Kube-OVN's `ovn0`: R1 (`-i ovn0`) and R2/R3.
+    pub const OVN0: u32 = 1 << 0;
+    /// A node NIC that carries a node address: R2/R3.
+    pub const NODE_NIC: u32 = 1 << 1;
+    /// An underlay `br-<provider>` bridge holding the NIC's addresses: R2/R3.
+    pub const PROVIDER_BRIDGE: u32 = 1 << 2;
+    /// `lo`, only for the TPROXY replacement.
+    pub const LOOPBACK: u32 = 1 << 3;
+
+    /// Roles on which the NodePort rules (R2, R3) apply: iptables has no `-i` on them, and these
+    /// are the interfaces such traffic arrives on.
+    pub const NODEPORT_ROLES: u32 = OVN0 | NODE_NIC | PROVIDER_BRIDGE;
+    pub const ALL: u32 = OVN0 | NODE_NIC | PROVIDER_BRIDGE | LOOPBACK;
+
+    pub const NAMES: [(u32, &str); 4] = [
+        (OVN0, "ovn0"),
+        (NODE_NIC, "nic"),
+        (PROVIDER_BRIDGE, "bridge"),
+        (LOOPBACK, "lo"),
+    ];
+}
+
+/// Flags in [`Config::flags`].
+pub mod config_flag {
+    /// Classify and count, but write no mark.
+    pub const SHADOW: u32 = 1 << 0;
+}
+
+/// Bits of the NodePort-local array value: which of kube-proxy's `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}`
+/// bitmap sets hold the port.
+pub mod nodeport {
+    pub const TCP_V4: u8 = 1 << 0;
+    pub const UDP_V4: u8 = 1 << 1;
+    pub const TCP_V6: u8 = 1 << 2;
+    pub const UDP_V6: u8 = 1 << 3;
+    /// The array is indexed by port, so it covers every port.
+    pub const PORTS: u32 = 65_536;
+}
+
+/// IP protocol numbers the datapath looks at.
+pub mod ipproto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Kernel object names. Each fits the 15-character `BPF_OBJ_NAME_LEN` limit and carries the
+/// `kovn_` prefix; the eBPF crate spells the same literals in its `#[btf_map(name = …)]`.
+pub mod names {
+    pub const PROGRAM: &str = "kovn_ingress";
+
+    pub const CONFIG: &str = "kovn_config";
+    pub const IFACES: &str = "kovn_ifaces";
+    pub const COUNTERS: &str = "kovn_counters";
+    pub const SUBNETS_V4: &str = "kovn_subnets4";
+    pub const SUBNETS_V6: &str = "kovn_subnets6";
+    pub const SERVICE_CIDRS_V4: &str = "kovn_svccidr4";
+    pub const SERVICE_CIDRS_V6: &str = "kovn_svccidr6";
+    pub const SERVICE_PORTS_V4: &str = "kovn_svcport4";
+    pub const SERVICE_PORTS_V6: &str = "kovn_svcport6";
+    pub const OTHER_NODES_V4: &str = "kovn_othernode4";
+    pub const OTHER_NODES_V6: &str = "kovn_othernode6";
+    pub const LOCAL_ADDRS_V4: &str = "kovn_local4";
+    pub const LOCAL_ADDRS_V6: &str = "kovn_local6";
+    pub const NODEPORT_LOCAL: &str = "kovn_nplocal";
+
+    pub const ALL_MAPS: [&str; 14] = [
+        CONFIG,
+        IFACES,
+        COUNTERS,
+        SUBNETS_V4,
+        SUBNETS_V6,
+        SERVICE_CIDRS_V4,
+        SERVICE_CIDRS_V6,
+        SERVICE_PORTS_V4,
+        SERVICE_PORTS_V6,
+        OTHER_NODES_V4,
+        OTHER_NODES_V6,
+        LOCAL_ADDRS_V4,
+        LOCAL_ADDRS_V6,
+        NODEPORT_LOCAL,
+    ];
+}
+
+/// Capacities. LPM tries and the large hashes are `BPF_F_NO_PREALLOC`, so these bound memory
+/// rather than reserve it. Kube-OVN's ipsets hold up to 1 048 576 entries each.
+pub mod capacity {
+    pub const IFACES: u32 = 256;
+    pub const SUBNETS: u32 = 65_536;
+    pub const SERVICE_CIDRS: u32 = 256;
+    pub const SERVICE_PORTS: u32 = 1_048_576;
+    pub const OTHER_NODES: u32 = 65_536;
+    pub const LOCAL_ADDRS: u32 = 16_384;
+}
+
+/// The single entry of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Config {
+    /// Rules active for IPv4 packets, as `rule::bit` masks. The agent decides them the way
+    /// Kube-OVN does (R1a vs R1b; R2/R3 only with kube-proxy's IPVS sets and an InternalIP of
+    /// the family).
+    pub rules_v4: u32,
+    /// Rules active for IPv6 packets.
+    pub rules_v6: u32,
+    /// `config_flag` bits.
+    pub flags: u32,
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<Config>() == 16);
+
+/// Value of the interface map (key: ifindex).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Iface {
+    /// `role` bits.
+    pub roles: u32,
+}
+const _: () = assert!(size_of::<Iface>() == 4);
+
+/// Key of the IPv4 ClusterIP map, the equivalent of kube-proxy's `KUBE-CLUSTER-IP`
+/// (`hash:ip,port`, matched `dst,dst`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServicePortV4 {
+    /// ClusterIP, network byte order (as in the packet).
+    pub addr: [u8; 4],
+    /// Port, host byte order (readable in `bpftool map dump`).
+    pub port: u16,
+    /// IP protocol number (`ipproto`).
+    pub proto: u8,
+    pub pad: u8,
+}
+const _: () = assert!(size_of::<ServicePortV4>() == 8);
+
+/// Key of the IPv6 ClusterIP map (`KUBE-6-CLUSTER-IP`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServicePortV6 {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+const _: () = assert!(size_of::<ServicePortV6>() == 20);
+
+/// Value stored in the set-like maps (subnets, Service CIDRs, ClusterIP ports, other nodes,
+/// local addresses): presence is what matters.
+pub const PRESENT: u8 = 1;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is #[repr(C)], has no padding (bytemuck::Pod derive proves it) and every
+    // bit pattern is valid.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Iface {}
+    unsafe impl aya::Pod for super::ServicePortV4 {}
+    unsafe impl aya::Pod for super::ServicePortV6 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_kube_ovns() {
+        assert_eq!(mark::MASQUERADE, 0x4000);
+        assert_eq!(mark::NODEPORT_LOCAL, 0x80000);
+        assert_eq!(mark::TPROXY, 0x90004);
+    }
+
+    #[test]
+    fn rule_hits_map_to_marks() {
+        assert_eq!(rule::mark_for(0), 0);
+        assert_eq!(rule::mark_for(rule::bit(rule::R1A)), 0x4000);
+        assert_eq!(rule::mark_for(rule::bit(rule::R1B)), 0x4000);
+        assert_eq!(rule::mark_for(rule::bit(rule::R2U)), 0x80000);
+        assert_eq!(
+            rule::mark_for(rule::bit(rule::R2T) | rule::bit(rule::R3T)),
+            0x84000
+        );
+        assert_eq!(rule::mark_for(rule::bit(rule::TPROXY)), 0x90004);
+    }
+
+    #[test]
+    fn rule_counters_are_named_like_rules() {
+        for (i, name) in rule::NAMES.iter().enumerate() {
+            assert_eq!(counter::NAMES[i], *name);
+        }
+    }
+
+    #[test]
+    fn kernel_names_fit_and_are_prefixed() {
+        for name in names::ALL_MAPS.iter().chain([names::PROGRAM].iter()) {
+            assert!(name.len() <= 15, "{name} exceeds BPF_OBJ_NAME_LEN");
+            assert!(name.starts_with("kovn_"), "{name} lacks the kovn_ prefix");
+        }
+    }
+}

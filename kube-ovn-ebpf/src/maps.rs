@@ -1,0 +1,75 @@
+//! Every map the datapath uses, declared once. Names are the kernel object names the agent pins
+//! and `bpftool` shows (`kube_ovn_ebpf_common::names`).
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    macros::btf_map,
+};
+use kube_ovn_ebpf_common::{
+    Config, Iface, ServicePortV4, ServicePortV6, capacity, counter, nodeport,
+};
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+#[btf_map(name = "kovn_config")]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// ifindex → roles of the interfaces the agent attached to.
+#[btf_map(name = "kovn_ifaces")]
+pub static IFACES: HashMap<u32, Iface, { capacity::IFACES as usize }> = HashMap::new();
+
+#[btf_map(name = "kovn_counters")]
+pub static COUNTERS: PerCpuArray<u64, { counter::SLOTS as usize }> = PerCpuArray::new();
+
+/// `ovn40subnets` / `ovn60subnets` (hash:net).
+#[btf_map(name = "kovn_subnets4")]
+pub static SUBNETS_V4: LpmTrie<[u8; 4], u8, { capacity::SUBNETS as usize }> = LpmTrie::new();
+#[btf_map(name = "kovn_subnets6")]
+pub static SUBNETS_V6: LpmTrie<[u8; 16], u8, { capacity::SUBNETS as usize }> = LpmTrie::new();
+
+/// `ovn40services` / `ovn60services` (hash:net): R1b.
+#[btf_map(name = "kovn_svccidr4")]
+pub static SERVICE_CIDRS_V4: LpmTrie<[u8; 4], u8, { capacity::SERVICE_CIDRS as usize }> =
+    LpmTrie::new();
+#[btf_map(name = "kovn_svccidr6")]
+pub static SERVICE_CIDRS_V6: LpmTrie<[u8; 16], u8, { capacity::SERVICE_CIDRS as usize }> =
+    LpmTrie::new();
+
+/// `KUBE-CLUSTER-IP` / `KUBE-6-CLUSTER-IP` (hash:ip,port): R1a.
+#[btf_map(name = "kovn_svcport4")]
+pub static SERVICE_PORTS_V4: HashMap<
+    ServicePortV4,
+    u8,
+    { capacity::SERVICE_PORTS as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+#[btf_map(name = "kovn_svcport6")]
+pub static SERVICE_PORTS_V6: HashMap<
+    ServicePortV6,
+    u8,
+    { capacity::SERVICE_PORTS as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+/// `ovn40other-node` / `ovn60other-node`: other nodes' InternalIPs. Kube-OVN's set is hash:net
+/// but only ever holds single addresses, so an exact-match hash is enough.
+#[btf_map(name = "kovn_othernode4")]
+pub static OTHER_NODES_V4: HashMap<[u8; 4], u8, { capacity::OTHER_NODES as usize }, NO_PREALLOC> =
+    HashMap::new();
+#[btf_map(name = "kovn_othernode6")]
+pub static OTHER_NODES_V6: HashMap<[u8; 16], u8, { capacity::OTHER_NODES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// `-m addrtype --dst-type LOCAL`: the kernel's local routing table (addresses and prefixes
+/// such as 127.0.0.0/8), mirrored by the agent from netlink.
+#[btf_map(name = "kovn_local4")]
+pub static LOCAL_ADDRS_V4: LpmTrie<[u8; 4], u8, { capacity::LOCAL_ADDRS as usize }> =
+    LpmTrie::new();
+#[btf_map(name = "kovn_local6")]
+pub static LOCAL_ADDRS_V6: LpmTrie<[u8; 16], u8, { capacity::LOCAL_ADDRS as usize }> =
+    LpmTrie::new();
+
+/// `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}` (bitmap:port), indexed by port; value: `nodeport` bits.
+#[btf_map(name = "kovn_nplocal")]
+pub static NODEPORT_LOCAL: Array<u8, { nodeport::PORTS as usize }> = Array::new();
