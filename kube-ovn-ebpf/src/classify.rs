@@ -104,13 +104,15 @@ pub fn classify<F: Family>(t: &Tuple<F::Addr>, roles: u32, active: u32) -> u32 {
 }
 
 /// R1a / R1b: `-i ovn0 -m set --match-set ovnX0subnets src` and then the service match.
+/// The destination test runs first: most traffic leaving pods is not for a Service, and the
+/// exact-match lookup is cheaper than the source prefix match it saves.
 #[inline(always)]
 fn service_rules<F: Family>(t: &Tuple<F::Addr>, roles: u32, active: u32) -> u32 {
-    let r1a = rule::bit(rule::R1A);
-    let r1b = rule::bit(rule::R1B);
-    if roles & role::OVN0 == 0 || active & (r1a | r1b) == 0 || !F::in_subnets(t.src) {
+    if roles & role::OVN0 == 0 {
         return 0;
     }
+    let r1a = rule::bit(rule::R1A);
+    let r1b = rule::bit(rule::R1B);
     let mut hits = 0;
     if active & r1a != 0
         && let Some(dport) = t.dport
@@ -121,7 +123,11 @@ fn service_rules<F: Family>(t: &Tuple<F::Addr>, roles: u32, active: u32) -> u32 
     if active & r1b != 0 && F::in_service_cidrs(t.dst) {
         hits |= r1b;
     }
-    hits
+    if hits != 0 && F::in_subnets(t.src) {
+        hits
+    } else {
+        0
+    }
 }
 
 /// R2 (dst LOCAL) and R3 (src another node), both gated on the destination port being in the

@@ -54,11 +54,18 @@ impl<'a> Packet<'a> {
 
     /// `T` read from `offset` bytes into the frame, or `None` if the packet is shorter.
     ///
-    /// `bpf_skb_load_bytes` checks bounds against the whole skb (linear and paged parts), so
-    /// headers that GRO left outside the linear area are still readable and nothing ever needs
-    /// to be pulled or revalidated.
+    /// Reads straight from the linear area when the bytes are there (the common case: drivers
+    /// and GRO put the headers in it), and otherwise through `bpf_skb_load_bytes`, which also
+    /// reaches paged data. Either way nothing is pulled, so no pointer needs revalidating.
     #[inline(always)]
     pub fn load<T>(&self, offset: usize) -> Option<T> {
+        let start = self.ctx.data();
+        let end = self.ctx.data_end();
+        if start + offset + size_of::<T>() <= end {
+            // SAFETY: the bytes lie within [data, data_end), checked just above; the read is
+            // unaligned-safe and T is plain bytes.
+            return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+        }
         self.ctx.load::<T>(offset).ok()
     }
 
