@@ -2,6 +2,7 @@
 //! `BPF_PROG_TEST_RUN` helpers and the spec's fixture node.
 
 pub mod fixture;
+pub mod objects;
 pub mod packet;
 
 use std::time::Duration;

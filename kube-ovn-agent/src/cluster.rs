@@ -1,0 +1,139 @@
+//! The Kubernetes objects the agent reads, and a snapshot of them.
+//!
+//! Services, Nodes, Pods and ServiceCIDRs are the k8s-openapi types. Kube-OVN's Subnet is
+//! declared here with only the fields the translation uses; unknown fields are ignored so newer
+//! Kube-OVN versions parse.
+
+use std::{borrow::Cow, sync::Arc};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod, Service},
+        networking::v1::ServiceCIDR,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::core::{ClusterResourceScope, Resource};
+use serde::{Deserialize, Serialize};
+
+/// `kubeovn.io/v1` Subnet (cluster-scoped).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct Subnet {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: SubnetSpec,
+}
+
+/// The Subnet fields Kube-OVN's PREROUTING ipsets depend on (spec §2).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SubnetSpec {
+    /// VPC name; the default VPC is Kube-OVN's `--cluster-router` (`ovn-cluster`).
+    #[serde(default)]
+    pub vpc: String,
+    /// One CIDR, or an IPv4 and an IPv6 CIDR separated by a comma (dual stack).
+    #[serde(default)]
+    pub cidr_block: String,
+    /// `IPv4`, `IPv6` or `Dual`.
+    #[serde(default)]
+    pub protocol: String,
+    /// Set for underlay subnets.
+    #[serde(default)]
+    pub vlan: String,
+    #[serde(default)]
+    pub logical_gateway: bool,
+    #[serde(default)]
+    pub u2o_interconnection: bool,
+    #[serde(default)]
+    pub nat_outgoing: bool,
+    /// `distributed` or `centralized`.
+    #[serde(default)]
+    pub gateway_type: String,
+}
+
+impl Resource for Subnet {
+    type DynamicType = ();
+    type Scope = ClusterResourceScope;
+
+    fn kind((): &()) -> Cow<'_, str> {
+        "Subnet".into()
+    }
+    fn group((): &()) -> Cow<'_, str> {
+        "kubeovn.io".into()
+    }
+    fn version((): &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural((): &()) -> Cow<'_, str> {
+        "subnets".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Everything the translation reads from the cluster, at one point in time.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub subnets: Vec<Arc<Subnet>>,
+    pub services: Vec<Arc<Service>>,
+    pub nodes: Vec<Arc<Node>>,
+    /// `networking.k8s.io/v1` ServiceCIDRs; empty where the cluster does not serve the API.
+    pub service_cidrs: Vec<Arc<ServiceCIDR>>,
+    /// Pods on this node (for the TPROXY replacement).
+    pub pods: Vec<Arc<Pod>>,
+}
+
+/// The kinds a source delivers, for status, metrics and RBAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Subnet,
+    Service,
+    Node,
+    ServiceCidr,
+    Pod,
+}
+
+impl Kind {
+    pub const ALL: [Self; 5] = [
+        Self::Subnet,
+        Self::Service,
+        Self::Node,
+        Self::ServiceCidr,
+        Self::Pod,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Subnet => "Subnet",
+            Self::Service => "Service",
+            Self::Node => "Node",
+            Self::ServiceCidr => "ServiceCIDR",
+            Self::Pod => "Pod",
+        }
+    }
+
+    /// (API group, resource plural) — the RBAC rule this kind needs.
+    pub fn api_resource(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Subnet => ("kubeovn.io", "subnets"),
+            Self::Service => ("", "services"),
+            Self::Node => ("", "nodes"),
+            Self::ServiceCidr => ("networking.k8s.io", "servicecidrs"),
+            Self::Pod => ("", "pods"),
+        }
+    }
+}
+
+/// `namespace/name` or `name` of an object, for messages.
+pub fn object_name(meta: &ObjectMeta) -> String {
+    match (&meta.namespace, &meta.name) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        (None, Some(name)) => name.clone(),
+        _ => "<unnamed>".into(),
+    }
+}

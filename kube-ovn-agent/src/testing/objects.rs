@@ -1,0 +1,197 @@
+//! Builders for the Kubernetes objects the agent reads, and the cluster of spec §5.1.
+
+use std::sync::Arc;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec},
+        networking::v1::{ServiceCIDR, ServiceCIDRSpec, ServiceCIDRStatus},
+    },
+    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
+};
+
+use crate::cluster::{Snapshot, Subnet, SubnetSpec};
+
+fn meta(name: &str) -> ObjectMeta {
+    let (namespace, name) = match name.split_once('/') {
+        Some((ns, n)) => (Some(ns.to_owned()), n),
+        None => (None, name),
+    };
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace,
+        ..ObjectMeta::default()
+    }
+}
+
+/// A distributed, overlay Subnet of the default VPC.
+pub fn subnet(name: &str, cidr_block: &str) -> Subnet {
+    Subnet {
+        metadata: meta(name),
+        spec: SubnetSpec {
+            vpc: "ovn-cluster".into(),
+            cidr_block: cidr_block.into(),
+            protocol: if cidr_block.contains(',') {
+                "Dual".into()
+            } else if cidr_block.contains(':') {
+                "IPv6".into()
+            } else {
+                "IPv4".into()
+            },
+            gateway_type: "distributed".into(),
+            ..SubnetSpec::default()
+        },
+    }
+}
+
+/// `subnet` with a change applied.
+pub fn subnet_with(name: &str, cidr_block: &str, change: impl FnOnce(&mut Subnet)) -> Subnet {
+    let mut s = subnet(name, cidr_block);
+    change(&mut s);
+    s
+}
+
+pub fn node(name: &str, internal_ips: &[&str]) -> Node {
+    Node {
+        metadata: meta(name),
+        status: Some(NodeStatus {
+            addresses: Some(
+                internal_ips
+                    .iter()
+                    .map(|ip| NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: (*ip).into(),
+                    })
+                    .chain([NodeAddress {
+                        type_: "Hostname".into(),
+                        address: name.into(),
+                    }])
+                    .collect(),
+            ),
+            ..NodeStatus::default()
+        }),
+        ..Node::default()
+    }
+}
+
+/// One port of a Service: protocol, port, optional nodePort.
+pub struct Port(pub &'static str, pub i32, pub Option<i32>);
+
+/// A Service of `type_` (`ClusterIP`, `NodePort`, `LoadBalancer`, `ExternalName`).
+pub fn service(
+    name: &str,
+    type_: &str,
+    cluster_ips: &[&str],
+    ports: &[Port],
+    etp_local: bool,
+) -> Service {
+    Service {
+        metadata: meta(name),
+        spec: Some(ServiceSpec {
+            type_: Some(type_.into()),
+            cluster_ip: cluster_ips.first().map(|ip| (*ip).into()),
+            cluster_ips: Some(cluster_ips.iter().map(|ip| (*ip).into()).collect()),
+            external_traffic_policy: (type_ == "NodePort" || type_ == "LoadBalancer")
+                .then(|| if etp_local { "Local" } else { "Cluster" }.into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|Port(protocol, port, node_port)| ServicePort {
+                        protocol: Some((*protocol).into()),
+                        port: *port,
+                        node_port: *node_port,
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+pub fn service_cidr(name: &str, cidrs: &[&str], ready: bool) -> ServiceCIDR {
+    ServiceCIDR {
+        metadata: meta(name),
+        spec: Some(ServiceCIDRSpec {
+            cidrs: Some(cidrs.iter().map(|c| (*c).into()).collect()),
+        }),
+        status: Some(ServiceCIDRStatus {
+            conditions: Some(vec![Condition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                message: String::new(),
+                reason: "Test".into(),
+                observed_generation: None,
+            }]),
+        }),
+    }
+}
+
+/// The cluster of spec §5.1. Besides the fixture's `kubernetes` and `kube-dns` Services it has
+/// the NodePort Services vectors 11–30 hit: `np-local` (ETP=Local, tcp 30080 / udp 30053,
+/// ClusterIPs `10.96.0.100` and `fd00:10:96::100`) and `np-cluster` (ETP=Cluster, tcp 30081).
+pub fn spec_cluster() -> Snapshot {
+    Snapshot {
+        subnets: [
+            subnet("ovn-default", "10.16.0.0/16,fd00:10:16::/64"),
+            subnet("join", "100.64.0.0/16"),
+            subnet_with("central", "10.17.0.0/16", |s| {
+                s.spec.gateway_type = "centralized".into();
+                s.spec.nat_outgoing = true;
+            }),
+            subnet_with("ul", "172.18.0.0/24", |s| {
+                s.spec.vlan = "vlan10".into();
+                s.spec.u2o_interconnection = true;
+            }),
+            subnet_with("vpc1-sub", "10.0.1.0/24", |s| s.spec.vpc = "vpc1".into()),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect(),
+        nodes: [
+            node("n1", &["192.168.0.11", "fd00::11"]),
+            node("n2", &["192.168.0.12", "fd00::12"]),
+            node("n3", &["192.168.0.13"]),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect(),
+        services: [
+            service(
+                "default/kubernetes",
+                "ClusterIP",
+                &["10.96.0.1", "fd00:10:96::1"],
+                &[Port("TCP", 443, None)],
+                false,
+            ),
+            service(
+                "kube-system/kube-dns",
+                "ClusterIP",
+                &["10.96.0.10"],
+                &[Port("UDP", 53, None), Port("TCP", 53, None)],
+                false,
+            ),
+            service(
+                "default/np-local",
+                "NodePort",
+                &["10.96.0.100", "fd00:10:96::100"],
+                &[Port("TCP", 80, Some(30080)), Port("UDP", 53, Some(30053))],
+                true,
+            ),
+            service(
+                "default/np-cluster",
+                "NodePort",
+                &["10.96.0.101"],
+                &[Port("TCP", 80, Some(30081))],
+                false,
+            ),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect(),
+        service_cidrs: Vec::new(),
+        pods: Vec::new(),
+    }
+}

@@ -1,0 +1,912 @@
+//! Cluster snapshot + node facts → desired datapath state. Pure: no I/O, no clock.
+//!
+//! Every filter mirrors Kube-OVN v1.13.15 (spec §2) or kube-proxy's IPVS proxier for the sets
+//! it owns; the comments name the rule each one reproduces.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube_ovn_ebpf_common::rule;
+use serde::Serialize;
+
+use crate::{
+    cluster::{Kind, Snapshot, Subnet, object_name},
+    state::{Desired, FamilyState, Proto, ServicePort},
+};
+
+/// How R1 decides that a packet goes to a Service (`--service-match`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceMatch {
+    /// As Kube-OVN: exact ClusterIP+port (R1a) plus the NodePort rules when kube-proxy's IPVS
+    /// sets exist for the family, the Service CIDR (R1b) otherwise.
+    #[default]
+    Auto,
+    /// Always R1a plus R2/R3.
+    IpPort,
+    /// Always R1b, no R2/R3.
+    Cidr,
+}
+
+/// Which of kube-proxy's IPVS-mode ipsets exist, per family (Kube-OVN tests their existence
+/// with `ipset list -n` every pass and builds R1a/R2/R3 only when they do).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KubeProxySets {
+    pub v4: FamilySets,
+    pub v6: FamilySets,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FamilySets {
+    /// `KUBE-CLUSTER-IP` / `KUBE-6-CLUSTER-IP`.
+    pub cluster_ip: bool,
+    /// `KUBE[-6]-NODE-PORT-LOCAL-TCP`.
+    pub nodeport_local_tcp: bool,
+    /// `KUBE[-6]-NODE-PORT-LOCAL-UDP`.
+    pub nodeport_local_udp: bool,
+}
+
+impl FamilySets {
+    pub const ALL: Self = Self {
+        cluster_ip: true,
+        nodeport_local_tcp: true,
+        nodeport_local_udp: true,
+    };
+}
+
+impl KubeProxySets {
+    /// kube-proxy in IPVS mode, both families.
+    pub const IPVS: Self = Self {
+        v4: FamilySets::ALL,
+        v6: FamilySets::ALL,
+    };
+}
+
+/// Settings that shape the translation.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Kube-OVN's `--cluster-router`: the default VPC's name.
+    pub cluster_router: String,
+    /// Kube-OVN's `--service-cluster-ip-range`, used unless ready ServiceCIDR objects exist.
+    pub service_cluster_ip_range: Vec<IpNet>,
+    pub service_match: ServiceMatch,
+    pub kube_proxy_sets: KubeProxySets,
+    pub shadow: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            cluster_router: "ovn-cluster".into(),
+            service_cluster_ip_range: vec!["10.96.0.0/12".parse().expect("valid default")],
+            service_match: ServiceMatch::Auto,
+            kube_proxy_sets: KubeProxySets::default(),
+            shadow: false,
+        }
+    }
+}
+
+/// Facts about this node that do not come from the API.
+#[derive(Clone, Debug, Default)]
+pub struct NodeFacts {
+    pub node_name: String,
+    /// The kernel's local routing table (what `addrtype --dst-type LOCAL` consults).
+    pub local_v4: BTreeSet<Ipv4Net>,
+    pub local_v6: BTreeSet<Ipv6Net>,
+    /// ifindex → roles of the interfaces the program is attached to.
+    pub ifaces: BTreeMap<u32, u32>,
+}
+
+/// An object the translation had to skip or partly ignore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Issue {
+    pub kind: &'static str,
+    pub object: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Issue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.object, self.message)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    pub desired: Desired,
+    pub issues: Vec<Issue>,
+}
+
+/// The desired content of every map.
+pub fn translate(snapshot: &Snapshot, node: &NodeFacts, options: &Options) -> Translation {
+    let mut issues = Vec::new();
+    let mut desired = Desired {
+        ifaces: node.ifaces.clone(),
+        shadow: options.shadow,
+        ..Desired::default()
+    };
+    let own_internal_ips = own_internal_ips(snapshot, &node.node_name);
+    let service_cidrs = service_cidrs(snapshot, options, &mut issues);
+    let subnets = default_vpc_subnets(snapshot, options, &mut issues);
+
+    desired.v4 = family::<Ipv4Net, Ipv4Addr>(
+        FamilyInput {
+            sets: options.kube_proxy_sets.v4,
+            has_internal_ip: own_internal_ips.iter().any(IpAddr::is_ipv4),
+            subnets: subnets.iter().filter_map(as_v4).collect(),
+            service_cidrs: service_cidrs.iter().filter_map(as_v4).collect(),
+            local: node.local_v4.clone(),
+        },
+        snapshot,
+        node,
+        options,
+        &mut issues,
+    );
+    desired.v6 = family::<Ipv6Net, Ipv6Addr>(
+        FamilyInput {
+            sets: options.kube_proxy_sets.v6,
+            has_internal_ip: own_internal_ips.iter().any(IpAddr::is_ipv6),
+            subnets: subnets.iter().filter_map(as_v6).collect(),
+            service_cidrs: service_cidrs.iter().filter_map(as_v6).collect(),
+            local: node.local_v6.clone(),
+        },
+        snapshot,
+        node,
+        options,
+        &mut issues,
+    );
+    issues.sort_by(|a, b| (a.kind, &a.object, &a.message).cmp(&(b.kind, &b.object, &b.message)));
+    issues.dedup();
+    Translation { desired, issues }
+}
+
+/// Inputs for one family that were already split by family.
+struct FamilyInput<N: Ord> {
+    sets: FamilySets,
+    has_internal_ip: bool,
+    subnets: BTreeSet<N>,
+    service_cidrs: BTreeSet<N>,
+    local: BTreeSet<N>,
+}
+
+/// Address-family plumbing for the generic per-family translation.
+trait Addr: Copy + Ord {
+    fn of(ip: IpAddr) -> Option<Self>;
+}
+
+impl Addr for Ipv4Addr {
+    fn of(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+}
+
+impl Addr for Ipv6Addr {
+    fn of(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }
+    }
+}
+
+fn family<N: Ord, A: Addr>(
+    input: FamilyInput<N>,
+    snapshot: &Snapshot,
+    node: &NodeFacts,
+    options: &Options,
+    issues: &mut Vec<Issue>,
+) -> FamilyState<N, A> {
+    let ipvs_like = match options.service_match {
+        ServiceMatch::Auto => input.sets,
+        ServiceMatch::IpPort => FamilySets::ALL,
+        ServiceMatch::Cidr => FamilySets::default(),
+    };
+    let r1 = if ipvs_like.cluster_ip {
+        rule::R1A
+    } else {
+        rule::R1B
+    };
+    let mut rules = rule::bit(r1);
+    // GL:763-799: R2/R3 only when the node has an InternalIP of the family and the set exists.
+    if input.has_internal_ip && ipvs_like.nodeport_local_tcp {
+        rules |= rule::bit(rule::R2T) | rule::bit(rule::R3T);
+    }
+    if input.has_internal_ip && ipvs_like.nodeport_local_udp {
+        rules |= rule::bit(rule::R2U) | rule::bit(rule::R3U);
+    }
+
+    let mut state = FamilyState {
+        rules,
+        subnets: input.subnets,
+        ..FamilyState::default()
+    };
+    let on = |r: u32| rules & rule::bit(r) != 0;
+    // Only the sets an active rule reads are filled, as only those exist on a Kube-OVN node.
+    if on(rule::R1B) {
+        state.service_cidrs = input.service_cidrs;
+    }
+    if on(rule::R1A) || on(rule::R2T) || on(rule::R2U) {
+        let (ports, tcp, udp) = services::<A>(snapshot, issues);
+        if on(rule::R1A) {
+            state.service_ports = ports;
+        }
+        if on(rule::R2T) {
+            state.nodeport_local_tcp = tcp;
+        }
+        if on(rule::R2U) {
+            state.nodeport_local_udp = udp;
+        }
+    }
+    if on(rule::R2T) || on(rule::R2U) {
+        state.local = input.local;
+    }
+    if on(rule::R3T) || on(rule::R3U) {
+        state.other_nodes = other_nodes::<A>(snapshot, &node.node_name);
+    }
+    state
+}
+
+fn as_v4(net: &IpNet) -> Option<Ipv4Net> {
+    match net {
+        IpNet::V4(n) => Some(*n),
+        IpNet::V6(_) => None,
+    }
+}
+
+fn as_v6(net: &IpNet) -> Option<Ipv6Net> {
+    match net {
+        IpNet::V6(n) => Some(*n),
+        IpNet::V4(_) => None,
+    }
+}
+
+/// Parses a comma-separated CIDR list; host bits are cleared as ipset's hash:net does.
+fn parse_cidrs(text: &str) -> Result<Vec<IpNet>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|e| format!("invalid CIDR {c:?}: {e}"))
+        })
+        .collect()
+}
+
+/// `ovnX0subnets` (G:162-182 `getDefaultVpcSubnetsCIDR`): every Subnet of the default VPC that is
+/// not underlay (or has a logical gateway) with a non-empty cidrBlock. Deleting subnets are
+/// included, and `protocol`, `excludeIps`, `u2oInterconnection`, `natOutgoing` do not matter.
+fn default_vpc_subnets(
+    snapshot: &Snapshot,
+    options: &Options,
+    issues: &mut Vec<Issue>,
+) -> BTreeSet<IpNet> {
+    let mut nets = BTreeSet::new();
+    for subnet in &snapshot.subnets {
+        if !is_default_vpc_overlay(subnet, &options.cluster_router)
+            || subnet.spec.cidr_block.trim().is_empty()
+        {
+            continue;
+        }
+        match parse_cidrs(&subnet.spec.cidr_block) {
+            Ok(cidrs) => nets.extend(cidrs),
+            Err(message) => issues.push(Issue {
+                kind: Kind::Subnet.name(),
+                object: object_name(&subnet.metadata),
+                message: format!("spec.cidrBlock: {message}; subnet skipped"),
+            }),
+        }
+    }
+    nets
+}
+
+fn is_default_vpc_overlay(subnet: &Subnet, cluster_router: &str) -> bool {
+    subnet.spec.vpc == cluster_router
+        && (subnet.spec.vlan.is_empty() || subnet.spec.logical_gateway)
+}
+
+/// `ovnX0services`: the ready ServiceCIDR objects' CIDRs when there are any (master's
+/// `ServiceCIDRStore`), otherwise `--service-cluster-ip-range`.
+fn service_cidrs(snapshot: &Snapshot, options: &Options, issues: &mut Vec<Issue>) -> Vec<IpNet> {
+    let mut from_api = BTreeSet::new();
+    for object in &snapshot.service_cidrs {
+        let ready = object
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if !ready || object.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let cidrs = object.spec.as_ref().and_then(|s| s.cidrs.as_ref());
+        for cidr in cidrs.into_iter().flatten() {
+            match parse_cidrs(cidr) {
+                Ok(nets) => from_api.extend(nets),
+                Err(message) => issues.push(Issue {
+                    kind: Kind::ServiceCidr.name(),
+                    object: object_name(&object.metadata),
+                    message: format!("spec.cidrs: {message}; entry skipped"),
+                }),
+            }
+        }
+    }
+    if from_api.is_empty() {
+        options
+            .service_cluster_ip_range
+            .iter()
+            .map(IpNet::trunc)
+            .collect()
+    } else {
+        from_api.into_iter().collect()
+    }
+}
+
+fn internal_ips(node: &Node) -> impl Iterator<Item = IpAddr> + '_ {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.trim().parse().ok())
+}
+
+fn own_internal_ips(snapshot: &Snapshot, node_name: &str) -> Vec<IpAddr> {
+    snapshot
+        .nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() == Some(node_name))
+        .flat_map(|n| internal_ips(n).collect::<Vec<_>>())
+        .collect()
+}
+
+/// `ovnX0other-node` (G:184-204): every other node's InternalIPs of the family.
+fn other_nodes<A: Addr>(snapshot: &Snapshot, node_name: &str) -> BTreeSet<A> {
+    snapshot
+        .nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() != Some(node_name))
+        .flat_map(|n| internal_ips(n).collect::<Vec<_>>())
+        .filter_map(A::of)
+        .collect()
+}
+
+/// kube-proxy's `KUBE[-6]-CLUSTER-IP` and `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}` for family `A`.
+/// As in kube-proxy's per-family proxier, a Service contributes to a family only if it has a
+/// ClusterIP of that family.
+fn services<A: Addr>(
+    snapshot: &Snapshot,
+    issues: &mut Vec<Issue>,
+) -> (BTreeSet<ServicePort<A>>, BTreeSet<u16>, BTreeSet<u16>) {
+    let mut ports = BTreeSet::new();
+    let mut local_tcp = BTreeSet::new();
+    let mut local_udp = BTreeSet::new();
+    for service in &snapshot.services {
+        let Some(spec) = &service.spec else { continue };
+        let cluster_ips: Vec<A> = cluster_ips(service, issues)
+            .into_iter()
+            .filter_map(A::of)
+            .collect();
+        if cluster_ips.is_empty() {
+            continue;
+        }
+        let etp_local = spec.external_traffic_policy.as_deref() == Some("Local")
+            && matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        for port in spec.ports.iter().flatten() {
+            let protocol = port.protocol.as_deref().unwrap_or("TCP");
+            let proto = match protocol {
+                "TCP" => Proto::Tcp,
+                "UDP" => Proto::Udp,
+                "SCTP" => Proto::Sctp,
+                other => {
+                    issues.push(Issue {
+                        kind: Kind::Service.name(),
+                        object: object_name(&service.metadata),
+                        message: format!("unknown port protocol {other:?}; port skipped"),
+                    });
+                    continue;
+                }
+            };
+            let Ok(number) = u16::try_from(port.port) else {
+                issues.push(Issue {
+                    kind: Kind::Service.name(),
+                    object: object_name(&service.metadata),
+                    message: format!("port {} out of range; port skipped", port.port),
+                });
+                continue;
+            };
+            for addr in &cluster_ips {
+                ports.insert(ServicePort {
+                    addr: *addr,
+                    proto,
+                    port: number,
+                });
+            }
+            let node_port = port
+                .node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0);
+            if let (true, Some(node_port)) = (etp_local, node_port) {
+                match proto {
+                    Proto::Tcp => local_tcp.insert(node_port),
+                    Proto::Udp => local_udp.insert(node_port),
+                    // kube-proxy keeps SCTP in a hash:ip,port set Kube-OVN never matches.
+                    Proto::Sctp => false,
+                };
+            }
+        }
+    }
+    (ports, local_tcp, local_udp)
+}
+
+/// `spec.clusterIPs`, falling back to `spec.clusterIP`; `None` (headless) is no address, and an
+/// unparsable value is reported and skipped.
+fn cluster_ips(service: &Service, issues: &mut Vec<Issue>) -> Vec<IpAddr> {
+    let Some(spec) = &service.spec else {
+        return Vec::new();
+    };
+    let listed = spec
+        .cluster_ips
+        .clone()
+        .filter(|ips| !ips.is_empty())
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default();
+    let mut ips = Vec::new();
+    for text in listed
+        .iter()
+        .filter(|ip| !ip.is_empty() && ip.as_str() != "None")
+    {
+        match text.trim().parse() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => issues.push(Issue {
+                kind: Kind::Service.name(),
+                object: object_name(&service.metadata),
+                message: format!("invalid clusterIP {text:?}; address skipped"),
+            }),
+        }
+    }
+    ips
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::field_reassign_with_default,
+    reason = "tests fill one part of an otherwise empty snapshot"
+)]
+mod tests {
+    use std::sync::Arc;
+
+    use kube_ovn_ebpf_common::role;
+
+    use super::*;
+    use crate::testing::{
+        fixture::{self, Mode},
+        objects::{Port, node, service, service_cidr, spec_cluster, subnet, subnet_with},
+    };
+
+    fn net4(s: &str) -> Ipv4Net {
+        s.parse().expect("test CIDR")
+    }
+    fn net6(s: &str) -> Ipv6Net {
+        s.parse().expect("test CIDR")
+    }
+
+    /// Node n1 of spec §5.1 with its local table; its role map has the test-run device.
+    fn n1(roles: u32) -> NodeFacts {
+        let fixture = fixture::desired(Mode::A, roles);
+        NodeFacts {
+            node_name: "n1".into(),
+            local_v4: fixture.v4.local.clone(),
+            local_v6: fixture.v6.local.clone(),
+            ifaces: fixture.ifaces,
+        }
+    }
+
+    fn ipvs() -> Options {
+        Options {
+            service_cluster_ip_range: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:10:96::/112".parse().unwrap(),
+            ],
+            kube_proxy_sets: KubeProxySets::IPVS,
+            ..Options::default()
+        }
+    }
+
+    fn iptables() -> Options {
+        Options {
+            kube_proxy_sets: KubeProxySets::default(),
+            ..ipvs()
+        }
+    }
+
+    fn run(snapshot: &Snapshot, options: &Options) -> Translation {
+        translate(snapshot, &n1(role::NODE_NIC), options)
+    }
+
+    #[test]
+    fn spec_fixture_in_ipvs_mode_gives_the_spec_sets() {
+        let t = run(&spec_cluster(), &ipvs());
+        assert!(t.issues.is_empty(), "{:?}", t.issues);
+        let mut expected = fixture::desired(Mode::A, role::NODE_NIC);
+        // The NodePort Services of the fixture have ClusterIPs too.
+        let sp4 = |a: &str, proto, port| ServicePort {
+            addr: a.parse().unwrap(),
+            proto,
+            port,
+        };
+        expected.v4.service_ports.extend([
+            sp4("10.96.0.100", Proto::Tcp, 80),
+            sp4("10.96.0.100", Proto::Udp, 53),
+            sp4("10.96.0.101", Proto::Tcp, 80),
+        ]);
+        expected.v6.service_ports.insert(ServicePort {
+            addr: "fd00:10:96::100".parse().unwrap(),
+            proto: Proto::Tcp,
+            port: 80,
+        });
+        expected.v6.service_ports.insert(ServicePort {
+            addr: "fd00:10:96::100".parse().unwrap(),
+            proto: Proto::Udp,
+            port: 53,
+        });
+        // Sets no active rule reads are left empty.
+        expected.v4.service_cidrs.clear();
+        expected.v6.service_cidrs.clear();
+        assert_eq!(t.desired, expected);
+    }
+
+    #[test]
+    fn spec_fixture_in_iptables_mode_has_only_r1b() {
+        let t = run(&spec_cluster(), &iptables());
+        let mut expected = fixture::desired(Mode::B, role::NODE_NIC);
+        expected.v4.other_nodes.clear();
+        expected.v6.other_nodes.clear();
+        expected.v4.local.clear();
+        expected.v6.local.clear();
+        assert_eq!(t.desired, expected);
+    }
+
+    #[test]
+    fn subnets_follow_kube_ovns_default_vpc_filter() {
+        let mut snapshot = Snapshot::default();
+        snapshot.subnets = [
+            subnet("plain", "10.1.0.0/16"),
+            subnet_with("other-vpc", "10.2.0.0/16", |s| s.spec.vpc = "vpc1".into()),
+            subnet_with("underlay", "10.3.0.0/16", |s| s.spec.vlan = "v1".into()),
+            subnet_with("underlay-u2o", "10.4.0.0/16", |s| {
+                s.spec.vlan = "v1".into();
+                s.spec.u2o_interconnection = true;
+            }),
+            subnet_with("underlay-lgw", "10.5.0.0/16", |s| {
+                s.spec.vlan = "v1".into();
+                s.spec.logical_gateway = true;
+            }),
+            subnet_with("deleting", "10.6.0.0/16", |s| {
+                s.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                    ));
+            }),
+            subnet_with("empty", "", |_| {}),
+            subnet_with("wrong-protocol", "10.7.0.0/16", |s| {
+                s.spec.protocol = "IPv6".into();
+            }),
+            subnet("host-bits", "10.8.1.1/16"),
+            subnet("dual", "10.9.0.0/16, fd00:9::/64"),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let t = run(&snapshot, &ipvs());
+        assert!(t.issues.is_empty(), "{:?}", t.issues);
+        let want4: BTreeSet<_> = [
+            "10.1.0.0/16",
+            "10.5.0.0/16",
+            "10.6.0.0/16",
+            "10.7.0.0/16",
+            "10.8.0.0/16",
+            "10.9.0.0/16",
+        ]
+        .map(net4)
+        .into();
+        assert_eq!(t.desired.v4.subnets, want4);
+        assert_eq!(t.desired.v6.subnets, [net6("fd00:9::/64")].into());
+    }
+
+    #[test]
+    fn cluster_router_option_names_the_default_vpc() {
+        let mut snapshot = Snapshot::default();
+        snapshot.subnets = vec![Arc::new(subnet_with("s", "10.1.0.0/16", |s| {
+            s.spec.vpc = "my-router".into();
+        }))];
+        assert!(run(&snapshot, &ipvs()).desired.v4.subnets.is_empty());
+        let options = Options {
+            cluster_router: "my-router".into(),
+            ..ipvs()
+        };
+        assert_eq!(run(&snapshot, &options).desired.v4.subnets.len(), 1);
+    }
+
+    #[test]
+    fn invalid_cidr_is_reported_with_the_object_and_skipped() {
+        let mut snapshot = Snapshot::default();
+        snapshot.subnets = vec![
+            Arc::new(subnet("bad", "10.1.0.0/33")),
+            Arc::new(subnet("good", "10.2.0.0/16")),
+        ];
+        let t = run(&snapshot, &ipvs());
+        assert_eq!(t.desired.v4.subnets, [net4("10.2.0.0/16")].into());
+        assert_eq!(t.issues.len(), 1);
+        assert_eq!(t.issues[0].kind, "Subnet");
+        assert_eq!(t.issues[0].object, "bad");
+        assert!(
+            t.issues[0].message.contains("10.1.0.0/33"),
+            "{}",
+            t.issues[0]
+        );
+    }
+
+    #[test]
+    fn other_nodes_exclude_this_node_and_split_by_family() {
+        let t = run(&spec_cluster(), &ipvs());
+        assert_eq!(
+            t.desired.v4.other_nodes,
+            [
+                "192.168.0.12".parse::<Ipv4Addr>().unwrap(),
+                "192.168.0.13".parse().unwrap()
+            ]
+            .into()
+        );
+        assert_eq!(
+            t.desired.v6.other_nodes,
+            ["fd00::12".parse::<Ipv6Addr>().unwrap()].into()
+        );
+    }
+
+    #[test]
+    fn node_without_an_internal_ip_of_a_family_gets_no_nodeport_rules_for_it() {
+        let mut snapshot = spec_cluster();
+        snapshot.nodes[0] = Arc::new(node("n1", &["fd00::11"]));
+        let t = run(&snapshot, &ipvs());
+        assert_eq!(
+            t.desired.v4.rules,
+            fixture::desired(Mode::ANoV4InternalIp, 0).v4.rules
+        );
+        assert!(t.desired.v4.nodeport_local_tcp.is_empty());
+        assert!(t.desired.v4.other_nodes.is_empty());
+        assert_eq!(t.desired.v6.rules, fixture::desired(Mode::A, 0).v6.rules);
+        // This node's own entry missing altogether (not listed yet) means no InternalIP.
+        snapshot.nodes.remove(0);
+        assert_eq!(
+            run(&snapshot, &ipvs()).desired.v6.rules,
+            rule::bit(rule::R1A)
+        );
+    }
+
+    #[test]
+    fn services_feed_a_family_only_with_a_cluster_ip_of_it() {
+        let mut snapshot = Snapshot::default();
+        snapshot.services = [
+            service(
+                "a/v4only",
+                "NodePort",
+                &["10.96.1.1"],
+                &[Port("TCP", 80, Some(31000))],
+                true,
+            ),
+            service(
+                "a/v6only",
+                "NodePort",
+                &["fd00:10:96::5"],
+                &[Port("UDP", 53, Some(31001))],
+                true,
+            ),
+            service(
+                "a/headless",
+                "ClusterIP",
+                &["None"],
+                &[Port("TCP", 80, None)],
+                false,
+            ),
+            service(
+                "a/external-name",
+                "ExternalName",
+                &[],
+                &[Port("TCP", 80, None)],
+                false,
+            ),
+            service(
+                "a/lb",
+                "LoadBalancer",
+                &["10.96.1.2"],
+                &[Port("TCP", 443, Some(31002)), Port("TCP", 444, Some(0))],
+                true,
+            ),
+            service(
+                "a/sctp",
+                "NodePort",
+                &["10.96.1.3"],
+                &[Port("SCTP", 3868, Some(31003))],
+                true,
+            ),
+            service(
+                "a/etp-cluster",
+                "NodePort",
+                &["10.96.1.4"],
+                &[Port("TCP", 80, Some(31004))],
+                false,
+            ),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        snapshot.nodes = vec![Arc::new(node("n1", &["192.168.0.11", "fd00::11"]))];
+        let t = run(&snapshot, &ipvs());
+        let d = &t.desired;
+        assert_eq!(d.v4.nodeport_local_tcp, [31000, 31002].into());
+        assert!(d.v4.nodeport_local_udp.is_empty());
+        assert_eq!(d.v6.nodeport_local_udp, [31001].into());
+        assert!(d.v6.nodeport_local_tcp.is_empty());
+        let v4: Vec<String> = d.v4.service_ports.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            v4,
+            [
+                "10.96.1.1,tcp:80",
+                "10.96.1.2,tcp:443",
+                "10.96.1.2,tcp:444",
+                "10.96.1.3,sctp:3868",
+                "10.96.1.4,tcp:80"
+            ]
+        );
+        assert_eq!(d.v6.service_ports.len(), 1);
+        assert!(t.issues.is_empty(), "{:?}", t.issues);
+    }
+
+    #[test]
+    fn cluster_ip_fallback_default_protocol_and_bad_values() {
+        let mut legacy = service(
+            "a/legacy",
+            "ClusterIP",
+            &[],
+            &[Port("TCP", 80, None)],
+            false,
+        );
+        let spec = legacy.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("10.96.2.1".into());
+        spec.ports.as_mut().unwrap()[0].protocol = None;
+        let bad = service(
+            "a/bad",
+            "ClusterIP",
+            &["10.96.300.1"],
+            &[Port("QUIC", 80, None), Port("TCP", 70000, None)],
+            false,
+        );
+        let snapshot = Snapshot {
+            services: vec![Arc::new(legacy), Arc::new(bad)],
+            ..Snapshot::default()
+        };
+        let t = run(&snapshot, &ipvs());
+        let v4: Vec<String> = t
+            .desired
+            .v4
+            .service_ports
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(v4, ["10.96.2.1,tcp:80"]);
+        assert_eq!(t.issues.len(), 1, "{:?}", t.issues);
+        assert!(t.issues[0].to_string().contains("a/bad"), "{}", t.issues[0]);
+        let good_ip_bad_ports = service(
+            "a/ports",
+            "ClusterIP",
+            &["10.96.2.2"],
+            &[Port("QUIC", 80, None), Port("TCP", 70000, None)],
+            false,
+        );
+        let t = run(
+            &Snapshot {
+                services: vec![Arc::new(good_ip_bad_ports)],
+                ..Snapshot::default()
+            },
+            &ipvs(),
+        );
+        assert!(t.desired.v4.service_ports.is_empty());
+        let messages: Vec<String> = t.issues.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(
+            messages.iter().any(|m| m.contains("QUIC"))
+                && messages.iter().any(|m| m.contains("70000"))
+        );
+    }
+
+    #[test]
+    fn ready_service_cidrs_replace_the_flag() {
+        let mut snapshot = Snapshot::default();
+        let t = run(&snapshot, &iptables());
+        assert_eq!(t.desired.v4.service_cidrs, [net4("10.96.0.0/12")].into());
+        assert_eq!(
+            t.desired.v6.service_cidrs,
+            [net6("fd00:10:96::/112")].into()
+        );
+
+        snapshot.service_cidrs = vec![
+            Arc::new(service_cidr("kubernetes", &["10.96.0.0/12"], true)),
+            Arc::new(service_cidr("extra", &["10.100.0.0/16"], true)),
+            Arc::new(service_cidr("pending", &["10.200.0.0/16"], false)),
+        ];
+        let t = run(&snapshot, &iptables());
+        assert_eq!(
+            t.desired.v4.service_cidrs,
+            ["10.96.0.0/12", "10.100.0.0/16"].map(net4).into()
+        );
+        // As in Kube-OVN's ServiceCIDRStore, API CIDRs replace the flag for both families.
+        assert!(t.desired.v6.service_cidrs.is_empty());
+    }
+
+    #[test]
+    fn service_match_overrides_kube_proxy_detection() {
+        let r1a = rule::bit(rule::R1A);
+        let r1b = rule::bit(rule::R1B);
+        let nodeport = rule::NODEPORT_LOCAL_RULES | rule::bit(rule::R3T) | rule::bit(rule::R3U);
+        let rules = |options: &Options| run(&spec_cluster(), options).desired.v4.rules;
+        assert_eq!(rules(&ipvs()), r1a | nodeport);
+        assert_eq!(rules(&iptables()), r1b);
+        assert_eq!(
+            rules(&Options {
+                service_match: ServiceMatch::IpPort,
+                ..iptables()
+            }),
+            r1a | nodeport
+        );
+        assert_eq!(
+            rules(&Options {
+                service_match: ServiceMatch::Cidr,
+                ..ipvs()
+            }),
+            r1b
+        );
+        let only_tcp = KubeProxySets {
+            v4: FamilySets {
+                cluster_ip: true,
+                nodeport_local_tcp: true,
+                nodeport_local_udp: false,
+            },
+            ..KubeProxySets::IPVS
+        };
+        let t = run(
+            &spec_cluster(),
+            &Options {
+                kube_proxy_sets: only_tcp,
+                ..ipvs()
+            },
+        );
+        assert_eq!(
+            t.desired.v4.rules,
+            r1a | rule::bit(rule::R2T) | rule::bit(rule::R3T)
+        );
+        assert!(t.desired.v4.nodeport_local_udp.is_empty());
+        assert_eq!(t.desired.v4.nodeport_local_tcp, [30080].into());
+    }
+
+    #[test]
+    fn shadow_and_interfaces_pass_through() {
+        let options = Options {
+            shadow: true,
+            ..ipvs()
+        };
+        let t = translate(&spec_cluster(), &n1(role::OVN0), &options);
+        assert!(t.desired.shadow);
+        assert_eq!(
+            t.desired.ifaces,
+            [(fixture::TEST_RUN_IFINDEX, role::OVN0)].into()
+        );
+    }
+}
