@@ -750,6 +750,32 @@ impl Tables {
         desired
     }
 
+    /// Re-reads every kernel map into its mirror (heals writes made behind our back).
+    pub fn refresh_all(&mut self) -> Result<()> {
+        self.config.refresh()?;
+        self.ifaces.refresh()?;
+        self.nodeport_local.refresh()?;
+        for family in [
+            &mut self.v4.subnets,
+            &mut self.v4.service_cidrs,
+            &mut self.v4.local,
+        ] {
+            family.refresh()?;
+        }
+        self.v4.service_ports.refresh()?;
+        self.v4.other_nodes.refresh()?;
+        for family in [
+            &mut self.v6.subnets,
+            &mut self.v6.service_cidrs,
+            &mut self.v6.local,
+        ] {
+            family.refresh()?;
+        }
+        self.v6.service_ports.refresh()?;
+        self.v6.other_nodes.refresh()?;
+        Ok(())
+    }
+
     /// Entry counts per map name.
     pub fn sizes(&self) -> Vec<(&'static str, usize)> {
         vec![

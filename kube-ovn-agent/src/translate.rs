@@ -164,6 +164,23 @@ pub fn translate(snapshot: &Snapshot, node: &NodeFacts, options: &Options) -> Tr
     Translation { desired, issues }
 }
 
+/// Every problem `translate` would report for `snapshot` under any options (it only reports
+/// issues for the sets the active rules need). The file source rejects a file with any.
+pub fn validate(snapshot: &Snapshot) -> Vec<Issue> {
+    let options = Options {
+        service_match: ServiceMatch::IpPort,
+        ..Options::default()
+    };
+    let mut issues = Vec::new();
+    default_vpc_subnets(snapshot, &options, &mut issues);
+    service_cidrs(snapshot, &options, &mut issues);
+    services::<Ipv4Addr>(snapshot, &mut issues);
+    services::<Ipv6Addr>(snapshot, &mut issues);
+    issues.sort_by(|a, b| (a.kind, &a.object, &a.message).cmp(&(b.kind, &b.object, &b.message)));
+    issues.dedup();
+    issues
+}
+
 /// Inputs for one family that were already split by family.
 struct FamilyInput<N: Ord> {
     sets: FamilySets,
@@ -358,7 +375,7 @@ fn internal_ips(node: &Node) -> impl Iterator<Item = IpAddr> + '_ {
         .filter_map(|a| a.address.trim().parse().ok())
 }
 
-fn own_internal_ips(snapshot: &Snapshot, node_name: &str) -> Vec<IpAddr> {
+pub fn own_internal_ips(snapshot: &Snapshot, node_name: &str) -> Vec<IpAddr> {
     snapshot
         .nodes
         .iter()
@@ -825,6 +842,24 @@ mod tests {
             messages.iter().any(|m| m.contains("QUIC"))
                 && messages.iter().any(|m| m.contains("70000"))
         );
+    }
+
+    #[test]
+    fn validate_reports_problems_translate_would_skip_silently_in_this_mode() {
+        let mut snapshot = spec_cluster();
+        snapshot.services.push(Arc::new(service(
+            "a/bad",
+            "ClusterIP",
+            &["10.96.0.300"],
+            &[Port("TCP", 80, None)],
+            false,
+        )));
+        // iptables mode fills no ClusterIP set, so translate does not look at the Service…
+        assert!(run(&snapshot, &iptables()).issues.is_empty());
+        // …but the object is still invalid.
+        let issues = validate(&snapshot);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].object, "a/bad");
     }
 
     #[test]

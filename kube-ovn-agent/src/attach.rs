@@ -1,0 +1,489 @@
+//! Attaching the classifier at TC ingress: a pinned tcx link on kernels with tcx (≥ 6.6), a
+//! netlink `clsact` filter at a fixed priority/handle elsewhere. Both survive the agent, both are
+//! upgraded in place (`bpf_link_update` / filter replace), and only objects we created — pins
+//! under our root, filters named `kovn_ingress` — are ever changed or removed.
+
+use std::{io, path::Path};
+
+use aya::{
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    },
+    util::KernelVersion,
+};
+use futures::TryStreamExt;
+use kube_ovn_ebpf_common::names;
+use netlink_packet_route::tc::{TcAttribute, TcOption};
+use serde::Serialize;
+
+use crate::bpffs::PinRoot;
+
+const TCA_BPF_NAME: u16 = 7;
+const TCA_BPF_ID: u16 = 11;
+
+/// `--attach`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachChoice {
+    /// tcx where the kernel has it (≥ 6.6), netlink otherwise.
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    Tcx,
+    Netlink,
+}
+
+impl AttachChoice {
+    pub fn resolve(self) -> AttachMode {
+        match self {
+            Self::Tcx => AttachMode::Tcx,
+            Self::Netlink => AttachMode::Netlink,
+            Self::Auto => {
+                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+                    AttachMode::Tcx
+                } else {
+                    AttachMode::Netlink
+                }
+            }
+        }
+    }
+}
+
+/// `--tcx-order`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcxOrder {
+    /// Before every other tcx program on the interface (marks are set before anyone looks).
+    #[default]
+    First,
+    Last,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttachConfig {
+    pub mode: AttachMode,
+    pub tcx_order: TcxOrder,
+    /// Netlink filter priority (lower runs first).
+    pub priority: u16,
+    /// Netlink filter handle.
+    pub handle: u32,
+}
+
+impl Default for AttachConfig {
+    fn default() -> Self {
+        Self {
+            mode: AttachMode::Tcx,
+            tcx_order: TcxOrder::First,
+            priority: 1,
+            handle: DEFAULT_HANDLE,
+        }
+    }
+}
+
+/// "KO": a handle unlikely to collide with other tools' filters at the same priority.
+pub const DEFAULT_HANDLE: u32 = 0x4b4f;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{op} on {ifname}: {source}")]
+    Program {
+        op: &'static str,
+        ifname: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("{op} {path}: {source}")]
+    Pin {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{ifname}: a foreign tc filter ({name:?}, program {program_id}) holds priority {priority} \
+         handle {handle:#x}; pick another --tc-priority/--tc-handle"
+    )]
+    Foreign {
+        ifname: String,
+        name: String,
+        program_id: u32,
+        priority: u16,
+        handle: u32,
+    },
+    #[error("{op} on {ifname}: {source}")]
+    Link {
+        op: &'static str,
+        ifname: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("listing tc filters on {ifname}: {source}")]
+    Netlink {
+        ifname: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+fn program_error(
+    op: &'static str,
+    ifname: &str,
+) -> impl FnOnce(aya::programs::ProgramError) -> AttachError {
+    let ifname = ifname.to_owned();
+    move |source| AttachError::Program {
+        op,
+        ifname,
+        source: Box::new(source),
+    }
+}
+
+/// What `ensure` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Our program was already attached.
+    Kept,
+    /// A new attachment was created.
+    Created,
+    /// Our attachment ran another (older) program and now runs this one, atomically.
+    Upgraded,
+}
+
+/// One of our attachments as found in the kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Attachment {
+    pub ifname: String,
+    pub mode: AttachMode,
+    pub program_id: u32,
+    /// tcx: the link id; netlink: none.
+    pub link_id: Option<u32>,
+    /// netlink: (priority, handle).
+    pub filter: Option<(u16, u32)>,
+}
+
+/// Ensures `prog` (whose kernel id is `prog_id`) runs at ingress of `ifname`.
+pub async fn ensure(
+    prog: &mut SchedClassifier,
+    prog_id: u32,
+    pins: &PinRoot,
+    config: AttachConfig,
+    rtnl: &rtnetlink::Handle,
+    ifname: &str,
+) -> Result<Outcome, AttachError> {
+    match config.mode {
+        AttachMode::Tcx => ensure_tcx(prog, prog_id, &pins.link(ifname), config, ifname),
+        AttachMode::Netlink => ensure_netlink(prog, prog_id, config, rtnl, ifname).await,
+    }
+}
+
+fn ensure_tcx(
+    prog: &mut SchedClassifier,
+    prog_id: u32,
+    pin: &Path,
+    config: AttachConfig,
+    ifname: &str,
+) -> Result<Outcome, AttachError> {
+    if pin.exists() {
+        match PinnedLink::from_pin(pin) {
+            Ok(pinned) => {
+                let link = FdLink::from(pinned);
+                let linked_prog = link.info().map(|i| i.program_id()).unwrap_or_default();
+                let (_, attached) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+                    .map_err(program_error("querying tcx programs", ifname))?;
+                if attached.iter().any(|p| p.id() == linked_prog) {
+                    if linked_prog == prog_id {
+                        return Ok(Outcome::Kept);
+                    }
+                    let link = SchedClassifierLink::try_from(link).map_err(|source| {
+                        AttachError::Link {
+                            op: "adopting the pinned link",
+                            ifname: ifname.into(),
+                            source,
+                        }
+                    })?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .map_err(program_error("bpf_link_update", ifname))?;
+                    // The pin still names the link; dropping our fd keeps it attached.
+                    drop(
+                        prog.take_link(id)
+                            .map_err(program_error("taking the link", ifname))?,
+                    );
+                    return Ok(Outcome::Upgraded);
+                }
+                // The interface went away (and maybe came back): the link is defunct.
+                tracing::info!(ifname, pin = %pin.display(), "replacing a defunct tcx link");
+            }
+            Err(e) => tracing::warn!(ifname, error = %e, "unreadable pinned link; replacing it"),
+        }
+        std::fs::remove_file(pin).map_err(|source| AttachError::Pin {
+            op: "removing stale pin",
+            path: pin.display().to_string(),
+            source,
+        })?;
+    }
+    let order = match config.tcx_order {
+        TcxOrder::First => LinkOrder::first(),
+        TcxOrder::Last => LinkOrder::last(),
+    };
+    let id = prog
+        .attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(order),
+        )
+        .map_err(program_error("tcx attach", ifname))?;
+    let link = prog
+        .take_link(id)
+        .map_err(program_error("taking the link", ifname))?;
+    let link: FdLink = link.try_into().map_err(|source| AttachError::Link {
+        op: "converting the link",
+        ifname: ifname.into(),
+        source,
+    })?;
+    link.pin(pin).map_err(|e| AttachError::Pin {
+        op: "pinning link",
+        path: pin.display().to_string(),
+        source: io::Error::other(e),
+    })?;
+    Ok(Outcome::Created)
+}
+
+/// A bpf tc filter as found by a netlink dump.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BpfFilter {
+    pub priority: u16,
+    pub handle: u32,
+    pub name: String,
+    pub program_id: u32,
+}
+
+/// The bpf filters at ingress of `ifindex`.
+pub async fn ingress_filters(
+    rtnl: &rtnetlink::Handle,
+    ifindex: u32,
+) -> Result<Vec<BpfFilter>, rtnetlink::Error> {
+    let Ok(index) = i32::try_from(ifindex) else {
+        return Ok(Vec::new());
+    };
+    let handle = rtnl.clone();
+    let mut stream = handle.traffic_filter(index).get().ingress().execute();
+    let mut filters = Vec::new();
+    while let Some(message) = stream.try_next().await? {
+        let mut kind_is_bpf = false;
+        let mut filter = BpfFilter {
+            priority: u16::try_from(message.header.info >> 16).unwrap_or_default(),
+            handle: (u32::from(message.header.handle.major) << 16)
+                | u32::from(message.header.handle.minor),
+            name: String::new(),
+            program_id: 0,
+        };
+        for attribute in &message.attributes {
+            match attribute {
+                TcAttribute::Kind(kind) => kind_is_bpf = kind == "bpf",
+                TcAttribute::Options(options) => {
+                    for option in options {
+                        let TcOption::Other(nla) = option else {
+                            continue;
+                        };
+                        let mut value = vec![0u8; netlink_packet_core::Nla::value_len(nla)];
+                        netlink_packet_core::Nla::emit_value(nla, &mut value);
+                        match netlink_packet_core::Nla::kind(nla) {
+                            TCA_BPF_NAME => {
+                                String::from_utf8_lossy(&value)
+                                    .trim_end_matches('\0')
+                                    .clone_into(&mut filter.name);
+                            }
+                            TCA_BPF_ID if value.len() >= 4 => {
+                                filter.program_id =
+                                    u32::from_ne_bytes(value[..4].try_into().expect("4 bytes"));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // A filter's "header" entry (no handle) only describes the priority's classifier.
+        if kind_is_bpf && filter.handle != 0 {
+            filters.push(filter);
+        }
+    }
+    Ok(filters)
+}
+
+fn ifindex(ifname: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(ifname).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+async fn ensure_netlink(
+    prog: &mut SchedClassifier,
+    prog_id: u32,
+    config: AttachConfig,
+    rtnl: &rtnetlink::Handle,
+    ifname: &str,
+) -> Result<Outcome, AttachError> {
+    if let Err(e) = tc::qdisc_add_clsact(ifname) {
+        let exists =
+            matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+        if !exists {
+            return Err(program_error("adding clsact", ifname)(e.into()));
+        }
+    }
+    let index = ifindex(ifname).unwrap_or_default();
+    let filters = ingress_filters(rtnl, index)
+        .await
+        .map_err(|source| AttachError::Netlink {
+            ifname: ifname.into(),
+            source,
+        })?;
+    let options = || NlOptions {
+        priority: config.priority,
+        handle: TcHandle::from(config.handle),
+        classid: None,
+    };
+    if let Some(existing) = filters
+        .iter()
+        .find(|f| f.priority == config.priority && f.handle == config.handle)
+    {
+        if existing.name != names::PROGRAM {
+            return Err(AttachError::Foreign {
+                ifname: ifname.into(),
+                name: existing.name.clone(),
+                program_id: existing.program_id,
+                priority: config.priority,
+                handle: config.handle,
+            });
+        }
+        if existing.program_id == prog_id {
+            return Ok(Outcome::Kept);
+        }
+        let link = SchedClassifierLink::attached(
+            ifname,
+            TcAttachType::Ingress,
+            config.priority,
+            TcHandle::from(config.handle),
+            None,
+        )
+        .map_err(|e| {
+            program_error("adopting the filter", ifname)(tc::TcError::IoError(e).into())
+        })?;
+        let id = prog
+            .attach_to_link(link)
+            .map_err(program_error("replacing the filter", ifname))?;
+        // Dropping a netlink link deletes the filter: keep it in the kernel, forget it here.
+        std::mem::forget(
+            prog.take_link(id)
+                .map_err(program_error("taking the link", ifname))?,
+        );
+        return Ok(Outcome::Upgraded);
+    }
+    let id = prog
+        .attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(options()),
+        )
+        .map_err(program_error("netlink attach", ifname))?;
+    std::mem::forget(
+        prog.take_link(id)
+            .map_err(program_error("taking the link", ifname))?,
+    );
+    Ok(Outcome::Created)
+}
+
+/// Every attachment of ours in this network namespace: pinned tcx links under `pins` and
+/// netlink filters named like our program.
+pub async fn list(pins: &PinRoot, rtnl: &rtnetlink::Handle) -> Vec<Attachment> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(pins.links()) {
+        for entry in entries.flatten() {
+            let ifname = entry.file_name().to_string_lossy().into_owned();
+            let Ok(pinned) = PinnedLink::from_pin(entry.path()) else {
+                continue;
+            };
+            let link = FdLink::from(pinned);
+            let Ok(info) = link.info() else { continue };
+            let attached = SchedClassifier::query_tcx(&ifname, TcAttachType::Ingress)
+                .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()));
+            if attached {
+                found.push(Attachment {
+                    ifname,
+                    mode: AttachMode::Tcx,
+                    program_id: info.program_id(),
+                    link_id: Some(info.id()),
+                    filter: None,
+                });
+            }
+        }
+    }
+    let mut links = rtnl.link().get().execute();
+    while let Ok(Some(link)) = links.try_next().await {
+        let name = link.attributes.iter().find_map(|a| match a {
+            netlink_packet_route::link::LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        });
+        let Some(ifname) = name else { continue };
+        for filter in ingress_filters(rtnl, link.header.index)
+            .await
+            .unwrap_or_default()
+        {
+            if filter.name == names::PROGRAM {
+                found.push(Attachment {
+                    ifname: ifname.clone(),
+                    mode: AttachMode::Netlink,
+                    program_id: filter.program_id,
+                    link_id: None,
+                    filter: Some((filter.priority, filter.handle)),
+                });
+            }
+        }
+    }
+    found.sort_by(|a, b| a.ifname.cmp(&b.ifname));
+    found
+}
+
+/// Removes one attachment of ours.
+pub fn remove(pins: &PinRoot, attachment: &Attachment) -> Result<(), AttachError> {
+    match attachment.mode {
+        AttachMode::Tcx => {
+            let pin = pins.link(&attachment.ifname);
+            // Unpinning drops the last reference (we hold no fd), which detaches the link.
+            std::fs::remove_file(&pin).map_err(|source| AttachError::Pin {
+                op: "unpinning",
+                path: pin.display().to_string(),
+                source,
+            })
+        }
+        AttachMode::Netlink => {
+            let (priority, handle) = attachment.filter.unwrap_or((0, 0));
+            let link = SchedClassifierLink::attached(
+                &attachment.ifname,
+                TcAttachType::Ingress,
+                priority,
+                TcHandle::from(handle),
+                None,
+            )
+            .map_err(|e| {
+                program_error("finding the filter", &attachment.ifname)(
+                    tc::TcError::IoError(e).into(),
+                )
+            })?;
+            // Dropping an adopted netlink link deletes exactly that filter.
+            drop(link);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Command-line interface. The command and flag names are a contract other tooling (the
+//! `DaemonSet`, e2e and benchmark harnesses) relies on.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::{
+    attach::{AttachChoice, DEFAULT_HANDLE, TcxOrder},
+    bpffs::DEFAULT_ROOT,
+    node::IfaceOverride,
+    source::SourceSpec,
+    translate::ServiceMatch,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kube-ovn-agent",
+    version,
+    about = "Sets Kube-OVN's PREROUTING marks with a TC-ingress eBPF program instead of iptables"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter (tracing env-filter syntax); `RUST_LOG` overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load (or adopt) the datapath, attach it and keep its maps in sync with the cluster.
+    /// SIGTERM leaves everything in place; only `detach` removes it.
+    Run(Box<RunArgs>),
+    /// Show kernel, attachments, modes, counters, map fill and mark-clobber findings.
+    Status(ReadArgs),
+    /// Decode every datapath map into CIDRs, addresses, ports and roles.
+    Dump(ReadArgs),
+    /// Remove our attachments, programs and pins — nothing else. Marking stops.
+    Detach(RootArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RootArgs {
+    /// Directory on a bpffs holding our pins (mounted at /sys/fs/bpf when missing there).
+    #[arg(long, default_value = DEFAULT_ROOT)]
+    pub bpffs_root: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    pub root: RootArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Where cluster state comes from: `kube` (the API server, in-cluster or kubeconfig) or
+    /// `file:PATH` (kubectl-style YAML, re-read when it changes).
+    #[arg(long, default_value = "kube")]
+    pub source: SourceSpec,
+    /// This node's name (as in its Node object); defaults to `$NODE_NAME`, then the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    #[command(flatten)]
+    pub root: RootArgs,
+    /// Kube-OVN's --service-cluster-ip-range (comma-separated); ready ServiceCIDR objects
+    /// replace it when the cluster has them.
+    #[arg(long, default_value = "10.96.0.0/12", value_parser = parse_cidrs)]
+    pub service_cluster_ip_range: Cidrs,
+    /// How R1 recognises Service traffic: `auto` as Kube-OVN (exact ClusterIP+port and the
+    /// NodePort rules when kube-proxy's IPVS sets exist, else the Service CIDR); `ip-port` or
+    /// `cidr` force one behaviour.
+    #[arg(long, value_enum, default_value_t = ServiceMatch::Auto)]
+    pub service_match: ServiceMatch,
+    /// kube-proxy's mode: `auto` detects its IPVS ipsets every 3 s, as Kube-OVN does.
+    #[arg(long, value_enum, default_value_t = KubeProxyMode::Auto)]
+    pub kube_proxy_mode: KubeProxyMode,
+    /// Kube-OVN's --cluster-router: the default VPC's name.
+    #[arg(long, default_value = "ovn-cluster")]
+    pub cluster_router: String,
+    /// How to attach: tcx (kernel ≥ 6.6, pinned links) or netlink clsact filters.
+    #[arg(long, value_enum, default_value_t = AttachChoice::Auto)]
+    pub attach: AttachChoice,
+    /// Position among other tcx programs on the interface.
+    #[arg(long, value_enum, default_value_t = TcxOrder::First)]
+    pub tcx_order: TcxOrder,
+    /// Netlink filter priority (lower runs first).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub tc_priority: u16,
+    /// Netlink filter handle.
+    #[arg(long, default_value_t = DEFAULT_HANDLE, value_parser = parse_handle)]
+    pub tc_handle: u32,
+    /// Interface roles on top of discovery (ovn0; interfaces holding this node's InternalIPs):
+    /// NAME=ovn0|nic|bridge|lo, or NAME=none to leave a discovered interface alone. Repeatable.
+    #[arg(long = "iface", value_name = "NAME=ROLE")]
+    pub ifaces: Vec<IfaceOverride>,
+    /// `enforce` writes marks; `shadow` classifies and counts only, to compare with Kube-OVN's
+    /// own iptables counters before switching.
+    #[arg(long, value_enum, default_value_t = Mode::Enforce)]
+    pub mode: Mode,
+    /// Address of /metrics, /healthz and /readyz; `none` disables the server.
+    #[arg(long, default_value = "0.0.0.0:10669", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+    /// Full re-read of the pinned maps to heal changes made behind the agent's back.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubeProxyMode {
+    Auto,
+    Ipvs,
+    Iptables,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Shadow,
+}
+
+/// A parsed `--service-cluster-ip-range`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cidrs(pub Vec<IpNet>);
+
+fn parse_cidrs(text: &str) -> Result<Cidrs, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse::<IpNet>().map_err(|e| format!("{c:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err("no CIDR given".into())
+            } else {
+                Ok(Cidrs(v))
+            }
+        })
+}
+
+/// A parsed `--metrics-addr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    if text == "none" {
+        return Ok(MetricsAddr(None));
+    }
+    text.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("expected IP:PORT or `none`: {e}"))
+}
+
+fn parse_handle(text: &str) -> Result<u32, String> {
+    let value = match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|e| format!("{text:?}: {e}"))?;
+    if value == 0 {
+        return Err("the handle must be non-zero".into());
+    }
+    Ok(value)
+}
+
+/// `30s`, `5m`, `1h` or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |i| text.split_at(i));
+    let n: u64 = number.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        other => return Err(format!("unknown unit {other:?} (use s, m or h)")),
+    };
+    if seconds == 0 {
+        return Err("must be positive".into());
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kube-ovn-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_accepts_every_documented_flag() {
+        let cli = parse(&[
+            "run",
+            "--source",
+            "file:/tmp/cluster.yaml",
+            "--node-name",
+            "n1",
+            "--bpffs-root",
+            "/run/kovn",
+            "--service-cluster-ip-range",
+            "10.96.0.0/12,fd00:10:96::/112",
+            "--service-match",
+            "ip-port",
+            "--kube-proxy-mode",
+            "ipvs",
+            "--attach",
+            "netlink",
+            "--iface",
+            "eth0=nic",
+            "--iface",
+            "ovn0=ovn0",
+            "--mode",
+            "shadow",
+            "--metrics-addr",
+            "127.0.0.1:9999",
+        ])
+        .expect("valid command line");
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.service_cluster_ip_range.0.len(), 2);
+        assert_eq!(run.ifaces.len(), 2);
+        assert_eq!(run.mode, Mode::Shadow);
+        assert_eq!(
+            run.metrics_addr,
+            MetricsAddr(Some("127.0.0.1:9999".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn bad_values_get_one_line_errors_naming_the_problem() {
+        for (args, needle) in [
+            (&["run", "--source", "http://x"][..], "file:PATH"),
+            (
+                &["run", "--service-cluster-ip-range", "10.96.0.0/33"],
+                "10.96.0.0/33",
+            ),
+            (&["run", "--iface", "eth0"], "NAME=ROLE"),
+            (&["run", "--tc-handle", "0"], "non-zero"),
+            (&["run", "--kube-proxy-mode", "userspace"], "userspace"),
+            (&["run", "--resync-interval", "5d"], "unit"),
+        ] {
+            let error = parse(args).expect_err("must be rejected").to_string();
+            assert!(error.contains(needle), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn read_commands_take_root_and_json() {
+        let cli = parse(&["status", "--bpffs-root", "/run/x", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Status(ReadArgs { json: true, .. })
+        ));
+        assert!(parse(&["detach"]).is_ok());
+        assert!(parse(&["dump", "--json"]).is_ok());
+    }
+}

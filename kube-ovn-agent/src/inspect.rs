@@ -1,0 +1,314 @@
+//! `status`, `dump` and `detach`: they read (or remove) what `run` pinned, without loading a
+//! program.
+
+use std::{fmt::Write as _, time::Duration};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    maps::{MapData, PerCpuArray},
+    programs::ProgramInfo,
+};
+use kube_ovn_agent::{
+    attach::{self, Attachment},
+    bpffs::PinRoot,
+    cli::{ReadArgs, RootArgs},
+    clobber,
+    datapath::open_pinned_maps,
+    maps::{Tables, read_counters},
+    state::{Desired, FamilyState, rule_names},
+};
+use kube_ovn_ebpf_common::{counter, names, rule};
+use serde::Serialize;
+
+fn pins(root: &RootArgs) -> Result<PinRoot> {
+    let pins = PinRoot::new(&root.bpffs_root);
+    anyhow::ensure!(
+        pins.exists(),
+        "nothing pinned under {} (is the agent running with this --bpffs-root?)",
+        pins.root.display()
+    );
+    Ok(pins)
+}
+
+fn read_tables(pins: &PinRoot) -> Result<(Tables, Vec<u64>)> {
+    let mut maps = open_pinned_maps(pins)?;
+    let counters: PerCpuArray<MapData, u64> = maps
+        .remove(names::COUNTERS)
+        .context("counter map missing")?
+        .try_into()
+        .context("counter map has an unexpected type")?;
+    let counters = read_counters(&counters).context("reading counters")?;
+    let tables = Tables::from_maps(&mut maps)?;
+    Ok((tables, counters))
+}
+
+#[derive(Serialize)]
+struct Status {
+    kernel: String,
+    bpffs_root: String,
+    program: Option<ProgramStatus>,
+    mode: &'static str,
+    rules_v4: Vec<&'static str>,
+    rules_v6: Vec<&'static str>,
+    service_match_v4: &'static str,
+    service_match_v6: &'static str,
+    attachments: Vec<Attachment>,
+    counters: Vec<(&'static str, u64)>,
+    maps: Vec<(&'static str, usize)>,
+    mark_clobber: clobber::Report,
+}
+
+#[derive(Serialize)]
+struct ProgramStatus {
+    name: &'static str,
+    id: u32,
+    tag: String,
+    verified_instructions: Option<u32>,
+}
+
+/// R1's form as a `--service-match` value, read back from the rules in force.
+fn service_match(rules: u32) -> &'static str {
+    if rules & rule::bit(rule::R1A) != 0 {
+        "ip-port (kube-proxy IPVS sets present or forced)"
+    } else if rules & rule::bit(rule::R1B) != 0 {
+        "cidr (no kube-proxy IPVS sets, or forced)"
+    } else {
+        "none"
+    }
+}
+
+pub async fn status(args: &ReadArgs) -> Result<()> {
+    let pins = pins(&args.root)?;
+    let (tables, counters) = read_tables(&pins)?;
+    let current = tables.current();
+    let program = ProgramInfo::from_pin(pins.program(names::PROGRAM))
+        .ok()
+        .map(|info| ProgramStatus {
+            name: names::PROGRAM,
+            id: info.id(),
+            tag: format!("{:016x}", info.tag()),
+            verified_instructions: info.verified_instruction_count(),
+        });
+    let (connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(connection);
+    let attachments = attach::list(&pins, &rtnl).await;
+    let mark_clobber = tokio::task::spawn_blocking(|| clobber::check(Duration::from_secs(10)))
+        .await
+        .unwrap_or_default();
+    let status = Status {
+        kernel: kernel_release(),
+        bpffs_root: pins.root.display().to_string(),
+        program,
+        mode: if current.shadow { "shadow" } else { "enforce" },
+        rules_v4: rule_names(current.v4.rules),
+        rules_v6: rule_names(current.v6.rules),
+        service_match_v4: service_match(current.v4.rules),
+        service_match_v6: service_match(current.v6.rules),
+        attachments,
+        counters: counter::NAMES.iter().copied().zip(counters).collect(),
+        maps: tables.sizes(),
+        mark_clobber,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status_text(&status));
+    }
+    Ok(())
+}
+
+fn status_text(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "kernel        {}", s.kernel);
+    let _ = writeln!(out, "bpffs root    {}", s.bpffs_root);
+    match &s.program {
+        Some(p) => {
+            let _ = writeln!(
+                out,
+                "program       {} id {} tag {} ({} verified instructions)",
+                p.name,
+                p.id,
+                p.tag,
+                p.verified_instructions
+                    .map_or_else(|| "unknown".into(), |n| n.to_string())
+            );
+        }
+        None => out.push_str("program       not pinned\n"),
+    }
+    let _ = writeln!(out, "mode          {}", s.mode);
+    let _ = writeln!(
+        out,
+        "IPv4 rules    {} — service match {}",
+        join(&s.rules_v4),
+        s.service_match_v4
+    );
+    let _ = writeln!(
+        out,
+        "IPv6 rules    {} — service match {}",
+        join(&s.rules_v6),
+        s.service_match_v6
+    );
+    if s.attachments.is_empty() {
+        out.push_str("attachments   none\n");
+    }
+    for (i, a) in s.attachments.iter().enumerate() {
+        let detail = match (a.link_id, a.filter) {
+            (Some(link), _) => format!("tcx link {link}"),
+            (None, Some((prio, handle))) => format!("netlink prio {prio} handle {handle:#x}"),
+            _ => String::new(),
+        };
+        let label = if i == 0 { "attachments" } else { "" };
+        let _ = writeln!(
+            out,
+            "{label:<13} {:<15} {detail:<28} program {}",
+            a.ifname, a.program_id
+        );
+    }
+    out.push_str("counters     ");
+    for (name, value) in &s.counters {
+        let _ = write!(out, " {name}={value}");
+    }
+    out.push('\n');
+    out.push_str("map entries  ");
+    for (name, len) in &s.maps {
+        let _ = write!(out, " {name}={len}");
+    }
+    out.push('\n');
+    if s.mark_clobber.findings.is_empty() {
+        let _ = writeln!(
+            out,
+            "mark clobber  none found (checked: {})",
+            if s.mark_clobber.checked.is_empty() {
+                "no iptables-save tool available".to_owned()
+            } else {
+                s.mark_clobber.checked.join(", ")
+            }
+        );
+    } else {
+        for finding in &s.mark_clobber.findings {
+            let _ = writeln!(out, "mark clobber  {}", finding.summary());
+        }
+        let _ = writeln!(out, "              mitigation: {}", clobber::MITIGATION);
+    }
+    out
+}
+
+fn join(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(" ")
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn dump(args: &ReadArgs) -> Result<()> {
+    let pins = pins(&args.root)?;
+    let (tables, _) = read_tables(&pins)?;
+    let current = tables.current();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&current)?);
+    } else {
+        print!("{}", dump_text(&current));
+    }
+    Ok(())
+}
+
+fn dump_text(d: &Desired) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} (mode {})",
+        names::CONFIG,
+        if d.shadow { "shadow" } else { "enforce" }
+    );
+    let _ = writeln!(out, "  IPv4 rules: {}", join(&rule_names(d.v4.rules)));
+    let _ = writeln!(out, "  IPv6 rules: {}", join(&rule_names(d.v6.rules)));
+    let _ = writeln!(out, "{} (ifindex → roles)", names::IFACES);
+    for (ifindex, roles) in &d.ifaces {
+        let _ = writeln!(
+            out,
+            "  {ifindex}: {}",
+            kube_ovn_agent::state::role_names(*roles).join(", ")
+        );
+    }
+    family_text(&mut out, "4", &d.v4);
+    family_text(&mut out, "6", &d.v6);
+    out
+}
+
+fn family_text<N: std::fmt::Display + Ord, A: std::fmt::Display + Ord + Copy>(
+    out: &mut String,
+    v: &str,
+    f: &FamilyState<N, A>,
+) {
+    let mut section = |name: String, items: Vec<String>| {
+        let _ = writeln!(out, "{name} ({} entries)", items.len());
+        for item in items {
+            let _ = writeln!(out, "  {item}");
+        }
+    };
+    let strings = |i: &mut dyn Iterator<Item = String>| i.collect::<Vec<_>>();
+    section(
+        format!("kovn_subnets{v}"),
+        strings(&mut f.subnets.iter().map(ToString::to_string)),
+    );
+    section(
+        format!("kovn_svccidr{v}"),
+        strings(&mut f.service_cidrs.iter().map(ToString::to_string)),
+    );
+    section(
+        format!("kovn_svcport{v}"),
+        strings(&mut f.service_ports.iter().map(ToString::to_string)),
+    );
+    section(
+        format!("kovn_othernode{v}"),
+        strings(&mut f.other_nodes.iter().map(ToString::to_string)),
+    );
+    section(
+        format!("kovn_local{v}"),
+        strings(&mut f.local.iter().map(ToString::to_string)),
+    );
+    section(
+        format!("kovn_nplocal (IPv{v} tcp)"),
+        strings(&mut f.nodeport_local_tcp.iter().map(ToString::to_string)),
+    );
+    section(
+        format!("kovn_nplocal (IPv{v} udp)"),
+        strings(&mut f.nodeport_local_udp.iter().map(ToString::to_string)),
+    );
+}
+
+pub async fn detach(args: &RootArgs) -> Result<()> {
+    let pins = PinRoot::new(&args.bpffs_root);
+    let (connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(connection);
+    let attachments = attach::list(&pins, &rtnl).await;
+    for attachment in &attachments {
+        attach::remove(&pins, attachment)
+            .with_context(|| format!("detaching from {}", attachment.ifname))?;
+        println!(
+            "detached {} ({})",
+            attachment.ifname,
+            match attachment.mode {
+                attach::AttachMode::Tcx => "tcx",
+                attach::AttachMode::Netlink => "netlink",
+            }
+        );
+    }
+    for path in pins.remove_all()? {
+        println!("unpinned {}", path.display());
+    }
+    if attachments.is_empty() && !pins.root.exists() {
+        println!(
+            "nothing of ours was attached or pinned under {}",
+            pins.root.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,399 @@
+//! `kube-ovn-agent run`: watch → translate → apply, and keep the program attached.
+//!
+//! Fail-static throughout: a source outage, a bad object, a full map or a failed attach is
+//! logged once, counted, and leaves the programmed state alone; SIGTERM exits without detaching.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use kube_ovn_agent::{
+    attach::{self, AttachConfig, Attachment},
+    bpffs::PinRoot,
+    cli::{KubeProxyMode, Mode, RunArgs},
+    clobber,
+    datapath::Datapath,
+    ipset,
+    metrics::{self, Health, Metrics},
+    node::{self, NodeNet},
+    source::{self, Running, SourceSpec},
+    translate::{self, KubeProxySets, NodeFacts, Options},
+};
+use tokio::{signal::unix::SignalKind, sync::watch};
+
+/// Kube-OVN re-checks kube-proxy's ipsets every gateway pass (3 s).
+const KUBE_PROXY_POLL: Duration = Duration::from_secs(3);
+const CLOBBER_POLL: Duration = Duration::from_secs(60);
+const NODE_RESYNC: Duration = Duration::from_secs(30);
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let node_name = match &args.node_name {
+        Some(name) => name.clone(),
+        None => hostname().context("no --node-name, no $NODE_NAME and no hostname")?,
+    };
+    let pins = PinRoot::new(&args.root.bpffs_root);
+    pins.prepare()?;
+    let mut datapath = Datapath::open(&pins).context("loading the datapath")?;
+    tracing::info!(
+        root = %pins.root.display(),
+        program_id = datapath.program_id,
+        upgrading = datapath.upgrading,
+        "datapath loaded; pinned maps adopted"
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    *metrics.live.counters.lock().expect("lock") = datapath.take_counters();
+    if let Some(addr) = args.metrics_addr.0 {
+        let (m, h) = (metrics.clone(), health.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m, h).await {
+                tracing::error!(%addr, error = %e, "metrics server stopped");
+            }
+        });
+    }
+
+    let running = match &args.source {
+        SourceSpec::Kube => source::kube::start(&source::kube::KubeOptions::new(&node_name))
+            .await
+            .context("starting the Kubernetes source")?,
+        SourceSpec::File(path) => source::file::start(source::file::FileOptions::new(path))
+            .context("starting the file source")?,
+    };
+    let node_net = node::watch(NODE_RESYNC).context("watching interfaces and routes")?;
+    let (rtnl_connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(rtnl_connection);
+
+    let attach_config = AttachConfig {
+        mode: args.attach.resolve(),
+        tcx_order: args.tcx_order,
+        priority: args.tc_priority,
+        handle: args.tc_handle,
+    };
+    let attached = attach::list(&pins, &rtnl)
+        .await
+        .into_iter()
+        .map(|a| (a.ifname.clone(), a))
+        .collect();
+    let options = Options {
+        cluster_router: args.cluster_router.clone(),
+        service_cluster_ip_range: args.service_cluster_ip_range.0.clone(),
+        service_match: args.service_match,
+        kube_proxy_sets: kube_proxy_sets(args.kube_proxy_mode, KubeProxySets::default()),
+        shadow: args.mode == Mode::Shadow,
+    };
+    tracing::info!(
+        node = %node_name,
+        attach = ?attach_config.mode,
+        service_match = ?args.service_match,
+        kube_proxy = ?args.kube_proxy_mode,
+        mode = ?args.mode,
+        "agent started"
+    );
+    let mut agent = Agent {
+        args,
+        node_name,
+        pins,
+        datapath,
+        attach_config,
+        attached,
+        options,
+        rtnl,
+        metrics,
+        health,
+        logged: BTreeSet::new(),
+        clobber_findings: BTreeSet::new(),
+        ready: false,
+    };
+    agent.main_loop(running, node_net).await
+}
+
+struct Agent {
+    args: RunArgs,
+    node_name: String,
+    pins: PinRoot,
+    datapath: Datapath,
+    attach_config: AttachConfig,
+    /// Our attachments, by interface name.
+    attached: BTreeMap<String, Attachment>,
+    options: Options,
+    rtnl: rtnetlink::Handle,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// Messages already logged, so a lasting fault is logged once, not every pass.
+    logged: BTreeSet<String>,
+    clobber_findings: BTreeSet<String>,
+    ready: bool,
+}
+
+impl Agent {
+    async fn main_loop(
+        &mut self,
+        mut running: Running,
+        mut node_net: watch::Receiver<Option<NodeNet>>,
+    ) -> Result<()> {
+        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+        let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+        let mut kube_proxy_poll = tokio::time::interval(KUBE_PROXY_POLL);
+        let mut clobber_poll = tokio::time::interval(CLOBBER_POLL);
+        let mut resync = tokio::time::interval(self.args.resync_interval);
+        resync.tick().await;
+        let mut pending: Option<Instant> = Some(Instant::now());
+        loop {
+            self.health.beat();
+            if let Some(since) = pending.take() {
+                self.reconcile(&running, &node_net, since).await;
+            }
+            tokio::select! {
+                changed = running.changes.changed() => {
+                    if changed.is_err() {
+                        anyhow::bail!("the cluster source stopped");
+                    }
+                    pending = Some(running.changes.borrow_and_update().received);
+                }
+                changed = node_net.changed() => {
+                    if changed.is_err() {
+                        anyhow::bail!("the interface watcher stopped");
+                    }
+                    pending = Some(Instant::now());
+                }
+                _ = kube_proxy_poll.tick() => {
+                    if self.poll_kube_proxy() {
+                        pending = Some(Instant::now());
+                    }
+                }
+                _ = clobber_poll.tick() => self.check_clobber().await,
+                _ = resync.tick() => {
+                    self.refresh_mirrors();
+                    pending = Some(Instant::now());
+                }
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+        }
+        tracing::info!(
+            "stopping; the datapath stays attached and programmed (`detach` removes it)"
+        );
+        Ok(())
+    }
+
+    /// Logs `message` at warn level the first time it is seen.
+    fn warn_once(&mut self, message: String) {
+        if self.logged.insert(message.clone()) {
+            tracing::warn!("{message}");
+        }
+    }
+
+    async fn reconcile(
+        &mut self,
+        running: &Running,
+        node_net: &watch::Receiver<Option<NodeNet>>,
+        since: Instant,
+    ) {
+        let started = Instant::now();
+        let snapshot = running.source.snapshot();
+        let status = running.source.status();
+        *self.metrics.live.source.lock().expect("lock") = status.clone();
+        for (kind, s) in &status.kinds {
+            if let Some(error) = &s.last_error {
+                self.warn_once(format!("source {kind}: {error}"));
+            }
+        }
+        let Some(net) = node_net.borrow().clone() else {
+            return;
+        };
+        let node_ips = translate::own_internal_ips(&snapshot, &self.node_name);
+        let roles = node::iface_roles(&net, &node_ips, &self.args.ifaces, false);
+        let listed = status.all_listed();
+        self.ensure_attachments(&roles, listed).await;
+
+        let facts = NodeFacts {
+            node_name: self.node_name.clone(),
+            local_v4: net.local_v4.clone(),
+            local_v6: net.local_v6.clone(),
+            ifaces: roles.values().copied().collect(),
+        };
+        let translation = translate::translate(&snapshot, &facts, &self.options);
+        self.metrics
+            .translation_issues
+            .set(i64::try_from(translation.issues.len()).unwrap_or(i64::MAX));
+        for issue in &translation.issues {
+            self.metrics.error("translate");
+            self.warn_once(format!("skipped: {issue}"));
+        }
+
+        let report = if listed {
+            // Only a complete view may remove entries or change the rules in force.
+            self.datapath.tables.apply(&translation.desired, true)
+        } else {
+            // Until then keep what is programmed; just follow interface changes.
+            let ifaces = translation
+                .desired
+                .ifaces
+                .iter()
+                .map(|(i, r)| (*i, kube_ovn_ebpf_common::Iface { roles: *r }));
+            let table = self.datapath.tables.ifaces.sync(ifaces, false);
+            kube_ovn_agent::maps::SyncReport {
+                written: table.written,
+                removed: table.removed,
+                errors: table.errors,
+            }
+        };
+        for error in &report.errors {
+            self.metrics.error(error.kind());
+            self.warn_once(format!(
+                "map write failed (kept the rest, will retry): {error}"
+            ));
+        }
+        if report.written + report.removed > 0 {
+            tracing::debug!(
+                written = report.written,
+                removed = report.removed,
+                "maps synced"
+            );
+            self.metrics
+                .event_to_write
+                .observe(since.elapsed().as_secs_f64());
+        }
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        *self.metrics.live.map_sizes.lock().expect("lock") = self.datapath.tables.sizes();
+        if listed && !self.ready {
+            self.ready = true;
+            self.health.ready.store(true, Ordering::Relaxed);
+            self.metrics.ready.set(1);
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis(),
+                entries = ?self.datapath.tables.sizes(),
+                "first full sync done"
+            );
+        }
+    }
+
+    async fn ensure_attachments(&mut self, roles: &BTreeMap<String, (u32, u32)>, listed: bool) {
+        let program_id = self.datapath.program_id;
+        for ifname in roles.keys() {
+            let outcome = attach::ensure(
+                self.datapath.program(),
+                program_id,
+                &self.pins,
+                self.attach_config,
+                &self.rtnl,
+                ifname,
+            )
+            .await;
+            match outcome {
+                Ok(attach::Outcome::Kept) => {}
+                Ok(outcome) => {
+                    tracing::info!(ifname, ?outcome, mode = ?self.attach_config.mode, "attached");
+                    self.attached.insert(
+                        ifname.clone(),
+                        Attachment {
+                            ifname: ifname.clone(),
+                            mode: self.attach_config.mode,
+                            program_id,
+                            link_id: None,
+                            filter: Some((self.attach_config.priority, self.attach_config.handle)),
+                        },
+                    );
+                }
+                Err(e) => {
+                    self.metrics.error("attach");
+                    self.warn_once(format!("attaching to {ifname} failed: {e}"));
+                }
+            }
+        }
+        // Detaching waits for a complete view: before the Nodes are listed, a NIC's role is unknown.
+        if listed {
+            let stale: Vec<String> = self
+                .attached
+                .keys()
+                .filter(|name| !roles.contains_key(*name))
+                .cloned()
+                .collect();
+            for ifname in stale {
+                let attachment = self.attached.remove(&ifname).expect("listed above");
+                match attach::remove(&self.pins, &attachment) {
+                    Ok(()) => {
+                        tracing::info!(ifname, "detached: the interface no longer has a role")
+                    }
+                    Err(e) => {
+                        self.metrics.error("attach");
+                        self.warn_once(format!("detaching from {ifname} failed: {e}"));
+                    }
+                }
+            }
+        }
+        self.metrics
+            .attached_interfaces
+            .set(i64::try_from(self.attached.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Re-detects kube-proxy's IPVS sets in `auto` mode; true when they changed.
+    fn poll_kube_proxy(&mut self) -> bool {
+        let detected = match self.args.kube_proxy_mode {
+            KubeProxyMode::Auto => match ipset::detect_kube_proxy_sets() {
+                Ok(sets) => sets,
+                Err(e) => {
+                    self.metrics.error("ipset");
+                    self.warn_once(format!("checking kube-proxy's ipsets failed: {e}"));
+                    return false;
+                }
+            },
+            explicit => kube_proxy_sets(explicit, self.options.kube_proxy_sets),
+        };
+        if detected == self.options.kube_proxy_sets {
+            return false;
+        }
+        tracing::info!(?detected, "kube-proxy IPVS sets changed");
+        self.options.kube_proxy_sets = detected;
+        true
+    }
+
+    async fn check_clobber(&mut self) {
+        let report = tokio::task::spawn_blocking(|| clobber::check(Duration::from_secs(10)))
+            .await
+            .unwrap_or_default();
+        self.metrics
+            .mark_clobber_rules
+            .set(i64::try_from(report.findings.len()).unwrap_or(i64::MAX));
+        let current: BTreeSet<String> = report
+            .findings
+            .iter()
+            .map(clobber::Finding::summary)
+            .collect();
+        for finding in current.difference(&self.clobber_findings) {
+            tracing::warn!(mitigation = clobber::MITIGATION, "mark clobber: {finding}");
+        }
+        self.clobber_findings = current;
+    }
+
+    fn refresh_mirrors(&mut self) {
+        if let Err(e) = self.datapath.tables.refresh_all() {
+            self.metrics.error(e.kind());
+            self.warn_once(format!("re-reading the pinned maps failed: {e}"));
+        }
+    }
+}
+
+fn kube_proxy_sets(mode: KubeProxyMode, current: KubeProxySets) -> KubeProxySets {
+    match mode {
+        KubeProxyMode::Auto => current,
+        KubeProxyMode::Ipvs => KubeProxySets::IPVS,
+        KubeProxyMode::Iptables | KubeProxyMode::None => KubeProxySets::default(),
+    }
+}
+
+fn hostname() -> Option<String> {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length.
+    if unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } != 0 {
+        return None;
+    }
+    let end = buffer.iter().position(|b| *b == 0)?;
+    std::str::from_utf8(&buffer[..end]).ok().map(str::to_owned)
+}

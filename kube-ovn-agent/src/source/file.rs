@@ -1,0 +1,1237 @@
+//! `--source file:PATH`: the cluster from a kubectl-style YAML file, re-read when it changes.
+//!
+//! The file holds the objects the agent reads (Subnet, Service, Node, ServiceCIDR, Pod) as one or
+//! more YAML documents; a document may also be a `kind: List` (what `kubectl get … -o yaml`
+//! prints) or a typed list such as `SubnetList` (what the API returns). [`parse`] turns text into
+//! a [`Snapshot`] without I/O; [`start`] reads the file, then polls it and swaps in each new
+//! version that parses and validates. A file with any problem is rejected as a whole: the last
+//! good snapshot stays, the error is counted and logged in one line naming the file, the
+//! document and the object.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    hash::{DefaultHasher, Hash, Hasher},
+    io::{self, Read},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod, Service},
+        networking::v1::ServiceCIDR,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use serde_saphyr::Spanned;
+use tokio::task::AbortHandle;
+use tracing::{info, warn};
+
+use super::{ClusterSource, Feed, Running, SourceStatus};
+use crate::{
+    cluster::{Kind, Snapshot, Subnet, object_name},
+    translate::{self, Issue},
+};
+
+/// Files larger than this are rejected unless the limit is raised.
+pub const DEFAULT_MAX_BYTES: u64 = 8 * 1024 * 1024;
+/// How often the file is checked for a new version.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where an object sits in a file: the 1-based YAML document, the 1-based item of a list
+/// document, and the line the document starts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub document: usize,
+    pub item: Option<usize>,
+    pub line: u64,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "document {}", self.document)?;
+        if let Some(item) = self.item {
+            write!(f, " item {item}")?;
+        }
+        write!(f, " (line {})", self.line)
+    }
+}
+
+/// A translation issue and where its object is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocatedIssue {
+    pub at: Option<Position>,
+    pub issue: Issue,
+}
+
+impl fmt::Display for LocatedIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.at {
+            Some(at) => write!(f, "{at}: {}", self.issue),
+            None => write!(f, "{}", self.issue),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{}: {op}: {source}", file.display())]
+    Io {
+        op: &'static str,
+        file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {size} bytes is more than the limit of {limit} bytes", file.display())]
+    TooLarge {
+        file: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error("{}: not UTF-8 text (invalid byte at offset {offset})", file.display())]
+    NotUtf8 { file: PathBuf, offset: usize },
+    #[error("{}: invalid YAML: {message}", file.display())]
+    Yaml {
+        file: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    /// An object that cannot be accepted: unknown kind, wrong apiVersion, a missing or mistyped
+    /// field, a duplicate.
+    #[error("{}: {at}: {object}: {problem}", file.display())]
+    Object {
+        file: PathBuf,
+        at: Position,
+        /// `Kind namespace/name`, as far as known.
+        object: String,
+        kind: Option<Kind>,
+        problem: String,
+    },
+    /// Objects the translation would have to skip or partly ignore.
+    #[error("{}: {}{}", file.display(), issues[0], more(issues.len()))]
+    Invalid {
+        file: PathBuf,
+        issues: Vec<LocatedIssue>,
+    },
+    /// No document at all: more likely a file being written than a cluster without objects.
+    #[error(
+        "{}: no objects (an empty cluster is `kind: List` with `items: []`)",
+        file.display()
+    )]
+    Empty { file: PathBuf },
+    #[error("the file source must be started from within a tokio runtime")]
+    NoRuntime,
+}
+
+fn more(count: usize) -> String {
+    match count {
+        0 | 1 => String::new(),
+        2 => " (and 1 more problem)".into(),
+        n => format!(" (and {} more problems)", n - 1),
+    }
+}
+
+impl FileError {
+    /// The kind of the offending object, when the error is about one object.
+    pub fn kind(&self) -> Option<Kind> {
+        match self {
+            Self::Object { kind, .. } => *kind,
+            Self::Invalid { issues, .. } => issues
+                .first()
+                .and_then(|i| Kind::ALL.into_iter().find(|k| k.name() == i.issue.kind)),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = FileError> = std::result::Result<T, E>;
+
+/// The kinds a file can hold, by `apiVersion` and `kind`.
+fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
+    match (api_version, kind) {
+        ("kubeovn.io/v1", "Subnet") => Some(Kind::Subnet),
+        ("v1", "Service") => Some(Kind::Service),
+        ("v1", "Node") => Some(Kind::Node),
+        ("v1", "Pod") => Some(Kind::Pod),
+        // v1beta1 (Kubernetes 1.31–1.32) has the same shape as v1.
+        ("networking.k8s.io/v1" | "networking.k8s.io/v1beta1", "ServiceCIDR") => {
+            Some(Kind::ServiceCidr)
+        }
+        _ => None,
+    }
+}
+
+fn expected_api_version(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Subnet" => Some("kubeovn.io/v1"),
+        "Service" | "Node" | "Pod" => Some("v1"),
+        "ServiceCIDR" => Some("networking.k8s.io/v1"),
+        _ => None,
+    }
+}
+
+fn namespaced(kind: Kind) -> bool {
+    matches!(kind, Kind::Service | Kind::Pod)
+}
+
+/// Parses kubectl-style YAML into a snapshot and checks it with [`translate::validate`]. `file`
+/// only names the source in errors.
+pub fn parse(text: &str, file: &Path) -> Result<Snapshot> {
+    let mut parser = Parser {
+        file,
+        snapshot: Snapshot::default(),
+        seen: HashMap::new(),
+    };
+    let documents = documents(text, file)?;
+    if documents.is_empty() {
+        return Err(FileError::Empty {
+            file: file.to_owned(),
+        });
+    }
+    for (index, document) in documents.into_iter().enumerate() {
+        let at = Position {
+            document: index + 1,
+            item: None,
+            line: document.referenced.line(),
+        };
+        parser.document(document.value, at)?;
+    }
+    let issues = translate::validate(&parser.snapshot);
+    if !issues.is_empty() {
+        return Err(FileError::Invalid {
+            file: file.to_owned(),
+            issues: issues
+                .into_iter()
+                .map(|issue| LocatedIssue {
+                    at: parser
+                        .seen
+                        .get(&(issue.kind, issue.object.clone()))
+                        .copied(),
+                    issue,
+                })
+                .collect(),
+        });
+    }
+    Ok(parser.snapshot)
+}
+
+/// The YAML documents of `text`, each with the line it starts on.
+fn documents(text: &str, file: &Path) -> Result<Vec<Spanned<Value>>> {
+    // Our own byte limit bounds the input, so the parser's node, event and document budgets
+    // (sized for small configuration files) scale with it; the anchor and alias limits against
+    // expansion bombs stay at their defaults.
+    let size = text.len();
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: size / 4 + 16,
+            max_nodes: size + 1024,
+            max_events: 2 * size + 1024,
+            max_total_scalar_bytes: size + 1024,
+        },
+    };
+    serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
+        let location = e.location();
+        FileError::Yaml {
+            file: file.to_owned(),
+            line: location.map_or(0, |l| l.line()),
+            column: location.map_or(0, |l| l.column()),
+            message: e.without_snippet().to_string(),
+        }
+    })
+}
+
+struct Parser<'a> {
+    file: &'a Path,
+    snapshot: Snapshot,
+    /// (kind name, `namespace/name`) → where the object is.
+    seen: HashMap<(&'static str, String), Position>,
+}
+
+impl Parser<'_> {
+    fn error(
+        &self,
+        at: Position,
+        object: String,
+        kind: Option<Kind>,
+        problem: String,
+    ) -> FileError {
+        FileError::Object {
+            file: self.file.to_owned(),
+            at,
+            object,
+            kind,
+            problem,
+        }
+    }
+
+    fn document(&mut self, value: Value, at: Position) -> Result<()> {
+        let Value::Object(mut map) = value else {
+            return Err(self.error(
+                at,
+                "document".into(),
+                None,
+                format!(
+                    "expected a Kubernetes object (a mapping), found {}",
+                    type_name(&value)
+                ),
+            ));
+        };
+        let (api_version, kind) = self.type_meta(&map, at)?;
+        // `kind: List` (kubectl) holds any kinds, each item with its own apiVersion and kind; a
+        // typed list (`SubnetList`, the API's list response) holds items of one kind, which
+        // usually omit both.
+        let item_type = if kind == "List" && api_version == "v1" {
+            Some(None)
+        } else {
+            kind.strip_suffix("List")
+                .filter(|k| kind_of(&api_version, k).is_some())
+                .map(|k| Some((api_version.clone(), k.to_owned())))
+        };
+        let Some(item_type) = item_type else {
+            return self.object(map, &api_version, &kind, at);
+        };
+        let items = match map.remove("items") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                return Err(self.error(
+                    at,
+                    kind,
+                    None,
+                    format!("items: expected a list, found {}", type_name(&other)),
+                ));
+            }
+        };
+        for (index, item) in items.into_iter().enumerate() {
+            let at = Position {
+                item: Some(index + 1),
+                ..at
+            };
+            let Value::Object(mut item) = item else {
+                return Err(self.error(
+                    at,
+                    format!("{kind} item"),
+                    None,
+                    format!("expected an object (a mapping), found {}", type_name(&item)),
+                ));
+            };
+            let (api_version, kind) = match &item_type {
+                None => self.type_meta(&item, at)?,
+                Some((api_version, kind)) => {
+                    // Items may repeat their type; it must then agree with the list's.
+                    for (field, expected) in [("apiVersion", api_version), ("kind", kind)] {
+                        match item.get(field) {
+                            None | Some(Value::Null) => {}
+                            Some(Value::String(s)) if s == expected => {}
+                            Some(other) => {
+                                return Err(self.error(
+                                    at,
+                                    format!("{kind} {}", name_hint(&item)),
+                                    kind_of(api_version, kind),
+                                    format!(
+                                        "{field} {other} in a {kind}List; expected {expected:?}"
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    item.remove("apiVersion");
+                    item.remove("kind");
+                    (api_version.clone(), kind.clone())
+                }
+            };
+            self.object(item, &api_version, &kind, at)?;
+        }
+        Ok(())
+    }
+
+    /// `apiVersion` and `kind` of an object, both required.
+    fn type_meta(&self, map: &Map<String, Value>, at: Position) -> Result<(String, String)> {
+        let field = |name: &str| match map.get(name) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            None | Some(Value::Null) => Err(format!("{name} is missing")),
+            Some(other) => Err(format!("{name}: expected a string, found {other}")),
+        };
+        let kind = field("kind");
+        let object = format!("{} {}", kind.as_deref().unwrap_or("object"), name_hint(map));
+        let kind = kind.map_err(|problem| self.error(at, object.clone(), None, problem))?;
+        let api_version =
+            field("apiVersion").map_err(|problem| self.error(at, object, None, problem))?;
+        Ok((api_version, kind))
+    }
+
+    fn object(
+        &mut self,
+        mut map: Map<String, Value>,
+        api_version: &str,
+        kind: &str,
+        at: Position,
+    ) -> Result<()> {
+        let object = format!("{kind} {}", name_hint(&map));
+        let Some(known) = kind_of(api_version, kind) else {
+            let problem = match expected_api_version(kind) {
+                Some(expected) => format!("apiVersion {api_version:?}; expected {expected:?}"),
+                None => format!(
+                    "unknown kind {kind:?} (apiVersion {api_version:?}); a cluster file holds \
+                     Subnet (kubeovn.io/v1), Service, Node, Pod (v1), ServiceCIDR \
+                     (networking.k8s.io/v1) and lists of them"
+                ),
+            };
+            return Err(self.error(at, object, None, problem));
+        };
+        // Checked above; k8s-openapi would also reject the v1beta1 ServiceCIDR.
+        map.remove("apiVersion");
+        map.remove("kind");
+        let value = Value::Object(map);
+        match known {
+            Kind::Subnet => {
+                let subnet: Subnet = self.decode(value, known, &object, at)?;
+                let subnet = self.identify(subnet, |s| &mut s.metadata, known, at)?;
+                if subnet.spec.cidr_block.trim().is_empty() {
+                    // Required by Kube-OVN's Subnet CRD.
+                    return Err(self.required(at, known, &subnet.metadata, "spec.cidrBlock"));
+                }
+                self.snapshot.subnets.push(Arc::new(subnet));
+            }
+            Kind::Service => {
+                let service: Service = self.decode(value, known, &object, at)?;
+                let service = self.identify(service, |s| &mut s.metadata, known, at)?;
+                let ports = service.spec.as_ref().and_then(|s| s.ports.as_ref());
+                // k8s-openapi decodes a missing (required) port as 0, which the API rejects.
+                if let Some(i) = ports.into_iter().flatten().position(|p| p.port == 0) {
+                    let field = format!("spec.ports[{i}].port");
+                    return Err(self.required(at, known, &service.metadata, &field));
+                }
+                self.snapshot.services.push(Arc::new(service));
+            }
+            Kind::Node => {
+                let node: Node = self.decode(value, known, &object, at)?;
+                let node = self.identify(node, |n| &mut n.metadata, known, at)?;
+                self.check_addresses(&node, at)?;
+                self.snapshot.nodes.push(Arc::new(node));
+            }
+            Kind::ServiceCidr => {
+                let cidr: ServiceCIDR = self.decode(value, known, &object, at)?;
+                let cidr = self.identify(cidr, |c| &mut c.metadata, known, at)?;
+                self.snapshot.service_cidrs.push(Arc::new(cidr));
+            }
+            Kind::Pod => {
+                let pod: Pod = self.decode(value, known, &object, at)?;
+                let pod = self.identify(pod, |p| &mut p.metadata, known, at)?;
+                self.snapshot.pods.push(Arc::new(pod));
+            }
+        }
+        Ok(())
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        value: Value,
+        kind: Kind,
+        object: &str,
+        at: Position,
+    ) -> Result<T> {
+        serde_json::from_value(value)
+            .map_err(|e| self.error(at, object.to_owned(), Some(kind), e.to_string()))
+    }
+
+    /// Checks the name, defaults the namespace as `kubectl create` does, rejects duplicates.
+    fn identify<T>(
+        &mut self,
+        mut object: T,
+        meta: impl Fn(&mut T) -> &mut ObjectMeta,
+        kind: Kind,
+        at: Position,
+    ) -> Result<T> {
+        let m = meta(&mut object);
+        if m.name.as_deref().is_none_or(str::is_empty) {
+            return Err(self.error(
+                at,
+                format!("{} <unnamed>", kind.name()),
+                Some(kind),
+                "metadata.name is missing".into(),
+            ));
+        }
+        if namespaced(kind) {
+            if m.namespace.as_deref().is_none_or(str::is_empty) {
+                m.namespace = Some("default".into());
+            }
+        } else {
+            // The API server ignores a namespace on a cluster-scoped object.
+            m.namespace = None;
+        }
+        let name = object_name(m);
+        if let Some(first) = self.seen.get(&(kind.name(), name.clone())) {
+            let problem = format!("defined twice (first at {first})");
+            return Err(self.error(at, format!("{} {name}", kind.name()), Some(kind), problem));
+        }
+        self.seen.insert((kind.name(), name), at);
+        Ok(object)
+    }
+
+    fn required(&self, at: Position, kind: Kind, meta: &ObjectMeta, field: &str) -> FileError {
+        self.error(
+            at,
+            format!("{} {}", kind.name(), object_name(meta)),
+            Some(kind),
+            format!("{field} is missing"),
+        )
+    }
+
+    /// Node InternalIPs must be IP addresses (the translation would skip a malformed one).
+    fn check_addresses(&self, node: &Node, at: Position) -> Result<()> {
+        let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+        let bad = addresses.into_iter().flatten().find(|a| {
+            a.type_ == "InternalIP" && a.address.trim().parse::<std::net::IpAddr>().is_err()
+        });
+        match bad {
+            None => Ok(()),
+            Some(bad) => Err(self.error(
+                at,
+                format!("Node {}", object_name(&node.metadata)),
+                Some(Kind::Node),
+                format!(
+                    "status.addresses: InternalIP {:?} is not an IP address",
+                    bad.address
+                ),
+            )),
+        }
+    }
+}
+
+/// `namespace/name` of a raw object, for messages before it is decoded.
+fn name_hint(map: &Map<String, Value>) -> String {
+    let meta = map.get("metadata");
+    let field = |f: &str| meta.and_then(|m| m.get(f)).and_then(Value::as_str);
+    match (field("namespace"), field("name")) {
+        (Some(ns), Some(name)) => format!("{ns}/{name}"),
+        (None, Some(name)) => name.to_owned(),
+        _ => "<unnamed>".into(),
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Reads `path` (at most `max_bytes`) and parses it.
+pub fn load(path: &Path, max_bytes: u64) -> Result<Snapshot> {
+    parse(&read(path, max_bytes)?, path)
+}
+
+fn read(path: &Path, max_bytes: u64) -> Result<String> {
+    let io = |op| {
+        move |source| FileError::Io {
+            op,
+            file: path.to_owned(),
+            source,
+        }
+    };
+    let file = std::fs::File::open(path).map_err(io("open"))?;
+    let size = file.metadata().map_err(io("stat"))?.len();
+    let too_large = |size| FileError::TooLarge {
+        file: path.to_owned(),
+        size,
+        limit: max_bytes,
+    };
+    if size > max_bytes {
+        return Err(too_large(size));
+    }
+    // The file may grow between stat and read: never read more than the limit.
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io("read"))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_large(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|e| FileError::NotUtf8 {
+        file: path.to_owned(),
+        offset: e.utf8_error().valid_up_to(),
+    })
+}
+
+/// How to read and watch the file.
+#[derive(Clone, Debug)]
+pub struct FileOptions {
+    pub path: PathBuf,
+    /// Larger files are rejected.
+    pub max_bytes: u64,
+    pub poll_interval: Duration,
+    /// When set, only Pods with this `spec.nodeName` are kept (as the kube source watches them).
+    pub node_name: Option<String>,
+}
+
+impl FileOptions {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            max_bytes: DEFAULT_MAX_BYTES,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            node_name: None,
+        }
+    }
+}
+
+/// What identifies a version of the file: a rename or a symlink swap (ConfigMap volumes) changes
+/// the inode, an in-place write the modification time or size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Version {
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    size: u64,
+}
+
+fn version(path: &Path) -> io::Result<Version> {
+    // Follows symlinks: a ConfigMap's `..data` swap shows as a new target inode.
+    let m = std::fs::metadata(path)?;
+    Ok(Version {
+        dev: m.dev(),
+        ino: m.ino(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+        size: m.size(),
+    })
+}
+
+/// Reads the file once (an unreadable or invalid file is an error), then re-reads it whenever it
+/// changes. Every kind counts as listed from the first read on.
+pub fn start(options: FileOptions) -> Result<Running> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| FileError::NoRuntime)?;
+    let (feed, changes) = Feed::new(&Kind::ALL);
+    let seen = version(&options.path).ok();
+    let (snapshot, digest) = read_version(&options)?;
+    info!(
+        file = %options.path.display(),
+        "cluster file loaded: {}",
+        counts(&snapshot)
+    );
+    let shared = Arc::new(Shared {
+        snapshot: RwLock::new(snapshot),
+        feed,
+    });
+    shared.publish();
+    let task = runtime.spawn(poll(shared.clone(), options, seen, digest));
+    Ok(Running {
+        source: Arc::new(FileSource {
+            shared,
+            task: task.abort_handle(),
+        }),
+        changes,
+    })
+}
+
+/// Reads, parses and validates one version; returns it with a digest of the text.
+fn read_version(options: &FileOptions) -> Result<(Snapshot, u64)> {
+    let text = read(&options.path, options.max_bytes)?;
+    let mut snapshot = parse(&text, &options.path)?;
+    if let Some(node) = &options.node_name {
+        snapshot.pods.retain(|p| {
+            p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+        });
+    }
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    Ok((snapshot, hasher.finish()))
+}
+
+fn counts(snapshot: &Snapshot) -> String {
+    format!(
+        "{} Subnets, {} Services, {} Nodes, {} ServiceCIDRs, {} Pods",
+        snapshot.subnets.len(),
+        snapshot.services.len(),
+        snapshot.nodes.len(),
+        snapshot.service_cidrs.len(),
+        snapshot.pods.len()
+    )
+}
+
+struct Shared {
+    snapshot: RwLock<Snapshot>,
+    feed: Arc<Feed>,
+}
+
+impl Shared {
+    /// Marks every kind listed with its count and wakes the reconciler.
+    fn publish(&self) {
+        let snapshot = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+        for (kind, objects) in [
+            (Kind::Subnet, snapshot.subnets.len()),
+            (Kind::Service, snapshot.services.len()),
+            (Kind::Node, snapshot.nodes.len()),
+            (Kind::ServiceCidr, snapshot.service_cidrs.len()),
+            (Kind::Pod, snapshot.pods.len()),
+        ] {
+            self.feed.update(kind, |s| {
+                s.listed = true;
+                s.objects = objects;
+            });
+        }
+        drop(snapshot);
+        self.feed.changed();
+    }
+
+    /// Counts a rejected version: on the offending object's kind, or on every kind when the
+    /// whole file is unusable.
+    fn reject(&self, error: &FileError) {
+        let message = error.to_string();
+        warn!("{message}; keeping the last good cluster state");
+        match error.kind() {
+            Some(kind) => self.feed.error(kind, message),
+            None => {
+                for kind in Kind::ALL {
+                    self.feed.error(kind, message.clone());
+                }
+            }
+        }
+    }
+}
+
+async fn poll(
+    shared: Arc<Shared>,
+    options: FileOptions,
+    mut seen: Option<Version>,
+    mut digest: u64,
+) {
+    let mut ticks = tokio::time::interval(options.poll_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    let mut missing = false;
+    loop {
+        ticks.tick().await;
+        let current = match version(&options.path) {
+            Ok(v) => v,
+            Err(source) => {
+                // Report once; an editor's unlink-and-create passes unnoticed.
+                if !missing {
+                    missing = true;
+                    shared.reject(&FileError::Io {
+                        op: "stat",
+                        file: options.path.clone(),
+                        source,
+                    });
+                }
+                continue;
+            }
+        };
+        missing = false;
+        if seen == Some(current) {
+            continue;
+        }
+        seen = Some(current);
+        let read = {
+            let options = options.clone();
+            tokio::task::spawn_blocking(move || read_version(&options)).await
+        };
+        if version(&options.path).ok() != Some(current) {
+            // Written while we read it: read the finished version on the next tick.
+            seen = None;
+            continue;
+        }
+        match read {
+            Ok(Ok((snapshot, new_digest))) => {
+                if new_digest == digest {
+                    continue;
+                }
+                digest = new_digest;
+                info!(
+                    file = %options.path.display(),
+                    "cluster file changed: {}",
+                    counts(&snapshot)
+                );
+                *shared.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+                shared.publish();
+            }
+            Ok(Err(error)) => shared.reject(&error),
+            Err(join) => warn!("reading {}: {join}", options.path.display()),
+        }
+    }
+}
+
+/// A running file source. Dropping it stops the polling.
+pub struct FileSource {
+    shared: Arc<Shared>,
+    task: AbortHandle,
+}
+
+impl ClusterSource for FileSource {
+    fn snapshot(&self) -> Snapshot {
+        self.shared
+            .snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn status(&self) -> SourceStatus {
+        self.shared.feed.status()
+    }
+}
+
+impl Drop for FileSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        testing::objects::spec_cluster,
+        translate::{KubeProxySets, NodeFacts, Options, translate},
+    };
+
+    const EXAMPLE: &str = include_str!("../../../deploy/examples/cluster.yaml");
+
+    fn file() -> &'static Path {
+        Path::new("/etc/kube-ovn/cluster.yaml")
+    }
+
+    fn ok(text: &str) -> Snapshot {
+        parse(text, file()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn err(text: &str) -> FileError {
+        match parse(text, file()) {
+            Ok(s) => panic!("accepted: {s:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// The objects of a snapshot as JSON, each kind sorted by name.
+    fn objects(s: &Snapshot) -> Value {
+        fn sorted<T: serde::Serialize>(v: &[Arc<T>]) -> Vec<Value> {
+            let mut v: Vec<Value> = v
+                .iter()
+                .map(|o| serde_json::to_value(&**o).unwrap())
+                .collect();
+            v.sort_by_key(|o| {
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            });
+            v
+        }
+        serde_json::json!({
+            "subnets": sorted(&s.subnets),
+            "services": sorted(&s.services),
+            "nodes": sorted(&s.nodes),
+            "serviceCidrs": sorted(&s.service_cidrs),
+            "pods": sorted(&s.pods),
+        })
+    }
+
+    fn options() -> [Options; 2] {
+        let ranges = vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "fd00:10:96::/112".parse().unwrap(),
+        ];
+        [
+            Options {
+                service_cluster_ip_range: ranges.clone(),
+                kube_proxy_sets: KubeProxySets::IPVS,
+                ..Options::default()
+            },
+            Options {
+                service_cluster_ip_range: ranges,
+                ..Options::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn example_file_translates_like_the_spec_cluster() {
+        let from_file = ok(EXAMPLE);
+        let built = spec_cluster();
+        for node in ["n1", "n2", "n3"] {
+            let facts = NodeFacts {
+                node_name: node.into(),
+                ..NodeFacts::default()
+            };
+            for options in options() {
+                let file = translate(&from_file, &facts, &options);
+                assert!(file.issues.is_empty(), "{:?}", file.issues);
+                assert_eq!(
+                    file.desired,
+                    translate(&built, &facts, &options).desired,
+                    "node {node}, {options:?}"
+                );
+            }
+        }
+        // Same objects, not just the same sets.
+        let names = |s: &Snapshot| {
+            let mut n: Vec<String> = s
+                .subnets
+                .iter()
+                .map(|o| object_name(&o.metadata))
+                .chain(s.services.iter().map(|o| object_name(&o.metadata)))
+                .chain(s.nodes.iter().map(|o| object_name(&o.metadata)))
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&from_file), names(&built));
+        for (a, b) in from_file.subnets.iter().zip(&built.subnets) {
+            assert_eq!(a.metadata.name, b.metadata.name);
+            // ovn-default has natOutgoing in spec §5.1; the translation ignores it.
+            let mut a = a.spec.clone();
+            a.nat_outgoing = b.spec.nat_outgoing;
+            assert_eq!(a, b.spec, "{:?}", b.metadata.name);
+        }
+        for node in &from_file.nodes {
+            let built = built
+                .nodes
+                .iter()
+                .find(|n| n.metadata.name == node.metadata.name);
+            assert_eq!(
+                node.status.as_ref().unwrap().addresses,
+                built.unwrap().status.as_ref().unwrap().addresses
+            );
+        }
+    }
+
+    /// The example re-shaped: one `kind: List`, and one typed list per kind (items without
+    /// apiVersion/kind, as the API returns them).
+    fn as_lists(text: &str) -> (String, String) {
+        let docs: Vec<Value> = serde_saphyr::from_multiple(text).unwrap();
+        let list = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "List",
+            "metadata": {"resourceVersion": ""},
+            "items": docs,
+        });
+        let mut typed = String::new();
+        for (api_version, kind) in [
+            ("kubeovn.io/v1", "Subnet"),
+            ("v1", "Service"),
+            ("v1", "Node"),
+        ] {
+            let items: Vec<Value> = docs
+                .iter()
+                .filter(|d| d["kind"] == kind)
+                .map(|d| {
+                    let mut d = d.clone();
+                    let map = d.as_object_mut().unwrap();
+                    map.remove("apiVersion");
+                    map.remove("kind");
+                    d
+                })
+                .collect();
+            let doc = serde_json::json!({
+                "apiVersion": api_version,
+                "kind": format!("{kind}List"),
+                "metadata": {"resourceVersion": "12345"},
+                "items": items,
+            });
+            typed.push_str("---\n");
+            typed.push_str(&serde_saphyr::to_string(&doc).unwrap());
+        }
+        (serde_saphyr::to_string(&list).unwrap(), typed)
+    }
+
+    #[test]
+    fn multi_document_list_and_typed_lists_agree() {
+        let (list, typed) = as_lists(EXAMPLE);
+        assert!(list.contains("kind: List"), "{list}");
+        assert!(typed.contains("kind: SubnetList"), "{typed}");
+        let expected = objects(&ok(EXAMPLE));
+        assert_eq!(objects(&ok(&list)), expected);
+        assert_eq!(objects(&ok(&typed)), expected);
+        // An explicitly empty list is an empty cluster, unlike an empty file.
+        let empty = ok("apiVersion: v1\nkind: List\nitems: []\n");
+        assert!(empty.services.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_are_tolerated() {
+        let snapshot = ok(r"
+apiVersion: kubeovn.io/v1
+kind: Subnet
+metadata:
+  name: s
+  uid: 1b3f
+  futureMeta: x
+spec:
+  cidrBlock: 10.1.0.0/16
+  vpc: ovn-cluster
+  enableEcmp: true
+  namespaces: [a, b]
+  acls: [{action: drop, match: ip4.src==1.1.1.1, priority: 1}]
+status:
+  v4availableIPs: 65533
+  conditions: [{type: Ready, status: 'True'}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.3.3
+  futureSpecField: {a: 1}
+  ports: [{port: 80, appProtocol: http, futurePortField: true}]
+status:
+  loadBalancer: {}
+  somethingNew: 1
+futureTopLevel: ok
+");
+        assert_eq!(snapshot.subnets[0].spec.cidr_block, "10.1.0.0/16");
+        // A Service without a namespace lands in `default`, as with `kubectl create -f`.
+        assert_eq!(object_name(&snapshot.services[0].metadata), "default/web");
+    }
+
+    #[test]
+    fn pods_and_service_cidrs_parse() {
+        let snapshot = ok(r"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+  namespace: ns
+  annotations: {ovn.kubernetes.io/logical_switch: vpc1-sub}
+spec:
+  nodeName: n1
+  containers:
+  - name: c
+    ports: [{name: health, containerPort: 8080}]
+    livenessProbe: {tcpSocket: {port: health}}
+status:
+  podIPs: [{ip: 10.0.1.5}]
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: [10.96.0.0/12, fd00:10:96::/112]}
+status:
+  conditions:
+  - {type: Ready, status: 'True', lastTransitionTime: '2025-01-01T00:00:00Z', reason: '', message: ''}
+");
+        assert_eq!(snapshot.pods.len(), 1);
+        assert_eq!(snapshot.service_cidrs.len(), 1);
+    }
+
+    fn object_error(e: &FileError) -> (Position, &str, &str) {
+        match e {
+            FileError::Object {
+                at,
+                object,
+                problem,
+                ..
+            } => (*at, object, problem),
+            other => panic!("expected an object error, got {other:?}"),
+        }
+    }
+
+    const GOOD_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\nspec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn invalid_yaml_reports_the_position() {
+        let text =
+            format!("{GOOD_SERVICE}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [b\n");
+        let e = err(&text);
+        let FileError::Yaml { line, column, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!((*line, *column), (9, 9), "{e}");
+        let message = e.to_string();
+        assert!(
+            message.starts_with("/etc/kube-ovn/cluster.yaml: invalid YAML"),
+            "{message}"
+        );
+        assert!(message.contains("line 9"), "{message}");
+        assert!(!message.contains('\n'), "one line: {message}");
+    }
+
+    #[test]
+    fn unknown_kind_and_wrong_api_version_are_rejected() {
+        let text = format!(
+            "{GOOD_SERVICE}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: ns}}\n"
+        );
+        let e = err(&text);
+        let (at, object, problem) = object_error(&e);
+        assert_eq!(
+            at,
+            Position {
+                document: 2,
+                item: None,
+                line: 6
+            }
+        );
+        assert_eq!(object, "Deployment ns/web");
+        assert!(problem.contains("unknown kind \"Deployment\""), "{problem}");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/kube-ovn/cluster.yaml: document 2 (line 6): Deployment ns/web:"),
+            "{e}"
+        );
+
+        let e = err("apiVersion: kubeovn.io/v2\nkind: Subnet\nmetadata: {name: s}\n");
+        let (_, object, problem) = object_error(&e);
+        assert_eq!(object, "Subnet s");
+        assert!(problem.contains("expected \"kubeovn.io/v1\""), "{problem}");
+
+        let e = err(
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Secret, metadata: {name: x}}\n",
+        );
+        let (at, object, _) = object_error(&e);
+        assert_eq!((at.document, at.item, object), (1, Some(1), "Secret x"));
+    }
+
+    #[test]
+    fn missing_required_fields_are_rejected() {
+        let e = err("apiVersion: v1\nkind: Node\nmetadata: {labels: {a: b}}\n");
+        let (_, object, problem) = object_error(&e);
+        assert_eq!(
+            (object, problem),
+            ("Node <unnamed>", "metadata.name is missing")
+        );
+
+        let e = err("apiVersion: v1\nmetadata: {name: n1}\n");
+        let (_, object, problem) = object_error(&e);
+        assert_eq!((object, problem), ("object n1", "kind is missing"));
+
+        let e = err("kind: Node\nmetadata: {name: n1}\n");
+        let (_, object, problem) = object_error(&e);
+        assert_eq!((object, problem), ("Node n1", "apiVersion is missing"));
+
+        // ServicePort.port is required by the API.
+        let e = err(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {ports: [{protocol: TCP}]}\n",
+        );
+        let (_, object, problem) = object_error(&e);
+        assert_eq!(object, "Service ns/s");
+        assert_eq!(problem, "spec.ports[0].port is missing");
+
+        let e = err(
+            "apiVersion: kubeovn.io/v1\nkind: Subnet\nmetadata: {name: s}\nspec: {vpc: ovn-cluster}\n",
+        );
+        let (_, object, problem) = object_error(&e);
+        assert_eq!((object, problem), ("Subnet s", "spec.cidrBlock is missing"));
+
+        // A typed list's item without a name.
+        let e =
+            err("apiVersion: v1\nkind: NodeList\nitems:\n- metadata: {name: a}\n- metadata: {}\n");
+        let (at, object, _) = object_error(&e);
+        assert_eq!((at.item, object), (Some(2), "Node <unnamed>"));
+    }
+
+    #[test]
+    fn mistyped_and_duplicate_objects_are_rejected() {
+        let e = err(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {ports: [{port: eighty}]}\n",
+        );
+        let (_, object, problem) = object_error(&e);
+        assert_eq!(object, "Service ns/s");
+        assert!(problem.contains("eighty"), "{problem}");
+
+        let e = err(&format!("{GOOD_SERVICE}---\n{GOOD_SERVICE}"));
+        let (at, object, problem) = object_error(&e);
+        assert_eq!((at.document, object), (2, "Service ns/a"));
+        assert_eq!(problem, "defined twice (first at document 1 (line 1))");
+
+        let e = err("just a string\n");
+        let (_, object, problem) = object_error(&e);
+        assert_eq!(object, "document");
+        assert!(problem.contains("found a string"), "{problem}");
+
+        let e = err("apiVersion: v1\nkind: List\nitems: {a: 1}\n");
+        assert!(object_error(&e).2.contains("items: expected a list"), "{e}");
+
+        let e = err(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: n9}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.300}]}\n",
+        );
+        let (_, object, problem) = object_error(&e);
+        assert_eq!(object, "Node n9");
+        assert!(
+            problem.contains("\"192.168.0.300\" is not an IP address"),
+            "{problem}"
+        );
+    }
+
+    fn invalid(text: &str) -> Vec<LocatedIssue> {
+        match err(text) {
+            FileError::Invalid { issues, .. } => issues,
+            other => panic!("expected translation issues, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn what_the_translation_would_skip_is_rejected() {
+        let text = format!(
+            "{GOOD_SERVICE}---\napiVersion: kubeovn.io/v1\nkind: Subnet\nmetadata: {{name: bad}}\n\
+             spec: {{vpc: ovn-cluster, cidrBlock: 10.16.0.0/33}}\n"
+        );
+        let issues = invalid(&text);
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].issue.kind, "Subnet");
+        assert_eq!(issues[0].issue.object, "bad");
+        assert_eq!(
+            issues[0].at,
+            Some(Position {
+                document: 2,
+                item: None,
+                line: 6
+            })
+        );
+        let message = parse(&text, file()).unwrap_err().to_string();
+        assert!(
+            message.starts_with("/etc/kube-ovn/cluster.yaml: document 2 (line 6): Subnet bad: spec.cidrBlock: invalid CIDR \"10.16.0.0/33\""),
+            "{message}"
+        );
+
+        let issues = invalid(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}\n",
+        );
+        assert_eq!(issues[0].issue.object, "ns/s");
+        assert!(
+            issues[0].issue.message.contains("invalid clusterIP"),
+            "{issues:?}"
+        );
+
+        let issues = invalid(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: ns}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80, protocol: HTTP}]}\n",
+        );
+        assert!(
+            issues[0]
+                .issue
+                .message
+                .contains("unknown port protocol \"HTTP\""),
+            "{issues:?}"
+        );
+
+        // Several problems: the message names the first and counts the rest.
+        let mut text = String::new();
+        for n in 0..3 {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{n}}}\nspec: {{clusterIP: bogus, ports: [{{port: 80}}]}}\n"
+            ));
+        }
+        let message = parse(&text, file()).unwrap_err().to_string();
+        assert!(message.ends_with("(and 2 more problems)"), "{message}");
+    }
+
+    #[test]
+    fn an_empty_file_is_not_an_empty_cluster() {
+        // A file truncated by a writer must not wipe the maps.
+        let e = err("# nothing yet\n---\n");
+        assert!(matches!(e, FileError::Empty { .. }), "{e:?}");
+        assert!(e.to_string().contains("no objects"), "{e}");
+    }
+}

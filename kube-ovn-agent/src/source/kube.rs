@@ -1,0 +1,593 @@
+//! `--source kube`: kube-rs watchers feeding reflector stores, one task per kind.
+//!
+//! Each kind is listed and then watched with kube-rs' default backoff; watch errors are counted
+//! and retried, never fatal. Objects are trimmed in `.modify()` to the fields the translation (and,
+//! for Pods, the TPROXY replacement) reads, so the stores stay small on large clusters. A kind is
+//! `listed` from its first complete list on; an optional API the server does not serve
+//! (ServiceCIDR before Kubernetes 1.33) counts as listed and empty.
+
+use std::{collections::BTreeMap, fmt::Debug, pin::pin, sync::Arc, time::Duration};
+
+use ::kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store, store::Writer},
+        watcher::{self, Event},
+    },
+};
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            Container, Node, NodeStatus, Pod, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
+        },
+        networking::v1::ServiceCIDR,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::de::DeserializeOwned;
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
+
+use super::{ClusterSource, Feed, Running, SourceStatus};
+use crate::cluster::{Kind, Snapshot, Subnet};
+
+/// The Pod annotation naming the pod's Subnet (Kube-OVN's `ovn.kubernetes.io/logical_switch`).
+pub const LOGICAL_SWITCH_ANNOTATION: &str = "ovn.kubernetes.io/logical_switch";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("no Kubernetes client configuration (in-cluster or kubeconfig): {source}")]
+    Config {
+        #[source]
+        source: ::kube::Error,
+    },
+    #[error("the kube source must be started from within a tokio runtime")]
+    NoRuntime,
+}
+
+pub type Result<T, E = KubeError> = std::result::Result<T, E>;
+
+/// What to watch.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// This node's name: Pods are watched with `spec.nodeName=<node_name>`.
+    pub node_name: String,
+    /// Watch this node's Pods (needed by the TPROXY replacement only).
+    pub watch_pods: bool,
+    /// How long to wait before asking again for an optional API the server did not serve.
+    pub absent_api_recheck: Duration,
+}
+
+impl KubeOptions {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            watch_pods: false,
+            absent_api_recheck: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The kinds a kube source with these options delivers.
+pub fn kinds(options: &KubeOptions) -> Vec<Kind> {
+    Kind::ALL
+        .into_iter()
+        .filter(|k| *k != Kind::Pod || options.watch_pods)
+        .collect()
+}
+
+/// Connects with in-cluster configuration or the kubeconfig (`Client::try_default`) and starts
+/// watching.
+pub async fn start(options: &KubeOptions) -> Result<Running> {
+    let client = Client::try_default()
+        .await
+        .map_err(|source| KubeError::Config { source })?;
+    start_with_client(client, options)
+}
+
+/// Starts one watcher task per kind on the current tokio runtime.
+pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Running> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| KubeError::NoRuntime)?;
+    let (feed, changes) = Feed::new(&kinds(options));
+    let mut spawner = Spawner {
+        runtime,
+        feed: feed.clone(),
+        recheck: options.absent_api_recheck,
+        tasks: Vec::new(),
+    };
+    let all = watcher::Config::default();
+    let subnets = spawner.watch(Kind::Subnet, Api::all(client.clone()), &all, trim_subnet);
+    let services = spawner.watch(Kind::Service, Api::all(client.clone()), &all, trim_service);
+    let nodes = spawner.watch(Kind::Node, Api::all(client.clone()), &all, trim_node);
+    let service_cidrs = spawner.watch(
+        Kind::ServiceCidr,
+        Api::all(client.clone()),
+        &all,
+        trim_service_cidr,
+    );
+    let pods = options.watch_pods.then(|| {
+        let this_node = all
+            .clone()
+            .fields(&format!("spec.nodeName={}", options.node_name));
+        spawner.watch(Kind::Pod, Api::all(client), &this_node, trim_pod)
+    });
+    let source = KubeSource {
+        subnets,
+        services,
+        nodes,
+        service_cidrs,
+        pods,
+        feed,
+        tasks: spawner.tasks,
+    };
+    Ok(Running {
+        source: Arc::new(source),
+        changes,
+    })
+}
+
+struct Spawner {
+    runtime: tokio::runtime::Handle,
+    feed: Arc<Feed>,
+    recheck: Duration,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Spawner {
+    /// Spawns the watcher of one kind; returns the store it fills.
+    fn watch<K>(
+        &mut self,
+        kind: Kind,
+        api: Api<K>,
+        config: &watcher::Config,
+        trim: fn(&mut K),
+    ) -> Store<K>
+    where
+        K: ::kube::Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (store, writer) = reflector::store();
+        let watch = Watch {
+            kind,
+            api,
+            config: config.clone(),
+            trim,
+            // Clusters before Kubernetes 1.33 (or with the API disabled) have no ServiceCIDRs.
+            optional: kind == Kind::ServiceCidr,
+            recheck: self.recheck,
+        };
+        let task = self.runtime.spawn(run(watch, writer, self.feed.clone()));
+        self.tasks.push(task.abort_handle());
+        store
+    }
+}
+
+/// The reflector stores of a running kube source. Dropping it stops the watchers.
+pub struct KubeSource {
+    subnets: Store<Subnet>,
+    services: Store<Service>,
+    nodes: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
+    pods: Option<Store<Pod>>,
+    feed: Arc<Feed>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl ClusterSource for KubeSource {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            subnets: self.subnets.state(),
+            services: self.services.state(),
+            nodes: self.nodes.state(),
+            service_cidrs: self.service_cidrs.state(),
+            pods: self.pods.as_ref().map(Store::state).unwrap_or_default(),
+        }
+    }
+
+    fn status(&self) -> SourceStatus {
+        self.feed.status()
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// One kind's watch.
+struct Watch<K: ::kube::Resource + Clone> {
+    kind: Kind,
+    api: Api<K>,
+    config: watcher::Config,
+    trim: fn(&mut K),
+    /// The server may not serve this API at all; that is not an error.
+    optional: bool,
+    recheck: Duration,
+}
+
+/// Feeds `writer` from a watcher until the task is aborted.
+async fn run<K>(w: Watch<K>, mut writer: Writer<K>, feed: Arc<Feed>)
+where
+    K: ::kube::Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let reader = writer.as_reader();
+    let kind = w.kind;
+    let mut last_error: Option<String> = None;
+    let mut announced_absent = false;
+    loop {
+        let mut stream = pin!(
+            watcher::watcher(w.api.clone(), w.config.clone())
+                .default_backoff()
+                .modify(w.trim)
+        );
+        let mut absent = false;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(event) => {
+                    writer.apply_watcher_event(&event);
+                    match event {
+                        Event::InitDone => {
+                            if announced_absent {
+                                info!(kind = kind.name(), "the API server now serves this kind");
+                                announced_absent = false;
+                            }
+                            if last_error.take().is_some() {
+                                info!(kind = kind.name(), "watch recovered");
+                            }
+                            let objects = reader.len();
+                            debug!(kind = kind.name(), objects, "listed");
+                            feed.update(kind, |s| {
+                                s.listed = true;
+                                s.objects = objects;
+                            });
+                            feed.changed();
+                        }
+                        Event::Apply(_) | Event::Delete(_) => {
+                            let objects = reader.len();
+                            feed.update(kind, |s| s.objects = objects);
+                            feed.changed();
+                        }
+                        Event::Init | Event::InitApply(_) => {}
+                    }
+                }
+                Err(error) if w.optional && not_served(&error) => {
+                    if !announced_absent {
+                        info!(
+                            kind = kind.name(),
+                            "the API server does not serve this kind; treating it as empty and \
+                             asking again every {:?}",
+                            w.recheck
+                        );
+                        announced_absent = true;
+                    }
+                    // An empty relist: clears whatever the store held if the API went away.
+                    writer.apply_watcher_event(&Event::Init);
+                    writer.apply_watcher_event(&Event::InitDone);
+                    feed.update(kind, |s| {
+                        s.listed = true;
+                        s.objects = 0;
+                    });
+                    feed.changed();
+                    absent = true;
+                    break;
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    if is_expired(&error) {
+                        info!(kind = kind.name(), "{message}; relisting");
+                    } else if last_error.as_deref() == Some(message.as_str()) {
+                        debug!(kind = kind.name(), "watch error (repeated): {message}");
+                    } else {
+                        warn!(kind = kind.name(), "watch error, retrying: {message}");
+                    }
+                    last_error = Some(message.clone());
+                    feed.error(kind, message);
+                }
+            }
+        }
+        if !absent {
+            // The watcher stream never ends by itself; if it ever does, start over.
+            warn!(kind = kind.name(), "watch stream ended; restarting");
+        }
+        tokio::time::sleep(if absent {
+            w.recheck
+        } else {
+            Duration::from_secs(1)
+        })
+        .await;
+    }
+}
+
+/// The server does not serve this API (404 on list or watch).
+fn not_served(error: &watcher::Error) -> bool {
+    matches!(
+        error,
+        watcher::Error::InitialListFailed(::kube::Error::Api(status))
+            | watcher::Error::WatchStartFailed(::kube::Error::Api(status))
+            if status.is_not_found()
+    )
+}
+
+/// `410 Gone`: the watch's resourceVersion is too old, the watcher relists.
+fn is_expired(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::InitialListFailed(::kube::Error::Api(status)) => status.code == 410,
+        _ => false,
+    }
+}
+
+/// Keeps the identity of an object (and the annotations listed in `keep`); drops the rest of
+/// its metadata (managedFields, labels, last-applied and other annotations, owners, …).
+fn trim_meta(meta: &mut ObjectMeta, keep: &[&str]) {
+    let annotations = meta.annotations.take().and_then(|all| {
+        let kept: BTreeMap<String, String> = all
+            .into_iter()
+            .filter(|(k, _)| keep.contains(&k.as_str()))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    });
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        annotations,
+        ..ObjectMeta::default()
+    };
+}
+
+/// A Subnet as the translation reads it: identity and the typed spec (already reduced to the
+/// fields of spec §2 when it was decoded).
+pub fn trim_subnet(subnet: &mut Subnet) {
+    trim_meta(&mut subnet.metadata, &[]);
+}
+
+/// A Service as the translation reads it: type, ClusterIPs, externalTrafficPolicy and the
+/// ports' protocol, port and nodePort.
+pub fn trim_service(service: &mut Service) {
+    trim_meta(&mut service.metadata, &[]);
+    service.status = None;
+    service.spec = service.spec.take().map(|spec| ServiceSpec {
+        type_: spec.type_,
+        cluster_ip: spec.cluster_ip,
+        cluster_ips: spec.cluster_ips,
+        external_traffic_policy: spec.external_traffic_policy,
+        ports: spec.ports.map(|ports| {
+            ports
+                .into_iter()
+                .map(|p| ServicePort {
+                    name: p.name,
+                    protocol: p.protocol,
+                    port: p.port,
+                    node_port: p.node_port,
+                    ..ServicePort::default()
+                })
+                .collect()
+        }),
+        ..ServiceSpec::default()
+    });
+}
+
+/// A Node as the translation reads it: name and `status.addresses` (no images, conditions,
+/// capacity, …).
+pub fn trim_node(node: &mut Node) {
+    trim_meta(&mut node.metadata, &[]);
+    node.spec = None;
+    node.status = node.status.take().map(|status| NodeStatus {
+        addresses: status.addresses,
+        ..NodeStatus::default()
+    });
+}
+
+/// A ServiceCIDR as the translation reads it: CIDRs and conditions.
+pub fn trim_service_cidr(object: &mut ServiceCIDR) {
+    trim_meta(&mut object.metadata, &[]);
+}
+
+/// A Pod as the TPROXY replacement reads it: its Subnet annotation, node, hostNetwork, pod IPs
+/// and each container's ports and liveness/readiness probes (startup probes do not count).
+pub fn trim_pod(pod: &mut Pod) {
+    trim_meta(&mut pod.metadata, &[LOGICAL_SWITCH_ANNOTATION]);
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        node_name: spec.node_name,
+        host_network: spec.host_network,
+        containers: spec
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports,
+                liveness_probe: c.liveness_probe,
+                readiness_probe: c.readiness_probe,
+                ..Container::default()
+            })
+            .collect(),
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        pod_ips: status.pod_ips,
+        ..PodStatus::default()
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::{
+        api::core::v1::{
+            ContainerImage, ContainerPort, NodeCondition, PodIP, Probe, TCPSocketAction,
+        },
+        apimachinery::pkg::{apis::meta::v1::ManagedFieldsEntry, util::intstr::IntOrString},
+    };
+
+    use super::*;
+    use crate::{
+        testing::objects::spec_cluster,
+        translate::{KubeProxySets, NodeFacts, Options, translate},
+    };
+
+    fn noisy(meta: &mut ObjectMeta) {
+        meta.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("kubectl".into()),
+            ..ManagedFieldsEntry::default()
+        }]);
+        meta.annotations = Some(BTreeMap::from([(
+            "kubectl.kubernetes.io/last-applied-configuration".into(),
+            "{…}".into(),
+        )]));
+        meta.labels = Some(BTreeMap::from([("app".into(), "x".into())]));
+        meta.resource_version = Some("42".into());
+    }
+
+    #[test]
+    fn trimming_keeps_what_the_translation_reads() {
+        let cluster = spec_cluster();
+        let mut trimmed = cluster.clone();
+        trimmed.subnets = cluster
+            .subnets
+            .iter()
+            .map(|s| {
+                let mut s = (**s).clone();
+                noisy(&mut s.metadata);
+                trim_subnet(&mut s);
+                assert!(s.metadata.managed_fields.is_none() && s.metadata.annotations.is_none());
+                Arc::new(s)
+            })
+            .collect();
+        trimmed.services = cluster
+            .services
+            .iter()
+            .map(|s| {
+                let mut s = (**s).clone();
+                noisy(&mut s.metadata);
+                s.spec.as_mut().unwrap().selector =
+                    Some(BTreeMap::from([("a".into(), "b".into())]));
+                trim_service(&mut s);
+                assert!(s.spec.as_ref().unwrap().selector.is_none());
+                assert_eq!(s.metadata.resource_version.as_deref(), Some("42"));
+                Arc::new(s)
+            })
+            .collect();
+        trimmed.nodes = cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut n = (**n).clone();
+                noisy(&mut n.metadata);
+                let status = n.status.as_mut().unwrap();
+                status.images = Some(vec![ContainerImage::default(); 3]);
+                status.conditions = Some(vec![NodeCondition::default()]);
+                trim_node(&mut n);
+                let status = n.status.as_ref().unwrap();
+                assert!(status.images.is_none() && status.conditions.is_none());
+                Arc::new(n)
+            })
+            .collect();
+
+        let node = NodeFacts {
+            node_name: "n1".into(),
+            ..NodeFacts::default()
+        };
+        let options = Options {
+            kube_proxy_sets: KubeProxySets::IPVS,
+            ..Options::default()
+        };
+        assert_eq!(
+            translate(&trimmed, &node, &options).desired,
+            translate(&cluster, &node, &options).desired
+        );
+    }
+
+    #[test]
+    fn pods_keep_subnet_ips_and_probe_ports() {
+        let probe = Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::String("health".into()),
+                host: None,
+            }),
+            ..Probe::default()
+        };
+        let mut pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some("ns".into()),
+                annotations: Some(BTreeMap::from([
+                    (LOGICAL_SWITCH_ANNOTATION.into(), "vpc1-sub".into()),
+                    (
+                        "ovn.kubernetes.io/mac_address".into(),
+                        "00:00:00:00:00:01".into(),
+                    ),
+                ])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("n1".into()),
+                containers: vec![Container {
+                    name: "c".into(),
+                    image: Some("busybox".into()),
+                    ports: Some(vec![ContainerPort {
+                        name: Some("health".into()),
+                        container_port: 8080,
+                        ..ContainerPort::default()
+                    }]),
+                    liveness_probe: Some(probe.clone()),
+                    readiness_probe: Some(probe.clone()),
+                    startup_probe: Some(probe),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: Some(PodStatus {
+                pod_ips: Some(vec![PodIP {
+                    ip: "10.0.1.5".into(),
+                }]),
+                container_statuses: Some(Vec::new()),
+                ..PodStatus::default()
+            }),
+        };
+        trim_pod(&mut pod);
+        assert_eq!(
+            pod.metadata.annotations,
+            Some(BTreeMap::from([(
+                LOGICAL_SWITCH_ANNOTATION.into(),
+                "vpc1-sub".into()
+            )]))
+        );
+        let container = &pod.spec.as_ref().unwrap().containers[0];
+        assert!(container.image.is_none() && container.startup_probe.is_none());
+        assert!(container.liveness_probe.is_some() && container.readiness_probe.is_some());
+        assert_eq!(container.ports.as_ref().unwrap()[0].container_port, 8080);
+        let status = pod.status.as_ref().unwrap();
+        assert_eq!(status.pod_ips.as_ref().unwrap()[0].ip, "10.0.1.5");
+        assert!(status.container_statuses.is_none());
+    }
+
+    #[test]
+    fn pods_are_watched_only_on_request() {
+        let mut options = KubeOptions::new("n1");
+        assert!(!kinds(&options).contains(&Kind::Pod));
+        options.watch_pods = true;
+        assert_eq!(kinds(&options), Kind::ALL.to_vec());
+    }
+}
