@@ -296,17 +296,22 @@ pub async fn ingress_filters(
                         };
                         let mut value = vec![0u8; netlink_packet_core::Nla::value_len(nla)];
                         netlink_packet_core::Nla::emit_value(nla, &mut value);
-                        match netlink_packet_core::Nla::kind(nla) {
-                            TCA_BPF_NAME => {
-                                String::from_utf8_lossy(&value)
-                                    .trim_end_matches('\0')
-                                    .clone_into(&mut filter.name);
+                        // netlink-packet-route has no cls_bpf parser: the TCA_OPTIONS nest
+                        // arrives as one opaque attribute holding the TCA_BPF_* attributes.
+                        for (kind, payload) in nested_attributes(&value) {
+                            match kind {
+                                TCA_BPF_NAME => {
+                                    String::from_utf8_lossy(payload)
+                                        .trim_end_matches('\0')
+                                        .clone_into(&mut filter.name);
+                                }
+                                TCA_BPF_ID if payload.len() >= 4 => {
+                                    filter.program_id = u32::from_ne_bytes(
+                                        payload[..4].try_into().expect("4 bytes"),
+                                    );
+                                }
+                                _ => {}
                             }
-                            TCA_BPF_ID if value.len() >= 4 => {
-                                filter.program_id =
-                                    u32::from_ne_bytes(value[..4].try_into().expect("4 bytes"));
-                            }
-                            _ => {}
                         }
                     }
                 }
@@ -319,6 +324,21 @@ pub async fn ingress_filters(
         }
     }
     Ok(filters)
+}
+
+/// Splits a buffer of netlink attributes into (type, payload) pairs.
+fn nested_attributes(mut buffer: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut attributes = Vec::new();
+    while buffer.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([buffer[0], buffer[1]]));
+        let kind = u16::from_ne_bytes([buffer[2], buffer[3]]) & 0x3fff;
+        if len < 4 || len > buffer.len() {
+            break;
+        }
+        attributes.push((kind, &buffer[4..len]));
+        buffer = &buffer[len.next_multiple_of(4).min(buffer.len())..];
+    }
+    attributes
 }
 
 fn ifindex(ifname: &str) -> Option<u32> {
@@ -455,17 +475,49 @@ pub async fn list(pins: &PinRoot, rtnl: &rtnetlink::Handle) -> Vec<Attachment> {
     found
 }
 
+/// `BPF_LINK_DETACH` (Linux 5.9): detaches a link even while it is still pinned or held.
+fn link_detach(link: &SchedClassifierLink) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let fd = aya::programs::MultiProgLink::fd(link)
+        .map_err(io::Error::other)?
+        .as_raw_fd();
+    // union bpf_attr { struct { __u32 link_fd; } link_detach; }, padded.
+    let mut attr = [0u32; 16];
+    attr[0] = u32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: the attr buffer is valid and large enough for this command.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_mut_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Removes one attachment of ours.
 pub fn remove(pins: &PinRoot, attachment: &Attachment) -> Result<(), AttachError> {
     match attachment.mode {
         AttachMode::Tcx => {
             let pin = pins.link(&attachment.ifname);
-            // Unpinning drops the last reference (we hold no fd), which detaches the link.
-            std::fs::remove_file(&pin).map_err(|source| AttachError::Pin {
-                op: "unpinning",
+            let pin_error = |op, source| AttachError::Pin {
+                op,
                 path: pin.display().to_string(),
                 source,
-            })
+            };
+            let link = PinnedLink::from_pin(&pin)
+                .map_err(|e| pin_error("opening pinned link", io::Error::other(e)))?;
+            // Releasing the last reference detaches only later, from a workqueue; detach now so
+            // that marking has stopped when `detach` returns.
+            let link = SchedClassifierLink::try_from(FdLink::from(link))
+                .map_err(|e| pin_error("adopting pinned link", io::Error::other(e)))?;
+            link_detach(&link).map_err(|e| pin_error("BPF_LINK_DETACH", e))?;
+            std::fs::remove_file(&pin).map_err(|e| pin_error("unpinning", e))
         }
         AttachMode::Netlink => {
             let (priority, handle) = attachment.filter.unwrap_or((0, 0));

@@ -203,8 +203,7 @@ fn join(names: &[&str]) -> String {
 
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
 }
 
 pub fn dump(args: &ReadArgs) -> Result<()> {

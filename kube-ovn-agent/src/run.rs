@@ -26,7 +26,7 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 
 /// Kube-OVN re-checks kube-proxy's ipsets every gateway pass (3 s).
 const KUBE_PROXY_POLL: Duration = Duration::from_secs(3);
-const CLOBBER_POLL: Duration = Duration::from_secs(60);
+const CLOBBER_POLL: Duration = Duration::from_mins(1);
 const NODE_RESYNC: Duration = Duration::from_secs(30);
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -60,8 +60,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         SourceSpec::Kube => source::kube::start(&source::kube::KubeOptions::new(&node_name))
             .await
             .context("starting the Kubernetes source")?,
-        SourceSpec::File(path) => source::file::start(source::file::FileOptions::new(path))
-            .context("starting the file source")?,
+        SourceSpec::File(path) => source::file::start(source::file::FileOptions {
+            node_name: Some(node_name.clone()),
+            ..source::file::FileOptions::new(path)
+        })
+        .context("starting the file source")?,
     };
     let node_net = node::watch(NODE_RESYNC).context("watching interfaces and routes")?;
     let (rtnl_connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
@@ -181,9 +184,10 @@ impl Agent {
     }
 
     /// Logs `message` at warn level the first time it is seen.
-    fn warn_once(&mut self, message: String) {
-        if self.logged.insert(message.clone()) {
+    fn warn_once(&mut self, message: &str) {
+        if !self.logged.contains(message) {
             tracing::warn!("{message}");
+            self.logged.insert(message.to_owned());
         }
     }
 
@@ -199,7 +203,7 @@ impl Agent {
         *self.metrics.live.source.lock().expect("lock") = status.clone();
         for (kind, s) in &status.kinds {
             if let Some(error) = &s.last_error {
-                self.warn_once(format!("source {kind}: {error}"));
+                self.warn_once(&format!("source {kind}: {error}"));
             }
         }
         let Some(net) = node_net.borrow().clone() else {
@@ -222,7 +226,7 @@ impl Agent {
             .set(i64::try_from(translation.issues.len()).unwrap_or(i64::MAX));
         for issue in &translation.issues {
             self.metrics.error("translate");
-            self.warn_once(format!("skipped: {issue}"));
+            self.warn_once(&format!("skipped: {issue}"));
         }
 
         let report = if listed {
@@ -244,7 +248,7 @@ impl Agent {
         };
         for error in &report.errors {
             self.metrics.error(error.kind());
-            self.warn_once(format!(
+            self.warn_once(&format!(
                 "map write failed (kept the rest, will retry): {error}"
             ));
         }
@@ -303,7 +307,7 @@ impl Agent {
                 }
                 Err(e) => {
                     self.metrics.error("attach");
-                    self.warn_once(format!("attaching to {ifname} failed: {e}"));
+                    self.warn_once(&format!("attaching to {ifname} failed: {e}"));
                 }
             }
         }
@@ -319,11 +323,11 @@ impl Agent {
                 let attachment = self.attached.remove(&ifname).expect("listed above");
                 match attach::remove(&self.pins, &attachment) {
                     Ok(()) => {
-                        tracing::info!(ifname, "detached: the interface no longer has a role")
+                        tracing::info!(ifname, "detached: the interface no longer has a role");
                     }
                     Err(e) => {
                         self.metrics.error("attach");
-                        self.warn_once(format!("detaching from {ifname} failed: {e}"));
+                        self.warn_once(&format!("detaching from {ifname} failed: {e}"));
                     }
                 }
             }
@@ -340,7 +344,7 @@ impl Agent {
                 Ok(sets) => sets,
                 Err(e) => {
                     self.metrics.error("ipset");
-                    self.warn_once(format!("checking kube-proxy's ipsets failed: {e}"));
+                    self.warn_once(&format!("checking kube-proxy's ipsets failed: {e}"));
                     return false;
                 }
             },
@@ -375,7 +379,7 @@ impl Agent {
     fn refresh_mirrors(&mut self) {
         if let Err(e) = self.datapath.tables.refresh_all() {
             self.metrics.error(e.kind());
-            self.warn_once(format!("re-reading the pinned maps failed: {e}"));
+            self.warn_once(&format!("re-reading the pinned maps failed: {e}"));
         }
     }
 }

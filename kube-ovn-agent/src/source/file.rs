@@ -586,7 +586,7 @@ impl FileOptions {
     }
 }
 
-/// What identifies a version of the file: a rename or a symlink swap (ConfigMap volumes) changes
+/// What identifies a version of the file: a rename or a symlink swap (`ConfigMap` volumes) changes
 /// the inode, an in-place write the modification time or size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Version {
@@ -669,7 +669,10 @@ struct Shared {
 impl Shared {
     /// Marks every kind listed with its count and wakes the reconciler.
     fn publish(&self) {
-        let snapshot = self.snapshot.read().unwrap_or_else(|e| e.into_inner());
+        let snapshot = self
+            .snapshot
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (kind, objects) in [
             (Kind::Subnet, snapshot.subnets.len()),
             (Kind::Service, snapshot.services.len()),
@@ -754,7 +757,10 @@ async fn poll(
                     "cluster file changed: {}",
                     counts(&snapshot)
                 );
-                *shared.snapshot.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+                *shared
+                    .snapshot
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
                 shared.publish();
             }
             Ok(Err(error)) => shared.reject(&error),
@@ -774,7 +780,7 @@ impl ClusterSource for FileSource {
         self.shared
             .snapshot
             .read()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
@@ -791,7 +797,7 @@ impl Drop for FileSource {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::{fmt::Write as _, path::Path};
 
     use super::*;
     use crate::{
@@ -1219,9 +1225,11 @@ status:
         // Several problems: the message names the first and counts the rest.
         let mut text = String::new();
         for n in 0..3 {
-            text.push_str(&format!(
+            write!(
+                text,
                 "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{n}}}\nspec: {{clusterIP: bogus, ports: [{{port: 80}}]}}\n"
-            ));
+            )
+            .unwrap();
         }
         let message = parse(&text, file()).unwrap_err().to_string();
         assert!(message.ends_with("(and 2 more problems)"), "{message}");

@@ -65,7 +65,7 @@ impl KubeOptions {
         Self {
             node_name: node_name.into(),
             watch_pods: false,
-            absent_api_recheck: Duration::from_secs(300),
+            absent_api_recheck: Duration::from_mins(5),
         }
     }
 }
@@ -326,11 +326,12 @@ fn not_served(error: &watcher::Error) -> bool {
 
 /// `410 Gone`: the watch's resourceVersion is too old, the watcher relists.
 fn is_expired(error: &watcher::Error) -> bool {
-    match error {
-        watcher::Error::WatchError(status) => status.code == 410,
-        watcher::Error::InitialListFailed(::kube::Error::Api(status)) => status.code == 410,
-        _ => false,
-    }
+    let (watcher::Error::WatchError(status)
+    | watcher::Error::InitialListFailed(::kube::Error::Api(status))) = error
+    else {
+        return false;
+    };
+    status.code == 410
 }
 
 /// Keeps the identity of an object (and the annotations listed in `keep`); drops the rest of

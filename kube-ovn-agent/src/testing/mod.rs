@@ -2,6 +2,7 @@
 //! `BPF_PROG_TEST_RUN` helpers and the spec's fixture node.
 
 pub mod fixture;
+pub mod netns;
 pub mod objects;
 pub mod packet;
 

@@ -1,0 +1,485 @@
+//! `--source kube` against a local API server that speaks the real list/watch protocol
+//! (`support/apiserver.rs`): lists, watch events, bookmarks, `410 Gone`, dropped connections and
+//! an API the cluster does not serve. In each case the maps programmed from the source's snapshot
+//! must converge to what the same cluster, built with `testing::objects`, programs.
+
+#[path = "support/apiserver.rs"]
+mod apiserver;
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use apiserver::{ApiServer, End, Resource};
+use k8s_openapi::{
+    api::core::v1::{Container, Pod, PodSpec},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube_ovn_agent::{
+    cluster::{Snapshot, object_name},
+    source::{
+        Running,
+        kube::{self, KubeOptions},
+    },
+    testing::objects::{Port, node, service, service_cidr, spec_cluster, subnet},
+    translate::{KubeProxySets, Options},
+};
+use support::{converge, converge_with, errors, expected, expected_with, wait_until};
+
+/// Loads every object of `snapshot` into the server.
+fn load(server: &ApiServer, snapshot: &Snapshot) {
+    let mut cluster = server.cluster();
+    for o in &snapshot.subnets {
+        cluster.apply(Resource::Subnets, &**o);
+    }
+    for o in &snapshot.services {
+        cluster.apply(Resource::Services, &**o);
+    }
+    for o in &snapshot.nodes {
+        cluster.apply(Resource::Nodes, &**o);
+    }
+    for o in &snapshot.service_cidrs {
+        cluster.apply(Resource::ServiceCidrs, &**o);
+    }
+}
+
+fn pod(name: &str, node: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            containers: vec![Container {
+                name: "c".into(),
+                image: Some("busybox".into()),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn start(server: &ApiServer, options: &KubeOptions) -> Running {
+    kube::start_with_client(server.client(), options).expect("starting the kube source")
+}
+
+/// Waits until the source listed every kind and watches every served resource.
+async fn listed_and_watching(server: &ApiServer, running: &Running, resources: &[Resource]) {
+    wait_until("every kind listed", || running.source.status().all_listed()).await;
+    wait_until("a watch on every resource", || {
+        resources.iter().all(|r| server.live_watches(*r) > 0)
+    })
+    .await;
+}
+
+const WATCHED: [Resource; 3] = [Resource::Subnets, Resource::Services, Resource::Nodes];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_then_follows_added_modified_deleted_and_bookmarks() {
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    load(&server, &spec_cluster());
+    let mut running = start(&server, &KubeOptions::new("n1"));
+    listed_and_watching(&server, &running, &WATCHED).await;
+    converge(&*running.source, &expected(&spec_cluster()), "initial list").await;
+
+    let status = running.source.status();
+    let cidrs = &status.kinds["ServiceCIDR"];
+    assert!(
+        cidrs.listed && cidrs.objects == 0,
+        "an unserved API is listed and empty: {cidrs:?}"
+    );
+    assert_eq!(
+        errors(&status),
+        0,
+        "an unserved optional API is no error: {status:?}"
+    );
+    assert_eq!(status.kinds["Service"].objects, 4);
+    assert!(!status.kinds.contains_key("Pod"), "Pods only on request");
+    assert!(
+        server
+            .requests()
+            .iter()
+            .all(|r| r.resource != Some(Resource::Pods))
+    );
+    // Trimmed in `.modify()`: managedFields and last-applied annotations are not kept.
+    for s in &running.source.snapshot().services {
+        assert!(s.metadata.managed_fields.is_none() && s.metadata.annotations.is_none());
+    }
+    running.changes.borrow_and_update();
+
+    // Watch events: ADDED, MODIFIED, DELETED, with a BOOKMARK in between.
+    let mut want = spec_cluster();
+    {
+        let mut cluster = server.cluster();
+        let web = service(
+            "default/web",
+            "NodePort",
+            &["10.96.0.50"],
+            &[Port("UDP", 5000, Some(30500))],
+            true,
+        );
+        cluster.apply(Resource::Services, &web);
+        want.services.push(Arc::new(web));
+        cluster.bookmark();
+        let n3 = node("n3", &["192.168.0.13", "fd00::13"]);
+        cluster.apply(Resource::Nodes, &n3);
+        want.nodes[2] = Arc::new(n3);
+        cluster.delete(Resource::Subnets, "central");
+        want.subnets
+            .retain(|s| object_name(&s.metadata) != "central");
+    }
+    converge(&*running.source, &expected(&want), "after watch events").await;
+    assert!(
+        running.changes.has_changed().unwrap(),
+        "no change notification"
+    );
+
+    // No relist was needed, nothing failed.
+    for r in WATCHED {
+        assert_eq!(server.lists(r), 1, "{r:?} listed again");
+    }
+    let status = running.source.status();
+    assert_eq!(errors(&status), 0, "{status:?}");
+    assert_eq!(status.kinds["Service"].objects, 5);
+    assert_eq!(status.kinds["Subnet"].objects, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_watched_on_this_node_only() {
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    load(&server, &spec_cluster());
+    {
+        let mut cluster = server.cluster();
+        cluster.apply(Resource::Pods, &pod("here", "n1"));
+        cluster.apply(Resource::Pods, &pod("elsewhere", "n2"));
+    }
+    let options = KubeOptions {
+        watch_pods: true,
+        ..KubeOptions::new("n1")
+    };
+    let running = start(&server, &options);
+    listed_and_watching(&server, &running, &[Resource::Pods]).await;
+    let pod_watch = &server.watches(Resource::Pods)[0];
+    assert_eq!(
+        pod_watch.field_selector.as_deref(),
+        Some("spec.nodeName=n1")
+    );
+    let names = || -> Vec<String> {
+        let mut n: Vec<String> = running
+            .source
+            .snapshot()
+            .pods
+            .iter()
+            .map(|p| object_name(&p.metadata))
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(), ["default/here"]);
+    // Trimmed: containers keep ports and probes only.
+    let snapshot = running.source.snapshot();
+    let container = &snapshot.pods[0].spec.as_ref().unwrap().containers[0];
+    assert!(container.image.is_none());
+
+    {
+        let mut cluster = server.cluster();
+        cluster.apply(Resource::Pods, &pod("new-here", "n1"));
+        cluster.apply(Resource::Pods, &pod("new-elsewhere", "n3"));
+        // A pod moving away leaves the selection: a DELETED event for this watch.
+        cluster.apply(Resource::Pods, &pod("here", "n2"));
+    }
+    wait_until("pod events", || names() == ["default/new-here"]).await;
+    assert_eq!(running.source.status().kinds["Pod"].objects, 1);
+    assert_eq!(server.lists(Resource::Pods), 1);
+    // Pods do not change the maps.
+    converge(&*running.source, &expected(&spec_cluster()), "with pods").await;
+}
+
+/// Changes the server makes while the client is disconnected, mirrored into `want`.
+fn offline_changes(cluster: &mut apiserver::Cluster, want: &mut Snapshot) {
+    cluster.delete(Resource::Services, "default/np-cluster");
+    want.services
+        .retain(|s| object_name(&s.metadata) != "default/np-cluster");
+    cluster.delete(Resource::Nodes, "n3");
+    want.nodes.retain(|n| object_name(&n.metadata) != "n3");
+    let extra = subnet("extra", "10.18.0.0/16");
+    cluster.apply(Resource::Subnets, &extra);
+    want.subnets.push(Arc::new(extra));
+}
+
+fn add_service(cluster: &mut apiserver::Cluster, want: &mut Snapshot, name: &str, ip: &str) {
+    let s = service(name, "ClusterIP", &[ip], &[Port("TCP", 80, None)], false);
+    cluster.apply(Resource::Services, &s);
+    want.services.push(Arc::new(s));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_on_resume_makes_the_client_relist() {
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    load(&server, &spec_cluster());
+    let running = start(&server, &KubeOptions::new("n1"));
+    listed_and_watching(&server, &running, &WATCHED).await;
+    converge(&*running.source, &expected(&spec_cluster()), "initial list").await;
+
+    // The connection breaks, the cluster changes and the server compacts its history: resuming
+    // from the last resourceVersion gets an ERROR event with a 410 Expired Status.
+    let mut want = spec_cluster();
+    {
+        let mut cluster = server.cluster();
+        cluster.end_watches(End::Drop);
+        offline_changes(&mut cluster, &mut want);
+        cluster.compact();
+    }
+    converge(&*running.source, &expected(&want), "after 410 and relist").await;
+
+    for r in WATCHED {
+        assert_eq!(server.lists(r), 2, "{r:?} must relist after 410");
+        let resumed = &server.watches(r)[1];
+        assert_eq!(
+            resumed.resource_version.as_deref().map(str::parse::<u64>),
+            Some(Ok(server.last_disconnect(r).unwrap())),
+            "{r:?} resumed from its last resourceVersion first"
+        );
+    }
+    let status = running.source.status();
+    assert!(
+        status.kinds["Service"].errors >= 1,
+        "the 410 is counted: {status:?}"
+    );
+    assert!(status.all_listed());
+    // The source keeps watching after the error.
+    add_service(
+        &mut server.cluster(),
+        &mut want,
+        "default/late",
+        "10.96.0.70",
+    );
+    converge(&*running.source, &expected(&want), "after recovery").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_gone_error_event_on_an_open_watch_makes_the_client_relist() {
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    load(&server, &spec_cluster());
+    let running = start(&server, &KubeOptions::new("n1"));
+    listed_and_watching(&server, &running, &WATCHED).await;
+    converge(&*running.source, &expected(&spec_cluster()), "initial list").await;
+
+    let mut want = spec_cluster();
+    {
+        let mut cluster = server.cluster();
+        // `410 Expired` on the open watches, then changes the client only sees by relisting.
+        cluster.end_watches(End::Expire);
+        offline_changes(&mut cluster, &mut want);
+        cluster.compact();
+    }
+    converge(
+        &*running.source,
+        &expected(&want),
+        "after ERROR 410 and relist",
+    )
+    .await;
+    for r in WATCHED {
+        assert_eq!(server.lists(r), 2, "{r:?} must relist after 410");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_resumes_from_the_last_resource_version() {
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    load(&server, &spec_cluster());
+    let running = start(&server, &KubeOptions::new("n1"));
+    listed_and_watching(&server, &running, &WATCHED).await;
+    converge(&*running.source, &expected(&spec_cluster()), "initial list").await;
+
+    let mut want = spec_cluster();
+    for (round, how) in [End::Drop, End::Close].into_iter().enumerate() {
+        // A live event first, so the resume point is an event's resourceVersion, not the list's.
+        let live = format!("default/live-{round}");
+        add_service(
+            &mut server.cluster(),
+            &mut want,
+            &live,
+            &format!("10.96.1.{round}"),
+        );
+        converge(&*running.source, &expected(&want), "a live event").await;
+        let before: Vec<usize> = WATCHED.iter().map(|r| server.watches(*r).len()).collect();
+        {
+            let mut cluster = server.cluster();
+            cluster.end_watches(how);
+            // Changes while disconnected stay in the history and are replayed on resume.
+            if round == 0 {
+                offline_changes(&mut cluster, &mut want);
+            } else {
+                cluster.delete(Resource::Services, "default/live-0");
+                want.services
+                    .retain(|s| object_name(&s.metadata) != "default/live-0");
+                cluster.delete(Resource::Subnets, "central");
+                want.subnets
+                    .retain(|s| object_name(&s.metadata) != "central");
+            }
+        }
+        converge(
+            &*running.source,
+            &expected(&want),
+            &format!("after {how:?}"),
+        )
+        .await;
+        for (r, before) in WATCHED.into_iter().zip(before) {
+            wait_until("a new watch", || server.watches(r).len() > before).await;
+            let resumed = &server.watches(r)[before];
+            assert_eq!(
+                resumed.resource_version.as_deref().map(str::parse::<u64>),
+                Some(Ok(server.last_disconnect(r).unwrap())),
+                "{how:?}: {r:?} resumes where its watch stopped"
+            );
+            assert_eq!(server.lists(r), 1, "{how:?}: {r:?} must not relist");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bookmark_moves_the_resume_point_past_a_compaction() {
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    load(&server, &spec_cluster());
+    let running = start(&server, &KubeOptions::new("n1"));
+    listed_and_watching(&server, &running, &WATCHED).await;
+    converge(&*running.source, &expected(&spec_cluster()), "initial list").await;
+
+    // Nodes change; Subnets and Services do not, so their watches' last resourceVersion is the
+    // list's. A bookmark carries them forward; after the compaction only that avoids a 410.
+    let mut want = spec_cluster();
+    for i in 0..5 {
+        let n = node(&format!("extra-{i}"), &[&format!("192.168.1.{i}")]);
+        server.cluster().apply(Resource::Nodes, &n);
+        want.nodes.push(Arc::new(n));
+    }
+    converge(&*running.source, &expected(&want), "node events").await;
+    let bookmark = {
+        let mut cluster = server.cluster();
+        cluster.bookmark();
+        cluster.end_watches(End::Close);
+        cluster.compact();
+        cluster.resource_version()
+    };
+    for r in WATCHED {
+        wait_until("the resumed watch", || server.watches(r).len() >= 2).await;
+        assert_eq!(
+            server.watches(r)[1].resource_version.as_deref(),
+            Some(bookmark.to_string().as_str()),
+            "{r:?} resumes at the bookmark"
+        );
+    }
+    let n = node("after", &["192.168.2.1"]);
+    server.cluster().apply(Resource::Nodes, &n);
+    want.nodes.push(Arc::new(n));
+    converge(
+        &*running.source,
+        &expected(&want),
+        "after the bookmark resume",
+    )
+    .await;
+    for r in WATCHED {
+        assert_eq!(
+            server.lists(r),
+            1,
+            "{r:?} relisted although the bookmark was current"
+        );
+        assert!(server.watches(r).iter().all(|w| w.status == 200));
+    }
+    assert_eq!(errors(&running.source.status()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_continue_token_restarts_a_paged_list() {
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    let mut want = spec_cluster();
+    // More Services than the watcher's page size (500).
+    for i in 0..600u16 {
+        want.services.push(Arc::new(service(
+            &format!("bulk/svc-{i:03}"),
+            "ClusterIP",
+            &[&format!("10.97.{}.{}", i / 250, i % 250 + 1)],
+            &[Port("TCP", 80, None), Port("UDP", 53, None)],
+            false,
+        )));
+    }
+    load(&server, &want);
+    server.cluster().expire_next_continue();
+    let running = start(&server, &KubeOptions::new("n1"));
+    wait_until("every kind listed", || running.source.status().all_listed()).await;
+    converge(&*running.source, &expected(&want), "paged list after 410").await;
+
+    let requests = server.requests();
+    let services: Vec<_> = requests
+        .iter()
+        .filter(|r| r.resource == Some(Resource::Services) && !r.watch)
+        .map(|r| (r.continue_token.is_some(), r.status))
+        .collect();
+    // First page, expired continue (HTTP 410), then a complete list from scratch.
+    assert_eq!(
+        services,
+        [(false, 200), (true, 410), (false, 200), (true, 200)]
+    );
+    assert_eq!(running.source.status().kinds["Service"].objects, 604);
+    assert!(running.source.status().kinds["Service"].errors >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_cidrs_are_used_once_the_api_is_served() {
+    // R1b reads ovnX0services: ServiceCIDR objects when ready ones exist, the flag otherwise.
+    let iptables = Options {
+        kube_proxy_sets: KubeProxySets::default(),
+        ..support::options()
+    };
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    load(&server, &spec_cluster());
+    let options = KubeOptions {
+        absent_api_recheck: Duration::from_millis(200),
+        ..KubeOptions::new("n1")
+    };
+    let running = start(&server, &options);
+    listed_and_watching(&server, &running, &WATCHED).await;
+    converge_with(
+        &*running.source,
+        &expected_with(&spec_cluster(), &iptables),
+        &iptables,
+        "flag range",
+    )
+    .await;
+    assert_eq!(errors(&running.source.status()), 0);
+
+    // The cluster is upgraded: the API appears with a ready ServiceCIDR.
+    let mut want = spec_cluster();
+    let cidr = service_cidr("kubernetes", &["10.96.0.0/16", "fd00:10:96::/112"], true);
+    {
+        let mut cluster = server.cluster();
+        cluster.serve(Resource::ServiceCidrs, true);
+        cluster.apply(Resource::ServiceCidrs, &cidr);
+    }
+    want.service_cidrs.push(Arc::new(cidr));
+    let with_cidr = expected_with(&want, &iptables);
+    assert_ne!(with_cidr, expected_with(&spec_cluster(), &iptables));
+    converge_with(
+        &*running.source,
+        &with_cidr,
+        &iptables,
+        "ServiceCIDR from the API",
+    )
+    .await;
+
+    // And follows it: a not-ready ServiceCIDR no longer counts.
+    let not_ready = service_cidr("kubernetes", &["10.96.0.0/16", "fd00:10:96::/112"], false);
+    server.cluster().apply(Resource::ServiceCidrs, &not_ready);
+    converge_with(
+        &*running.source,
+        &expected_with(&spec_cluster(), &iptables),
+        &iptables,
+        "not ready",
+    )
+    .await;
+    assert_eq!(errors(&running.source.status()), 0);
+}

@@ -1,0 +1,666 @@
+//! The agent binary against real interfaces in private network namespaces: attach (tcx and
+//! netlink), real packets marked, fail-static on SIGTERM and kill -9, restart adoption, upgrade
+//! of interfaces re-created under it, foreign tc objects left alone, detach. Needs root.
+
+use std::{
+    io::Write as _,
+    net::UdpSocket,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use kube_ovn_agent::testing::{
+    missing_privilege,
+    netns::{Bpffs, NetNs, TempPath, example_cluster, veth},
+};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
+
+type Test = fn() -> Result<(), Failed>;
+
+fn main() {
+    let args = Arguments::from_args();
+    let skip = missing_privilege();
+    if let Some(why) = &skip {
+        eprintln!("\n*** SKIPPING the privileged network-namespace tests: {why} ***\n");
+        if std::env::var_os("KOVN_REQUIRE_PRIVILEGED").is_some() {
+            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
+            std::process::exit(1);
+        }
+    }
+    let tests: Vec<(&str, Test)> = vec![
+        (
+            "tcx_marks_real_packets_survives_sigterm_and_detaches_cleanly",
+            || lifecycle("tcx"),
+        ),
+        (
+            "netlink_marks_real_packets_survives_sigterm_and_detaches_cleanly",
+            || lifecycle("netlink"),
+        ),
+        (
+            "restart_after_kill_keeps_links_and_maps_and_prunes_once",
+            restart,
+        ),
+        (
+            "recreated_ovn0_is_reattached_within_a_second",
+            recreated_ovn0,
+        ),
+        (
+            "foreign_filter_at_our_priority_and_handle_is_refused_not_replaced",
+            foreign_conflict,
+        ),
+        (
+            "frames_too_short_for_their_ip_header_pass_and_are_counted",
+            short_frames,
+        ),
+        ("auto_mode_follows_kube_proxy_ipsets", kube_proxy_auto),
+        ("bad_cluster_file_keeps_the_programmed_state", bad_file),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| Trial::test(name, f).with_ignored_flag(skip.is_some()))
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// A node namespace with `eth0` to a client (another node, 192.168.0.12) and `ovn0` to a pod
+/// (10.16.0.5), addressed as spec §5.1's node n1, plus a bpffs for the agent's pins.
+struct Topology {
+    node: NetNs,
+    client: NetNs,
+    pod: NetNs,
+    bpffs: Bpffs,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let node = NetNs::new("kovn-node-");
+        let client = NetNs::new("kovn-client-");
+        let pod = NetNs::new("kovn-pod-");
+        veth(&node, "eth0", &client, "eth0");
+        veth(&node, "ovn0", &pod, "eth0");
+        node.sh(
+            "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
+             ip addr add 100.64.0.2/16 dev ovn0; ip route add 10.16.0.0/16 dev ovn0",
+        );
+        client.sh("ip addr add 192.168.0.12/24 dev eth0; ip addr add fd00::12/64 dev eth0 nodad");
+        pod.sh("ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; ip route add default via 100.64.0.2");
+        // Counting rules: which packets netfilter sees with our bits.
+        node.sh(
+            "iptables -t mangle -A PREROUTING -p udp --dport 30053 -m mark --mark 0x84000/0x84000 -j RETURN; \
+             iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN",
+        );
+        Self {
+            node,
+            client,
+            pod,
+            bpffs: Bpffs::mount(),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.bpffs.root()
+    }
+
+    fn agent(&self, attach: &str, cluster: &Path, extra: &[&str]) -> Agent {
+        let log = TempPath::new("kovn-agent-", "log");
+        let file = std::fs::File::create(&*log).expect("agent log");
+        let child = self
+            .node
+            .command(AGENT)
+            .args([
+                "run",
+                "--node-name",
+                "n1",
+                "--metrics-addr",
+                "none",
+                "--attach",
+                attach,
+            ])
+            .arg(format!("--source=file:{}", cluster.display()))
+            .arg("--bpffs-root")
+            .arg(self.root())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start the agent");
+        Agent { child, log }
+    }
+
+    fn agent_cli(&self, args: &[&str]) -> std::process::Output {
+        self.node
+            .command(AGENT)
+            .args(args)
+            .arg("--bpffs-root")
+            .arg(self.root())
+            .output()
+            .expect("run the agent CLI")
+    }
+
+    fn status(&self) -> Option<Value> {
+        let out = self.agent_cli(&["status", "--json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("status --json is JSON"))
+    }
+
+    fn dump(&self) -> Value {
+        let out = self.agent_cli(&["dump", "--json"]);
+        assert!(
+            out.status.success(),
+            "dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("dump --json is JSON")
+    }
+
+    /// Waits until the agent attached to `ifaces` and programmed the maps.
+    fn wait_ready(&self, agent: &mut Agent, ifaces: &[&str]) -> Result<Value, Failed> {
+        wait(Duration::from_secs(20), || {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                return Err(format!("agent exited with {status}:\n{}", agent.log_text()));
+            }
+            let Some(status) = self.status() else {
+                return Ok(None);
+            };
+            let attached: Vec<&str> = status["attachments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["ifname"].as_str())
+                .collect();
+            let programmed = map_size(&status, "kovn_svcport4") > 0;
+            Ok((ifaces.iter().all(|i| attached.contains(i)) && programmed).then_some(status))
+        })
+        .map_err(|e| format!("{e}\nagent log:\n{}", agent.log_text()).into())
+    }
+
+    /// Sends `n` UDP datagrams from the client to the node's ETP=Local NodePort (R2u + R3u) and
+    /// from the pod to kube-dns' ClusterIP (R1a).
+    fn send(&self, n: usize) {
+        self.client.enter(|| {
+            let socket = UdpSocket::bind("192.168.0.12:0").expect("bind");
+            for _ in 0..n {
+                socket.send_to(b"x", "192.168.0.11:30053").expect("send");
+            }
+        });
+        self.pod.enter(|| {
+            let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
+            for _ in 0..n {
+                socket.send_to(b"x", "10.96.0.10:53").expect("send");
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// (NodePort marked 0x84000, ClusterIP marked 0x4000) as counted by netfilter.
+    fn marked(&self) -> (u64, u64) {
+        let listing = self.node.sh("iptables -t mangle -nvxL PREROUTING");
+        let count = |needle: &str| -> u64 {
+            listing
+                .lines()
+                .find(|l| l.contains(needle))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no rule {needle:?} in\n{listing}"))
+        };
+        (count("dpt:30053"), count("dpt:53"))
+    }
+}
+
+struct Agent {
+    child: Child,
+    log: TempPath,
+}
+
+impl Agent {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&*self.log).unwrap_or_default()
+    }
+
+    fn signal(&mut self, signal: &str) {
+        let _ = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("agent did not exit on {signal}:\n{}", self.log_text());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, an error, or `timeout` passes.
+fn wait<T>(
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out after {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn map_size(status: &Value, map: &str) -> u64 {
+    status["maps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m[0] == map)
+        .and_then(|m| m[1].as_u64())
+        .unwrap_or(0)
+}
+
+fn counter(status: &Value, name: &str) -> u64 {
+    status["counters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c[0] == name)
+        .and_then(|c| c[1].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name} in {status}"))
+}
+
+/// The dump without the local-address sets, which move on their own (IPv6 link-local
+/// addresses appear a moment after an interface comes up).
+fn cluster_state(mut dump: Value) -> Value {
+    for family in ["v4", "v6"] {
+        if let Some(f) = dump.get_mut(family).and_then(Value::as_object_mut) {
+            f.remove("local");
+        }
+    }
+    dump
+}
+
+fn link_ids(status: &Value) -> Vec<(String, Value)> {
+    let mut ids: Vec<(String, Value)> = status["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            (
+                a["ifname"].as_str().unwrap_or_default().to_owned(),
+                a["link_id"].clone(),
+            )
+        })
+        .collect();
+    ids.sort_by(|a, b| a.0.cmp(&b.0));
+    ids
+}
+
+fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failed> {
+    if condition {
+        Ok(())
+    } else {
+        Err(message().into())
+    }
+}
+
+/// Foreign objects another component might own: a u32 filter and a classic-BPF filter on
+/// `eth0`, and (with tcx) a tcx program. The agent must never touch them.
+fn add_foreign(t: &Topology) {
+    t.node
+        .sh("tc qdisc add dev eth0 clsact 2>/dev/null || true; \
+         tc filter add dev eth0 ingress prio 7 protocol all u32 match u32 0 0 flowid 1:1; \
+         tc filter add dev eth0 ingress prio 9 handle 0x77 bpf bytecode '1,6 0 0 4294967295'");
+}
+
+fn foreign_present(t: &Topology) -> Result<(), Failed> {
+    let filters = t.node.sh("tc filter show dev eth0 ingress");
+    ensure(filters.contains("pref 7 u32"), || {
+        format!("foreign u32 filter gone:\n{filters}")
+    })?;
+    ensure(filters.contains("handle 0x77"), || {
+        format!("foreign cBPF filter gone:\n{filters}")
+    })
+}
+
+fn lifecycle(attach: &str) -> Result<(), Failed> {
+    let t = Topology::new();
+    add_foreign(&t);
+    let mut agent = t.agent(attach, &example_cluster(), &["--kube-proxy-mode", "ipvs"]);
+    let status = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+    let modes: Vec<&str> = status["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["mode"].as_str())
+        .collect();
+    ensure(modes.iter().all(|m| *m == attach), || {
+        format!("attach modes {modes:?}")
+    })?;
+
+    t.send(10);
+    let after_run = t.marked();
+    ensure(after_run == (10, 10), || {
+        format!("marked {after_run:?}, want (10, 10)")
+    })?;
+    let status = t.status().ok_or("status failed")?;
+    for (name, min) in [("R2u", 10), ("R3u", 10), ("R1a", 10)] {
+        let value = counter(&status, name);
+        ensure(value >= min, || {
+            format!("counter {name} = {value}, want ≥ {min}")
+        })?;
+    }
+
+    agent.signal("-TERM");
+    t.send(10);
+    let after_stop = t.marked();
+    ensure(after_stop == (20, 20), || {
+        format!("after SIGTERM marked {after_stop:?}, want (20, 20): the datapath must stay")
+    })?;
+
+    let out = t.agent_cli(&["detach"]);
+    ensure(out.status.success(), || {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    })?;
+    t.send(10);
+    let after_detach = t.marked();
+    ensure(after_detach == (20, 20), || {
+        format!("after detach marked {after_detach:?}")
+    })?;
+    ensure(t.status().is_none(), || {
+        "status still finds pins after detach".into()
+    })?;
+    let leftovers: Vec<_> = walk(&t.root());
+    ensure(leftovers.is_empty(), || {
+        format!("pins left after detach: {leftovers:?}")
+    })?;
+    let our_filters = t
+        .node
+        .sh("tc filter show dev eth0 ingress; tc filter show dev ovn0 ingress 2>/dev/null || true");
+    ensure(!our_filters.contains("kovn_ingress"), || {
+        format!("our filter left:\n{our_filters}")
+    })?;
+    foreign_present(&t)
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+fn restart() -> Result<(), Failed> {
+    let t = Topology::new();
+    let cluster = TempPath::new("kovn-cluster-", "yaml");
+    std::fs::copy(example_cluster(), &*cluster).expect("copy cluster file");
+    let mut agent = t.agent("tcx", &cluster, &["--kube-proxy-mode", "ipvs"]);
+    let first = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+    let dump_before = cluster_state(t.dump());
+    agent.signal("-KILL");
+
+    let mut agent = t.agent("tcx", &cluster, &["--kube-proxy-mode", "ipvs"]);
+    let second = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+    ensure(link_ids(&first) == link_ids(&second), || {
+        format!(
+            "links changed across restart: {:?} → {:?}",
+            link_ids(&first),
+            link_ids(&second)
+        )
+    })?;
+    ensure(first["program"]["id"] == second["program"]["id"], || {
+        "an identical program must be adopted, not reloaded".into()
+    })?;
+    ensure(cluster_state(t.dump()) == dump_before, || {
+        "map contents changed across restart".into()
+    })?;
+    agent.signal("-KILL");
+
+    // While the agent is down a Service disappears; the restarted agent prunes exactly it.
+    let text = std::fs::read_to_string(&*cluster).expect("read cluster");
+    let without: Vec<&str> = text
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("name: np-cluster"))
+        .collect();
+    std::fs::write(&*cluster, without.join("\n---\n")).expect("write cluster");
+    t.send(5);
+    let mut agent = t.agent("tcx", &cluster, &["--kube-proxy-mode", "ipvs"]);
+    t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+    let ports_of = |dump: &Value| -> Vec<String> {
+        dump["v4"]["service_ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{}:{}", p["addr"].as_str().unwrap_or_default(), p["port"]))
+            .collect()
+    };
+    let pruned = wait(Duration::from_secs(5), || {
+        let ports = ports_of(&t.dump());
+        Ok((!ports.contains(&"10.96.0.101:80".to_owned())).then_some(ports))
+    })?;
+    let mut expected = ports_of(&dump_before);
+    expected.retain(|p| p != "10.96.0.101:80");
+    ensure(pruned == expected, || {
+        format!("after prune {pruned:?}, want {expected:?}")
+    })?;
+    Ok(())
+}
+
+fn recreated_ovn0() -> Result<(), Failed> {
+    let t = Topology::new();
+    let mut agent = t.agent("auto", &example_cluster(), &["--kube-proxy-mode", "ipvs"]);
+    t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+    t.node.sh("ip link del ovn0");
+    let started = Instant::now();
+    veth(&t.node, "ovn0", &t.pod, "eth0");
+    t.node
+        .sh("ip addr add 100.64.0.2/16 dev ovn0; ip route add 10.16.0.0/16 dev ovn0");
+    t.pod.sh("ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; ip route add default via 100.64.0.2");
+    let new_index: u64 = t
+        .node
+        .sh("cat /sys/class/net/ovn0/ifindex")
+        .trim()
+        .parse()
+        .expect("ifindex");
+    let before = t.marked().1;
+    let elapsed = wait(Duration::from_secs(5), || {
+        t.pod.enter(|| {
+            let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
+            socket.send_to(b"x", "10.96.0.10:53").expect("send");
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        Ok((t.marked().1 > before).then(|| started.elapsed()))
+    })
+    .map_err(|e| format!("{e}\n{}", agent.log_text()))?;
+    let dump = t.dump();
+    ensure(dump["ifaces"].get(new_index.to_string()).is_some(), || {
+        format!(
+            "ifaces map lacks the new ovn0 ifindex {new_index}: {}",
+            dump["ifaces"]
+        )
+    })?;
+    eprintln!("marking resumed {elapsed:?} after ovn0 was re-created");
+    ensure(elapsed <= Duration::from_secs(1), || {
+        format!("marking resumed only after {elapsed:?}")
+    })
+}
+
+fn foreign_conflict() -> Result<(), Failed> {
+    let t = Topology::new();
+    t.node.sh("tc qdisc add dev eth0 clsact; \
+         tc filter add dev eth0 ingress prio 1 handle 0x4b4f bpf bytecode '1,6 0 0 4294967295'");
+    let mut agent = t.agent(
+        "netlink",
+        &example_cluster(),
+        &["--kube-proxy-mode", "ipvs"],
+    );
+    t.wait_ready(&mut agent, &["ovn0"])?;
+    let log = wait(Duration::from_secs(10), || {
+        let log = agent.log_text();
+        Ok(log.contains("foreign tc filter").then_some(log))
+    })?;
+    ensure(log.contains("eth0"), || {
+        format!("the error must name the interface:\n{log}")
+    })?;
+    let filters = t.node.sh("tc filter show dev eth0 ingress");
+    ensure(filters.contains("bytecode"), || {
+        format!("the foreign filter was replaced:\n{filters}")
+    })?;
+    ensure(!filters.contains("kovn_ingress"), || {
+        format!("we attached anyway:\n{filters}")
+    })
+}
+
+/// Frames whose Ethernet header says IPv4/IPv6 but that end before the IP header: the kernel's
+/// test-run refuses them, so they are injected on the wire here.
+fn short_frames() -> Result<(), Failed> {
+    let t = Topology::new();
+    let mut agent = t.agent("auto", &example_cluster(), &["--kube-proxy-mode", "ipvs"]);
+    t.wait_ready(&mut agent, &["eth0"])?;
+    let mac = t.node.sh("cat /sys/class/net/eth0/address");
+    let mac: Vec<u8> = mac
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("MAC"))
+        .collect();
+    let before = counter(&t.status().ok_or("status")?, "not_parsed");
+    let mut frames = Vec::new();
+    for (ethertype, lengths) in [([0x08, 0x00], 15..34), ([0x86, 0xdd], 15..54)] {
+        for len in lengths {
+            let mut frame = mac.clone();
+            frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x12]);
+            frame.extend_from_slice(&ethertype);
+            frame.resize(len, 0x45);
+            frames.push(frame);
+        }
+    }
+    let sent = frames.len() as u64;
+    t.client.enter(|| inject(&frames, "eth0"));
+    let after = wait(Duration::from_secs(5), || {
+        let now = counter(&t.status().ok_or("status")?, "not_parsed");
+        Ok((now >= before + sent).then_some(now))
+    })?;
+    ensure(after == before + sent, || {
+        format!("not_parsed moved by {}, sent {sent}", after - before)
+    })
+}
+
+/// Sends raw frames out of `ifname` of the current namespace.
+fn inject(frames: &[Vec<u8>], ifname: &str) {
+    // SAFETY: plain socket syscalls on owned buffers; the fd is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let name = std::ffi::CString::new(ifname).expect("name");
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = u16::try_from(libc::AF_PACKET).expect("fits");
+        addr.sll_ifindex = i32::try_from(libc::if_nametoindex(name.as_ptr())).expect("fits");
+        addr.sll_halen = 6;
+        for frame in frames {
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                u32::try_from(size_of::<libc::sockaddr_ll>()).expect("fits"),
+            );
+            assert_eq!(
+                sent,
+                isize::try_from(frame.len()).expect("fits"),
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        libc::close(fd);
+    }
+}
+
+fn kube_proxy_auto() -> Result<(), Failed> {
+    let t = Topology::new();
+    let agent = t.agent("auto", &example_cluster(), &["--kube-proxy-mode", "auto"]);
+    // No kube-proxy sets yet: Kube-OVN's iptables-mode chain, R1b only.
+    let status = wait(Duration::from_secs(20), || {
+        Ok(t.status()
+            .filter(|s| s["rules_v4"] == serde_json::json!(["R1b"])))
+    })
+    .map_err(|e| format!("{e}\n{}", agent.log_text()))?;
+    ensure(map_size(&status, "kovn_svccidr4") == 1, || {
+        format!("{status}")
+    })?;
+    t.node.sh("ipset create KUBE-CLUSTER-IP hash:ip,port; \
+         ipset create KUBE-NODE-PORT-LOCAL-TCP bitmap:port range 0-65535; \
+         ipset create KUBE-NODE-PORT-LOCAL-UDP bitmap:port range 0-65535");
+    let want = serde_json::json!(["R1a", "R2t", "R2u", "R3t", "R3u"]);
+    wait(Duration::from_secs(10), || {
+        Ok(t.status().filter(|s| s["rules_v4"] == want))
+    })
+    .map_err(|e| format!("IPVS sets not picked up: {e}\n{}", agent.log_text()))?;
+    let v6 = t.status().ok_or("status")?["rules_v6"].clone();
+    ensure(v6 == serde_json::json!(["R1b"]), || {
+        format!("IPv6 has no sets, got {v6}")
+    })?;
+    drop(agent);
+    Ok(())
+}
+
+fn bad_file() -> Result<(), Failed> {
+    let t = Topology::new();
+    let cluster = TempPath::new("kovn-cluster-", "yaml");
+    std::fs::copy(example_cluster(), &*cluster).expect("copy cluster file");
+    let mut agent = t.agent("auto", &cluster, &["--kube-proxy-mode", "ipvs"]);
+    t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+    let before = cluster_state(t.dump());
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&*cluster)
+        .expect("open");
+    writeln!(
+        file,
+        "---\napiVersion: kubeovn.io/v1\nkind: Subnet\nmetadata:\n  name: broken\nspec:\n  cidrBlock: 10.300.0.0/16\n  vpc: ovn-cluster"
+    )
+    .expect("append");
+    drop(file);
+    let log = wait(Duration::from_secs(10), || {
+        let log = agent.log_text();
+        Ok(log.contains("broken").then_some(log))
+    })?;
+    ensure(log.contains("10.300.0.0/16"), || {
+        format!("the error must show the bad value:\n{log}")
+    })?;
+    ensure(cluster_state(t.dump()) == before, || {
+        "a rejected file changed the maps".into()
+    })?;
+    t.send(3);
+    let marked = t.marked();
+    ensure(marked == (3, 3), || {
+        format!("marking stopped after a bad file: {marked:?}")
+    })?;
+    Ok(())
+}
