@@ -42,6 +42,49 @@ pub enum Command {
     Dump(ReadArgs),
     /// Remove our attachments, programs and pins — nothing else. Marking stops.
     Detach(RootArgs),
+    /// Compare, rule by rule over a window, the datapath's counters with Kube-OVN's own nat
+    /// OVN-PREROUTING rules as the kernel counts them (new connections, and per packet through
+    /// temporary counting-only copies in raw PREROUTING). Run it with the agent in shadow mode
+    /// before switching to enforce. Exit status: 0 agree, 2 disagree, 3 inconclusive (no
+    /// traffic or no Kube-OVN rules), 1 error.
+    Verify(VerifyArgs),
+    /// Remove Kube-OVN's PREROUTING jump rules (nat and mangle, IPv4 and IPv6, every iptables
+    /// backend) by their exact rule spec, every copy. Kube-OVN v1.13 re-inserts them within 3 s:
+    /// read docs/migration.md first.
+    CleanupIptables(CleanupArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub root: RootArgs,
+    /// How long to count: `30s`, `5m`, … Send or wait for traffic meanwhile.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub window: Duration,
+    /// Allowed difference, in percent of the datapath's count, rounded down to whole packets
+    /// (so small counts must match exactly).
+    #[arg(long, default_value = "1", value_parser = parse_percent, value_name = "PERCENT")]
+    pub tolerance: u32,
+    /// Compare with Kube-OVN's new-connection counters only; leave iptables untouched (no
+    /// per-packet copies, so over-matching goes unnoticed).
+    #[arg(long)]
+    pub connections_only: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CleanupArgs {
+    /// The datapath that must be enforcing before the nat jump goes.
+    #[command(flatten)]
+    pub root: RootArgs,
+    /// Print what would be removed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Remove the nat jump even though no enforcing datapath is pinned under --bpffs-root.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -174,6 +217,27 @@ fn parse_handle(text: &str) -> Result<u32, String> {
     Ok(value)
 }
 
+/// `1`, `0.5`, `2%` → hundredths of a percent.
+fn parse_percent(text: &str) -> Result<u32, String> {
+    let number = text.trim().trim_end_matches('%');
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !(fraction.is_empty() || digits(fraction)) || fraction.len() > 2 {
+        return Err(format!(
+            "{text:?}: expected a percentage with at most two decimals"
+        ));
+    }
+    let whole: u32 = whole.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    let fraction: u32 = format!("{fraction:0<2}")
+        .parse()
+        .map_err(|e| format!("{text:?}: {e}"))?;
+    let value = whole.saturating_mul(100).saturating_add(fraction);
+    if value > 10_000 {
+        return Err(format!("{text:?}: at most 100%"));
+    }
+    Ok(value)
+}
+
 /// `30s`, `5m`, `1h` or plain seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
@@ -267,5 +331,35 @@ mod tests {
         ));
         assert!(parse(&["detach"]).is_ok());
         assert!(parse(&["dump", "--json"]).is_ok());
+    }
+
+    #[test]
+    fn migration_commands_parse() {
+        let cli = parse(&["verify", "--window", "2s", "--tolerance", "0.5%", "--json"]).unwrap();
+        let Command::Verify(verify) = cli.command else {
+            panic!("not verify")
+        };
+        assert_eq!(verify.window, Duration::from_secs(2));
+        assert_eq!(verify.tolerance, 50);
+        assert!(verify.json && !verify.connections_only);
+        let defaults = parse(&["verify"]).unwrap();
+        assert!(matches!(
+            defaults.command,
+            Command::Verify(VerifyArgs { tolerance: 100, .. })
+        ));
+        assert!(matches!(
+            parse(&["cleanup-iptables", "--dry-run"]).unwrap().command,
+            Command::CleanupIptables(CleanupArgs {
+                dry_run: true,
+                force: false,
+                ..
+            })
+        ));
+        for bad in ["101", "1.234", "-1", "x", ""] {
+            assert!(
+                parse(&["verify", "--tolerance", bad]).is_err(),
+                "{bad:?} accepted"
+            );
+        }
     }
 }

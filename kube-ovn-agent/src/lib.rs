@@ -3,6 +3,7 @@
 
 pub mod attach;
 pub mod bpffs;
+pub mod cleanup;
 pub mod cli;
 pub mod clobber;
 pub mod cluster;
@@ -17,3 +18,5 @@ pub mod source;
 pub mod state;
 pub mod testing;
 pub mod translate;
+pub mod verify;
+pub mod xtables;

@@ -5,7 +5,11 @@ mod run;
 
 use anyhow::Result;
 use clap::Parser;
-use kube_ovn_agent::cli::{Cli, Command};
+use kube_ovn_agent::{
+    cleanup,
+    cli::{Cli, Command},
+    verify,
+};
 use tracing_subscriber::{EnvFilter, fmt};
 
 fn main() -> Result<()> {
@@ -38,5 +42,37 @@ fn main() -> Result<()> {
             .enable_all()
             .build()?
             .block_on(inspect::detach(&args)),
+        Command::Verify(args) => {
+            let options = verify::Options {
+                root: args.root.bpffs_root,
+                window: args.window,
+                tolerance_bp: args.tolerance,
+                per_packet: !args.connections_only,
+            };
+            let report = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(verify::run(&options))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            std::process::exit(report.verdict.exit_code());
+        }
+        Command::CleanupIptables(args) => {
+            let state = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(cleanup::datapath_state(&args.root.bpffs_root));
+            let options = cleanup::Options {
+                dry_run: args.dry_run,
+                force: args.force,
+            };
+            let outcome = cleanup::run(options, &state)?;
+            print!("{}", outcome.text());
+            anyhow::ensure!(!outcome.failed(), "some rules could not be removed");
+            Ok(())
+        }
     }
 }

@@ -15,7 +15,9 @@ use std::{
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnet::{Ipv4Net, Ipv6Net};
-use kube_ovn_ebpf_common::{Config, Iface, PRESENT, ServicePortV4, ServicePortV6, counter, names};
+use kube_ovn_ebpf_common::{
+    Config, Iface, PRESENT, ServicePortV4, ServicePortV6, counter, iface_slot, names,
+};
 
 use crate::state::{Desired, FamilyState, Proto, ServicePort};
 
@@ -178,26 +180,6 @@ impl Codec for () {
     }
     fn decode(_: &u8) -> Option<Self> {
         Some(())
-    }
-}
-
-impl Codec for u32 {
-    type Raw = u32;
-    fn encode(&self) -> u32 {
-        *self
-    }
-    fn decode(raw: &u32) -> Option<Self> {
-        Some(*raw)
-    }
-}
-
-impl Codec for Iface {
-    type Raw = Iface;
-    fn encode(&self) -> Iface {
-        *self
-    }
-    fn decode(raw: &Iface) -> Option<Self> {
-        Some(*raw)
     }
 }
 
@@ -420,6 +402,86 @@ impl MapTable<u16, u8> for PortArrayTable {
     }
 }
 
+/// The interface array: ifindex → roles, each at `iface_slot(ifindex)`.
+pub struct IfaceTable {
+    map: Array<MapData, Iface>,
+}
+
+impl IfaceTable {
+    pub fn new(maps: &mut BTreeMap<&'static str, Map>) -> Result<Self> {
+        let name = names::IFACES;
+        let map = take(maps, name)?
+            .try_into()
+            .map_err(|source| MapError::Layout {
+                map: name,
+                source: Box::new(source),
+            })?;
+        Ok(Self { map })
+    }
+
+    fn slot(&self, ifindex: u32) -> Result<Iface> {
+        self.map
+            .get(&iface_slot(ifindex), 0)
+            .map_err(|source| MapError::Read {
+                map: names::IFACES,
+                source: Box::new(source),
+            })
+    }
+}
+
+impl MapTable<u32, u32> for IfaceTable {
+    fn name(&self) -> &'static str {
+        names::IFACES
+    }
+    fn read_all(&self) -> Result<Vec<(u32, u32)>> {
+        let mut entries = Vec::new();
+        for slot in self.map.iter() {
+            let iface = slot.map_err(|source| MapError::Read {
+                map: names::IFACES,
+                source: Box::new(source),
+            })?;
+            if iface.roles != 0 {
+                entries.push((iface.ifindex, iface.roles));
+            }
+        }
+        entries.sort_unstable();
+        Ok(entries)
+    }
+    fn write(&mut self, ifindex: u32, roles: u32) -> Result<()> {
+        let current = self.slot(ifindex)?;
+        if current.roles != 0 && current.ifindex != ifindex {
+            return Err(MapError::Rejected {
+                op: "set",
+                map: names::IFACES,
+                key: ifindex.to_string(),
+                reason: "its slot belongs to another attached interface (ifindexes 65536 apart)",
+            });
+        }
+        self.map
+            .set(iface_slot(ifindex), Iface { ifindex, roles }, 0)
+            .map_err(|source| MapError::Entry {
+                op: "set",
+                map: names::IFACES,
+                key: ifindex.to_string(),
+                source: Box::new(source),
+            })
+    }
+    fn remove(&mut self, ifindex: u32) -> Result<()> {
+        // Only clear the slot if it is still this interface's.
+        if self.slot(ifindex)?.ifindex != ifindex {
+            return Ok(());
+        }
+        self.map
+            .set(iface_slot(ifindex), Iface::default(), 0)
+            .map_err(|source| MapError::Entry {
+                op: "clear",
+                map: names::IFACES,
+                key: ifindex.to_string(),
+                source: Box::new(source),
+            })
+    }
+}
+
 /// The single-entry config array; its "key" is `()`.
 pub struct ConfigTable {
     map: Array<MapData, Config>,
@@ -573,12 +635,16 @@ impl<K: Ord + Copy, V: Copy + PartialEq> Synced<K, V> {
         }
         stale.extend(current.map(|(k, _)| *k));
 
+        // Additions go first so a replaced entry is never briefly missing; writes refused for a
+        // full map are retried once the stale entries are gone.
+        let mut refused = Vec::new();
         for (key, value) in writes {
             match self.table.write(key, value) {
                 Ok(()) => {
                     self.mirror.insert(key, value);
                     report.written += 1;
                 }
+                Err(e) if e.is_full() && prune && !stale.is_empty() => refused.push((key, value)),
                 Err(e) => report.errors.push(e),
             }
         }
@@ -591,6 +657,15 @@ impl<K: Ord + Copy, V: Copy + PartialEq> Synced<K, V> {
                     }
                     Err(e) => report.errors.push(e),
                 }
+            }
+        }
+        for (key, value) in refused {
+            match self.table.write(key, value) {
+                Ok(()) => {
+                    self.mirror.insert(key, value);
+                    report.written += 1;
+                }
+                Err(e) => report.errors.push(e),
             }
         }
         report
@@ -609,7 +684,7 @@ pub struct FamilyTables<N, A> {
 /// Every datapath map the agent writes.
 pub struct Tables {
     pub config: Synced<(), Config>,
-    pub ifaces: Synced<u32, Iface>,
+    pub ifaces: Synced<u32, u32>,
     pub nodeport_local: Synced<u16, u8>,
     pub v4: FamilyTables<Ipv4Net, Ipv4Addr>,
     pub v6: FamilyTables<Ipv6Net, Ipv6Addr>,
@@ -641,7 +716,7 @@ impl Tables {
         }
         Ok(Self {
             config: adopt(ConfigTable::new(maps)?)?,
-            ifaces: adopt(HashTable::<u32, Iface>::new(maps, names::IFACES)?)?,
+            ifaces: adopt(IfaceTable::new(maps)?)?,
             nodeport_local: adopt(PortArrayTable::new(maps)?)?,
             v4: FamilyTables {
                 subnets: adopt(PrefixTable::<Ipv4Net>::new(maps, names::SUBNETS_V4)?)?,
@@ -709,7 +784,7 @@ impl Tables {
                 desired
                     .ifaces
                     .iter()
-                    .map(|(ifindex, roles)| (*ifindex, Iface { roles: *roles })),
+                    .map(|(ifindex, roles)| (*ifindex, *roles)),
                 prune,
             ),
         );
@@ -742,7 +817,7 @@ impl Tables {
                 .ifaces
                 .entries()
                 .iter()
-                .map(|(i, iface)| (*i, iface.roles))
+                .map(|(i, roles)| (*i, *roles))
                 .collect(),
             shadow: config.flags & kube_ovn_ebpf_common::config_flag::SHADOW != 0,
         };
@@ -837,4 +912,77 @@ pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> io::Result<Vec<u64>> {
 
 fn member<K: Copy>(key: &K) -> (K, ()) {
     (*key, ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixture::{self, Mode};
+
+    fn table(entries: &[(u16, u8)], capacity: usize) -> Box<dyn MapTable<u16, u8>> {
+        let mut t = MemTable::new("test");
+        t.entries = entries.iter().copied().collect();
+        t.capacity = capacity;
+        Box::new(t)
+    }
+
+    #[test]
+    fn adopts_existing_content_and_writes_only_the_difference() {
+        let mut synced = Synced::adopt(table(&[(1, 1), (2, 2)], usize::MAX)).unwrap();
+        let report = synced.sync([(1, 1), (2, 2)], true);
+        assert_eq!(
+            (report.written, report.removed),
+            (0, 0),
+            "unchanged content is not rewritten"
+        );
+        let report = synced.sync([(1, 1), (2, 5), (3, 3)], true);
+        assert_eq!((report.written, report.removed), (2, 0));
+        assert_eq!(synced.entries(), &BTreeMap::from([(1, 1), (2, 5), (3, 3)]));
+    }
+
+    #[test]
+    fn stale_entries_stay_until_pruning_is_allowed() {
+        let mut synced = Synced::adopt(table(&[(1, 1), (9, 9)], usize::MAX)).unwrap();
+        let report = synced.sync([(1, 1)], false);
+        assert_eq!(report.removed, 0);
+        assert!(synced.entries().contains_key(&9));
+        let report = synced.sync([(1, 1)], true);
+        assert_eq!(report.removed, 1);
+        assert_eq!(synced.entries(), &BTreeMap::from([(1, 1)]));
+    }
+
+    #[test]
+    fn a_full_map_is_reported_the_rest_is_written_and_the_write_is_retried() {
+        let mut synced = Synced::adopt(table(&[(9, 9)], 2)).unwrap();
+        let report = synced.sync([(1, 1), (2, 2), (9, 9)], false);
+        assert_eq!(report.written, 1, "one slot was free");
+        assert_eq!(report.errors.len(), 1);
+        assert!(report.errors[0].is_full(), "{}", report.errors[0]);
+        assert_eq!(report.errors[0].kind(), "map_full");
+        assert!(
+            report.errors[0].to_string().contains("test"),
+            "names the map"
+        );
+        // The failed entry is not in the mirror, so the next pass retries it; once pruning may
+        // free room, the same pass removes the stale entry and then writes it.
+        let report = synced.sync([(1, 1), (2, 2)], true);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!((report.written, report.removed), (1, 1));
+        assert_eq!(synced.entries(), &BTreeMap::from([(1, 1), (2, 2)]));
+    }
+
+    #[test]
+    fn tables_round_trip_a_desired_state() {
+        let mut tables = Tables::in_memory();
+        let desired = fixture::desired(Mode::A, kube_ovn_ebpf_common::role::OVN0);
+        let report = tables.apply(&desired, true);
+        assert!(report.errors.is_empty());
+        assert!(report.written > 0);
+        assert_eq!(tables.current(), desired);
+        let again = tables.apply(&desired, true);
+        assert_eq!((again.written, again.removed), (0, 0));
+        let mode_b = fixture::desired(Mode::B, kube_ovn_ebpf_common::role::OVN0);
+        tables.apply(&mode_b, true);
+        assert_eq!(tables.current(), mode_b);
+    }
 }

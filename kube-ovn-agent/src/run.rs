@@ -234,11 +234,7 @@ impl Agent {
             self.datapath.tables.apply(&translation.desired, true)
         } else {
             // Until then keep what is programmed; just follow interface changes.
-            let ifaces = translation
-                .desired
-                .ifaces
-                .iter()
-                .map(|(i, r)| (*i, kube_ovn_ebpf_common::Iface { roles: *r }));
+            let ifaces = translation.desired.ifaces.iter().map(|(i, r)| (*i, *r));
             let table = self.datapath.tables.ifaces.sync(ifaces, false);
             kube_ovn_agent::maps::SyncReport {
                 written: table.written,

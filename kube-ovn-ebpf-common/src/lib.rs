@@ -197,15 +197,19 @@ pub mod names {
     ];
 }
 
-/// Capacities. LPM tries and the large hashes are `BPF_F_NO_PREALLOC`, so these bound memory
-/// rather than reserve it. Kube-OVN's ipsets hold up to 1 048 576 entries each.
+/// Capacities. LPM tries and the large hashes are `BPF_F_NO_PREALLOC`, so entries cost memory
+/// only when used; a hash still allocates its bucket array (16 bytes per slot) up front, which
+/// is why the hashes are sized for realistic clusters rather than Kube-OVN's 1 048 576-entry
+/// ipset limit: 262 144 ClusterIP ports (100 000 Services × 2 ports fit) and 131 072 other
+/// nodes (Kubernetes supports 5 000).
 pub mod capacity {
-    pub const IFACES: u32 = 256;
-    pub const SUBNETS: u32 = 65_536;
+    pub const IFACE_SLOTS: u32 = 65_536;
+    pub const SUBNETS: u32 = 1_048_576;
     pub const SERVICE_CIDRS: u32 = 256;
-    pub const SERVICE_PORTS: u32 = 1_048_576;
-    pub const OTHER_NODES: u32 = 65_536;
-    pub const LOCAL_ADDRS: u32 = 16_384;
+    pub const SERVICE_PORTS: u32 = 262_144;
+    pub const OTHER_NODES: u32 = 131_072;
+    /// On IPVS nodes every ClusterIP is a local address (kube-ipvs0).
+    pub const LOCAL_ADDRS: u32 = 1_048_576;
 }
 
 /// The single entry of the config array.
@@ -225,15 +229,25 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 16);
 
-/// Value of the interface map (key: ifindex).
+/// A slot of the interface array. The array is indexed by `iface_slot(ifindex)` rather than
+/// hashed by ifindex: an array lookup is inlined by the verifier, a hash lookup costs a helper
+/// call on every packet. The stored ifindex tells a slot's owner from another interface that
+/// maps to the same slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Iface {
-    /// `role` bits.
+    pub ifindex: u32,
+    /// `role` bits; zero means the slot is free.
     pub roles: u32,
 }
-const _: () = assert!(size_of::<Iface>() == 4);
+const _: () = assert!(size_of::<Iface>() == 8);
+
+/// The slot of `ifindex` in the interface array. Two attached interfaces whose indexes differ
+/// by a multiple of `capacity::IFACE_SLOTS` would share one; the agent refuses the second.
+pub const fn iface_slot(ifindex: u32) -> u32 {
+    ifindex % capacity::IFACE_SLOTS
+}
 
 /// Key of the IPv4 ClusterIP map, the equivalent of kube-proxy's `KUBE-CLUSTER-IP`
 /// (`hash:ip,port`, matched `dst,dst`).

@@ -14,7 +14,7 @@ mod maps;
 mod parse;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
-use kube_ovn_ebpf_common::counter;
+use kube_ovn_ebpf_common::{counter, iface_slot};
 
 use crate::{
     classify::{V4, V6, classify},
@@ -48,8 +48,10 @@ enum Stop {
 fn try_kovn_ingress(ctx: &TcContext) -> Result<(), Stop> {
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to the program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the value is copied out before any other map operation.
-    let roles = unsafe { IFACES.get(ifindex) }.ok_or(Stop::NoRole)?.roles;
+    let roles = match IFACES.get(iface_slot(ifindex)) {
+        Some(iface) if iface.ifindex == ifindex && iface.roles != 0 => iface.roles,
+        _ => return Err(Stop::NoRole),
+    };
     let config = CONFIG.get(0).copied().unwrap_or_default();
     let hits = match parse(&Packet::new(ctx)).map_err(Stop::Parse)? {
         Parsed::V4(t) => classify::<V4>(&t, roles, config.rules_v4),

@@ -15,9 +15,9 @@ const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 #[btf_map(name = "kovn_config")]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
-/// ifindex → roles of the interfaces the agent attached to.
+/// Roles of the interfaces the agent attached to, at `iface_slot(ifindex)`.
 #[btf_map(name = "kovn_ifaces")]
-pub static IFACES: HashMap<u32, Iface, { capacity::IFACES as usize }> = HashMap::new();
+pub static IFACES: Array<Iface, { capacity::IFACE_SLOTS as usize }> = Array::new();
 
 #[btf_map(name = "kovn_counters")]
 pub static COUNTERS: PerCpuArray<u64, { counter::SLOTS as usize }> = PerCpuArray::new();
