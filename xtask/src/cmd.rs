@@ -54,8 +54,21 @@ pub fn cargo_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
 pub fn cargo_ebpf_clippy() -> Result<()> {
     let toolchain = crate::setup::ebpf_toolchain();
     run(Command::new("rustup")
-        .args(["run", &toolchain, "cargo", "clippy", "--package", "kube-ovn-ebpf"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--release"])
+        .args([
+            "run",
+            &toolchain,
+            "cargo",
+            "clippy",
+            "--package",
+            "kube-ovn-ebpf",
+        ])
+        .args([
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+        ])
         .args(["--", "-D", "warnings"])
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")

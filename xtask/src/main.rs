@@ -1,7 +1,10 @@
 //! `cargo xtask …`: every task a person or CI runs on this repository.
 
 mod cmd;
+mod e2e;
+mod node;
 mod setup;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -23,6 +26,18 @@ enum Command {
     /// Everything CI runs: setup, formatting, clippy, unit tests, the privileged
     /// BPF_PROG_TEST_RUN and network-namespace suites.
     Test,
+    /// End to end on a Kube-OVN node simulated in network namespaces (root): the same traffic
+    /// with no hook, Kube-OVN's iptables PREROUTING rules and the eBPF agent, side by side, plus
+    /// Calico/kube-proxy chain churn. See docs/e2e.md.
+    E2e(e2e::Args),
+    /// Boot Debian's 5.10/6.1/6.12 kernels under QEMU (TCG, no network) from a busybox
+    /// initramfs and run the privileged suites and the verifier statistics in each; `host` runs
+    /// them on the running kernel. Prints PASS/FAIL per kernel; fails if any kernel fails.
+    VmTest {
+        /// Kernels to test (repeat or list): 5.10, 6.1, 6.12, host. Default: 5.10 and 6.1.
+        #[arg(long, num_args = 1.., value_delimiter = ',', value_parser = vm::parse_kernel)]
+        kernel: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -33,13 +48,22 @@ fn main() -> Result<()> {
             cmd::cargo(&["build", "--release", "--package", "kube-ovn-agent"])
         }
         Command::Test => test(),
+        Command::E2e(args) => e2e::run(&args),
+        Command::VmTest { kernel } => vm::run(kernel),
     }
 }
 
 fn test() -> Result<()> {
     setup::ensure_all()?;
     cmd::cargo(&["fmt", "--all", "--check"])?;
-    cmd::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cmd::cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     cmd::cargo_ebpf_clippy()?;
     // Root-only suites skip loudly without privileges; in CI (root) a skip is a failure.
     let require = if setup::is_root() { "1" } else { "" };
@@ -47,6 +71,8 @@ fn test() -> Result<()> {
         &["test", "--workspace", "--", "--test-threads", "2"],
         &[("KOVN_REQUIRE_PRIVILEGED", require)],
     )?;
+    // The 5.10 and 6.1 guests: ~6 min from cold on 2 cores (docs/kernel-matrix.md).
+    vm::run(Vec::new())?;
     println!("xtask test: all suites passed");
     Ok(())
 }

@@ -42,7 +42,13 @@ pub fn ensure_build_tools() -> Result<()> {
     let installed = cmd::output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !installed.lines().any(|l| l.starts_with(&toolchain)) {
         eprintln!("setup: installing the {toolchain} toolchain for the eBPF build");
-        cmd::run(Command::new("rustup").args(["toolchain", "install", &toolchain, "--profile", "minimal"]))?;
+        cmd::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &toolchain,
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let components = cmd::output(Command::new("rustup").args([
         "component",
@@ -53,7 +59,13 @@ pub fn ensure_build_tools() -> Result<()> {
     ]))?;
     if !components.lines().any(|c| c.starts_with("rust-src")) {
         eprintln!("setup: adding rust-src to {toolchain} (needed for -Z build-std=core)");
-        cmd::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]))?;
+        cmd::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            &toolchain,
+        ]))?;
     }
     let linker = Command::new("bpf-linker").arg("--version").output();
     let have = linker
@@ -62,7 +74,10 @@ pub fn ensure_build_tools() -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     if !have.contains(BPF_LINKER_VERSION) {
-        eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} (found: {:?})", have.trim());
+        eprintln!(
+            "setup: installing bpf-linker {BPF_LINKER_VERSION} (found: {:?})",
+            have.trim()
+        );
         cmd::run(Command::new(env!("CARGO")).args([
             "install",
             &format!("bpf-linker@{BPF_LINKER_VERSION}"),

@@ -1,0 +1,331 @@
+//! The eBPF agent running for the simulated node: `kube-ovn-agent run` under `ip netns exec`
+//! with its own bpffs, and the operations fault tests need (kill -9, restart, detach, status).
+//!
+//! The bpffs is mounted at `/run/kovn-e2e-<pid>-<n>/bpffs`: outside `/sys`, because `ip netns
+//! exec` gives its command a fresh `/sys` (design §5), and in the root mount namespace, so every
+//! `ip netns exec` child (run, status, detach) sees the same instance. Every agent command gets
+//! `--bpffs-root` on it.
+
+use std::{
+    fs::{self, File},
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{NodeSpec, cleanup, exec, netns};
+
+/// How the agent is started.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub binary: PathBuf,
+    /// `--mode shadow` instead of `enforce`.
+    pub shadow: bool,
+    /// How long `run` may take to become ready (attached, first sync done).
+    pub ready_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Enforce mode, 20 s to become ready.
+    pub fn new(binary: PathBuf) -> Self {
+        Self {
+            binary,
+            shadow: false,
+            ready_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Where the agent listens for metrics and health, inside the node namespace.
+const METRICS_ADDR: &str = "127.0.0.1:9464";
+
+pub struct Agent {
+    node_ns: String,
+    binary: PathBuf,
+    run_args: Vec<String>,
+    bpffs: PathBuf,
+    log: PathBuf,
+    ready_timeout: Duration,
+    process: Option<(Child, cleanup::Guard)>,
+    // Dropped after `process` (field order): unmount, then remove the run directory.
+    _mount: cleanup::Guard,
+    _dir: cleanup::Guard,
+}
+
+impl Agent {
+    /// Writes the cluster file, mounts a private bpffs and starts `kube-ovn-agent run` in
+    /// `node_ns`; returns once it is ready. Any failure reads "agent not available: …".
+    pub fn start(node_ns: &str, spec: &NodeSpec, config: &AgentConfig) -> Result<Self> {
+        if !config.binary.is_file() {
+            bail!(
+                "agent not available: {} does not exist",
+                config.binary.display()
+            );
+        }
+        let dir = PathBuf::from(cleanup::RUN_ROOT).join(cleanup::unique_stem());
+        fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir_guard = cleanup::dir(&dir);
+        let bpffs = dir.join("bpffs");
+        fs::create_dir(&bpffs)?;
+        exec::checked(
+            Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs),
+            None,
+        )
+        .context("mounting a bpffs for the agent")?;
+        let mount_guard = cleanup::mount(&bpffs);
+        let cluster_file = dir.join("cluster.yaml");
+        fs::write(&cluster_file, spec.cluster.to_yaml())?;
+        let run_args = run_args(spec, config, &cluster_file, &bpffs);
+        let mut agent = Self {
+            node_ns: node_ns.to_owned(),
+            binary: config.binary.clone(),
+            run_args,
+            log: dir.join("agent.log"),
+            bpffs,
+            ready_timeout: config.ready_timeout,
+            process: None,
+            _mount: mount_guard,
+            _dir: dir_guard,
+        };
+        agent.spawn()?;
+        Ok(agent)
+    }
+
+    /// Starts `run` again (after [`Agent::kill9`] or for an upgrade with a new binary) and waits
+    /// until it is ready.
+    pub fn spawn(&mut self) -> Result<()> {
+        if self.process.is_some() {
+            bail!("the agent is already running");
+        }
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let child = self
+            .command()
+            .args(&self.run_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("agent not available: cannot start `kube-ovn-agent run`")?;
+        let guard = cleanup::process(child.id());
+        self.process = Some((child, guard));
+        self.wait_ready()
+    }
+
+    /// Replaces the binary used by later [`Agent::spawn`] calls (upgrade tests).
+    #[expect(
+        dead_code,
+        reason = "for the upgrade fault test (issue 4 §5), not wired yet"
+    )]
+    pub fn set_binary(&mut self, binary: PathBuf) {
+        self.binary = binary;
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.node_ns])
+            .arg(&self.binary);
+        command
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + self.ready_timeout;
+        loop {
+            if let Some(status) = self.exited()? {
+                bail!(
+                    "agent not available: `kube-ovn-agent run` exited ({status}) before becoming \
+                     ready; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            let ready = self.readyz();
+            let status = self.status_json();
+            if matches!(ready, Ok(true)) && status.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "agent not available: not ready after {:?} (GET /readyz on {METRICS_ADDR}: \
+                     {ready:?}; `status --json`: {}); log:\n{}",
+                    self.ready_timeout,
+                    status
+                        .err()
+                        .map_or_else(|| "ok".to_owned(), |e| format!("{e:#}")),
+                    self.log_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The exit status if `run` is no longer running (reaped).
+    pub fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        let Some((child, _)) = self.process.as_mut() else {
+            return Ok(None);
+        };
+        let status = child.try_wait().context("polling the agent")?;
+        if status.is_some()
+            && let Some((_, guard)) = self.process.take()
+        {
+            guard.forget();
+        }
+        Ok(status)
+    }
+
+    /// Fails unless `run` is still running.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.exited()? {
+            bail!("the agent exited ({status}); log:\n{}", self.log_tail());
+        }
+        if self.process.is_none() {
+            bail!("the agent is not running");
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash or OOM kill would; pins and links stay (fail-static).
+    #[expect(
+        dead_code,
+        reason = "for the kill -9 fault test (issue 4 §5), not wired yet"
+    )]
+    pub fn kill9(&mut self) -> Result<()> {
+        let Some((mut child, guard)) = self.process.take() else {
+            bail!("the agent is not running");
+        };
+        child.kill().context("SIGKILL to the agent")?;
+        child.wait().context("reaping the agent")?;
+        guard.forget();
+        Ok(())
+    }
+
+    /// `kube-ovn-agent status --bpffs-root DIR --json`.
+    pub fn status_json(&self) -> Result<String> {
+        let mut command = self.command();
+        command
+            .arg("status")
+            .arg("--bpffs-root")
+            .arg(&self.bpffs)
+            .arg("--json");
+        exec::checked(&mut command, None)
+    }
+
+    /// `kube-ovn-agent detach --bpffs-root DIR`.
+    pub fn detach(&self) -> Result<()> {
+        let mut command = self.command();
+        command.arg("detach").arg("--bpffs-root").arg(&self.bpffs);
+        exec::checked(&mut command, None).map(drop)
+    }
+
+    /// `GET /readyz` from inside the node namespace: whether it answered 200.
+    fn readyz(&self) -> Result<bool> {
+        Ok(self.http_get("/readyz")?.0 == 200)
+    }
+
+    /// The Prometheus text the agent exports (`GET /metrics`).
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = self.http_get("/metrics")?;
+        if status != 200 {
+            bail!("GET /metrics answered {status}");
+        }
+        Ok(body)
+    }
+
+    /// A minimal HTTP/1.0 GET against the agent's metrics address, from inside the node
+    /// namespace; returns the status code and the body.
+    fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        let ns_path = format!("/run/netns/{}", self.node_ns);
+        thread::scope(|s| {
+            s.spawn(|| -> Result<(u16, String)> {
+                netns::enter(&ns_path)?;
+                let addr: SocketAddr = METRICS_ADDR.parse().expect("valid address");
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(300))?;
+                stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+                let mut reply = String::new();
+                stream.read_to_string(&mut reply)?;
+                let status = reply
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|code| code.parse().ok())
+                    .context("no HTTP status line")?;
+                let body = reply
+                    .split_once("\r\n\r\n")
+                    .map_or("", |(_, b)| b)
+                    .to_owned();
+                Ok((status, body))
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// The last lines of the agent's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        if tail.is_empty() {
+            "(empty)".into()
+        } else {
+            tail
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some((mut child, guard)) = self.process.take() {
+            drop(guard); // SIGTERM, bounded wait, SIGKILL
+            let _ = child.wait();
+        }
+        // The datapath survives the agent by design; remove it so nothing outlives the run. The
+        // namespace deletion and unmount that follow would release it anyway.
+        if fs::read_dir(&self.bpffs).is_ok_and(|mut d| d.next().is_some())
+            && let Err(e) = self.detach()
+        {
+            eprintln!("cleanup: agent detach: {e:#}");
+        }
+    }
+}
+
+fn run_args(
+    spec: &NodeSpec,
+    config: &AgentConfig,
+    cluster_file: &Path,
+    bpffs: &Path,
+) -> Vec<String> {
+    [
+        "run",
+        "--source",
+        &format!("file:{}", cluster_file.display()),
+        "--node-name",
+        &spec.cluster.local_node,
+        "--bpffs-root",
+        &bpffs.display().to_string(),
+        "--service-cluster-ip-range",
+        &spec.cluster.service_cidr_flag(),
+        "--kube-proxy-mode",
+        spec.kube_proxy.flag(),
+        "--iface",
+        "ovn0=ovn0",
+        "--iface",
+        "eth0=nic",
+        "--mode",
+        if config.shadow { "shadow" } else { "enforce" },
+        "--metrics-addr",
+        METRICS_ADDR,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}

@@ -1,0 +1,267 @@
+//! A minimal kube-proxy: the parts Kube-OVN's marks interact with, for both of its modes.
+//!
+//! **IPVS mode is emulated.** The kernels this runs on are built without `CONFIG_IP_VS`, so there
+//! are no virtual servers. What the spec relies on is kept:
+//! - kube-proxy's sets (`KUBE[-6]-CLUSTER-IP`, `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}`, …) exist and
+//!   hold what kube-proxy would put there — Kube-OVN switches to R1a/R2/R3 and the REJECT guard
+//!   because they exist;
+//! - every ClusterIP is a local address on `kube-ipvs0` (a veth pair left down, since the kernel
+//!   has no dummy driver either; local routes exist for addresses on a down link), so `addrtype
+//!   LOCAL` sees them and traffic to a ClusterIP port no Service lists goes to filter `INPUT`,
+//!   where Kube-OVN's guard rejects it;
+//! - `KUBE-SERVICES` (jumped to from nat `PREROUTING` with the comment Kube-OVN looks for) ends
+//!   nat traversal for Service traffic, as its `ACCEPT` on `KUBE-CLUSTER-IP` does: here the
+//!   virtual servers are DNAT rules in the chain `KOVN-E2E-IPVS`. A rule that runs after
+//!   `KUBE-SERVICES` still never sees the packet — the ordering fight of spec §3 is real here.
+//!
+//! One difference is compensated: real IPVS forwards only after filter `INPUT`, so Kube-OVN's
+//! guard also rejects an *unmarked* connection to a listed ClusterIP port; with DNAT in
+//! PREROUTING that packet goes through `FORWARD` instead. [`input_guard_mirror`] is the same
+//! guard placed in `FORWARD`, matching the original destination; Kube-OVN's installer adds it
+//! next to the real guard.
+//!
+//! **iptables mode** is kube-proxy's own shape: per-Service DNAT chains, `KUBE-NODEPORTS` last,
+//! `KUBE-MARK-MASQ` for `externalTrafficPolicy: Cluster` node ports. kube-proxy runs without
+//! `--cluster-cidr` here, so it does not mark pod → ClusterIP traffic itself: Kube-OVN's R1b is
+//! what makes it masquerade.
+//!
+//! Both modes masquerade 0x4000 in `KUBE-POSTROUTING` and accept it in `KUBE-FORWARD`.
+
+use std::{fmt::Write as _, net::IpAddr};
+
+use anyhow::{Context as _, Result};
+
+use super::{Family, KubeProxyMode, L4, cluster::Cluster, netns::Netns};
+
+/// The emulated IPVS virtual servers.
+pub const IPVS_EMULATION_CHAIN: &str = "KOVN-E2E-IPVS";
+/// The emulated "filter INPUT runs before IPVS" guard in `FORWARD`.
+pub const GUARD_MIRROR_CHAIN: &str = "KOVN-E2E-IPVS-GUARD";
+
+/// kube-proxy's jump from nat `PREROUTING` (and `OUTPUT`), as `iptables -S` prints it.
+pub const SERVICES_JUMP: &str =
+    "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES";
+
+pub fn install(ns: &Netns, cluster: &Cluster, mode: KubeProxyMode) -> Result<()> {
+    if mode == KubeProxyMode::Ipvs {
+        ns.run_stdin("ipset", &["restore"], &ipvs_sets(cluster))
+            .context("creating kube-proxy's IPVS-mode ipsets")?;
+        kube_ipvs0(ns, cluster)?;
+    }
+    for family in Family::ALL {
+        let script = match mode {
+            KubeProxyMode::Ipvs => ipvs_rules(cluster, family),
+            KubeProxyMode::Iptables => iptables_rules(cluster, family),
+        };
+        ns.run_stdin(family.iptables_restore(), &["--noflush"], &script)
+            .with_context(|| format!("kube-proxy {family} rules:\n{script}"))?;
+    }
+    Ok(())
+}
+
+fn ipvs_sets(cluster: &Cluster) -> String {
+    let mut s = String::new();
+    for family in Family::ALL {
+        let sets = cluster.kube_proxy_sets(family);
+        let cluster_ip = family.kube_set("CLUSTER-IP");
+        let _ = writeln!(
+            s,
+            "create {cluster_ip} hash:ip,port family {} hashsize 1024 maxelem 65536",
+            family.ipset_family()
+        );
+        for (ip, proto, port) in &sets.cluster_ip {
+            let _ = writeln!(s, "add {cluster_ip} {ip},{}:{port}", proto.name());
+        }
+        for (id, ports) in [
+            ("NODE-PORT-LOCAL-TCP", &sets.node_port_local_tcp),
+            ("NODE-PORT-LOCAL-UDP", &sets.node_port_local_udp),
+            ("NODE-PORT-TCP", &sets.node_port_tcp),
+            ("NODE-PORT-UDP", &sets.node_port_udp),
+        ] {
+            let name = family.kube_set(id);
+            let _ = writeln!(s, "create {name} bitmap:port range 0-65535");
+            for port in ports {
+                let _ = writeln!(s, "add {name} {port}");
+            }
+        }
+    }
+    s
+}
+
+/// kube-proxy's dummy link holding every ClusterIP, so they are local addresses.
+fn kube_ipvs0(ns: &Netns, cluster: &Cluster) -> Result<()> {
+    let mut batch = String::from("link add kube-ipvs0 type veth peer name kube-ipvs0-p\n");
+    for service in &cluster.services {
+        for ip in &service.cluster_ips {
+            let nodad = if ip.is_ipv6() { " nodad" } else { "" };
+            let _ = writeln!(
+                batch,
+                "addr add {} dev kube-ipvs0{nodad}",
+                Family::host(*ip)
+            );
+        }
+    }
+    ns.ip_batch(&batch)
+}
+
+fn endpoint(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+/// Chains and jumps both modes share.
+fn common_head(s: &mut String, extra_chains: &[&str]) {
+    s.push_str("*nat\n");
+    for chain in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"]
+        .iter()
+        .chain(extra_chains)
+    {
+        let _ = writeln!(s, ":{chain} - [0:0]");
+    }
+    s.push_str(
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n\
+         -A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n\
+         -A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" \
+         -j MASQUERADE --random-fully\n",
+    );
+}
+
+fn common_tail(s: &mut String) {
+    s.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n\
+         COMMIT\n\
+         *filter\n\
+         :KUBE-FORWARD - [0:0]\n\
+         -A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" \
+         -m mark --mark 0x4000/0x4000 -j ACCEPT\n\
+         -A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD\n\
+         COMMIT\n",
+    );
+}
+
+fn ipvs_rules(cluster: &Cluster, family: Family) -> String {
+    let mut s = String::new();
+    common_head(&mut s, &["KUBE-NODE-PORT", IPVS_EMULATION_CHAIN]);
+    for proto in [L4::Tcp, L4::Udp] {
+        let upper = proto.kube_name();
+        let _ = writeln!(
+            s,
+            "-A KUBE-NODE-PORT -p {p} -m comment --comment \"Kubernetes nodeport {upper} port with \
+             externalTrafficPolicy=local\" -m set --match-set {local} dst -j RETURN\n\
+             -A KUBE-NODE-PORT -p {p} -m comment --comment \"Kubernetes nodeport {upper} port for \
+             masquerade purpose\" -m set --match-set {all} dst -j KUBE-MARK-MASQ",
+            p = proto.name(),
+            local = family.kube_set(&format!("NODE-PORT-LOCAL-{upper}")),
+            all = family.kube_set(&format!("NODE-PORT-{upper}")),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT\n\
+         -A KUBE-SERVICES -m comment --comment \"Kubernetes service cluster ip + port for \
+         masquerade purpose\" -m set --match-set {} dst,dst -j {IPVS_EMULATION_CHAIN}\n\
+         -A KUBE-SERVICES -m addrtype --dst-type LOCAL -j {IPVS_EMULATION_CHAIN}",
+        family.kube_set("CLUSTER-IP")
+    );
+    for service in &cluster.services {
+        let (Some(cluster_ip), Some(backend)) =
+            (service.cluster_ip(family), service.endpoint(family))
+        else {
+            continue;
+        };
+        for port in &service.ports {
+            let to = endpoint(backend, port.target_port);
+            let _ = writeln!(
+                s,
+                "-A {IPVS_EMULATION_CHAIN} -d {} -p {p} -m {p} --dport {} -j DNAT --to-destination {to}",
+                Family::host(cluster_ip),
+                port.port,
+                p = port.proto.name(),
+            );
+            if let Some(node_port) = port.node_port {
+                let _ = writeln!(
+                    s,
+                    "-A {IPVS_EMULATION_CHAIN} -m addrtype --dst-type LOCAL -p {p} -m {p} --dport \
+                     {node_port} -j DNAT --to-destination {to}",
+                    p = port.proto.name(),
+                );
+            }
+        }
+    }
+    common_tail(&mut s);
+    s
+}
+
+fn iptables_rules(cluster: &Cluster, family: Family) -> String {
+    let mut chains = vec!["KUBE-NODEPORTS".to_owned()];
+    let mut body = String::new();
+    let mut nodeports = String::new();
+    for (i, service) in cluster.services.iter().enumerate() {
+        let (Some(cluster_ip), Some(backend)) =
+            (service.cluster_ip(family), service.endpoint(family))
+        else {
+            continue;
+        };
+        for (j, port) in service.ports.iter().enumerate() {
+            let p = port.proto.name();
+            let chain = format!("KUBE-SEP-E2E{i}X{j}");
+            let comment = format!("{}/{}:{}", service.namespace, service.name, port.name);
+            let _ = writeln!(
+                body,
+                "-A KUBE-SERVICES -d {} -p {p} -m comment --comment \"{comment} cluster IP\" \
+                 -m {p} --dport {} -j {chain}\n\
+                 -A {chain} -p {p} -m comment --comment \"{comment}\" -j DNAT --to-destination {}",
+                Family::host(cluster_ip),
+                port.port,
+                endpoint(backend, port.target_port),
+            );
+            if let Some(node_port) = port.node_port {
+                if service.node_port_local == Some(false) {
+                    let _ = writeln!(
+                        nodeports,
+                        "-A KUBE-NODEPORTS -p {p} -m comment --comment \"{comment}\" -m {p} \
+                         --dport {node_port} -j KUBE-MARK-MASQ"
+                    );
+                }
+                let _ = writeln!(
+                    nodeports,
+                    "-A KUBE-NODEPORTS -p {p} -m comment --comment \"{comment}\" -m {p} \
+                     --dport {node_port} -j {chain}"
+                );
+            }
+            chains.push(chain);
+        }
+    }
+    let mut s = String::new();
+    let chain_refs: Vec<&str> = chains.iter().map(String::as_str).collect();
+    common_head(&mut s, &chain_refs);
+    s.push_str(&body);
+    s.push_str(&nodeports);
+    s.push_str(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be \
+         the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n",
+    );
+    common_tail(&mut s);
+    s
+}
+
+/// Kube-OVN's REJECT guard (spec §1.4) restated for the emulated IPVS path: in `FORWARD`, an
+/// unmarked new TCP connection whose *original* destination is in the Service CIDR is rejected,
+/// as filter `INPUT` would have rejected it before real IPVS forwarded it. `services` is the
+/// content of `ovn40services`/`ovn60services`.
+pub fn input_guard_mirror(services: &[String]) -> String {
+    let mut s = format!(":{GUARD_MIRROR_CHAIN} - [0:0]\n-I FORWARD 1 -j {GUARD_MIRROR_CHAIN}\n");
+    for cidr in services {
+        let _ = writeln!(
+            s,
+            "-A {GUARD_MIRROR_CHAIN} -p tcp -m mark ! --mark 0x4000/0x4000 -m conntrack \
+             --ctstate NEW --ctorigdst {cidr} -j REJECT"
+        );
+    }
+    s
+}
