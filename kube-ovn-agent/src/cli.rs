@@ -42,15 +42,21 @@ pub enum Command {
     Dump(ReadArgs),
     /// Remove our attachments, programs and pins — nothing else. Marking stops.
     Detach(RootArgs),
-    /// Compare, rule by rule over a window, the datapath's counters with Kube-OVN's own nat
-    /// OVN-PREROUTING rules as the kernel counts them (new connections, and per packet through
-    /// temporary counting-only copies in raw PREROUTING). Run it with the agent in shadow mode
-    /// before switching to enforce. Exit status: 0 agree, 2 disagree, 3 inconclusive (no
-    /// traffic or no Kube-OVN rules), 1 error.
+    /// Compare the datapath's rule counters with Kube-OVN's own iptables rules over a window.
+    ///
+    /// Rule by rule (R1a … R3u), the datapath's packet counts are compared with the counters the
+    /// kernel keeps for Kube-OVN's nat OVN-PREROUTING rules (new connections) and with
+    /// temporary counting-only copies of those rules in raw PREROUTING (every packet). Run it
+    /// with the agent in shadow mode, with traffic, before switching to enforce
+    /// (docs/migration.md). Exit status: 0 agree, 2 disagree, 3 inconclusive (no traffic, or no
+    /// Kube-OVN rules), 1 error.
     Verify(VerifyArgs),
-    /// Remove Kube-OVN's PREROUTING jump rules (nat and mangle, IPv4 and IPv6, every iptables
-    /// backend) by their exact rule spec, every copy. Kube-OVN v1.13 re-inserts them within 3 s:
-    /// read docs/migration.md first.
+    /// Remove Kube-OVN's PREROUTING jump rules by their exact rule spec.
+    ///
+    /// Every copy of `-m comment --comment "kube-ovn prerouting rules" -j OVN-PREROUTING` in nat
+    /// and mangle PREROUTING, IPv4 and IPv6, on every iptables backend, is deleted by spec, never
+    /// by position. Needs the datapath enforcing unless --force. Kube-OVN v1.13 re-inserts the
+    /// nat jump within 3 s: read docs/migration.md first.
     CleanupIptables(CleanupArgs),
 }
 

@@ -110,6 +110,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         logged: BTreeSet::new(),
         clobber_findings: BTreeSet::new(),
         ready: false,
+        last_roles: BTreeMap::new(),
+        last_listed: false,
+        attach_due: true,
     };
     agent.main_loop(running, node_net).await
 }
@@ -130,6 +133,11 @@ struct Agent {
     logged: BTreeSet<String>,
     clobber_findings: BTreeSet<String>,
     ready: bool,
+    /// Interface roles and listing state at the last attach pass.
+    last_roles: BTreeMap<String, (u32, u32)>,
+    last_listed: bool,
+    /// An attach pass is owed (a failure to retry, or the periodic resync).
+    attach_due: bool,
 }
 
 impl Agent {
@@ -171,6 +179,7 @@ impl Agent {
                 _ = clobber_poll.tick() => self.check_clobber().await,
                 _ = resync.tick() => {
                     self.refresh_mirrors();
+                    self.attach_due = true;
                     pending = Some(Instant::now());
                 }
                 _ = sigterm.recv() => break,
@@ -212,7 +221,13 @@ impl Agent {
         let node_ips = translate::own_internal_ips(&snapshot, &self.node_name);
         let roles = node::iface_roles(&net, &node_ips, &self.args.ifaces, false);
         let listed = status.all_listed();
-        self.ensure_attachments(&roles, listed).await;
+        // Attaching costs syscalls per interface: only when the interfaces changed, a previous
+        // attempt failed, or on the periodic resync.
+        if self.attach_due || roles != self.last_roles || listed != self.last_listed {
+            self.attach_due = !self.ensure_attachments(&roles, listed).await;
+            self.last_roles.clone_from(&roles);
+            self.last_listed = listed;
+        }
 
         let facts = NodeFacts {
             node_name: self.node_name.clone(),
@@ -274,7 +289,13 @@ impl Agent {
         }
     }
 
-    async fn ensure_attachments(&mut self, roles: &BTreeMap<String, (u32, u32)>, listed: bool) {
+    /// Returns whether every attachment is in place.
+    async fn ensure_attachments(
+        &mut self,
+        roles: &BTreeMap<String, (u32, u32)>,
+        listed: bool,
+    ) -> bool {
+        let mut complete = true;
         let program_id = self.datapath.program_id;
         for ifname in roles.keys() {
             let outcome = attach::ensure(
@@ -302,6 +323,7 @@ impl Agent {
                     );
                 }
                 Err(e) => {
+                    complete = false;
                     self.metrics.error("attach");
                     self.warn_once(&format!("attaching to {ifname} failed: {e}"));
                 }
@@ -331,6 +353,7 @@ impl Agent {
         self.metrics
             .attached_interfaces
             .set(i64::try_from(self.attached.len()).unwrap_or(i64::MAX));
+        complete
     }
 
     /// Re-detects kube-proxy's IPVS sets in `auto` mode; true when they changed.

@@ -132,32 +132,45 @@ pub fn translate(snapshot: &Snapshot, node: &NodeFacts, options: &Options) -> Tr
     let own_internal_ips = own_internal_ips(snapshot, &node.node_name);
     let service_cidrs = service_cidrs(snapshot, options, &mut issues);
     let subnets = default_vpc_subnets(snapshot, options, &mut issues);
+    let rules_v4 = family_rules(
+        options.kube_proxy_sets.v4,
+        own_internal_ips.iter().any(IpAddr::is_ipv4),
+        options.service_match,
+    );
+    let rules_v6 = family_rules(
+        options.kube_proxy_sets.v6,
+        own_internal_ips.iter().any(IpAddr::is_ipv6),
+        options.service_match,
+    );
+    // One pass over the Services feeds both families, and only when a rule reads the result.
+    let service_rules = rule::bit(rule::R1A) | rule::NODEPORT_LOCAL_RULES;
+    let services = if (rules_v4 | rules_v6) & service_rules == 0 {
+        ServiceSets::default()
+    } else {
+        services(snapshot, &mut issues)
+    };
 
-    desired.v4 = family::<Ipv4Net, Ipv4Addr>(
+    desired.v4 = family(
         FamilyInput {
-            sets: options.kube_proxy_sets.v4,
-            has_internal_ip: own_internal_ips.iter().any(IpAddr::is_ipv4),
+            rules: rules_v4,
             subnets: subnets.iter().filter_map(as_v4).collect(),
             service_cidrs: service_cidrs.iter().filter_map(as_v4).collect(),
             local: node.local_v4.clone(),
+            services: services.v4,
         },
         snapshot,
         node,
-        options,
-        &mut issues,
     );
-    desired.v6 = family::<Ipv6Net, Ipv6Addr>(
+    desired.v6 = family(
         FamilyInput {
-            sets: options.kube_proxy_sets.v6,
-            has_internal_ip: own_internal_ips.iter().any(IpAddr::is_ipv6),
+            rules: rules_v6,
             subnets: subnets.iter().filter_map(as_v6).collect(),
             service_cidrs: service_cidrs.iter().filter_map(as_v6).collect(),
             local: node.local_v6.clone(),
+            services: services.v6,
         },
         snapshot,
         node,
-        options,
-        &mut issues,
     );
     issues.sort_by(|a, b| (a.kind, &a.object, &a.message).cmp(&(b.kind, &b.object, &b.message)));
     issues.dedup();
@@ -174,20 +187,42 @@ pub fn validate(snapshot: &Snapshot) -> Vec<Issue> {
     let mut issues = Vec::new();
     default_vpc_subnets(snapshot, &options, &mut issues);
     service_cidrs(snapshot, &options, &mut issues);
-    services::<Ipv4Addr>(snapshot, &mut issues);
-    services::<Ipv6Addr>(snapshot, &mut issues);
+    services(snapshot, &mut issues);
     issues.sort_by(|a, b| (a.kind, &a.object, &a.message).cmp(&(b.kind, &b.object, &b.message)));
     issues.dedup();
     issues
 }
 
 /// Inputs for one family that were already split by family.
-struct FamilyInput<N: Ord> {
-    sets: FamilySets,
-    has_internal_ip: bool,
+struct FamilyInput<N: Ord, A: Ord> {
+    rules: u32,
     subnets: BTreeSet<N>,
     service_cidrs: BTreeSet<N>,
     local: BTreeSet<N>,
+    services: FamilyServices<A>,
+}
+
+/// kube-proxy's Service-derived sets for one family.
+struct FamilyServices<A: Ord> {
+    ports: BTreeSet<ServicePort<A>>,
+    local_tcp: BTreeSet<u16>,
+    local_udp: BTreeSet<u16>,
+}
+
+impl<A: Ord> Default for FamilyServices<A> {
+    fn default() -> Self {
+        Self {
+            ports: BTreeSet::new(),
+            local_tcp: BTreeSet::new(),
+            local_udp: BTreeSet::new(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ServiceSets {
+    v4: FamilyServices<Ipv4Addr>,
+    v6: FamilyServices<Ipv6Addr>,
 }
 
 /// Address-family plumbing for the generic per-family translation.
@@ -213,15 +248,10 @@ impl Addr for Ipv6Addr {
     }
 }
 
-fn family<N: Ord, A: Addr>(
-    input: FamilyInput<N>,
-    snapshot: &Snapshot,
-    node: &NodeFacts,
-    options: &Options,
-    issues: &mut Vec<Issue>,
-) -> FamilyState<N, A> {
-    let ipvs_like = match options.service_match {
-        ServiceMatch::Auto => input.sets,
+/// The rules Kube-OVN installs for a family (GL:737-799).
+fn family_rules(sets: FamilySets, has_internal_ip: bool, service_match: ServiceMatch) -> u32 {
+    let ipvs_like = match service_match {
+        ServiceMatch::Auto => sets,
         ServiceMatch::IpPort => FamilySets::ALL,
         ServiceMatch::Cidr => FamilySets::default(),
     };
@@ -231,35 +261,40 @@ fn family<N: Ord, A: Addr>(
         rule::R1B
     };
     let mut rules = rule::bit(r1);
-    // GL:763-799: R2/R3 only when the node has an InternalIP of the family and the set exists.
-    if input.has_internal_ip && ipvs_like.nodeport_local_tcp {
+    // R2/R3 only when the node has an InternalIP of the family and the set exists.
+    if has_internal_ip && ipvs_like.nodeport_local_tcp {
         rules |= rule::bit(rule::R2T) | rule::bit(rule::R3T);
     }
-    if input.has_internal_ip && ipvs_like.nodeport_local_udp {
+    if has_internal_ip && ipvs_like.nodeport_local_udp {
         rules |= rule::bit(rule::R2U) | rule::bit(rule::R3U);
     }
+    rules
+}
 
+fn family<N: Ord, A: Addr>(
+    input: FamilyInput<N, A>,
+    snapshot: &Snapshot,
+    node: &NodeFacts,
+) -> FamilyState<N, A> {
+    let rules = input.rules;
+    let on = |r: u32| rules & rule::bit(r) != 0;
     let mut state = FamilyState {
         rules,
         subnets: input.subnets,
         ..FamilyState::default()
     };
-    let on = |r: u32| rules & rule::bit(r) != 0;
     // Only the sets an active rule reads are filled, as only those exist on a Kube-OVN node.
     if on(rule::R1B) {
         state.service_cidrs = input.service_cidrs;
     }
-    if on(rule::R1A) || on(rule::R2T) || on(rule::R2U) {
-        let (ports, tcp, udp) = services::<A>(snapshot, issues);
-        if on(rule::R1A) {
-            state.service_ports = ports;
-        }
-        if on(rule::R2T) {
-            state.nodeport_local_tcp = tcp;
-        }
-        if on(rule::R2U) {
-            state.nodeport_local_udp = udp;
-        }
+    if on(rule::R1A) {
+        state.service_ports = input.services.ports;
+    }
+    if on(rule::R2T) {
+        state.nodeport_local_tcp = input.services.local_tcp;
+    }
+    if on(rule::R2U) {
+        state.nodeport_local_udp = input.services.local_udp;
     }
     if on(rule::R2T) || on(rule::R2U) {
         state.local = input.local;
@@ -395,25 +430,25 @@ fn other_nodes<A: Addr>(snapshot: &Snapshot, node_name: &str) -> BTreeSet<A> {
         .collect()
 }
 
-/// kube-proxy's `KUBE[-6]-CLUSTER-IP` and `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}` for family `A`.
-/// As in kube-proxy's per-family proxier, a Service contributes to a family only if it has a
-/// ClusterIP of that family.
-fn services<A: Addr>(
-    snapshot: &Snapshot,
-    issues: &mut Vec<Issue>,
-) -> (BTreeSet<ServicePort<A>>, BTreeSet<u16>, BTreeSet<u16>) {
-    let mut ports = BTreeSet::new();
-    let mut local_tcp = BTreeSet::new();
-    let mut local_udp = BTreeSet::new();
+/// kube-proxy's `KUBE[-6]-CLUSTER-IP` and `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}`. As in
+/// kube-proxy's per-family proxier, a Service contributes to a family only if it has a
+/// ClusterIP of that family. Entries are gathered in vectors and bulk-built into sets, which
+/// is several times faster than inserting one by one (this runs on every change).
+fn services(snapshot: &Snapshot, issues: &mut Vec<Issue>) -> ServiceSets {
+    let (mut ports4, mut ports6) = (Vec::new(), Vec::new());
+    let (mut tcp4, mut udp4, mut tcp6, mut udp6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut ips = Vec::new();
     for service in &snapshot.services {
         let Some(spec) = &service.spec else { continue };
-        let cluster_ips: Vec<A> = cluster_ips(service, issues)
-            .into_iter()
-            .filter_map(A::of)
-            .collect();
-        if cluster_ips.is_empty() {
+        ips.clear();
+        cluster_ips(service, issues, &mut ips);
+        if ips.is_empty() {
             continue;
         }
+        let (has_v4, has_v6) = (
+            ips.iter().any(IpAddr::is_ipv4),
+            ips.iter().any(IpAddr::is_ipv6),
+        );
         let etp_local = spec.external_traffic_policy.as_deref() == Some("Local")
             && matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         for port in spec.ports.iter().flatten() {
@@ -439,43 +474,65 @@ fn services<A: Addr>(
                 });
                 continue;
             };
-            for addr in &cluster_ips {
-                ports.insert(ServicePort {
-                    addr: *addr,
-                    proto,
-                    port: number,
-                });
+            for ip in &ips {
+                match *ip {
+                    IpAddr::V4(addr) => ports4.push(ServicePort {
+                        addr,
+                        proto,
+                        port: number,
+                    }),
+                    IpAddr::V6(addr) => ports6.push(ServicePort {
+                        addr,
+                        proto,
+                        port: number,
+                    }),
+                }
             }
             let node_port = port
                 .node_port
                 .and_then(|p| u16::try_from(p).ok())
                 .filter(|p| *p != 0);
             if let (true, Some(node_port)) = (etp_local, node_port) {
-                match proto {
-                    Proto::Tcp => local_tcp.insert(node_port),
-                    Proto::Udp => local_udp.insert(node_port),
-                    // kube-proxy keeps SCTP in a hash:ip,port set Kube-OVN never matches.
-                    Proto::Sctp => false,
+                // kube-proxy keeps SCTP in a hash:ip,port set Kube-OVN never matches.
+                let (v4, v6) = match proto {
+                    Proto::Tcp => (&mut tcp4, &mut tcp6),
+                    Proto::Udp => (&mut udp4, &mut udp6),
+                    Proto::Sctp => continue,
                 };
+                if has_v4 {
+                    v4.push(node_port);
+                }
+                if has_v6 {
+                    v6.push(node_port);
+                }
             }
         }
     }
-    (ports, local_tcp, local_udp)
+    ServiceSets {
+        v4: FamilyServices {
+            ports: ports4.into_iter().collect(),
+            local_tcp: tcp4.into_iter().collect(),
+            local_udp: udp4.into_iter().collect(),
+        },
+        v6: FamilyServices {
+            ports: ports6.into_iter().collect(),
+            local_tcp: tcp6.into_iter().collect(),
+            local_udp: udp6.into_iter().collect(),
+        },
+    }
 }
 
-/// `spec.clusterIPs`, falling back to `spec.clusterIP`; `None` (headless) is no address, and an
-/// unparsable value is reported and skipped.
-fn cluster_ips(service: &Service, issues: &mut Vec<Issue>) -> Vec<IpAddr> {
+/// `spec.clusterIPs`, falling back to `spec.clusterIP`, appended to `ips`; `None` (headless) is
+/// no address, and an unparsable value is reported and skipped.
+fn cluster_ips(service: &Service, issues: &mut Vec<Issue>, ips: &mut Vec<IpAddr>) {
     let Some(spec) = &service.spec else {
-        return Vec::new();
+        return;
     };
-    let listed = spec
-        .cluster_ips
-        .clone()
-        .filter(|ips| !ips.is_empty())
-        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
-        .unwrap_or_default();
-    let mut ips = Vec::new();
+    let listed: &[String] = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(list), _) if !list.is_empty() => list,
+        (_, Some(one)) => std::slice::from_ref(one),
+        _ => &[],
+    };
     for text in listed
         .iter()
         .filter(|ip| !ip.is_empty() && ip.as_str() != "None")
@@ -489,7 +546,6 @@ fn cluster_ips(service: &Service, issues: &mut Vec<Issue>) -> Vec<IpAddr> {
             }),
         }
     }
-    ips
 }
 
 #[cfg(test)]

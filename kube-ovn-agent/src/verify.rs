@@ -611,7 +611,7 @@ pub async fn run(options: &Options) -> Result<Report> {
         return Err(VerifyError::NoIptables);
     }
     let mut notes = BTreeSet::new();
-    let first = snapshot(&tools, &mut notes)?;
+    let mut first = snapshot(&tools, &mut notes)?;
     // A copy left by an interrupted run (kill -9) is ours: remove it before anything else.
     let leftovers: Vec<Tool> = first
         .iter()
@@ -628,6 +628,7 @@ pub async fn run(options: &Options) -> Result<Report> {
         notes.insert(format!(
             "removed a {MIRROR_CHAIN} chain left by an earlier, interrupted verify"
         ));
+        first = snapshot(&tools, &mut notes)?;
     }
     let mut mirror = if options.per_packet {
         Some(Mirror::install(&first)?)

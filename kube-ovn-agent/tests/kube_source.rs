@@ -1,19 +1,17 @@
 //! `--source kube` against a local API server that speaks the real list/watch protocol
-//! (`support/apiserver.rs`): lists, watch events, bookmarks, `410 Gone`, dropped connections and
+//! (`kube_ovn_agent::testing::apiserver`): lists, watch events, bookmarks, `410 Gone`, dropped connections and
 //! an API the cluster does not serve. In each case the maps programmed from the source's snapshot
 //! must converge to what the same cluster, built with `testing::objects`, programs.
 
-#[path = "support/apiserver.rs"]
-mod apiserver;
 mod support;
 
 use std::{sync::Arc, time::Duration};
 
-use apiserver::{ApiServer, End, Resource};
 use k8s_openapi::{
     api::core::v1::{Container, Pod, PodSpec},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use kube_ovn_agent::testing::apiserver::{self, ApiServer, End, Resource};
 use kube_ovn_agent::{
     cluster::{Snapshot, object_name},
     source::{

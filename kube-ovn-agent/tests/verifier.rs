@@ -187,7 +187,7 @@ fn load_with_stats(name: &str, maps: &HashMap<String, MapFd>) -> Result<(usize, 
     let load = unsafe { &mut attr.__bindgen_anon_3 };
     if features.bpf_name() {
         for (dst, src) in load.prog_name.iter_mut().zip(name.bytes().take(15)) {
-            *dst = src as c_char;
+            *dst = c_char::from_ne_bytes([src]);
         }
     }
     load.prog_type = prog_type as u32;

@@ -1,4 +1,4 @@
-//! A small Kubernetes API server for the kube source tests, speaking the real list/watch wire
+//! A small Kubernetes API server for the kube source tests and the control-plane benchmark, speaking the real list/watch wire
 //! protocol over HTTP/1.1:
 //!
 //! - list: a typed `…List` with `metadata.resourceVersion`, items without apiVersion/kind,
@@ -602,6 +602,11 @@ impl ApiServer {
             axum::serve(listener, app).await.expect("test API server");
         });
         Self { url, shared, task }
+    }
+
+    /// `http://127.0.0.1:PORT`, in the network namespace the server was started in.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     pub fn client(&self) -> kube::Client {

@@ -1,0 +1,594 @@
+//! Control-plane benchmark (issue: agent; issue: benchmark §5). Needs root.
+//!
+//! 1. The real agent binary, `--source kube`, against `testing::apiserver` (the list/watch wire
+//!    protocol) inside a private network namespace: time from process start to `/readyz`
+//!    (fully programmed maps), resident memory, and the latency from a Service MODIFIED event
+//!    leaving the API server to the new ClusterIP:port entry being readable in the pinned map.
+//! 2. The same state written by the agent's map sync from nothing, and one change, against
+//!    `ipset restore` + `iptables-restore` of Kube-OVN's equivalent sets and chain.
+//!
+//! Run through `cargo xtask bench control-plane [--quick]`; writes JSON (schema in BENCHMARKS.md).
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use k8s_openapi::api::core::v1::Service;
+use kube_ovn_agent::{
+    cluster::Snapshot,
+    testing::{
+        TestDatapath,
+        apiserver::{ApiServer, Resource},
+        missing_privilege,
+        netns::{Bpffs, NetNs, TempPath},
+        objects::{Port, node, service, subnet},
+    },
+    translate::{KubeProxySets, NodeFacts, Options, translate},
+};
+use kube_ovn_ebpf_common::{ServicePortV4, ipproto, names};
+use serde::Serialize;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
+const METRICS_PORT: u16 = 19_664;
+const SUBNETS: usize = 1_000;
+const NODES: usize = 1_000;
+
+#[derive(Serialize)]
+struct Report {
+    kernel: String,
+    cores: usize,
+    results: Vec<Scale>,
+}
+
+#[derive(Serialize)]
+struct Scale {
+    services: usize,
+    service_ports: usize,
+    subnets: usize,
+    nodes: usize,
+    /// Agent process start → `/readyz` (every kind listed, maps programmed).
+    cold_start_ms: f64,
+    /// Resident memory after the first full sync and after the change series.
+    rss_mib_ready: f64,
+    rss_mib_after_changes: f64,
+    /// Service MODIFIED event sent → new entry readable in the pinned map.
+    change_to_map_ms: Percentiles,
+    /// The agent's own view (its histograms' means): one reconcile pass, and event receipt →
+    /// map write.
+    agent_sync_mean_ms: f64,
+    agent_event_to_write_mean_ms: f64,
+    changes: usize,
+    /// Writing the whole state into empty maps with the agent's sync (in-process).
+    map_sync_cold_ms: f64,
+    /// One Service port changed: translate + diff + write.
+    map_sync_one_change_ms: Percentiles,
+    /// `ipset restore` of Kube-OVN's and kube-proxy's equivalent sets + `iptables-restore` of
+    /// the OVN-PREROUTING chain, from nothing.
+    ipset_iptables_cold_ms: f64,
+    /// One entry swapped with `ipset restore` (what felix/kube-proxy do for a change).
+    ipset_one_change_ms: Percentiles,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn percentiles(mut samples: Vec<f64>) -> Percentiles {
+    samples.sort_by(f64::total_cmp);
+    // Nearest rank: the smallest sample with at least `percent` % of the samples at or below it.
+    let at = |percent: usize| samples[(samples.len() * percent).div_ceil(100).max(1) - 1];
+    Percentiles {
+        p50: at(50),
+        p99: at(99),
+        max: samples[samples.len() - 1],
+    }
+}
+
+fn cluster_ip(i: usize) -> Ipv4Addr {
+    let [_, a, b, c] = u32::try_from(i).expect("small").to_be_bytes();
+    Ipv4Addr::new(10, 96 + a, b, c)
+}
+
+/// `services` Services with two TCP ports each (every tenth a NodePort with ETP=Local),
+/// `SUBNETS` default-VPC Subnets and `NODES` Nodes; node `n0` is this node (192.168.0.11).
+fn synthetic(services: usize) -> Snapshot {
+    let mut s = Snapshot::default();
+    for i in 0..SUBNETS {
+        let [_, _, b, c] = u32::try_from(i).expect("small").to_be_bytes();
+        s.subnets.push(Arc::new(subnet(
+            &format!("subnet-{i}"),
+            &format!("10.{}.{}.0/24", 16 + b, c),
+        )));
+    }
+    s.nodes.push(Arc::new(node("n0", &["192.168.0.11"])));
+    for i in 1..NODES {
+        let [_, _, b, c] = u32::try_from(i).expect("small").to_be_bytes();
+        s.nodes.push(Arc::new(node(
+            &format!("n{i}"),
+            &[&format!("172.16.{b}.{c}")],
+        )));
+    }
+    for i in 0..services {
+        let ip = cluster_ip(i).to_string();
+        let svc = if i % 10 == 0 {
+            let node_port = 30_000 + i32::try_from(i / 10 % 2_000).expect("small");
+            service(
+                &format!("bench/svc-{i}"),
+                "NodePort",
+                &[&ip],
+                &[
+                    Port("TCP", 80, Some(node_port)),
+                    Port("TCP", 443, Some(node_port + 2_000)),
+                ],
+                true,
+            )
+        } else {
+            service(
+                &format!("bench/svc-{i}"),
+                "ClusterIP",
+                &[&ip],
+                &[Port("TCP", 80, None), Port("TCP", 443, None)],
+                false,
+            )
+        };
+        s.services.push(Arc::new(svc));
+    }
+    s
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    if let Some(why) = missing_privilege() {
+        eprintln!("*** SKIPPING the control-plane benchmark: {why} ***");
+        std::process::exit(i32::from(
+            std::env::var_os("KOVN_REQUIRE_PRIVILEGED").is_some(),
+        ));
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/bench/control-plane.json"
+            )
+            .into()
+        });
+    let scales: &[usize] = if quick {
+        &[1_000, 10_000]
+    } else {
+        &[10_000, 100_000]
+    };
+    let changes = if quick { 40 } else { 200 };
+
+    let mut results = Vec::new();
+    for &services in scales {
+        eprintln!("control plane: {services} Services …");
+        let snapshot = synthetic(services);
+        let agent = agent_run(&snapshot, changes);
+        let (map_sync_cold_ms, map_sync_one_change_ms) = map_sync(&snapshot, changes);
+        let (ipset_iptables_cold_ms, ipset_one_change_ms) = ipset_restore(&snapshot, changes);
+        results.push(Scale {
+            services,
+            service_ports: services * 2,
+            subnets: SUBNETS,
+            nodes: NODES,
+            cold_start_ms: agent.cold_start_ms,
+            rss_mib_ready: agent.rss_ready,
+            rss_mib_after_changes: agent.rss_after,
+            change_to_map_ms: agent.latency,
+            agent_sync_mean_ms: agent.sync_mean_ms,
+            agent_event_to_write_mean_ms: agent.agent_event_mean_ms,
+            changes,
+            map_sync_cold_ms,
+            map_sync_one_change_ms,
+            ipset_iptables_cold_ms,
+            ipset_one_change_ms,
+        });
+    }
+    let report = Report {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned()),
+        cores: std::thread::available_parallelism().map_or(0, usize::from),
+        results,
+    };
+    print_table(&report);
+    if let Some(dir) = std::path::Path::new(&out).parent() {
+        std::fs::create_dir_all(dir).expect("create the output directory");
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&report).expect("JSON")).expect("write JSON");
+    println!("\nwrote {out}");
+}
+
+fn print_table(r: &Report) {
+    println!("\ncontrol plane (kernel {}, {} cores)", r.kernel, r.cores);
+    println!(
+        "{:>9} {:>11} {:>9} {:>12} {:>22} {:>12} {:>22} {:>13} {:>22}",
+        "services",
+        "cold start",
+        "RSS",
+        "RSS after",
+        "event→map p50/p99/max",
+        "map sync",
+        "one change p50/p99",
+        "ipset+ipt",
+        "ipset change p50/p99"
+    );
+    for s in &r.results {
+        println!(
+            "{:>9} {:>9.0}ms {:>6.1}MiB {:>9.1}MiB {:>8.2}/{:.2}/{:.2} ms {:>10.1}ms {:>12.3}/{:.3} ms {:>11.1}ms {:>12.2}/{:.2} ms",
+            s.services,
+            s.cold_start_ms,
+            s.rss_mib_ready,
+            s.rss_mib_after_changes,
+            s.change_to_map_ms.p50,
+            s.change_to_map_ms.p99,
+            s.change_to_map_ms.max,
+            s.map_sync_cold_ms,
+            s.map_sync_one_change_ms.p50,
+            s.map_sync_one_change_ms.p99,
+            s.ipset_iptables_cold_ms,
+            s.ipset_one_change_ms.p50,
+            s.ipset_one_change_ms.p99,
+        );
+    }
+    for s in &r.results {
+        println!(
+            "{:>9} services: the agent's own means: reconcile pass {:.2} ms, event receipt → map write {:.2} ms",
+            s.services, s.agent_sync_mean_ms, s.agent_event_to_write_mean_ms
+        );
+    }
+    println!("\ntargets (reported, not asserted):");
+    for s in r.results.iter().filter(|s| s.services == 10_000) {
+        let verdict = |ok: bool| if ok { "met" } else { "missed" };
+        println!(
+            "  10 000 Services: cold start {:.0} ms (≤ 1 s: {}; aim 200 ms: {}), change p99 {:.2} ms (≤ 10 ms: {}), RSS {:.1} MiB (≤ 64 MiB: {}), map sync vs ipset+iptables {:.1}× (≥ 10×: {})",
+            s.cold_start_ms,
+            verdict(s.cold_start_ms <= 1_000.0),
+            verdict(s.cold_start_ms <= 200.0),
+            s.change_to_map_ms.p99,
+            verdict(s.change_to_map_ms.p99 <= 10.0),
+            s.rss_mib_after_changes.max(s.rss_mib_ready),
+            verdict(s.rss_mib_after_changes.max(s.rss_mib_ready) <= 64.0),
+            s.ipset_iptables_cold_ms / s.map_sync_cold_ms,
+            verdict(s.ipset_iptables_cold_ms / s.map_sync_cold_ms >= 10.0),
+        );
+    }
+}
+
+struct AgentRun {
+    cold_start_ms: f64,
+    rss_ready: f64,
+    rss_after: f64,
+    latency: Percentiles,
+    sync_mean_ms: f64,
+    agent_event_mean_ms: f64,
+}
+
+/// The agent against the API server, both inside one private namespace.
+#[expect(clippy::too_many_lines, reason = "one linear measurement script")]
+fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
+    let ns = NetNs::new("kovn-cpb-");
+    ns.sh("ip link add name eth0 type veth peer name peer0 && ip addr add 192.168.0.11/16 dev eth0 && ip link set eth0 up && ip link set peer0 up");
+    let bpffs = Bpffs::mount();
+    let runtime = ns.enter(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    });
+    // The runtime's worker threads were spawned inside the namespace, so its sockets live there.
+    let server = ns.enter(|| runtime.block_on(ApiServer::start(&[])));
+    {
+        let mut cluster = server.cluster();
+        for s in &snapshot.subnets {
+            cluster.apply(Resource::Subnets, s.as_ref());
+        }
+        for n in &snapshot.nodes {
+            cluster.apply(Resource::Nodes, n.as_ref());
+        }
+        for s in &snapshot.services {
+            cluster.apply(Resource::Services, s.as_ref());
+        }
+    }
+    let kubeconfig = TempPath::new("kovn-cpb-kubeconfig-", "yaml");
+    std::fs::write(
+        &*kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: bench\n  cluster:\n    server: {}\nusers:\n- name: bench\n  user: {{}}\ncontexts:\n- name: bench\n  context:\n    cluster: bench\n    user: bench\ncurrent-context: bench\n",
+            server.url()
+        ),
+    )
+    .expect("kubeconfig");
+
+    let started = Instant::now();
+    let mut child = ns
+        .command(AGENT)
+        .args([
+            "run",
+            "--source",
+            "kube",
+            "--node-name",
+            "n0",
+            "--kube-proxy-mode",
+            "ipvs",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{METRICS_PORT}"))
+        .arg("--bpffs-root")
+        .arg(bpffs.root())
+        .env("KUBECONFIG", &*kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the agent");
+    let ready = ns.enter(|| {
+        let deadline = Instant::now() + Duration::from_mins(2);
+        while Instant::now() < deadline {
+            if http_status("/readyz") == Some(200) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    });
+    assert!(ready, "the agent did not become ready within 2 minutes");
+    let cold_start_ms = started.elapsed().as_secs_f64() * 1e3;
+    let rss_ready = rss_mib(child.id());
+
+    let map_path = bpffs.root().join("maps").join(names::SERVICE_PORTS_V4);
+    let map: HashMap<MapData, ServicePortV4, u8> =
+        Map::from_map_data(MapData::from_pin(&map_path).expect("pinned map"))
+            .expect("map")
+            .try_into()
+            .expect("hash map");
+    let before = ns.enter(|| http_body("/metrics")).unwrap_or_default();
+    let mut latencies = Vec::with_capacity(changes);
+    for i in 0..changes {
+        let index = i * 7 + 1;
+        let mut svc: Service = snapshot.services[index].as_ref().clone();
+        let port = 20_000 + u16::try_from(i).expect("small");
+        svc.spec
+            .as_mut()
+            .expect("spec")
+            .ports
+            .as_mut()
+            .expect("ports")[0]
+            .port = i32::from(port);
+        let key = ServicePortV4 {
+            addr: cluster_ip(index).octets(),
+            port,
+            proto: ipproto::TCP,
+            pad: 0,
+        };
+        let sent = Instant::now();
+        server.cluster().apply(Resource::Services, &svc);
+        let deadline = sent + Duration::from_secs(10);
+        while map.get(&key, 0).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "change {i} never reached the map"
+            );
+            std::hint::spin_loop();
+        }
+        latencies.push(sent.elapsed().as_secs_f64() * 1e3);
+        // Let the write settle before the next event, like independent user changes.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rss_after = rss_mib(child.id());
+    let after = ns.enter(|| http_body("/metrics")).unwrap_or_default();
+    // Means over the change series only: the histograms' sum and count deltas.
+    let mean = |name: &str| -> f64 {
+        let value = |text: &str, suffix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}_{suffix} ")))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let sum = value(&after, "sum") - value(&before, "sum");
+        let count = value(&after, "count") - value(&before, "count");
+        sum / count * 1e3
+    };
+    let sync_mean_ms = mean("kovn_sync_duration_seconds");
+    let agent_event_mean_ms = mean("kovn_event_to_map_write_seconds");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let _ = ns
+        .command(AGENT)
+        .arg("detach")
+        .arg("--bpffs-root")
+        .arg(bpffs.root())
+        .output();
+    drop(server);
+    drop(runtime);
+    AgentRun {
+        cold_start_ms,
+        rss_ready,
+        rss_after,
+        latency: percentiles(latencies),
+        sync_mean_ms,
+        agent_event_mean_ms,
+    }
+}
+
+fn http_status(path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", METRICS_PORT)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+fn http_body(path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", METRICS_PORT)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn options() -> Options {
+    Options {
+        kube_proxy_sets: KubeProxySets::IPVS,
+        ..Options::default()
+    }
+}
+
+fn facts() -> NodeFacts {
+    NodeFacts {
+        node_name: "n0".into(),
+        local_v4: ["192.168.0.11/32".parse().expect("CIDR")].into(),
+        ..NodeFacts::default()
+    }
+}
+
+/// The agent's translate + map sync, in-process, from nothing and for single changes.
+fn map_sync(snapshot: &Snapshot, changes: usize) -> (f64, Percentiles) {
+    let mut dp = TestDatapath::load();
+    let started = Instant::now();
+    let translation = translate(snapshot, &facts(), &options());
+    dp.apply(&translation.desired);
+    let cold = started.elapsed().as_secs_f64() * 1e3;
+    let mut snapshot = snapshot.clone();
+    let mut samples = Vec::with_capacity(changes);
+    for i in 0..changes {
+        let index = i * 7 + 1;
+        let mut svc: Service = snapshot.services[index].as_ref().clone();
+        svc.spec
+            .as_mut()
+            .expect("spec")
+            .ports
+            .as_mut()
+            .expect("ports")[0]
+            .port = 20_000 + i32::try_from(i).expect("small");
+        snapshot.services[index] = Arc::new(svc);
+        let started = Instant::now();
+        let translation = translate(&snapshot, &facts(), &options());
+        let report = dp.tables.apply(&translation.desired, true);
+        samples.push(started.elapsed().as_secs_f64() * 1e3);
+        assert_eq!((report.written, report.removed), (1, 1), "one port changed");
+    }
+    (cold, percentiles(samples))
+}
+
+/// Kube-OVN's ipsets plus kube-proxy's, filled with `ipset restore`, and Kube-OVN's nat chain
+/// with `iptables-restore`, in a private namespace.
+fn ipset_restore(snapshot: &Snapshot, changes: usize) -> (f64, Percentiles) {
+    let ns = NetNs::new("kovn-cpi-");
+    let desired = translate(snapshot, &facts(), &options()).desired;
+    let mut sets = String::new();
+    sets.push_str("create ovn40subnets hash:net family inet maxelem 1048576\n");
+    for net in &desired.v4.subnets {
+        let _ = writeln!(sets, "add ovn40subnets {net}");
+    }
+    sets.push_str("create ovn40other-node hash:net family inet maxelem 1048576\n");
+    for addr in &desired.v4.other_nodes {
+        let _ = writeln!(sets, "add ovn40other-node {addr}");
+    }
+    sets.push_str("create KUBE-CLUSTER-IP hash:ip,port family inet maxelem 1048576\n");
+    for p in &desired.v4.service_ports {
+        let _ = writeln!(
+            sets,
+            "add KUBE-CLUSTER-IP {},{}:{}",
+            p.addr, p.proto, p.port
+        );
+    }
+    for proto in ["TCP", "UDP"] {
+        let _ = writeln!(
+            sets,
+            "create KUBE-NODE-PORT-LOCAL-{proto} bitmap:port range 0-65535"
+        );
+    }
+    for port in &desired.v4.nodeport_local_tcp {
+        let _ = writeln!(sets, "add KUBE-NODE-PORT-LOCAL-TCP {port}");
+    }
+    let chain = "*nat\n:OVN-PREROUTING - [0:0]\n\
+        -A PREROUTING -m comment --comment \"kube-ovn prerouting rules\" -j OVN-PREROUTING\n\
+        -A OVN-PREROUTING -i ovn0 -m set --match-set ovn40subnets src -m set --match-set KUBE-CLUSTER-IP dst,dst -j MARK --set-xmark 0x4000/0x4000\n\
+        -A OVN-PREROUTING -p tcp -m addrtype --dst-type LOCAL -m set --match-set KUBE-NODE-PORT-LOCAL-TCP dst -j MARK --set-xmark 0x80000/0x80000\n\
+        -A OVN-PREROUTING -p tcp -m set --match-set ovn40other-node src -m set --match-set KUBE-NODE-PORT-LOCAL-TCP dst -j MARK --set-xmark 0x4000/0x4000\n\
+        -A OVN-PREROUTING -p udp -m addrtype --dst-type LOCAL -m set --match-set KUBE-NODE-PORT-LOCAL-UDP dst -j MARK --set-xmark 0x80000/0x80000\n\
+        -A OVN-PREROUTING -p udp -m set --match-set ovn40other-node src -m set --match-set KUBE-NODE-PORT-LOCAL-UDP dst -j MARK --set-xmark 0x4000/0x4000\n\
+        COMMIT\n";
+    let started = Instant::now();
+    feed(&ns, &["ipset", "restore"], &sets);
+    feed(&ns, &["iptables-restore", "--noflush"], chain);
+    let cold = started.elapsed().as_secs_f64() * 1e3;
+    let mut samples = Vec::with_capacity(changes);
+    let first = desired.v4.service_ports.iter().next().expect("ports");
+    for i in 0..changes {
+        let script = format!(
+            "del KUBE-CLUSTER-IP {},{}:{}\nadd KUBE-CLUSTER-IP {},{}:{}\n",
+            first.addr,
+            first.proto,
+            if i == 0 {
+                usize::from(first.port)
+            } else {
+                20_000 + i - 1
+            },
+            first.addr,
+            first.proto,
+            20_000 + i
+        );
+        let started = Instant::now();
+        feed(&ns, &["ipset", "restore"], &script);
+        samples.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    (cold, percentiles(samples))
+}
+
+fn feed(ns: &NetNs, command: &[&str], input: &str) {
+    let mut child = ns
+        .command(command[0])
+        .args(&command[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
