@@ -11,6 +11,13 @@ fn main() -> anyhow::Result<()> {
     let root = root.to_str().context("non-UTF-8 path to the eBPF crate")?;
     let toolchain = std::env::var("KOVN_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
     println!("cargo:rerun-if-env-changed=KOVN_EBPF_TOOLCHAIN");
+    // Rebuilding the object at another optimisation level yields a program with the same
+    // behaviour and a different tag: how the e2e suite exercises an in-place upgrade.
+    println!("cargo:rerun-if-env-changed=KOVN_EBPF_OPT_LEVEL");
+    if let Ok(level) = std::env::var("KOVN_EBPF_OPT_LEVEL") {
+        // SAFETY: the build script is single-threaded at this point.
+        unsafe { std::env::set_var("CARGO_PROFILE_RELEASE_OPT_LEVEL", level) };
+    }
     aya_build::build_ebpf(
         [Package {
             name: "kube-ovn-ebpf",
