@@ -192,12 +192,14 @@ impl Agent {
         Ok(())
     }
 
-    /// Logs `message` at warn level the first time it is seen.
-    fn warn_once(&mut self, message: &str) {
-        if !self.logged.contains(message) {
-            tracing::warn!("{message}");
-            self.logged.insert(message.to_owned());
+    /// Logs `message` at warn level the first time it is seen; returns whether it was new.
+    fn warn_once(&mut self, message: &str) -> bool {
+        if self.logged.contains(message) {
+            return false;
         }
+        tracing::warn!("{message}");
+        self.logged.insert(message.to_owned());
+        true
     }
 
     async fn reconcile(
@@ -240,8 +242,10 @@ impl Agent {
             .translation_issues
             .set(i64::try_from(translation.issues.len()).unwrap_or(i64::MAX));
         for issue in &translation.issues {
-            self.metrics.error("translate");
-            self.warn_once(&format!("skipped: {issue}"));
+            // Counted once per distinct problem; the gauge above says how many are current.
+            if self.warn_once(&format!("skipped: {issue}")) {
+                self.metrics.error("translate");
+            }
         }
 
         let report = if listed {
