@@ -135,9 +135,7 @@ fn main() {
     }
     if let Some(why) = missing_privilege() {
         eprintln!("*** SKIPPING the datapath benchmark: {why} ***");
-        std::process::exit(i32::from(
-            std::env::var_os("KOVN_REQUIRE_PRIVILEGED").is_some(),
-        ));
+        std::process::exit(i32::from(kube_ovn_agent::testing::privilege_required()));
     }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args

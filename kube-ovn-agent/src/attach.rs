@@ -41,13 +41,18 @@ pub enum AttachMode {
     Netlink,
 }
 
+/// tcx (multi-program TC attachment through bpf links) arrived in Linux 6.6.
+pub fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
 impl AttachChoice {
     pub fn resolve(self) -> AttachMode {
         match self {
             Self::Tcx => AttachMode::Tcx,
             Self::Netlink => AttachMode::Netlink,
             Self::Auto => {
-                if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+                if tcx_supported() {
                     AttachMode::Tcx
                 } else {
                     AttachMode::Netlink
@@ -234,13 +239,18 @@ fn ensure_tcx(
         TcxOrder::First => LinkOrder::first(),
         TcxOrder::Last => LinkOrder::last(),
     };
+    let op = if tcx_supported() {
+        "tcx attach"
+    } else {
+        "tcx attach (tcx needs Linux >= 6.6; use --attach netlink or auto)"
+    };
     let id = prog
         .attach_with_options(
             ifname,
             TcAttachType::Ingress,
             TcAttachOptions::TcxOrder(order),
         )
-        .map_err(program_error("tcx attach", ifname))?;
+        .map_err(program_error(op, ifname))?;
     let link = prog
         .take_link(id)
         .map_err(program_error("taking the link", ifname))?;

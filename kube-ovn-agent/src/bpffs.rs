@@ -15,7 +15,7 @@ use std::{
 };
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/kube-ovn";
 
@@ -129,7 +129,9 @@ pub fn is_bpffs(path: &Path) -> bool {
     // SAFETY: statfs writes into a zeroed, properly sized struct; the path is NUL-terminated.
     unsafe {
         let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &raw mut stat) == 0 && stat.f_type == BPF_FS_MAGIC
+        // f_type is i64 with glibc and u64 with musl: compare the bits.
+        libc::statfs(c_path.as_ptr(), &raw mut stat) == 0
+            && u64::from_ne_bytes(stat.f_type.to_ne_bytes()) == BPF_FS_MAGIC
     }
 }
 

@@ -8,8 +8,9 @@
 //! it again removes nothing. Kube-OVN's `OVN-PREROUTING` chains stay: without the jump they
 //! match nothing, and Kube-OVN keeps reconciling them.
 //!
-//! The mangle jump leads to Kube-OVN's TPROXY rules (`--enable-tproxy`), which this agent does
-//! not replace: while that chain holds rules the jump is kept and the reason printed.
+//! The mangle jump leads to Kube-OVN's TPROXY rules (`--enable-tproxy`): while that chain holds
+//! rules the jump is kept, and the reason printed, unless the enforcing datapath replaces TPROXY
+//! too (the agent runs with `--enable-tproxy`).
 //!
 //! Removing the nat jump while the datapath is not enforcing would drop Kube-OVN's marks, so it
 //! needs a pinned datapath in enforce mode with attachments, unless `force` says otherwise.
@@ -68,6 +69,11 @@ pub struct DatapathState {
 }
 
 impl DatapathState {
+    /// Whether the datapath steers kubelet probes itself (`run --enable-tproxy`).
+    pub fn replaces_tproxy(&self) -> bool {
+        self.refusal().is_none() && self.rules & rule::bit(rule::TPROXY) != 0
+    }
+
     /// Why the nat jump may not go, if it may not.
     pub fn refusal(&self) -> Option<String> {
         if let Some(e) = &self.error {
@@ -168,12 +174,14 @@ pub fn run(options: Options, datapath: &DatapathState) -> Result<Outcome> {
                 continue;
             }
             let tproxy = chains.get(OVN_PREROUTING).map_or(0, Vec::len);
-            let kept = (table == "mangle" && tproxy > 0).then(|| {
-                format!(
-                    "mangle {OVN_PREROUTING} holds {tproxy} TPROXY rule(s) (Kube-OVN \
-                     --enable-tproxy), which this agent does not replace"
-                )
-            });
+            let kept =
+                (table == "mangle" && tproxy > 0 && !datapath.replaces_tproxy()).then(|| {
+                    format!(
+                        "mangle {OVN_PREROUTING} holds {tproxy} TPROXY rule(s) (Kube-OVN \
+                     --enable-tproxy) and the datapath does not replace them (run the agent \
+                     with --enable-tproxy)"
+                    )
+                });
             actions.push(Action {
                 tool,
                 table,

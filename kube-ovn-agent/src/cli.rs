@@ -161,6 +161,14 @@ pub struct RunArgs {
     /// Full re-read of the pinned maps to heal changes made behind the agent's back.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub resync_interval: Duration,
+    /// Also replace Kube-OVN's TPROXY rules (its `--enable-tproxy`): kubelet probes to
+    /// custom-VPC pods, looped through `lo`, are handed to the node's transparent listener.
+    /// Attaches to `lo` and watches this node's Pods.
+    #[arg(long)]
+    pub enable_tproxy: bool,
+    /// Port of Kube-OVN's transparent probe listener.
+    #[arg(long, default_value_t = kube_ovn_ebpf_common::TPROXY_LISTEN_PORT)]
+    pub tproxy_port: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]

@@ -129,6 +129,10 @@ impl Kind {
     }
 }
 
+/// The annotation holding a pod's subnet (Kube-OVN's `LogicalSwitchAnnotationTemplate` for the
+/// `ovn` provider).
+pub const LOGICAL_SWITCH_ANNOTATION: &str = "ovn.kubernetes.io/logical_switch";
+
 /// `namespace/name` or `name` of an object, for messages.
 pub fn object_name(meta: &ObjectMeta) -> String {
     match (&meta.namespace, &meta.name) {

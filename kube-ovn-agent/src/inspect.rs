@@ -281,6 +281,13 @@ fn family_text<N: std::fmt::Display + Ord, A: std::fmt::Display + Ord + Copy>(
         format!("kovn_nplocal (IPv{v} udp)"),
         strings(&mut f.nodeport_local_udp.iter().map(ToString::to_string)),
     );
+    let listener = f
+        .tproxy_listener
+        .map_or_else(|| "no listener".to_owned(), |a| format!("listener {a}"));
+    section(
+        format!("kovn_tproxy{v} ({listener})"),
+        strings(&mut f.probe_targets.iter().map(ToString::to_string)),
+    );
 }
 
 pub async fn detach(args: &RootArgs) -> Result<()> {

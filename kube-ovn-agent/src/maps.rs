@@ -16,10 +16,11 @@ use std::{
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use ipnet::{Ipv4Net, Ipv6Net};
 use kube_ovn_ebpf_common::{
-    Config, Iface, PRESENT, ServicePortV4, ServicePortV6, counter, iface_slot, names,
+    Config, Iface, PRESENT, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6, counter,
+    iface_slot, names,
 };
 
-use crate::state::{Desired, FamilyState, Proto, ServicePort};
+use crate::state::{Desired, FamilyState, ProbeTarget, Proto, ServicePort};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
@@ -167,6 +168,40 @@ impl Codec for ServicePort<Ipv6Addr> {
         Some(Self {
             addr: raw.addr.into(),
             proto: Proto::from_number(raw.proto)?,
+            port: raw.port,
+        })
+    }
+}
+
+impl Codec for ProbeTarget<Ipv4Addr> {
+    type Raw = ProbeTargetV4;
+    fn encode(&self) -> ProbeTargetV4 {
+        ProbeTargetV4 {
+            addr: self.addr.octets(),
+            port: self.port,
+            pad: 0,
+        }
+    }
+    fn decode(raw: &ProbeTargetV4) -> Option<Self> {
+        Some(Self {
+            addr: raw.addr.into(),
+            port: raw.port,
+        })
+    }
+}
+
+impl Codec for ProbeTarget<Ipv6Addr> {
+    type Raw = ProbeTargetV6;
+    fn encode(&self) -> ProbeTargetV6 {
+        ProbeTargetV6 {
+            addr: self.addr.octets(),
+            port: self.port,
+            pad: 0,
+        }
+    }
+    fn decode(raw: &ProbeTargetV6) -> Option<Self> {
+        Some(Self {
+            addr: raw.addr.into(),
             port: raw.port,
         })
     }
@@ -679,6 +714,7 @@ pub struct FamilyTables<N, A> {
     pub service_ports: Synced<ServicePort<A>, ()>,
     pub other_nodes: Synced<A, ()>,
     pub local: Synced<N, ()>,
+    pub probe_targets: Synced<ProbeTarget<A>, ()>,
 }
 
 /// Every datapath map the agent writes.
@@ -727,6 +763,10 @@ impl Tables {
                 )?)?,
                 other_nodes: adopt(HashTable::<Ipv4Addr, ()>::new(maps, names::OTHER_NODES_V4)?)?,
                 local: adopt(PrefixTable::<Ipv4Net>::new(maps, names::LOCAL_ADDRS_V4)?)?,
+                probe_targets: adopt(HashTable::<ProbeTarget<Ipv4Addr>, ()>::new(
+                    maps,
+                    names::TPROXY_V4,
+                )?)?,
             },
             v6: FamilyTables {
                 subnets: adopt(PrefixTable::<Ipv6Net>::new(maps, names::SUBNETS_V6)?)?,
@@ -737,6 +777,10 @@ impl Tables {
                 )?)?,
                 other_nodes: adopt(HashTable::<Ipv6Addr, ()>::new(maps, names::OTHER_NODES_V6)?)?,
                 local: adopt(PrefixTable::<Ipv6Net>::new(maps, names::LOCAL_ADDRS_V6)?)?,
+                probe_targets: adopt(HashTable::<ProbeTarget<Ipv6Addr>, ()>::new(
+                    maps,
+                    names::TPROXY_V6,
+                )?)?,
             },
         })
     }
@@ -760,6 +804,7 @@ impl Tables {
                 service_ports: mem(names::SERVICE_PORTS_V4),
                 other_nodes: mem(names::OTHER_NODES_V4),
                 local: mem(names::LOCAL_ADDRS_V4),
+                probe_targets: mem(names::TPROXY_V4),
             },
             v6: FamilyTables {
                 subnets: mem(names::SUBNETS_V6),
@@ -767,6 +812,7 @@ impl Tables {
                 service_ports: mem(names::SERVICE_PORTS_V6),
                 other_nodes: mem(names::OTHER_NODES_V6),
                 local: mem(names::LOCAL_ADDRS_V6),
+                probe_targets: mem(names::TPROXY_V6),
             },
         }
     }
@@ -797,6 +843,7 @@ impl Tables {
         fn family<N: Ord + Copy, A: Ord + Copy>(
             t: &FamilyTables<N, A>,
             rules: u32,
+            tproxy_listener: Option<A>,
         ) -> FamilyState<N, A> {
             FamilyState {
                 rules,
@@ -807,12 +854,16 @@ impl Tables {
                 local: t.local.entries().keys().copied().collect(),
                 nodeport_local_tcp: std::collections::BTreeSet::default(),
                 nodeport_local_udp: std::collections::BTreeSet::default(),
+                probe_targets: t.probe_targets.entries().keys().copied().collect(),
+                tproxy_listener,
             }
         }
         let config = self.config.entries().get(&()).copied().unwrap_or_default();
+        let listener_v4 = Some(Ipv4Addr::from(config.tproxy_ip_v4)).filter(|a| !a.is_unspecified());
+        let listener_v6 = Some(Ipv6Addr::from(config.tproxy_ip_v6)).filter(|a| !a.is_unspecified());
         let mut desired = Desired {
-            v4: family(&self.v4, config.rules_v4),
-            v6: family(&self.v6, config.rules_v6),
+            v4: family(&self.v4, config.rules_v4, listener_v4),
+            v6: family(&self.v6, config.rules_v6, listener_v6),
             ifaces: self
                 .ifaces
                 .entries()
@@ -820,6 +871,7 @@ impl Tables {
                 .map(|(i, roles)| (*i, *roles))
                 .collect(),
             shadow: config.flags & kube_ovn_ebpf_common::config_flag::SHADOW != 0,
+            tproxy_port: config.tproxy_port,
         };
         desired.set_nodeport_local(self.nodeport_local.entries());
         desired
@@ -839,6 +891,7 @@ impl Tables {
         }
         self.v4.service_ports.refresh()?;
         self.v4.other_nodes.refresh()?;
+        self.v4.probe_targets.refresh()?;
         for family in [
             &mut self.v6.subnets,
             &mut self.v6.service_cidrs,
@@ -848,6 +901,7 @@ impl Tables {
         }
         self.v6.service_ports.refresh()?;
         self.v6.other_nodes.refresh()?;
+        self.v6.probe_targets.refresh()?;
         Ok(())
     }
 
@@ -866,6 +920,8 @@ impl Tables {
             (self.v6.service_ports.name(), self.v6.service_ports.len()),
             (self.v6.other_nodes.name(), self.v6.other_nodes.len()),
             (self.v6.local.name(), self.v6.local.len()),
+            (self.v4.probe_targets.name(), self.v4.probe_targets.len()),
+            (self.v6.probe_targets.name(), self.v6.probe_targets.len()),
         ]
     }
 }
@@ -897,11 +953,16 @@ fn sync_family<N: Ord + Copy, A: Ord + Copy>(
             .sync(desired.other_nodes.iter().map(member), prune),
     );
     report.add(tables.local.sync(desired.local.iter().map(member), prune));
+    report.add(
+        tables
+            .probe_targets
+            .sync(desired.probe_targets.iter().map(member), prune),
+    );
 }
 
 /// Per-CPU counters summed over CPUs, indexed by `counter` slot.
 pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> io::Result<Vec<u64>> {
-    (0..=counter::MARKED)
+    (0..=counter::TPROXY_NO_SOCKET)
         .map(|slot| {
             map.get(&slot, 0)
                 .map(|per_cpu| per_cpu.iter().sum())

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use kube_ovn_ebpf_common::{ipproto, role, rule};
 
-use crate::state::{Desired, FamilyState, Proto, ServicePort};
+use crate::state::{Desired, FamilyState, ProbeTarget, Proto, ServicePort};
 
 /// Walk limit for IPv6 extension headers; the datapath uses the same bound.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
@@ -143,6 +143,20 @@ pub fn classify<A: Family>(state: &FamilyState<A::Net, A>, roles: u32, t: &Tuple
                 hits |= rule::bit(r3);
             }
         }
+    }
+
+    // mangle OVN-PREROUTING: -d <podIP> -p tcp --dport <probePort> -j TPROXY, on `lo` only
+    // (where kubelet's probes arrive; design §1). Whether a transparent socket is found is
+    // kernel state: the model assumes one is.
+    if roles & role::LOOPBACK != 0
+        && on(rule::TPROXY)
+        && t.proto == ipproto::TCP
+        && let Some(port) = t.dport
+        && state
+            .probe_targets
+            .contains(&ProbeTarget { addr: t.dst, port })
+    {
+        hits |= rule::bit(rule::TPROXY);
     }
     hits
 }

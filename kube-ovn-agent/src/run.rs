@@ -57,9 +57,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
 
     let running = match &args.source {
-        SourceSpec::Kube => source::kube::start(&source::kube::KubeOptions::new(&node_name))
-            .await
-            .context("starting the Kubernetes source")?,
+        SourceSpec::Kube => source::kube::start(&source::kube::KubeOptions {
+            watch_pods: args.enable_tproxy,
+            ..source::kube::KubeOptions::new(&node_name)
+        })
+        .await
+        .context("starting the Kubernetes source")?,
         SourceSpec::File(path) => source::file::start(source::file::FileOptions {
             node_name: Some(node_name.clone()),
             ..source::file::FileOptions::new(path)
@@ -87,6 +90,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         service_match: args.service_match,
         kube_proxy_sets: kube_proxy_sets(args.kube_proxy_mode, KubeProxySets::default()),
         shadow: args.mode == Mode::Shadow,
+        tproxy_port: args.enable_tproxy.then_some(args.tproxy_port),
     };
     tracing::info!(
         node = %node_name,
@@ -221,7 +225,7 @@ impl Agent {
             return;
         };
         let node_ips = translate::own_internal_ips(&snapshot, &self.node_name);
-        let roles = node::iface_roles(&net, &node_ips, &self.args.ifaces, false);
+        let roles = node::iface_roles(&net, &node_ips, &self.args.ifaces, self.args.enable_tproxy);
         let listed = status.all_listed();
         // Attaching costs syscalls per interface: only when the interfaces changed, a previous
         // attempt failed, or on the periodic resync.

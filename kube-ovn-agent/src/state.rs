@@ -27,6 +27,19 @@ impl<A: fmt::Display> fmt::Display for ServicePort<A> {
     }
 }
 
+/// A custom-VPC pod's probe port: `-d <addr> -p tcp --dport <port>` of Kube-OVN's TPROXY rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ProbeTarget<A> {
+    pub addr: A,
+    pub port: u16,
+}
+
+impl<A: fmt::Display> fmt::Display for ProbeTarget<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},tcp:{}", self.addr, self.port)
+    }
+}
+
 /// The L4 protocols a Service port can declare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +99,10 @@ pub struct FamilyState<Net: Ord, Addr: Ord> {
     pub nodeport_local_tcp: BTreeSet<u16>,
     /// `KUBE[-6]-NODE-PORT-LOCAL-UDP`.
     pub nodeport_local_udp: BTreeSet<u16>,
+    /// Kube-OVN's mangle `OVN-PREROUTING` TPROXY targets (with `--enable-tproxy`).
+    pub probe_targets: BTreeSet<ProbeTarget<Addr>>,
+    /// The transparent listener's address (Kube-OVN's `--on-ip`, the node's IP of the family).
+    pub tproxy_listener: Option<Addr>,
 }
 
 impl<Net: Ord, Addr: Ord> Default for FamilyState<Net, Addr> {
@@ -99,6 +116,8 @@ impl<Net: Ord, Addr: Ord> Default for FamilyState<Net, Addr> {
             local: BTreeSet::new(),
             nodeport_local_tcp: BTreeSet::new(),
             nodeport_local_udp: BTreeSet::new(),
+            probe_targets: BTreeSet::new(),
+            tproxy_listener: None,
         }
     }
 }
@@ -116,6 +135,8 @@ pub struct Desired {
     pub ifaces: BTreeMap<u32, u32>,
     /// Shadow mode: classify and count, write no mark.
     pub shadow: bool,
+    /// The transparent listener's port (Kube-OVN's `--on-port`), 0 without TPROXY.
+    pub tproxy_port: u16,
 }
 
 impl Desired {
@@ -124,7 +145,10 @@ impl Desired {
             rules_v4: self.v4.rules,
             rules_v6: self.v6.rules,
             flags: if self.shadow { config_flag::SHADOW } else { 0 },
+            tproxy_port: self.tproxy_port,
             pad: 0,
+            tproxy_ip_v4: self.v4.tproxy_listener.map_or([0; 4], |a| a.octets()),
+            tproxy_ip_v6: self.v6.tproxy_listener.map_or([0; 16], |a| a.octets()),
         }
     }
 

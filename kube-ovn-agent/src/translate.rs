@@ -14,8 +14,8 @@ use kube_ovn_ebpf_common::rule;
 use serde::Serialize;
 
 use crate::{
-    cluster::{Kind, Snapshot, Subnet, object_name},
-    state::{Desired, FamilyState, Proto, ServicePort},
+    cluster::{Kind, LOGICAL_SWITCH_ANNOTATION, Snapshot, Subnet, object_name},
+    state::{Desired, FamilyState, ProbeTarget, Proto, ServicePort},
 };
 
 /// How R1 decides that a packet goes to a Service (`--service-match`).
@@ -76,6 +76,8 @@ pub struct Options {
     pub service_match: ServiceMatch,
     pub kube_proxy_sets: KubeProxySets,
     pub shadow: bool,
+    /// `--enable-tproxy`: the transparent listener's port (Kube-OVN's `--on-port`).
+    pub tproxy_port: Option<u16>,
 }
 
 impl Default for Options {
@@ -86,6 +88,7 @@ impl Default for Options {
             service_match: ServiceMatch::Auto,
             kube_proxy_sets: KubeProxySets::default(),
             shadow: false,
+            tproxy_port: None,
         }
     }
 }
@@ -150,6 +153,26 @@ pub fn translate(snapshot: &Snapshot, node: &NodeFacts, options: &Options) -> Tr
         services(snapshot, &mut issues)
     };
 
+    if let Some(port) = options.tproxy_port {
+        tproxy(
+            snapshot,
+            node,
+            options,
+            &own_internal_ips,
+            &mut desired,
+            &mut issues,
+        );
+        desired.tproxy_port = port;
+    }
+    let (probes_v4, listener_v4) = (
+        std::mem::take(&mut desired.v4.probe_targets),
+        desired.v4.tproxy_listener,
+    );
+    let (probes_v6, listener_v6) = (
+        std::mem::take(&mut desired.v6.probe_targets),
+        desired.v6.tproxy_listener,
+    );
+
     desired.v4 = family(
         FamilyInput {
             rules: rules_v4,
@@ -172,9 +195,131 @@ pub fn translate(snapshot: &Snapshot, node: &NodeFacts, options: &Options) -> Tr
         snapshot,
         node,
     );
+    // TPROXY is on for a family when the node has an address of it for the listener.
+    if let Some(listener) = listener_v4 {
+        desired.v4.rules |= rule::bit(rule::TPROXY);
+        desired.v4.probe_targets = probes_v4;
+        desired.v4.tproxy_listener = Some(listener);
+    }
+    if let Some(listener) = listener_v6 {
+        desired.v6.rules |= rule::bit(rule::TPROXY);
+        desired.v6.probe_targets = probes_v6;
+        desired.v6.tproxy_listener = Some(listener);
+    }
     issues.sort_by(|a, b| (a.kind, &a.object, &a.message).cmp(&(b.kind, &b.object, &b.message)));
     issues.dedup();
     Translation { desired, issues }
+}
+
+/// Kube-OVN's TPROXY rules (GL:930-986, `getTProxyConditionPod` G:254-291, `getProbePorts`
+/// TP:64-98): for each pod on this node that is not on the host network and whose subnet (the
+/// `ovn.kubernetes.io/logical_switch` annotation) is in a custom VPC, every liveness/readiness
+/// probe port of every IP, steered to the listener on the node's IP of the family.
+fn tproxy(
+    snapshot: &Snapshot,
+    node: &NodeFacts,
+    options: &Options,
+    own_internal_ips: &[IpAddr],
+    desired: &mut Desired,
+    issues: &mut Vec<Issue>,
+) {
+    desired.v4.tproxy_listener = own_internal_ips.iter().find_map(|ip| Ipv4Addr::of(*ip));
+    desired.v6.tproxy_listener = own_internal_ips.iter().find_map(|ip| Ipv6Addr::of(*ip));
+    let subnets: BTreeMap<&str, &Subnet> = snapshot
+        .subnets
+        .iter()
+        .filter_map(|s| Some((s.metadata.name.as_deref()?, s.as_ref())))
+        .collect();
+    for pod in &snapshot.pods {
+        let Some(spec) = &pod.spec else { continue };
+        let on_this_node = spec
+            .node_name
+            .as_deref()
+            .is_none_or(|n| n == node.node_name);
+        if !on_this_node || spec.host_network == Some(true) {
+            continue;
+        }
+        let Some(subnet_name) = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LOGICAL_SWITCH_ANNOTATION))
+        else {
+            continue;
+        };
+        let Some(subnet) = subnets.get(subnet_name.as_str()) else {
+            issues.push(Issue {
+                kind: Kind::Pod.name(),
+                object: object_name(&pod.metadata),
+                message: format!("subnet {subnet_name:?} of its {LOGICAL_SWITCH_ANNOTATION} annotation does not exist; no TPROXY for it"),
+            });
+            continue;
+        };
+        if subnet.spec.vpc == options.cluster_router {
+            continue;
+        }
+        let ports = probe_ports(spec);
+        let ips = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.ip.parse::<IpAddr>().ok());
+        for ip in ips {
+            for port in &ports {
+                match ip {
+                    IpAddr::V4(addr) => desired
+                        .v4
+                        .probe_targets
+                        .insert(ProbeTarget { addr, port: *port }),
+                    IpAddr::V6(addr) => desired
+                        .v6
+                        .probe_targets
+                        .insert(ProbeTarget { addr, port: *port }),
+                };
+            }
+        }
+    }
+}
+
+/// Liveness and readiness probe ports (not startup probes), named ports resolved against the
+/// probing container's ports; port 0 dropped.
+fn probe_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> BTreeSet<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut ports = BTreeSet::new();
+    for container in &spec.containers {
+        for probe in [&container.liveness_probe, &container.readiness_probe]
+            .into_iter()
+            .flatten()
+        {
+            let port = if let Some(tcp) = &probe.tcp_socket {
+                tcp.port.clone()
+            } else if let Some(http) = &probe.http_get {
+                http.port.clone()
+            } else if let Some(grpc) = &probe.grpc {
+                IntOrString::Int(grpc.port)
+            } else {
+                continue;
+            };
+            let number = match port {
+                IntOrString::Int(n) => Some(n),
+                IntOrString::String(name) => container
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .map(|p| p.container_port),
+            };
+            if let Some(port) = number
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|p| *p != 0)
+            {
+                ports.insert(port);
+            }
+        }
+    }
+    ports
 }
 
 /// Every problem `translate` would report for `snapshot` under any options (it only reports
@@ -561,7 +706,10 @@ mod tests {
     use super::*;
     use crate::testing::{
         fixture::{self, Mode},
-        objects::{Port, node, service, service_cidr, spec_cluster, subnet, subnet_with},
+        objects::{
+            Port, ProbeOn, Probes, node, pod, service, service_cidr, spec_cluster, subnet,
+            subnet_with,
+        },
     };
 
     fn net4(s: &str) -> Ipv4Net {
@@ -985,6 +1133,163 @@ mod tests {
         );
         assert!(t.desired.v4.nodeport_local_udp.is_empty());
         assert_eq!(t.desired.v4.nodeport_local_tcp, [30080].into());
+    }
+
+    fn tproxy_options() -> Options {
+        Options {
+            tproxy_port: Some(8102),
+            ..ipvs()
+        }
+    }
+
+    /// Spec §5.3: custom-VPC pod p1 = 10.0.1.5 on n1, readiness tcp 8080, liveness http "http"
+    /// (→ 8081), startup tcp 9000 (ignored).
+    fn p1() -> k8s_openapi::api::core::v1::Pod {
+        pod(
+            "default/p1",
+            "n1",
+            "vpc1-sub",
+            &["10.0.1.5", "fd00:1::5"],
+            &Probes {
+                readiness: Some(ProbeOn::Tcp(8080)),
+                liveness: Some(ProbeOn::HttpNamed("http")),
+                startup: Some(ProbeOn::Tcp(9000)),
+            },
+            &[("http", 8081), ("other", 7000)],
+        )
+    }
+
+    #[test]
+    fn tproxy_targets_follow_kube_ovns_pod_and_probe_rules() {
+        let mut snapshot = spec_cluster();
+        snapshot.pods = vec![
+            Arc::new(p1()),
+            // Default-VPC pod (spec T6): not hijacked.
+            Arc::new(pod(
+                "default/p2",
+                "n1",
+                "ovn-default",
+                &["10.16.0.5"],
+                &Probes::ready(ProbeOn::Tcp(8080)),
+                &[],
+            )),
+            // gRPC probe; a named port that does not resolve; port 0.
+            Arc::new(pod(
+                "default/p3",
+                "n1",
+                "vpc1-sub",
+                &["10.0.1.6"],
+                &Probes {
+                    readiness: Some(ProbeOn::Grpc(9090)),
+                    liveness: Some(ProbeOn::HttpNamed("missing")),
+                    startup: None,
+                },
+                &[],
+            )),
+            Arc::new(pod(
+                "default/p4",
+                "n1",
+                "vpc1-sub",
+                &["10.0.1.7"],
+                &Probes::ready(ProbeOn::Tcp(0)),
+                &[],
+            )),
+            // Another node's pod.
+            Arc::new(pod(
+                "default/p5",
+                "n2",
+                "vpc1-sub",
+                &["10.0.1.8"],
+                &Probes::ready(ProbeOn::Tcp(8080)),
+                &[],
+            )),
+        ];
+        let mut host = pod(
+            "default/p6",
+            "n1",
+            "vpc1-sub",
+            &["192.168.0.11"],
+            &Probes::ready(ProbeOn::Tcp(8080)),
+            &[],
+        );
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        snapshot.pods.push(Arc::new(host));
+
+        let t = run(&snapshot, &tproxy_options());
+        assert!(t.issues.is_empty(), "{:?}", t.issues);
+        let v4: Vec<String> = t
+            .desired
+            .v4
+            .probe_targets
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            v4,
+            [
+                "10.0.1.5,tcp:8080",
+                "10.0.1.5,tcp:8081",
+                "10.0.1.6,tcp:9090"
+            ]
+        );
+        let v6: Vec<String> = t
+            .desired
+            .v6
+            .probe_targets
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(v6, ["fd00:1::5,tcp:8080", "fd00:1::5,tcp:8081"]);
+        assert_eq!(
+            t.desired.v4.tproxy_listener,
+            Some("192.168.0.11".parse().unwrap())
+        );
+        assert_eq!(
+            t.desired.v6.tproxy_listener,
+            Some("fd00::11".parse().unwrap())
+        );
+        assert_eq!(t.desired.tproxy_port, 8102);
+        assert_ne!(t.desired.v4.rules & rule::bit(rule::TPROXY), 0);
+        assert_ne!(t.desired.v6.rules & rule::bit(rule::TPROXY), 0);
+        // The NAT rules are unchanged by TPROXY.
+        let without = run(&snapshot, &ipvs());
+        assert_eq!(
+            t.desired.v4.rules & rule::NAT_RULES,
+            without.desired.v4.rules
+        );
+        assert!(without.desired.v4.probe_targets.is_empty());
+        assert_eq!(
+            without.desired.v4.rules & rule::bit(rule::TPROXY),
+            0,
+            "spec T9: off unless enabled"
+        );
+    }
+
+    #[test]
+    fn tproxy_needs_a_node_address_of_the_family_and_a_known_subnet() {
+        let mut snapshot = spec_cluster();
+        snapshot.nodes[0] = Arc::new(node("n1", &["192.168.0.11"]));
+        snapshot.pods = vec![
+            Arc::new(p1()),
+            Arc::new(pod(
+                "default/orphan",
+                "n1",
+                "no-such-subnet",
+                &["10.0.9.9"],
+                &Probes::ready(ProbeOn::Tcp(80)),
+                &[],
+            )),
+        ];
+        let t = run(&snapshot, &tproxy_options());
+        assert_eq!(
+            t.desired.v6.rules & rule::bit(rule::TPROXY),
+            0,
+            "no IPv6 node address, no IPv6 listener"
+        );
+        assert!(t.desired.v6.probe_targets.is_empty());
+        assert_eq!(t.desired.v4.probe_targets.len(), 2);
+        assert_eq!(t.issues.len(), 1, "{:?}", t.issues);
+        assert_eq!(t.issues[0].object, "default/orphan");
     }
 
     #[test]

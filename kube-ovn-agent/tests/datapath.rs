@@ -25,7 +25,7 @@ fn main() {
     let skip = missing_privilege();
     if let Some(why) = &skip {
         eprintln!("\n*** SKIPPING the privileged datapath tests: {why} ***\n");
-        if std::env::var_os("KOVN_REQUIRE_PRIVILEGED").is_some() {
+        if kube_ovn_agent::testing::privilege_required() {
             eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
             std::process::exit(1);
         }
@@ -52,6 +52,10 @@ fn main() {
         Trial::test("interface_without_role_is_not_classified", no_role),
         Trial::test("sctp_cluster_ip_matches_r1a", sctp_cluster_ip),
         Trial::test("program_agrees_with_the_reference_model", property),
+        Trial::test(
+            "tproxy_vectors_without_a_transparent_socket",
+            tproxy_without_socket,
+        ),
     ]);
     for trial in &mut trials {
         *trial =
@@ -97,7 +101,7 @@ fn expect(
         )
         .into());
     }
-    for slot in 0..=counter::MARKED {
+    for slot in 0..=counter::TPROXY_NO_SOCKET {
         let want = u64::from(match slot {
             s if s < rule::COUNT => rules & rule::bit(s) != 0,
             counter::MARKED => rules != 0,
@@ -648,4 +652,70 @@ fn random_frame(rng: &mut StdRng, _desired: &Desired) -> Vec<u8> {
         frame[at] = rng.random();
     }
     frame
+}
+
+/// Spec §5.3 under test-run, where no transparent socket exists (the socket path runs in
+/// `tests/netns.rs`): T1's packet is recognised as a probe but passes unsteered and unmarked
+/// (counted `tproxy_no_socket`; Kube-OVN's TPROXY target would drop it), T3/T4/T6 are not
+/// probes, T5 on a node NIC is not looked at (only `lo` carries probes, design §1), and shadow
+/// mode counts T1 as steered without touching it.
+fn tproxy_without_socket() -> Result<(), Failed> {
+    let state = |roles: u32, shadow: bool| {
+        let mut d = fixture::desired(Mode::A, roles);
+        d.v4.rules |= rule::bit(rule::TPROXY);
+        d.v4.tproxy_listener = Some(Ipv4Addr::new(192, 168, 0, 11));
+        d.tproxy_port = kube_ovn_ebpf_common::TPROXY_LISTEN_PORT;
+        d.v4.probe_targets
+            .extend([8080, 8081].map(|port| kube_ovn_agent::state::ProbeTarget {
+                addr: Ipv4Addr::new(10, 0, 1, 5),
+                port,
+            }));
+        d.shadow = shadow;
+        d
+    };
+    let mut dp = TestDatapath::load();
+    let run = |dp: &mut TestDatapath, what: &str, frame: &[u8], slot: u32| -> Result<(), Failed> {
+        let before = dp.counters();
+        let result = dp.run(frame, FOREIGN_MARK).ok_or("frame refused")?;
+        let after = dp.counters();
+        if result.verdict != VERDICT_CONTINUE || result.mark != FOREIGN_MARK || !result.unchanged {
+            return Err(format!("{what}: {result:?}").into());
+        }
+        if after[slot as usize] != before[slot as usize] + 1 {
+            return Err(format!(
+                "{what}: counter {} did not move",
+                counter::NAMES[slot as usize]
+            )
+            .into());
+        }
+        Ok(())
+    };
+    dp.apply(&state(role::LOOPBACK, false));
+    let probe = |port| Packet::tcp("192.168.0.11", "10.0.1.5", port).frame();
+    run(
+        &mut dp,
+        "T1 without a listener",
+        &probe(8080),
+        counter::TPROXY_NO_SOCKET,
+    )?;
+    run(
+        &mut dp,
+        "T3 startup probe port",
+        &probe(9000),
+        counter::PASSED,
+    )?;
+    let udp = Packet::udp("192.168.0.11", "10.0.1.5", 8080).frame();
+    run(&mut dp, "T4 udp", &udp, counter::PASSED)?;
+    let default_vpc = Packet::tcp("192.168.0.11", "10.16.0.5", 8080).frame();
+    run(&mut dp, "T6 default-VPC pod", &default_vpc, counter::PASSED)?;
+    dp.apply(&state(role::NODE_NIC, false));
+    let from_other_node = Packet::tcp("192.168.0.12", "10.0.1.5", 8080).frame();
+    run(
+        &mut dp,
+        "T5 on a node NIC",
+        &from_other_node,
+        counter::PASSED,
+    )?;
+    dp.apply(&state(role::LOOPBACK, true));
+    run(&mut dp, "T1 in shadow mode", &probe(8080), rule::TPROXY)
 }

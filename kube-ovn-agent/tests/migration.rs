@@ -29,7 +29,7 @@ fn main() {
         eprintln!(
             "\n*** SKIPPING the privileged migration tests (verify, cleanup-iptables): {why} ***\n"
         );
-        if std::env::var_os("KOVN_REQUIRE_PRIVILEGED").is_some() {
+        if kube_ovn_agent::testing::privilege_required() {
             eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
             std::process::exit(1);
         }

@@ -20,6 +20,9 @@ pub mod mark {
     pub const ALL: u32 = MASQUERADE | NODEPORT_LOCAL | TPROXY;
 }
 
+/// Kube-OVN's transparent probe listener port (`util.TProxyListenPort`).
+pub const TPROXY_LISTEN_PORT: u16 = 8102;
+
 /// Rule ids. A rule's id is its counter index, and `1 << id` is its bit in [`Config`]'s
 /// per-family rule masks and in a classification result.
 pub mod rule {
@@ -85,13 +88,16 @@ pub mod counter {
     pub const NO_ROLE: u32 = PASSED + 4;
     /// Packets that matched at least one rule (marked, or would be in shadow mode).
     pub const MARKED: u32 = PASSED + 5;
+    /// A probe-port packet on `lo` for which no transparent socket (established or the
+    /// listener) was found: passed on unsteered. (Kube-OVN's TPROXY rule would drop it.)
+    pub const TPROXY_NO_SOCKET: u32 = PASSED + 6;
 
     /// Size of the counter array; room to grow without changing the map layout.
     pub const SLOTS: u32 = 16;
 
-    const _: () = assert!(MARKED < SLOTS);
+    const _: () = assert!(TPROXY_NO_SOCKET < SLOTS);
 
-    pub const NAMES: [&str; (MARKED + 1) as usize] = [
+    pub const NAMES: [&str; (TPROXY_NO_SOCKET + 1) as usize] = [
         "R1a",
         "R1b",
         "R2t",
@@ -105,6 +111,7 @@ pub mod counter {
         "fragment",
         "no_role",
         "marked",
+        "tproxy_no_socket",
     ];
 }
 
@@ -178,8 +185,10 @@ pub mod names {
     pub const LOCAL_ADDRS_V4: &str = "kovn_local4";
     pub const LOCAL_ADDRS_V6: &str = "kovn_local6";
     pub const NODEPORT_LOCAL: &str = "kovn_nplocal";
+    pub const TPROXY_V4: &str = "kovn_tproxy4";
+    pub const TPROXY_V6: &str = "kovn_tproxy6";
 
-    pub const ALL_MAPS: [&str; 14] = [
+    pub const ALL_MAPS: [&str; 16] = [
         CONFIG,
         IFACES,
         COUNTERS,
@@ -194,6 +203,8 @@ pub mod names {
         LOCAL_ADDRS_V4,
         LOCAL_ADDRS_V6,
         NODEPORT_LOCAL,
+        TPROXY_V4,
+        TPROXY_V6,
     ];
 }
 
@@ -210,6 +221,8 @@ pub mod capacity {
     pub const OTHER_NODES: u32 = 131_072;
     /// On IPVS nodes every ClusterIP is a local address (kube-ipvs0).
     pub const LOCAL_ADDRS: u32 = 1_048_576;
+    /// Probe ports of the custom-VPC pods on one node.
+    pub const PROBE_TARGETS: u32 = 16_384;
 }
 
 /// The single entry of the config array.
@@ -225,9 +238,39 @@ pub struct Config {
     pub rules_v6: u32,
     /// `config_flag` bits.
     pub flags: u32,
-    pub pad: u32,
+    /// The transparent listener probe connections are steered to (Kube-OVN's
+    /// `--on-port 8102 --on-ip <NodeIP>`), host byte order; 0 when TPROXY is off.
+    pub tproxy_port: u16,
+    pub pad: u16,
+    /// Kube-OVN's `NodeIPv4`, network byte order.
+    pub tproxy_ip_v4: [u8; 4],
+    /// Kube-OVN's `NodeIPv6`.
+    pub tproxy_ip_v6: [u8; 16],
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 36);
+
+/// Key of the TPROXY maps: a custom-VPC pod's address and one of its liveness/readiness probe
+/// ports (the `-d <podIP> -p tcp --dport <port>` of Kube-OVN's mangle `OVN-PREROUTING`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ProbeTargetV4 {
+    pub addr: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<ProbeTargetV4>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ProbeTargetV6 {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<ProbeTargetV6>() == 20);
 
 /// A slot of the interface array. The array is indexed by `iface_slot(ifindex)` rather than
 /// hashed by ifindex: an array lookup is inlined by the verifier, a hash lookup costs a helper
@@ -289,6 +332,8 @@ mod user {
     unsafe impl aya::Pod for super::Iface {}
     unsafe impl aya::Pod for super::ServicePortV4 {}
     unsafe impl aya::Pod for super::ServicePortV6 {}
+    unsafe impl aya::Pod for super::ProbeTargetV4 {}
+    unsafe impl aya::Pod for super::ProbeTargetV6 {}
 }
 
 #[cfg(test)]

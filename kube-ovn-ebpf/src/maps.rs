@@ -7,7 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kube_ovn_ebpf_common::{
-    Config, Iface, ServicePortV4, ServicePortV6, capacity, counter, nodeport,
+    Config, Iface, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6, capacity, counter,
+    nodeport,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -73,3 +74,19 @@ pub static LOCAL_ADDRS_V6: LpmTrie<[u8; 16], u8, { capacity::LOCAL_ADDRS as usiz
 /// `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}` (bitmap:port), indexed by port; value: `nodeport` bits.
 #[btf_map(name = "kovn_nplocal")]
 pub static NODEPORT_LOCAL: Array<u8, { nodeport::PORTS as usize }> = Array::new();
+
+/// Kube-OVN's mangle `OVN-PREROUTING` TPROXY targets: custom-VPC pods' probe ports on this node.
+#[btf_map(name = "kovn_tproxy4")]
+pub static TPROXY_V4: HashMap<
+    ProbeTargetV4,
+    u8,
+    { capacity::PROBE_TARGETS as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+#[btf_map(name = "kovn_tproxy6")]
+pub static TPROXY_V6: HashMap<
+    ProbeTargetV6,
+    u8,
+    { capacity::PROBE_TARGETS as usize },
+    NO_PREALLOC,
+> = HashMap::new();

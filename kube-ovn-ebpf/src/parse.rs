@@ -84,6 +84,8 @@ pub struct Tuple<A> {
     pub proto: u8,
     /// Host byte order; `None` for protocols without ports (ICMP, …).
     pub dport: Option<u16>,
+    /// Host byte order; 0 for protocols without ports.
+    pub sport: u16,
 }
 
 pub enum Parsed {
@@ -151,12 +153,13 @@ fn ipv4(pkt: &Packet, l3: usize) -> ParseResult<Tuple<[u8; 4]>> {
     if be16(hdr.flags_fragment) & IPV4_FRAG_OFFSET_MASK != 0 {
         return Err(Skip::Fragment);
     }
-    let dport = l4_dport(pkt, hdr.proto, l3 + header_len)?;
+    let (sport, dport) = l4_ports(pkt, hdr.proto, l3 + header_len)?;
     Ok(Tuple {
         src: hdr.src,
         dst: hdr.dst,
         proto: hdr.proto,
         dport,
+        sport,
     })
 }
 
@@ -182,12 +185,13 @@ fn ipv6(pkt: &Packet, l3: usize) -> ParseResult<Tuple<[u8; 16]>> {
         return Err(Skip::Malformed);
     }
     let (proto, l4) = ipv6_upper_layer(pkt, hdr.next_header, l3 + IPV6_HLEN)?;
-    let dport = l4_dport(pkt, proto, l4)?;
+    let (sport, dport) = l4_ports(pkt, proto, l4)?;
     Ok(Tuple {
         src: hdr.src,
         dst: hdr.dst,
         proto,
         dport,
+        sport,
     })
 }
 
@@ -233,15 +237,15 @@ fn is_ipv6_extension(next: u8) -> bool {
     )
 }
 
-/// The destination port for protocols that have one at bytes 2..4 of their header.
+/// Source and destination port for protocols that carry them in bytes 0..4 of their header.
 #[inline(always)]
-fn l4_dport(pkt: &Packet, proto: u8, l4: usize) -> ParseResult<Option<u16>> {
+fn l4_ports(pkt: &Packet, proto: u8, l4: usize) -> ParseResult<(u16, Option<u16>)> {
     match proto {
         ipproto::TCP | ipproto::UDP | ipproto::SCTP => {
-            let [_, _, hi, lo]: [u8; 4] = pkt.load(l4).ok_or(Skip::Malformed)?;
-            Ok(Some(be16([hi, lo])))
+            let [s_hi, s_lo, d_hi, d_lo]: [u8; 4] = pkt.load(l4).ok_or(Skip::Malformed)?;
+            Ok((be16([s_hi, s_lo]), Some(be16([d_hi, d_lo]))))
         }
-        _ => Ok(None),
+        _ => Ok((0, None)),
     }
 }
 

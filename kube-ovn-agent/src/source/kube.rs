@@ -34,7 +34,7 @@ use super::{ClusterSource, Feed, Running, SourceStatus};
 use crate::cluster::{Kind, Snapshot, Subnet};
 
 /// The Pod annotation naming the pod's Subnet (Kube-OVN's `ovn.kubernetes.io/logical_switch`).
-pub const LOGICAL_SWITCH_ANNOTATION: &str = "ovn.kubernetes.io/logical_switch";
+pub use crate::cluster::LOGICAL_SWITCH_ANNOTATION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {

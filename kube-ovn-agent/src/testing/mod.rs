@@ -154,6 +154,27 @@ pub fn time_per_run(prog: &SchedClassifier, frame: &[u8], repeat: u32) -> Durati
     result.duration
 }
 
+/// Whether CI demands that the privileged suites run rather than skip
+/// (`KOVN_REQUIRE_PRIVILEGED` set to a non-empty value).
+pub fn privilege_required() -> bool {
+    std::env::var_os("KOVN_REQUIRE_PRIVILEGED").is_some_and(|v| !v.is_empty())
+}
+
+/// `KOVN_TEST_TIME_SCALE` (default 1): deadlines of real-traffic tests are multiplied by it,
+/// for kernels run under emulation (the VM matrix sets 10).
+pub fn time_scale() -> u32 {
+    std::env::var("KOVN_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(1)
+}
+
+/// `duration` stretched by [`time_scale`].
+pub fn scaled(duration: Duration) -> Duration {
+    duration * time_scale()
+}
+
 /// Why privileged tests cannot run here, if they cannot.
 pub fn missing_privilege() -> Option<String> {
     // SAFETY: geteuid has no preconditions.

@@ -4,7 +4,11 @@ use std::sync::Arc;
 
 use k8s_openapi::{
     api::{
-        core::v1::{Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec},
+        core::v1::{
+            Container, ContainerPort, GRPCAction, HTTPGetAction, Node, NodeAddress, NodeStatus,
+            Pod, PodIP, PodSpec, PodStatus, Probe, Service, ServicePort, ServiceSpec,
+            TCPSocketAction,
+        },
         networking::v1::{ServiceCIDR, ServiceCIDRSpec, ServiceCIDRStatus},
     },
     apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
@@ -125,6 +129,107 @@ pub fn service_cidr(name: &str, cidrs: &[&str], ready: bool) -> ServiceCIDR {
                 reason: "Test".into(),
                 observed_generation: None,
             }]),
+        }),
+    }
+}
+
+/// A probe of a pod's container: what it connects to.
+pub enum ProbeOn {
+    Tcp(i32),
+    /// A named container port.
+    HttpNamed(&'static str),
+    Grpc(i32),
+}
+
+fn probe(on: &ProbeOn) -> Probe {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match on {
+        ProbeOn::Tcp(port) => Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(*port),
+                ..TCPSocketAction::default()
+            }),
+            ..Probe::default()
+        },
+        ProbeOn::HttpNamed(name) => Probe {
+            http_get: Some(HTTPGetAction {
+                port: IntOrString::String((*name).into()),
+                ..HTTPGetAction::default()
+            }),
+            ..Probe::default()
+        },
+        ProbeOn::Grpc(port) => Probe {
+            grpc: Some(GRPCAction {
+                port: *port,
+                service: None,
+            }),
+            ..Probe::default()
+        },
+    }
+}
+
+/// The probes of a pod's container.
+#[derive(Default)]
+pub struct Probes {
+    pub readiness: Option<ProbeOn>,
+    pub liveness: Option<ProbeOn>,
+    pub startup: Option<ProbeOn>,
+}
+
+impl Probes {
+    /// Only a readiness probe.
+    pub fn ready(on: ProbeOn) -> Self {
+        Self {
+            readiness: Some(on),
+            ..Self::default()
+        }
+    }
+}
+
+/// A pod on `node` in `subnet` (the `ovn.kubernetes.io/logical_switch` annotation) with one
+/// container: its probes and its named ports.
+pub fn pod(
+    name: &str,
+    node: &str,
+    subnet: &str,
+    ips: &[&str],
+    probes: &Probes,
+    named_ports: &[(&str, i32)],
+) -> Pod {
+    let mut metadata = meta(name);
+    metadata.annotations = Some(
+        [(
+            crate::cluster::LOGICAL_SWITCH_ANNOTATION.to_owned(),
+            subnet.to_owned(),
+        )]
+        .into(),
+    );
+    Pod {
+        metadata,
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            containers: vec![Container {
+                name: "app".into(),
+                readiness_probe: probes.readiness.as_ref().map(probe),
+                liveness_probe: probes.liveness.as_ref().map(probe),
+                startup_probe: probes.startup.as_ref().map(probe),
+                ports: Some(
+                    named_ports
+                        .iter()
+                        .map(|(n, p)| ContainerPort {
+                            name: Some((*n).into()),
+                            container_port: *p,
+                            ..ContainerPort::default()
+                        })
+                        .collect(),
+                ),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            pod_ips: Some(ips.iter().map(|ip| PodIP { ip: (*ip).into() }).collect()),
+            ..PodStatus::default()
         }),
     }
 }

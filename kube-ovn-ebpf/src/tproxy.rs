@@ -1,0 +1,155 @@
+//! The TPROXY replacement (Kube-OVN's mangle `OVN-PREROUTING`, spec §1.3). A kubelet probe to a
+//! custom-VPC pod's liveness/readiness port is rerouted through `lo` by the 0x90003 mark Kube-OVN
+//! sets in mangle OUTPUT; here, at `lo` ingress, it is handed to the node's transparent listener
+//! (or to the established transparent socket of its connection) with `bpf_sk_assign`, and the
+//! caller marks it 0x90004 so the `fwmark 0x90004 lookup 10001` rule delivers it locally.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
+    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::TcContext,
+};
+use kube_ovn_ebpf_common::{Config, ProbeTargetV4, ProbeTargetV6, ipproto};
+
+use crate::{
+    maps::{TPROXY_V4, TPROXY_V6},
+    parse::Tuple,
+};
+
+pub enum Steer {
+    /// Not a probe to a custom-VPC pod's probe port.
+    NotProbe,
+    /// A probe packet; `assigned` when a transparent socket now owns it.
+    Probe { assigned: bool },
+}
+
+/// What one address family contributes: the probe-target map and the socket tuple layout.
+pub trait ProbeFamily {
+    type Addr: Copy;
+    fn is_probe_target(addr: Self::Addr, port: u16) -> bool;
+    fn tuple(src: Self::Addr, dst: Self::Addr, sport: u16, dport: u16) -> (bpf_sock_tuple, u32);
+    fn listener(config: &Config) -> Self::Addr;
+}
+
+pub struct V4;
+pub struct V6;
+
+impl ProbeFamily for V4 {
+    type Addr = [u8; 4];
+    #[inline(always)]
+    fn is_probe_target(addr: [u8; 4], port: u16) -> bool {
+        TPROXY_V4
+            .get_ptr(ProbeTargetV4 { addr, port, pad: 0 })
+            .is_some()
+    }
+    #[inline(always)]
+    fn tuple(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> (bpf_sock_tuple, u32) {
+        let ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: u32::from_ne_bytes(src),
+            daddr: u32::from_ne_bytes(dst),
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+        };
+        let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+        (
+            bpf_sock_tuple {
+                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv4 },
+            },
+            size,
+        )
+    }
+    #[inline(always)]
+    fn listener(config: &Config) -> [u8; 4] {
+        config.tproxy_ip_v4
+    }
+}
+
+impl ProbeFamily for V6 {
+    type Addr = [u8; 16];
+    #[inline(always)]
+    fn is_probe_target(addr: [u8; 16], port: u16) -> bool {
+        TPROXY_V6
+            .get_ptr(ProbeTargetV6 { addr, port, pad: 0 })
+            .is_some()
+    }
+    #[inline(always)]
+    fn tuple(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> (bpf_sock_tuple, u32) {
+        let words = |a: [u8; 16]| {
+            [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ]
+        };
+        let ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: words(src),
+            daddr: words(dst),
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+        };
+        let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32;
+        (
+            bpf_sock_tuple {
+                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv6 },
+            },
+            size,
+        )
+    }
+    #[inline(always)]
+    fn listener(config: &Config) -> [u8; 16] {
+        config.tproxy_ip_v6
+    }
+}
+
+/// Whether `t` is a probe to a custom-VPC pod, and if so (unless `shadow`) hands it to its
+/// transparent socket: the established one of its connection (later packets of a probe, spec
+/// vector T7), else the listener on `tproxy_ip:tproxy_port`.
+#[inline(always)]
+pub fn steer<F: ProbeFamily>(
+    ctx: &TcContext,
+    t: &Tuple<F::Addr>,
+    config: &Config,
+    shadow: bool,
+) -> Steer {
+    let Some(dport) = t.dport else {
+        return Steer::NotProbe;
+    };
+    if t.proto != ipproto::TCP || !F::is_probe_target(t.dst, dport) {
+        return Steer::NotProbe;
+    }
+    if shadow {
+        // Shadow mode observes only; whether a socket would be found is not checked.
+        return Steer::Probe { assigned: true };
+    }
+    let skb = ctx.skb.skb.cast();
+    let (mut tuple, size) = F::tuple(t.src, t.dst, t.sport, dport);
+    // SAFETY: helpers on the program's own context with a tuple on the stack; every socket
+    // reference obtained is released on every path.
+    unsafe {
+        let netns = BPF_F_CURRENT_NETNS as u64;
+        // The "skc" lookup also returns request sockets (a handshake in progress), which the
+        // final ACK must reach; the plain lookup would turn them into their listener.
+        let mut sk: *mut bpf_sock = bpf_skc_lookup_tcp(skb, &raw mut tuple, size, netns, 0);
+        if !sk.is_null() && (*sk).state == BPF_TCP_LISTEN as u32 {
+            // A listener bound to the pod address itself is not the transparent one.
+            bpf_sk_release(sk.cast());
+            sk = core::ptr::null_mut();
+        }
+        if sk.is_null() {
+            let (mut listener, size) =
+                F::tuple(t.src, F::listener(config), t.sport, config.tproxy_port);
+            sk = bpf_sk_lookup_tcp(skb, &raw mut listener, size, netns, 0);
+        }
+        if sk.is_null() {
+            return Steer::Probe { assigned: false };
+        }
+        let assigned = bpf_sk_assign(skb, sk.cast(), 0) == 0;
+        bpf_sk_release(sk.cast());
+        Steer::Probe { assigned }
+    }
+}
