@@ -2,6 +2,7 @@
 //! ipsets would hold, and its program attached to the right interfaces.
 
 pub mod attach;
+pub mod batch;
 pub mod bpffs;
 pub mod cleanup;
 pub mod cli;

@@ -11,16 +11,22 @@ use std::{
     collections::BTreeMap,
     io,
     net::{Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd as _, OwnedFd},
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use aya::maps::{
+    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key,
+};
 use ipnet::{Ipv4Net, Ipv6Net};
 use kube_ovn_ebpf_common::{
     Config, Iface, PRESENT, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6, counter,
     iface_slot, names,
 };
 
-use crate::state::{Desired, FamilyState, ProbeTarget, Proto, ServicePort};
+use crate::{
+    batch,
+    state::{Desired, FamilyState, ProbeTarget, Proto, ServicePort},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
@@ -106,6 +112,78 @@ pub trait MapTable<K, V>: Send {
     fn read_all(&self) -> Result<Vec<(K, V)>>;
     fn write(&mut self, key: K, value: V) -> Result<()>;
     fn remove(&mut self, key: K) -> Result<()>;
+    /// Writes every entry; one result per entry, in order. Kernel tables override this with
+    /// batch updates.
+    fn write_many(&mut self, entries: &[(K, V)]) -> Vec<Result<()>>
+    where
+        K: Copy,
+        V: Copy,
+    {
+        entries.iter().map(|&(k, v)| self.write(k, v)).collect()
+    }
+}
+
+/// A kernel map's batch-update handle: a duplicate of its fd (so single writes through the aya
+/// handle can interleave) and whether the kernel accepted batches for it so far.
+struct Batcher {
+    fd: OwnedFd,
+    supported: bool,
+}
+
+impl Batcher {
+    fn new(map: &MapData) -> Self {
+        let fd = map
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("duplicating a map fd");
+        Self {
+            fd,
+            supported: true,
+        }
+    }
+
+    /// Writes `keys[i] → values[i]` by batches, falling back to `single(i)` for an entry a batch
+    /// stopped at (so its error is the typed one of a single write) and for every entry once the
+    /// kernel turns out to lack batch updates for this map type.
+    fn write<KR: aya::Pod, VR: aya::Pod>(
+        &mut self,
+        keys: &[KR],
+        values: &[VR],
+        mut single: impl FnMut(usize) -> Result<()>,
+    ) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(keys.len());
+        let mut next = 0;
+        while next < keys.len() {
+            if !self.supported {
+                results.push(single(next));
+                next += 1;
+                continue;
+            }
+            match batch::update(self.fd.as_fd(), &keys[next..], &values[next..]) {
+                Ok(()) => {
+                    results.resize_with(keys.len(), || Ok(()));
+                    next = keys.len();
+                }
+                Err(batch::Stopped::Unsupported) => {
+                    let result = single(next);
+                    // The entry itself is fine, so the kernel lacks the command, not our data.
+                    if result.is_ok() {
+                        self.supported = false;
+                    }
+                    results.push(result);
+                    next += 1;
+                }
+                Err(batch::Stopped::At { at, .. }) => {
+                    results.resize_with(results.len() + at, || Ok(()));
+                    next += at;
+                    results.push(single(next));
+                    next += 1;
+                }
+            }
+        }
+        results
+    }
 }
 
 /// Conversion between a human key/value and the raw `#[repr(C)]` form stored in the kernel.
@@ -261,17 +339,38 @@ fn take(maps: &mut BTreeMap<&'static str, Map>, name: &'static str) -> Result<Ma
 pub struct HashTable<K: Codec, V: Codec> {
     name: &'static str,
     map: HashMap<MapData, K::Raw, V::Raw>,
+    batcher: Batcher,
 }
 
 impl<K: Codec, V: Codec> HashTable<K, V> {
     pub fn new(maps: &mut BTreeMap<&'static str, Map>, name: &'static str) -> Result<Self> {
-        let map = take(maps, name)?
-            .try_into()
-            .map_err(|source| MapError::Layout {
+        let map: HashMap<MapData, K::Raw, V::Raw> =
+            take(maps, name)?
+                .try_into()
+                .map_err(|source| MapError::Layout {
+                    map: name,
+                    source: Box::new(source),
+                })?;
+        let batcher = Batcher::new(map.map());
+        Ok(Self { name, map, batcher })
+    }
+
+    fn insert(
+        map: &mut HashMap<MapData, K::Raw, V::Raw>,
+        name: &'static str,
+        key: &K,
+        value: &V,
+    ) -> Result<()>
+    where
+        K: std::fmt::Debug,
+    {
+        map.insert(key.encode(), value.encode(), 0)
+            .map_err(|source| MapError::Entry {
+                op: "insert",
                 map: name,
+                key: format!("{key:?}"),
                 source: Box::new(source),
-            })?;
-        Ok(Self { name, map })
+            })
     }
 }
 
@@ -301,14 +400,19 @@ where
         Ok(entries)
     }
     fn write(&mut self, key: K, value: V) -> Result<()> {
-        self.map
-            .insert(key.encode(), value.encode(), 0)
-            .map_err(|source| MapError::Entry {
-                op: "insert",
-                map: self.name,
-                key: format!("{key:?}"),
-                source: Box::new(source),
-            })
+        Self::insert(&mut self.map, self.name, &key, &value)
+    }
+    fn write_many(&mut self, entries: &[(K, V)]) -> Vec<Result<()>>
+    where
+        K: Copy,
+        V: Copy,
+    {
+        let keys: Vec<K::Raw> = entries.iter().map(|(k, _)| k.encode()).collect();
+        let values: Vec<V::Raw> = entries.iter().map(|(_, v)| v.encode()).collect();
+        let (map, name) = (&mut self.map, self.name);
+        self.batcher.write(&keys, &values, |i| {
+            Self::insert(map, name, &entries[i].0, &entries[i].1)
+        })
     }
     fn remove(&mut self, key: K) -> Result<()> {
         match self.map.remove(&key.encode()) {
@@ -328,17 +432,33 @@ where
 pub struct PrefixTable<N: Prefix> {
     name: &'static str,
     map: LpmTrie<MapData, N::Data, u8>,
+    batcher: Batcher,
 }
 
 impl<N: Prefix> PrefixTable<N> {
     pub fn new(maps: &mut BTreeMap<&'static str, Map>, name: &'static str) -> Result<Self> {
-        let map = take(maps, name)?
-            .try_into()
-            .map_err(|source| MapError::Layout {
+        let map: LpmTrie<MapData, N::Data, u8> =
+            take(maps, name)?
+                .try_into()
+                .map_err(|source| MapError::Layout {
+                    map: name,
+                    source: Box::new(source),
+                })?;
+        let batcher = Batcher::new(map.map());
+        Ok(Self { name, map, batcher })
+    }
+
+    fn insert(map: &mut LpmTrie<MapData, N::Data, u8>, name: &'static str, key: &N) -> Result<()>
+    where
+        N: std::fmt::Display,
+    {
+        map.insert(&key.to_key(), PRESENT, 0)
+            .map_err(|source| MapError::Entry {
+                op: "insert",
                 map: name,
+                key: key.to_string(),
                 source: Box::new(source),
-            })?;
-        Ok(Self { name, map })
+            })
     }
 }
 
@@ -364,14 +484,17 @@ where
         Ok(entries)
     }
     fn write(&mut self, key: N, (): ()) -> Result<()> {
-        self.map
-            .insert(&key.to_key(), PRESENT, 0)
-            .map_err(|source| MapError::Entry {
-                op: "insert",
-                map: self.name,
-                key: key.to_string(),
-                source: Box::new(source),
-            })
+        Self::insert(&mut self.map, self.name, &key)
+    }
+    fn write_many(&mut self, entries: &[(N, ())]) -> Vec<Result<()>>
+    where
+        N: Copy,
+    {
+        let keys: Vec<Key<N::Data>> = entries.iter().map(|(k, ())| k.to_key()).collect();
+        let values = vec![PRESENT; entries.len()];
+        let (map, name) = (&mut self.map, self.name);
+        self.batcher
+            .write(&keys, &values, |i| Self::insert(map, name, &entries[i].0))
     }
     fn remove(&mut self, key: N) -> Result<()> {
         match self.map.remove(&key.to_key()) {
@@ -390,18 +513,31 @@ where
 /// The NodePort-local array: port → `nodeport` bits; zero means absent.
 pub struct PortArrayTable {
     map: Array<MapData, u8>,
+    batcher: Batcher,
 }
 
 impl PortArrayTable {
     pub fn new(maps: &mut BTreeMap<&'static str, Map>) -> Result<Self> {
         let name = names::NODEPORT_LOCAL;
-        let map = take(maps, name)?
-            .try_into()
-            .map_err(|source| MapError::Layout {
-                map: name,
+        let map: Array<MapData, u8> =
+            take(maps, name)?
+                .try_into()
+                .map_err(|source| MapError::Layout {
+                    map: name,
+                    source: Box::new(source),
+                })?;
+        let batcher = Batcher::new(map.map());
+        Ok(Self { map, batcher })
+    }
+
+    fn set(map: &mut Array<MapData, u8>, port: u16, bits: u8) -> Result<()> {
+        map.set(u32::from(port), bits, 0)
+            .map_err(|source| MapError::Entry {
+                op: "set",
+                map: names::NODEPORT_LOCAL,
+                key: port.to_string(),
                 source: Box::new(source),
-            })?;
-        Ok(Self { map })
+            })
     }
 }
 
@@ -423,17 +559,18 @@ impl MapTable<u16, u8> for PortArrayTable {
         Ok(entries)
     }
     fn write(&mut self, port: u16, bits: u8) -> Result<()> {
-        self.map
-            .set(u32::from(port), bits, 0)
-            .map_err(|source| MapError::Entry {
-                op: "set",
-                map: names::NODEPORT_LOCAL,
-                key: port.to_string(),
-                source: Box::new(source),
-            })
+        Self::set(&mut self.map, port, bits)
     }
     fn remove(&mut self, port: u16) -> Result<()> {
         self.write(port, 0)
+    }
+    fn write_many(&mut self, entries: &[(u16, u8)]) -> Vec<Result<()>> {
+        let keys: Vec<u32> = entries.iter().map(|&(port, _)| u32::from(port)).collect();
+        let values: Vec<u8> = entries.iter().map(|&(_, bits)| bits).collect();
+        let map = &mut self.map;
+        self.batcher.write(&keys, &values, |i| {
+            Self::set(map, entries[i].0, entries[i].1)
+        })
     }
 }
 
@@ -673,8 +810,9 @@ impl<K: Ord + Copy, V: Copy + PartialEq> Synced<K, V> {
         // Additions go first so a replaced entry is never briefly missing; writes refused for a
         // full map are retried once the stale entries are gone.
         let mut refused = Vec::new();
-        for (key, value) in writes {
-            match self.table.write(key, value) {
+        let results = self.table.write_many(&writes);
+        for ((key, value), result) in writes.into_iter().zip(results) {
+            match result {
                 Ok(()) => {
                     self.mirror.insert(key, value);
                     report.written += 1;

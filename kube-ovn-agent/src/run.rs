@@ -112,6 +112,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics,
         health,
         logged: BTreeSet::new(),
+        memo: translate::Memo::default(),
         clobber_findings: BTreeSet::new(),
         ready: false,
         last_roles: BTreeMap::new(),
@@ -135,6 +136,8 @@ struct Agent {
     health: Arc<Health>,
     /// Messages already logged, so a lasting fault is logged once, not every pass.
     logged: BTreeSet<String>,
+    /// Per-object translation results reused while the objects are unchanged.
+    memo: translate::Memo,
     clobber_findings: BTreeSet<String>,
     ready: bool,
     /// Interface roles and listing state at the last attach pass.
@@ -241,7 +244,8 @@ impl Agent {
             local_v6: net.local_v6.clone(),
             ifaces: roles.values().copied().collect(),
         };
-        let translation = translate::translate(&snapshot, &facts, &self.options);
+        let translation =
+            translate::translate_with(&mut self.memo, &snapshot, &facts, &self.options);
         self.metrics
             .translation_issues
             .set(i64::try_from(translation.issues.len()).unwrap_or(i64::MAX));

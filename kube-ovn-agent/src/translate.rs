@@ -4,8 +4,9 @@
 //! it owns; the comments name the rule each one reproduces.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -126,6 +127,25 @@ pub struct Translation {
 
 /// The desired content of every map.
 pub fn translate(snapshot: &Snapshot, node: &NodeFacts, options: &Options) -> Translation {
+    translate_inner(snapshot, node, options, None)
+}
+
+/// [`translate`], reusing per-object results from earlier calls with the same `memo`.
+pub fn translate_with(
+    memo: &mut Memo,
+    snapshot: &Snapshot,
+    node: &NodeFacts,
+    options: &Options,
+) -> Translation {
+    translate_inner(snapshot, node, options, Some(memo))
+}
+
+fn translate_inner(
+    snapshot: &Snapshot,
+    node: &NodeFacts,
+    options: &Options,
+    memo: Option<&mut Memo>,
+) -> Translation {
     let mut issues = Vec::new();
     let mut desired = Desired {
         ifaces: node.ifaces.clone(),
@@ -150,7 +170,7 @@ pub fn translate(snapshot: &Snapshot, node: &NodeFacts, options: &Options) -> Tr
     let services = if (rules_v4 | rules_v6) & service_rules == 0 {
         ServiceSets::default()
     } else {
-        services(snapshot, &mut issues)
+        services(snapshot, &mut issues, memo)
     };
 
     if let Some(port) = options.tproxy_port {
@@ -332,7 +352,7 @@ pub fn validate(snapshot: &Snapshot) -> Vec<Issue> {
     let mut issues = Vec::new();
     default_vpc_subnets(snapshot, &options, &mut issues);
     service_cidrs(snapshot, &options, &mut issues);
-    services(snapshot, &mut issues);
+    services(snapshot, &mut issues, None);
     issues.sort_by(|a, b| (a.kind, &a.object, &a.message).cmp(&(b.kind, &b.object, &b.message)));
     issues.dedup();
     issues
@@ -579,78 +599,75 @@ fn other_nodes<A: Addr>(snapshot: &Snapshot, node_name: &str) -> BTreeSet<A> {
 /// kube-proxy's per-family proxier, a Service contributes to a family only if it has a
 /// ClusterIP of that family. Entries are gathered in vectors and bulk-built into sets, which
 /// is several times faster than inserting one by one (this runs on every change).
-fn services(snapshot: &Snapshot, issues: &mut Vec<Issue>) -> ServiceSets {
+/// What one Service adds to the sets: a function of that object alone, so it can be reused
+/// while the object is unchanged.
+#[derive(Debug, Default)]
+struct ServiceEntries {
+    ports4: Vec<ServicePort<Ipv4Addr>>,
+    ports6: Vec<ServicePort<Ipv6Addr>>,
+    local_tcp4: Vec<u16>,
+    local_udp4: Vec<u16>,
+    local_tcp6: Vec<u16>,
+    local_udp6: Vec<u16>,
+    issues: Vec<Issue>,
+}
+
+/// Per-object results carried from one translation to the next.
+///
+/// Reflector stores hand out the same `Arc` for an object until it changes, so a Service whose
+/// `Arc` was seen last pass is not read again; a single change costs one object plus merging,
+/// not re-parsing every Service. The memo holds the `Arc`s it keys on, so an address cannot be
+/// reused by another object while its entry exists. It changes cost only: `translate_with`
+/// returns exactly what `translate` does (tested).
+#[derive(Debug, Default)]
+pub struct Memo {
+    services: HashMap<usize, Memoised>,
+    /// Counts translations; entries not seen in the latest one are dropped.
+    pass: u64,
+}
+
+#[derive(Debug)]
+struct Memoised {
+    /// Keeps the keyed address owned by this object.
+    _object: Arc<Service>,
+    entries: ServiceEntries,
+    seen: u64,
+}
+
+fn services(snapshot: &Snapshot, issues: &mut Vec<Issue>, memo: Option<&mut Memo>) -> ServiceSets {
     let (mut ports4, mut ports6) = (Vec::new(), Vec::new());
     let (mut tcp4, mut udp4, mut tcp6, mut udp6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut ips = Vec::new();
-    for service in &snapshot.services {
-        let Some(spec) = &service.spec else { continue };
-        ips.clear();
-        cluster_ips(service, issues, &mut ips);
-        if ips.is_empty() {
-            continue;
+    let mut add = |entries: &ServiceEntries, issues: &mut Vec<Issue>| {
+        ports4.extend_from_slice(&entries.ports4);
+        ports6.extend_from_slice(&entries.ports6);
+        tcp4.extend_from_slice(&entries.local_tcp4);
+        udp4.extend_from_slice(&entries.local_udp4);
+        tcp6.extend_from_slice(&entries.local_tcp6);
+        udp6.extend_from_slice(&entries.local_udp6);
+        issues.extend(entries.issues.iter().cloned());
+    };
+    match memo {
+        None => {
+            for service in &snapshot.services {
+                add(&service_entries(service), issues);
+            }
         }
-        let (has_v4, has_v6) = (
-            ips.iter().any(IpAddr::is_ipv4),
-            ips.iter().any(IpAddr::is_ipv6),
-        );
-        let etp_local = spec.external_traffic_policy.as_deref() == Some("Local")
-            && matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-        for port in spec.ports.iter().flatten() {
-            let protocol = port.protocol.as_deref().unwrap_or("TCP");
-            let proto = match protocol {
-                "TCP" => Proto::Tcp,
-                "UDP" => Proto::Udp,
-                "SCTP" => Proto::Sctp,
-                other => {
-                    issues.push(Issue {
-                        kind: Kind::Service.name(),
-                        object: object_name(&service.metadata),
-                        message: format!("unknown port protocol {other:?}; port skipped"),
+        Some(memo) => {
+            memo.pass += 1;
+            let pass = memo.pass;
+            for service in &snapshot.services {
+                let memoised = memo
+                    .services
+                    .entry(Arc::as_ptr(service) as usize)
+                    .or_insert_with(|| Memoised {
+                        _object: Arc::clone(service),
+                        entries: service_entries(service),
+                        seen: pass,
                     });
-                    continue;
-                }
-            };
-            let Ok(number) = u16::try_from(port.port) else {
-                issues.push(Issue {
-                    kind: Kind::Service.name(),
-                    object: object_name(&service.metadata),
-                    message: format!("port {} out of range; port skipped", port.port),
-                });
-                continue;
-            };
-            for ip in &ips {
-                match *ip {
-                    IpAddr::V4(addr) => ports4.push(ServicePort {
-                        addr,
-                        proto,
-                        port: number,
-                    }),
-                    IpAddr::V6(addr) => ports6.push(ServicePort {
-                        addr,
-                        proto,
-                        port: number,
-                    }),
-                }
+                memoised.seen = pass;
+                add(&memoised.entries, issues);
             }
-            let node_port = port
-                .node_port
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0);
-            if let (true, Some(node_port)) = (etp_local, node_port) {
-                // kube-proxy keeps SCTP in a hash:ip,port set Kube-OVN never matches.
-                let (v4, v6) = match proto {
-                    Proto::Tcp => (&mut tcp4, &mut tcp6),
-                    Proto::Udp => (&mut udp4, &mut udp6),
-                    Proto::Sctp => continue,
-                };
-                if has_v4 {
-                    v4.push(node_port);
-                }
-                if has_v6 {
-                    v6.push(node_port);
-                }
-            }
+            memo.services.retain(|_, m| m.seen == pass);
         }
     }
     ServiceSets {
@@ -665,6 +682,81 @@ fn services(snapshot: &Snapshot, issues: &mut Vec<Issue>) -> ServiceSets {
             local_udp: udp6.into_iter().collect(),
         },
     }
+}
+
+fn service_entries(service: &Service) -> ServiceEntries {
+    let mut out = ServiceEntries::default();
+    let Some(spec) = &service.spec else {
+        return out;
+    };
+    let mut ips = Vec::new();
+    cluster_ips(service, &mut out.issues, &mut ips);
+    if ips.is_empty() {
+        return out;
+    }
+    let (has_v4, has_v6) = (
+        ips.iter().any(IpAddr::is_ipv4),
+        ips.iter().any(IpAddr::is_ipv6),
+    );
+    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local")
+        && matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    for port in spec.ports.iter().flatten() {
+        let protocol = port.protocol.as_deref().unwrap_or("TCP");
+        let proto = match protocol {
+            "TCP" => Proto::Tcp,
+            "UDP" => Proto::Udp,
+            "SCTP" => Proto::Sctp,
+            other => {
+                out.issues.push(Issue {
+                    kind: Kind::Service.name(),
+                    object: object_name(&service.metadata),
+                    message: format!("unknown port protocol {other:?}; port skipped"),
+                });
+                continue;
+            }
+        };
+        let Ok(number) = u16::try_from(port.port) else {
+            out.issues.push(Issue {
+                kind: Kind::Service.name(),
+                object: object_name(&service.metadata),
+                message: format!("port {} out of range; port skipped", port.port),
+            });
+            continue;
+        };
+        for ip in &ips {
+            match *ip {
+                IpAddr::V4(addr) => out.ports4.push(ServicePort {
+                    addr,
+                    proto,
+                    port: number,
+                }),
+                IpAddr::V6(addr) => out.ports6.push(ServicePort {
+                    addr,
+                    proto,
+                    port: number,
+                }),
+            }
+        }
+        let node_port = port
+            .node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0);
+        if let (true, Some(node_port)) = (etp_local, node_port) {
+            // kube-proxy keeps SCTP in a hash:ip,port set Kube-OVN never matches.
+            let (v4, v6) = match proto {
+                Proto::Tcp => (&mut out.local_tcp4, &mut out.local_tcp6),
+                Proto::Udp => (&mut out.local_udp4, &mut out.local_udp6),
+                Proto::Sctp => continue,
+            };
+            if has_v4 {
+                v4.push(node_port);
+            }
+            if has_v6 {
+                v6.push(node_port);
+            }
+        }
+    }
+    out
 }
 
 /// `spec.clusterIPs`, falling back to `spec.clusterIP`, appended to `ips`; `None` (headless) is
@@ -1304,5 +1396,77 @@ mod tests {
             t.desired.ifaces,
             [(fixture::TEST_RUN_IFINDEX, role::OVN0)].into()
         );
+    }
+
+    /// A memo changes cost, never results: over a random history of Service adds, edits
+    /// (valid and invalid), deletes, unchanged objects and re-lists (same content, new `Arc`),
+    /// every memoised translation equals the pure one.
+    #[test]
+    fn memoised_translation_equals_the_pure_one_over_a_random_history() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+
+        fn random_service(rng: &mut StdRng, i: usize) -> Service {
+            let ip4 = format!("10.96.{}.{}", i / 250, i % 250);
+            let ip6 = format!("fd00:10:96::{i:x}");
+            let ips: Vec<&str> = match rng.random_range(0..10) {
+                0 => vec![&ip6],
+                1 => vec![&ip4, &ip6],
+                2 => vec!["not-an-ip"],
+                3 => vec!["None"],
+                _ => vec![&ip4],
+            };
+            let protocol = ["TCP", "UDP", "SCTP", "QUIC"][rng.random_range(0..4)];
+            let port = [80, 443, 70_000, rng.random_range(1..65_536)][rng.random_range(0..4)];
+            let node_port = rng
+                .random_bool(0.5)
+                .then(|| rng.random_range(30_000..30_100));
+            let type_ = ["ClusterIP", "NodePort", "LoadBalancer"][rng.random_range(0..3)];
+            service(
+                &format!("ns/svc-{i}"),
+                type_,
+                &ips,
+                &[Port(protocol, port, node_port), Port("TCP", 8080, None)],
+                rng.random_bool(0.5),
+            )
+        }
+
+        let mut rng = StdRng::seed_from_u64(0x6b6f_766e);
+        let mut snapshot = spec_cluster();
+        let mut next_name = 0;
+        let mut memo = Memo::default();
+        let node = n1(role::NODE_NIC);
+        for step in 0..300 {
+            match rng.random_range(0..6) {
+                0 | 1 => {
+                    snapshot
+                        .services
+                        .push(Arc::new(random_service(&mut rng, next_name)));
+                    next_name += 1;
+                }
+                2 if !snapshot.services.is_empty() => {
+                    let at = rng.random_range(0..snapshot.services.len());
+                    snapshot.services[at] = Arc::new(random_service(&mut rng, at));
+                }
+                3 if !snapshot.services.is_empty() => {
+                    let at = rng.random_range(0..snapshot.services.len());
+                    snapshot.services.swap_remove(at);
+                }
+                4 => {
+                    // A re-list: the same objects in new allocations, in another order.
+                    snapshot.services = snapshot
+                        .services
+                        .iter()
+                        .rev()
+                        .map(|s| Arc::new(s.as_ref().clone()))
+                        .collect();
+                }
+                _ => {}
+            }
+            let pure = translate(&snapshot, &node, &ipvs());
+            let memoised = translate_with(&mut memo, &snapshot, &node, &ipvs());
+            assert_eq!(memoised.desired, pure.desired, "step {step}");
+            assert_eq!(memoised.issues, pure.issues, "step {step}");
+            assert_eq!(memo.services.len(), snapshot.services.len(), "step {step}");
+        }
     }
 }

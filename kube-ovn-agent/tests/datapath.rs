@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kube_ovn_agent::{
     model,
-    state::{Desired, Proto, ServicePort},
+    state::{Desired, ProbeTarget, Proto, ServicePort},
     testing::{
         TestDatapath, VERDICT_CONTINUE,
         fixture::{self, Mode, TEST_RUN_IFINDEX, Vector},
@@ -13,7 +13,7 @@ use kube_ovn_agent::{
         packet::{L4, Packet, TPID_8021AD, TPID_8021Q, ext},
     },
 };
-use kube_ovn_ebpf_common::{counter, role, rule};
+use kube_ovn_ebpf_common::{capacity, counter, role, rule};
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
@@ -52,6 +52,10 @@ fn main() {
         Trial::test("interface_without_role_is_not_classified", no_role),
         Trial::test("sctp_cluster_ip_matches_r1a", sctp_cluster_ip),
         Trial::test("program_agrees_with_the_reference_model", property),
+        Trial::test(
+            "batched_map_writes_land_exactly_and_a_full_map_keeps_what_fits",
+            batched_writes,
+        ),
         Trial::test(
             "tproxy_vectors_without_a_transparent_socket",
             tproxy_without_socket,
@@ -666,7 +670,7 @@ fn tproxy_without_socket() -> Result<(), Failed> {
         d.v4.tproxy_listener = Some(Ipv4Addr::new(192, 168, 0, 11));
         d.tproxy_port = kube_ovn_ebpf_common::TPROXY_LISTEN_PORT;
         d.v4.probe_targets
-            .extend([8080, 8081].map(|port| kube_ovn_agent::state::ProbeTarget {
+            .extend([8080, 8081].map(|port| ProbeTarget {
                 addr: Ipv4Addr::new(10, 0, 1, 5),
                 port,
             }));
@@ -718,4 +722,65 @@ fn tproxy_without_socket() -> Result<(), Failed> {
     )?;
     dp.apply(&state(role::LOOPBACK, true));
     run(&mut dp, "T1 in shadow mode", &probe(8080), rule::TPROXY)
+}
+
+/// Cold-start-sized writes go through `BPF_MAP_UPDATE_BATCH` (hash, LPM trie and array maps):
+/// what the kernel holds afterwards, read back entry by entry, is exactly the desired state. A
+/// hash map filled past capacity keeps every entry that fits, reports each refused one as
+/// "full", and once stale entries are pruned the refused ones are written.
+fn batched_writes() -> Result<(), Failed> {
+    let mut dp = TestDatapath::load();
+    let mut desired = fixture::desired(Mode::A, role::NODE_NIC);
+    let v4 = |i: u32| Ipv4Addr::from(0x0a00_0000 + i);
+    desired.v4.subnets = (0..5_000)
+        .map(|i| format!("{}/32", v4(i)).parse().unwrap())
+        .collect();
+    desired.v4.service_ports = (0..30_000)
+        .map(|i| ServicePort {
+            addr: v4(i / 3),
+            proto: [Proto::Tcp, Proto::Udp, Proto::Sctp][(i % 3) as usize],
+            port: u16::try_from(i % 60_000 + 1).unwrap(),
+        })
+        .collect();
+    desired.v4.nodeport_local_tcp = (30_000..32_000).collect();
+    dp.apply(&desired);
+    dp.tables.refresh_all().map_err(|e| e.to_string())?;
+    if dp.tables.current() != desired {
+        return Err("the kernel maps do not hold the desired state after batched writes".into());
+    }
+
+    let capacity = usize::try_from(capacity::PROBE_TARGETS).unwrap();
+    let target = |i: usize| ProbeTarget {
+        addr: v4(u32::try_from(i).unwrap()),
+        port: 8080,
+    };
+    desired.v4.probe_targets = (0..capacity + 16).map(target).collect();
+    let report = dp.tables.apply(&desired, true);
+    let full = report.errors.iter().filter(|e| e.is_full()).count();
+    if (report.errors.len(), full) != (16, 16) {
+        return Err(format!("expected 16 'full' errors, got {:?}", report.errors).into());
+    }
+    dp.tables.refresh_all().map_err(|e| e.to_string())?;
+    let held = dp.tables.current().v4.probe_targets;
+    if held.len() != capacity || !held.is_subset(&desired.v4.probe_targets) {
+        return Err(format!(
+            "the full map holds {} entries, not {capacity} of ours",
+            held.len()
+        )
+        .into());
+    }
+
+    // Half replaced: the new half only fits once the stale half is gone.
+    desired.v4.probe_targets = (capacity / 2..capacity / 2 + capacity)
+        .map(target)
+        .collect();
+    let report = dp.tables.apply(&desired, true);
+    if !report.errors.is_empty() {
+        return Err(format!("replacing half of a full map: {:?}", report.errors).into());
+    }
+    dp.tables.refresh_all().map_err(|e| e.to_string())?;
+    if dp.tables.current() != desired {
+        return Err("after pruning, the refused entries were not written".into());
+    }
+    Ok(())
 }

@@ -99,7 +99,7 @@ where
             Steer::Probe { assigned: true } => {
                 hits |= rule::bit(rule::TPROXY);
                 if !shadow {
-                    verdict = TC_ACT_OK as i32;
+                    verdict = TC_ACT_OK;
                 }
             }
             Steer::Probe { assigned: false } => act::count(counter::TPROXY_NO_SOCKET),

@@ -54,6 +54,7 @@ impl ProbeFamily for V4 {
             sport: sport.to_be(),
             dport: dport.to_be(),
         };
+        #[expect(clippy::cast_possible_truncation, reason = "a 12- or 36-byte struct")]
         let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
         (
             bpf_sock_tuple {
@@ -92,6 +93,7 @@ impl ProbeFamily for V6 {
             sport: sport.to_be(),
             dport: dport.to_be(),
         };
+        #[expect(clippy::cast_possible_truncation, reason = "a 12- or 36-byte struct")]
         let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32;
         (
             bpf_sock_tuple {
@@ -131,11 +133,12 @@ pub fn steer<F: ProbeFamily>(
     // SAFETY: helpers on the program's own context with a tuple on the stack; every socket
     // reference obtained is released on every path.
     unsafe {
-        let netns = BPF_F_CURRENT_NETNS as u64;
+        // The kernel reads a negative (as s32) netns id as "the packet's own namespace".
+        let netns = i64::from(BPF_F_CURRENT_NETNS).cast_unsigned();
         // The "skc" lookup also returns request sockets (a handshake in progress), which the
         // final ACK must reach; the plain lookup would turn them into their listener.
         let mut sk: *mut bpf_sock = bpf_skc_lookup_tcp(skb, &raw mut tuple, size, netns, 0);
-        if !sk.is_null() && (*sk).state == BPF_TCP_LISTEN as u32 {
+        if !sk.is_null() && (*sk).state == BPF_TCP_LISTEN {
             // A listener bound to the pod address itself is not the transparent one.
             bpf_sk_release(sk.cast());
             sk = core::ptr::null_mut();

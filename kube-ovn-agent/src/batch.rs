@@ -1,0 +1,68 @@
+//! `BPF_MAP_UPDATE_BATCH`: many map entries in one `bpf(2)` call.
+//!
+//! A cold start writes tens of thousands of entries; one syscall each is most of the cost of
+//! programming the datapath (issue: benchmark §5). aya 0.14 has no batch API, so this is the one
+//! raw `bpf(2)` call the agent makes. Hash and array maps have had the command since Linux 5.6;
+//! where a map type lacks it (LPM tries on older kernels) the caller falls back to single writes.
+
+use std::{io, os::fd::BorrowedFd};
+
+use aya::Pod;
+use aya_obj::generated::{bpf_attr, bpf_cmd};
+
+/// Why a batch stopped short.
+#[derive(Debug)]
+pub enum Stopped {
+    /// The kernel has no batch update for this map type; nothing was written.
+    Unsupported,
+    /// Entries before `at` were written; entry `at` failed with `error`.
+    At { at: usize, error: io::Error },
+}
+
+/// Writes `keys[i] → values[i]` for every `i` in order, stopping at the first failure.
+pub fn update<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), Stopped> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let count = u32::try_from(keys.len()).expect("fewer than 2^32 entries");
+    // SAFETY: bpf_attr is a plain C union; all-zero is its documented "unused" state.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing plain integers into the union member the command reads.
+    let batch = unsafe { &mut attr.batch };
+    batch.keys = keys.as_ptr() as u64;
+    batch.values = values.as_ptr() as u64;
+    batch.count = count;
+    batch.map_fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&map)).expect("fd ≥ 0");
+    // SAFETY: the kernel reads `count` keys and values of the map's sizes from the two slices,
+    // which live across the call; K and V are the map's key and value types (checked by aya
+    // when the map handle was typed), and it writes back only `attr.batch.count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
+            &raw mut attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    // SAFETY: as above; the kernel reports the number of entries it processed here.
+    let written = unsafe { attr.batch.count } as usize;
+    // EINVAL: the command is unknown (< 5.6); ENOTSUPP (524, kernel-internal but leaked to
+    // user space) or EOPNOTSUPP: this map type has no batch operation.
+    let unsupported = matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL | 524 | libc::EOPNOTSUPP)
+    );
+    if written == 0 && unsupported {
+        return Err(Stopped::Unsupported);
+    }
+    Err(Stopped::At { at: written, error })
+}
