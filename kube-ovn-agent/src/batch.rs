@@ -66,3 +66,76 @@ pub fn update<K: Pod, V: Pod>(
     }
     Err(Stopped::At { at: written, error })
 }
+
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call; more than any hash bucket holds (the kernel
+/// refuses a call whose room is smaller than the next bucket).
+const LOOKUP_CHUNK: u32 = 8_192;
+
+/// Every entry of the map, by batches: a 65 536-slot array is a few calls instead of 65 536.
+pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>, Stopped> {
+    // SAFETY: aya's Pod types are plain data for which all-zero bytes are a valid value.
+    let (mut keys, mut values): (Vec<K>, Vec<V>) = unsafe {
+        (
+            vec![std::mem::zeroed(); LOOKUP_CHUNK as usize],
+            vec![std::mem::zeroed(); LOOKUP_CHUNK as usize],
+        )
+    };
+    // The position token is a bucket index (u32) for hashes and a key for other maps; 64 bytes
+    // hold either for every key this agent uses.
+    let (mut position, mut next) = ([0u64; 8], [0u64; 8]);
+    assert!(
+        size_of::<K>() <= size_of_val(&position),
+        "key fits the token"
+    );
+    let mut entries = Vec::new();
+    for call in 0.. {
+        // SAFETY: as in `update`.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: plain integers into the member the command reads.
+        let batch = unsafe { &mut attr.batch };
+        batch.in_batch = if call == 0 {
+            0
+        } else {
+            position.as_ptr() as u64
+        };
+        batch.out_batch = next.as_mut_ptr() as u64;
+        batch.keys = keys.as_mut_ptr() as u64;
+        batch.values = values.as_mut_ptr() as u64;
+        batch.count = LOOKUP_CHUNK;
+        batch.map_fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&map)).expect("fd ≥ 0");
+        // SAFETY: the kernel writes at most `count` keys and values into the two buffers, which
+        // hold that many of the map's key and value types, and a token into `next`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
+                &raw mut attr,
+                size_of::<bpf_attr>(),
+            )
+        };
+        let error = (rc != 0).then(io::Error::last_os_error);
+        // SAFETY: as above; the kernel reports how many entries it copied.
+        let copied = (unsafe { attr.batch.count }).min(LOOKUP_CHUNK) as usize;
+        entries.extend(
+            keys[..copied]
+                .iter()
+                .copied()
+                .zip(values[..copied].iter().copied()),
+        );
+        match error.as_ref().and_then(io::Error::raw_os_error) {
+            None => position = next,
+            // The end of the map, possibly after a last partial chunk.
+            Some(libc::ENOENT) => return Ok(entries),
+            Some(libc::EINVAL | 524 | libc::EOPNOTSUPP) if call == 0 && copied == 0 => {
+                return Err(Stopped::Unsupported);
+            }
+            Some(_) => {
+                return Err(Stopped::At {
+                    at: entries.len(),
+                    error: error.expect("an error"),
+                });
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}

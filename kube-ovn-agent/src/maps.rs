@@ -143,6 +143,20 @@ impl Batcher {
         }
     }
 
+    /// Every raw entry of the map by batch lookups, or through `one_by_one` (aya's iterator)
+    /// where the kernel lacks them or a batch fails midway.
+    fn read_all<KR: aya::Pod, VR: aya::Pod>(
+        &self,
+        one_by_one: impl FnOnce() -> Result<Vec<(KR, VR)>>,
+    ) -> Result<Vec<(KR, VR)>> {
+        if self.supported
+            && let Ok(entries) = batch::lookup_all(self.fd.as_fd())
+        {
+            return Ok(entries);
+        }
+        one_by_one()
+    }
+
     /// Writes `keys[i] → values[i]` by batches, falling back to `single(i)` for an entry a batch
     /// stopped at (so its error is the typed one of a single write) and for every entry once the
     /// kernel turns out to lack batch updates for this map type.
@@ -385,19 +399,23 @@ where
         self.name
     }
     fn read_all(&self) -> Result<Vec<(K, V)>> {
-        let mut entries = Vec::new();
-        for entry in &self.map {
-            let (k, v) = entry.map_err(|source| MapError::Read {
-                map: self.name,
-                source: Box::new(source),
-            })?;
-            // Entries we cannot decode were not written by us; leaving them out of the mirror
-            // means they are pruned like any other stale entry.
-            if let (Some(k), Some(v)) = (K::decode(&k), V::decode(&v)) {
-                entries.push((k, v));
-            }
-        }
-        Ok(entries)
+        let raw = self.batcher.read_all(|| {
+            self.map
+                .iter()
+                .map(|entry| {
+                    entry.map_err(|source| MapError::Read {
+                        map: self.name,
+                        source: Box::new(source),
+                    })
+                })
+                .collect()
+        })?;
+        // Entries we cannot decode were not written by us; leaving them out of the mirror
+        // means they are pruned like any other stale entry.
+        Ok(raw
+            .iter()
+            .filter_map(|(k, v)| Some((K::decode(k)?, V::decode(v)?)))
+            .collect())
     }
     fn write(&mut self, key: K, value: V) -> Result<()> {
         Self::insert(&mut self.map, self.name, &key, &value)
@@ -471,17 +489,21 @@ where
         self.name
     }
     fn read_all(&self) -> Result<Vec<(N, ())>> {
-        let mut entries = Vec::new();
-        for key in self.map.keys() {
-            let key = key.map_err(|source| MapError::Read {
-                map: self.name,
-                source: Box::new(source),
-            })?;
-            if let Some(net) = N::from_key(&key) {
-                entries.push((net, ()));
-            }
-        }
-        Ok(entries)
+        let raw = self.batcher.read_all(|| {
+            self.map
+                .iter()
+                .map(|entry| {
+                    entry.map_err(|source| MapError::Read {
+                        map: self.name,
+                        source: Box::new(source),
+                    })
+                })
+                .collect()
+        })?;
+        Ok(raw
+            .iter()
+            .filter_map(|(key, _): &(Key<N::Data>, u8)| Some((N::from_key(key)?, ())))
+            .collect())
     }
     fn write(&mut self, key: N, (): ()) -> Result<()> {
         Self::insert(&mut self.map, self.name, &key)
@@ -546,17 +568,23 @@ impl MapTable<u16, u8> for PortArrayTable {
         names::NODEPORT_LOCAL
     }
     fn read_all(&self) -> Result<Vec<(u16, u8)>> {
-        let mut entries = Vec::new();
-        for (port, bits) in self.map.iter().enumerate() {
-            let bits = bits.map_err(|source| MapError::Read {
-                map: names::NODEPORT_LOCAL,
-                source: Box::new(source),
-            })?;
-            if bits != 0 {
-                entries.push((u16::try_from(port).expect("array has 65536 slots"), bits));
-            }
-        }
-        Ok(entries)
+        let raw: Vec<(u32, u8)> = self.batcher.read_all(|| {
+            (0..)
+                .zip(self.map.iter())
+                .map(|(port, bits)| {
+                    bits.map(|bits| (port, bits))
+                        .map_err(|source| MapError::Read {
+                            map: names::NODEPORT_LOCAL,
+                            source: Box::new(source),
+                        })
+                })
+                .collect()
+        })?;
+        Ok(raw
+            .into_iter()
+            .filter(|&(_, bits)| bits != 0)
+            .map(|(port, bits)| (u16::try_from(port).expect("array has 65536 slots"), bits))
+            .collect())
     }
     fn write(&mut self, port: u16, bits: u8) -> Result<()> {
         Self::set(&mut self.map, port, bits)
@@ -577,18 +605,21 @@ impl MapTable<u16, u8> for PortArrayTable {
 /// The interface array: ifindex → roles, each at `iface_slot(ifindex)`.
 pub struct IfaceTable {
     map: Array<MapData, Iface>,
+    batcher: Batcher,
 }
 
 impl IfaceTable {
     pub fn new(maps: &mut BTreeMap<&'static str, Map>) -> Result<Self> {
         let name = names::IFACES;
-        let map = take(maps, name)?
-            .try_into()
-            .map_err(|source| MapError::Layout {
-                map: name,
-                source: Box::new(source),
-            })?;
-        Ok(Self { map })
+        let map: Array<MapData, Iface> =
+            take(maps, name)?
+                .try_into()
+                .map_err(|source| MapError::Layout {
+                    map: name,
+                    source: Box::new(source),
+                })?;
+        let batcher = Batcher::new(map.map());
+        Ok(Self { map, batcher })
     }
 
     fn slot(&self, ifindex: u32) -> Result<Iface> {
@@ -606,16 +637,24 @@ impl MapTable<u32, u32> for IfaceTable {
         names::IFACES
     }
     fn read_all(&self) -> Result<Vec<(u32, u32)>> {
-        let mut entries = Vec::new();
-        for slot in self.map.iter() {
-            let iface = slot.map_err(|source| MapError::Read {
-                map: names::IFACES,
-                source: Box::new(source),
-            })?;
-            if iface.roles != 0 {
-                entries.push((iface.ifindex, iface.roles));
-            }
-        }
+        let raw: Vec<(u32, Iface)> = self.batcher.read_all(|| {
+            (0..)
+                .zip(self.map.iter())
+                .map(|(slot, iface)| {
+                    iface
+                        .map(|iface| (slot, iface))
+                        .map_err(|source| MapError::Read {
+                            map: names::IFACES,
+                            source: Box::new(source),
+                        })
+                })
+                .collect()
+        })?;
+        let mut entries: Vec<(u32, u32)> = raw
+            .into_iter()
+            .filter(|(_, iface)| iface.roles != 0)
+            .map(|(_, iface)| (iface.ifindex, iface.roles))
+            .collect();
         entries.sort_unstable();
         Ok(entries)
     }
