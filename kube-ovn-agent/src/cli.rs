@@ -115,6 +115,10 @@ pub struct RunArgs {
     /// `file:PATH` (kubectl-style YAML, re-read when it changes).
     #[arg(long, default_value = "kube")]
     pub source: SourceSpec,
+    /// With `--source file:`, larger files are rejected (and the state already programmed is
+    /// kept). Bytes, or with a `Ki`, `Mi` or `Gi` suffix.
+    #[arg(long, default_value = "8Mi", value_parser = parse_size, value_name = "BYTES")]
+    pub source_max_bytes: u64,
     /// This node's name (as in its Node object); defaults to `$NODE_NAME`, then the hostname.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -252,6 +256,26 @@ fn parse_percent(text: &str) -> Result<u32, String> {
     Ok(value)
 }
 
+/// `65536`, `64Ki`, `8Mi` or `1Gi`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |i| text.split_at(i));
+    let n: u64 = number.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    let scale: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (use Ki, Mi or Gi)")),
+    };
+    match n.checked_mul(scale) {
+        Some(0) => Err("must be positive".into()),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{text:?}: too large")),
+    }
+}
+
 /// `30s`, `5m`, `1h` or plain seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
@@ -312,6 +336,14 @@ mod tests {
         assert_eq!(run.service_cluster_ip_range.0.len(), 2);
         assert_eq!(run.ifaces.len(), 2);
         assert_eq!(run.mode, Mode::Shadow);
+        assert_eq!(run.source_max_bytes, 8 << 20, "the documented default");
+        let Command::Run(sized) = parse(&["run", "--source-max-bytes", "64Mi"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(sized.source_max_bytes, 64 << 20);
         assert_eq!(
             run.metrics_addr,
             MetricsAddr(Some("127.0.0.1:9999".parse().unwrap()))
@@ -330,6 +362,8 @@ mod tests {
             (&["run", "--tc-handle", "0"], "non-zero"),
             (&["run", "--kube-proxy-mode", "userspace"], "userspace"),
             (&["run", "--resync-interval", "5d"], "unit"),
+            (&["run", "--source-max-bytes", "8MB"], "Ki, Mi or Gi"),
+            (&["run", "--source-max-bytes", "0"], "positive"),
         ] {
             let error = parse(args).expect_err("must be rejected").to_string();
             assert!(error.contains(needle), "{args:?}: {error}");

@@ -65,6 +65,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .context("starting the Kubernetes source")?,
         SourceSpec::File(path) => source::file::start(source::file::FileOptions {
             node_name: Some(node_name.clone()),
+            max_bytes: args.source_max_bytes,
             ..source::file::FileOptions::new(path)
         })
         .context("starting the file source")?,

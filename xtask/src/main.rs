@@ -1,6 +1,8 @@
 //! `cargo xtask …`: every task a person or CI runs on this repository.
 
+mod bench;
 mod cmd;
+mod demo;
 mod e2e;
 mod node;
 mod setup;
@@ -23,13 +25,20 @@ enum Command {
     Setup,
     /// Build the eBPF object and the agent that embeds it.
     BuildEbpf,
+    /// The main job, on a throw-away node: private network namespaces, the agent running on the
+    /// example cluster (deploy/examples/cluster.yaml), one packet of each kind and the mark each
+    /// got, the bpftool view; everything is removed at the end (also on Ctrl-C). Needs root.
+    Demo,
     /// Everything CI runs: setup, formatting, clippy, unit tests, the privileged
-    /// BPF_PROG_TEST_RUN and network-namespace suites.
+    /// `BPF_PROG_TEST_RUN` and network-namespace suites, the e2e suite and the kernel matrix.
     Test,
     /// End to end on a Kube-OVN node simulated in network namespaces (root): the same traffic
     /// with no hook, Kube-OVN's iptables PREROUTING rules and the eBPF agent, side by side, plus
     /// Calico/kube-proxy chain churn. See docs/e2e.md.
     E2e(e2e::Args),
+    /// Benchmarks: datapath (test-run), control plane, real traffic (baseline vs iptables vs
+    /// ebpf). Prints tables and writes JSON and SVG under target/bench/. See BENCHMARKS.md.
+    Bench(bench::Args),
     /// Boot Debian's 5.10/6.1/6.12 kernels under QEMU (TCG, no network) from a busybox
     /// initramfs and run the privileged suites and the verifier statistics in each; `host` runs
     /// them on the running kernel. Prints PASS/FAIL per kernel; fails if any kernel fails.
@@ -48,7 +57,9 @@ fn main() -> Result<()> {
             cmd::cargo(&["build", "--release", "--package", "kube-ovn-agent"])
         }
         Command::Test => test(),
+        Command::Demo => demo::run(),
         Command::E2e(args) => e2e::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::VmTest { kernel } => vm::run(kernel),
     }
 }
@@ -56,21 +67,21 @@ fn main() -> Result<()> {
 fn test() -> Result<()> {
     setup::ensure_all()?;
     cmd::cargo(&["fmt", "--all", "--check"])?;
-    cmd::cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
+    cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cmd::cargo_ebpf_clippy()?;
     // Root-only suites skip loudly without privileges; in CI (root) a skip is a failure.
     let require = if setup::is_root() { "1" } else { "" };
     cmd::cargo_with_env(
-        &["test", "--workspace", "--", "--test-threads", "2"],
+        &["test", "--", "--test-threads", "2"],
         &[("KOVN_REQUIRE_PRIVILEGED", require)],
     )?;
+    // The simulated Kube-OVN node at CI size: differential tables, coexistence, faults and
+    // migration, ~2 min on 2 cores (docs/e2e.md).
+    if setup::is_root() {
+        e2e::run(&e2e::Args::quick())?;
+    } else {
+        eprintln!("\n*** SKIPPING `cargo xtask e2e --quick`: it needs root ***\n");
+    }
     // The 5.10 and 6.1 guests: ~6 min from cold on 2 cores (docs/kernel-matrix.md).
     vm::run(Vec::new())?;
     println!("xtask test: all suites passed");

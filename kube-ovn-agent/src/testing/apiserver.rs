@@ -26,6 +26,7 @@ use axum::{
     extract::{Request, State},
     http::{StatusCode, header},
     response::Response,
+    serve::ListenerExt as _,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -598,6 +599,11 @@ impl ApiServer {
             last_disconnect: HashMap::new(),
         }));
         let app = Router::new().fallback(handle).with_state(shared.clone());
+        // As Go's net/http (the real API server) does: without it, a watch event written
+        // while the previous one is unacknowledged waits out the client's delayed ACK (40 ms).
+        let listener = listener.tap_io(|stream| {
+            let _ = stream.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("test API server");
         });

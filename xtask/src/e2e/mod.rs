@@ -1,14 +1,18 @@
 //! `cargo xtask e2e`: the same outcome scenarios on a simulated Kube-OVN node with each
 //! PREROUTING implementation — none (`baseline`), Kube-OVN's iptables rules, the eBPF agent —
-//! side by side; Calico/kube-proxy churn with Kube-OVN's old and current jump positioning; and
-//! Calico's raw mark clearing. See `docs/e2e.md`.
+//! side by side; Calico/kube-proxy churn with Kube-OVN's old and current jump positioning;
+//! Calico's raw mark clearing; and faults of the agent (kill -9, upgrade, `ovn0` re-creation,
+//! detach). See `docs/e2e.md`.
 
 mod coexist;
+mod faults;
+mod migration;
 mod report;
 mod scenarios;
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -16,6 +20,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use self::{
     coexist::CoexistConfig,
+    faults::{Attach, FaultConfig},
     report::{Column, Differential, Report},
 };
 use crate::{
@@ -35,15 +40,53 @@ pub struct Args {
     /// shows which scenarios depend on the marks.
     #[arg(long, value_enum, default_value_t = ModeArg::Both)]
     mode: ModeArg,
-    /// CI-sized coexistence runs: 1000 connections over 10 s per hook instead of 3000 over 30 s.
+    /// CI-sized runs: 1000 coexistence connections over 10 s per hook instead of 3000 over 30 s,
+    /// one kill -9 instead of three, shorter fault windows.
     #[arg(long)]
     quick: bool,
     /// Agent binary to run in `ebpf` mode instead of building `kube-ovn-agent`.
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// Agent binary the upgrade fault switches to, instead of rebuilding `kube-ovn-agent` with
+    /// `KOVN_EBPF_OPT_LEVEL=s` (same behaviour, another program tag).
+    #[arg(long, value_name = "PATH")]
+    rebuilt_agent: Option<PathBuf>,
     /// Build and run the release agent.
     #[arg(long)]
     release: bool,
+    /// Run only these parts (repeat or list); default: all.
+    #[arg(long, value_enum, num_args = 1.., value_delimiter = ',')]
+    only: Vec<Part>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// The outcome tables (both kube-proxy modes, Calico's raw rule).
+    Differential,
+    /// Control-plane vectors C1–C6 and the chain churn runs.
+    Coexistence,
+    /// kill -9, upgrade/downgrade, ovn0 re-creation, detach (ebpf only).
+    Faults,
+    /// shadow → verify → enforce → cleanup-iptables next to Kube-OVN's rules (both hooks).
+    Migration,
+}
+
+impl Args {
+    /// `--quick`, everything else default: what `cargo xtask test` runs.
+    pub fn quick() -> Self {
+        Self {
+            mode: ModeArg::Both,
+            quick: true,
+            agent: None,
+            rebuilt_agent: None,
+            release: false,
+            only: Vec::new(),
+        }
+    }
+
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +109,7 @@ impl ModeArg {
 /// Commands the suite drives (command → Debian package).
 const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    ("tc", "iproute2"),
     ("iptables", "iptables"),
     ("ip6tables", "iptables"),
     ("iptables-restore", "iptables"),
@@ -92,10 +136,58 @@ pub fn run(args: &Args) -> Result<()> {
     let mut runner = Runner::new(args, &hooks);
     let mut report = Report::default();
 
+    if args.runs(Part::Differential) {
+        differentials(&mut runner, &mut report, &hooks);
+    }
+    if args.runs(Part::Coexistence) {
+        coexistence(&mut runner, &mut report, &hooks, args.quick);
+    }
+    if hooks.contains(&HookKind::Ebpf) && args.runs(Part::Faults) {
+        let config = FaultConfig {
+            quick: args.quick,
+            probe_timeout: PROBE_TIMEOUT,
+        };
+        // tcx is what this kernel uses; the netlink path (kernels before 6.6) is in the full
+        // run and in the kernel matrix's agent tests.
+        let attach: &[Attach] = if args.quick {
+            &[Attach::Tcx]
+        } else {
+            &[Attach::Tcx, Attach::Netlink]
+        };
+        let rebuilt = runner.rebuilt.clone();
+        for &attach in attach {
+            let result = runner.guard_agent(|options| {
+                faults::run(options, &rebuilt, &config, attach).map_err(|e| format!("{e:#}"))
+            });
+            report.faults.push((attach, result));
+        }
+    }
+    if hooks.contains(&HookKind::Ebpf)
+        && hooks.contains(&HookKind::Iptables)
+        && args.runs(Part::Migration)
+    {
+        let quick = args.quick;
+        let result = runner.guard_agent(|options| {
+            migration::run(options, quick, PROBE_TIMEOUT).map_err(|e| format!("{e:#}"))
+        });
+        report.migration = Some(result);
+    }
+    report.notes.push(
+        "IPVS is emulated (this kernel has no CONFIG_IP_VS): ClusterIPs are local on kube-ipvs0, \
+         virtual servers are DNAT rules behind KUBE-SERVICES, and Kube-OVN's INPUT guard is \
+         mirrored in FORWARD. See docs/e2e.md."
+            .into(),
+    );
+    let failures = report.print(started.elapsed());
+    ensure!(failures.is_empty(), "{} e2e checks failed", failures.len());
+    Ok(())
+}
+
+fn differentials(runner: &mut Runner, report: &mut Report, hooks: &[HookKind]) {
     for mode in [KubeProxyMode::Ipvs, KubeProxyMode::Iptables] {
         report
             .differentials
-            .push(runner.differential(mode, false, &hooks));
+            .push(runner.differential(mode, false, hooks));
     }
     let compared: Vec<HookKind> = hooks
         .iter()
@@ -105,12 +197,15 @@ pub fn run(args: &Args) -> Result<()> {
     report
         .differentials
         .push(runner.differential(KubeProxyMode::Ipvs, true, &compared));
+}
+
+fn coexistence(runner: &mut Runner, report: &mut Report, hooks: &[HookKind], quick: bool) {
     if hooks.contains(&HookKind::Iptables) {
         report.vectors = Some(coexist::control_plane_vectors().map_err(|e| format!("{e:#}")));
     }
     let config = CoexistConfig {
-        connections: if args.quick { 1000 } else { 3000 },
-        duration: Duration::from_secs(if args.quick { 10 } else { 30 }),
+        connections: if quick { 1000 } else { 3000 },
+        duration: Duration::from_secs(if quick { 10 } else { 30 }),
         probe_timeout: PROBE_TIMEOUT,
     };
     if hooks.contains(&HookKind::Iptables) {
@@ -127,19 +222,12 @@ pub fn run(args: &Args) -> Result<()> {
         });
         report.coexistence.push(("ebpf".into(), result));
     }
-    report.notes.push(
-        "IPVS is emulated (this kernel has no CONFIG_IP_VS): ClusterIPs are local on kube-ipvs0, \
-         virtual servers are DNAT rules behind KUBE-SERVICES, and Kube-OVN's INPUT guard is \
-         mirrored in FORWARD. See docs/e2e.md."
-            .into(),
-    );
-    let failures = report.print(started.elapsed());
-    ensure!(failures.is_empty(), "{} e2e checks failed", failures.len());
-    Ok(())
 }
 
 struct Runner {
     options: HookOptions,
+    /// The agent the upgrade fault switches to.
+    rebuilt: Result<PathBuf, String>,
     /// Set once the agent is known to be unusable, so later ebpf runs report it instead of
     /// waiting for it again.
     agent_problem: Option<String>,
@@ -149,9 +237,13 @@ impl Runner {
     fn new(args: &Args, hooks: &[HookKind]) -> Self {
         let mut runner = Self {
             options: HookOptions::default(),
+            rebuilt: Err("not built".into()),
             agent_problem: None,
         };
         if hooks.contains(&HookKind::Ebpf) {
+            // The rebuilt agent first: its build overwrites the default binary, which the
+            // default build then restores.
+            runner.rebuilt = rebuilt_agent(args).map_err(|e| format!("{e:#}"));
             match agent_binary(args) {
                 Ok(binary) => runner.options.agent = Some(AgentConfig::new(binary)),
                 Err(e) => runner.agent_problem = Some(format!("agent not available: {e:#}")),
@@ -345,19 +437,70 @@ fn probe(node: &Node, probe: &crate::node::Probe) -> Result<Outcome> {
     Ok(outcome)
 }
 
-/// Builds the agent (unless `--agent` names one) and returns its path.
+/// Builds the agent (unless `--agent` names one, and no rebuilt agent had to be built over the
+/// default binary) and returns its path: a private copy, `target/e2e/kube-ovn-agent`, so that a
+/// build running meanwhile (another run's opt-level-s build, for one) cannot change the binary
+/// under this run — the downgrade fault must get back the very program it started with.
 fn agent_binary(args: &Args) -> Result<PathBuf> {
-    if let Some(path) = &args.agent {
+    if args.agent.is_none() || args.rebuilt_agent.is_none() {
+        build_agent(args.release, None).context("building kube-ovn-agent")?;
+    }
+    match &args.agent {
+        Some(path) => Ok(path.clone()),
+        None => copy_aside(args.release, "kube-ovn-agent"),
+    }
+}
+
+/// The agent for the upgrade fault: `--rebuilt-agent`, or this workspace's agent with its eBPF
+/// object rebuilt at opt-level `s` (same behaviour, another program tag), copied to
+/// `target/e2e/kube-ovn-agent-opt-s`. The build overwrites `target/<profile>/kube-ovn-agent`;
+/// [`agent_binary`] rebuilds the default right after (cargo reruns the agent's build script
+/// when `KOVN_EBPF_OPT_LEVEL` changes; both objects stay cached, so on an unchanged tree each
+/// build takes seconds).
+fn rebuilt_agent(args: &Args) -> Result<PathBuf> {
+    if let Some(path) = &args.rebuilt_agent {
         return Ok(path.clone());
     }
-    let mut build = vec!["build", "--package", "kube-ovn-agent"];
-    if args.release {
-        build.push("--release");
+    build_agent(args.release, Some("s")).context("building kube-ovn-agent at opt-level s")?;
+    copy_aside(args.release, "kube-ovn-agent-opt-s")
+}
+
+/// Copies the freshly built `target/<profile>/kube-ovn-agent` to `target/e2e/<name>`: to a
+/// temporary name, then renamed over the old copy, which an agent of an earlier run may still
+/// execute.
+fn copy_aside(release: bool, name: &str) -> Result<PathBuf> {
+    let built = target_dir().join(profile(release)).join("kube-ovn-agent");
+    let dir = target_dir().join("e2e");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let copy = dir.join(name);
+    let partial = dir.join(format!("{name}.{}", std::process::id()));
+    std::fs::copy(&built, &partial)
+        .with_context(|| format!("copying {} aside", built.display()))?;
+    std::fs::rename(&partial, &copy).with_context(|| format!("renaming to {}", copy.display()))?;
+    Ok(copy)
+}
+
+/// `cargo build -p kube-ovn-agent`, with `KOVN_EBPF_OPT_LEVEL` set to `opt_level` or removed.
+fn build_agent(release: bool, opt_level: Option<&str>) -> Result<()> {
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .args(["build", "--package", "kube-ovn-agent"])
+        .current_dir(cmd::workspace_root());
+    if release {
+        command.arg("--release");
     }
-    cmd::cargo(&build).context("building kube-ovn-agent")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| cmd::workspace_root().join("target"), PathBuf::from);
-    Ok(target
-        .join(if args.release { "release" } else { "debug" })
-        .join("kube-ovn-agent"))
+    match opt_level {
+        Some(level) => command.env("KOVN_EBPF_OPT_LEVEL", level),
+        None => command.env_remove("KOVN_EBPF_OPT_LEVEL"),
+    };
+    cmd::run(&mut command)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| cmd::workspace_root().join("target"), PathBuf::from)
+}
+
+fn profile(release: bool) -> &'static Path {
+    Path::new(if release { "release" } else { "debug" })
 }

@@ -5,6 +5,8 @@ use std::{fmt::Write as _, time::Duration};
 
 use super::{
     coexist::{CoexistResult, VectorResult},
+    faults::{Attach, FaultResults},
+    migration::MigrationResult,
     scenarios::Scenario,
 };
 use crate::node::{HookKind, KubeProxyMode, Outcome};
@@ -25,6 +27,10 @@ pub struct Report {
     pub differentials: Vec<Differential>,
     pub vectors: Option<Result<Vec<VectorResult>, String>>,
     pub coexistence: Vec<(String, Result<CoexistResult, String>)>,
+    /// One run per attach mode; empty when the eBPF hook was not selected.
+    pub faults: Vec<(Attach, Result<FaultResults, String>)>,
+    /// `None` unless both hooks were selected.
+    pub migration: Option<Result<MigrationResult, String>>,
     pub notes: Vec<String>,
 }
 
@@ -330,6 +336,118 @@ fn render_coexistence_detail(out: &mut String, r: &CoexistResult) {
     }
 }
 
+fn render_faults(
+    out: &mut String,
+    attach: Attach,
+    faults: &Result<FaultResults, String>,
+    failures: &mut Vec<String>,
+) {
+    let _ = writeln!(
+        out,
+        "\n== Faults: kube-proxy IPVS mode, eBPF agent attached with {attach}, 100 new \
+         connections/s of the mark-dependent scenarios =="
+    );
+    let results = match faults {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(out, "  did not run: {e}");
+            failures.push(format!("faults ({attach}): did not run: {}", first_line(e)));
+            return;
+        }
+    };
+    let mut rows = vec![vec![
+        String::new(),
+        "fault".to_owned(),
+        "connections".into(),
+        "wrong outcomes".into(),
+        "link ids kept".into(),
+        "time to resume".into(),
+    ]];
+    for row in &results.rows {
+        rows.push(vec![
+            if row.failures.is_empty() {
+                "✓"
+            } else {
+                "✗"
+            }
+            .into(),
+            row.fault.clone(),
+            row.connections.clone(),
+            row.wrong.to_string(),
+            row.links_kept.clone(),
+            row.resume.clone(),
+        ]);
+        failures.extend(
+            row.failures
+                .iter()
+                .map(|f| format!("faults ({}): {f}", results.attach)),
+        );
+    }
+    table(out, &rows);
+    for row in &results.rows {
+        for note in &row.notes {
+            let _ = writeln!(out, "    {note}");
+        }
+    }
+    if let Some(e) = &results.error {
+        let _ = writeln!(out, "  stopped early: {e}");
+        failures.push(format!(
+            "faults ({attach}): stopped early: {}",
+            first_line(e)
+        ));
+    }
+    let _ = writeln!(out, "  faults took {:.1} s", results.elapsed.as_secs_f64());
+}
+
+fn render_migration(
+    out: &mut String,
+    migration: &Result<MigrationResult, String>,
+    failures: &mut Vec<String>,
+) {
+    let _ = writeln!(
+        out,
+        "\n== Migration (docs/migration.md): kube-proxy IPVS mode, Kube-OVN's iptables hook, then \
+         the agent; every scenario after each step =="
+    );
+    let result = match migration {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(out, "  did not run: {e}");
+            failures.push(format!("migration: did not run: {}", first_line(e)));
+            return;
+        }
+    };
+    let mut rows = vec![vec![
+        String::new(),
+        "step".to_owned(),
+        "connections".into(),
+        "wrong outcomes".into(),
+        "result".into(),
+    ]];
+    for step in &result.steps {
+        let ok = step.wrong.is_empty() && step.failures.is_empty();
+        rows.push(vec![
+            if ok { "✓" } else { "✗" }.into(),
+            step.name.clone(),
+            step.connections.to_string(),
+            step.wrong.len().to_string(),
+            step.detail.clone(),
+        ]);
+        for w in &step.wrong {
+            failures.push(format!("migration: {}: {w}", step.name));
+        }
+        for f in &step.failures {
+            failures.push(format!("migration: {}: {f}", step.name));
+        }
+    }
+    table(out, &rows);
+    let _ = writeln!(
+        out,
+        "  migration took {:.1} s",
+        result.elapsed.as_secs_f64()
+    );
+}
+
 impl Report {
     /// Prints everything; returns the failures.
     pub fn print(&self, elapsed: Duration) -> Vec<String> {
@@ -342,6 +460,12 @@ impl Report {
             render_vectors(&mut out, vectors, &mut failures);
         }
         render_coexistence(&mut out, &self.coexistence, &mut failures);
+        for (attach, faults) in &self.faults {
+            render_faults(&mut out, *attach, faults, &mut failures);
+        }
+        if let Some(migration) = &self.migration {
+            render_migration(&mut out, migration, &mut failures);
+        }
         for note in &self.notes {
             let _ = writeln!(out, "\nnote: {note}");
         }

@@ -28,6 +28,11 @@ pub struct AgentConfig {
     pub shadow: bool,
     /// How long `run` may take to become ready (attached, first sync done).
     pub ready_timeout: Duration,
+    /// Appended to `run`'s arguments (a benchmark's `--resync-interval`, size limits).
+    pub extra_args: Vec<String>,
+    /// The cluster file's content when it must differ from the node's cluster (a benchmark
+    /// that programs part of the state another way); `None` writes the node's cluster.
+    pub cluster_yaml: Option<String>,
 }
 
 impl AgentConfig {
@@ -37,6 +42,8 @@ impl AgentConfig {
             binary,
             shadow: false,
             ready_timeout: Duration::from_secs(20),
+            extra_args: Vec::new(),
+            cluster_yaml: None,
         }
     }
 }
@@ -79,8 +86,13 @@ impl Agent {
         .context("mounting a bpffs for the agent")?;
         let mount_guard = cleanup::mount(&bpffs);
         let cluster_file = dir.join("cluster.yaml");
-        fs::write(&cluster_file, spec.cluster.to_yaml())?;
-        let run_args = run_args(spec, config, &cluster_file, &bpffs);
+        let yaml = config
+            .cluster_yaml
+            .clone()
+            .unwrap_or_else(|| spec.cluster.to_yaml());
+        fs::write(&cluster_file, yaml)?;
+        let mut run_args = run_args(spec, config, &cluster_file, &bpffs);
+        run_args.extend(config.extra_args.iter().cloned());
         let mut agent = Self {
             node_ns: node_ns.to_owned(),
             binary: config.binary.clone(),
@@ -121,12 +133,26 @@ impl Agent {
     }
 
     /// Replaces the binary used by later [`Agent::spawn`] calls (upgrade tests).
-    #[expect(
-        dead_code,
-        reason = "for the upgrade fault test (issue 4 §5), not wired yet"
-    )]
     pub fn set_binary(&mut self, binary: PathBuf) {
         self.binary = binary;
+    }
+
+    /// `--mode shadow` or `enforce` for later [`Agent::spawn`] calls (the migration's switch).
+    pub fn set_shadow(&mut self, shadow: bool) {
+        if let Some(i) = self.run_args.iter().position(|a| a == "--mode") {
+            if shadow { "shadow" } else { "enforce" }.clone_into(&mut self.run_args[i + 1]);
+        }
+    }
+
+    /// The pid of `run` while it runs (`ip netns exec` execs the agent in place, so it is the
+    /// agent's own pid), for CPU accounting.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|(child, _)| child.id())
+    }
+
+    /// The bpffs root the agent pins under (`<root>/maps/kovn_*`).
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
     }
 
     fn command(&self) -> Command {
@@ -193,10 +219,6 @@ impl Agent {
     }
 
     /// SIGKILL, as a crash or OOM kill would; pins and links stay (fail-static).
-    #[expect(
-        dead_code,
-        reason = "for the kill -9 fault test (issue 4 §5), not wired yet"
-    )]
     pub fn kill9(&mut self) -> Result<()> {
         let Some((mut child, guard)) = self.process.take() else {
             bail!("the agent is not running");
@@ -205,6 +227,72 @@ impl Agent {
         child.wait().context("reaping the agent")?;
         guard.forget();
         Ok(())
+    }
+
+    /// SIGTERM, as a pod deletion or a rolling update sends, and waits (at most 10 s) for `run` to
+    /// exit; pins and links stay (fail-static). SIGKILL and an error if it does not exit.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let Some((mut child, guard)) = self.process.take() else {
+            bail!("the agent is not running");
+        };
+        let pid = i32::try_from(child.id()).expect("pid fits in pid_t");
+        // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet, so the
+        // pid is still ours.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().context("polling the agent")? {
+                guard.forget();
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                guard.forget();
+                bail!(
+                    "the agent ignored SIGTERM for 10 s; killed. log:\n{}",
+                    self.log_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The binary [`Agent::spawn`] runs.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// `kube-ovn-agent <args…> --bpffs-root DIR` in the node namespace (migration commands:
+    /// `verify`, `cleanup-iptables`), bounded by `timeout`; the output whatever the exit status.
+    pub fn cli(&self, args: &[&str], timeout: Duration) -> Result<std::process::Output> {
+        let mut command = self.command();
+        command.args(args).arg("--bpffs-root").arg(&self.bpffs);
+        exec::run_bounded(&mut command, None, timeout)
+    }
+
+    /// Every pin under the agent's bpffs root: files, at any depth, except the two the kernel
+    /// itself puts in every new bpffs (`maps.debug`, `progs.debug`: `bpf_preload`'s iterators,
+    /// `CONFIG_BPF_PRELOAD`), which are not the agent's.
+    pub fn pins(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+            for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else {
+                    found.push(path);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(&self.bpffs, &mut found);
+        found.retain(|p| {
+            !(p.parent() == Some(self.bpffs.as_path())
+                && p.file_name()
+                    .is_some_and(|n| n == "maps.debug" || n == "progs.debug"))
+        });
+        found
     }
 
     /// `kube-ovn-agent status --bpffs-root DIR --json`.
@@ -290,7 +378,7 @@ impl Drop for Agent {
         }
         // The datapath survives the agent by design; remove it so nothing outlives the run. The
         // namespace deletion and unmount that follow would release it anyway.
-        if fs::read_dir(&self.bpffs).is_ok_and(|mut d| d.next().is_some())
+        if !self.pins().is_empty()
             && let Err(e) = self.detach()
         {
             eprintln!("cleanup: agent detach: {e:#}");

@@ -137,6 +137,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// One endpoint address per family (the simulated node has one backend per Service).
     pub endpoints: Vec<IpAddr>,
+    /// The caller runs the servers behind these endpoints itself (a benchmark's own request
+    /// handlers); the node starts no backend for this Service.
+    pub own_backend: bool,
 }
 
 impl Service {
@@ -332,6 +335,7 @@ fn fixture_services() -> Vec<Service> {
         cluster_ips: cluster_ips.to_vec(),
         ports,
         endpoints: endpoints.to_vec(),
+        own_backend: false,
     };
     vec![
         // The apiserver runs host-network on the other node, as in most clusters.

@@ -75,6 +75,13 @@ impl Hook {
         }
     }
 
+    pub fn agent(&self) -> Option<&Agent> {
+        match self {
+            Self::Ebpf(agent) => Some(agent),
+            _ => None,
+        }
+    }
+
     pub fn agent_mut(&mut self) -> Option<&mut Agent> {
         match self {
             Self::Ebpf(agent) => Some(agent),

@@ -9,6 +9,7 @@
 //! removed on drop, on panic and on Ctrl-C (`cleanup`).
 
 pub mod agent;
+pub mod bpf;
 pub mod cleanup;
 pub mod cluster;
 pub mod exec;
@@ -226,6 +227,11 @@ impl Node {
         self.hook.as_mut()
     }
 
+    /// The installed hook, to read from (the agent's pid and pins).
+    pub fn hook(&self) -> Option<&Hook> {
+        self.hook.as_ref()
+    }
+
     pub fn ns(&self, host: Host) -> &Netns {
         self.ns.get(host)
     }
@@ -235,6 +241,22 @@ impl Node {
     pub fn probe(&self, probe: &Probe, timeout: Duration) -> Result<Outcome> {
         self.ns(probe.from)
             .run_in(|| traffic::probe(probe, timeout))
+    }
+
+    /// Deletes `ovn0` (and the OVN router's end of it): fault injection.
+    pub fn delete_ovn0(&self) -> Result<()> {
+        topology::delete_ovn0(&self.ns)
+    }
+
+    /// Re-creates `ovn0` with its addresses and routes, as kube-ovn-cni does after a deletion;
+    /// returns once the links exist (they may not report carrier yet).
+    pub fn recreate_ovn0(&self) -> Result<()> {
+        topology::recreate_ovn0(&self.ns)
+    }
+
+    /// Whether the re-created `ovn0` carries traffic yet (both ends operationally UP).
+    pub fn ovn0_up(&self) -> Result<bool> {
+        topology::ovn0_up(&self.ns)
     }
 
     /// Conntrack entries in the node namespace. Zero after traffic means connection tracking is
@@ -271,7 +293,7 @@ fn endpoint_host(addr: IpAddr) -> Host {
 fn listeners(cluster: &Cluster, host: Host) -> (Vec<u16>, Vec<std::net::SocketAddr>) {
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
-    for service in &cluster.services {
+    for service in cluster.services.iter().filter(|s| !s.own_backend) {
         for endpoint in service
             .endpoints
             .iter()

@@ -79,6 +79,28 @@ impl Netns {
         .map(drop)
     }
 
+    /// [`Netns::ip_batch`] for batches too long for the default deadline (a benchmark's
+    /// 100 000 ClusterIPs on `kube-ipvs0`); errors quote only the batch's first lines.
+    pub fn ip_batch_bounded(&self, lines: &str, timeout: Duration) -> Result<()> {
+        let out = exec::run_bounded(
+            Command::new("ip").args(["-n", &self.name, "-batch", "-"]),
+            Some(lines),
+            timeout,
+        )?;
+        if !out.status.success() {
+            let head: Vec<&str> = lines.lines().take(5).collect();
+            bail!(
+                "ip -batch in {} ({} lines, starting {:?}) failed ({}): {}",
+                self.name,
+                lines.lines().count(),
+                head,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Writes `/proc/sys/<key>` (slash-separated, e.g. `net/ipv4/ip_forward`) in this namespace.
     pub fn sysctl(&self, settings: &[(&str, &str)]) -> Result<()> {
         let settings: Vec<(String, String)> = settings

@@ -170,20 +170,30 @@ pub fn build(stem: &str) -> Result<Namespaces> {
 }
 
 fn node_batch(ns: &Namespaces) -> String {
-    use addr::{LAN_GW_V4, LAN_GW_V6, NODE_V4, NODE_V6, OVN_LR_V4, OVN_LR_V6, OVN0_V4, OVN0_V6};
+    use addr::{LAN_GW_V4, LAN_GW_V6, NODE_V4, NODE_V6};
     let mut b = format!(
         "link set lo up\n\
          link add eth0 type veth peer name to-node netns {lan}\n\
-         link add ovn0 type veth peer name ovn-lr netns {pods}\n\
          addr add {NODE_V4}/24 dev eth0\n\
          addr add {NODE_V6}/64 dev eth0 nodad\n\
          link set eth0 up\n\
-         addr add {OVN0_V4}/16 dev ovn0\n\
-         addr add {OVN0_V6}/64 dev ovn0 nodad\n\
-         link set ovn0 up\n\
          route add default via {LAN_GW_V4} dev eth0\n\
          route add ::/0 via {LAN_GW_V6} dev eth0\n",
         lan = ns.lan.name(),
+    );
+    b.push_str(&ovn0_batch(ns));
+    b
+}
+
+/// `ovn0` (with its peer, the OVN router's port in the pods namespace), its addresses and the
+/// routes Kube-OVN puts on it.
+fn ovn0_batch(ns: &Namespaces) -> String {
+    use addr::{OVN_LR_V4, OVN_LR_V6, OVN0_V4, OVN0_V6};
+    let mut b = format!(
+        "link add ovn0 type veth peer name ovn-lr netns {pods}\n\
+         addr add {OVN0_V4}/16 dev ovn0\n\
+         addr add {OVN0_V6}/64 dev ovn0 nodad\n\
+         link set ovn0 up\n",
         pods = ns.pods.name()
     );
     for prefix in OVN0_ROUTES {
@@ -276,6 +286,40 @@ fn pods_batch() -> String {
          route add ::/0 via {OVN0_V6} dev ovn-lr\n"
     );
     b
+}
+
+/// Deletes `ovn0`, as happens when ovs-vswitchd loses the port or someone removes it.
+///
+/// `ovn0` here is a veth pair, so the OVN router's port (`ovn-lr`, which holds the pod
+/// addresses) goes with it; [`recreate_ovn0`] puts both back.
+pub fn delete_ovn0(ns: &Namespaces) -> Result<()> {
+    ns.node.ip_batch("link del ovn0\n")
+}
+
+/// Creates `ovn0` again as kube-ovn-cni's `loopOvn0Check` does — same name, same addresses, same
+/// routes — and the pods side of the pair with its addresses and routes.
+pub fn recreate_ovn0(ns: &Namespaces) -> Result<()> {
+    ns.node
+        .ip_batch(&ovn0_batch(ns))
+        .context("re-creating ovn0")?;
+    ns.pods
+        .ip_batch(&pods_batch())
+        .context("re-creating the OVN router's port")
+}
+
+/// Whether `ovn0` and its peer both report operational state UP: only then do they carry
+/// traffic (a veth's queue is activated when the kernel's link watcher processes the carrier
+/// change, a work item that needs RTNL and can lag on a busy machine).
+pub fn ovn0_up(ns: &Namespaces) -> Result<bool> {
+    for (netns, link) in [(&ns.node, "ovn0"), (&ns.pods, "ovn-lr")] {
+        if !netns
+            .run("ip", &["-o", "link", "show", "dev", link])?
+            .contains("state UP")
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Interfaces that must be up before traffic: a veth or bridge port whose carrier is not yet

@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::cmd;
 
 pub const TARGET: &str = "x86_64-unknown-linux-musl";
-const PACKAGE: &str = "kube-ovn-agent";
+pub const PACKAGE: &str = "kube-ovn-agent";
 
 /// Every privileged test binary the matrix runs, in run order: the verifier statistics first
 /// (short, and the counts are printed even if a later suite hangs), then the

@@ -17,7 +17,7 @@ use anyhow::{Context as _, Result, ensure};
 use super::{
     binaries::TestBinary,
     kernel::Kernel,
-    tools::{Member, Members},
+    tools::{self, Member, Members},
 };
 
 /// What `/init` runs and with what budget.
@@ -29,6 +29,8 @@ pub struct Plan<'a> {
     pub test_timeout_secs: u64,
     /// `KOVN_PROPTEST_CASES` for the datapath suite's property test.
     pub proptest_cases: u32,
+    /// `KOVN_TEST_TIME_SCALE`: how much slower than the host the guest runs.
+    pub time_scale: u32,
     /// Host programs, their libraries and data, at their host paths.
     pub extra: &'a Members,
 }
@@ -73,6 +75,7 @@ pub fn write(path: &Path, plan: &Plan<'_>) -> Result<()> {
                 cpio.file(path, if executable { 0o755 } else { 0o644 }, &read(from)?);
             }
             Member::Symlink(target) => cpio.symlink(path, &format!("/{target}")),
+            Member::Dir => cpio.dir(path),
         }
     }
     cpio.file("init", 0o755, init_script(plan, &modules).as_bytes());
@@ -109,15 +112,18 @@ fn init_script(plan: &Plan<'_>, modules: &[String]) -> String {
         .join(" ");
     let timeout = plan.test_timeout_secs;
     let cases = plan.proptest_cases;
+    let path = tools::SEARCH_PATH.join(":");
+    let scale = plan.time_scale;
     format!(
         r#"#!/bin/sh
 /bin/busybox --install -s /bin
-# The host's iproute2 and netfilter tools (under /usr) before busybox's reduced applets.
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# The host's iproute2, netfilter tools and shell (under /usr) before busybox's applets.
+export PATH={path}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
+# /tmp stays on the rootfs (already in memory): a workspace under /tmp holds files the suites
+# open by their build paths.
 mount -t tmpfs tmpfs /run
 mount -t bpf bpf /sys/fs/bpf
 kernel=$(uname -r)
@@ -132,7 +138,10 @@ for m in {modules}; do
     fi
 done
 ip link set lo up
-export KOVN_REQUIRE_PRIVILEGED=1 KOVN_PROPTEST_CASES={cases} RUST_BACKTRACE=1
+# Backtraces for panics, not for every error the agent reports (it runs without symbols).
+export KOVN_REQUIRE_PRIVILEGED=1 KOVN_PROPTEST_CASES={cases} RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0
+# TCG runs the suites 5-10x slower than the host: suites multiply their deadlines by this.
+export KOVN_TEST_TIME_SCALE={scale}
 for t in {tests}; do
     echo "KOVN-VM-TEST-BEGIN kernel=$kernel test=$t uptime=$(cut -d' ' -f1 /proc/uptime)"
     timeout {timeout} /tests/$t --test-threads 1 --color never

@@ -354,7 +354,8 @@ fn module_name(path: &Path) -> Option<String> {
 }
 
 /// The wanted modules and everything they depend on, dependencies first, and the wanted modules
-/// that are built in. A wanted module that is neither is an error naming it.
+/// that are built in. A wanted module that is neither is an error naming it, unless its name
+/// ends in `?` (needed only on kernels that build it separately).
 /// Modules by name with their files, in load order.
 type LoadOrder = Vec<(String, PathBuf)>;
 
@@ -380,9 +381,15 @@ fn resolve_modules(root: &Path, wanted: &[&str]) -> Result<(LoadOrder, Vec<Strin
     let mut builtin_wanted = Vec::new();
     let mut seen = BTreeSet::new();
     for name in wanted {
-        let name = normalise(name);
+        let (name, optional) = match name.strip_suffix('?') {
+            Some(name) => (normalise(name), true),
+            None => (normalise(name), false),
+        };
         if builtin.contains(&name) {
             builtin_wanted.push(name);
+            continue;
+        }
+        if optional && !files.contains_key(&name) {
             continue;
         }
         visit(&name, &files, &builtin, &mut seen, &mut order)?;

@@ -17,6 +17,8 @@ pub enum Member {
     File(PathBuf),
     /// A symbolic link with this target.
     Symlink(String),
+    /// An empty directory (a path component the suites traverse, like `…/kube-ovn-agent/..`).
+    Dir,
 }
 
 /// Guest path (relative to `/`) → member.
@@ -79,10 +81,12 @@ pub fn guest_path(path: &Path) -> Result<String> {
     Ok(text.trim_start_matches('/').to_owned())
 }
 
+/// The guest's `PATH` order (see `/init`), so a program lands where the guest finds it first.
+pub const SEARCH_PATH: &[&str] = &["/usr/sbin", "/usr/bin", "/sbin", "/bin"];
+
 fn which(program: &str) -> Result<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+    SEARCH_PATH
+        .iter()
         .map(|dir| Path::new(dir).join(program))
         .find(|p| p.is_file())
         .with_context(|| format!("{program} is not installed on the host"))

@@ -1,0 +1,67 @@
+//! `cargo xtask bench [--quick] [datapath] [control-plane] [traffic]`: every benchmark, each
+//! writing JSON under `target/bench/` (schemas in BENCHMARKS.md). Needs root.
+
+pub mod control_plane;
+pub mod traffic;
+
+use anyhow::Result;
+use clap::ValueEnum;
+
+use crate::cmd;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Suite {
+    /// The classifier alone under `BPF_PROG_TEST_RUN`, per packet kind and set size.
+    Datapath,
+    /// The agent: cold start to programmed maps, change-to-map-write latency, memory; and map
+    /// sync against ipset/iptables-restore of the same state.
+    ControlPlane,
+    /// Real traffic through the namespace node: baseline vs iptables vs ebpf, interleaved.
+    Traffic,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Short runs (fewer rounds, smaller scales) for a quick look or CI.
+    #[arg(long)]
+    pub quick: bool,
+    /// Which suites; all when none is given.
+    #[arg(value_enum)]
+    pub suites: Vec<Suite>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    crate::setup::ensure_all()?;
+    let suites = if args.suites.is_empty() {
+        vec![Suite::Datapath, Suite::ControlPlane, Suite::Traffic]
+    } else {
+        args.suites.clone()
+    };
+    let out = cmd::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    for suite in suites {
+        match suite {
+            Suite::Datapath => {
+                let json = out.join("datapath.json");
+                let json = json.to_string_lossy();
+                let mut bench_args = vec![
+                    "bench",
+                    "-p",
+                    "kube-ovn-agent",
+                    "--bench",
+                    "datapath",
+                    "--",
+                    "--out",
+                    &json,
+                ];
+                if args.quick {
+                    bench_args.push("--quick");
+                }
+                cmd::cargo(&bench_args)?;
+            }
+            Suite::ControlPlane => control_plane::run(args.quick, &out)?,
+            Suite::Traffic => traffic::run(args.quick, &out)?,
+        }
+    }
+    Ok(())
+}

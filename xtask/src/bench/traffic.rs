@@ -1,0 +1,597 @@
+//! `cargo xtask bench traffic`: real traffic through the simulated node (`crate::node`) with no
+//! PREROUTING logic (`baseline`), Kube-OVN's iptables rules (`iptables`) and the agent
+//! (`ebpf`), in one run. Each scale step builds three identical nodes — same cluster, same
+//! ipsets, same consumers — that differ only in the hook, then runs rounds in which every
+//! workload is measured on baseline, iptables, ebpf in turn (A B C A B C …), so drift of a
+//! shared machine spreads over all three. Writes `target/bench/traffic.{json,md}` and one SVG per
+//! plotted metric; BENCHMARKS.md documents the method and the schema.
+
+mod cpu;
+mod load;
+mod report;
+mod state;
+mod svg;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    sync::atomic::Ordering,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use self::{
+    load::{Generator, Load, Servers, Target},
+    report::{Report, Sample, ScaleResult, Workload},
+};
+use crate::{
+    cmd,
+    node::{
+        HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec, agent::AgentConfig, cleanup,
+        topology::addr,
+    },
+    setup,
+};
+
+/// The modes in the order each round measures them.
+pub const MODES: [HookKind; 3] = [HookKind::Baseline, HookKind::Iptables, HookKind::Ebpf];
+
+/// Commands the benchmark drives (command → Debian package).
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("iptables", "iptables"),
+    ("ip6tables", "iptables"),
+    ("iptables-restore", "iptables"),
+    ("ip6tables-restore", "iptables"),
+    ("ipset", "ipset"),
+    ("conntrack", "conntrack"),
+    ("bpftool", "bpftool"),
+];
+
+/// Sizes, durations and repetitions of one run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub quick: bool,
+    /// Padding entries of each kind (Services, Subnets, Nodes) per scale step.
+    pub scales: Vec<usize>,
+    pub rounds: usize,
+    /// Traffic that runs before the window opens (connections ramp up, caches warm).
+    pub warmup: Duration,
+    pub window: Duration,
+    /// Client threads of the connection workloads.
+    pub conn_threads: usize,
+    pub workloads: Vec<Workload>,
+}
+
+impl Config {
+    /// The quick or full configuration; `KOVN_BENCH_SCALES` (comma-separated entry counts) and
+    /// `KOVN_BENCH_ROUNDS` override the scales and the round count, for a targeted rerun.
+    fn new(quick: bool) -> Result<Self> {
+        let mut config = Self::preset(quick);
+        if let Ok(scales) = std::env::var("KOVN_BENCH_SCALES") {
+            config.scales = scales
+                .split(',')
+                .map(|s| s.trim().parse())
+                .collect::<Result<_, _>>()
+                .context("KOVN_BENCH_SCALES: comma-separated entry counts")?;
+        }
+        if let Ok(ids) = std::env::var("KOVN_BENCH_WORKLOADS") {
+            config.workloads = ids
+                .split(',')
+                .map(|id| {
+                    Workload::ALL
+                        .into_iter()
+                        .find(|w| w.id() == id.trim())
+                        .with_context(|| format!("KOVN_BENCH_WORKLOADS: unknown workload {id:?}"))
+                })
+                .collect::<Result<_>>()?;
+        }
+        if let Ok(rounds) = std::env::var("KOVN_BENCH_ROUNDS") {
+            config.rounds = rounds.parse().context("KOVN_BENCH_ROUNDS: a count")?;
+        }
+        ensure!(
+            config.rounds >= 1 && !config.scales.is_empty(),
+            "nothing to run"
+        );
+        Ok(config)
+    }
+
+    fn preset(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                scales: vec![10, 10_000],
+                rounds: 5,
+                warmup: Duration::from_millis(150),
+                window: Duration::from_millis(400),
+                conn_threads: 2,
+                workloads: Workload::ALL.to_vec(),
+            }
+        } else {
+            Self {
+                quick,
+                scales: vec![10, 1_000, 10_000, 100_000],
+                rounds: 7,
+                warmup: Duration::from_millis(300),
+                window: Duration::from_secs(1),
+                conn_threads: 2,
+                workloads: Workload::ALL.to_vec(),
+            }
+        }
+    }
+}
+
+pub fn run(quick: bool, out: &Path) -> Result<()> {
+    if !setup::is_root() {
+        bail!(
+            "cargo xtask bench traffic needs root: it creates network namespaces, ipsets and \
+             iptables rules, and runs the agent"
+        );
+    }
+    setup::ensure_apt_tools(TOOLS)?;
+    cleanup::install_signal_handler();
+    cleanup::remove_stale().context("removing what earlier runs left")?;
+    let started = Instant::now();
+    let config = Config::new(quick)?;
+    let binary = agent_binary()?;
+    let mut report = Report::new(&config, &binary);
+    eprintln!(
+        "traffic: scales {:?} × {} rounds × {} workloads × {} modes, {:?} windows (load {:?})",
+        config.scales,
+        config.rounds,
+        config.workloads.len(),
+        MODES.len(),
+        config.window,
+        cpu::loadavg()
+    );
+    for &entries in &config.scales {
+        let result = scale_step(&config, &binary, entries)
+            .with_context(|| format!("scale step with {entries} entries"))?;
+        report.scales.push(result);
+    }
+    report.finish(started.elapsed());
+    report.write(out)?;
+    Ok(())
+}
+
+/// Builds the optimised agent unless `KOVN_BENCH_AGENT` names a binary. The `bench` profile
+/// (release settings) is the one the other suites' `cargo bench` runs already built the agent
+/// binary with, so after them this is a no-op rather than a second optimised build.
+fn agent_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KOVN_BENCH_AGENT") {
+        return Ok(PathBuf::from(path));
+    }
+    cmd::cargo(&["build", "--profile", "bench", "--package", "kube-ovn-agent"])
+        .context("building kube-ovn-agent (bench profile)")?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| cmd::workspace_root().join("target"), PathBuf::from);
+    Ok(target.join("release").join("kube-ovn-agent"))
+}
+
+/// One node of a scale step with its hook and the benchmark's servers.
+struct ModeNode {
+    kind: HookKind,
+    // Field order is drop order: servers (threads, sockets) before the node's namespaces.
+    servers: Servers,
+    node: Node,
+    agent_pid: Option<u32>,
+}
+
+impl ModeNode {
+    fn target(&self, workload: Workload) -> Target {
+        let pods = self.node.ns(Host::Pods);
+        let ext = self.node.ns(Host::Ext);
+        let v4 = SocketAddrV4::new;
+        match workload {
+            Workload::ConnClusterIp | Workload::Bulk | Workload::BulkSegments | Workload::Rr => {
+                Target::new(
+                    pods,
+                    addr::POD_V4,
+                    v4(state::TCP_CLUSTER_IP, state::TCP_PORT),
+                )
+            }
+            Workload::ConnNodePort => {
+                Target::new(ext, addr::EXT_V4, v4(addr::NODE_V4, state::TCP_NODE_PORT))
+            }
+            // Sources walk away from these: fresh addresses in the pod subnet and the external
+            // /24, none of them a real host (replies are not needed).
+            Workload::UdpClusterIp => Target::new(
+                pods,
+                Ipv4Addr::new(10, 16, 1, 1),
+                v4(state::UDP_CLUSTER_IP, state::UDP_PORT),
+            ),
+            Workload::UdpNodePort => Target::new(
+                ext,
+                Ipv4Addr::new(203, 0, 113, 10),
+                v4(addr::NODE_V4, state::UDP_NODE_PORT),
+            ),
+        }
+    }
+}
+
+fn build_node(
+    kind: HookKind,
+    cluster: &crate::node::Cluster,
+    binary: &Path,
+    source_max_bytes: Option<usize>,
+) -> Result<ModeNode> {
+    let mut node = Node::build(NodeSpec {
+        cluster: cluster.clone(),
+        kube_proxy: KubeProxyMode::Ipvs,
+    })
+    .with_context(|| format!("building the {kind} node"))?;
+    let mut options = HookOptions::default();
+    if kind == HookKind::Ebpf {
+        let mut agent = AgentConfig::new(binary.to_owned());
+        agent.ready_timeout = Duration::from_mins(5);
+        if let Some(bytes) = source_max_bytes {
+            agent.extra_args = vec!["--source-max-bytes".into(), bytes.to_string()];
+        }
+        options.agent = Some(agent);
+    }
+    if kind == HookKind::Baseline {
+        state::neutralise_guard(node.ns(Host::Node))?;
+    }
+    // Clients close first and hold TIME_WAIT (see `load`): give them room. Tens of thousands
+    // of connections per window would otherwise exhaust the default 28 232 ephemeral ports;
+    // reuse of a TIME_WAIT port follows the kernel's rules (timestamps, 1 s delay). Ports stay
+    // above every Service port.
+    for host in [Host::Pods, Host::Ext] {
+        node.ns(host).sysctl(&[
+            ("net/ipv4/ip_local_port_range", "10000 65535"),
+            ("net/ipv4/tcp_tw_reuse", "1"),
+        ])?;
+    }
+    node.install_hook(kind, &options)
+        .with_context(|| format!("installing the {kind} hook"))?;
+    let agent_pid = node
+        .hook_mut()
+        .and_then(|h| h.agent_mut())
+        .and_then(|agent| agent.pid());
+    let servers = Servers::start(node.ns(Host::Pods))?;
+    Ok(ModeNode {
+        kind,
+        servers,
+        node,
+        agent_pid,
+    })
+}
+
+fn scale_step(config: &Config, binary: &Path, entries: usize) -> Result<ScaleResult> {
+    let setup_started = Instant::now();
+    let cluster = state::cluster(entries);
+    let yaml_bytes = cluster.to_yaml().len();
+    // The agent reads the same cluster as a file; past its default limit it is told to accept it.
+    let source_max_bytes = (yaml_bytes > state::AGENT_FILE_LIMIT).then_some(yaml_bytes + (1 << 20));
+    eprintln!(
+        "traffic: {entries} entries: building 3 nodes (agent cluster file {:.1} MiB)",
+        mib(yaml_bytes)
+    );
+    let mut nodes = Vec::new();
+    for kind in MODES {
+        let t = Instant::now();
+        nodes.push(build_node(kind, &cluster, binary, source_max_bytes)?);
+        eprintln!(
+            "traffic:   {kind} node ready in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let state_check = check_state(&nodes, &cluster, entries)?;
+    for node in &nodes {
+        for workload in [Workload::ConnClusterIp, Workload::ConnNodePort] {
+            load::check_connection(&node.target(workload))
+                .with_context(|| format!("{} node, {}", node.kind, workload.id()))?;
+        }
+    }
+    let setup_s = setup_started.elapsed().as_secs_f64();
+    let mut result = ScaleResult::new(entries, yaml_bytes, setup_s, state_check);
+    let cores = thread::available_parallelism().map_or(1, usize::from);
+    for round in 0..config.rounds {
+        let t = Instant::now();
+        for &workload in &config.workloads {
+            for (m, node) in nodes.iter_mut().enumerate() {
+                let sample = measure(config, node, workload, cores)
+                    .with_context(|| format!("{} node, {}", node.kind, workload.id()))?;
+                result.push(workload, m, sample);
+            }
+        }
+        eprintln!(
+            "traffic:   round {}/{} done in {:.1} s (load {:.2})",
+            round + 1,
+            config.rounds,
+            t.elapsed().as_secs_f64(),
+            cpu::loadavg()[0]
+        );
+    }
+    result.evidence = hook_evidence(&mut nodes)?;
+    Ok(result)
+}
+
+fn mib(bytes: usize) -> f64 {
+    #[expect(clippy::cast_precision_loss, reason = "display only")]
+    let b = bytes as f64;
+    b / f64::from(1u32 << 20)
+}
+
+/// The state each node really holds: Kube-OVN's and kube-proxy's set sizes in every node, and
+/// the agent's map sizes in the ebpf node. They must agree with the cluster, or the comparison
+/// would be between different states.
+fn check_state(
+    nodes: &[ModeNode],
+    cluster: &crate::node::Cluster,
+    entries: usize,
+) -> Result<serde_json::Value> {
+    use crate::node::Family;
+    let ovn = cluster.ovn_sets(Family::V4);
+    let kube = cluster.kube_proxy_sets(Family::V4);
+    let want = [
+        ("ovn40subnets", ovn.subnets.len()),
+        ("ovn40other-node", ovn.other_node.len()),
+        ("KUBE-CLUSTER-IP", kube.cluster_ip.len()),
+    ];
+    let mut json = serde_json::Map::new();
+    for node in nodes {
+        let ns = node.node.ns(Host::Node);
+        let mut sets = serde_json::Map::new();
+        for (set, expected) in want {
+            let have = state::ipset_entries(ns, set)?;
+            ensure!(
+                have == expected,
+                "{} node: ipset {set} holds {have} entries, the cluster says {expected}",
+                node.kind
+            );
+            sets.insert(set.into(), have.into());
+        }
+        json.insert(format!("{}_ipsets", node.kind), sets.into());
+    }
+    let ebpf = nodes
+        .iter()
+        .find(|n| n.kind == HookKind::Ebpf)
+        .context("no ebpf node")?;
+    let bpffs = ebpf_bpffs(ebpf)?;
+    let mut maps = serde_json::Map::new();
+    // Maps hold the fixture's entries too; the padding must be all there. Local addresses: every
+    // ClusterIP is on kube-ipvs0.
+    for (map, at_least) in [
+        ("kovn_svcport4", kube.cluster_ip.len()),
+        ("kovn_subnets4", ovn.subnets.len()),
+        ("kovn_othernode4", ovn.other_node.len()),
+        ("kovn_local4", entries),
+    ] {
+        let have = state::map_entries(&bpffs, map)?;
+        ensure!(
+            have >= at_least,
+            "ebpf node: map {map} holds {have} entries, expected at least {at_least}"
+        );
+        maps.insert(map.into(), have.into());
+    }
+    json.insert("ebpf_maps".into(), maps.into());
+    Ok(json.into())
+}
+
+fn ebpf_bpffs(node: &ModeNode) -> Result<PathBuf> {
+    node.node
+        .hook()
+        .and_then(crate::node::Hook::agent)
+        .map(|a| a.bpffs().to_owned())
+        .context("the ebpf node has no agent")
+}
+
+/// Runs one window of `workload` on `node`.
+fn measure(
+    config: &Config,
+    node: &mut ModeNode,
+    workload: Workload,
+    cores: usize,
+) -> Result<Sample> {
+    flush_conntrack(&node.node)?;
+    let segments = if workload == Workload::BulkSegments {
+        Some(SegmentsOnly::set(node.node.ns(Host::Pods))?)
+    } else {
+        None
+    };
+    let meter = cpu::Meter::new(node.agent_pid);
+    let target = node.target(workload);
+    let deadline = Instant::now() + config.warmup + config.window + Duration::from_secs(5);
+    let load = match workload {
+        Workload::ConnClusterIp | Workload::ConnNodePort => Load::Connections {
+            threads: config.conn_threads,
+        },
+        Workload::UdpClusterIp | Workload::UdpNodePort => Load::NewFlows,
+        Workload::Bulk | Workload::BulkSegments => Load::Bulk,
+        Workload::Rr => Load::RequestResponse,
+    };
+    // New flows each leave a conntrack entry until the next flush; the node's table holds
+    // 262 144 (nf_conntrack_max), and a full table would drop packets and skew the window.
+    // Everything else: far above what a window reaches here; only a runaway generator meets it.
+    let max_ops = match load {
+        Load::NewFlows => NEW_FLOWS_CAP,
+        _ => 50_000_000,
+    };
+    let generator = Generator::start(load, &target, deadline, max_ops)?;
+    thread::sleep(config.warmup);
+    let counters = &generator.counters;
+    let server = &node.servers.counters;
+    let ovn0 = || ovn0_rx_packets(&node.node);
+    let (ok0, failed0) = (
+        counters.ok.load(Ordering::Relaxed),
+        counters.failed.load(Ordering::Relaxed),
+    );
+    let (bytes0, udp0, packets0) = (
+        server.bulk_bytes.load(Ordering::Relaxed),
+        server.udp_packets.load(Ordering::Relaxed),
+        ovn0()?,
+    );
+    let cpu0 = meter.snapshot();
+    counters.measuring.store(true, Ordering::Relaxed);
+    thread::sleep(config.window);
+    counters.measuring.store(false, Ordering::Relaxed);
+    let cpu1 = meter.snapshot();
+    let (ok1, failed1) = (
+        counters.ok.load(Ordering::Relaxed),
+        counters.failed.load(Ordering::Relaxed),
+    );
+    let (bytes1, udp1, packets1) = (
+        server.bulk_bytes.load(Ordering::Relaxed),
+        server.udp_packets.load(Ordering::Relaxed),
+        ovn0()?,
+    );
+    let first_error = counters
+        .first_error
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let (mut failed1, mut first_error) = (failed1, first_error);
+    if load_is_capped(&generator, max_ops) {
+        failed1 += 1;
+        first_error.get_or_insert_with(|| {
+            format!(
+                "the sender reached its {max_ops}-packet cap before the window closed: the rate \
+                 is understated; shorten the window"
+            )
+        });
+    }
+    let latencies = generator.finish()?;
+    drop(segments);
+    let usage = cpu::Meter::usage(&cpu0, &cpu1);
+    let sample = Sample::from_window(
+        workload,
+        &report::Window {
+            usage,
+            ops: ok1 - ok0,
+            failed: failed1 - failed0,
+            delivered: udp1 - udp0,
+            bytes: bytes1 - bytes0,
+            ovn0_packets: packets1 - packets0,
+            latencies,
+            first_error,
+            cores,
+        },
+    );
+    if let Some(hook) = node.node.hook_mut() {
+        hook.check()
+            .with_context(|| format!("{} hook stopped working", node.kind))?;
+    }
+    Ok(sample)
+}
+
+/// Most new flows one window may create (see `measure`).
+const NEW_FLOWS_CAP: u64 = 240_000;
+
+fn load_is_capped(generator: &Generator, max_ops: u64) -> bool {
+    let c = &generator.counters;
+    c.ok.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed) >= max_ops
+}
+
+/// While alive, TCP from the pods namespace leaves as one MSS per packet: the client link's
+/// `gso_max_segs` is 1 (TCP sizes its segments by it at connect time), so nothing is coalesced
+/// before the node's TC program sees it. Restored on drop.
+struct SegmentsOnly<'a> {
+    pods: &'a crate::node::netns::Netns,
+    previous: String,
+}
+
+/// The pods namespace's end of the `ovn0` veth pair (see `node::topology`).
+const POD_LINK: &str = "ovn-lr";
+
+impl<'a> SegmentsOnly<'a> {
+    fn set(pods: &'a crate::node::netns::Netns) -> Result<Self> {
+        let details = pods.run("ip", &["-d", "link", "show", "dev", POD_LINK])?;
+        let previous = details
+            .split_whitespace()
+            .skip_while(|w| *w != "gso_max_segs")
+            .nth(1)
+            .context("no gso_max_segs in `ip -d link show`")?
+            .to_owned();
+        pods.run("ip", &["link", "set", "dev", POD_LINK, "gso_max_segs", "1"])?;
+        Ok(Self { pods, previous })
+    }
+}
+
+impl Drop for SegmentsOnly<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.pods.run(
+            "ip",
+            &[
+                "link",
+                "set",
+                "dev",
+                POD_LINK,
+                "gso_max_segs",
+                &self.previous,
+            ],
+        ) {
+            eprintln!("traffic: restoring gso_max_segs on {POD_LINK}: {e:#}");
+        }
+    }
+}
+
+/// Empties the node's conntrack table so every window starts alike: a window's connections and
+/// flows must be new to conntrack, and earlier windows' entries would otherwise fill the table.
+fn flush_conntrack(node: &Node) -> Result<()> {
+    let out = node
+        .ns(Host::Node)
+        .output("conntrack", &["-F"], Duration::from_secs(20))?;
+    ensure!(
+        out.status.success(),
+        "conntrack -F: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Packets received on the node's `ovn0` (`/proc/net/dev`): every packet of the pod-side
+/// workloads crosses it, in both directions, and meets the TC program there.
+fn ovn0_rx_packets(node: &Node) -> Result<u64> {
+    node.ns(Host::Node).run_in(|| -> Result<u64> {
+        let dev = std::fs::read_to_string("/proc/thread-self/net/dev")?;
+        dev.lines()
+            .find_map(|l| {
+                let (name, rest) = l.split_once(':')?;
+                (name.trim() == "ovn0")
+                    .then(|| rest.split_whitespace().nth(1)?.parse().ok())
+                    .flatten()
+            })
+            .context("no ovn0 in /proc/net/dev")
+    })?
+}
+
+/// What each hook says it did during the run: the packet counters of Kube-OVN's nat rules, and
+/// the agent's per-rule counters. Proof that the hook under test really classified the traffic.
+fn hook_evidence(nodes: &mut [ModeNode]) -> Result<serde_json::Value> {
+    let mut json = serde_json::Map::new();
+    for node in nodes {
+        match node.kind {
+            HookKind::Iptables => {
+                let listing = node.node.ns(Host::Node).run(
+                    "iptables",
+                    &["-t", "nat", "-L", "OVN-PREROUTING", "-n", "-v", "-x"],
+                )?;
+                let rules: Vec<serde_json::Value> = listing
+                    .lines()
+                    .skip(2)
+                    .filter_map(|l| {
+                        let mut f = l.split_whitespace();
+                        let packets: u64 = f.next()?.parse().ok()?;
+                        Some(serde_json::json!({ "packets": packets, "rule": l.trim() }))
+                    })
+                    .collect();
+                json.insert("iptables_ovn_prerouting".into(), rules.into());
+            }
+            HookKind::Ebpf => {
+                let agent = node
+                    .node
+                    .hook_mut()
+                    .and_then(|h| h.agent_mut())
+                    .context("the ebpf node has no agent")?;
+                let status: serde_json::Value = serde_json::from_str(&agent.status_json()?)
+                    .context("parsing `status --json`")?;
+                json.insert("ebpf_counters".into(), status["counters"].clone());
+            }
+            HookKind::Baseline => {}
+        }
+    }
+    Ok(json.into())
+}
