@@ -196,7 +196,8 @@ fn main() {
     let scales: &[usize] = if quick {
         &[1_000, 10_000]
     } else {
-        &[10_000, 100_000]
+        // The traffic benchmark's scale sweep.
+        &[10, 1_000, 10_000, 100_000]
     };
     let changes = if quick { 40 } else { 200 };
     let cold_rounds = 5;

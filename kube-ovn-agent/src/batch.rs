@@ -54,7 +54,7 @@ pub fn update<K: Pod, V: Pod>(
     }
     let error = io::Error::last_os_error();
     // SAFETY: as above; the kernel reports the number of entries it processed here.
-    let written = unsafe { attr.batch.count } as usize;
+    let written = processed_before_error(unsafe { attr.batch.count }, keys.len());
     // EINVAL: the command is unknown (< 5.6); ENOTSUPP (524, kernel-internal but leaked to
     // user space) or EOPNOTSUPP: this map type has no batch operation.
     let unsupported = matches!(
@@ -65,6 +65,15 @@ pub fn update<K: Pod, V: Pod>(
         return Err(Stopped::Unsupported);
     }
     Err(Stopped::At { at: written, error })
+}
+
+/// How many entries a failed batch update wrote. The kernel writes the count back only once it
+/// has started on the entries; a call refused before that (the map type has no batch operation,
+/// as LPM tries on 5.10, or bad flags) leaves our own `count` in place, which would read as
+/// "all written, then failed past the end". Nothing was written then.
+fn processed_before_error(reported: u32, requested: usize) -> usize {
+    let reported = reported as usize;
+    if reported >= requested { 0 } else { reported }
 }
 
 /// Entries read per `BPF_MAP_LOOKUP_BATCH` call; more than any hash bucket holds (the kernel
@@ -138,4 +147,21 @@ pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>, St
         }
     }
     unreachable!("the loop returns")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::processed_before_error;
+
+    #[test]
+    fn a_count_left_untouched_by_a_refused_call_means_nothing_was_written() {
+        assert_eq!(
+            processed_before_error(3, 3),
+            0,
+            "refused before the first entry"
+        );
+        assert_eq!(processed_before_error(0, 3), 0);
+        assert_eq!(processed_before_error(2, 3), 2, "entry 2 failed");
+        assert_eq!(processed_before_error(u32::MAX, 3), 0);
+    }
 }

@@ -189,6 +189,8 @@ impl Batcher {
                     next += 1;
                 }
                 Err(batch::Stopped::At { at, .. }) => {
+                    // `update` reports a failing entry inside the slice it was given.
+                    let at = at.min(keys.len() - next - 1);
                     results.resize_with(results.len() + at, || Ok(()));
                     next += at;
                     results.push(single(next));
