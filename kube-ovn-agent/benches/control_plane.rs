@@ -339,6 +339,25 @@ struct AgentRun {
     cpu_per_change_ms: f64,
 }
 
+/// The agent process, killed if the benchmark panics before stopping it, so a failed run leaves
+/// no agent behind.
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The agent against the API server, both inside one private namespace.
 #[expect(clippy::too_many_lines, reason = "one linear measurement script")]
 fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
@@ -398,6 +417,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
+        .map(KillOnDrop)
         .expect("start the agent");
     let ready = ns.enter(|| {
         let deadline = Instant::now() + Duration::from_mins(2);
@@ -423,7 +443,8 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
     let cpu_before = cpu_ms(child.id());
     let mut latencies = Vec::with_capacity(changes);
     for i in 0..changes {
-        let index = i * 7 + 1;
+        // Spread over the Services, wrapping on small scales (each change is a new port).
+        let index = (i * 7 + 1) % snapshot.services.len();
         let mut svc: Service = snapshot.services[index].as_ref().clone();
         let port = 20_000 + u16::try_from(i).expect("small");
         svc.spec
@@ -478,7 +499,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let _ = child.wait();
+    let _ = child.0.wait();
     let _ = ns
         .command(AGENT)
         .arg("detach")
@@ -576,7 +597,7 @@ fn map_changes(snapshot: &Snapshot, changes: usize) -> Percentiles {
     let mut snapshot = snapshot.clone();
     let mut samples = Vec::with_capacity(changes);
     for i in 0..changes {
-        let index = i * 7 + 1;
+        let index = (i * 7 + 1) % snapshot.services.len();
         let mut svc: Service = snapshot.services[index].as_ref().clone();
         svc.spec
             .as_mut()
