@@ -3,10 +3,12 @@
 //! is the known case) erases bits we set. In iptables mode Kube-OVN set its bits after those
 //! rules, so this is new exposure; we detect it and say so.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::time::Duration;
 
 use kube_ovn_ebpf_common::mark;
 use serde::Serialize;
+
+use crate::xtables;
 
 /// A rule that can clear some of our mark bits on a packet it matches.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -44,7 +46,7 @@ const HOOK_CHAINS: [(&str, &str); 3] = [
 /// Parses `iptables-save` output and returns the rules reachable from raw/mangle/nat PREROUTING
 /// that can clear any of our mark bits.
 pub fn scan(source: &str, save_output: &str) -> Vec<Finding> {
-    let tables = parse_save(save_output);
+    let tables = xtables::parse_save(save_output);
     let mut findings = Vec::new();
     for (table, hook) in HOOK_CHAINS {
         let Some(chains) = tables.get(table) else {
@@ -57,7 +59,7 @@ pub fn scan(source: &str, save_output: &str) -> Vec<Finding> {
                 continue;
             }
             for rule in chains.get(&chain).into_iter().flatten() {
-                let words: Vec<&str> = rule.split_whitespace().collect();
+                let words: Vec<&str> = rule.words.iter().map(String::as_str).collect();
                 if let Some(target) = target(&words)
                     && chains.contains_key(target)
                 {
@@ -69,7 +71,7 @@ pub fn scan(source: &str, save_output: &str) -> Vec<Finding> {
                         source: source.to_owned(),
                         table: table.to_owned(),
                         chain: chain.clone(),
-                        rule: rule.clone(),
+                        rule: rule.spec.clone(),
                         cleared_bits: cleared,
                     });
                 }
@@ -77,33 +79,6 @@ pub fn scan(source: &str, save_output: &str) -> Vec<Finding> {
         }
     }
     findings
-}
-
-/// table → chain → rule texts (without the leading `-A CHAIN`).
-fn parse_save(text: &str) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
-    let mut tables: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
-    let mut table = String::new();
-    for line in text.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            name.trim().clone_into(&mut table);
-        } else if let Some(decl) = line.strip_prefix(':') {
-            let chain = decl.split_whitespace().next().unwrap_or_default();
-            tables
-                .entry(table.clone())
-                .or_default()
-                .entry(chain.to_owned())
-                .or_default();
-        } else if let Some(rest) = line.strip_prefix("-A ") {
-            let (chain, rule) = rest.split_once(' ').unwrap_or((rest, ""));
-            tables
-                .entry(table.clone())
-                .or_default()
-                .entry(chain.to_owned())
-                .or_default()
-                .push(rule.trim().to_owned());
-        }
-    }
-    tables
 }
 
 fn target<'a>(words: &[&'a str]) -> Option<&'a str> {
@@ -164,16 +139,6 @@ fn cleared_bits(words: &[&str]) -> u32 {
     }
 }
 
-/// The save tools to ask, IPv4 and IPv6, both backends.
-const SAVE_TOOLS: [&str; 6] = [
-    "iptables-nft-save",
-    "iptables-legacy-save",
-    "ip6tables-nft-save",
-    "ip6tables-legacy-save",
-    "iptables-save",
-    "ip6tables-save",
-];
-
 /// Result of running the check.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -182,52 +147,25 @@ pub struct Report {
     pub findings: Vec<Finding>,
 }
 
-/// Runs the save tools that exist (each bounded by `timeout`) and scans their output. The
-/// generic `iptables-save` names are only used when neither backend-specific tool exists.
+/// Runs the save tool of every iptables backend present (each bounded by `timeout`) and scans
+/// its output.
 pub fn check(timeout: Duration) -> Report {
     let mut report = Report::default();
-    let mut have_specific = [false, false];
-    for tool in SAVE_TOOLS {
-        let v6 = tool.starts_with("ip6");
-        let generic = tool == "iptables-save" || tool == "ip6tables-save";
-        if generic && have_specific[usize::from(v6)] {
-            continue;
+    for tool in xtables::available() {
+        let name = tool.save_command();
+        match xtables::run_within(&name, &[], None, timeout) {
+            Ok(output) => {
+                report.findings.extend(scan(&name, &output));
+                report.checked.push(name);
+            }
+            Err(e @ xtables::XtablesError::Timeout { .. }) => {
+                tracing::warn!(error = %e, "mark-clobber check skipped a tool");
+            }
+            // A backend whose kernel side is missing: nothing of ours to clobber there.
+            Err(_) => {}
         }
-        let Some(output) = run_bounded(tool, timeout) else {
-            continue;
-        };
-        if !generic {
-            have_specific[usize::from(v6)] = true;
-        }
-        report.checked.push(tool.to_owned());
-        report.findings.extend(scan(tool, &output));
     }
     report
-}
-
-fn run_bounded(tool: &str, timeout: Duration) -> Option<String> {
-    let mut child = Command::new(tool)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => break,
-            Ok(Some(_)) | Err(_) => return None,
-            Ok(None) if std::time::Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                tracing::warn!(tool, "timed out; mark-clobber check skipped it");
-                return None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    let mut output = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take()?, &mut output).ok()?;
-    Some(output)
 }
 
 #[cfg(test)]
