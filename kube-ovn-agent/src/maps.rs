@@ -189,8 +189,10 @@ impl Batcher {
                     next += 1;
                 }
                 Err(batch::Stopped::At { at, .. }) => {
-                    // `update` reports a failing entry inside the slice it was given.
-                    let at = at.min(keys.len() - next - 1);
+                    debug_assert!(
+                        at < keys.len() - next,
+                        "`update` reports an entry it was given"
+                    );
                     results.resize_with(results.len() + at, || Ok(()));
                     next += at;
                     results.push(single(next));
@@ -652,13 +654,11 @@ impl MapTable<u32, u32> for IfaceTable {
                 })
                 .collect()
         })?;
-        let mut entries: Vec<(u32, u32)> = raw
+        Ok(raw
             .into_iter()
             .filter(|(_, iface)| iface.roles != 0)
             .map(|(_, iface)| (iface.ifindex, iface.roles))
-            .collect();
-        entries.sort_unstable();
-        Ok(entries)
+            .collect())
     }
     fn write(&mut self, ifindex: u32, roles: u32) -> Result<()> {
         let current = self.slot(ifindex)?;
@@ -1141,8 +1141,10 @@ fn sync_family<N: Ord + Copy, A: Ord + Copy>(
 
 /// Per-CPU counters summed over CPUs, indexed by `counter` slot.
 pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> io::Result<Vec<u64>> {
-    (0..=counter::TPROXY_NO_SOCKET)
-        .map(|slot| {
+    // One value per named counter, so a new counter needs no edit here.
+    (0u32..)
+        .zip(counter::NAMES)
+        .map(|(slot, _)| {
             map.get(&slot, 0)
                 .map(|per_cpu| per_cpu.iter().sum())
                 .map_err(io::Error::other)

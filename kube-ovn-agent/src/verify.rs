@@ -57,8 +57,9 @@ pub const MIRROR_JUMP: [&str; 6] = [
 ];
 const MIRROR_COMMENT: &str = "kovn-verify";
 
-/// The rules compared: Kube-OVN's nat hook. The TPROXY rules (mangle) are not replaced by this
-/// agent; `verify` only reports that they exist.
+/// The rules compared: Kube-OVN's nat hook. Kube-OVN's TPROXY rules (mangle) steer kubelet
+/// probes rather than mark; `verify` only reports that they exist and whether the datapath
+/// replaces them (`run --enable-tproxy`).
 pub const RULES: [u32; 6] = [
     rule::R1A,
     rule::R1B,
@@ -586,7 +587,7 @@ pub struct BackendReport {
     pub jumps: usize,
     /// Rules of nat OVN-PREROUTING, by name.
     pub rules: Vec<&'static str>,
-    /// Rules of mangle OVN-PREROUTING (TPROXY): not replaced by this agent, not compared.
+    /// Rules of mangle OVN-PREROUTING (TPROXY): not compared.
     pub tproxy_rules: usize,
 }
 
@@ -683,7 +684,8 @@ fn report(
     elapsed: Duration,
     mut notes: BTreeSet<String>,
 ) -> Report {
-    let backends = describe_backends(after, &mut notes);
+    let replaces_tproxy = (state.v4.rules | state.v6.rules) & rule::bit(rule::TPROXY) != 0;
+    let backends = describe_backends(after, replaces_tproxy, &mut notes);
     let kube_ovn_rules = after.values().any(|v| v.has_chain);
     let mut rules = Vec::new();
     let mut disagree = !after.values().all(|v| v.unknown.is_empty());
@@ -733,6 +735,7 @@ fn report(
 /// The backends holding Kube-OVN's rules, and what is worth noting about each.
 fn describe_backends(
     after: &BTreeMap<Tool, View>,
+    replaces_tproxy: bool,
     notes: &mut BTreeSet<String>,
 ) -> Vec<BackendReport> {
     let mut backends = Vec::new();
@@ -757,9 +760,14 @@ fn describe_backends(
             ));
         }
         if view.tproxy > 0 {
+            let datapath = if replaces_tproxy {
+                "the datapath replaces them (run --enable-tproxy)"
+            } else {
+                "the datapath does not replace them (run the agent with --enable-tproxy to)"
+            };
             notes.insert(format!(
                 "{tool}: mangle OVN-PREROUTING holds {} TPROXY rules (Kube-OVN --enable-tproxy); \
-                 this agent does not replace them and they are not compared",
+                 {datapath}; they are not compared",
                 view.tproxy
             ));
         }
