@@ -12,6 +12,12 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts build outputs: `$CARGO_TARGET_DIR`, else the workspace's `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
 pub fn run(command: &mut Command) -> Result<()> {
     let shown = format!("{command:?}");
     eprintln!("+ {shown}");

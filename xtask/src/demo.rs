@@ -10,7 +10,7 @@ pub fn run() -> Result<()> {
     // The demo reads each probe's mark back from conntrack.
     setup::ensure_apt_tools(&[("conntrack", "conntrack")])?;
     cmd::cargo(&["build", "--release", "--package", "kube-ovn-agent"])?;
-    let agent = cmd::workspace_root().join("target/release/kube-ovn-agent");
+    let agent = cmd::target_dir().join("release/kube-ovn-agent");
     let agent = agent.to_string_lossy();
     cmd::cargo(&[
         "run",

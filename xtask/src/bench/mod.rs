@@ -1,8 +1,9 @@
 //! `cargo xtask bench [--quick] [datapath] [control-plane] [traffic]`: every benchmark, each
 //! writing JSON under `target/bench/` (schemas in BENCHMARKS.md). Needs root.
 
-pub mod control_plane;
 pub mod traffic;
+
+use std::path::Path;
 
 use anyhow::Result;
 use clap::ValueEnum;
@@ -41,27 +42,31 @@ pub fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     for suite in suites {
         match suite {
-            Suite::Datapath => {
-                let json = out.join("datapath.json");
-                let json = json.to_string_lossy();
-                let mut bench_args = vec![
-                    "bench",
-                    "-p",
-                    "kube-ovn-agent",
-                    "--bench",
-                    "datapath",
-                    "--",
-                    "--out",
-                    &json,
-                ];
-                if args.quick {
-                    bench_args.push("--quick");
-                }
-                cmd::cargo(&bench_args)?;
+            Suite::Datapath => cargo_bench("datapath", &out.join("datapath.json"), args.quick)?,
+            Suite::ControlPlane => {
+                cargo_bench("control_plane", &out.join("control-plane.json"), args.quick)?;
             }
-            Suite::ControlPlane => control_plane::run(args.quick, &out)?,
             Suite::Traffic => traffic::run(args.quick, &out)?,
         }
     }
     Ok(())
+}
+
+/// One of the agent's `cargo bench` targets (`kube-ovn-agent/benches/`), writing its JSON to `json`.
+fn cargo_bench(bench: &str, json: &Path, quick: bool) -> Result<()> {
+    let json = json.to_string_lossy();
+    let mut args = vec![
+        "bench",
+        "-p",
+        "kube-ovn-agent",
+        "--bench",
+        bench,
+        "--",
+        "--out",
+        &json,
+    ];
+    if quick {
+        args.push("--quick");
+    }
+    cmd::cargo(&args)
 }

@@ -165,9 +165,7 @@ fn agent_binary() -> Result<PathBuf> {
     }
     cmd::cargo(&["build", "--profile", "bench", "--package", "kube-ovn-agent"])
         .context("building kube-ovn-agent (bench profile)")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| cmd::workspace_root().join("target"), PathBuf::from);
-    Ok(target.join("release").join("kube-ovn-agent"))
+    Ok(cmd::target_dir().join("release").join("kube-ovn-agent"))
 }
 
 /// One node of a scale step with its hook and the benchmark's servers.

@@ -435,17 +435,22 @@ fn shell_words(spec: &str) -> Vec<&str> {
 
 /// One coexistence run's numbers.
 pub struct CoexistResult {
-    pub label: String,
+    pub hook: HookKind,
     /// Connections made; fewer than `requested` if the run hit its deadline.
     pub connections: usize,
     pub requested: usize,
     /// "scenario: want X, got Y" → occurrences.
     pub wrong: BTreeMap<String, usize>,
-    pub wrong_total: usize,
     pub actors: Vec<ActorStats>,
     /// nat PREROUTING (IPv4) when the run ended.
     pub final_chain: Vec<String>,
     pub elapsed: Duration,
+}
+
+impl CoexistResult {
+    pub fn wrong_total(&self) -> usize {
+        self.wrong.values().sum()
+    }
 }
 
 pub struct CoexistConfig {
@@ -505,13 +510,9 @@ pub fn run(
         .map(|l| short(l).to_owned())
         .collect();
     Ok(CoexistResult {
-        label: match positioning {
-            Some(v) => format!("{hook} ({})", v.label()),
-            None => hook.to_string(),
-        },
+        hook,
         connections,
         requested: config.connections,
-        wrong_total: wrong.values().sum(),
         wrong,
         actors: actor_stats,
         final_chain,

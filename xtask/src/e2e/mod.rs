@@ -469,8 +469,10 @@ fn rebuilt_agent(args: &Args) -> Result<PathBuf> {
 /// temporary name, then renamed over the old copy, which an agent of an earlier run may still
 /// execute.
 fn copy_aside(release: bool, name: &str) -> Result<PathBuf> {
-    let built = target_dir().join(profile(release)).join("kube-ovn-agent");
-    let dir = target_dir().join("e2e");
+    let built = cmd::target_dir()
+        .join(profile(release))
+        .join("kube-ovn-agent");
+    let dir = cmd::target_dir().join("e2e");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let copy = dir.join(name);
     let partial = dir.join(format!("{name}.{}", std::process::id()));
@@ -494,11 +496,6 @@ fn build_agent(release: bool, opt_level: Option<&str>) -> Result<()> {
         None => command.env_remove("KOVN_EBPF_OPT_LEVEL"),
     };
     cmd::run(&mut command)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| cmd::workspace_root().join("target"), PathBuf::from)
 }
 
 fn profile(release: bool) -> &'static Path {

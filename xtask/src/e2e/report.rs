@@ -240,9 +240,9 @@ fn render_coexistence(
                     .map(|(_, n)| n)
                     .sum();
                 rows.push(vec![
-                    r.label.clone(),
+                    label.clone(),
                     r.connections.to_string(),
-                    r.wrong_total.to_string(),
+                    r.wrong_total().to_string(),
                     too_big.to_string(),
                     count("KUBE-SERVICES jump found deleted, re-appended").to_string(),
                     count("cali-PREROUTING jump found deleted").to_string(),
@@ -260,10 +260,10 @@ fn render_coexistence(
                         r.connections, r.requested
                     ));
                 }
-                if label.starts_with("ebpf") && r.wrong_total > 0 {
+                if r.hook == HookKind::Ebpf && r.wrong_total() > 0 {
                     failures.push(format!(
                         "coexistence {label}: {} wrong outcomes",
-                        r.wrong_total
+                        r.wrong_total()
                     ));
                 }
             }

@@ -63,8 +63,13 @@ pub fn install_ipsets(ns: &Netns, cluster: &Cluster) -> Result<()> {
     ns.run_stdin("ipset", &["restore"], &s).map(drop)
 }
 
-fn ipset_exists(ns: &Netns, name: &str) -> Result<bool> {
-    Ok(ns.run("ipset", &["list", "-n"])?.lines().any(|l| l == name))
+/// The names of the node's ipsets.
+fn ipset_names(ns: &Netns) -> Result<Vec<String>> {
+    Ok(ns
+        .run("ipset", &["list", "-n"])?
+        .lines()
+        .map(str::to_owned)
+        .collect())
 }
 
 /// What Kube-OVN finds on the node that decides its rule set, per family.
@@ -75,15 +80,17 @@ struct Facts {
 }
 
 fn facts(ns: &Netns, cluster: &Cluster, family: Family) -> Result<Facts> {
+    let names = ipset_names(ns)?;
+    let exists = |set: &str| names.iter().any(|n| n == set);
     let mut node_port_local = Vec::new();
     for proto in ["tcp", "udp"] {
         let set = family.kube_set(&format!("NODE-PORT-LOCAL-{}", proto.to_uppercase()));
-        if ipset_exists(ns, &set)? {
+        if exists(&set) {
             node_port_local.push((proto, set));
         }
     }
     Ok(Facts {
-        kube_cluster_ip: ipset_exists(ns, &family.kube_set("CLUSTER-IP"))?,
+        kube_cluster_ip: exists(&family.kube_set("CLUSTER-IP")),
         node_port_local,
         node_ip: cluster.local_internal_ip(family),
     })

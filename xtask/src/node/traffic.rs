@@ -248,7 +248,8 @@ fn udp_probe(probe: &Probe, timeout: Duration) -> std::io::Result<Outcome> {
     Ok(parse_reply(&String::from_utf8_lossy(&buf[..n])))
 }
 
-fn set_int_opt(socket: &Socket, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+/// `setsockopt` of one `c_int` option (socket2 has no setter for some of the options used).
+pub fn set_int_opt(socket: &Socket, level: i32, name: i32, value: i32) -> std::io::Result<()> {
     // SAFETY: the fd is open for the call; the option value is a live c_int of the size given.
     let rc = unsafe {
         libc::setsockopt(

@@ -19,7 +19,10 @@ use anyhow::{Context as _, Result, bail};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::state;
-use crate::node::netns::{self, Netns};
+use crate::node::{
+    netns::{self, Netns},
+    traffic::set_int_opt,
+};
 
 /// Request and response size of the connection and request/response workloads.
 const MESSAGE: usize = 64;
@@ -60,7 +63,7 @@ impl Servers {
             let udp = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
             // Large enough that a burst never overflows while the sink thread waits for a CPU;
             // FORCE because net.core.rmem_max is a host-wide setting we do not touch.
-            set_int(&udp, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 32 << 20)?;
+            set_int_opt(&udp, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 32 << 20)?;
             udp.bind(&SocketAddr::from((state::BACKEND, state::UDP_PORT)).into())
                 .context("binding the benchmark UDP sink")?;
             udp.set_nonblocking(true)?;
@@ -286,24 +289,6 @@ pub fn pin() {
     let _ = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
 }
 
-fn set_int(socket: &Socket, level: i32, name: i32, value: i32) -> std::io::Result<()> {
-    // SAFETY: the fd is open; the value is a live c_int of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            libc::socklen_t::try_from(size_of::<i32>()).expect("c_int size"),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// Counters the generators share with the coordinator.
 #[derive(Default)]
 pub struct ClientCounters {
@@ -473,7 +458,7 @@ fn connected(target: &Target) -> std::io::Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     // Choose the source port at connect time, by the full 4-tuple, rather than at bind time
     // from the ports no socket holds: the ephemeral range is then shared across destinations.
-    set_int(&socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
+    set_int_opt(&socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
     socket.bind(&SocketAddr::from((target.src, 0)).into())?;
     socket
         .connect_timeout(&SocketAddr::V4(target.dst).into(), IO_TIMEOUT)
