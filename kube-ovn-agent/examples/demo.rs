@@ -12,7 +12,7 @@ use std::{
 
 use kube_ovn_agent::testing::{
     missing_privilege,
-    netns::{Bpffs, NetNs, veth},
+    netns::{Bpffs, NetNs, send_frames, veth},
     packet::{Packet, TCP_SYN},
 };
 
@@ -249,7 +249,7 @@ fn run_probes(d: &Demo, agent_bin: &std::path::Path) {
         }
         let before = counters(d, agent_bin);
         let frame = probe_frame(d, &probe);
-        d.ns(probe.from).enter(|| inject(&frame));
+        d.ns(probe.from).enter(|| send_frames(&[frame], "eth0"));
         std::thread::sleep(Duration::from_millis(150));
         let after = counters(d, agent_bin);
         let moved: Vec<String> = before
@@ -401,31 +401,6 @@ fn probe_frame(d: &Demo, probe: &Probe) -> Vec<u8> {
     let mut frame = packet.frame();
     frame[..6].copy_from_slice(&mac);
     frame
-}
-
-fn inject(frame: &[u8]) {
-    // SAFETY: plain socket syscalls on owned buffers; the fd is closed below.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = u16::try_from(libc::AF_PACKET).expect("fits");
-        addr.sll_ifindex = i32::try_from(libc::if_nametoindex(c"eth0".as_ptr())).expect("fits");
-        addr.sll_halen = 6;
-        libc::sendto(
-            fd,
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const addr).cast(),
-            u32::try_from(size_of::<libc::sockaddr_ll>()).expect("fits"),
-        );
-        libc::close(fd);
-    }
 }
 
 /// The mark netfilter recorded for the probe's connection (`CONNMARK --save-mark` in mangle

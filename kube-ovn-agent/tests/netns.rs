@@ -12,7 +12,7 @@ use std::{
 
 use kube_ovn_agent::testing::{
     missing_privilege,
-    netns::{Bpffs, NetNs, TempPath, example_cluster, veth},
+    netns::{Bpffs, NetNs, TempPath, example_cluster, send_frames, veth},
     scaled,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -571,7 +571,7 @@ fn short_frames() -> Result<(), Failed> {
         }
     }
     let sent = frames.len() as u64;
-    t.client.enter(|| inject(&frames, "eth0"));
+    t.client.enter(|| send_frames(&frames, "eth0"));
     let after = wait(scaled(Duration::from_secs(5)), || {
         let now = counter(&t.status().ok_or("status")?, "not_parsed");
         Ok((now >= before + sent).then_some(now))
@@ -579,41 +579,6 @@ fn short_frames() -> Result<(), Failed> {
     ensure(after == before + sent, || {
         format!("not_parsed moved by {}, sent {sent}", after - before)
     })
-}
-
-/// Sends raw frames out of `ifname` of the current namespace.
-fn inject(frames: &[Vec<u8>], ifname: &str) {
-    // SAFETY: plain socket syscalls on owned buffers; the fd is closed below.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let name = std::ffi::CString::new(ifname).expect("name");
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = u16::try_from(libc::AF_PACKET).expect("fits");
-        addr.sll_ifindex = i32::try_from(libc::if_nametoindex(name.as_ptr())).expect("fits");
-        addr.sll_halen = 6;
-        for frame in frames {
-            let sent = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const addr).cast(),
-                u32::try_from(size_of::<libc::sockaddr_ll>()).expect("fits"),
-            );
-            assert_eq!(
-                sent,
-                isize::try_from(frame.len()).expect("fits"),
-                "sendto: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        libc::close(fd);
-    }
 }
 
 fn kube_proxy_auto() -> Result<(), Failed> {

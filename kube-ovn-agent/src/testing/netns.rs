@@ -150,3 +150,38 @@ impl Drop for TempPath {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// Sends raw frames out of `ifname` of the current namespace; panics when one is not sent whole.
+pub fn send_frames(frames: &[Vec<u8>], ifname: &str) {
+    // SAFETY: plain socket syscalls on owned buffers; the fd is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let name = std::ffi::CString::new(ifname).expect("name");
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = u16::try_from(libc::AF_PACKET).expect("fits");
+        addr.sll_ifindex = i32::try_from(libc::if_nametoindex(name.as_ptr())).expect("fits");
+        addr.sll_halen = 6;
+        for frame in frames {
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                u32::try_from(size_of::<libc::sockaddr_ll>()).expect("fits"),
+            );
+            assert_eq!(
+                sent,
+                isize::try_from(frame.len()).expect("fits"),
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        libc::close(fd);
+    }
+}
