@@ -173,26 +173,6 @@ fn translate_inner(
         services(snapshot, &mut issues, memo)
     };
 
-    if let Some(port) = options.tproxy_port {
-        tproxy(
-            snapshot,
-            node,
-            options,
-            &own_internal_ips,
-            &mut desired,
-            &mut issues,
-        );
-        desired.tproxy_port = port;
-    }
-    let (probes_v4, listener_v4) = (
-        std::mem::take(&mut desired.v4.probe_targets),
-        desired.v4.tproxy_listener,
-    );
-    let (probes_v6, listener_v6) = (
-        std::mem::take(&mut desired.v6.probe_targets),
-        desired.v6.tproxy_listener,
-    );
-
     desired.v4 = family(
         FamilyInput {
             rules: rules_v4,
@@ -215,16 +195,16 @@ fn translate_inner(
         snapshot,
         node,
     );
-    // TPROXY is on for a family when the node has an address of it for the listener.
-    if let Some(listener) = listener_v4 {
-        desired.v4.rules |= rule::bit(rule::TPROXY);
-        desired.v4.probe_targets = probes_v4;
-        desired.v4.tproxy_listener = Some(listener);
-    }
-    if let Some(listener) = listener_v6 {
-        desired.v6.rules |= rule::bit(rule::TPROXY);
-        desired.v6.probe_targets = probes_v6;
-        desired.v6.tproxy_listener = Some(listener);
+    if let Some(port) = options.tproxy_port {
+        tproxy(
+            snapshot,
+            node,
+            options,
+            &own_internal_ips,
+            &mut desired,
+            &mut issues,
+        );
+        desired.tproxy_port = port;
     }
     issues.sort_by(|a, b| (a.kind, &a.object, &a.message).cmp(&(b.kind, &b.object, &b.message)));
     issues.dedup();
@@ -243,8 +223,15 @@ fn tproxy(
     desired: &mut Desired,
     issues: &mut Vec<Issue>,
 ) {
+    // TPROXY is on for a family when the node has an address of it for the listener.
     desired.v4.tproxy_listener = own_internal_ips.iter().find_map(|ip| Ipv4Addr::of(*ip));
     desired.v6.tproxy_listener = own_internal_ips.iter().find_map(|ip| Ipv6Addr::of(*ip));
+    if desired.v4.tproxy_listener.is_some() {
+        desired.v4.rules |= rule::bit(rule::TPROXY);
+    }
+    if desired.v6.tproxy_listener.is_some() {
+        desired.v6.rules |= rule::bit(rule::TPROXY);
+    }
     let subnets: BTreeMap<&str, &Subnet> = snapshot
         .subnets
         .iter()
@@ -289,15 +276,20 @@ fn tproxy(
         for ip in ips {
             for port in &ports {
                 match ip {
-                    IpAddr::V4(addr) => desired
-                        .v4
-                        .probe_targets
-                        .insert(ProbeTarget { addr, port: *port }),
-                    IpAddr::V6(addr) => desired
-                        .v6
-                        .probe_targets
-                        .insert(ProbeTarget { addr, port: *port }),
-                };
+                    IpAddr::V4(addr) if desired.v4.tproxy_listener.is_some() => {
+                        desired
+                            .v4
+                            .probe_targets
+                            .insert(ProbeTarget { addr, port: *port });
+                    }
+                    IpAddr::V6(addr) if desired.v6.tproxy_listener.is_some() => {
+                        desired
+                            .v6
+                            .probe_targets
+                            .insert(ProbeTarget { addr, port: *port });
+                    }
+                    _ => {}
+                }
             }
         }
     }
