@@ -29,6 +29,7 @@ use kube_ovn_agent::{
         missing_privilege,
         netns::{Bpffs, NetNs, TempPath},
         objects::{Port, node, service, subnet},
+        stats::{Percentiles, Spread, percentiles, spread},
     },
     translate::{KubeProxySets, NodeFacts, Options, translate},
 };
@@ -82,41 +83,6 @@ struct Scale {
     ipset_iptables_cold_ms: Spread,
     /// One entry swapped with `ipset restore` (what felix/kube-proxy do for a change).
     ipset_one_change_ms: Percentiles,
-}
-
-/// Median and range over rounds.
-#[derive(Serialize, Clone, Copy)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn spread(mut samples: Vec<f64>) -> Spread {
-    samples.sort_by(f64::total_cmp);
-    Spread {
-        median: samples[samples.len() / 2],
-        min: samples[0],
-        max: samples[samples.len() - 1],
-    }
-}
-
-#[derive(Serialize, Clone, Copy)]
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-fn percentiles(mut samples: Vec<f64>) -> Percentiles {
-    samples.sort_by(f64::total_cmp);
-    // Nearest rank: the smallest sample with at least `percent` % of the samples at or below it.
-    let at = |percent: usize| samples[(samples.len() * percent).div_ceil(100).max(1) - 1];
-    Percentiles {
-        p50: at(50),
-        p99: at(99),
-        max: samples[samples.len() - 1],
-    }
 }
 
 fn cluster_ip(i: usize) -> Ipv4Addr {

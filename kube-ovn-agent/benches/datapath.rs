@@ -15,6 +15,7 @@ use kube_ovn_agent::{
         fixture::{self, Mode},
         missing_privilege,
         packet::Packet,
+        stats::{Spread, spread},
         time_per_run,
     },
 };
@@ -29,34 +30,18 @@ struct Report {
     rounds: usize,
     repeat: u32,
     /// An empty two-instruction `sched_cls` program: the harness's own cost per run.
-    baseline_ns: Stats,
+    baseline_ns: Spread,
     verified_instructions: Option<u32>,
     results: Vec<Row>,
-}
-
-#[derive(Serialize, Clone, Copy)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
 }
 
 #[derive(Serialize)]
 struct Row {
     case: &'static str,
     entries: usize,
-    ns: Stats,
+    ns: Spread,
     /// Median minus the baseline median: the program's own cost.
     net_median_ns: f64,
-}
-
-fn stats(mut samples: Vec<f64>) -> Stats {
-    samples.sort_by(f64::total_cmp);
-    Stats {
-        median: samples[samples.len() / 2],
-        min: samples[0],
-        max: samples[samples.len() - 1],
-    }
 }
 
 /// The fixture node of spec §5.1 with every set padded to `n` entries that never match the
@@ -152,7 +137,7 @@ fn main() {
 
     let mut dp = TestDatapath::load();
     let frame = Packet::tcp("10.16.0.5", "10.96.0.1", 443).frame();
-    let baseline = stats(
+    let baseline = spread(
         (0..rounds)
             .map(|_| empty_program_ns(&frame, repeat))
             .collect(),
@@ -177,7 +162,7 @@ fn main() {
             }
         }
         for ((case, _), samples) in cases.iter().zip(samples) {
-            let ns = stats(samples);
+            let ns = spread(samples);
             results.push(Row {
                 case,
                 entries: n,

@@ -6,6 +6,7 @@ pub mod fixture;
 pub mod netns;
 pub mod objects;
 pub mod packet;
+pub mod stats;
 
 use std::time::Duration;
 
