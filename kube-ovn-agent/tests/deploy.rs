@@ -1069,6 +1069,12 @@ fn containerfile_pins() -> Result<(), Failed> {
             "EBPF_TOOLCHAIN must pin a dated nightly, got {nightly:?}"
         ));
     }
+    let pin = read(&repo().join("kube-ovn-ebpf/rust-toolchain.toml"));
+    if quoted_after(&pin, "channel").as_deref() != Some(nightly.as_str()) {
+        problems.push(format!(
+            "EBPF_TOOLCHAIN {nightly:?} must be kube-ovn-ebpf/rust-toolchain.toml's channel"
+        ));
+    }
     if !text.contains("KOVN_EBPF_TOOLCHAIN=${EBPF_TOOLCHAIN}") {
         problems.push("the agent's build.rs reads KOVN_EBPF_TOOLCHAIN: set it".into());
     }

@@ -1,5 +1,6 @@
-//! Prerequisites, installed when missing: the nightly toolchain's `rust-src`, `bpf-linker` at the
-//! version that matches that nightly's LLVM, and the apt packages the tests drive.
+//! Prerequisites, installed when missing: the pinned nightly (kube-ovn-ebpf/rust-toolchain.toml)
+//! with `rust-src`, `bpf-linker` at the version that matches that nightly's LLVM, and the apt
+//! packages the tests drive.
 
 use std::process::Command;
 
@@ -21,10 +22,27 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
 ];
 
-/// The toolchain that builds the eBPF crate (`KOVN_EBPF_TOOLCHAIN`, default `nightly`); the
-/// agent's build script reads the same variable.
+/// The pin of the eBPF build's nightly; the agent's build script reads the same file.
+const EBPF_TOOLCHAIN_FILE: &str = include_str!("../../kube-ovn-ebpf/rust-toolchain.toml");
+
+/// The toolchain that builds the eBPF crate: `KOVN_EBPF_TOOLCHAIN`, else the dated nightly pinned
+/// in `kube-ovn-ebpf/rust-toolchain.toml`.
 pub fn ebpf_toolchain() -> String {
-    std::env::var("KOVN_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into())
+    std::env::var("KOVN_EBPF_TOOLCHAIN").unwrap_or_else(|_| pinned_ebpf_toolchain().to_owned())
+}
+
+fn pinned_ebpf_toolchain() -> &'static str {
+    EBPF_TOOLCHAIN_FILE
+        .lines()
+        .find_map(|line| {
+            let value = line
+                .trim()
+                .strip_prefix("channel")?
+                .trim()
+                .strip_prefix('=')?;
+            Some(value.trim().trim_matches('"'))
+        })
+        .expect("kube-ovn-ebpf/rust-toolchain.toml names a channel")
 }
 
 pub fn is_root() -> bool {
@@ -48,6 +66,8 @@ pub fn ensure_build_tools() -> Result<()> {
             &toolchain,
             "--profile",
             "minimal",
+            "--component",
+            "rust-src",
         ]))?;
     }
     let components = cmd::output(Command::new("rustup").args([
