@@ -1,5 +1,5 @@
 //! Prerequisites, installed when missing: the pinned nightly (kube-ovn-ebpf/rust-toolchain.toml)
-//! with `rust-src`, `bpf-linker` at the version that matches that nightly's LLVM, and the apt
+//! with `rust-src` and `clippy`, `bpf-linker` at the version that matches that nightly's LLVM, and the apt
 //! packages the tests drive.
 
 use std::process::Command;
@@ -68,6 +68,8 @@ pub fn ensure_build_tools() -> Result<()> {
             "minimal",
             "--component",
             "rust-src",
+            "--component",
+            "clippy",
         ]))?;
     }
     let components = cmd::output(Command::new("rustup").args([
@@ -77,15 +79,18 @@ pub fn ensure_build_tools() -> Result<()> {
         "--toolchain",
         &toolchain,
     ]))?;
-    if !components.lines().any(|c| c.starts_with("rust-src")) {
-        eprintln!("setup: adding rust-src to {toolchain} (needed for -Z build-std=core)");
-        cmd::run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            &toolchain,
-        ]))?;
+    // rust-src for -Z build-std=core; clippy for the eBPF crate's lint pass in `xtask test`.
+    for component in ["rust-src", "clippy"] {
+        if !components.lines().any(|c| c.starts_with(component)) {
+            eprintln!("setup: adding {component} to {toolchain}");
+            cmd::run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                &toolchain,
+            ]))?;
+        }
     }
     let linker = Command::new("bpf-linker").arg("--version").output();
     let have = linker
