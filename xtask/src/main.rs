@@ -46,6 +46,10 @@ enum Command {
         /// Kernels to test (repeat or list): 5.10, 6.1, 6.12, host. Default: 5.10 and 6.1.
         #[arg(long, num_args = 1.., value_delimiter = ',', value_parser = vm::parse_kernel)]
         kernel: Vec<String>,
+        /// Record the measured verifier complexity (processed instructions per program) as the
+        /// new baseline in kube-ovn-ebpf/verifier-complexity.txt instead of failing on growth.
+        #[arg(long)]
+        bless: bool,
     },
 }
 
@@ -60,7 +64,7 @@ fn main() -> Result<()> {
         Command::Demo => demo::run(),
         Command::E2e(args) => e2e::run(&args),
         Command::Bench(args) => bench::run(&args),
-        Command::VmTest { kernel } => vm::run(kernel),
+        Command::VmTest { kernel, bless } => vm::run(kernel, bless),
     }
 }
 
@@ -83,7 +87,7 @@ fn test() -> Result<()> {
         eprintln!("\n*** SKIPPING `cargo xtask e2e --quick`: it needs root ***\n");
     }
     // The 5.10 and 6.1 guests: ~6 min from cold on 2 cores (docs/kernel-matrix.md).
-    vm::run(Vec::new())?;
+    vm::run(Vec::new(), false)?;
     println!("xtask test: all suites passed");
     Ok(())
 }

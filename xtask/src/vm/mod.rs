@@ -3,6 +3,7 @@
 
 mod binaries;
 mod boot;
+mod complexity;
 mod initramfs;
 mod kernel;
 mod report;
@@ -104,7 +105,8 @@ struct Outcome {
     features: Vec<String>,
 }
 
-pub fn run(kernels: Vec<String>) -> Result<()> {
+/// `bless`: record the measured verifier complexity as the new baseline instead of comparing.
+pub fn run(kernels: Vec<String>, bless: bool) -> Result<()> {
     let started = Instant::now();
     let mut kernels: Vec<String> = if kernels.is_empty() {
         DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect()
@@ -161,6 +163,10 @@ pub fn run(kernels: Vec<String>) -> Result<()> {
             problem: Some(format!("{e:#}")),
             features: Vec::new(),
         });
+        let mut outcome = outcome;
+        if !bless && outcome.passed {
+            check_complexity(&mut outcome);
+        }
         eprintln!(
             "vm-test: {key}: {} in {} s",
             verdict(outcome.passed),
@@ -169,6 +175,18 @@ pub fn run(kernels: Vec<String>) -> Result<()> {
         outcomes.push(outcome);
     }
     print_summary(&outcomes, &missing, started.elapsed());
+    if bless {
+        let measured: Vec<_> = outcomes
+            .iter()
+            .filter(|o| o.passed && !o.report.verifier.is_empty())
+            .map(|o| complexity::Measured {
+                key: o.key.clone(),
+                release: o.release.clone(),
+                programs: o.report.verifier.clone(),
+            })
+            .collect();
+        complexity::bless(&measured)?;
+    }
     let failed: Vec<&str> = outcomes
         .iter()
         .filter(|o| !o.passed)
@@ -181,6 +199,28 @@ pub fn run(kernels: Vec<String>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Fails a kernel whose verifier walked more instructions than its recorded baseline.
+fn check_complexity(outcome: &mut Outcome) {
+    if outcome.report.verifier.is_empty() {
+        outcome.passed = false;
+        outcome.problem = Some("no KOVN-VERIFIER line: the verifier suite did not report".into());
+        return;
+    }
+    match complexity::compare(&outcome.key, &outcome.release, &outcome.report.verifier) {
+        Ok(found) => {
+            outcome.report.notes.extend(found.notes);
+            if !found.problems.is_empty() {
+                outcome.passed = false;
+                outcome.problem = Some(found.problems.join("; "));
+            }
+        }
+        Err(e) => {
+            outcome.passed = false;
+            outcome.problem = Some(format!("{e:#}"));
+        }
+    }
 }
 
 fn verdict(passed: bool) -> &'static str {
