@@ -133,7 +133,9 @@ pub struct RunArgs {
     /// `cidr` force one behaviour.
     #[arg(long, value_enum, default_value_t = ServiceMatch::Auto)]
     pub service_match: ServiceMatch,
-    /// kube-proxy's mode: `auto` detects its IPVS ipsets every 3 s, as Kube-OVN does.
+    /// kube-proxy's mode: `auto` detects its IPVS ipsets (before the first sync, then every
+    /// 3 s, as Kube-OVN does) and reports its nftables tables; `nftables` behaves like
+    /// `iptables` (no KUBE-* ipsets: R1b only).
     #[arg(long, value_enum, default_value_t = KubeProxyMode::Auto)]
     pub kube_proxy_mode: KubeProxyMode,
     /// Kube-OVN's --cluster-router: the default VPC's name.
@@ -181,6 +183,9 @@ pub enum KubeProxyMode {
     Auto,
     Ipvs,
     Iptables,
+    /// kube-proxy's nftables mode (GA in Kubernetes 1.33): no KUBE-* ipsets, so Kube-OVN
+    /// installs R1b only, as in iptables mode.
+    Nftables,
     None,
 }
 

@@ -133,6 +133,31 @@ impl Kind {
 /// `ovn` provider).
 pub const LOGICAL_SWITCH_ANNOTATION: &str = "ovn.kubernetes.io/logical_switch";
 
+/// The annotation holding a Node's join-subnet address(es) (Kube-OVN's `IPAddressAnnotation`).
+/// kube-ovn-cni programs exactly the address families it names: `c.protocol` is
+/// `CheckProtocol` of it (<https://github.com/kubeovn/kube-ovn/blob/v1.16.2/pkg/daemon/controller.go#L162>),
+/// and iptables/ipset handles exist only for those families
+/// (<https://github.com/kubeovn/kube-ovn/blob/v1.16.2/pkg/daemon/controller_linux.go#L116>).
+pub const IP_ADDRESS_ANNOTATION: &str = "ovn.kubernetes.io/ip_address";
+
+/// Labels that keep a Service away from kube-proxy: its informers list Services with
+/// `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`
+/// (<https://github.com/kubernetes/kubernetes/blob/v1.33.0/cmd/kube-proxy/app/server.go#L550-L577>),
+/// so such a Service is in none of kube-proxy's sets.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// The label selector kube-proxy (and the kube source) lists Services with.
+pub const KUBE_PROXY_SERVICE_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// Whether kube-proxy ignores this Service because of its labels.
+pub fn ignored_by_kube_proxy(meta: &ObjectMeta) -> bool {
+    meta.labels.as_ref().is_some_and(|labels| {
+        labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL)
+    })
+}
+
 /// `namespace/name` or `name` of an object, for messages.
 pub fn object_name(meta: &ObjectMeta) -> String {
     match (&meta.namespace, &meta.name) {

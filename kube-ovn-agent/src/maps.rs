@@ -1000,20 +1000,34 @@ impl Tables {
     /// (used until every source has listed once, so a partial view never deletes state).
     pub fn apply(&mut self, desired: &Desired, prune: bool) -> SyncReport {
         let mut report = SyncReport::default();
-        // Sets first, rules last: a rule switched on never runs against half-filled sets.
-        sync_family(&mut self.v4, &desired.v4, prune, &mut report);
-        sync_family(&mut self.v6, &desired.v6, prune, &mut report);
-        report.add(self.nodeport_local.sync(desired.nodeport_local(), prune));
-        report.add(
-            self.ifaces.sync(
-                desired
-                    .ifaces
-                    .iter()
-                    .map(|(ifindex, roles)| (*ifindex, *roles)),
-                prune,
-            ),
-        );
+        // Fill, switch the rules, prune: a rule switched on never runs against half-filled sets,
+        // and a rule switched off is off before its sets are emptied (tested in
+        // testing::sync_order). NodePort ports keep their old bits until the prune.
+        let ports = desired.nodeport_local();
+        let filled: BTreeMap<u16, u8> = ports
+            .iter()
+            .map(|(port, bits)| {
+                let old = self.nodeport_local.entries().get(port).copied();
+                (*port, bits | old.unwrap_or(0))
+            })
+            .collect();
+        let ifaces = || desired.ifaces.iter().map(|(i, roles)| (*i, *roles));
+        sync_family(&mut self.v4, &desired.v4, false, &mut report);
+        sync_family(&mut self.v6, &desired.v6, false, &mut report);
+        report.add(self.nodeport_local.sync(filled, false));
+        report.add(self.ifaces.sync(ifaces(), false));
+        if prune {
+            // A map too full to take the new entries before the stale ones go is retried by the
+            // pruning pass, which reports what still fails.
+            report.errors.retain(|e| !e.is_full());
+        }
         report.add(self.config.sync([((), desired.config())], true));
+        if prune {
+            sync_family(&mut self.v4, &desired.v4, true, &mut report);
+            sync_family(&mut self.v6, &desired.v6, true, &mut report);
+            report.add(self.nodeport_local.sync(ports, true));
+            report.add(self.ifaces.sync(ifaces(), true));
+        }
         report
     }
 

@@ -87,11 +87,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .into_iter()
         .map(|a| (a.ifname.clone(), a))
         .collect();
+    let detected = detect_kube_proxy_at_start(args.kube_proxy_mode)?;
     let options = Options {
         cluster_router: args.cluster_router.clone(),
         service_cluster_ip_range: args.service_cluster_ip_range.0.clone(),
         service_match: args.service_match,
-        kube_proxy_sets: kube_proxy_sets(args.kube_proxy_mode, KubeProxySets::default()),
+        kube_proxy_sets: detected.map_or_else(
+            || kube_proxy_sets(args.kube_proxy_mode, KubeProxySets::default()),
+            |d| d.sets,
+        ),
         shadow: args.mode == Mode::Shadow,
         tproxy_port: args.enable_tproxy.then_some(args.tproxy_port),
     };
@@ -116,6 +120,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         health,
         logged: BTreeSet::new(),
         memo: translate::Memo::default(),
+        kube_proxy: detected.map(|d| d.mode),
         clobber_findings: BTreeSet::new(),
         ready: false,
         last_roles: BTreeMap::new(),
@@ -141,6 +146,8 @@ struct Agent {
     logged: BTreeSet<String>,
     /// Per-object translation results reused while the objects are unchanged.
     memo: translate::Memo,
+    /// kube-proxy's mode as `auto` last detected it.
+    kube_proxy: Option<ipset::DetectedMode>,
     clobber_findings: BTreeSet<String>,
     ready: bool,
     /// Interface roles and listing state at the last attach pass.
@@ -388,8 +395,14 @@ impl Agent {
     /// Re-detects kube-proxy's IPVS sets in `auto` mode; true when they changed.
     fn poll_kube_proxy(&mut self) -> bool {
         let detected = match self.args.kube_proxy_mode {
-            KubeProxyMode::Auto => match ipset::detect_kube_proxy_sets() {
-                Ok(sets) => sets,
+            KubeProxyMode::Auto => match ipset::detect_kube_proxy() {
+                Ok(detection) => {
+                    if self.kube_proxy != Some(detection.mode) {
+                        tracing::info!(mode = %detection.mode, "kube-proxy mode changed");
+                        self.kube_proxy = Some(detection.mode);
+                    }
+                    detection.sets
+                }
                 Err(e) => {
                     self.metrics.error("ipset");
                     self.warn_once(&format!("checking kube-proxy's ipsets failed: {e}"));
@@ -429,11 +442,26 @@ impl Agent {
     }
 }
 
+/// In `auto` mode kube-proxy's mode is known before the first sync: a first sync in the wrong
+/// mode would prune and rewrite the sets of the right one (on a restart, every ClusterIP entry).
+/// Failing to ask is fatal here; the pinned datapath stays as it is.
+fn detect_kube_proxy_at_start(mode: KubeProxyMode) -> Result<Option<ipset::Detection>> {
+    if mode != KubeProxyMode::Auto {
+        return Ok(None);
+    }
+    let detection =
+        ipset::detect_kube_proxy().context("detecting kube-proxy's mode before the first sync")?;
+    tracing::info!(mode = %detection.mode, sets = ?detection.sets, "kube-proxy detected");
+    Ok(Some(detection))
+}
+
 fn kube_proxy_sets(mode: KubeProxyMode, current: KubeProxySets) -> KubeProxySets {
     match mode {
         KubeProxyMode::Auto => current,
         KubeProxyMode::Ipvs => KubeProxySets::IPVS,
-        KubeProxyMode::Iptables | KubeProxyMode::None => KubeProxySets::default(),
+        KubeProxyMode::Iptables | KubeProxyMode::Nftables | KubeProxyMode::None => {
+            KubeProxySets::default()
+        }
     }
 }
 

@@ -15,7 +15,10 @@ use kube_ovn_ebpf_common::rule;
 use serde::Serialize;
 
 use crate::{
-    cluster::{Kind, LOGICAL_SWITCH_ANNOTATION, Snapshot, Subnet, object_name},
+    cluster::{
+        IP_ADDRESS_ANNOTATION, Kind, LOGICAL_SWITCH_ANNOTATION, Snapshot, Subnet,
+        ignored_by_kube_proxy, object_name,
+    },
     state::{Desired, FamilyState, ProbeTarget, Proto, ServicePort},
 };
 
@@ -152,19 +155,32 @@ fn translate_inner(
         shadow: options.shadow,
         ..Desired::default()
     };
-    let own_internal_ips = own_internal_ips(snapshot, &node.node_name);
+    let own_node = snapshot
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node.node_name.as_str()));
+    let node_ip = own_node.map(|n| node_internal_ip(n)).unwrap_or_default();
+    let families = own_node.map_or(Families::default(), |n| kube_ovn_families(n, &mut issues));
     let service_cidrs = service_cidrs(snapshot, options, &mut issues);
     let subnets = default_vpc_subnets(snapshot, options, &mut issues);
-    let rules_v4 = family_rules(
-        options.kube_proxy_sets.v4,
-        own_internal_ips.iter().any(IpAddr::is_ipv4),
-        options.service_match,
-    );
-    let rules_v6 = family_rules(
-        options.kube_proxy_sets.v6,
-        own_internal_ips.iter().any(IpAddr::is_ipv6),
-        options.service_match,
-    );
+    let rules_v4 = if families.v4 {
+        family_rules(
+            options.kube_proxy_sets.v4,
+            node_ip.v4.is_some(),
+            options.service_match,
+        )
+    } else {
+        0
+    };
+    let rules_v6 = if families.v6 {
+        family_rules(
+            options.kube_proxy_sets.v6,
+            node_ip.v6.is_some(),
+            options.service_match,
+        )
+    } else {
+        0
+    };
     // One pass over the Services feeds both families, and only when a rule reads the result.
     let service_rules = rule::bit(rule::R1A) | rule::NODEPORT_LOCAL_RULES;
     let services = if (rules_v4 | rules_v6) & service_rules == 0 {
@@ -173,10 +189,16 @@ fn translate_inner(
         services(snapshot, &mut issues, memo)
     };
 
+    // A family Kube-OVN does not run on the node gets no state at all (no ip6tables rules and
+    // no ovn60* sets on an IPv4-only Kube-OVN).
     desired.v4 = family(
         FamilyInput {
             rules: rules_v4,
-            subnets: subnets.iter().filter_map(as_v4).collect(),
+            subnets: if families.v4 {
+                subnets.iter().filter_map(as_v4).collect()
+            } else {
+                BTreeSet::new()
+            },
             service_cidrs: service_cidrs.iter().filter_map(as_v4).collect(),
             local: node.local_v4.clone(),
             services: services.v4,
@@ -187,7 +209,11 @@ fn translate_inner(
     desired.v6 = family(
         FamilyInput {
             rules: rules_v6,
-            subnets: subnets.iter().filter_map(as_v6).collect(),
+            subnets: if families.v6 {
+                subnets.iter().filter_map(as_v6).collect()
+            } else {
+                BTreeSet::new()
+            },
             service_cidrs: service_cidrs.iter().filter_map(as_v6).collect(),
             local: node.local_v6.clone(),
             services: services.v6,
@@ -200,7 +226,10 @@ fn translate_inner(
             snapshot,
             node,
             options,
-            &own_internal_ips,
+            NodeInternalIp {
+                v4: node_ip.v4.filter(|_| families.v4),
+                v6: node_ip.v6.filter(|_| families.v6),
+            },
             &mut desired,
             &mut issues,
         );
@@ -219,13 +248,15 @@ fn tproxy(
     snapshot: &Snapshot,
     node: &NodeFacts,
     options: &Options,
-    own_internal_ips: &[IpAddr],
+    node_ip: NodeInternalIp,
     desired: &mut Desired,
     issues: &mut Vec<Issue>,
 ) {
-    // TPROXY is on for a family when the node has an address of it for the listener.
-    desired.v4.tproxy_listener = own_internal_ips.iter().find_map(|ip| Ipv4Addr::of(*ip));
-    desired.v6.tproxy_listener = own_internal_ips.iter().find_map(|ip| Ipv6Addr::of(*ip));
+    // TPROXY is on for a family when the node has an address of it for the listener: Kube-OVN's
+    // `--on-ip` is `util.GetNodeInternalIP` of the node
+    // (https://github.com/kubeovn/kube-ovn/blob/v1.16.2/pkg/daemon/config.go#L259).
+    desired.v4.tproxy_listener = node_ip.v4;
+    desired.v6.tproxy_listener = node_ip.v6;
     if desired.v4.tproxy_listener.is_some() {
         desired.v4.rules |= rule::bit(rule::TPROXY);
     }
@@ -476,17 +507,162 @@ fn as_v6(net: &IpNet) -> Option<Ipv6Net> {
     }
 }
 
-/// Parses a comma-separated CIDR list; host bits are cleared as ipset's hash:net does.
-fn parse_cidrs(text: &str) -> Result<Vec<IpNet>, String> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(|c| {
-            c.parse::<IpNet>()
-                .map(|n| n.trunc())
-                .map_err(|e| format!("invalid CIDR {c:?}: {e}"))
-        })
-        .collect()
+/// Go's `net.ParseCIDR` (Go ≥ 1.22): an address `netip.ParseAddr` accepts (no zone, no leading
+/// zeros) and a decimal prefix length (leading zeros allowed, no sign) within its bits. Host bits
+/// are cleared, as ipset's hash:net does.
+fn go_parse_cidr(text: &str) -> Option<IpNet> {
+    let (addr, prefix) = text.split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    if prefix.is_empty() || prefix.len() > 8 || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let prefix: u8 = prefix.parse::<u32>().ok()?.try_into().ok()?;
+    IpNet::new(addr, prefix).ok().map(|n| n.trunc())
+}
+
+/// Kube-OVN's `util.CheckProtocol` for one address or CIDR: the part before any `/` parsed with
+/// Go's `net.ParseIP`; an IPv4-mapped IPv6 address counts as IPv4 (`To4() != nil`).
+/// (<https://github.com/kubeovn/kube-ovn/blob/v1.16.2/pkg/util/net.go#L189>)
+fn go_address_family(text: &str) -> Option<IpAddr> {
+    let ip: IpAddr = text.split('/').next()?.parse().ok()?;
+    Some(match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    })
+}
+
+/// What `util.CheckProtocol` says about a comma-separated address list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Families {
+    v4: bool,
+    v6: bool,
+}
+
+/// `util.CheckProtocol`: one address of either family, or exactly two of different families;
+/// anything else (two of one family, three or more, an unparsable one) is `""`, no family.
+fn check_protocol(text: &str) -> Families {
+    let parts: Vec<&str> = text.split(',').collect();
+    match parts.as_slice() {
+        [""] => Families::default(),
+        [one] => match go_address_family(one) {
+            Some(IpAddr::V4(_)) => Families {
+                v4: true,
+                v6: false,
+            },
+            Some(IpAddr::V6(_)) => Families {
+                v4: false,
+                v6: true,
+            },
+            None => Families::default(),
+        },
+        [a, b] => match (go_address_family(a), go_address_family(b)) {
+            (Some(IpAddr::V4(_)), Some(IpAddr::V6(_)))
+            | (Some(IpAddr::V6(_)), Some(IpAddr::V4(_))) => Families { v4: true, v6: true },
+            _ => Families::default(),
+        },
+        // Three or more: Go parses the whole text before the first '/' as one address.
+        _ => Families::default(),
+    }
+}
+
+/// The node's addresses per family as Kube-OVN's `util.GetNodeInternalIP` gives them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct NodeInternalIp {
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+}
+
+/// `util.GetNodeInternalIP` (<https://github.com/kubeovn/kube-ovn/blob/v1.16.2/pkg/util/k8s.go#L88>,
+/// the same in v1.13.x): all InternalIPs joined with "," and split by `SplitStringIP`, which
+/// trusts `CheckProtocol` of the whole list. One address, or one of each family, work; two of one
+/// family, or three and more, give `""` for both families, so such a node has no R2/R3 (and no
+/// TPROXY listener) in either family.
+fn node_internal_ip(node: &Node) -> NodeInternalIp {
+    let joined = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .map(|a| a.address.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let families = check_protocol(&joined);
+    let mut out = NodeInternalIp::default();
+    if !(families.v4 || families.v6) {
+        return out;
+    }
+    for part in joined.split(',') {
+        match go_address_family(part) {
+            Some(IpAddr::V4(a)) => out.v4 = Some(a),
+            Some(IpAddr::V6(a)) => out.v6 = Some(a),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The families kube-ovn-cni programs on this node: `CheckProtocol` of its
+/// `ovn.kubernetes.io/ip_address` annotation. Kube-OVN's daemon does not start its gateway loop
+/// before the annotation exists, so a node without a usable one gets nothing.
+fn kube_ovn_families(node: &Node, issues: &mut Vec<Issue>) -> Families {
+    let annotation = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(IP_ADDRESS_ANNOTATION))
+        .map_or("", String::as_str);
+    let families = check_protocol(annotation);
+    if !(families.v4 || families.v6) {
+        issues.push(Issue {
+            kind: Kind::Node.name(),
+            object: object_name(&node.metadata),
+            message: format!(
+                "annotation {IP_ADDRESS_ANNOTATION}={annotation:?} names no address family; \
+                 Kube-OVN programs nothing on this node, neither do we"
+            ),
+        });
+    }
+    families
+}
+
+/// ipset's hash:net refuses a zero prefix (`IPSET_ERR_INVALID_CIDR`); Kube-OVN's ipset update
+/// then fails as a whole (felix retries and panics), so such a CIDR never matches there.
+fn programmable(net: &IpNet) -> bool {
+    net.prefix_len() > 0
+}
+
+fn unprogrammable_issue(kind: Kind, object: String, net: &IpNet) -> Issue {
+    Issue {
+        kind: kind.name(),
+        object,
+        message: format!(
+            "CIDR {net} has prefix length 0, which ipset hash:net refuses; not programmed"
+        ),
+    }
+}
+
+/// `getCidrByProtocol` for both families
+/// (<https://github.com/kubeovn/kube-ovn/blob/v1.16.2/pkg/daemon/gateway.go#L206>):
+/// `util.CheckCidrs` splits `cidrBlock` on "," without trimming and `net.ParseCIDR`s every
+/// element — one bad element (a space, an empty element) drops the Subnet in both families —
+/// then the first element of each family is used.
+fn subnet_cidrs(block: &str) -> Result<(Option<IpNet>, Option<IpNet>), String> {
+    let mut parsed = Vec::new();
+    for element in block.split(',') {
+        let net = go_parse_cidr(element).ok_or_else(|| format!("invalid CIDR {element:?}"))?;
+        parsed.push((go_address_family(element), net));
+    }
+    let first = |v4: bool| {
+        parsed
+            .iter()
+            .find(|(family, _)| family.is_some_and(|f| f.is_ipv4() == v4))
+            .map(|(_, net)| *net)
+    };
+    // An IPv4-mapped IPv6 CIDR takes the IPv4 slot, and ipset then filters it out as the wrong
+    // version.
+    Ok((first(true).filter(|n| n.addr().is_ipv4()), first(false)))
 }
 
 /// `ovnX0subnets` (G:162-182 `getDefaultVpcSubnetsCIDR`): every Subnet of the default VPC that is
@@ -500,12 +676,24 @@ fn default_vpc_subnets(
     let mut nets = BTreeSet::new();
     for subnet in &snapshot.subnets {
         if !is_default_vpc_overlay(subnet, &options.cluster_router)
-            || subnet.spec.cidr_block.trim().is_empty()
+            || subnet.spec.cidr_block.is_empty()
         {
             continue;
         }
-        match parse_cidrs(&subnet.spec.cidr_block) {
-            Ok(cidrs) => nets.extend(cidrs),
+        match subnet_cidrs(&subnet.spec.cidr_block) {
+            Ok((v4, v6)) => {
+                for net in [v4, v6].into_iter().flatten() {
+                    if programmable(&net) {
+                        nets.insert(net);
+                    } else {
+                        issues.push(unprogrammable_issue(
+                            Kind::Subnet,
+                            object_name(&subnet.metadata),
+                            &net,
+                        ));
+                    }
+                }
+            }
             Err(message) => issues.push(Issue {
                 kind: Kind::Subnet.name(),
                 object: object_name(&subnet.metadata),
@@ -536,22 +724,37 @@ fn service_cidrs(snapshot: &Snapshot, options: &Options, issues: &mut Vec<Issue>
         }
         let cidrs = object.spec.as_ref().and_then(|s| s.cidrs.as_ref());
         for cidr in cidrs.into_iter().flatten() {
-            match parse_cidrs(cidr) {
-                Ok(nets) => from_api.extend(nets),
-                Err(message) => issues.push(Issue {
+            match go_parse_cidr(cidr) {
+                Some(net) if programmable(&net) => {
+                    from_api.insert(net);
+                }
+                Some(net) => issues.push(unprogrammable_issue(
+                    Kind::ServiceCidr,
+                    object_name(&object.metadata),
+                    &net,
+                )),
+                None => issues.push(Issue {
                     kind: Kind::ServiceCidr.name(),
                     object: object_name(&object.metadata),
-                    message: format!("spec.cidrs: {message}; entry skipped"),
+                    message: format!("spec.cidrs: invalid CIDR {cidr:?}; entry skipped"),
                 }),
             }
         }
     }
     if from_api.is_empty() {
-        options
-            .service_cluster_ip_range
-            .iter()
-            .map(IpNet::trunc)
-            .collect()
+        let mut nets = Vec::new();
+        for net in options.service_cluster_ip_range.iter().map(IpNet::trunc) {
+            if programmable(&net) {
+                nets.push(net);
+            } else {
+                issues.push(unprogrammable_issue(
+                    Kind::ServiceCidr,
+                    "--service-cluster-ip-range".into(),
+                    &net,
+                ));
+            }
+        }
+        nets
     } else {
         from_api.into_iter().collect()
     }
@@ -567,6 +770,7 @@ fn internal_ips(node: &Node) -> impl Iterator<Item = IpAddr> + '_ {
         .filter_map(|a| a.address.trim().parse().ok())
 }
 
+/// Every InternalIP of this node (the interfaces holding them get the NIC role).
 pub fn own_internal_ips(snapshot: &Snapshot, node_name: &str) -> Vec<IpAddr> {
     snapshot
         .nodes
@@ -576,13 +780,30 @@ pub fn own_internal_ips(snapshot: &Snapshot, node_name: &str) -> Vec<IpAddr> {
         .collect()
 }
 
-/// `ovnX0other-node` (G:184-204): every other node's InternalIPs of the family.
+/// `ovnX0other-node` (`getOtherNodes`,
+/// <https://github.com/kubeovn/kube-ovn/blob/v1.16.2/pkg/daemon/gateway.go#L184>): every other
+/// node's InternalIPs, one by one (not through `GetNodeInternalIP`: a node with several
+/// addresses of a family contributes all of them), each kept when `CheckProtocol` of it names
+/// the family.
 fn other_nodes<A: Addr>(snapshot: &Snapshot, node_name: &str) -> BTreeSet<A> {
     snapshot
         .nodes
         .iter()
         .filter(|n| n.metadata.name.as_deref() != Some(node_name))
-        .flat_map(|n| internal_ips(n).collect::<Vec<_>>())
+        .flat_map(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .into_iter()
+                .flatten()
+        })
+        .filter(|a| a.type_ == "InternalIP" && !a.address.contains(','))
+        .filter_map(|a| {
+            // felix drops a member whose text is of the other version (an IPv4-mapped IPv6
+            // address `CheckProtocol` calls IPv4).
+            let ip = go_address_family(&a.address)?;
+            (a.address.contains(':') == ip.is_ipv6()).then_some(ip)
+        })
         .filter_map(A::of)
         .collect()
 }
@@ -681,6 +902,9 @@ fn service_entries(service: &Service) -> ServiceEntries {
     let Some(spec) = &service.spec else {
         return out;
     };
+    if ignored_by_kube_proxy(&service.metadata) {
+        return out;
+    }
     let mut ips = Vec::new();
     cluster_ips(service, &mut out.issues, &mut ips);
     if ips.is_empty() {
@@ -766,14 +990,53 @@ fn cluster_ips(service: &Service, issues: &mut Vec<Issue>, ips: &mut Vec<IpAddr>
         .iter()
         .filter(|ip| !ip.is_empty() && ip.as_str() != "None")
     {
-        match text.trim().parse() {
-            Ok(ip) => ips.push(ip),
-            Err(_) => issues.push(Issue {
+        match parse_ip_sloppy(text) {
+            Some(ip) => ips.push(ip),
+            None => issues.push(Issue {
                 kind: Kind::Service.name(),
                 object: object_name(&service.metadata),
                 message: format!("invalid clusterIP {text:?}; address skipped"),
             }),
         }
+    }
+}
+
+/// k8s.io/utils' `ParseIPSloppy`, which kube-proxy parses ClusterIPs with
+/// (<https://github.com/kubernetes/kubernetes/blob/v1.33.0/pkg/proxy/serviceport.go#L186>): Go's
+/// `net.ParseIP` from before Go 1.17, so IPv4 parts may have leading zeros and are still read as
+/// decimal (`010.096.000.010` is 10.96.0.10), kept for objects stored by old API servers.
+fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
+    fn v4(text: &str) -> Option<Ipv4Addr> {
+        let mut octets = [0u8; 4];
+        let mut parts = text.split('.');
+        for octet in &mut octets {
+            let part = parts.next()?;
+            // Go's dtoi: at least one digit, all digits; the value must fit a byte.
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let value = part.trim_start_matches('0');
+            *octet = if value.is_empty() {
+                0
+            } else {
+                value.parse().ok()?
+            };
+        }
+        parts.next().is_none().then(|| Ipv4Addr::from(octets))
+    }
+    // As Go: the first '.' or ':' decides the family.
+    match text.find(['.', ':']).map(|i| &text[i..=i]) {
+        Some(".") => v4(text).map(IpAddr::V4),
+        Some(":") => {
+            if let Ok(ip) = text.parse::<Ipv6Addr>() {
+                return Some(IpAddr::V6(ip));
+            }
+            // An embedded IPv4 tail is parsed sloppily too.
+            let (head, tail) = text.rsplit_once(':')?;
+            let tail = v4(tail)?;
+            format!("{head}:{tail}").parse().ok().map(IpAddr::V6)
+        }
+        _ => None,
     }
 }
 
@@ -791,8 +1054,8 @@ mod tests {
     use crate::testing::{
         fixture::{self, Mode},
         objects::{
-            Port, ProbeOn, Probes, node, pod, service, service_cidr, spec_cluster, subnet,
-            subnet_with,
+            Port, ProbeOn, Probes, node, node_with_join, pod, service, service_cidr, spec_cluster,
+            subnet, subnet_with,
         },
     };
 
@@ -832,8 +1095,298 @@ mod tests {
         }
     }
 
+    /// Translates for node n1; a snapshot without n1 gets it (no InternalIP, a dual-stack
+    /// Kube-OVN), as the agent only prunes once the Nodes are listed.
     fn run(snapshot: &Snapshot, options: &Options) -> Translation {
-        translate(snapshot, &n1(role::NODE_NIC), options)
+        let mut snapshot = snapshot.clone();
+        if !snapshot
+            .nodes
+            .iter()
+            .any(|n| n.metadata.name.as_deref() == Some("n1"))
+        {
+            snapshot.nodes.push(Arc::new(node("n1", &[])));
+        }
+        translate(&snapshot, &n1(role::NODE_NIC), options)
+    }
+
+    fn nodeport_rules() -> u32 {
+        rule::NODEPORT_LOCAL_RULES | rule::bit(rule::R3T) | rule::bit(rule::R3U)
+    }
+
+    /// Spec §9.1: `util.GetNodeInternalIP` joins every InternalIP and runs `CheckProtocol`.
+    #[test]
+    fn several_internal_ips_follow_kube_ovns_get_node_internal_ip() {
+        let r1a = rule::bit(rule::R1A);
+        let rules = |ips: &[&str]| {
+            let mut snapshot = spec_cluster();
+            snapshot.nodes[0] = Arc::new(node("n1", ips));
+            let t = run(&snapshot, &tproxy_options());
+            (
+                t.desired.v4.rules & rule::NAT_RULES,
+                t.desired.v6.rules & rule::NAT_RULES,
+                t.desired.v4.tproxy_listener,
+                t.desired.v6.tproxy_listener,
+            )
+        };
+        let both = r1a | nodeport_rules();
+        let v4: Ipv4Addr = "192.168.0.11".parse().unwrap();
+        let v6: Ipv6Addr = "fd00::11".parse().unwrap();
+        // One address, or one of each family in either order, work.
+        assert_eq!(rules(&["192.168.0.11"]), (both, r1a, Some(v4), None));
+        assert_eq!(
+            rules(&["fd00::11", "192.168.0.11"]),
+            (both, both, Some(v4), Some(v6))
+        );
+        // Two of one family, or three: "" for both families, so R1 only, no listener.
+        for ips in [
+            &["192.168.0.11", "192.168.0.21"][..],
+            &["fd00::11", "fd00::21"],
+            &["192.168.0.11", "fd00::11", "192.168.0.21"],
+            &["192.168.0.11", "fd00::11", "fd00::21"],
+        ] {
+            assert_eq!(rules(ips), (r1a, r1a, None, None), "{ips:?}");
+        }
+        // An IPv4-mapped IPv6 address is IPv4 to Go's `To4()`.
+        assert_eq!(rules(&["192.168.0.11", "::ffff:192.168.0.21"]).0, r1a);
+    }
+
+    /// `getOtherNodes` checks other nodes' InternalIPs one by one: all of them count.
+    #[test]
+    fn other_nodes_take_every_internal_ip_one_by_one() {
+        let mut snapshot = spec_cluster();
+        snapshot.nodes[1] = Arc::new(node(
+            "n2",
+            &[
+                "192.168.0.12",
+                "192.168.0.22",
+                "fd00::12",
+                "fd00::22",
+                "::ffff:192.168.0.32",
+                "192.168.0.42,fd00::42",
+            ],
+        ));
+        let t = run(&snapshot, &ipvs());
+        let v4: Vec<String> = t
+            .desired
+            .v4
+            .other_nodes
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let v6: Vec<String> = t
+            .desired
+            .v6
+            .other_nodes
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(v4, ["192.168.0.12", "192.168.0.13", "192.168.0.22"]);
+        assert_eq!(v6, ["fd00::12", "fd00::22"]);
+    }
+
+    /// Spec §9.2: kube-ovn-cni programs only the families of `ovn.kubernetes.io/ip_address`.
+    #[test]
+    fn families_follow_the_ip_address_annotation() {
+        let with_join = |join: Option<&str>| {
+            let mut snapshot = spec_cluster();
+            snapshot.nodes[0] = Arc::new(node_with_join("n1", &["192.168.0.11", "fd00::11"], join));
+            run(&snapshot, &tproxy_options())
+        };
+        let (empty4, empty6) = (FamilyState::default(), FamilyState::default());
+        let t = with_join(Some("100.64.0.2"));
+        assert_ne!(t.desired.v4.rules, 0);
+        assert_eq!(
+            t.desired.v6, empty6,
+            "an IPv4-only Kube-OVN has no IPv6 state"
+        );
+        assert!(t.issues.is_empty(), "{:?}", t.issues);
+        let t = with_join(Some("fd00:100:64::2"));
+        assert_eq!(t.desired.v4, empty4);
+        assert_ne!(t.desired.v6.rules, 0);
+        let t = with_join(Some("100.64.0.2,fd00:100:64::2"));
+        assert_ne!(t.desired.v4.rules & t.desired.v6.rules, 0);
+        for join in [None, Some(""), Some("100.64.0.2,100.64.0.3"), Some("bogus")] {
+            let t = with_join(join);
+            assert_eq!(
+                (&t.desired.v4, &t.desired.v6),
+                (&empty4, &empty6),
+                "{join:?}"
+            );
+            assert_eq!(t.issues.len(), 1, "{join:?}: {:?}", t.issues);
+            assert_eq!(
+                (t.issues[0].kind, t.issues[0].object.as_str()),
+                ("Node", "n1")
+            );
+        }
+    }
+
+    /// Spec §9.3: `CheckCidrs` splits on "," without trimming; any bad element drops the Subnet;
+    /// the first CIDR of each family counts; ipset refuses /0.
+    #[test]
+    fn subnet_cidr_blocks_parse_as_kube_ovn_does() {
+        let mut snapshot = Snapshot::default();
+        snapshot.subnets = [
+            subnet("space", "10.9.0.0/16, fd00:9::/64"),
+            subnet("trailing-comma", "10.10.0.0/16,"),
+            subnet("leading-zero-octet", "010.15.0.0/16"),
+            subnet("signed-prefix", "10.16.0.0/+16"),
+            subnet(
+                "first-per-family",
+                "10.11.0.0/16,10.12.0.0/16,fd00:11::/64,fd00:12::/64",
+            ),
+            subnet("leading-zero-prefix", "10.14.0.0/016"),
+            subnet("v4-default", "0.0.0.0/0"),
+            subnet("v6-default", "::/0,10.13.0.0/16"),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let t = run(&snapshot, &ipvs());
+        assert_eq!(
+            t.desired.v4.subnets,
+            ["10.11.0.0/16", "10.13.0.0/16", "10.14.0.0/16"]
+                .map(net4)
+                .into()
+        );
+        assert_eq!(t.desired.v6.subnets, [net6("fd00:11::/64")].into());
+        let skipped: Vec<&str> = t.issues.iter().map(|i| i.object.as_str()).collect();
+        assert_eq!(
+            skipped,
+            [
+                "leading-zero-octet",
+                "signed-prefix",
+                "space",
+                "trailing-comma",
+                "v4-default",
+                "v6-default"
+            ],
+            "{:?}",
+            t.issues
+        );
+        // The Service CIDR flag: a /0 is not programmed either.
+        let options = Options {
+            service_cluster_ip_range: vec![
+                "0.0.0.0/0".parse().unwrap(),
+                "fd00:10:96::/112".parse().unwrap(),
+            ],
+            ..iptables()
+        };
+        let t = run(&Snapshot::default(), &options);
+        assert!(t.desired.v4.service_cidrs.is_empty());
+        assert_eq!(
+            t.desired.v6.service_cidrs,
+            [net6("fd00:10:96::/112")].into()
+        );
+        assert_eq!(t.issues.len(), 1, "{:?}", t.issues);
+    }
+
+    /// kube-proxy parses ClusterIPs with `ParseIPSloppy`: legacy leading zeros are decimal; no
+    /// trimming.
+    #[test]
+    fn legacy_cluster_ips_parse_as_kube_proxy_does() {
+        let mut snapshot = Snapshot::default();
+        snapshot.services = [
+            service(
+                "a/legacy",
+                "ClusterIP",
+                &["010.096.000.010"],
+                &[Port("UDP", 53, None)],
+                false,
+            ),
+            service(
+                "a/legacy6",
+                "ClusterIP",
+                &["fd00:10:96::0a", "64:ff9b::010.096.0.12"],
+                &[Port("TCP", 80, None)],
+                false,
+            ),
+            service(
+                "a/padded",
+                "ClusterIP",
+                &[" 10.96.0.11"],
+                &[Port("TCP", 80, None)],
+                false,
+            ),
+            service(
+                "a/overflow",
+                "ClusterIP",
+                &["10.96.0.256"],
+                &[Port("TCP", 80, None)],
+                false,
+            ),
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+        let t = run(&snapshot, &ipvs());
+        let v4: Vec<String> = t
+            .desired
+            .v4
+            .service_ports
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(v4, ["10.96.0.10,udp:53"]);
+        let v6: Vec<Ipv6Addr> = t.desired.v6.service_ports.iter().map(|p| p.addr).collect();
+        let want: Vec<Ipv6Addr> = ["64:ff9b::10.96.0.12", "fd00:10:96::a"]
+            .map(|a| a.parse().unwrap())
+            .into();
+        assert_eq!(v6, want);
+        let skipped: Vec<&str> = t.issues.iter().map(|i| i.object.as_str()).collect();
+        assert_eq!(skipped, ["a/overflow", "a/padded"], "{:?}", t.issues);
+    }
+
+    /// Spec §9.4: kube-proxy does not see Services labelled with a proxy name or as headless.
+    #[test]
+    fn services_kube_proxy_ignores_by_label_are_left_out() {
+        let labelled = |name: &str, label: &str, ip: &str| {
+            let mut s = service(
+                name,
+                "NodePort",
+                &[ip],
+                &[Port("TCP", 80, Some(31080))],
+                true,
+            );
+            s.metadata.labels = Some([(label.to_owned(), String::new())].into());
+            s
+        };
+        let mut snapshot = spec_cluster();
+        snapshot.services = vec![
+            Arc::new(labelled(
+                "a/other-proxy",
+                "service.kubernetes.io/service-proxy-name",
+                "10.96.5.1",
+            )),
+            Arc::new(labelled(
+                "a/headless-label",
+                "service.kubernetes.io/headless",
+                "10.96.5.2",
+            )),
+            Arc::new(labelled("a/unrelated", "app", "10.96.5.3")),
+            // A Service kube-proxy ignores cannot be wrong for it either.
+            Arc::new(labelled(
+                "a/ignored-bad",
+                "service.kubernetes.io/headless",
+                "bogus",
+            )),
+        ];
+        let t = run(&snapshot, &ipvs());
+        let v4: Vec<String> = t
+            .desired
+            .v4
+            .service_ports
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(v4, ["10.96.5.3,tcp:80"]);
+        assert_eq!(t.desired.v4.nodeport_local_tcp, [31080].into());
+        assert!(t.issues.is_empty(), "{:?}", t.issues);
+        assert!(validate(&snapshot).is_empty());
+        snapshot.services.truncate(2);
+        let t = run(&snapshot, &ipvs());
+        assert!(
+            t.desired.v4.service_ports.is_empty() && t.desired.v4.nodeport_local_tcp.is_empty()
+        );
     }
 
     #[test]
@@ -905,7 +1458,7 @@ mod tests {
                 s.spec.protocol = "IPv6".into();
             }),
             subnet("host-bits", "10.8.1.1/16"),
-            subnet("dual", "10.9.0.0/16, fd00:9::/64"),
+            subnet("dual", "10.9.0.0/16,fd00:9::/64"),
         ]
         .into_iter()
         .map(Arc::new)
@@ -988,12 +1541,11 @@ mod tests {
         assert!(t.desired.v4.nodeport_local_tcp.is_empty());
         assert!(t.desired.v4.other_nodes.is_empty());
         assert_eq!(t.desired.v6.rules, fixture::desired(Mode::A, 0).v6.rules);
-        // This node's own entry missing altogether (not listed yet) means no InternalIP.
+        // Without this node's own entry (not listed yet) neither its InternalIPs nor the
+        // families Kube-OVN runs are known: nothing is programmed.
         snapshot.nodes.remove(0);
-        assert_eq!(
-            run(&snapshot, &ipvs()).desired.v6.rules,
-            rule::bit(rule::R1A)
-        );
+        let t = translate(&snapshot, &n1(role::NODE_NIC), &ipvs());
+        assert_eq!((t.desired.v4.rules, t.desired.v6.rules), (0, 0));
     }
 
     #[test]

@@ -344,3 +344,32 @@ async fn only_this_nodes_pods_are_kept() {
     assert_eq!(pods[0].metadata.name.as_deref(), Some("a"));
     assert_eq!(running.source.status().kinds["Pod"].objects, 1);
 }
+
+/// Spec §9.4: Services kube-proxy's label selector leaves out are left out of the file too.
+#[tokio::test]
+async fn services_kube_proxy_ignores_by_label_are_left_out() {
+    let dir = TempDir::new("file-labels");
+    let path = dir.path().join("cluster.yaml");
+    let labelled = |name: &str, label: &str, ip: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, \
+             labels: {{{label}: x}}}}\nspec: {{type: NodePort, externalTrafficPolicy: Local, \
+             clusterIPs: [{ip}], ports: [{{port: 80, nodePort: 31080}}]}}\n"
+        )
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "{EXAMPLE}{}{}",
+            labelled("a", "service.kubernetes.io/service-proxy-name", "10.96.5.1"),
+            labelled("b", "service.kubernetes.io/headless", "10.96.5.2"),
+        ),
+    )
+    .unwrap();
+    let running = start(&path);
+    assert_eq!(running.source.status().kinds["Service"].objects, 4);
+    assert_eq!(
+        programmed(&running.source.snapshot(), &support::options()),
+        expected(&spec_cluster())
+    );
+}

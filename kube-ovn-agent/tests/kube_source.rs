@@ -481,3 +481,89 @@ async fn service_cidrs_are_used_once_the_api_is_served() {
     .await;
     assert_eq!(errors(&running.source.status()), 0);
 }
+
+/// Spec §9.4: kube-proxy lists Services with
+/// `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`; so does the
+/// source, and a Service that gains or loses such a label leaves or joins the maps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_kube_proxy_ignores_by_label_are_not_programmed() {
+    fn labelled(name: &str, label: &str, ip: &str) -> k8s_openapi::api::core::v1::Service {
+        let mut s = service(
+            name,
+            "NodePort",
+            &[ip],
+            &[Port("TCP", 80, Some(31080))],
+            true,
+        );
+        s.metadata.labels = Some([(label.to_owned(), "x".to_owned())].into());
+        s
+    }
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    load(&server, &spec_cluster());
+    {
+        let mut cluster = server.cluster();
+        cluster.apply(
+            Resource::Services,
+            &labelled(
+                "default/other-proxy",
+                "service.kubernetes.io/service-proxy-name",
+                "10.96.5.1",
+            ),
+        );
+        cluster.apply(
+            Resource::Services,
+            &labelled(
+                "default/headless",
+                "service.kubernetes.io/headless",
+                "10.96.5.2",
+            ),
+        );
+    }
+    let running = start(&server, &KubeOptions::new("n1"));
+    listed_and_watching(&server, &running, &WATCHED).await;
+    converge(&*running.source, &expected(&spec_cluster()), "initial list").await;
+    assert_eq!(running.source.status().kinds["Service"].objects, 4);
+    let selectors: Vec<Option<String>> = server
+        .requests()
+        .iter()
+        .filter(|r| r.resource == Some(Resource::Services))
+        .map(|r| r.label_selector.clone())
+        .collect();
+    assert!(
+        !selectors.is_empty()
+            && selectors.iter().all(|s| s.as_deref()
+                == Some(
+                    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+                )),
+        "{selectors:?}"
+    );
+
+    // np-local gets another proxy's label: it leaves kube-proxy's sets, and ours.
+    let mut np_local = spec_cluster()
+        .services
+        .iter()
+        .find(|s| object_name(&s.metadata) == "default/np-local")
+        .map(|s| (**s).clone())
+        .expect("fixture Service");
+    np_local.metadata.labels = Some(
+        [(
+            "service.kubernetes.io/service-proxy-name".to_owned(),
+            "other".to_owned(),
+        )]
+        .into(),
+    );
+    server.cluster().apply(Resource::Services, &np_local);
+    let mut want = spec_cluster();
+    want.services
+        .retain(|s| object_name(&s.metadata) != "default/np-local");
+    converge(&*running.source, &expected(&want), "after labelling").await;
+
+    np_local.metadata.labels = None;
+    server.cluster().apply(Resource::Services, &np_local);
+    converge(
+        &*running.source,
+        &expected(&spec_cluster()),
+        "after unlabelling",
+    )
+    .await;
+}

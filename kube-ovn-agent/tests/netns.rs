@@ -58,6 +58,14 @@ fn main() {
             short_frames,
         ),
         ("auto_mode_follows_kube_proxy_ipsets", kube_proxy_auto),
+        (
+            "auto_mode_restarts_and_mode_switches_leave_no_cluster_ip_packet_unmarked",
+            restarts_never_unmark,
+        ),
+        (
+            "nftables_kube_proxy_is_detected_and_native_mark_rules_are_reported",
+            nftables_kube_proxy,
+        ),
         ("bad_cluster_file_keeps_the_programmed_state", bad_file),
         (
             "tproxy_hands_kubelet_probes_to_the_transparent_listener",
@@ -583,6 +591,8 @@ fn short_frames() -> Result<(), Failed> {
 
 fn kube_proxy_auto() -> Result<(), Failed> {
     let t = Topology::new();
+    // kube-proxy in nftables mode: reported as such, rules as in iptables mode.
+    t.node.sh("nft add table ip kube-proxy");
     let agent = t.agent("auto", &example_cluster(), &["--kube-proxy-mode", "auto"]);
     // No kube-proxy sets yet: Kube-OVN's iptables-mode chain, R1b only.
     let status = wait(scaled(Duration::from_secs(20)), || {
@@ -593,6 +603,13 @@ fn kube_proxy_auto() -> Result<(), Failed> {
     ensure(map_size(&status, "kovn_svccidr4") == 1, || {
         format!("{status}")
     })?;
+    let log = agent.log_text();
+    ensure(
+        log.lines()
+            .any(|l| l.contains("kube-proxy detected") && l.contains("nftables")),
+        || format!("nftables mode not reported:\n{log}"),
+    )?;
+    t.node.sh("nft delete table ip kube-proxy");
     t.node.sh("ipset create KUBE-CLUSTER-IP hash:ip,port; \
          ipset create KUBE-NODE-PORT-LOCAL-TCP bitmap:port range 0-65535; \
          ipset create KUBE-NODE-PORT-LOCAL-UDP bitmap:port range 0-65535");
@@ -785,5 +802,237 @@ fn tproxy() -> Result<(), Failed> {
     ensure(counter(&status, "TPROXY") >= 4, || {
         format!("TPROXY counter: {status}")
     })?;
+    Ok(())
+}
+
+/// The example cluster plus `n` ClusterIP Services (10.97.0.0/16, tcp/80): a large
+/// `KUBE-CLUSTER-IP`, so a prune of it takes a while.
+fn large_cluster(n: usize) -> TempPath {
+    use std::fmt::Write as _;
+    let mut text = std::fs::read_to_string(example_cluster()).expect("read example");
+    for i in 0..n {
+        let ip = format!("10.97.{}.{}", i / 250, i % 250 + 1);
+        write!(
+            text,
+            "\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bulk}}\n\
+             spec: {{type: ClusterIP, clusterIP: {ip}, clusterIPs: [{ip}], ports: [{{port: 80}}]}}\n"
+        )
+        .expect("format");
+    }
+    let path = TempPath::new("kovn-cluster-", "yaml");
+    std::fs::write(&*path, text).expect("write cluster");
+    path
+}
+
+const IPVS_SETS: [&str; 3] = [
+    "KUBE-CLUSTER-IP hash:ip,port",
+    "KUBE-NODE-PORT-LOCAL-TCP bitmap:port range 0-65535",
+    "KUBE-NODE-PORT-LOCAL-UDP bitmap:port range 0-65535",
+];
+
+fn create_ipvs_sets(t: &Topology) {
+    for set in IPVS_SETS {
+        t.node.sh(&format!("ipset create {set}"));
+    }
+}
+
+/// Sends UDP from the pod to kube-dns' ClusterIP (R1a, or R1b) at about 50 000 packets/s until
+/// `stop`; returns how many it sent.
+fn pod_to_cluster_ip(t: &Topology, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    use std::sync::atomic::Ordering;
+    t.pod.enter(|| {
+        let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..50 {
+                if socket.send_to(b"x", "10.96.0.10:53").is_ok() {
+                    sent += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        sent
+    })
+}
+
+/// Issue 12, item 1. An IPVS node (kube-proxy's sets exist) with the deployed default
+/// `--kube-proxy-mode auto`: agent restarts, and kube-proxy's sets disappearing and coming back,
+/// must never leave a pod → ClusterIP packet without 0x4000 (in IPVS mode Kube-OVN's filter
+/// REJECT guard refuses such a TCP SYN). Before the fix the first sync after a restart ran in
+/// iptables mode and pruned `KUBE-CLUSTER-IP` under R1a, and a mode switch pruned a rule's set
+/// before switching the rule off.
+fn restarts_never_unmark() -> Result<(), Failed> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const SERVICES: usize = 10_000;
+    let t = Topology::new();
+    create_ipvs_sets(&t);
+    // After the marked-packet counter (which RETURNs), this one counts the rest: unmarked.
+    t.node
+        .sh("iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -j RETURN");
+    let cluster = large_cluster(SERVICES);
+    // The example cluster has six IPv4 (ClusterIP, protocol, port) entries.
+    let want_ports = 6 + SERVICES as u64;
+    // A first sync in the wrong mode is recorded (and the test waits for the poll to correct
+    // it), so the packet count below shows what it cost.
+    let problems = std::cell::RefCell::new(Vec::new());
+    let start = |t: &Topology| -> Result<Agent, Failed> {
+        let mut agent = t.agent("auto", &cluster, &["--kube-proxy-mode", "auto"]);
+        wait(scaled(Duration::from_mins(1)), || {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                return Err(format!("agent exited with {status}"));
+            }
+            Ok(agent
+                .log_text()
+                .contains("first full sync done")
+                .then_some(()))
+        })
+        .map_err(|e| format!("{e}\n{}", agent.log_text()))?;
+        let status = t.status().ok_or("status")?;
+        if map_size(&status, "kovn_svcport4") != want_ports || status["rules_v4"][0] != "R1a" {
+            problems.borrow_mut().push(format!(
+                "first sync: rules {} with {} service ports",
+                status["rules_v4"],
+                map_size(&status, "kovn_svcport4")
+            ));
+            wait(scaled(Duration::from_secs(15)), || {
+                Ok(t.status().filter(|s| {
+                    map_size(s, "kovn_svcport4") == want_ports && s["rules_v4"][0] == "R1a"
+                }))
+            })?;
+        }
+        Ok(agent)
+    };
+    let mut agent = start(&t)?;
+    let counts = |t: &Topology| -> (u64, u64) {
+        let listing = t.node.sh("iptables -t mangle -nvxL PREROUTING");
+        let mut rows = listing
+            .lines()
+            .filter(|l| l.contains("10.96.0.10") && l.contains("dpt:53"))
+            .map(|l| {
+                l.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            });
+        (rows.next().unwrap_or(0), rows.next().unwrap_or(0))
+    };
+    let before = counts(&t);
+    let stop = AtomicBool::new(false);
+    let (sent, outcome) = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| pod_to_cluster_ip(&t, &stop));
+        let outcome = (|| -> Result<(), Failed> {
+            std::thread::sleep(Duration::from_millis(300));
+            for _ in 0..3 {
+                agent.signal("-KILL");
+                agent = start(&t)?;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            // kube-proxy's sets go away (R1a → R1b) and come back (R1b → R1a).
+            for set in IPVS_SETS {
+                let name = set.split_whitespace().next().expect("set name");
+                t.node.sh(&format!("ipset destroy {name}"));
+            }
+            wait(scaled(Duration::from_secs(15)), || {
+                Ok(t.status()
+                    .filter(|s| s["rules_v4"] == serde_json::json!(["R1b"])))
+            })?;
+            std::thread::sleep(Duration::from_millis(300));
+            create_ipvs_sets(&t);
+            wait(scaled(Duration::from_secs(15)), || {
+                Ok(t.status().filter(|s| {
+                    map_size(s, "kovn_svcport4") == want_ports && s["rules_v4"][0] == "R1a"
+                }))
+            })?;
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        (sender.join().expect("sender"), outcome)
+    });
+    outcome.map_err(|e| format!("{}\n{}", e.message().unwrap_or_default(), agent.log_text()))?;
+    let after = counts(&t);
+    let (marked, unmarked) = (after.0 - before.0, after.1 - before.1);
+    eprintln!(
+        "{SERVICES} Services, 3 restarts and 2 mode switches: sent {sent}, marked {marked}, unmarked {unmarked}"
+    );
+    let problems = problems.into_inner();
+    ensure(marked > 0 && unmarked == 0 && problems.is_empty(), || {
+        format!(
+            "pod → ClusterIP packets: {sent} sent, {marked} marked, {unmarked} unmarked; {problems:?}\n{}",
+            agent.log_text()
+        )
+    })?;
+    Ok(())
+}
+
+/// Issue 12, item 8: kube-proxy's nftables tables are recognised (the rules stay R1b-only, as
+/// Kube-OVN sees no KUBE-* ipsets), and native nftables rules that clear our mark bits on an
+/// early prerouting chain are reported by the clobber check.
+fn nftables_kube_proxy() -> Result<(), Failed> {
+    use kube_ovn_agent::{
+        clobber,
+        ipset::{DetectedMode, detect_kube_proxy},
+        translate::KubeProxySets,
+    };
+    let node = NetNs::new("kovn-nft-");
+    let detect = || node.enter(detect_kube_proxy).map_err(|e| e.to_string());
+    ensure(detect()?.mode == DetectedMode::IptablesOrNone, || {
+        "an empty namespace".into()
+    })?;
+    for family in ["ip", "ip6"] {
+        node.sh(&format!("nft add table {family} kube-proxy"));
+        let found = detect()?;
+        ensure(
+            found.mode == DetectedMode::Nftables && found.sets == KubeProxySets::default(),
+            || format!("table {family} kube-proxy: {found:?}"),
+        )?;
+        node.sh(&format!("nft delete table {family} kube-proxy"));
+    }
+    // A table of another name is not kube-proxy's.
+    node.sh("nft add table ip kube-proxy-other");
+    ensure(detect()?.mode == DetectedMode::IptablesOrNone, || {
+        "another table".into()
+    })?;
+    // IPVS sets win: Kube-OVN only looks at them.
+    node.sh("nft add table ip kube-proxy; ipset create KUBE-CLUSTER-IP hash:ip,port");
+    let found = detect()?;
+    ensure(
+        found.mode == DetectedMode::Ipvs && found.sets.v4.cluster_ip,
+        || format!("{found:?}"),
+    )?;
+
+    // Calico-style native rules: a raw-priority prerouting chain clearing 0xf0000, a jump to a
+    // chain clearing 0x4000, and a chain after nat that cannot matter.
+    node.sh("nft -f - <<'EOF'
+table inet felix {
+  chain pre {
+    type filter hook prerouting priority raw; policy accept;
+    meta mark set meta mark & 0xfff0ffff
+    jump sub
+  }
+  chain sub {
+    meta mark set meta mark & 0xffffbfff
+  }
+  chain late {
+    type filter hook prerouting priority dstnat + 10; policy accept;
+    meta mark set 0
+  }
+}
+EOF");
+    let report = node.enter(|| clobber::check(Duration::from_secs(10)));
+    let native: Vec<(String, u32)> = report
+        .findings
+        .iter()
+        .filter(|f| f.source == "nft")
+        .map(|f| (f.chain.clone(), f.cleared_bits))
+        .collect();
+    ensure(report.checked.iter().any(|c| c == "nft"), || {
+        format!("nft not run: {report:?}")
+    })?;
+    ensure(
+        native == [("sub".to_owned(), 0x4000), ("pre".to_owned(), 0x9_0000)]
+            || native == [("pre".to_owned(), 0x9_0000), ("sub".to_owned(), 0x4000)],
+        || format!("native findings {native:?} in {report:#?}"),
+    )?;
     Ok(())
 }

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use super::{ClusterSource, Feed, Running, SourceStatus};
 use crate::{
-    cluster::{Kind, Snapshot, Subnet, object_name},
+    cluster::{Kind, Snapshot, Subnet, ignored_by_kube_proxy, object_name},
     translate::{self, Issue},
 };
 
@@ -408,7 +408,11 @@ impl Parser<'_> {
                     let field = format!("spec.ports[{i}].port");
                     return Err(self.required(at, known, &service.metadata, &field));
                 }
-                self.snapshot.services.push(Arc::new(service));
+                // Left out as kube-proxy's label selector leaves it out (the kube source lists
+                // with the same selector).
+                if !ignored_by_kube_proxy(&service.metadata) {
+                    self.snapshot.services.push(Arc::new(service));
+                }
             }
             Kind::Node => {
                 let node: Node = self.decode(value, known, &object, at)?;

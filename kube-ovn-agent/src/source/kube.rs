@@ -31,7 +31,10 @@ use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use super::{ClusterSource, Feed, Running, SourceStatus};
-use crate::cluster::{Kind, Snapshot, Subnet};
+use crate::cluster::{
+    HEADLESS_LABEL, IP_ADDRESS_ANNOTATION, KUBE_PROXY_SERVICE_SELECTOR, Kind,
+    SERVICE_PROXY_NAME_LABEL, Snapshot, Subnet,
+};
 
 /// The Pod annotation naming the pod's Subnet (Kube-OVN's `ovn.kubernetes.io/logical_switch`).
 pub use crate::cluster::LOGICAL_SWITCH_ANNOTATION;
@@ -99,7 +102,14 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
     };
     let all = watcher::Config::default();
     let subnets = spawner.watch(Kind::Subnet, Api::all(client.clone()), &all, trim_subnet);
-    let services = spawner.watch(Kind::Service, Api::all(client.clone()), &all, trim_service);
+    // The Services kube-proxy sees: the same label selector as its informers.
+    let proxied = all.clone().labels(KUBE_PROXY_SERVICE_SELECTOR);
+    let services = spawner.watch(
+        Kind::Service,
+        Api::all(client.clone()),
+        &proxied,
+        trim_service,
+    );
     let nodes = spawner.watch(Kind::Node, Api::all(client.clone()), &all, trim_node);
     let service_cidrs = spawner.watch(
         Kind::ServiceCidr,
@@ -334,23 +344,29 @@ fn is_expired(error: &watcher::Error) -> bool {
     status.code == 410
 }
 
-/// Keeps the identity of an object (and the annotations listed in `keep`); drops the rest of
-/// its metadata (managedFields, labels, last-applied and other annotations, owners, …).
-fn trim_meta(meta: &mut ObjectMeta, keep: &[&str]) {
-    let annotations = meta.annotations.take().and_then(|all| {
-        let kept: BTreeMap<String, String> = all
-            .into_iter()
-            .filter(|(k, _)| keep.contains(&k.as_str()))
-            .collect();
-        (!kept.is_empty()).then_some(kept)
-    });
+/// Keeps the identity of an object (and the annotations and labels listed); drops the rest of
+/// its metadata (managedFields, other labels, last-applied and other annotations, owners, …).
+fn trim_meta(meta: &mut ObjectMeta, keep_annotations: &[&str], keep_labels: &[&str]) {
+    fn only(
+        map: Option<BTreeMap<String, String>>,
+        keep: &[&str],
+    ) -> Option<BTreeMap<String, String>> {
+        map.and_then(|all| {
+            let kept: BTreeMap<String, String> = all
+                .into_iter()
+                .filter(|(k, _)| keep.contains(&k.as_str()))
+                .collect();
+            (!kept.is_empty()).then_some(kept)
+        })
+    }
     *meta = ObjectMeta {
         name: meta.name.take(),
         namespace: meta.namespace.take(),
         uid: meta.uid.take(),
         resource_version: meta.resource_version.take(),
         deletion_timestamp: meta.deletion_timestamp.take(),
-        annotations,
+        annotations: only(meta.annotations.take(), keep_annotations),
+        labels: only(meta.labels.take(), keep_labels),
         ..ObjectMeta::default()
     };
 }
@@ -358,13 +374,17 @@ fn trim_meta(meta: &mut ObjectMeta, keep: &[&str]) {
 /// A Subnet as the translation reads it: identity and the typed spec (already reduced to the
 /// fields of spec §2 when it was decoded).
 pub fn trim_subnet(subnet: &mut Subnet) {
-    trim_meta(&mut subnet.metadata, &[]);
+    trim_meta(&mut subnet.metadata, &[], &[]);
 }
 
-/// A Service as the translation reads it: type, ClusterIPs, externalTrafficPolicy and the
-/// ports' protocol, port and nodePort.
+/// A Service as the translation reads it: the labels kube-proxy filters on, type, ClusterIPs,
+/// externalTrafficPolicy and the ports' protocol, port and nodePort.
 pub fn trim_service(service: &mut Service) {
-    trim_meta(&mut service.metadata, &[]);
+    trim_meta(
+        &mut service.metadata,
+        &[],
+        &[SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL],
+    );
     service.status = None;
     service.spec = service.spec.take().map(|spec| ServiceSpec {
         type_: spec.type_,
@@ -387,10 +407,10 @@ pub fn trim_service(service: &mut Service) {
     });
 }
 
-/// A Node as the translation reads it: name and `status.addresses` (no images, conditions,
-/// capacity, …).
+/// A Node as the translation reads it: name, Kube-OVN's join-address annotation (the families
+/// it runs) and `status.addresses` (no images, conditions, capacity, …).
 pub fn trim_node(node: &mut Node) {
-    trim_meta(&mut node.metadata, &[]);
+    trim_meta(&mut node.metadata, &[IP_ADDRESS_ANNOTATION], &[]);
     node.spec = None;
     node.status = node.status.take().map(|status| NodeStatus {
         addresses: status.addresses,
@@ -400,13 +420,13 @@ pub fn trim_node(node: &mut Node) {
 
 /// A ServiceCIDR as the translation reads it: CIDRs and conditions.
 pub fn trim_service_cidr(object: &mut ServiceCIDR) {
-    trim_meta(&mut object.metadata, &[]);
+    trim_meta(&mut object.metadata, &[], &[]);
 }
 
 /// A Pod as the TPROXY replacement reads it: its Subnet annotation, node, hostNetwork, pod IPs
 /// and each container's ports and liveness/readiness probes (startup probes do not count).
 pub fn trim_pod(pod: &mut Pod) {
-    trim_meta(&mut pod.metadata, &[LOGICAL_SWITCH_ANNOTATION]);
+    trim_meta(&mut pod.metadata, &[LOGICAL_SWITCH_ANNOTATION], &[]);
     pod.spec = pod.spec.take().map(|spec| PodSpec {
         node_name: spec.node_name,
         host_network: spec.host_network,
@@ -453,11 +473,13 @@ mod tests {
             manager: Some("kubectl".into()),
             ..ManagedFieldsEntry::default()
         }]);
-        meta.annotations = Some(BTreeMap::from([(
+        meta.annotations.get_or_insert_default().insert(
             "kubectl.kubernetes.io/last-applied-configuration".into(),
             "{…}".into(),
-        )]));
-        meta.labels = Some(BTreeMap::from([("app".into(), "x".into())]));
+        );
+        meta.labels
+            .get_or_insert_default()
+            .insert("app".into(), "x".into());
         meta.resource_version = Some("42".into());
     }
 
@@ -484,8 +506,19 @@ mod tests {
                 noisy(&mut s.metadata);
                 s.spec.as_mut().unwrap().selector =
                     Some(BTreeMap::from([("a".into(), "b".into())]));
+                s.metadata
+                    .labels
+                    .get_or_insert_default()
+                    .insert(HEADLESS_LABEL.into(), String::new());
                 trim_service(&mut s);
                 assert!(s.spec.as_ref().unwrap().selector.is_none());
+                assert_eq!(
+                    s.metadata.labels,
+                    Some(BTreeMap::from([(HEADLESS_LABEL.into(), String::new())])),
+                    "kube-proxy's filter labels are kept, others dropped"
+                );
+                // Without the label again, so both sides translate alike.
+                s.metadata.labels = None;
                 assert_eq!(s.metadata.resource_version.as_deref(), Some("42"));
                 Arc::new(s)
             })
@@ -500,6 +533,12 @@ mod tests {
                 status.images = Some(vec![ContainerImage::default(); 3]);
                 status.conditions = Some(vec![NodeCondition::default()]);
                 trim_node(&mut n);
+                assert_eq!(
+                    n.metadata.annotations.as_ref().map(BTreeMap::len),
+                    Some(1),
+                    "only the join-address annotation is kept"
+                );
+                assert!(n.metadata.labels.is_none());
                 let status = n.status.as_ref().unwrap();
                 assert!(status.images.is_none() && status.conditions.is_none());
                 Arc::new(n)

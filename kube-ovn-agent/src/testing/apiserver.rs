@@ -8,8 +8,8 @@
 //!   event history after the requested resourceVersion, then live; an ERROR event with a `410
 //!   Expired` Status when that resourceVersion was compacted away (as the apiserver's watch cache
 //!   does);
-//! - field selectors (`spec.nodeName=n1`), with the DELETED an object leaving the selection
-//!   produces;
+//! - field selectors (`spec.nodeName=n1`) and label selectors (`!key`, `key`, `key=value`),
+//!   with the DELETED an object leaving the selection produces;
 //! - `404 NotFound` for a resource the "cluster" does not serve.
 //!
 //! One resourceVersion counter spans all resources, as etcd's revision does.
@@ -91,6 +91,7 @@ pub struct Seen {
     pub resource_version: Option<String>,
     pub continue_token: Option<String>,
     pub field_selector: Option<String>,
+    pub label_selector: Option<String>,
     pub status: u16,
 }
 
@@ -113,7 +114,7 @@ enum Frame {
 
 struct Watcher {
     resource: Resource,
-    selector: Vec<(String, String)>,
+    selector: Selector,
     bookmarks: bool,
     /// The last resourceVersion sent on this watch: where a client resumes.
     sent: u64,
@@ -157,15 +158,49 @@ fn key(object: &Value) -> String {
     }
 }
 
-fn matches(selector: &[(String, String)], object: &Value) -> bool {
-    selector.iter().all(|(path, want)| {
+/// A list or watch request's selection: `field=value` terms, and label terms `key`, `!key`,
+/// `key=value`.
+#[derive(Clone, Debug, Default)]
+struct Selector {
+    fields: Vec<(String, String)>,
+    labels: Vec<LabelTerm>,
+}
+
+#[derive(Clone, Debug)]
+enum LabelTerm {
+    Exists(String),
+    NotExists(String),
+    Equals(String, String),
+}
+
+impl LabelTerm {
+    fn parse(term: &str) -> Self {
+        if let Some(key) = term.strip_prefix('!') {
+            Self::NotExists(key.to_owned())
+        } else if let Some((key, value)) = term.split_once('=') {
+            Self::Equals(key.to_owned(), value.trim_start_matches('=').to_owned())
+        } else {
+            Self::Exists(term.to_owned())
+        }
+    }
+}
+
+fn matches(selector: &Selector, object: &Value) -> bool {
+    let fields = selector.fields.iter().all(|(path, want)| {
         let value = path.split('.').fold(object, |v, field| &v[field]);
         value.as_str() == Some(want.as_str())
-    })
+    });
+    let labels = &object["metadata"]["labels"];
+    fields
+        && selector.labels.iter().all(|term| match term {
+            LabelTerm::Exists(key) => !labels[key].is_null(),
+            LabelTerm::NotExists(key) => labels[key].is_null(),
+            LabelTerm::Equals(key, want) => labels[key].as_str() == Some(want.as_str()),
+        })
 }
 
 /// The event type a watcher with `selector` sees for a change, if any.
-fn event_for(selector: &[(String, String)], change: &Change) -> Option<&'static str> {
+fn event_for(selector: &Selector, change: &Change) -> Option<&'static str> {
     let now = matches(selector, &change.object);
     let before = change.old.as_ref().is_some_and(|o| matches(selector, o));
     match (change.kind, before, now) {
@@ -475,7 +510,8 @@ struct Query {
     limit: Option<usize>,
     bookmarks: bool,
     field_selector: Option<String>,
-    selector: Vec<(String, String)>,
+    label_selector: Option<String>,
+    selector: Selector,
 }
 
 fn parse_query(query: Option<&str>) -> Query {
@@ -488,12 +524,20 @@ fn parse_query(query: Option<&str>) -> Query {
             "limit" => q.limit = v.parse().ok(),
             "allowWatchBookmarks" => q.bookmarks = v == "true",
             "fieldSelector" => {
-                q.selector = v
+                q.selector.fields = v
                     .split(',')
                     .filter_map(|term| term.split_once('='))
                     .map(|(f, want)| (f.to_owned(), want.to_owned()))
                     .collect();
                 q.field_selector = Some(v.into_owned());
+            }
+            "labelSelector" => {
+                q.selector.labels = v
+                    .split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(LabelTerm::parse)
+                    .collect();
+                q.label_selector = Some(v.into_owned());
             }
             _ => {}
         }
@@ -525,6 +569,7 @@ async fn handle(State(shared): State<Shared>, request: Request) -> Response {
         resource_version: query.resource_version.clone(),
         continue_token: query.continue_token.clone(),
         field_selector: query.field_selector.clone(),
+        label_selector: query.label_selector.clone(),
         status: 200,
     };
     let response = match served {

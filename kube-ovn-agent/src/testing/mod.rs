@@ -7,6 +7,7 @@ pub mod netns;
 pub mod objects;
 pub mod packet;
 pub mod stats;
+pub mod sync_order;
 
 use std::time::Duration;
 

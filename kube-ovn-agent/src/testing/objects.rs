@@ -55,9 +55,19 @@ pub fn subnet_with(name: &str, cidr_block: &str, change: impl FnOnce(&mut Subnet
     s
 }
 
+/// A Node with these InternalIPs (and a Hostname address) on a dual-stack Kube-OVN: its
+/// `ovn.kubernetes.io/ip_address` annotation holds a join address of each family.
 pub fn node(name: &str, internal_ips: &[&str]) -> Node {
+    let mut metadata = meta(name);
+    metadata.annotations = Some(
+        [(
+            crate::cluster::IP_ADDRESS_ANNOTATION.to_owned(),
+            DUAL_STACK_JOIN.to_owned(),
+        )]
+        .into(),
+    );
     Node {
-        metadata: meta(name),
+        metadata,
         status: Some(NodeStatus {
             addresses: Some(
                 internal_ips
@@ -76,6 +86,22 @@ pub fn node(name: &str, internal_ips: &[&str]) -> Node {
         }),
         ..Node::default()
     }
+}
+
+/// The `ovn.kubernetes.io/ip_address` annotation `node` writes.
+pub const DUAL_STACK_JOIN: &str = "100.64.0.2,fd00:100:64::2";
+
+/// `node` with the `ovn.kubernetes.io/ip_address` annotation set to `join` (`None`: absent).
+pub fn node_with_join(name: &str, internal_ips: &[&str], join: Option<&str>) -> Node {
+    let mut n = node(name, internal_ips);
+    n.metadata.annotations = join.map(|j| {
+        [(
+            crate::cluster::IP_ADDRESS_ANNOTATION.to_owned(),
+            j.to_owned(),
+        )]
+        .into()
+    });
+    n
 }
 
 /// One port of a Service: protocol, port, optional nodePort.

@@ -411,7 +411,9 @@ fn subnet_yaml(out: &mut String, s: &Subnet) {
 fn node_yaml(out: &mut String, n: &Node) {
     let _ = write!(
         out,
-        "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n",
+        // The join-address annotation names the families kube-ovn-cni runs (dual stack here).
+        "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  annotations:\n    \
+         ovn.kubernetes.io/ip_address: 100.64.0.2,fd00:100:64::2\nstatus:\n  addresses:\n",
         n.name
     );
     for ip in &n.internal_ips {
@@ -513,6 +515,11 @@ mod tests {
         let yaml = Cluster::fixture().to_yaml();
         assert_eq!(yaml.matches("kind: Subnet").count(), 5);
         assert_eq!(yaml.matches("kind: Node").count(), 3);
+        assert_eq!(
+            yaml.matches("\n  annotations:\n    ovn.kubernetes.io/ip_address: 100.64.0.2,fd00:100:64::2\nstatus:").count(),
+            3,
+            "every Node names both families"
+        );
         assert_eq!(yaml.matches("kind: Service").count(), 5);
         assert!(yaml.contains("cidrBlock: \"10.16.0.0/16,fd00:10:16::/64\""));
         assert!(yaml.contains("externalTrafficPolicy: Local"));
