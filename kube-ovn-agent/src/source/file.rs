@@ -13,7 +13,7 @@ use std::{
     fmt,
     hash::{DefaultHasher, Hash, Hasher},
     io::{self, Read},
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{FileTypeExt as _, MetadataExt, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
@@ -87,6 +87,13 @@ pub enum FileError {
         #[source]
         source: io::Error,
     },
+    /// A FIFO, socket or device: opening a FIFO would block until a writer appears.
+    #[error(
+        "{}: not a regular file ({what}); point --source file: at a regular file (or a symlink \
+         to one) and replace it by renaming a complete new file over it",
+        file.display()
+    )]
+    NotRegular { file: PathBuf, what: &'static str },
     #[error("{}: {size} bytes is more than the limit of {limit} bytes", file.display())]
     TooLarge {
         file: PathBuf,
@@ -540,8 +547,29 @@ fn read(path: &Path, max_bytes: u64) -> Result<String> {
             source,
         }
     };
-    let file = std::fs::File::open(path).map_err(io("open"))?;
-    let size = file.metadata().map_err(io("stat"))?.len();
+    // Non-blocking, so a FIFO cannot hold the open until a writer appears; refused below.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io("open"))?;
+    let meta = file.metadata().map_err(io("stat"))?;
+    if !meta.is_file() {
+        let kind = meta.file_type();
+        return Err(FileError::NotRegular {
+            file: path.to_owned(),
+            what: if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_socket() {
+                "a socket"
+            } else if kind.is_dir() {
+                "a directory"
+            } else {
+                "a device"
+            },
+        });
+    }
+    let size = meta.len();
     let too_large = |size| FileError::TooLarge {
         file: path.to_owned(),
         size,
@@ -693,7 +721,11 @@ impl Shared {
     /// whole file is unusable.
     fn reject(&self, error: &FileError) {
         let message = error.to_string();
-        warn!("{message}; keeping the last good cluster state");
+        // Object names come from the file: a newline in one must not start a log line.
+        warn!(
+            "{}; keeping the last good cluster state",
+            crate::faults::escape(&message)
+        );
         match error.kind() {
             Some(kind) => self.feed.error(kind, message),
             None => {
