@@ -134,6 +134,11 @@ pub struct RunArgs {
     /// kept). Bytes, or with a `Ki`, `Mi` or `Gi` suffix.
     #[arg(long, default_value = "8Mi", value_parser = parse_size, value_name = "BYTES")]
     pub source_max_bytes: u64,
+    /// With `--source file:`, a new version holding less than half the objects in force (what a
+    /// truncated write that still parses looks like) is applied only once it has stayed
+    /// unchanged this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub source_shrink_hold: Duration,
     /// This node's name (as in its Node object); defaults to `$NODE_NAME`, then the hostname.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,

@@ -55,6 +55,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         SourceSpec::File(path) => source::file::start(source::file::FileOptions {
             node_name: Some(node_name.clone()),
             max_bytes: args.source_max_bytes,
+            shrink_hold: args.source_shrink_hold,
             ..source::file::FileOptions::new(path)
         })
         .context("starting the file source")?,
