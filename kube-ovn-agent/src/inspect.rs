@@ -56,6 +56,8 @@ struct Status {
     attachments: Vec<Attachment>,
     counters: Vec<(&'static str, u64)>,
     maps: Vec<(&'static str, usize)>,
+    /// Each map's capacity (`max_entries`), in the order of `maps`.
+    map_capacity: Vec<(&'static str, usize)>,
     mark_clobber: clobber::Report,
 }
 
@@ -106,6 +108,7 @@ pub async fn status(args: &ReadArgs) -> Result<()> {
         attachments,
         counters: counter::NAMES.iter().copied().zip(counters).collect(),
         maps: tables.sizes(),
+        map_capacity: tables.capacities(),
         mark_clobber,
     };
     if args.json {
@@ -178,8 +181,8 @@ fn status_text(s: &Status) -> String {
     }
     out.push('\n');
     out.push_str("map entries  ");
-    for (name, len) in &s.maps {
-        let _ = write!(out, " {name}={len}");
+    for ((name, len), (_, capacity)) in s.maps.iter().zip(&s.map_capacity) {
+        let _ = write!(out, " {name}={len}/{capacity}");
     }
     out.push('\n');
     if s.mark_clobber.findings.is_empty() {

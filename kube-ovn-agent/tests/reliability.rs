@@ -521,6 +521,16 @@ fn map_full() -> Result<(), Failed> {
             format!("no {needle} in\n{metrics}")
         })?;
     }
+    let status = node.status().ok_or("status failed")?;
+    let capacity = status["map_capacity"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m[0] == "kovn_svccidr4")
+        .and_then(|m| m[1].as_u64());
+    ensure(capacity == Some(256), || {
+        format!("status --json map_capacity: {capacity:?}")
+    })?;
     // Another pass with the map still full: no new line.
     write_cluster(&cluster, &service_cidrs(301));
     std::thread::sleep(Duration::from_secs(3));
