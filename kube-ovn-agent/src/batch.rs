@@ -1,14 +1,22 @@
-//! `BPF_MAP_UPDATE_BATCH`: many map entries in one `bpf(2)` call.
+//! `BPF_MAP_UPDATE_BATCH`: many map entries in one `bpf(2)` call; and opening pins read-only.
 //!
 //! A cold start writes tens of thousands of entries; one syscall each is most of the cost of
 //! programming the datapath (issue: benchmark §5). aya 0.14 has no batch API, so this is the one
 //! raw `bpf(2)` call the agent makes. Hash and array maps have had the command since Linux 5.6;
 //! where a map type lacks it (LPM tries on older kernels) the caller falls back to single writes.
 
-use std::{io, os::fd::BorrowedFd};
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
 
 use aya::Pod;
-use aya_obj::generated::{bpf_attr, bpf_cmd};
+use aya_obj::generated::{BPF_F_RDONLY, bpf_attr, bpf_cmd, bpf_prog_info};
 
 /// Why a batch stopped short.
 #[derive(Debug)]
@@ -147,6 +155,60 @@ pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>, St
         }
     }
     unreachable!("the loop returns")
+}
+
+/// Opens a pinned object for reading only (`BPF_OBJ_GET` with `BPF_F_RDONLY`). aya opens pins
+/// read-write, which a read-only bpffs mount refuses (`EROFS`); `status` and `dump` only read.
+pub fn open_pin_read_only(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: all-zero is the union's unused state.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: plain integers into the member BPF_OBJ_GET reads.
+    let get = unsafe { &mut attr.__bindgen_anon_4 };
+    get.pathname = c_path.as_ptr() as u64;
+    get.file_flags = BPF_F_RDONLY;
+    // SAFETY: the kernel reads the NUL-terminated path, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET as libc::c_long,
+            &raw mut attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The kernel id of the program behind `fd` (`BPF_OBJ_GET_INFO_BY_FD`).
+pub fn program_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: all-zero is a valid (empty) bpf_prog_info and the union's unused state.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: plain integers into the member the command reads.
+    let get = unsafe { &mut attr.info };
+    get.bpf_fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).expect("fd ≥ 0");
+    get.info_len = u32::try_from(size_of::<bpf_prog_info>()).expect("small");
+    get.info = (&raw mut info) as u64;
+    // SAFETY: the kernel writes at most info_len bytes into `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &raw mut attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.id)
 }
 
 #[cfg(test)]

@@ -9,15 +9,24 @@
 
 use std::{
     ffi::CString,
+    fs::File,
     io,
-    os::unix::ffi::OsStrExt,
+    os::{
+        fd::AsRawFd as _,
+        unix::{ffi::OsStrExt, fs::MetadataExt as _},
+    },
     path::{Path, PathBuf},
 };
+
+use kube_ovn_ebpf_common::names;
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/kube-ovn";
+
+/// Exit status of `run` and `detach` when another agent holds the pin root.
+pub const EXIT_ROOT_IN_USE: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {
@@ -25,6 +34,19 @@ pub enum BpffsError {
         "{path} is not on a bpffs; mount one there (`mount -t bpf bpf {path}`) or pass a --bpffs-root on one"
     )]
     NotBpffs { path: PathBuf },
+    /// Another process (an agent, or a `detach` in progress) holds the root's lock.
+    #[error(
+        "another agent{} holds the pin root {}: one agent per --bpffs-root, two would overwrite \
+         each other's maps and mode",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+        path.display()
+    )]
+    InUse { path: PathBuf, holder: Option<u32> },
+    #[error(
+        "nothing of ours under {}: no attachment, no kovn_* pin (wrong --bpffs-root?)",
+        path.display()
+    )]
+    NothingOurs { path: PathBuf },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -98,15 +120,61 @@ impl PinRoot {
         Ok(())
     }
 
-    /// Removes the layout's pins and directories; entries we do not know are left alone.
+    /// Takes the root's lock: an exclusive `flock` on the root directory itself, held until the
+    /// returned guard is dropped (or the process dies). bpffs holds no regular files, but its
+    /// directories take locks like any inode, and the lock is on the host's inode, so agents in
+    /// different pods or mount namespaces see each other. Fails at once with
+    /// [`BpffsError::InUse`] when another process holds it.
+    pub fn lock(&self) -> Result<RootLock, BpffsError> {
+        let io_error = |op| {
+            move |source| BpffsError::Io {
+                op,
+                path: self.root.clone(),
+                source,
+            }
+        };
+        let dir = File::open(&self.root).map_err(io_error("opening"))?;
+        let meta = dir.metadata().map_err(io_error("reading"))?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(BpffsError::InUse {
+                    path: self.root.clone(),
+                    holder: lock_holder(meta.dev(), meta.ino()),
+                });
+            }
+            return Err(io_error("locking")(error));
+        }
+        Ok(RootLock {
+            _dir: dir,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Removes the layout's pins and directories: our maps (`kovn_*`), our program and the
+    /// links under `links/` (every entry there is one of ours by layout). Anything else is left,
+    /// and so is a directory that still holds it.
     pub fn remove_all(&self) -> Result<Vec<PathBuf>, BpffsError> {
         let mut removed = Vec::new();
+        let mut layout_found = false;
         for dir in [self.links(), self.programs(), self.maps()] {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
             for entry in entries.flatten() {
                 let path = entry.path();
+                let name = entry.file_name();
+                let ours = dir == self.links()
+                    || (dir == self.programs() && name == names::PROGRAM)
+                    || (dir == self.maps()
+                        && names::ALL_MAPS
+                            .iter()
+                            .any(|m| name.as_bytes() == m.as_bytes()));
+                if !ours {
+                    continue;
+                }
                 std::fs::remove_file(&path).map_err(|source| BpffsError::Io {
                     op: "unpinning",
                     path: path.clone(),
@@ -115,11 +183,54 @@ impl PinRoot {
                 removed.push(path);
             }
             // Not empty means someone else's pin is in there: keep the directory.
-            let _ = std::fs::remove_dir(&dir);
+            layout_found |= std::fs::remove_dir(&dir).is_ok();
         }
-        let _ = std::fs::remove_dir(&self.root);
+        // A directory without our layout is not ours to remove (a mistyped --bpffs-root).
+        if layout_found || !removed.is_empty() {
+            let _ = std::fs::remove_dir(&self.root);
+        }
         Ok(removed)
     }
+}
+
+/// The pin root's lock, held while this value lives.
+#[derive(Debug)]
+pub struct RootLock {
+    _dir: File,
+    dev: u64,
+    ino: u64,
+}
+
+impl RootLock {
+    /// Whether `pins` still names the directory this lock is on and our program and maps are
+    /// pinned there. False once `detach --force` (or anyone) removed them behind our back.
+    pub fn intact(&self, pins: &PinRoot) -> bool {
+        let same_root =
+            std::fs::metadata(&pins.root).is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino));
+        same_root
+            && pins.program(names::PROGRAM).exists()
+            && names::ALL_MAPS.iter().all(|m| pins.maps().join(m).exists())
+    }
+}
+
+/// The pid holding a `flock` on inode `ino` of device `dev`, from `/proc/locks` (as seen from
+/// our pid namespace; `None` when the holder lives in another one or the table is unreadable).
+fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
+    let table = std::fs::read_to_string("/proc/locks").ok()?;
+    let wanted = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    holder_in(&table, &wanted)
+}
+
+/// Parses `/proc/locks` lines such as `1: FLOCK  ADVISORY  WRITE 12674 00:28:16590 0 EOF`;
+/// waiters (`1: -> FLOCK …`) are skipped.
+fn holder_in(table: &str, wanted: &str) -> Option<u32> {
+    table.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, id, ..] if *id == wanted => pid.parse().ok(),
+            _ => None,
+        }
+    })
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
@@ -159,4 +270,44 @@ fn mount_bpffs(target: &Path) -> Result<(), BpffsError> {
     }
     tracing::info!(path = %target.display(), "mounted bpffs");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_holder_is_read_from_proc_locks() {
+        let table = "1: FLOCK  ADVISORY  WRITE 12674 00:28:16590 0 EOF\n\
+                     1: -> FLOCK  ADVISORY  WRITE 999 00:28:16590 0 EOF\n\
+                     2: POSIX  ADVISORY  WRITE 6600 fe:00:5308615 0 EOF\n";
+        assert_eq!(holder_in(table, "00:28:16590"), Some(12674));
+        assert_eq!(
+            holder_in(table, "fe:00:5308615"),
+            None,
+            "POSIX locks are not ours"
+        );
+        assert_eq!(holder_in(table, "00:28:1"), None);
+    }
+
+    #[test]
+    fn a_second_lock_on_the_same_directory_is_refused_and_names_the_holder() {
+        let dir = std::env::temp_dir().join(format!("kovn-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pins = PinRoot::new(&dir);
+        let held = pins.lock().expect("first lock");
+        match pins.lock() {
+            Err(BpffsError::InUse { holder, .. }) => {
+                assert_eq!(
+                    holder,
+                    Some(std::process::id()),
+                    "flock locks are per open file"
+                );
+            }
+            other => panic!("second lock: {other:?}"),
+        }
+        drop(held);
+        drop(pins.lock().expect("free again once dropped"));
+        std::fs::remove_dir(&dir).unwrap();
+    }
 }

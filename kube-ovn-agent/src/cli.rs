@@ -34,14 +34,18 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Load (or adopt) the datapath, attach it and keep its maps in sync with the cluster.
-    /// SIGTERM leaves everything in place; only `detach` removes it.
+    /// SIGTERM leaves everything in place; only `detach` removes it. One agent per
+    /// --bpffs-root: a second one exits with status 4.
     Run(Box<RunArgs>),
     /// Show kernel, attachments, modes, counters, map fill and mark-clobber findings.
     Status(ReadArgs),
     /// Decode every datapath map into CIDRs, addresses, ports and roles.
     Dump(ReadArgs),
     /// Remove our attachments, programs and pins — nothing else. Marking stops.
-    Detach(RootArgs),
+    ///
+    /// Refused (exit status 4) while an agent runs on the same --bpffs-root, unless --force.
+    /// Exit status 1 when nothing of ours is found there.
+    Detach(DetachArgs),
     /// Compare the datapath's rule counters with Kube-OVN's own iptables rules over a window.
     ///
     /// Rule by rule (R1a … R3u), the datapath's packet counts are compared with the counters the
@@ -101,6 +105,17 @@ pub struct RootArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct DetachArgs {
+    #[command(flatten)]
+    pub root: RootArgs,
+    /// Detach even though an agent runs on this root. The agent then reports unhealthy
+    /// (`/healthz` 503, `kovn_pins_present 0`) and stops attaching; a restart re-creates
+    /// everything, so take the agent off this node first if marking is to stay off.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct ReadArgs {
     #[command(flatten)]
     pub root: RootArgs,
@@ -119,6 +134,11 @@ pub struct RunArgs {
     /// kept). Bytes, or with a `Ki`, `Mi` or `Gi` suffix.
     #[arg(long, default_value = "8Mi", value_parser = parse_size, value_name = "BYTES")]
     pub source_max_bytes: u64,
+    /// With `--source file:`, a new version holding less than half the objects in force (what a
+    /// truncated write that still parses looks like) is applied only once it has stayed
+    /// unchanged this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub source_shrink_hold: Duration,
     /// This node's name (as in its Node object); defaults to `$NODE_NAME`, then the hostname.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -161,8 +181,11 @@ pub struct RunArgs {
     /// own iptables counters before switching.
     #[arg(long, value_enum, default_value_t = Mode::Enforce)]
     pub mode: Mode,
-    /// Address of /metrics, /healthz and /readyz; `none` disables the server.
-    #[arg(long, default_value = "0.0.0.0:10669", value_parser = parse_metrics_addr)]
+    /// Address of /metrics, /healthz and /readyz (unauthenticated): IP:PORT, or `none` to
+    /// disable the server. The Kubernetes manifest binds the node's address (`$(HOST_IP):10669`) so
+    /// kubelet probes and a Service or Prometheus reach it; `0.0.0.0` exposes it on every
+    /// address of the node.
+    #[arg(long, default_value = "127.0.0.1:10669", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
     /// Full re-read of the pinned maps to heal changes made behind the agent's back.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
@@ -223,9 +246,17 @@ fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
     if text == "none" {
         return Ok(MetricsAddr(None));
     }
-    text.parse()
+    if let Ok(addr) = text.parse() {
+        return Ok(MetricsAddr(Some(addr)));
+    }
+    // `$(HOST_IP):PORT` with an IPv6 host IP arrives without brackets: the port follows the
+    // last colon.
+    let parsed = text
+        .rsplit_once(':')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)));
+    parsed
         .map(|a| MetricsAddr(Some(a)))
-        .map_err(|e| format!("expected IP:PORT or `none`: {e}"))
+        .ok_or_else(|| format!("{text:?}: expected IP:PORT or `none`"))
 }
 
 fn parse_handle(text: &str) -> Result<u32, String> {
@@ -356,6 +387,28 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_server_binds_loopback_unless_told_otherwise() {
+        let Command::Run(run) = parse(&["run"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            run.metrics_addr,
+            MetricsAddr(Some("127.0.0.1:10669".parse().unwrap()))
+        );
+        for (text, want) in [
+            ("192.168.0.11:10669", "192.168.0.11:10669"),
+            ("[fd00::11]:10669", "[fd00::11]:10669"),
+            ("fd00::11:10669", "[fd00::11]:10669"),
+        ] {
+            let Command::Run(run) = parse(&["run", "--metrics-addr", text]).unwrap().command else {
+                panic!("not run")
+            };
+            assert_eq!(run.metrics_addr, MetricsAddr(Some(want.parse().unwrap())));
+        }
+        assert!(parse(&["run", "--metrics-addr", "node:10669"]).is_err());
+    }
+
+    #[test]
     fn bad_values_get_one_line_errors_naming_the_problem() {
         for (args, needle) in [
             (&["run", "--source", "http://x"][..], "file:PATH"),
@@ -383,6 +436,10 @@ mod tests {
             Command::Status(ReadArgs { json: true, .. })
         ));
         assert!(parse(&["detach"]).is_ok());
+        assert!(matches!(
+            parse(&["detach", "--force"]).unwrap().command,
+            Command::Detach(DetachArgs { force: true, .. })
+        ));
         assert!(parse(&["dump", "--json"]).is_ok());
     }
 

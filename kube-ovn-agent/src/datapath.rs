@@ -132,7 +132,8 @@ impl Datapath {
     }
 }
 
-/// Opens the pinned maps read-only for `status`/`dump` (no program is loaded).
+/// Opens the pinned maps read-only for `status`/`dump` (no program is loaded); works on a
+/// read-only bpffs mount too.
 pub fn open_pinned_maps(pins: &PinRoot) -> Result<BTreeMap<&'static str, Map>, DatapathError> {
     let mut maps = BTreeMap::new();
     for name in names::ALL_MAPS {
@@ -141,7 +142,13 @@ pub fn open_pinned_maps(pins: &PinRoot) -> Result<BTreeMap<&'static str, Map>, D
             path: path.clone(),
             source: Box::new(source),
         };
-        let data = MapData::from_pin(&path).map_err(map_error)?;
+        let fd = crate::batch::open_pin_read_only(&path).map_err(|io_error| {
+            map_error(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "BPF_OBJ_GET",
+                io_error,
+            }))
+        })?;
+        let data = MapData::from_fd(fd).map_err(map_error)?;
         maps.insert(name, Map::from_map_data(data).map_err(map_error)?);
     }
     Ok(maps)

@@ -1,7 +1,7 @@
 //! `status`, `dump` and `detach`: they read (or remove) what `run` pinned, without loading a
 //! program.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, os::fd::AsFd as _, time::Duration};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -10,8 +10,9 @@ use aya::{
 };
 use kube_ovn_agent::{
     attach::{self, Attachment},
-    bpffs::PinRoot,
-    cli::{ReadArgs, RootArgs},
+    batch,
+    bpffs::{BpffsError, PinRoot},
+    cli::{DetachArgs, ReadArgs, RootArgs},
     clobber,
     datapath::open_pinned_maps,
     maps::{Tables, read_counters},
@@ -55,6 +56,8 @@ struct Status {
     attachments: Vec<Attachment>,
     counters: Vec<(&'static str, u64)>,
     maps: Vec<(&'static str, usize)>,
+    /// Each map's capacity (`max_entries`), in the order of `maps`.
+    map_capacity: Vec<(&'static str, usize)>,
     mark_clobber: clobber::Report,
 }
 
@@ -81,14 +84,12 @@ pub async fn status(args: &ReadArgs) -> Result<()> {
     let pins = pins(&args.root)?;
     let (tables, counters) = read_tables(&pins)?;
     let current = tables.current();
-    let program = ProgramInfo::from_pin(pins.program(names::PROGRAM))
-        .ok()
-        .map(|info| ProgramStatus {
-            name: names::PROGRAM,
-            id: info.id(),
-            tag: format!("{:016x}", info.tag()),
-            verified_instructions: info.verified_instruction_count(),
-        });
+    let program = pinned_program(&pins).map(|info| ProgramStatus {
+        name: names::PROGRAM,
+        id: info.id(),
+        tag: format!("{:016x}", info.tag()),
+        verified_instructions: info.verified_instruction_count(),
+    });
     let (connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
     let attachments = attach::list(&pins, &rtnl).await;
@@ -107,6 +108,7 @@ pub async fn status(args: &ReadArgs) -> Result<()> {
         attachments,
         counters: counter::NAMES.iter().copied().zip(counters).collect(),
         maps: tables.sizes(),
+        map_capacity: tables.capacities(),
         mark_clobber,
     };
     if args.json {
@@ -115,6 +117,15 @@ pub async fn status(args: &ReadArgs) -> Result<()> {
         print!("{}", status_text(&status));
     }
     Ok(())
+}
+
+/// The pinned program's info, through a read-only open of its pin (works on a read-only bpffs).
+fn pinned_program(pins: &PinRoot) -> Option<ProgramInfo> {
+    let fd = batch::open_pin_read_only(&pins.program(names::PROGRAM)).ok()?;
+    let id = batch::program_id(fd.as_fd()).ok()?;
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|info| info.id() == id)
 }
 
 fn status_text(s: &Status) -> String {
@@ -170,8 +181,8 @@ fn status_text(s: &Status) -> String {
     }
     out.push('\n');
     out.push_str("map entries  ");
-    for (name, len) in &s.maps {
-        let _ = write!(out, " {name}={len}");
+    for ((name, len), (_, capacity)) in s.maps.iter().zip(&s.map_capacity) {
+        let _ = write!(out, " {name}={len}/{capacity}");
     }
     out.push('\n');
     if s.mark_clobber.findings.is_empty() {
@@ -290,8 +301,32 @@ fn family_text<N: std::fmt::Display + Ord, A: std::fmt::Display + Ord + Copy>(
     );
 }
 
-pub async fn detach(args: &RootArgs) -> Result<()> {
-    let pins = PinRoot::new(&args.bpffs_root);
+pub async fn detach(args: &DetachArgs) -> Result<()> {
+    let pins = PinRoot::new(&args.root.bpffs_root);
+    // Held while removing, so no agent starts on this root halfway through.
+    let _lock = if pins.root.is_dir() {
+        match pins.lock() {
+            Ok(lock) => Some(lock),
+            Err(BpffsError::InUse { .. }) if args.force => {
+                tracing::warn!(
+                    root = %pins.root.display(),
+                    "an agent holds this root; removing its datapath anyway (--force): it \
+                     will report unhealthy and stop attaching until it restarts"
+                );
+                None
+            }
+            Err(e @ BpffsError::InUse { .. }) => {
+                return Err(e).context(
+                    "refusing to detach under a running agent (it would keep reporting \
+                     healthy while nothing marks, and fail to re-attach). Stop it first \
+                     (e.g. remove the DaemonSet or keep it off this node), or pass --force",
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
     let (connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
     let attachments = attach::list(&pins, &rtnl).await;
@@ -307,14 +342,12 @@ pub async fn detach(args: &RootArgs) -> Result<()> {
             }
         );
     }
-    for path in pins.remove_all()? {
+    let removed = pins.remove_all()?;
+    for path in &removed {
         println!("unpinned {}", path.display());
     }
-    if attachments.is_empty() && !pins.root.exists() {
-        println!(
-            "nothing of ours was attached or pinned under {}",
-            pins.root.display()
-        );
+    if attachments.is_empty() && removed.is_empty() {
+        return Err(BpffsError::NothingOurs { path: pins.root }.into());
     }
     Ok(())
 }

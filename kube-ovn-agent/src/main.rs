@@ -1,33 +1,66 @@
-//! The `kube-ovn-agent` binary: CLI dispatch and logging.
+//! The `kube-ovn-agent` binary: CLI dispatch, logging and exit statuses.
 
 mod inspect;
 mod run;
 
+use std::{io::IsTerminal as _, process::ExitCode};
+
 use anyhow::Result;
 use clap::Parser;
 use kube_ovn_agent::{
+    bpffs::{BpffsError, EXIT_ROOT_IN_USE},
     cleanup,
     cli::{Cli, Command},
-    verify,
+    diag, verify,
 };
 use tracing_subscriber::{EnvFilter, fmt};
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     // netlink-packet-route warns about every attribute newer kernels extend; not actionable.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!("{},netlink_packet_route=error", cli.log_level))
     });
     // aya logs through the `log` crate; the subscriber's `tracing-log` bridge carries it over.
+    // Logs go to stderr in both formats: stdout carries command output (`status --json`, …).
     if cli.log_json {
-        fmt().json().with_env_filter(filter).init();
+        fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     } else {
         fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            // Colour codes only for a terminal, never into a file or a container log.
+            .with_ansi(std::io::stderr().is_terminal())
             .init();
     }
-    match cli.command {
+    let json = cli.log_json;
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let line = diag::render(error.chain());
+            if json {
+                tracing::error!(error = %line, "exiting");
+            } else {
+                eprintln!("error: {line}");
+            }
+            let in_use = error
+                .chain()
+                .any(|c| matches!(c.downcast_ref(), Some(BpffsError::InUse { .. })));
+            if in_use {
+                ExitCode::from(EXIT_ROOT_IN_USE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -83,6 +83,14 @@ impl MapError {
         }
     }
 
+    /// The errno the kernel returned, when it returned one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Entry { source, .. } | Self::Read { source, .. } => errno(source),
+            _ => None,
+        }
+    }
+
     pub fn map(&self) -> &'static str {
         match self {
             Self::Entry { map, .. }
@@ -109,6 +117,8 @@ pub type Result<T, E = MapError> = std::result::Result<T, E>;
 /// One datapath map as a typed key → value table.
 pub trait MapTable<K, V>: Send {
     fn name(&self) -> &'static str;
+    /// Entries the map can hold (`max_entries`).
+    fn capacity(&self) -> usize;
     fn read_all(&self) -> Result<Vec<(K, V)>>;
     fn write(&mut self, key: K, value: V) -> Result<()>;
     fn remove(&mut self, key: K) -> Result<()>;
@@ -128,6 +138,8 @@ pub trait MapTable<K, V>: Send {
 struct Batcher {
     fd: OwnedFd,
     supported: bool,
+    /// The map's `max_entries`, for reports.
+    capacity: usize,
 }
 
 impl Batcher {
@@ -137,9 +149,13 @@ impl Batcher {
             .as_fd()
             .try_clone_to_owned()
             .expect("duplicating a map fd");
+        let capacity = map
+            .info()
+            .map_or(usize::MAX, |info| info.max_entries() as usize);
         Self {
             fd,
             supported: true,
+            capacity,
         }
     }
 
@@ -402,6 +418,9 @@ where
     fn name(&self) -> &'static str {
         self.name
     }
+    fn capacity(&self) -> usize {
+        self.batcher.capacity
+    }
     fn read_all(&self) -> Result<Vec<(K, V)>> {
         let raw = self.batcher.read_all(|| {
             self.map
@@ -492,6 +511,9 @@ where
     fn name(&self) -> &'static str {
         self.name
     }
+    fn capacity(&self) -> usize {
+        self.batcher.capacity
+    }
     fn read_all(&self) -> Result<Vec<(N, ())>> {
         let raw = self.batcher.read_all(|| {
             self.map
@@ -571,6 +593,9 @@ impl MapTable<u16, u8> for PortArrayTable {
     fn name(&self) -> &'static str {
         names::NODEPORT_LOCAL
     }
+    fn capacity(&self) -> usize {
+        self.batcher.capacity
+    }
     fn read_all(&self) -> Result<Vec<(u16, u8)>> {
         let raw: Vec<(u32, u8)> = self.batcher.read_all(|| {
             (0..)
@@ -639,6 +664,9 @@ impl IfaceTable {
 impl MapTable<u32, u32> for IfaceTable {
     fn name(&self) -> &'static str {
         names::IFACES
+    }
+    fn capacity(&self) -> usize {
+        self.batcher.capacity
     }
     fn read_all(&self) -> Result<Vec<(u32, u32)>> {
         let raw: Vec<(u32, Iface)> = self.batcher.read_all(|| {
@@ -717,6 +745,9 @@ impl MapTable<(), Config> for ConfigTable {
     fn name(&self) -> &'static str {
         names::CONFIG
     }
+    fn capacity(&self) -> usize {
+        1
+    }
     fn read_all(&self) -> Result<Vec<((), Config)>> {
         let config = self.map.get(&0, 0).map_err(|source| MapError::Read {
             map: names::CONFIG,
@@ -764,6 +795,9 @@ where
 {
     fn name(&self) -> &'static str {
         self.name
+    }
+    fn capacity(&self) -> usize {
+        self.capacity
     }
     fn read_all(&self) -> Result<Vec<(K, V)>> {
         Ok(self.entries.iter().map(|(k, v)| (*k, *v)).collect())
@@ -813,6 +847,10 @@ impl<K: Ord + Copy, V: Copy + PartialEq> Synced<K, V> {
 
     pub fn len(&self) -> usize {
         self.mirror.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.table.capacity()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -1100,23 +1138,148 @@ impl Tables {
 
     /// Entry counts per map name.
     pub fn sizes(&self) -> Vec<(&'static str, usize)> {
+        self.fill()
+            .into_iter()
+            .map(|(name, len, _)| (name, len))
+            .collect()
+    }
+
+    /// Capacities (`max_entries`) per map name, in the order of [`Self::sizes`].
+    pub fn capacities(&self) -> Vec<(&'static str, usize)> {
+        self.fill()
+            .into_iter()
+            .map(|(name, _, capacity)| (name, capacity))
+            .collect()
+    }
+
+    /// (name, entries, capacity) of every map but the config.
+    fn fill(&self) -> Vec<(&'static str, usize, usize)> {
+        fn of<K: Ord + Copy, V: Copy + PartialEq>(
+            t: &Synced<K, V>,
+        ) -> (&'static str, usize, usize) {
+            (t.name(), t.len(), t.capacity())
+        }
         vec![
-            (self.ifaces.name(), self.ifaces.len()),
-            (self.nodeport_local.name(), self.nodeport_local.len()),
-            (self.v4.subnets.name(), self.v4.subnets.len()),
-            (self.v4.service_cidrs.name(), self.v4.service_cidrs.len()),
-            (self.v4.service_ports.name(), self.v4.service_ports.len()),
-            (self.v4.other_nodes.name(), self.v4.other_nodes.len()),
-            (self.v4.local.name(), self.v4.local.len()),
-            (self.v6.subnets.name(), self.v6.subnets.len()),
-            (self.v6.service_cidrs.name(), self.v6.service_cidrs.len()),
-            (self.v6.service_ports.name(), self.v6.service_ports.len()),
-            (self.v6.other_nodes.name(), self.v6.other_nodes.len()),
-            (self.v6.local.name(), self.v6.local.len()),
-            (self.v4.probe_targets.name(), self.v4.probe_targets.len()),
-            (self.v6.probe_targets.name(), self.v6.probe_targets.len()),
+            of(&self.ifaces),
+            of(&self.nodeport_local),
+            of(&self.v4.subnets),
+            of(&self.v4.service_cidrs),
+            of(&self.v4.service_ports),
+            of(&self.v4.other_nodes),
+            of(&self.v4.local),
+            of(&self.v6.subnets),
+            of(&self.v6.service_cidrs),
+            of(&self.v6.service_ports),
+            of(&self.v6.other_nodes),
+            of(&self.v6.local),
+            of(&self.v4.probe_targets),
+            of(&self.v6.probe_targets),
         ]
     }
+
+    /// One summary per map and kind of failure for the errors of a sync pass, with the map's
+    /// fill and capacity: a full map refuses every entry past its capacity, which must make
+    /// one line, not one per entry.
+    pub fn faults(&self, errors: &[MapError]) -> Vec<MapFault> {
+        let fill = self.fill();
+        let mut faults: Vec<MapFault> = Vec::new();
+        for error in errors {
+            let (map, kind, errno) = (error.map(), error.kind(), error.errno());
+            if let Some(fault) = faults
+                .iter_mut()
+                .find(|f| (f.map, f.kind, f.errno) == (map, kind, errno))
+            {
+                fault.refused += 1;
+                continue;
+            }
+            let (entries, capacity) = fill
+                .iter()
+                .find(|(name, ..)| *name == map)
+                .map_or((0, 1), |(_, len, capacity)| (*len, *capacity));
+            faults.push(MapFault {
+                map,
+                kind,
+                errno,
+                refused: 1,
+                entries,
+                capacity,
+                first: error.to_string(),
+            });
+        }
+        faults
+    }
+}
+
+/// The failures of one sync pass on one map, of one kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFault {
+    pub map: &'static str,
+    /// [`MapError::kind`]: `map_full`, `map_write`, ….
+    pub kind: &'static str,
+    pub errno: Option<i32>,
+    /// Entries refused (or removals failed) in the pass.
+    pub refused: usize,
+    /// Entries in the map after the pass.
+    pub entries: usize,
+    pub capacity: usize,
+    /// The first failure in full (its key, the operation).
+    pub first: String,
+}
+
+impl MapFault {
+    /// Which fault this is, across passes: the same map failing the same way.
+    pub fn key(&self) -> String {
+        let what = if self.kind == "map_full" {
+            "full"
+        } else {
+            self.kind
+        };
+        format!("map {} {what} ({})", self.map, errno_name(self.errno))
+    }
+}
+
+impl std::fmt::Display for MapFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let errno = errno_name(self.errno);
+        if self.kind == "map_full" {
+            write!(
+                f,
+                "map {} is full: {} entries refused ({errno}), capacity {}, {} in the map; the \
+                 rest is programmed and the refused entries are retried every pass \
+                 (docs/operations.md#map-full)",
+                self.map, self.refused, self.capacity, self.entries
+            )
+        } else {
+            write!(
+                f,
+                "map {}: {} writes failed ({errno}), the first: {}; retried every pass",
+                self.map, self.refused, self.first
+            )
+        }
+    }
+}
+
+/// `E2BIG`, `ENOSPC`, …: the symbolic name of the errnos map writes return.
+fn errno_name(errno: Option<i32>) -> String {
+    let Some(errno) = errno else {
+        return "no errno".into();
+    };
+    let name = match errno {
+        libc::E2BIG => "E2BIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::ENOMEM => "ENOMEM",
+        libc::EPERM => "EPERM",
+        libc::EACCES => "EACCES",
+        libc::EINVAL => "EINVAL",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::ENOENT => "ENOENT",
+        libc::EFAULT => "EFAULT",
+        _ => return format!("errno {errno}"),
+    };
+    let text = io::Error::from_raw_os_error(errno).to_string();
+    let text = text.split(" (os error").next().unwrap_or_default();
+    format!("{name}: {text}")
 }
 
 fn sync_family<N: Ord + Copy, A: Ord + Copy>(
@@ -1240,5 +1403,44 @@ mod tests {
         let mode_b = fixture::desired(Mode::B, kube_ovn_ebpf_common::role::OVN0);
         tables.apply(&mode_b, true);
         assert_eq!(tables.current(), mode_b);
+    }
+
+    #[test]
+    fn a_full_map_makes_one_fault_with_count_and_capacity() {
+        let mut tables = Tables::in_memory();
+        let mut small = MemTable::new(names::SERVICE_CIDRS_V4);
+        small.capacity = 10;
+        tables.v4.service_cidrs = Synced::adopt(Box::new(small)).unwrap();
+        let mut desired = Desired::default();
+        for i in 0..300u32 {
+            let net = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap();
+            desired.v4.service_cidrs.insert(net);
+        }
+        let report = tables.apply(&desired, true);
+        assert_eq!(report.errors.len(), 290, "one error per refused entry");
+        let faults = tables.faults(&report.errors);
+        assert_eq!(faults.len(), 1, "{faults:?}");
+        let fault = &faults[0];
+        assert_eq!(
+            (
+                fault.map,
+                fault.kind,
+                fault.refused,
+                fault.capacity,
+                fault.entries
+            ),
+            (names::SERVICE_CIDRS_V4, "map_full", 290, 10, 10)
+        );
+        let line = fault.to_string();
+        assert!(line.contains("290 entries refused"), "{line}");
+        assert!(line.contains("capacity 10"), "{line}");
+        assert_eq!(fault.key(), "map kovn_svccidr4 full (no errno)");
+    }
+
+    #[test]
+    fn errno_names_are_symbolic() {
+        assert!(errno_name(Some(libc::ENOSPC)).starts_with("ENOSPC"));
+        assert!(errno_name(Some(libc::E2BIG)).starts_with("E2BIG"));
+        assert_eq!(errno_name(Some(4095)), "errno 4095");
     }
 }

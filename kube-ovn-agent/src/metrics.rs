@@ -1,6 +1,7 @@
 //! Prometheus metrics and the health endpoints (`/metrics`, `/healthz`, `/readyz`).
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -23,6 +24,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::source::SourceStatus;
 
@@ -31,6 +33,8 @@ use crate::source::SourceStatus;
 pub struct Live {
     pub counters: Mutex<Option<PerCpuArray<MapData, u64>>>,
     pub map_sizes: Mutex<Vec<(&'static str, usize)>>,
+    /// Each map's `max_entries`.
+    pub map_capacities: Mutex<Vec<(&'static str, usize)>>,
     pub source: Mutex<SourceStatus>,
 }
 
@@ -71,6 +75,24 @@ impl Collector for Live {
                 let labels = [("map", map)];
                 let size = i64::try_from(size).unwrap_or(i64::MAX);
                 ConstGauge::new(size).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let capacities = self
+            .map_capacities
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        if !capacities.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "kovn_map_capacity",
+                "Entries each datapath map can hold (max_entries); compare with kovn_map_entries",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (map, capacity) in capacities {
+                let labels = [("map", map)];
+                let capacity = i64::try_from(capacity).unwrap_or(i64::MAX);
+                ConstGauge::new(capacity).encode(family.encode_family(&labels)?)?;
             }
         }
         let source = self.source.lock().map(|s| s.clone()).unwrap_or_default();
@@ -117,6 +139,8 @@ pub struct Metrics {
     pub mark_clobber_rules: Gauge,
     pub attached_interfaces: Gauge,
     pub ready: Gauge,
+    /// 1 while the pins under the root are the ones this agent created (0 after `detach --force`).
+    pub pins_present: Gauge,
 }
 
 impl Default for Metrics {
@@ -136,6 +160,8 @@ impl Metrics {
         let mark_clobber_rules = Gauge::default();
         let attached_interfaces = Gauge::default();
         let ready = Gauge::default();
+        let pins_present = Gauge::default();
+        pins_present.set(1);
         registry.register(
             "kovn_sync_duration_seconds",
             "Duration of a reconcile pass",
@@ -163,6 +189,12 @@ impl Metrics {
             attached_interfaces.clone(),
         );
         registry.register("kovn_ready", "1 after the first full sync", ready.clone());
+        registry.register(
+            "kovn_pins_present",
+            "1 while this agent's pins exist under its bpffs root; 0 once they were removed \
+             behind its back (detach --force): marking has stopped",
+            pins_present.clone(),
+        );
         registry.register_collector(Box::new(live.clone()));
         Self {
             registry,
@@ -174,6 +206,7 @@ impl Metrics {
             mark_clobber_rules,
             attached_interfaces,
             ready,
+            pins_present,
         }
     }
 
@@ -195,6 +228,8 @@ impl Metrics {
 #[derive(Default)]
 pub struct Health {
     pub ready: AtomicBool,
+    /// Set once the pins were removed behind the agent's back: `/healthz` fails from then on.
+    pub pins_missing: AtomicBool,
     /// Unix seconds of the last loop iteration; `/healthz` fails if it stops moving.
     pub heartbeat: AtomicU64,
 }
@@ -220,9 +255,46 @@ struct Served {
     health: Arc<Health>,
 }
 
+/// Bounds of the HTTP server. The endpoint has no authentication and, with `hostNetwork`, sits on
+/// the node's address: whatever connects must not be able to exhaust the agent's descriptors.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// Connections kept open at once; a new one past this closes the longest-open one (after
+    /// its request in flight, if any), so a fresh probe is always served.
+    pub max_connections: usize,
+    /// How long a connection may take to send a request's headers, and how long it may stay
+    /// idle between requests, before it is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How long an evicted connection may take to finish its request before it is dropped.
+const EVICTION_GRACE: Duration = Duration::from_secs(1);
+/// Pause after a failed accept (out of descriptors, say) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Serves until the process ends.
 pub async fn serve(
     addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_on(listener, ServeLimits::default(), metrics, health).await
+}
+
+/// Serves on `listener` within `limits` until the process ends.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    limits: ServeLimits,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 ) -> std::io::Result<()> {
@@ -231,8 +303,77 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Arc::new(Served { metrics, health }));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+    // One permit per open connection: the bound is strict, sockets included.
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    // Open connections by age; each entry closes its connection when sent to.
+    let open: Arc<Mutex<BTreeMap<u64, oneshot::Sender<()>>>> = Arc::default();
+    let mut accept_failing = false;
+    let mut next_id = 0u64;
+    loop {
+        let permit = if let Ok(permit) = permits.clone().try_acquire_owned() {
+            permit
+        } else {
+            // Full: close the longest-open connection and take its permit once it is gone.
+            let oldest = open
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop_first();
+            if let Some((_, close)) = oldest {
+                let _ = close.send(());
+            }
+            permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed")
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                if std::mem::take(&mut accept_failing) {
+                    tracing::info!("metrics server accepts connections again");
+                }
+                stream
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut accept_failing, true) {
+                    tracing::warn!(error = %e, "metrics server cannot accept connections");
+                }
+                drop(permit);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let id = next_id;
+        next_id += 1;
+        let (close, closed) = oneshot::channel();
+        open.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, close);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let open = open.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            // hyper runs this timer whenever it waits for a request head, so it bounds both a
+            // slow sender and an idle keep-alive connection.
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.idle_timeout);
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = closed => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(EVICTION_GRACE, connection.as_mut()).await;
+                }
+            }
+            open.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
+            drop(permit);
+        });
+    }
 }
 
 async fn render(State(served): State<Arc<Served>>) -> impl IntoResponse {
@@ -246,6 +387,13 @@ async fn render(State(served): State<Arc<Served>>) -> impl IntoResponse {
 }
 
 async fn healthz(State(served): State<Arc<Served>>) -> impl IntoResponse {
+    if served.health.pins_missing.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pins under the bpffs root were removed (detach --force?): marking has stopped; \
+             restarting the agent re-creates them\n",
+        );
+    }
     let last = served.health.heartbeat.load(Ordering::Relaxed);
     if unix_now().saturating_sub(last) <= STALL.as_secs() {
         (StatusCode::OK, "ok\n")
@@ -288,6 +436,71 @@ mod tests {
             "kovn_ready 0",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    /// Whether the server closed `stream` (EOF or reset) within `within`.
+    fn closed(mut stream: &std::net::TcpStream, within: Duration) -> bool {
+        use std::io::Read as _;
+        stream.set_read_timeout(Some(within)).unwrap();
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    }
+
+    #[test]
+    fn idle_connections_past_the_bound_neither_block_probes_nor_stay_open() {
+        use std::io::{Read as _, Write as _};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Arc::new(Health::default());
+        health.beat();
+        let limits = ServeLimits {
+            max_connections: 4,
+            idle_timeout: Duration::from_millis(500),
+        };
+        runtime.spawn(serve_on(listener, limits, Arc::new(Metrics::new()), health));
+        let idle: Vec<std::net::TcpStream> = (0..20)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let started = std::time::Instant::now();
+        let mut probe = std::net::TcpStream::connect(addr).unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        probe
+            .read_to_string(&mut answer)
+            .expect("/healthz answers within a second");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // The oldest were evicted as the newer ones came; the rest go after the idle timeout.
+        let evicted = idle[..16]
+            .iter()
+            .filter(|s| closed(s, Duration::from_millis(200)))
+            .count();
+        assert_eq!(evicted, 16, "connections past the bound are closed at once");
+        for stream in &idle[16..] {
+            assert!(
+                closed(stream, Duration::from_secs(2)),
+                "an idle connection outlived the idle timeout"
+            );
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `kube-ovn-agent run`: watch → translate → apply, and keep the program attached.
 //!
 //! Fail-static throughout: a source outage, a bad object, a full map or a failed attach is
-//! logged once, counted, and leaves the programmed state alone; SIGTERM exits without detaching.
+//! logged when it appears and when it clears (not every pass), counted, and leaves the
+//! programmed state alone; SIGTERM exits without detaching.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,10 +13,12 @@ use std::{
 use anyhow::{Context as _, Result};
 use kube_ovn_agent::{
     attach::{self, AttachConfig, Attachment},
-    bpffs::PinRoot,
+    bpffs::{PinRoot, RootLock},
     cli::{KubeProxyMode, Mode, RunArgs},
     clobber,
     datapath::Datapath,
+    diag,
+    faults::{Fault, FaultLog},
     ipset,
     metrics::{self, Health, Metrics},
     node::{self, NodeNet},
@@ -28,6 +31,8 @@ use tokio::{signal::unix::SignalKind, sync::watch};
 const KUBE_PROXY_POLL: Duration = Duration::from_secs(3);
 const CLOBBER_POLL: Duration = Duration::from_mins(1);
 const NODE_RESYNC: Duration = Duration::from_secs(30);
+/// How often the agent checks that its pins are still there (`detach --force` removes them).
+const PIN_CHECK: Duration = Duration::from_secs(2);
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let node_name = match &args.node_name {
@@ -36,22 +41,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     let pins = PinRoot::new(&args.root.bpffs_root);
     pins.prepare()?;
+    // Before anything is loaded or written: a second agent on this root must change nothing.
+    let lock = pins.lock()?;
     // The sources list the cluster on the runtime's workers while this thread has the program
     // verified (~100 ms each at 10 000 Services): started first, the two overlap.
-    let running = match &args.source {
-        SourceSpec::Kube => source::kube::start(&source::kube::KubeOptions {
-            watch_pods: args.enable_tproxy,
-            ..source::kube::KubeOptions::new(&node_name)
-        })
-        .await
-        .context("starting the Kubernetes source")?,
-        SourceSpec::File(path) => source::file::start(source::file::FileOptions {
-            node_name: Some(node_name.clone()),
-            max_bytes: args.source_max_bytes,
-            ..source::file::FileOptions::new(path)
-        })
-        .context("starting the file source")?,
-    };
+    let running = start_source(&args, &node_name).await?;
     let mut datapath = Datapath::open(&pins).context("loading the datapath")?;
     tracing::info!(
         root = %pins.root.display(),
@@ -107,10 +101,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         mode = ?args.mode,
         "agent started"
     );
+    metrics
+        .live
+        .map_capacities
+        .lock()
+        .expect("lock")
+        .clone_from(&datapath.tables.capacities());
     let mut agent = Agent {
         args,
         node_name,
         pins,
+        lock,
         datapath,
         attach_config,
         attached,
@@ -118,7 +119,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         rtnl,
         metrics,
         health,
-        logged: BTreeSet::new(),
+        faults: FaultLog::default(),
         memo: translate::Memo::default(),
         kube_proxy: detected.map(|d| d.mode),
         clobber_findings: BTreeSet::new(),
@@ -130,10 +131,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
     agent.main_loop(running, node_net).await
 }
 
+async fn start_source(args: &RunArgs, node_name: &str) -> Result<Running> {
+    Ok(match &args.source {
+        SourceSpec::Kube => source::kube::start(&source::kube::KubeOptions {
+            watch_pods: args.enable_tproxy,
+            ..source::kube::KubeOptions::new(node_name)
+        })
+        .await
+        .context("starting the Kubernetes source")?,
+        SourceSpec::File(path) => source::file::start(source::file::FileOptions {
+            node_name: Some(node_name.to_owned()),
+            max_bytes: args.source_max_bytes,
+            shrink_hold: args.source_shrink_hold,
+            ..source::file::FileOptions::new(path)
+        })
+        .context("starting the file source")?,
+    })
+}
+
 struct Agent {
     args: RunArgs,
     node_name: String,
     pins: PinRoot,
+    /// The root's lock, held for the agent's life.
+    lock: RootLock,
     datapath: Datapath,
     attach_config: AttachConfig,
     /// Our attachments, by interface name.
@@ -142,8 +163,8 @@ struct Agent {
     rtnl: rtnetlink::Handle,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    /// Messages already logged, so a lasting fault is logged once, not every pass.
-    logged: BTreeSet<String>,
+    /// The faults present now, so a lasting fault is logged when it appears and clears only.
+    faults: FaultLog,
     /// Per-object translation results reused while the objects are unchanged.
     memo: translate::Memo,
     /// kube-proxy's mode as `auto` last detected it.
@@ -168,6 +189,7 @@ impl Agent {
         let mut kube_proxy_poll = tokio::time::interval(KUBE_PROXY_POLL);
         let mut clobber_poll = tokio::time::interval(CLOBBER_POLL);
         let mut resync = tokio::time::interval(self.args.resync_interval);
+        let mut pin_check = tokio::time::interval(PIN_CHECK);
         resync.tick().await;
         let mut pending: Option<Instant> = Some(Instant::now());
         // The clobber check runs the iptables save tools, seconds on a node with a large
@@ -208,6 +230,7 @@ impl Agent {
                     clobber_check = None;
                     self.record_clobber(&report.unwrap_or_default());
                 }
+                _ = pin_check.tick() => self.check_pins(),
                 _ = resync.tick() => {
                     self.refresh_mirrors();
                     self.attach_due = true;
@@ -223,14 +246,26 @@ impl Agent {
         Ok(())
     }
 
-    /// Logs `message` at warn level the first time it is seen; returns whether it was new.
-    fn warn_once(&mut self, message: &str) -> bool {
-        if self.logged.contains(message) {
-            return false;
+    /// Whether our pins were removed behind our back: no more attaching, unhealthy.
+    fn pins_missing(&self) -> bool {
+        self.health.pins_missing.load(Ordering::Relaxed)
+    }
+
+    /// Notices pins removed behind our back (`detach --force`): from then on the agent stops
+    /// attaching (re-attaching would half undo what the operator did, and fails for tcx), and
+    /// says so on `/healthz`, in `kovn_pins_present` and in the log.
+    fn check_pins(&mut self) {
+        if self.pins_missing() || self.lock.intact(&self.pins) {
+            return;
         }
-        tracing::warn!("{message}");
-        self.logged.insert(message.to_owned());
-        true
+        self.health.pins_missing.store(true, Ordering::Relaxed);
+        self.metrics.pins_present.set(0);
+        tracing::error!(
+            root = %self.pins.root.display(),
+            "this agent's pins were removed (detach --force?): marking has stopped; the agent \
+             no longer attaches and reports unhealthy (/healthz 503, kovn_pins_present 0) \
+             until it restarts, which re-creates them"
+        );
     }
 
     async fn reconcile(
@@ -243,11 +278,12 @@ impl Agent {
         let snapshot = running.source.snapshot();
         let status = running.source.status();
         *self.metrics.live.source.lock().expect("lock") = status.clone();
-        for (kind, s) in &status.kinds {
-            if let Some(error) = &s.last_error {
-                self.warn_once(&format!("source {kind}: {error}"));
-            }
-        }
+        let source_faults = status.kinds.iter().filter_map(|(kind, s)| {
+            s.last_error
+                .as_ref()
+                .map(|error| Fault::new(format!("source {kind}: {error}")))
+        });
+        self.faults.pass("source", source_faults);
         let Some(net) = node_net.borrow().clone() else {
             return;
         };
@@ -256,7 +292,8 @@ impl Agent {
         let listed = status.all_listed();
         // Attaching costs syscalls per interface: only when the interfaces changed, a previous
         // attempt failed, or on the periodic resync.
-        if self.attach_due || roles != self.last_roles || listed != self.last_listed {
+        let attach_pass = self.attach_due || roles != self.last_roles || listed != self.last_listed;
+        if attach_pass && !self.pins_missing() {
             self.attach_due = !self.ensure_attachments(&roles, listed).await;
             self.last_roles.clone_from(&roles);
             self.last_listed = listed;
@@ -273,11 +310,13 @@ impl Agent {
         self.metrics
             .translation_issues
             .set(i64::try_from(translation.issues.len()).unwrap_or(i64::MAX));
-        for issue in &translation.issues {
-            // Counted once per distinct problem; the gauge above says how many are current.
-            if self.warn_once(&format!("skipped: {issue}")) {
-                self.metrics.error("translate");
-            }
+        let issues = translation
+            .issues
+            .iter()
+            .map(|issue| Fault::new(format!("skipped: {issue}")));
+        // Counted once per distinct problem; the gauge above says how many are current.
+        for _ in self.faults.pass("translate", issues).new {
+            self.metrics.error("translate");
         }
 
         let report = if listed {
@@ -293,12 +332,18 @@ impl Agent {
                 errors: table.errors,
             }
         };
-        for error in &report.errors {
-            self.metrics.error(error.kind());
-            self.warn_once(&format!(
-                "map write failed (kept the rest, will retry): {error}"
-            ));
+        // One summary per map and kind of failure: a full map refuses every entry past its
+        // capacity, tens of thousands in one pass.
+        let map_faults = self.datapath.tables.faults(&report.errors);
+        for fault in &map_faults {
+            self.metrics.error(fault.kind);
         }
+        self.faults.pass(
+            "maps",
+            map_faults
+                .iter()
+                .map(|fault| Fault::keyed(fault.key(), fault.to_string())),
+        );
         if report.written + report.removed > 0 {
             tracing::debug!(
                 written = report.written,
@@ -332,6 +377,7 @@ impl Agent {
         listed: bool,
     ) -> bool {
         let mut complete = true;
+        let mut faults = Vec::new();
         let program_id = self.datapath.program_id;
         for ifname in roles.keys() {
             let outcome = attach::ensure(
@@ -361,7 +407,10 @@ impl Agent {
                 Err(e) => {
                     complete = false;
                     self.metrics.error("attach");
-                    self.warn_once(&format!("attaching to {ifname} failed: {e}"));
+                    faults.push(Fault::new(format!(
+                        "attaching to {ifname} failed: {}",
+                        diag::render_error(&e)
+                    )));
                 }
             }
         }
@@ -381,11 +430,12 @@ impl Agent {
                     }
                     Err(e) => {
                         self.metrics.error("attach");
-                        self.warn_once(&format!("detaching from {ifname} failed: {e}"));
+                        faults.push(Fault::new(format!("detaching from {ifname} failed: {e}")));
                     }
                 }
             }
         }
+        self.faults.pass("attach", faults);
         self.metrics
             .attached_interfaces
             .set(i64::try_from(self.attached.len()).unwrap_or(i64::MAX));
@@ -397,6 +447,7 @@ impl Agent {
         let detected = match self.args.kube_proxy_mode {
             KubeProxyMode::Auto => match ipset::detect_kube_proxy() {
                 Ok(detection) => {
+                    self.faults.pass("ipset", []);
                     if self.kube_proxy != Some(detection.mode) {
                         tracing::info!(mode = %detection.mode, "kube-proxy mode changed");
                         self.kube_proxy = Some(detection.mode);
@@ -405,7 +456,12 @@ impl Agent {
                 }
                 Err(e) => {
                     self.metrics.error("ipset");
-                    self.warn_once(&format!("checking kube-proxy's ipsets failed: {e}"));
+                    self.faults.pass(
+                        "ipset",
+                        [Fault::new(format!(
+                            "checking kube-proxy's ipsets failed: {e}"
+                        ))],
+                    );
                     return false;
                 }
             },
@@ -435,10 +491,14 @@ impl Agent {
     }
 
     fn refresh_mirrors(&mut self) {
-        if let Err(e) = self.datapath.tables.refresh_all() {
+        let result = self.datapath.tables.refresh_all();
+        if let Err(e) = &result {
             self.metrics.error(e.kind());
-            self.warn_once(&format!("re-reading the pinned maps failed: {e}"));
         }
+        let fault = result
+            .err()
+            .map(|e| Fault::new(format!("re-reading the pinned maps failed: {e}")));
+        self.faults.pass("refresh", fault);
     }
 }
 

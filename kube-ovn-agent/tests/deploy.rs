@@ -368,13 +368,46 @@ fn agent_container(ds: &DaemonSet) -> &k8s_openapi::api::core::v1::Container {
     &pod.containers[0]
 }
 
+/// An example value of a `fieldRef` the kubelet fills in.
+fn example_field(path: &str) -> Option<&'static str> {
+    match path {
+        "status.hostIP" => Some("192.168.0.11"),
+        "spec.nodeName" => Some("n1"),
+        _ => None,
+    }
+}
+
+/// The container's args as the kubelet passes them: each `$(NAME)` of an env var set from a
+/// `fieldRef` replaced by an example of that field.
+fn expanded_args(container: &k8s_openapi::api::core::v1::Container) -> Vec<String> {
+    let values: Vec<(String, &str)> = container
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let path = &e.value_from.as_ref()?.field_ref.as_ref()?.field_path;
+            Some((format!("$({})", e.name), example_field(path)?))
+        })
+        .collect();
+    container
+        .args
+        .iter()
+        .flatten()
+        .map(|arg| {
+            values
+                .iter()
+                .fold(arg.clone(), |arg, (name, value)| arg.replace(name, value))
+        })
+        .collect()
+}
+
 /// The agent's own parse of the container's args.
 fn run_args(ds: &DaemonSet) -> Result<Box<RunArgs>, String> {
     let container = agent_container(ds);
     if container.command.is_some() {
         return Err("the image's entrypoint is the agent: set args, not command".into());
     }
-    let args = container.args.clone().unwrap_or_default();
+    let args = expanded_args(container);
     let cli = Cli::try_parse_from(std::iter::once("kube-ovn-agent".to_owned()).chain(args))
         .map_err(|e| format!("the agent's CLI rejects the DaemonSet's args: {e}"))?;
     match cli.command {
@@ -586,6 +619,29 @@ fn probe_port(
     Ok((port, get.path.clone().unwrap_or_default()))
 }
 
+/// kubelet probes a hostNetwork pod on the node's address; binding only that address keeps the
+/// unauthenticated endpoint off the node's other interfaces.
+fn metrics_bind_problem(container: &k8s_openapi::api::core::v1::Container) -> Option<String> {
+    let host_ip = container.env.iter().flatten().any(|e| {
+        e.name == "HOST_IP"
+            && e.value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .is_some_and(|f| f.field_path == "status.hostIP")
+    });
+    let metrics_arg = container
+        .args
+        .iter()
+        .flatten()
+        .find(|a| a.starts_with("--metrics-addr"));
+    (!host_ip || metrics_arg.is_none_or(|a| !a.contains("$(HOST_IP):"))).then(|| {
+        format!(
+            "{metrics_arg:?}: --metrics-addr must be $(HOST_IP):PORT with HOST_IP from \
+             status.hostIP, where kubelet probes a hostNetwork pod"
+        )
+    })
+}
+
 fn daemonset_matches_the_cli() -> Result<(), Failed> {
     let ds: DaemonSet = typed(&base_daemonset(), "daemonset")?;
     let run = run_args(&ds)?;
@@ -618,11 +674,7 @@ fn daemonset_matches_the_cli() -> Result<(), Failed> {
     if !declared {
         problems.push(format!("container port {port} is not declared"));
     }
-    if !metrics.ip().is_unspecified() {
-        problems.push(format!(
-            "--metrics-addr {metrics}: kubelet probes the node's address (hostNetwork)"
-        ));
-    }
+    problems.extend(metrics_bind_problem(container));
     if run.mode != Mode::Shadow {
         problems.push("the base must start in shadow mode (docs/migration.md)".into());
     }

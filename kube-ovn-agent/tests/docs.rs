@@ -123,7 +123,7 @@ fn flags_in(text: &str) -> Vec<(usize, String)> {
     out
 }
 
-/// (file:line, flag) for every flag that is neither the agent's nor a listed foreign one.
+/// `file:line: --flag` for every flag that is neither the agent's nor a listed foreign one.
 fn unknown_flags(files: &[(String, String)]) -> Vec<String> {
     let ours = agent_flags();
     let foreign: BTreeMap<&str, &str> = FOREIGN.iter().copied().collect();

@@ -13,7 +13,7 @@ use std::{
     fmt,
     hash::{DefaultHasher, Hash, Hasher},
     io::{self, Read},
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{FileTypeExt as _, MetadataExt, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
@@ -42,6 +42,12 @@ use crate::{
 pub const DEFAULT_MAX_BYTES: u64 = 8 * 1024 * 1024;
 /// How often the file is checked for a new version.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a version holding less than half the objects in force must stay unchanged before
+/// it is applied (see [`FileOptions::shrink_hold`]).
+pub const DEFAULT_SHRINK_HOLD: Duration = Duration::from_secs(30);
+/// A shrink is suspicious only from this many objects in force: small test clusters shrink by
+/// half legitimately.
+const SHRINK_MIN_OBJECTS: usize = 10;
 
 /// Where an object sits in a file: the 1-based YAML document, the 1-based item of a list
 /// document, and the line the document starts on.
@@ -87,6 +93,13 @@ pub enum FileError {
         #[source]
         source: io::Error,
     },
+    /// A FIFO, socket or device: opening a FIFO would block until a writer appears.
+    #[error(
+        "{}: not a regular file ({what}); point --source file: at a regular file (or a symlink \
+         to one) and replace it by renaming a complete new file over it",
+        file.display()
+    )]
+    NotRegular { file: PathBuf, what: &'static str },
     #[error("{}: {size} bytes is more than the limit of {limit} bytes", file.display())]
     TooLarge {
         file: PathBuf,
@@ -125,6 +138,21 @@ pub enum FileError {
         file.display()
     )]
     Empty { file: PathBuf },
+    /// A version that drops more than half the objects in force, held in case it is a partial
+    /// write.
+    #[error(
+        "{}: {after} objects where {before} are in force: held for {}s in case it is a partial \
+         write, applied if it stays unchanged that long (write the file under another name and \
+         rename it over)",
+        file.display(),
+        hold.as_secs()
+    )]
+    Held {
+        file: PathBuf,
+        before: usize,
+        after: usize,
+        hold: Duration,
+    },
     #[error("the file source must be started from within a tokio runtime")]
     NoRuntime,
 }
@@ -544,8 +572,29 @@ fn read(path: &Path, max_bytes: u64) -> Result<String> {
             source,
         }
     };
-    let file = std::fs::File::open(path).map_err(io("open"))?;
-    let size = file.metadata().map_err(io("stat"))?.len();
+    // Non-blocking, so a FIFO cannot hold the open until a writer appears; refused below.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io("open"))?;
+    let meta = file.metadata().map_err(io("stat"))?;
+    if !meta.is_file() {
+        let kind = meta.file_type();
+        return Err(FileError::NotRegular {
+            file: path.to_owned(),
+            what: if kind.is_fifo() {
+                "a FIFO"
+            } else if kind.is_socket() {
+                "a socket"
+            } else if kind.is_dir() {
+                "a directory"
+            } else {
+                "a device"
+            },
+        });
+    }
+    let size = meta.len();
     let too_large = |size| FileError::TooLarge {
         file: path.to_owned(),
         size,
@@ -575,6 +624,9 @@ pub struct FileOptions {
     /// Larger files are rejected.
     pub max_bytes: u64,
     pub poll_interval: Duration,
+    /// A new version with less than half the objects in force (a truncated write that still
+    /// parses looks like that) is applied only after it stayed unchanged this long.
+    pub shrink_hold: Duration,
     /// When set, only Pods with this `spec.nodeName` are kept (as the kube source watches them).
     pub node_name: Option<String>,
 }
@@ -585,6 +637,7 @@ impl FileOptions {
             path: path.into(),
             max_bytes: DEFAULT_MAX_BYTES,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            shrink_hold: DEFAULT_SHRINK_HOLD,
             node_name: None,
         }
     }
@@ -654,6 +707,14 @@ fn read_version(options: &FileOptions) -> Result<(Snapshot, u64)> {
     Ok((snapshot, hasher.finish()))
 }
 
+fn total(snapshot: &Snapshot) -> usize {
+    snapshot.subnets.len()
+        + snapshot.services.len()
+        + snapshot.nodes.len()
+        + snapshot.service_cidrs.len()
+        + snapshot.pods.len()
+}
+
 fn counts(snapshot: &Snapshot) -> String {
     format!(
         "{} Subnets, {} Services, {} Nodes, {} ServiceCIDRs, {} Pods",
@@ -693,11 +754,33 @@ impl Shared {
         self.feed.changed();
     }
 
+    fn objects_in_force(&self) -> usize {
+        total(
+            &self
+                .snapshot
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Swaps in a new version and publishes it.
+    fn apply(&self, snapshot: Snapshot) {
+        *self
+            .snapshot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
+        self.publish();
+    }
+
     /// Counts a rejected version: on the offending object's kind, or on every kind when the
     /// whole file is unusable.
     fn reject(&self, error: &FileError) {
         let message = error.to_string();
-        warn!("{message}; keeping the last good cluster state");
+        // Object names come from the file: a newline in one must not start a log line.
+        warn!(
+            "{}; keeping the last good cluster state",
+            crate::faults::escape(&message)
+        );
         match error.kind() {
             Some(kind) => self.feed.error(kind, message),
             None => {
@@ -709,6 +792,32 @@ impl Shared {
     }
 }
 
+/// A version read but not applied yet: it dropped more than half the objects.
+struct Held {
+    snapshot: Snapshot,
+    digest: u64,
+    since: tokio::time::Instant,
+}
+
+impl Held {
+    /// Applies the held version once it stayed for the whole hold; returns its digest.
+    fn release(self, shared: &Shared, options: &FileOptions) -> u64 {
+        info!(
+            file = %options.path.display(),
+            "cluster file stayed shrunk for {}s: applied: {}",
+            options.shrink_hold.as_secs(),
+            counts(&self.snapshot)
+        );
+        shared.apply(self.snapshot);
+        self.digest
+    }
+}
+
+/// Polls the file. A version is read only once it looked the same on two consecutive polls (a
+/// writer still at work changes size or mtime in between), and applied only if it is unchanged
+/// across the read. A version that drops more than half the objects is held for
+/// `shrink_hold` and applied only if it stays. A read that fails (out of descriptors, say)
+/// leaves the version unseen, so the next poll tries again.
 async fn poll(
     shared: Arc<Shared>,
     options: FileOptions,
@@ -719,6 +828,10 @@ async fn poll(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     let mut missing = false;
+    // A changed version waiting for the next poll to show it settled.
+    let mut settling: Option<Version> = None;
+    let mut held: Option<Held> = None;
+    let mut last_read_error: Option<String> = None;
     loop {
         ticks.tick().await;
         let current = match version(&options.path) {
@@ -738,36 +851,73 @@ async fn poll(
         };
         missing = false;
         if seen == Some(current) {
+            if let Some(h) = held.take_if(|h| h.since.elapsed() >= options.shrink_hold) {
+                digest = h.release(&shared, &options);
+            }
             continue;
         }
-        seen = Some(current);
+        if settling != Some(current) {
+            settling = Some(current);
+            continue;
+        }
         let read = {
             let options = options.clone();
             tokio::task::spawn_blocking(move || read_version(&options)).await
         };
         if version(&options.path).ok() != Some(current) {
-            // Written while we read it: read the finished version on the next tick.
-            seen = None;
+            // Written while we read it: read the finished version once it settles.
             continue;
         }
+        settling = None;
         match read {
             Ok(Ok((snapshot, new_digest))) => {
+                seen = Some(current);
+                last_read_error = None;
                 if new_digest == digest {
+                    held = None;
                     continue;
                 }
+                let before = shared.objects_in_force();
+                let after = total(&snapshot);
+                if before >= SHRINK_MIN_OBJECTS && after * 2 < before {
+                    if held.as_ref().is_none_or(|h| h.digest != new_digest) {
+                        shared.reject(&FileError::Held {
+                            file: options.path.clone(),
+                            before,
+                            after,
+                            hold: options.shrink_hold,
+                        });
+                        held = Some(Held {
+                            snapshot,
+                            digest: new_digest,
+                            since: tokio::time::Instant::now(),
+                        });
+                    }
+                    continue;
+                }
+                held = None;
                 digest = new_digest;
                 info!(
                     file = %options.path.display(),
                     "cluster file changed: {}",
                     counts(&snapshot)
                 );
-                *shared
-                    .snapshot
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
-                shared.publish();
+                shared.apply(snapshot);
             }
-            Ok(Err(error)) => shared.reject(&error),
+            Ok(Err(error @ FileError::Io { .. })) => {
+                // Transient (EMFILE, EINTR, …) or not, the version was not read: try it again
+                // on the next poll, reporting the error once.
+                let message = error.to_string();
+                if last_read_error.as_ref() != Some(&message) {
+                    shared.reject(&error);
+                    last_read_error = Some(message);
+                }
+            }
+            Ok(Err(error)) => {
+                seen = Some(current);
+                held = None;
+                shared.reject(&error);
+            }
             Err(join) => warn!("reading {}: {join}", options.path.display()),
         }
     }
@@ -1245,5 +1395,80 @@ status:
         let e = err("# nothing yet\n---\n");
         assert!(matches!(e, FileError::Empty { .. }), "{e:?}");
         assert!(e.to_string().contains("no objects"), "{e}");
+    }
+
+    /// `count` minimal Services in `default`, s0 … s{count-1}.
+    fn services(count: usize) -> String {
+        let mut text = String::new();
+        for i in 0..count {
+            let _ = write!(
+                text,
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\n\
+                 spec:\n  clusterIP: 10.96.5.{i}\n  ports: [{{port: 80}}]\n"
+            );
+        }
+        text
+    }
+
+    fn temp_file(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kovn-file-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("cluster.yaml")
+    }
+
+    fn fast(path: &Path) -> FileOptions {
+        FileOptions {
+            poll_interval: Duration::from_millis(20),
+            ..FileOptions::new(path)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_truncated_version_that_still_parses_is_not_applied_at_once() {
+        let path = temp_file("truncated");
+        std::fs::write(&path, format!("{EXAMPLE}{}", services(20))).unwrap();
+        let running = start(fast(&path)).unwrap();
+        assert_eq!(running.source.snapshot().services.len(), 24);
+        // A writer that stopped after the first documents: valid YAML, most objects missing.
+        std::fs::write(&path, EXAMPLE).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            running.source.snapshot().services.len(),
+            24,
+            "a sudden shrink to {} objects was applied at once",
+            EXAMPLE.matches("\nkind: ").count()
+        );
+        let status = running.source.status();
+        let error = status.kinds["Service"]
+            .last_error
+            .clone()
+            .unwrap_or_default();
+        assert!(error.contains("held"), "{error:?}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_shrink_that_stays_is_applied_after_the_hold_and_a_return_cancels_it() {
+        let path = temp_file("shrink");
+        let full = format!("{EXAMPLE}{}", services(20));
+        std::fs::write(&path, &full).unwrap();
+        let running = start(FileOptions {
+            shrink_hold: Duration::from_millis(600),
+            ..fast(&path)
+        })
+        .unwrap();
+        // Shrunk, then back before the hold ends: never applied.
+        std::fs::write(&path, EXAMPLE).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::write(&path, &full).unwrap();
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(running.source.snapshot().services.len(), 24);
+        // Shrunk and left so: applied once the hold is over.
+        std::fs::write(&path, EXAMPLE).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(running.source.snapshot().services.len(), 24, "held");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(running.source.snapshot().services.len(), 4, "applied");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }

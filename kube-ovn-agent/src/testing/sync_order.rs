@@ -66,6 +66,9 @@ where
     fn name(&self) -> &'static str {
         self.name
     }
+    fn capacity(&self) -> usize {
+        usize::MAX
+    }
     fn read_all(&self) -> Result<Vec<(K, V)>> {
         Ok(self.entries.iter().map(|(k, v)| (*k, *v)).collect())
     }
