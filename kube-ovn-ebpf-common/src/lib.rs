@@ -362,9 +362,49 @@ mod tests {
 
     #[test]
     fn rule_counters_are_named_like_rules() {
-        for (i, name) in rule::NAMES.iter().enumerate() {
-            assert_eq!(counter::NAMES[i], *name);
+        for (r, name) in (0u32..).zip(rule::NAMES) {
+            assert_eq!(counter::NAMES[counter::of_rule(r) as usize], name);
         }
+    }
+
+    /// The pinned counter map is adopted, values and all, by every later build: a slot must
+    /// keep its meaning forever. This is today's numbering; a new counter appends.
+    #[test]
+    fn counter_slots_are_frozen() {
+        let frozen: [(u32, &str); 14] = [
+            (0, "R1a"),
+            (1, "R1b"),
+            (2, "R2t"),
+            (3, "R2u"),
+            (4, "R3t"),
+            (5, "R3u"),
+            (6, "TPROXY"),
+            (7, "passed"),
+            (8, "not_parsed"),
+            (9, "not_ip"),
+            (10, "fragment"),
+            (11, "no_role"),
+            (12, "marked"),
+            (13, "tproxy_no_socket"),
+        ];
+        for (slot, name) in frozen {
+            assert_eq!(counter::NAMES[slot as usize], name, "slot {slot}");
+        }
+        let rule_slots: [u32; 7] = core::array::from_fn(|r| counter::of_rule(r as u32));
+        assert_eq!(rule_slots, [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            [
+                counter::PASSED,
+                counter::NOT_PARSED,
+                counter::NOT_IP,
+                counter::FRAGMENT,
+                counter::NO_ROLE,
+                counter::MARKED,
+                counter::TPROXY_NO_SOCKET,
+            ],
+            [7, 8, 9, 10, 11, 12, 13]
+        );
+        assert_eq!(counter::SLOTS, 16, "the pinned map's max_entries");
     }
 
     #[test]
