@@ -407,8 +407,9 @@ pub struct Listener {
     pub port: u16,
     /// `IPV6_V6ONLY` (false for IPv4 sockets).
     pub v6only: bool,
-    /// `IP_TRANSPARENT` / `IPV6_TRANSPARENT` (one bit in the kernel).
-    pub transparent: bool,
+    /// `IP_TRANSPARENT` / `IPV6_TRANSPARENT` (one bit in the kernel); `None` when the kernel
+    /// does not report socket options (`INET_DIAG_SOCKOPT`, Linux 5.10).
+    pub transparent: Option<bool>,
 }
 
 impl TproxyListeners {
@@ -417,7 +418,8 @@ impl TproxyListeners {
     /// socket bound to the address itself wins over a wildcard one, and an IPv4 lookup also
     /// finds dual-stack (`V6ONLY` off) IPv6 sockets on `::` or the v4-mapped address. A family
     /// is opaque when any socket of the winning group lacks `IP_TRANSPARENT` (which of a
-    /// group the kernel picks is not knowable here, so one is enough).
+    /// group the kernel picks is not knowable here, so one is enough). A socket whose option
+    /// the kernel does not report counts as transparent: not knowing must not stop probes.
     pub fn decide(
         listeners: &[Listener],
         port: u16,
@@ -431,7 +433,7 @@ impl TproxyListeners {
             } else {
                 on_port().filter(|l| wildcard(l)).collect()
             };
-            group.iter().any(|l| !l.transparent)
+            group.iter().any(|l| l.transparent == Some(false))
         };
         let v4_opaque = v4.is_some_and(|ip| {
             opaque(
@@ -579,7 +581,7 @@ mod sock_diag {
             addr,
             port,
             v6only: false,
-            transparent: false,
+            transparent: None,
         };
         let mut attributes = &message[DIAG_MSG_LEN..];
         while attributes.len() >= 4 {
@@ -592,9 +594,7 @@ mod sock_diag {
             match kind {
                 INET_DIAG_SKV6ONLY => listener.v6only = payload.first() == Some(&1),
                 INET_DIAG_SOCKOPT => {
-                    listener.transparent = payload
-                        .first()
-                        .is_some_and(|b| b & SOCKOPT_TRANSPARENT != 0);
+                    listener.transparent = payload.first().map(|b| b & SOCKOPT_TRANSPARENT != 0);
                 }
                 _ => {}
             }
@@ -772,7 +772,7 @@ mod tests {
             addr: addr.parse().unwrap(),
             port: 8102,
             v6only,
-            transparent,
+            transparent: Some(transparent),
         }
     }
 
@@ -828,6 +828,10 @@ mod tests {
             both(false)
         );
         assert_eq!(decide(&[]), both(false));
+        // A kernel that does not report the option: assumed transparent.
+        let mut unknown = listener("::", false, false);
+        unknown.transparent = None;
+        assert_eq!(decide(&[unknown]), both(false));
         // No listener address of a family: nothing to decide there.
         assert_eq!(
             TproxyListeners::decide(&[listener("::", false, false)], 8102, v4, None),
@@ -850,7 +854,7 @@ mod tests {
                 addr: "127.0.0.1".parse().unwrap(),
                 port,
                 v6only: false,
-                transparent: false
+                transparent: Some(false)
             }),
             "{found:?}"
         );

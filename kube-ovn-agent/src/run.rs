@@ -420,13 +420,24 @@ impl Agent {
         if now == self.tproxy_listeners {
             return false;
         }
-        for (family, opaque) in [("IPv4", now.v4_opaque), ("IPv6", now.v6_opaque)] {
-            if opaque {
-                tracing::warn!(
+        let families = [
+            ("IPv4", self.tproxy_listeners.v4_opaque, now.v4_opaque),
+            ("IPv6", self.tproxy_listeners.v6_opaque, now.v6_opaque),
+        ];
+        for (family, before, opaque) in families {
+            let port = self.args.tproxy_port;
+            match (before, opaque) {
+                (false, true) => tracing::warn!(
                     family,
-                    port = self.args.tproxy_port,
+                    port,
                     "the TPROXY probe listener lacks IP_TRANSPARENT: probes are dropped, not handed to it"
-                );
+                ),
+                (true, false) => tracing::info!(
+                    family,
+                    port,
+                    "the TPROXY probe listener is usable again: probes are handed to it"
+                ),
+                _ => {}
             }
         }
         self.tproxy_listeners = now;

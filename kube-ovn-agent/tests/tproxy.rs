@@ -250,14 +250,14 @@ fn opaque_listener() -> Result<(), Failed> {
         }
         drop(listener);
         // Replaced by a transparent one: steering resumes at the next check.
-        let _transparent = listener_pair_check(&s)?;
+        let _transparent = transparent_listener_resumes_steering(&s)?;
         Ok(())
     })
 }
 
-/// Opens a transparent dual-stack listener and waits until the agent no longer reports an
-/// opaque one; returns the listener.
-fn listener_pair_check(s: &Setup) -> Result<TcpListener, Failed> {
+/// Opens a transparent dual-stack listener, waits until the agent no longer reports an opaque
+/// one, and checks that a probe reaches it; returns the listener.
+fn transparent_listener_resumes_steering(s: &Setup) -> Result<TcpListener, Failed> {
     let transparent = listener(true, true);
     wait_for(Duration::from_secs(10), || opaque_in_dump(s, false)).map_err(|e| {
         format!(
