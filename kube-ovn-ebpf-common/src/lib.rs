@@ -179,15 +179,16 @@ pub mod counter {
 pub mod role {
     /// Kube-OVN's `ovn0`: R1 (`-i ovn0`) and R2/R3.
     pub const OVN0: u32 = 1 << 0;
-    /// A node NIC that carries a node address: R2/R3.
+    /// Any other interface the host stack receives on (NICs with or without a node address,
+    /// VLAN devices, bonds, bridges, tunnels, `lo` with a node address): R2/R3.
     pub const NODE_NIC: u32 = 1 << 1;
     /// An underlay `br-<provider>` bridge holding the NIC's addresses: R2/R3.
     pub const PROVIDER_BRIDGE: u32 = 1 << 2;
-    /// `lo`, only for the TPROXY replacement.
+    /// `lo` for the TPROXY replacement.
     pub const LOOPBACK: u32 = 1 << 3;
 
-    /// Roles on which the NodePort rules (R2, R3) apply: iptables has no `-i` on them, and these
-    /// are the interfaces such traffic arrives on.
+    /// Roles on which the NodePort rules (R2, R3) apply: iptables has no `-i` on them, so every
+    /// interface the host stack receives on has one of these.
     pub const NODEPORT_ROLES: u32 = OVN0 | NODE_NIC | PROVIDER_BRIDGE;
     pub const ALL: u32 = OVN0 | NODE_NIC | PROVIDER_BRIDGE | LOOPBACK;
 
