@@ -510,8 +510,10 @@ fn link_detach(link: &SchedClassifierLink) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes one attachment of ours.
+/// Removes one attachment of ours. When the interface itself is gone, its tc filters went with
+/// it and a tcx link is already defunct: only the pin is left to remove.
 pub fn remove(pins: &PinRoot, attachment: &Attachment) -> Result<(), AttachError> {
+    let gone = ifindex(&attachment.ifname).is_none();
     match attachment.mode {
         AttachMode::Tcx => {
             let pin = pins.link(&attachment.ifname);
@@ -520,6 +522,12 @@ pub fn remove(pins: &PinRoot, attachment: &Attachment) -> Result<(), AttachError
                 path: pin.display().to_string(),
                 source,
             };
+            if gone {
+                return match std::fs::remove_file(&pin) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(pin_error("unpinning", e)),
+                    _ => Ok(()),
+                };
+            }
             let link = PinnedLink::from_pin(&pin)
                 .map_err(|e| pin_error("opening pinned link", io::Error::other(e)))?;
             // Releasing the last reference detaches only later, from a workqueue; detach now so
@@ -529,6 +537,7 @@ pub fn remove(pins: &PinRoot, attachment: &Attachment) -> Result<(), AttachError
             link_detach(&link).map_err(|e| pin_error("BPF_LINK_DETACH", e))?;
             std::fs::remove_file(&pin).map_err(|e| pin_error("unpinning", e))
         }
+        AttachMode::Netlink if gone => Ok(()),
         AttachMode::Netlink => {
             let (priority, handle) = attachment.filter.unwrap_or((0, 0));
             let link = SchedClassifierLink::attached(

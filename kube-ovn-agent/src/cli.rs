@@ -173,8 +173,12 @@ pub struct RunArgs {
     /// Netlink filter handle.
     #[arg(long, default_value_t = DEFAULT_HANDLE, value_parser = parse_handle)]
     pub tc_handle: u32,
-    /// Interface roles on top of discovery (ovn0; interfaces holding this node's InternalIPs):
-    /// NAME=ovn0|nic|bridge|lo, or NAME=none to leave a discovered interface alone. Repeatable.
+    /// Interface roles on top of discovery, which gives ovn0 its role, a `br-*` OVS bridge
+    /// holding an InternalIP the bridge role, and every other link that is up or has an
+    /// address the NodePort (nic) role — except links enslaved to a bond, bridge or OVS, veths
+    /// without addresses (pods' host ends) and `lo` without a non-loopback address.
+    /// NAME=ovn0|nic|bridge|lo adds or changes, NAME=none excludes; NAME may use `*`
+    /// (`--iface 'cali*=nic'`, `--iface 'kube-ipvs0=none'`). Repeatable; applied in order.
     #[arg(long = "iface", value_name = "NAME=ROLE")]
     pub ifaces: Vec<IfaceOverride>,
     /// `enforce` writes marks; `shadow` classifies and counts only, to compare with Kube-OVN's

@@ -133,3 +133,31 @@ fn raise_memlock_limit() {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every map the built object defines is pinned (`names::ALL_MAPS` is the pin list), so no
+    /// state is lost when the agent restarts or upgrades, and every pinned name exists in the
+    /// object, so `status`/`dump` can open them all. Read-only data sections (`.rodata*`) are
+    /// constants of the object itself, not state.
+    #[test]
+    fn the_pin_list_is_exactly_the_objects_maps() {
+        let object = aya_obj::Object::parse(OBJECT).expect("parsing the embedded object");
+        let in_object: BTreeSet<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !name.starts_with(".rodata"))
+            .collect();
+        let pinned: BTreeSet<&str> = names::ALL_MAPS.iter().copied().collect();
+        assert_eq!(
+            in_object, pinned,
+            "maps in the object vs names::ALL_MAPS (the pin list)"
+        );
+        assert_eq!(pinned.len(), names::ALL_MAPS.len(), "a name listed twice");
+    }
+}

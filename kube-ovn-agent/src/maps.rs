@@ -19,8 +19,8 @@ use aya::maps::{
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use kube_ovn_ebpf_common::{
-    Config, Iface, PRESENT, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6, counter,
-    iface_slot, names,
+    Config, Iface, PRESENT, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6,
+    config_flag, counter, iface_slot, names,
 };
 
 use crate::{
@@ -1075,6 +1075,7 @@ impl Tables {
             t: &FamilyTables<N, A>,
             rules: u32,
             tproxy_listener: Option<A>,
+            tproxy_listener_opaque: bool,
         ) -> FamilyState<N, A> {
             FamilyState {
                 rules,
@@ -1087,21 +1088,32 @@ impl Tables {
                 nodeport_local_udp: std::collections::BTreeSet::default(),
                 probe_targets: t.probe_targets.entries().keys().copied().collect(),
                 tproxy_listener,
+                tproxy_listener_opaque,
             }
         }
         let config = self.config.entries().get(&()).copied().unwrap_or_default();
         let listener_v4 = Some(Ipv4Addr::from(config.tproxy_ip_v4)).filter(|a| !a.is_unspecified());
         let listener_v6 = Some(Ipv6Addr::from(config.tproxy_ip_v6)).filter(|a| !a.is_unspecified());
         let mut desired = Desired {
-            v4: family(&self.v4, config.rules_v4, listener_v4),
-            v6: family(&self.v6, config.rules_v6, listener_v6),
+            v4: family(
+                &self.v4,
+                config.rules_v4,
+                listener_v4,
+                config.flags & config_flag::TPROXY_OPAQUE_V4 != 0,
+            ),
+            v6: family(
+                &self.v6,
+                config.rules_v6,
+                listener_v6,
+                config.flags & config_flag::TPROXY_OPAQUE_V6 != 0,
+            ),
             ifaces: self
                 .ifaces
                 .entries()
                 .iter()
                 .map(|(i, roles)| (*i, *roles))
                 .collect(),
-            shadow: config.flags & kube_ovn_ebpf_common::config_flag::SHADOW != 0,
+            shadow: config.flags & config_flag::SHADOW != 0,
             tproxy_port: config.tproxy_port,
         };
         desired.set_nodeport_local(self.nodeport_local.entries());

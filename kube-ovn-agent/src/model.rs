@@ -55,8 +55,9 @@ pub enum Parsed {
 
 /// Evaluates `frame` arriving on an interface with `ifindex` against `desired`.
 pub fn evaluate(desired: &Desired, ifindex: u32, frame: &[u8]) -> Verdict {
-    let Some(&roles) = desired.ifaces.get(&ifindex) else {
-        return Verdict::NoRole;
+    let roles = match desired.ifaces.get(&ifindex) {
+        Some(&roles) if roles & role::ALL != 0 => roles,
+        _ => return Verdict::NoRole,
     };
     match parse(frame) {
         Ok(Parsed::V4(t)) => Verdict::Classified(classify(&desired.v4, roles, &t)),

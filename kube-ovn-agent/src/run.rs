@@ -6,6 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, Ipv6Addr},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -127,6 +128,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         last_roles: BTreeMap::new(),
         last_listed: false,
         attach_due: true,
+        tproxy_ips: (None, None),
+        tproxy_listeners: node::TproxyListeners::default(),
     };
     agent.main_loop(running, node_net).await
 }
@@ -176,6 +179,10 @@ struct Agent {
     last_listed: bool,
     /// An attach pass is owed (a failure to retry, or the periodic resync).
     attach_due: bool,
+    /// The TPROXY listener addresses of the last translation, and what the last listener
+    /// check found.
+    tproxy_ips: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    tproxy_listeners: node::TproxyListeners,
 }
 
 impl Agent {
@@ -214,7 +221,9 @@ impl Agent {
                     pending = Some(Instant::now());
                 }
                 _ = kube_proxy_poll.tick() => {
-                    if self.poll_kube_proxy() {
+                    let kube_proxy_changed = self.poll_kube_proxy();
+                    let listener_changed = self.poll_tproxy_listener();
+                    if kube_proxy_changed || listener_changed {
                         pending = Some(Instant::now());
                     }
                 }
@@ -305,8 +314,14 @@ impl Agent {
             local_v6: net.local_v6.clone(),
             ifaces: roles.values().copied().collect(),
         };
-        let translation =
+        let mut translation =
             translate::translate_with(&mut self.memo, &snapshot, &facts, &self.options);
+        self.tproxy_ips = (
+            translation.desired.v4.tproxy_listener,
+            translation.desired.v6.tproxy_listener,
+        );
+        translation.desired.v4.tproxy_listener_opaque = self.tproxy_listeners.v4_opaque;
+        translation.desired.v6.tproxy_listener_opaque = self.tproxy_listeners.v6_opaque;
         self.metrics
             .translation_issues
             .set(i64::try_from(translation.issues.len()).unwrap_or(i64::MAX));
@@ -440,6 +455,58 @@ impl Agent {
             .attached_interfaces
             .set(i64::try_from(self.attached.len()).unwrap_or(i64::MAX));
         complete
+    }
+
+    /// Re-checks (with `--enable-tproxy`) whether the probe listener the kernel would pick lacks
+    /// `IP_TRANSPARENT`, as Kube-OVN's listener can be restarted at any time; true when that
+    /// changed. A failed check keeps the last answer.
+    fn poll_tproxy_listener(&mut self) -> bool {
+        if !self.args.enable_tproxy {
+            return false;
+        }
+        let listeners = match node::tcp_listeners() {
+            Ok(listeners) => {
+                self.faults.pass("sock_diag", []);
+                listeners
+            }
+            Err(e) => {
+                self.metrics.error("sock_diag");
+                self.faults.pass(
+                    "sock_diag",
+                    [Fault::new(format!(
+                        "listing TCP listeners (sock_diag) failed: {e}"
+                    ))],
+                );
+                return false;
+            }
+        };
+        let (v4, v6) = self.tproxy_ips;
+        let now = node::TproxyListeners::decide(&listeners, self.args.tproxy_port, v4, v6);
+        if now == self.tproxy_listeners {
+            return false;
+        }
+        let families = [
+            ("IPv4", self.tproxy_listeners.v4_opaque, now.v4_opaque),
+            ("IPv6", self.tproxy_listeners.v6_opaque, now.v6_opaque),
+        ];
+        for (family, before, opaque) in families {
+            let port = self.args.tproxy_port;
+            match (before, opaque) {
+                (false, true) => tracing::warn!(
+                    family,
+                    port,
+                    "the TPROXY probe listener lacks IP_TRANSPARENT: probes are dropped, not handed to it"
+                ),
+                (true, false) => tracing::info!(
+                    family,
+                    port,
+                    "the TPROXY probe listener is usable again: probes are handed to it"
+                ),
+                _ => {}
+            }
+        }
+        self.tproxy_listeners = now;
+        true
     }
 
     /// Re-detects kube-proxy's IPVS sets in `auto` mode; true when they changed.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use kube_ovn_ebpf_common::{config_flag, ipproto, nodeport, role, rule};
+use kube_ovn_ebpf_common::{config_flag, iface_flag, ipproto, nodeport, role, rule};
 use serde::Serialize;
 
 /// An entry of kube-proxy's `KUBE[-6]-CLUSTER-IP` set: `ip,proto:port`.
@@ -103,6 +103,9 @@ pub struct FamilyState<Net: Ord, Addr: Ord> {
     pub probe_targets: BTreeSet<ProbeTarget<Addr>>,
     /// The transparent listener's address (Kube-OVN's `--on-ip`, the node's IP of the family).
     pub tproxy_listener: Option<Addr>,
+    /// The agent found the listener the kernel picks for this family without
+    /// `IP_TRANSPARENT`: probes are dropped rather than handed to it.
+    pub tproxy_listener_opaque: bool,
 }
 
 impl<Net: Ord, Addr: Ord> Default for FamilyState<Net, Addr> {
@@ -118,6 +121,7 @@ impl<Net: Ord, Addr: Ord> Default for FamilyState<Net, Addr> {
             nodeport_local_udp: BTreeSet::new(),
             probe_targets: BTreeSet::new(),
             tproxy_listener: None,
+            tproxy_listener_opaque: false,
         }
     }
 }
@@ -144,7 +148,20 @@ impl Desired {
         kube_ovn_ebpf_common::Config {
             rules_v4: self.v4.rules,
             rules_v6: self.v6.rules,
-            flags: if self.shadow { config_flag::SHADOW } else { 0 },
+            flags: [
+                (self.shadow, config_flag::SHADOW),
+                (
+                    self.v4.tproxy_listener_opaque,
+                    config_flag::TPROXY_OPAQUE_V4,
+                ),
+                (
+                    self.v6.tproxy_listener_opaque,
+                    config_flag::TPROXY_OPAQUE_V6,
+                ),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .fold(0, |flags, (_, bit)| flags | bit),
             tproxy_port: self.tproxy_port,
             pad: 0,
             tproxy_ip_v4: self.v4.tproxy_listener.map_or([0; 4], |a| a.octets()),
@@ -193,10 +210,12 @@ pub fn rule_names(mask: u32) -> Vec<&'static str> {
         .collect()
 }
 
-/// Human names of the roles in a `role` mask.
+/// Human names of the roles (and interface flags) in a `role` mask.
 pub fn role_names(mask: u32) -> Vec<&'static str> {
+    let flags = [(iface_flag::NO_ETHERNET, "no-ethernet")];
     role::NAMES
         .iter()
+        .chain(flags.iter())
         .filter(|(bit, _)| mask & bit != 0)
         .map(|(_, name)| *name)
         .collect()
@@ -248,5 +267,9 @@ mod tests {
             ["R1a", "R3u"]
         );
         assert_eq!(role_names(role::OVN0 | role::LOOPBACK), ["ovn0", "lo"]);
+        assert_eq!(
+            role_names(role::NODE_NIC | iface_flag::NO_ETHERNET),
+            ["nic", "no-ethernet"]
+        );
     }
 }

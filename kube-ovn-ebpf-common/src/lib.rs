@@ -23,8 +23,9 @@ pub mod mark {
 /// Kube-OVN's transparent probe listener port (`util.TProxyListenPort`).
 pub const TPROXY_LISTEN_PORT: u16 = 8102;
 
-/// Rule ids. A rule's id is its counter index, and `1 << id` is its bit in [`Config`]'s
-/// per-family rule masks and in a classification result.
+/// Rule ids. `1 << id` is a rule's bit in [`Config`]'s per-family rule masks (pinned, so ids
+/// are fixed like counter slots: a new rule takes the next id) and in a classification result;
+/// `counter::of_rule(id)` is its hit counter.
 pub mod rule {
     /// `-i ovn0`, src in subnets, (dst, proto, dport) in KUBE-CLUSTER-IP (kube-proxy IPVS mode).
     pub const R1A: u32 = 0;
@@ -73,31 +74,73 @@ pub mod rule {
     pub const NAMES: [&str; COUNT as usize] = ["R1a", "R1b", "R2t", "R2u", "R3t", "R3u", "TPROXY"];
 }
 
-/// Indexes into the per-CPU counter array. `0..rule::COUNT` are the rule hit counters.
+/// Slots of the per-CPU counter array.
+///
+/// The counter map is pinned and adopted, values included, by every later build (an upgrade
+/// keeps counting where the old program left off), so a slot's meaning is fixed forever: every
+/// counter has a literal slot, a new counter (or a new rule's hit counter) takes the next unused
+/// slot, and no slot is renumbered or reused. Rule ids are not slots; [`of_rule`] maps them.
 pub mod counter {
+    /// Hits of `rule::R1A`.
+    pub const R1A: u32 = 0;
+    /// Hits of `rule::R1B`.
+    pub const R1B: u32 = 1;
+    /// Hits of `rule::R2T`.
+    pub const R2T: u32 = 2;
+    /// Hits of `rule::R2U`.
+    pub const R2U: u32 = 3;
+    /// Hits of `rule::R3T`.
+    pub const R3T: u32 = 4;
+    /// Hits of `rule::R3U`.
+    pub const R3U: u32 = 5;
+    /// Probes handed to a transparent socket (`rule::TPROXY`).
+    pub const TPROXY: u32 = 6;
     /// Parsed IP packet that matched no rule.
-    pub const PASSED: u32 = super::rule::COUNT;
+    pub const PASSED: u32 = 7;
     /// Truncated or malformed IP packet, or one past the IPv6 extension-header walk limit.
-    pub const NOT_PARSED: u32 = PASSED + 1;
+    pub const NOT_PARSED: u32 = 8;
     /// Not IPv4/IPv6 (ARP, LLDP, …).
-    pub const NOT_IP: u32 = PASSED + 2;
+    pub const NOT_IP: u32 = 9;
     /// Non-first fragment: carries no ports, so it is never classified (the reassembled packet
     /// takes the mark of the offset-0 fragment).
-    pub const FRAGMENT: u32 = PASSED + 3;
+    pub const FRAGMENT: u32 = 10;
     /// Packet seen on an interface that has no role in the interface map.
-    pub const NO_ROLE: u32 = PASSED + 4;
+    pub const NO_ROLE: u32 = 11;
     /// Packets that matched at least one rule (marked, or would be in shadow mode).
-    pub const MARKED: u32 = PASSED + 5;
-    /// A probe-port packet on `lo` for which no transparent socket (established or the
-    /// listener) was found: passed on unsteered. (Kube-OVN's TPROXY rule would drop it.)
-    pub const TPROXY_NO_SOCKET: u32 = PASSED + 6;
+    pub const MARKED: u32 = 12;
+    /// A probe-port packet on `lo` for which no transparent socket (established, or the
+    /// listener unless the agent found it without `IP_TRANSPARENT`) was found: dropped, as
+    /// Kube-OVN's TPROXY target drops it.
+    pub const TPROXY_NO_SOCKET: u32 = 13;
+    /// A packet the stack does not receive on this interface as itself, so netfilter never
+    /// sees it here: addressed to another MAC (a macvlan above takes it, or `ip_rcv` drops
+    /// it), or tagged for a VLAN (the VLAN device takes it, or it is dropped). It is
+    /// classified where it is received, if anywhere: once.
+    pub const OTHER_HOST: u32 = 14;
 
-    /// Size of the counter array; room to grow without changing the map layout.
+    /// Slots in use: `0..USED`. The next new counter gets slot `USED`.
+    pub const USED: u32 = 15;
+    /// Size of the counter array (the pinned map's `max_entries`): room to append counters
+    /// without changing the map layout.
     pub const SLOTS: u32 = 16;
 
-    const _: () = assert!(TPROXY_NO_SOCKET < SLOTS);
+    /// The hit counter of rule id `rule`; [`SLOTS`] (no slot: counting is a no-op) for an id
+    /// that is not a rule.
+    pub const fn of_rule(rule: u32) -> u32 {
+        match rule {
+            super::rule::R1A => R1A,
+            super::rule::R1B => R1B,
+            super::rule::R2T => R2T,
+            super::rule::R2U => R2U,
+            super::rule::R3T => R3T,
+            super::rule::R3U => R3U,
+            super::rule::TPROXY => TPROXY,
+            _ => SLOTS,
+        }
+    }
 
-    pub const NAMES: [&str; (TPROXY_NO_SOCKET + 1) as usize] = [
+    /// Names by slot, as `status` and the metrics show them.
+    pub const NAMES: [&str; USED as usize] = [
         "R1a",
         "R1b",
         "R2t",
@@ -112,7 +155,23 @@ pub mod counter {
         "no_role",
         "marked",
         "tproxy_no_socket",
+        "other_host",
     ];
+
+    const _: () = {
+        assert!(USED <= SLOTS);
+        // Every rule has its own slot, inside the used range.
+        let mut r = 0;
+        while r < super::rule::COUNT {
+            assert!(of_rule(r) < USED);
+            let mut other = 0;
+            while other < r {
+                assert!(of_rule(other) != of_rule(r));
+                other += 1;
+            }
+            r += 1;
+        }
+    };
 }
 
 /// Interface roles, ORed into [`Iface::roles`]. They decide which rules a packet arriving on
@@ -120,15 +179,16 @@ pub mod counter {
 pub mod role {
     /// Kube-OVN's `ovn0`: R1 (`-i ovn0`) and R2/R3.
     pub const OVN0: u32 = 1 << 0;
-    /// A node NIC that carries a node address: R2/R3.
+    /// Any other interface the host stack receives on (NICs with or without a node address,
+    /// VLAN devices, bonds, bridges, tunnels, `lo` with a node address): R2/R3.
     pub const NODE_NIC: u32 = 1 << 1;
     /// An underlay `br-<provider>` bridge holding the NIC's addresses: R2/R3.
     pub const PROVIDER_BRIDGE: u32 = 1 << 2;
-    /// `lo`, only for the TPROXY replacement.
+    /// `lo` for the TPROXY replacement.
     pub const LOOPBACK: u32 = 1 << 3;
 
-    /// Roles on which the NodePort rules (R2, R3) apply: iptables has no `-i` on them, and these
-    /// are the interfaces such traffic arrives on.
+    /// Roles on which the NodePort rules (R2, R3) apply: iptables has no `-i` on them, so every
+    /// interface the host stack receives on has one of these.
     pub const NODEPORT_ROLES: u32 = OVN0 | NODE_NIC | PROVIDER_BRIDGE;
     pub const ALL: u32 = OVN0 | NODE_NIC | PROVIDER_BRIDGE | LOOPBACK;
 
@@ -140,10 +200,27 @@ pub mod role {
     ];
 }
 
+/// Interface flags, kept in the high half of [`Iface::roles`] so the pinned interface map keeps
+/// its layout.
+pub mod iface_flag {
+    /// At TC ingress this interface's packets carry no Ethernet header (tun, `wg0`, IP
+    /// tunnels, anything but `ARPHRD_ETHER` and `lo`): the program reads them from the network
+    /// header the kernel set, by `skb->protocol`, whatever precedes it.
+    pub const NO_ETHERNET: u32 = 1 << 16;
+    /// Every flag bit.
+    pub const ALL: u32 = NO_ETHERNET;
+    const _: () = assert!(ALL & super::role::ALL == 0);
+}
+
 /// Flags in [`Config::flags`].
 pub mod config_flag {
     /// Classify and count, but write no mark.
     pub const SHADOW: u32 = 1 << 0;
+    /// The agent found the IPv4 probe listener (the socket the kernel picks for
+    /// `tproxy_ip_v4:tproxy_port`) without `IP_TRANSPARENT`: probes are not handed to it.
+    pub const TPROXY_OPAQUE_V4: u32 = 1 << 1;
+    /// The same for IPv6.
+    pub const TPROXY_OPAQUE_V6: u32 = 1 << 2;
 }
 
 /// Bits of the NodePort-local array value: which of kube-proxy's `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}`
@@ -281,7 +358,7 @@ const _: () = assert!(size_of::<ProbeTargetV6>() == 20);
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Iface {
     pub ifindex: u32,
-    /// `role` bits; zero means the slot is free.
+    /// `role` bits, plus `iface_flag` bits in the high half; zero means the slot is free.
     pub roles: u32,
 }
 const _: () = assert!(size_of::<Iface>() == 8);
@@ -362,9 +439,52 @@ mod tests {
 
     #[test]
     fn rule_counters_are_named_like_rules() {
-        for (i, name) in rule::NAMES.iter().enumerate() {
-            assert_eq!(counter::NAMES[i], *name);
+        for (r, name) in (0u32..).zip(rule::NAMES) {
+            assert_eq!(counter::NAMES[counter::of_rule(r) as usize], name);
         }
+    }
+
+    /// The pinned counter map is adopted, values and all, by every later build: a slot must
+    /// keep its meaning forever. This is today's numbering; a new counter appends.
+    #[test]
+    fn counter_slots_are_frozen() {
+        let frozen: [(u32, &str); 15] = [
+            (0, "R1a"),
+            (1, "R1b"),
+            (2, "R2t"),
+            (3, "R2u"),
+            (4, "R3t"),
+            (5, "R3u"),
+            (6, "TPROXY"),
+            (7, "passed"),
+            (8, "not_parsed"),
+            (9, "not_ip"),
+            (10, "fragment"),
+            (11, "no_role"),
+            (12, "marked"),
+            (13, "tproxy_no_socket"),
+            (14, "other_host"),
+        ];
+        for (slot, name) in frozen {
+            assert_eq!(counter::NAMES[slot as usize], name, "slot {slot}");
+        }
+        let rule_slots: [u32; 7] =
+            core::array::from_fn(|r| counter::of_rule(u32::try_from(r).unwrap()));
+        assert_eq!(rule_slots, [0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(
+            [
+                counter::PASSED,
+                counter::NOT_PARSED,
+                counter::NOT_IP,
+                counter::FRAGMENT,
+                counter::NO_ROLE,
+                counter::MARKED,
+                counter::TPROXY_NO_SOCKET,
+                counter::OTHER_HOST,
+            ],
+            [7, 8, 9, 10, 11, 12, 13, 14]
+        );
+        assert_eq!(counter::SLOTS, 16, "the pinned map's max_entries");
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub fn apply(ctx: &TcContext, hits: u32, config_flags: u32) {
     }
     for r in 0..rule::COUNT {
         if hits & rule::bit(r) != 0 {
-            count(r);
+            count(counter::of_rule(r));
         }
     }
     count(counter::MARKED);

@@ -15,11 +15,11 @@ mod parse;
 mod tproxy;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
-use kube_ovn_ebpf_common::{Config, config_flag, counter, iface_slot, role, rule};
+use kube_ovn_ebpf_common::{Config, config_flag, counter, iface_flag, iface_slot, role, rule};
 
 use crate::{
     classify::classify,
@@ -39,6 +39,7 @@ pub fn kovn_ingress(ctx: TcContext) -> i32 {
         Err(skip) => {
             act::count(match skip {
                 Stop::NoRole => counter::NO_ROLE,
+                Stop::OtherHost => counter::OTHER_HOST,
                 Stop::Parse(Skip::NotIp) => counter::NOT_IP,
                 Stop::Parse(Skip::Malformed) => counter::NOT_PARSED,
                 Stop::Parse(Skip::Fragment) => counter::FRAGMENT,
@@ -50,19 +51,44 @@ pub fn kovn_ingress(ctx: TcContext) -> i32 {
 
 enum Stop {
     NoRole,
+    OtherHost,
     Parse(Skip),
 }
 
+/// `PACKET_OTHERHOST`: addressed to a MAC that is not this interface's.
+const PACKET_OTHERHOST: u32 = 3;
+const VLAN_VID_MASK: u32 = 0x0fff;
+
 #[inline(always)]
 fn try_kovn_ingress(ctx: &TcContext) -> Result<i32, Stop> {
+    let skb = ctx.skb.skb;
     // SAFETY: ctx.skb.skb is the context pointer the kernel passed to the program.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (ifindex, pkt_type, vlan_present, vlan_tci) = unsafe {
+        (
+            (*skb).ifindex,
+            (*skb).pkt_type,
+            (*skb).vlan_present,
+            (*skb).vlan_tci,
+        )
+    };
     let roles = match IFACES.get(iface_slot(ifindex)) {
-        Some(iface) if iface.ifindex == ifindex && iface.roles != 0 => iface.roles,
+        Some(iface) if iface.ifindex == ifindex && iface.roles & role::ALL != 0 => iface.roles,
         _ => return Err(Stop::NoRole),
     };
+    // Netfilter never sees these on this interface: a frame for another MAC goes to the
+    // macvlan that owns it (classified there) or is dropped by ip_rcv; one tagged for a VLAN
+    // (the outer tag is in vlan_tci by now) goes to the VLAN device or is dropped. Classifying
+    // them here too would count one packet twice. Priority tags (VLAN 0) stay here.
+    if pkt_type == PACKET_OTHERHOST || (vlan_present != 0 && vlan_tci & VLAN_VID_MASK != 0) {
+        return Err(Stop::OtherHost);
+    }
     let config = CONFIG.get(0).copied().unwrap_or_default();
-    let (hits, verdict) = match parse(&Packet::new(ctx)).map_err(Stop::Parse)? {
+    let packet = if roles & iface_flag::NO_ETHERNET != 0 {
+        Packet::from_network_header(ctx)
+    } else {
+        Packet::new(ctx)
+    };
+    let (hits, verdict) = match parse(&packet).map_err(Stop::Parse)? {
         Parsed::V4(t) => {
             evaluate::<classify::V4, tproxy::V4>(ctx, &t, roles, config.rules_v4, &config)
         }
@@ -75,9 +101,10 @@ fn try_kovn_ingress(ctx: &TcContext) -> Result<i32, Stop> {
 }
 
 /// The rules hit and the verdict. Everything only classifies and continues (`TC_ACT_UNSPEC`),
-/// except a probe handed to a transparent socket: that packet now belongs to the socket, and a
-/// later TC program that redirected or dropped it would break the kubelet probe, so TC
-/// processing ends there (`TC_ACT_OK`).
+/// except probes: one handed to a transparent socket now belongs to the socket, and a later TC
+/// program that redirected or dropped it would break the kubelet probe, so TC processing ends
+/// there (`TC_ACT_OK`); one that no transparent socket takes is dropped (`TC_ACT_SHOT`), as
+/// Kube-OVN's TPROXY target drops it. Shadow mode never ends processing.
 #[inline(always)]
 fn evaluate<C, P>(
     ctx: &TcContext,
@@ -102,7 +129,12 @@ where
                     verdict = TC_ACT_OK;
                 }
             }
-            Steer::Probe { assigned: false } => act::count(counter::TPROXY_NO_SOCKET),
+            Steer::Probe { assigned: false } => {
+                // Kube-OVN's TPROXY target drops a probe no transparent socket takes (spec
+                // §1.3); passed on, it would reach the local stack and be refused instead.
+                act::count(counter::TPROXY_NO_SOCKET);
+                verdict = TC_ACT_SHOT;
+            }
         }
     }
     (hits, verdict)

@@ -1,9 +1,13 @@
 //! Packet parsing: Ethernet (+ up to two VLAN tags still in the frame) → IPv4/IPv6 (options,
-//! bounded extension-header walk, fragments) → the destination port of TCP/UDP/SCTP.
+//! bounded extension-header walk, fragments) → the destination port of TCP/UDP/SCTP. On
+//! interfaces without an Ethernet header, from the network header by `skb->protocol`.
 //!
 //! Everything is read through [`Packet::load`], the one bounds-checked way to touch the packet.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    bindings::bpf_hdr_start_off::BPF_HDR_START_NET, helpers::bpf_skb_load_bytes_relative,
+    programs::TcContext,
+};
 use kube_ovn_ebpf_common::ipproto;
 
 const ETH_HLEN: usize = 14;
@@ -45,20 +49,41 @@ pub type ParseResult<T> = Result<T, Skip>;
 /// Read-only, bounds-checked view of the packet.
 pub struct Packet<'a> {
     ctx: &'a TcContext,
+    /// Offsets count from the network header, not from the start of the data.
+    from_network_header: bool,
 }
 
 impl<'a> Packet<'a> {
+    /// A packet that starts with an Ethernet header (what TC ingress shows on Ethernet links).
     pub fn new(ctx: &'a TcContext) -> Self {
-        Self { ctx }
+        Self {
+            ctx,
+            from_network_header: false,
+        }
     }
 
-    /// `T` read from `offset` bytes into the frame, or `None` if the packet is shorter.
+    /// A packet on a link without an Ethernet header. Whatever the link puts before the
+    /// network header at TC ingress (nothing on tun or WireGuard, the outer headers on some
+    /// tunnels), the kernel set the network header at the IP header when it received the
+    /// packet, so offsets count from there.
+    pub fn from_network_header(ctx: &'a TcContext) -> Self {
+        Self {
+            ctx,
+            from_network_header: true,
+        }
+    }
+
+    /// `T` read from `offset` bytes into the frame (or the network header), or `None` if the
+    /// packet is shorter.
     ///
     /// Reads straight from the linear area when the bytes are there (the common case: drivers
     /// and GRO put the headers in it), and otherwise through `bpf_skb_load_bytes`, which also
     /// reaches paged data. Either way nothing is pulled, so no pointer needs revalidating.
     #[inline(always)]
     pub fn load<T>(&self, offset: usize) -> Option<T> {
+        if self.from_network_header {
+            return self.load_from_network_header(offset);
+        }
         let start = self.ctx.data();
         let end = self.ctx.data_end();
         if start + offset + size_of::<T>() <= end {
@@ -69,10 +94,42 @@ impl<'a> Packet<'a> {
         self.ctx.load::<T>(offset).ok()
     }
 
-    /// `skb->len`: at TC ingress it counts from the Ethernet header.
+    #[inline(always)]
+    fn load_from_network_header<T>(&self, offset: usize) -> Option<T> {
+        let mut value = core::mem::MaybeUninit::<T>::uninit();
+        let offset = u32::try_from(offset).ok()?;
+        #[expect(clippy::cast_possible_truncation, reason = "header-sized reads")]
+        let len = size_of::<T>() as u32;
+        // SAFETY: the helper writes exactly `len` bytes into `value` or fails; on success
+        // every byte of T is initialised and T is plain bytes.
+        unsafe {
+            let rc = bpf_skb_load_bytes_relative(
+                self.ctx.skb.skb.cast(),
+                offset,
+                value.as_mut_ptr().cast(),
+                len,
+                BPF_HDR_START_NET,
+            );
+            (rc == 0).then(|| value.assume_init())
+        }
+    }
+
+    /// `skb->len`: at TC ingress it counts from the start of the data (the Ethernet header).
+    /// From the network header it is an upper bound (any link-layer bytes are included), so
+    /// the length checks there only reject what is surely too short.
     #[inline(always)]
     pub fn len(&self) -> usize {
         self.ctx.len() as usize
+    }
+
+    /// `skb->protocol`: the L3 protocol the link (or `eth_type_trans`) found.
+    #[inline(always)]
+    fn protocol(&self) -> u16 {
+        // SAFETY: ctx.skb.skb is the context pointer the kernel passed to the program.
+        let protocol = unsafe { (*self.ctx.skb.skb).protocol };
+        // A __be16 in a 32-bit field.
+        #[expect(clippy::cast_possible_truncation, reason = "the low 16 bits hold it")]
+        u16::from_be(protocol as u16)
     }
 }
 
@@ -95,7 +152,11 @@ pub enum Parsed {
 
 #[inline(always)]
 pub fn parse(pkt: &Packet) -> ParseResult<Parsed> {
-    let (ethertype, l3) = ethernet(pkt)?;
+    let (ethertype, l3) = if pkt.from_network_header {
+        (pkt.protocol(), 0)
+    } else {
+        ethernet(pkt)?
+    };
     match ethertype {
         ETH_P_IP => ipv4(pkt, l3).map(Parsed::V4),
         ETH_P_IPV6 => ipv6(pkt, l3).map(Parsed::V6),

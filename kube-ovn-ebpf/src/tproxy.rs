@@ -13,7 +13,7 @@ use aya_ebpf::{
     helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use kube_ovn_ebpf_common::{Config, ProbeTargetV4, ProbeTargetV6, ipproto};
+use kube_ovn_ebpf_common::{Config, ProbeTargetV4, ProbeTargetV6, config_flag, ipproto};
 
 use crate::{
     maps::{TPROXY_V4, TPROXY_V6},
@@ -30,6 +30,8 @@ pub enum Steer {
 /// What one address family contributes: the probe-target map and the socket tuple layout.
 pub trait ProbeFamily {
     type Addr: Copy;
+    /// `config_flag` bit saying this family's listener lacks `IP_TRANSPARENT`.
+    const OPAQUE: u32;
     fn is_probe_target(addr: Self::Addr, port: u16) -> bool;
     fn tuple(src: Self::Addr, dst: Self::Addr, sport: u16, dport: u16) -> (bpf_sock_tuple, u32);
     fn listener(config: &Config) -> Self::Addr;
@@ -40,6 +42,7 @@ pub struct V6;
 
 impl ProbeFamily for V4 {
     type Addr = [u8; 4];
+    const OPAQUE: u32 = config_flag::TPROXY_OPAQUE_V4;
     #[inline(always)]
     fn is_probe_target(addr: [u8; 4], port: u16) -> bool {
         TPROXY_V4
@@ -71,6 +74,7 @@ impl ProbeFamily for V4 {
 
 impl ProbeFamily for V6 {
     type Addr = [u8; 16];
+    const OPAQUE: u32 = config_flag::TPROXY_OPAQUE_V6;
     #[inline(always)]
     fn is_probe_target(addr: [u8; 16], port: u16) -> bool {
         TPROXY_V6
@@ -110,7 +114,8 @@ impl ProbeFamily for V6 {
 
 /// Whether `t` is a probe to a custom-VPC pod, and if so (unless `shadow`) hands it to its
 /// transparent socket: the established one of its connection (later packets of a probe, spec
-/// vector T7), else the listener on `tproxy_ip:tproxy_port`.
+/// vector T7), else the listener on `tproxy_ip:tproxy_port` unless the agent found it without
+/// `IP_TRANSPARENT`.
 #[inline(always)]
 pub fn steer<F: ProbeFamily>(
     ctx: &TcContext,
@@ -143,7 +148,10 @@ pub fn steer<F: ProbeFamily>(
             bpf_sk_release(sk.cast());
             sk = core::ptr::null_mut();
         }
-        if sk.is_null() {
+        // The program cannot read a socket's transparent bit; the agent checks the listener
+        // (sock_diag) and says when the one the kernel picks lacks it. Kube-OVN's TPROXY
+        // target never hands a packet to such a socket.
+        if sk.is_null() && config.flags & F::OPAQUE == 0 {
             let (mut listener, size) =
                 F::tuple(t.src, F::listener(config), t.sport, config.tproxy_port);
             sk = bpf_sk_lookup_tcp(skb, &raw mut listener, size, netns, 0);

@@ -1,6 +1,7 @@
 //! Shared by the privileged test suites, the benchmarks and the VM matrix: packet building,
 //! `BPF_PROG_TEST_RUN` helpers and the spec's fixture node.
 
+pub mod agent;
 pub mod apiserver;
 pub mod fixture;
 pub mod netns;

@@ -148,7 +148,10 @@ impl Packet {
     /// The Ethernet frame.
     pub fn frame(&self) -> Vec<u8> {
         let mut frame = Vec::with_capacity(128 + self.payload_len);
-        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // dst MAC
+        // The test-run device's (lo's) address, so the kernel classes the frame PACKET_HOST as
+        // it does a frame addressed to the receiving interface; senders on a real link put
+        // that link's MAC here.
+        frame.extend_from_slice(&[0; 6]); // dst MAC
         frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // src MAC
         for (i, tpid) in self.vlan_tags.iter().enumerate() {
             if i == 0 {
