@@ -1022,7 +1022,12 @@ fn agent_binary(b: &Binaries) {
         after, steady,
         "the maps are what they were, plus the new Service"
     );
-    assert_eq!(agent.log().matches("first full sync done").count(), 1);
+    let log = agent.log();
+    assert_eq!(log.matches("first full sync done").count(), 1, "{log}");
+    // The watches resumed from a compacted resourceVersion: 410 Gone, relist.
+    assert!(log.contains("relisting"), "no 410 relist:\n{log}");
+    // A restarting apiserver is not an API that went away.
+    assert!(!log.contains("does not serve this kind"), "{log}");
     drop(agent);
     drop(plane);
 }
