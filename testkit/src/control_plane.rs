@@ -164,6 +164,19 @@ impl ControlPlane {
         remove_stale(&std::env::temp_dir());
         let dir = std::env::temp_dir().join(unique(DIR_PREFIX));
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        if let Some(ns) = &options.netns {
+            // A new namespace's loopback is down; the servers listen on it.
+            let mut up = Command::new("ip");
+            up.args(["-n", ns, "link", "set", "lo", "up"]);
+            let out = run_with_stdin(&mut up, None)?;
+            if !out.status.success() {
+                return Err(Error::Command {
+                    command: format!("{up:?}"),
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                });
+            }
+        }
         let ports = free_ports(options.netns.as_deref(), 3)?;
         let (etcd_port, peer_port, apiserver_port) = (ports[0], ports[1], ports[2]);
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -386,7 +399,8 @@ impl ControlPlane {
 
     /// Compacts etcd's history up to its current revision through etcd's HTTP gateway
     /// (`/v3/kv/compaction`): every older resourceVersion is gone from storage. Returns the
-    /// revision.
+    /// revision. A running apiserver's watch cache keeps serving the revisions it holds; clients
+    /// see `410 Gone` for them once it reads etcd again (e.g. after [`Self::restart_apiserver`]).
     pub fn compact_etcd(&self) -> Result<u64> {
         // The range of key "\0" (base64 "AA==") only serves to read the header's revision.
         let answer = self.etcd_post("/v3/kv/range", r#"{"key":"AA=="}"#)?;
