@@ -31,7 +31,8 @@ enum Command {
     /// got, the bpftool view; everything is removed at the end (also on Ctrl-C). Needs root.
     Demo,
     /// Everything CI runs: setup, formatting, clippy, unit tests, the privileged
-    /// `BPF_PROG_TEST_RUN` and network-namespace suites, the e2e suite and the kernel matrix.
+    /// `BPF_PROG_TEST_RUN` and network-namespace suites, the suites against a real kube-apiserver
+    /// (the testbed, built or reused first), the e2e suite and the kernel matrix.
     Test,
     /// End to end on a Kube-OVN node simulated in network namespaces (root): the same traffic
     /// with no hook, Kube-OVN's iptables PREROUTING rules and the eBPF agent, side by side, plus
