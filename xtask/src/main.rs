@@ -6,6 +6,7 @@ mod demo;
 mod e2e;
 mod node;
 mod setup;
+mod testbed;
 mod vm;
 
 use anyhow::Result;
@@ -30,7 +31,8 @@ enum Command {
     /// got, the bpftool view; everything is removed at the end (also on Ctrl-C). Needs root.
     Demo,
     /// Everything CI runs: setup, formatting, clippy, unit tests, the privileged
-    /// `BPF_PROG_TEST_RUN` and network-namespace suites, the e2e suite and the kernel matrix.
+    /// `BPF_PROG_TEST_RUN` and network-namespace suites, the suites against a real kube-apiserver
+    /// (the testbed, built or reused first), the e2e suite and the kernel matrix.
     Test,
     /// End to end on a Kube-OVN node simulated in network namespaces (root): the same traffic
     /// with no hook, Kube-OVN's iptables PREROUTING rules and the eBPF agent, side by side, plus
@@ -39,6 +41,10 @@ enum Command {
     /// Benchmarks: datapath (test-run), control plane, real traffic (baseline vs iptables vs
     /// ebpf). Prints tables and writes JSON and SVG under target/bench/. See BENCHMARKS.md.
     Bench(bench::Args),
+    /// The real Kubernetes control plane for tests (pinned kube-apiserver + etcd built from the
+    /// Go module proxy): `build` prints `KUBE_APISERVER=…` and `ETCD=…`. See docs/testbed.md.
+    #[command(subcommand)]
+    Testbed(testbed::Args),
     /// Boot Debian's 5.10/6.1/6.12 kernels under QEMU (TCG, no network) from a busybox
     /// initramfs and run the privileged suites and the verifier statistics in each; `host` runs
     /// them on the running kernel. Prints PASS/FAIL per kernel; fails if any kernel fails.
@@ -64,6 +70,7 @@ fn main() -> Result<()> {
         Command::Demo => demo::run(),
         Command::E2e(args) => e2e::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Testbed(args) => testbed::run(&args),
         Command::VmTest { kernel, bless } => vm::run(kernel, bless),
     }
 }
@@ -75,10 +82,16 @@ fn test() -> Result<()> {
     cmd::cargo_ebpf_clippy()?;
     // Root-only suites skip loudly without privileges; in CI (root) a skip is a failure.
     let require = if setup::is_root() { "1" } else { "" };
-    cmd::cargo_with_env(
-        &["test", "--", "--test-threads", "2"],
-        &[("KOVN_REQUIRE_PRIVILEGED", require)],
-    )?;
+    // The real control plane for tests/real_apiserver.rs (cached under target/testbed/).
+    let testbed = testbed::build()?;
+    let mut env = vec![("KOVN_REQUIRE_PRIVILEGED", require.to_owned())];
+    env.extend(
+        testbed
+            .env()
+            .map(|(var, path)| (var, path.display().to_string())),
+    );
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    cmd::cargo_with_env(&["test", "--", "--test-threads", "2"], &env)?;
     // The simulated Kube-OVN node at CI size: differential tables, coexistence, faults and
     // migration, ~2 min on 2 cores (docs/e2e.md).
     if setup::is_root() {
