@@ -4,6 +4,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod e2e;
+mod helm;
 mod node;
 mod setup;
 mod vm;
@@ -21,7 +22,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install what building and testing need: the nightly's rust-src, bpf-linker 0.10.0 and
-    /// the apt packages (bpftool, iproute2, iptables, ipset, nftables). Idempotent.
+    /// the apt packages (bpftool, iproute2, iptables, ipset, nftables, prometheus for promtool).
+    /// Idempotent.
     Setup,
     /// Build the eBPF object and the agent that embeds it.
     BuildEbpf,
@@ -39,6 +41,12 @@ enum Command {
     /// Benchmarks: datapath (test-run), control plane, real traffic (baseline vs iptables vs
     /// ebpf). Prints tables and writes JSON and SVG under target/bench/. See BENCHMARKS.md.
     Bench(bench::Args),
+    /// Helm and Kustomize at the versions go/helm/go.mod pins, built from the Go module proxy
+    /// into target/tools/ (the chart test builds them on demand the same way).
+    Helm {
+        #[command(subcommand)]
+        command: helm::Args,
+    },
     /// Boot Debian's 5.10/6.1/6.12 kernels under QEMU (TCG, no network) from a busybox
     /// initramfs and run the privileged suites and the verifier statistics in each; `host` runs
     /// them on the running kernel. Prints PASS/FAIL per kernel; fails if any kernel fails.
@@ -60,6 +68,7 @@ fn main() -> Result<()> {
         Command::Demo => demo::run(),
         Command::E2e(args) => e2e::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Helm { command } => helm::run(&command),
         Command::VmTest { kernel } => vm::run(kernel),
     }
 }
