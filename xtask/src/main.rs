@@ -5,6 +5,7 @@ mod cmd;
 mod demo;
 mod e2e;
 mod helm;
+mod image;
 mod node;
 mod setup;
 mod vm;
@@ -47,6 +48,10 @@ enum Command {
         #[command(subcommand)]
         command: helm::Args,
     },
+    /// The agent's OCI image from Debian packages and the release binary, no registry needed:
+    /// tagged localhost/kube-ovn-ebpf:VERSION, archived under target/image/, started once with
+    /// podman to prove it runs. Root, amd64. See docs/install.md.
+    Image,
     /// Boot Debian's 5.10/6.1/6.12 kernels under QEMU (TCG, no network) from a busybox
     /// initramfs and run the privileged suites and the verifier statistics in each; `host` runs
     /// them on the running kernel. Prints PASS/FAIL per kernel; fails if any kernel fails.
@@ -69,6 +74,7 @@ fn main() -> Result<()> {
         Command::E2e(args) => e2e::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Helm { command } => helm::run(&command),
+        Command::Image => image::run(),
         Command::VmTest { kernel } => vm::run(kernel),
     }
 }
