@@ -4,6 +4,8 @@ mod bench;
 mod cmd;
 mod demo;
 mod e2e;
+mod helm;
+mod image;
 mod node;
 mod setup;
 mod testbed;
@@ -22,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install what building and testing need: the nightly's rust-src, bpf-linker 0.10.0 and
-    /// the apt packages (bpftool, iproute2, iptables, ipset, nftables). Idempotent.
+    /// the apt packages (bpftool, iproute2, iptables, ipset, nftables, prometheus for promtool).
+    /// Idempotent.
     Setup,
     /// Build the eBPF object and the agent that embeds it.
     BuildEbpf,
@@ -45,6 +48,16 @@ enum Command {
     /// Go module proxy): `build` prints `KUBE_APISERVER=…` and `ETCD=…`. See docs/testbed.md.
     #[command(subcommand)]
     Testbed(testbed::Args),
+    /// Helm and Kustomize at the versions go/helm/go.mod pins, built from the Go module proxy
+    /// into target/tools/ (the chart test builds them on demand the same way).
+    Helm {
+        #[command(subcommand)]
+        command: helm::Args,
+    },
+    /// The agent's OCI image from Debian packages and the release binary, no registry needed:
+    /// tagged localhost/kube-ovn-ebpf:VERSION, archived under target/image/, started once with
+    /// podman to prove it runs. Root, amd64. See docs/install.md.
+    Image,
     /// Boot Debian's 5.10/6.1/6.12 kernels under QEMU (TCG, no network) from a busybox
     /// initramfs and run the privileged suites and the verifier statistics in each; `host` runs
     /// them on the running kernel. Prints PASS/FAIL per kernel; fails if any kernel fails.
@@ -71,6 +84,8 @@ fn main() -> Result<()> {
         Command::E2e(args) => e2e::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Testbed(args) => testbed::run(&args),
+        Command::Helm { command } => helm::run(&command),
+        Command::Image => image::run(),
         Command::VmTest { kernel, bless } => vm::run(kernel, bless),
     }
 }

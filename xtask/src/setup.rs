@@ -20,6 +20,8 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("ip6tables", "iptables"),
     ("ipset", "ipset"),
     ("nft", "nftables"),
+    // The chart test checks and unit-tests the alert rules with it.
+    ("promtool", "prometheus"),
 ];
 
 /// The pin of the eBPF build's nightly; the agent's build script reads the same file.
