@@ -4,6 +4,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod e2e;
+mod kube_ovn;
 mod node;
 mod setup;
 mod vm;
@@ -39,6 +40,10 @@ enum Command {
     /// Benchmarks: datapath (test-run), control plane, real traffic (baseline vs iptables vs
     /// ebpf). Prints tables and writes JSON and SVG under target/bench/. See BENCHMARKS.md.
     Bench(bench::Args),
+    /// Kube-OVN's own gateway code (from the Go module proxy) in a harness: `build` it, `test` its
+    /// rules against the spec and this project's transcription (root), `patch-test` the
+    /// hand-over switch in contrib/kube-ovn. See docs/kube-ovn-real.md.
+    KubeOvn(kube_ovn::Args),
     /// Boot Debian's 5.10/6.1/6.12 kernels under QEMU (TCG, no network) from a busybox
     /// initramfs and run the privileged suites and the verifier statistics in each; `host` runs
     /// them on the running kernel. Prints PASS/FAIL per kernel; fails if any kernel fails.
@@ -60,6 +65,7 @@ fn main() -> Result<()> {
         Command::Demo => demo::run(),
         Command::E2e(args) => e2e::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::KubeOvn(args) => kube_ovn::run(&args),
         Command::VmTest { kernel } => vm::run(kernel),
     }
 }
