@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Args as ClapArgs, Subcommand};
 
 use crate::{
@@ -343,6 +343,59 @@ pub fn run_once(ns: &Netns, binary: &Path, cluster_file: &Path, cluster: &Cluste
         last_lines(&String::from_utf8_lossy(&out.stderr), 20)
     );
     Ok(())
+}
+
+/// The harness running every 3 s in a namespace, as kube-ovn-cni does; stopped on drop.
+pub struct Running {
+    _process: cleanup::Guard,
+    _child: std::process::Child,
+}
+
+/// Starts the harness in `ns` in its loop mode and returns after its first pass succeeded.
+pub fn spawn(
+    ns: &Netns,
+    binary: &Path,
+    cluster_file: &Path,
+    cluster: &Cluster,
+    log: &Path,
+) -> Result<Running> {
+    let out = fs::File::create(log)?;
+    let child = ns
+        .command(&binary.display().to_string())
+        .arg("--cluster")
+        .arg(cluster_file)
+        .args([
+            "--node-name",
+            &cluster.local_node,
+            "--protocol",
+            "Dual",
+            "--service-cluster-ip-range",
+            &cluster.service_cidr_flag(),
+        ])
+        .args(extra_flags(binary))
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("starting kovn-harness")?;
+    let running = Running {
+        _process: cleanup::process(child.id()),
+        _child: child,
+    };
+    let deadline = Instant::now() + PASS_TIMEOUT;
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if text.contains("kovn-harness: pass 1 ok") {
+            return Ok(running);
+        }
+        if text.contains("kovn-harness: pass 1 failed") || Instant::now() > deadline {
+            bail!(
+                "kovn-harness did not complete its first pass:\n{}",
+                last_lines(&text, 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The patched build runs with the switch on.

@@ -1,0 +1,299 @@
+//! `cargo xtask e2e --kube-ovn VERSIONS`: the outcome scenarios with Kube-OVN's own code
+//! (`crate::kube_ovn`'s harness) as the iptables side instead of this project's transcription,
+//! and the eBPF agent next to the same real Kube-OVN — same packets, same outcome.
+//!
+//! Per variant and kube-proxy mode, two fresh nodes (no transcribed Kube-OVN state at all):
+//! - `kube-ovn`: the release runs one gateway pass (sets, POSTROUTING, filter guards and its nat
+//!   `OVN-PREROUTING`); the scenarios run against those rules.
+//! - `ebpf`: for a release, the same pass, then its PREROUTING jumps are deleted (what
+//!   `kube-ovn-agent cleanup-iptables` does; a single pass does not re-add them) and the agent
+//!   starts; for `patched`, the patched kube-ovn-cni keeps running every 3 s with
+//!   `--prerouting-datapath=external` next to the agent — the hand-over as deployed. Its
+//!   `kube-ovn` column is the release it patches.
+//!
+//! In IPVS mode the e2e's IPVS emulation needs the INPUT guard mirrored in FORWARD
+//! (`kube_proxy::input_guard_mirror`, docs/e2e.md); it is added on both nodes.
+
+use std::{fmt::Write as _, fs, path::Path};
+
+use anyhow::{Context as _, Result, ensure};
+
+use super::scenarios;
+use crate::{
+    cmd,
+    kube_ovn::{self, Variant},
+    node::{
+        Cluster, Family, HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec, Outcome,
+        cleanup, kube_proxy,
+    },
+};
+
+/// One scenario's outcomes.
+struct Row {
+    scenario: scenarios::Scenario,
+    kube_ovn: Outcome,
+    ebpf: Outcome,
+}
+
+/// One variant in one kube-proxy mode: the rows, or why the run could not happen.
+struct ModeRun {
+    mode: KubeProxyMode,
+    rows: Result<Vec<Row>, String>,
+}
+
+pub fn run(variants: &[Variant], options: &HookOptions) -> Result<()> {
+    let mut json = Vec::new();
+    let mut failed_total = 0;
+    let mut lines = Vec::new();
+    for variant in variants {
+        let binary = kube_ovn::build(variant)?;
+        let release = kube_ovn::build(&Variant::release(&variant.version))?;
+        let mut runs = Vec::new();
+        for mode in [KubeProxyMode::Ipvs, KubeProxyMode::Iptables] {
+            let rows =
+                run_mode(variant, &binary, &release, mode, options).map_err(|e| format!("{e:#}"));
+            runs.push(ModeRun { mode, rows });
+        }
+        let (passed, failed) = print_variant(variant, &runs);
+        failed_total += failed;
+        lines.push(format!(
+            "kube-ovn {}: {passed} passed, {failed} failed",
+            variant.name()
+        ));
+        json.push(variant_json(variant, &runs));
+    }
+    let dir = cmd::target_dir().join("e2e");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("kube-ovn.json");
+    fs::write(
+        &path,
+        serde_json::to_string_pretty(&serde_json::json!({ "variants": json }))?,
+    )?;
+    println!("\nJSON report: {}", path.display());
+    for line in &lines {
+        println!("{line}");
+    }
+    ensure!(
+        failed_total == 0,
+        "{failed_total} scenarios differ between the eBPF agent and real Kube-OVN"
+    );
+    Ok(())
+}
+
+fn run_mode(
+    variant: &Variant,
+    binary: &Path,
+    release: &Path,
+    mode: KubeProxyMode,
+    options: &HookOptions,
+) -> Result<Vec<Row>> {
+    let applicable: Vec<scenarios::Scenario> = scenarios::all()
+        .into_iter()
+        .filter(|s| s.expect(mode).is_some())
+        .collect();
+    let cluster = Cluster::fixture();
+    let dir = cmd::target_dir()
+        .join("e2e")
+        .join(format!("kube-ovn-{}", cleanup::unique_stem()));
+    fs::create_dir_all(&dir)?;
+    let _dir = cleanup::dir(&dir);
+    let cluster_file = dir.join("cluster.yaml");
+    fs::write(&cluster_file, cluster.to_yaml())?;
+    let spec = NodeSpec {
+        cluster: cluster.clone(),
+        kube_proxy: mode,
+    };
+
+    let kube_ovn_outcomes = {
+        let node = Node::build_without_kube_ovn(spec.clone())?;
+        let ns = node.ns(Host::Node);
+        kube_ovn::run_once(ns, release, &cluster_file, &cluster)
+            .context("Kube-OVN's gateway pass")?;
+        guard_mirror(&node, &cluster, mode)?;
+        probe_all(&node, &applicable)?
+    };
+
+    let ebpf_outcomes = {
+        let mut node = Node::build_without_kube_ovn(spec)?;
+        let ns = node.ns(Host::Node);
+        let running = if variant.patched {
+            Some(kube_ovn::spawn(
+                ns,
+                binary,
+                &cluster_file,
+                &cluster,
+                &dir.join("kovn-harness.log"),
+            )?)
+        } else {
+            kube_ovn::run_once(ns, binary, &cluster_file, &cluster)
+                .context("Kube-OVN's gateway pass")?;
+            delete_prerouting_jumps(&node)?;
+            None
+        };
+        guard_mirror(&node, &cluster, mode)?;
+        node.install_hook(HookKind::Ebpf, options)?;
+        let outcomes = probe_all(&node, &applicable)?;
+        // The agent alone set the marks: no Kube-OVN jump is left (or, with the patched
+        // kube-ovn-cni running, came back).
+        no_kube_ovn_prerouting(&node)?;
+        node.hook_mut().context("hook installed")?.check()?;
+        drop(running);
+        outcomes
+    };
+
+    Ok(applicable
+        .into_iter()
+        .zip(kube_ovn_outcomes.into_iter().zip(ebpf_outcomes))
+        .map(|(scenario, (kube_ovn, ebpf))| Row {
+            scenario,
+            kube_ovn,
+            ebpf,
+        })
+        .collect())
+}
+
+/// Runs every scenario once and checks connections were tracked (otherwise no nat rule ran).
+fn probe_all(node: &Node, scenarios: &[scenarios::Scenario]) -> Result<Vec<Outcome>> {
+    let mut outcomes = Vec::with_capacity(scenarios.len());
+    for scenario in scenarios {
+        outcomes.push(super::probe(node, &scenario.probe)?);
+    }
+    ensure!(
+        node.conntrack_entries()? > 0,
+        "no conntrack entries in the node namespace: connection tracking is off there"
+    );
+    Ok(outcomes)
+}
+
+fn guard_mirror(node: &Node, cluster: &Cluster, mode: KubeProxyMode) -> Result<()> {
+    if mode != KubeProxyMode::Ipvs {
+        return Ok(());
+    }
+    for family in Family::ALL {
+        let cidrs: Vec<String> = cluster
+            .service_cidrs
+            .iter()
+            .filter(|c| c.family() == family)
+            .map(ToString::to_string)
+            .collect();
+        let script = format!(
+            "*filter\n{}COMMIT\n",
+            kube_proxy::input_guard_mirror(&cidrs)
+        );
+        node.ns(Host::Node)
+            .run_stdin(family.iptables_restore(), &["--noflush"], &script)
+            .context("mirroring the INPUT guard in FORWARD")?;
+    }
+    Ok(())
+}
+
+/// Deletes Kube-OVN's nat PREROUTING jump (every copy, by exact match) in both families.
+fn delete_prerouting_jumps(node: &Node) -> Result<()> {
+    let ns = node.ns(Host::Node);
+    for family in Family::ALL {
+        let rules = ns.run(family.iptables(), &["-t", "nat", "-S", "PREROUTING"])?;
+        for _ in rules
+            .lines()
+            .filter(|l| *l == crate::node::kube_ovn::PREROUTING_JUMP)
+        {
+            ns.run(
+                family.iptables(),
+                &[
+                    "-t",
+                    "nat",
+                    "-D",
+                    "PREROUTING",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    "kube-ovn prerouting rules",
+                    "-j",
+                    "OVN-PREROUTING",
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// No PREROUTING jump of Kube-OVN's in nat or mangle, either family.
+fn no_kube_ovn_prerouting(node: &Node) -> Result<()> {
+    let ns = node.ns(Host::Node);
+    for family in Family::ALL {
+        for table in ["nat", "mangle"] {
+            let rules = ns.run(family.iptables(), &["-t", table, "-S", "PREROUTING"])?;
+            ensure!(
+                !rules.contains("OVN-PREROUTING"),
+                "{family} {table} PREROUTING has Kube-OVN's jump next to the agent:\n{rules}"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_variant(variant: &Variant, runs: &[ModeRun]) -> (usize, usize) {
+    let (mut passed, mut failed) = (0, 0);
+    for run in runs {
+        println!("\n== kube-ovn {} vs ebpf, {} ==", variant.name(), run.mode);
+        match &run.rows {
+            Err(e) => {
+                println!("  could not run: {e}");
+                failed += 1;
+            }
+            Ok(rows) => {
+                for row in rows {
+                    let agree = row.kube_ovn == row.ebpf;
+                    if agree {
+                        passed += 1;
+                    } else {
+                        failed += 1;
+                    }
+                    let expected = row
+                        .scenario
+                        .expect(run.mode)
+                        .map(|e| e.marked.to_string())
+                        .unwrap_or_default();
+                    let mut line = format!(
+                        "  {} {:>3} {:<58} kube-ovn: {:<22} ebpf: {:<22}",
+                        if agree { "ok  " } else { "DIFF" },
+                        row.scenario.vector,
+                        row.scenario.what,
+                        row.kube_ovn.to_string(),
+                        row.ebpf.to_string(),
+                    );
+                    if row.kube_ovn.to_string() != expected {
+                        let _ = write!(line, " (transcription expects {expected})");
+                    }
+                    println!("{}", line.trim_end());
+                }
+            }
+        }
+    }
+    (passed, failed)
+}
+
+fn variant_json(variant: &Variant, runs: &[ModeRun]) -> serde_json::Value {
+    let modes: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|run| match &run.rows {
+            Err(e) => serde_json::json!({ "mode": run.mode.flag(), "error": e }),
+            Ok(rows) => serde_json::json!({
+                "mode": run.mode.flag(),
+                "scenarios": rows.iter().map(|row| serde_json::json!({
+                    "vector": row.scenario.vector,
+                    "what": row.scenario.what,
+                    "kube_ovn": row.kube_ovn.to_string(),
+                    "ebpf": row.ebpf.to_string(),
+                    "expected_marked": row.scenario.expect(run.mode).map(|e| e.marked.to_string()),
+                    "agree": row.kube_ovn == row.ebpf,
+                })).collect::<Vec<_>>(),
+            }),
+        })
+        .collect();
+    serde_json::json!({
+        "variant": variant.name(),
+        "version": variant.version,
+        "patched": variant.patched,
+        "modes": modes,
+    })
+}
