@@ -444,23 +444,53 @@ fn set_members(ns: &Netns, name: &str) -> Result<Vec<String>> {
     Ok(members)
 }
 
-/// Every rule of the node, as `iptables-save` prints it, without counters and per-table headers,
-/// prefixed by the table: the unit a difference is reported in.
-fn all_rules(ns: &Netns, family: Family) -> Result<BTreeSet<String>> {
+/// Every rule of the node in `iptables-save` order, without counters and per-table headers,
+/// prefixed by family and table: the unit a difference is reported in.
+fn all_rules(ns: &Netns, family: Family) -> Result<Vec<String>> {
     let save = match family {
         Family::V4 => "iptables-save",
         Family::V6 => "ip6tables-save",
     };
     let mut table = String::new();
-    let mut rules = BTreeSet::new();
+    let mut rules = Vec::new();
     for line in ns.run(save, &[])?.lines() {
         if let Some(t) = line.strip_prefix('*') {
             t.clone_into(&mut table);
         } else if line.starts_with("-A ") {
-            rules.insert(format!("{family} {table} {line}"));
+            rules.push(format!("{family} {table} {line}"));
         }
     }
     Ok(rules)
+}
+
+/// The chain a rule of [`all_rules`] is in: "IPv4 filter -A INPUT".
+fn chain_of(rule: &str) -> &str {
+    let mut fields = rule.match_indices(' ');
+    let end = fields.nth(3).map_or(rule.len(), |(i, _)| i);
+    &rule[..end]
+}
+
+/// Chains whose rules both sides install in a different relative order (order decides which of
+/// an ACCEPT and a REJECT wins).
+fn order_differences(real: &[String], ours: &[String]) -> Vec<String> {
+    let common = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|r| b.contains(r)).cloned().collect()
+    };
+    let (real_common, our_common) = (common(real, ours), common(ours, real));
+    let chains: BTreeSet<&str> = real_common.iter().map(|r| chain_of(r)).collect();
+    chains
+        .into_iter()
+        .filter(|chain| {
+            let pick = |v: &[String]| -> Vec<String> {
+                v.iter()
+                    .filter(|r| chain_of(r) == *chain)
+                    .cloned()
+                    .collect()
+            };
+            pick(&real_common) != pick(&our_common)
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Spec §1.2's rules for `family`, IPVS mode (R1a, R2t, R3t, R2u, R3u) or iptables mode (R1b).
@@ -603,6 +633,13 @@ fn test(variants: &[Variant]) -> Result<()> {
                 report_differences(&ns, &cluster, mode, &name)?;
             }
         }
+        tally.check(
+            &format!(
+                "kube-ovn {}: the 3-s loop follows a changed cluster file",
+                variant.name()
+            ),
+            loop_follows_changes(&binary, &cluster, &run_dir.path),
+        );
     }
     println!(
         "kube-ovn test: {} passed, {} failed",
@@ -611,6 +648,35 @@ fn test(variants: &[Variant]) -> Result<()> {
     );
     ensure!(tally.failed.is_empty(), "failed: {:?}", tally.failed);
     Ok(())
+}
+
+/// Runs the harness in its loop mode, removes node3 from the cluster file and waits (bounded)
+/// until kube-ovn-cni's next passes drop its address from `ovn40other-node`.
+fn loop_follows_changes(binary: &Path, cluster: &Cluster, dir: &Path) -> Result<()> {
+    let ns = node_ns(cluster, KubeProxyMode::Ipvs)?;
+    let file = dir.join("cluster-loop.yaml");
+    fs::write(&file, cluster.to_yaml())?;
+    let log = dir.join("kovn-harness-loop.log");
+    let _running = spawn(&ns, binary, &file, cluster, &log)?;
+    let want_before = ["192.168.0.12", "192.168.0.13"];
+    let got = set_members(&ns, "ovn40other-node")?;
+    ensure!(got == want_before, "first pass: ovn40other-node = {got:?}");
+    let mut smaller = cluster.clone();
+    smaller.nodes.retain(|n| n.name != "node3");
+    fs::write(&file, smaller.to_yaml())?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = set_members(&ns, "ovn40other-node")?;
+        if got == ["192.168.0.12"] {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "ovn40other-node still {got:?} 15 s after node3 left the cluster file:\n{}",
+            last_lines(&fs::read_to_string(&log).unwrap_or_default(), 10)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// A throw-away node namespace with kube-proxy's side (`node::kube_proxy`) in `mode`, and
@@ -731,11 +797,14 @@ fn report_differences(
     for family in Family::ALL {
         let real = all_rules(ns, family)?;
         let ours = all_rules(&twin, family)?;
-        for rule in real.difference(&ours) {
+        for rule in real.iter().filter(|r| !ours.contains(r)) {
             let _ = writeln!(out, "  only real Kube-OVN:   {rule}");
         }
-        for rule in ours.difference(&real) {
+        for rule in ours.iter().filter(|r| !real.contains(r)) {
             let _ = writeln!(out, "  only transcription:   {rule}");
+        }
+        for chain in order_differences(&real, &ours) {
+            let _ = writeln!(out, "  order differs:        {chain}");
         }
     }
     let names = |ns: &Netns| -> Result<BTreeSet<String>> {
@@ -927,4 +996,61 @@ fn patch_test() -> Result<()> {
     );
     ensure!(tally.failed.is_empty(), "failed: {:?}", tally.failed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn variants_parse() {
+        assert_eq!(
+            Variant::parse("v1.16.2").unwrap(),
+            Variant::release("v1.16.2")
+        );
+        let patched = Variant::parse("patched").unwrap();
+        assert!(patched.patched && patched.version == PATCHED_BASE);
+        assert_eq!(patched.name(), "patched");
+        for bad in ["1.16.2", "v1.16", "latest", "v1.x.2", ""] {
+            assert!(Variant::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn order_differences_compare_common_rules_per_chain() {
+        let real = strings(&[
+            "IPv4 filter -A INPUT -j REJECT",
+            "IPv4 filter -A INPUT -m set --match-set a src -j ACCEPT",
+            "IPv4 filter -A FORWARD -s 10.16.0.0/16",
+            "IPv4 filter -A FORWARD -j ACCEPT",
+            "IPv4 filter -A FORWARD -j DROP",
+        ]);
+        let ours = strings(&[
+            "IPv4 filter -A INPUT -m set --match-set a src -j ACCEPT",
+            "IPv4 filter -A INPUT -j REJECT",
+            "IPv4 filter -A FORWARD -j ACCEPT",
+            "IPv4 filter -A FORWARD -j DROP",
+        ]);
+        assert_eq!(chain_of(&real[1]), "IPv4 filter -A INPUT");
+        // FORWARD differs only by a rule one side lacks: not an order difference.
+        assert_eq!(order_differences(&real, &ours), ["IPv4 filter -A INPUT"]);
+        assert!(order_differences(&real, &real).is_empty());
+    }
+
+    #[test]
+    fn failed_tests_are_read_from_go_test_output() {
+        let out = "=== RUN   TestA\n--- FAIL: TestA (0.00s)\n    --- FAIL: TestA/sub (0.00s)\n--- PASS: TestB (0.01s)\nFAIL\n";
+        assert_eq!(failed_tests(out), ["TestA", "TestA/sub"]);
+    }
+
+    #[test]
+    fn host_prefixes_are_stripped() {
+        assert_eq!(strip_host_prefix("192.168.0.12/32"), "192.168.0.12");
+        assert_eq!(strip_host_prefix("fd00::12/128"), "fd00::12");
+        assert_eq!(strip_host_prefix("10.16.0.0/16"), "10.16.0.0/16");
+    }
 }
