@@ -320,6 +320,17 @@ pub fn build(variant: &Variant) -> Result<PathBuf> {
 
 /// Runs the harness once in `ns` on the cluster in `cluster_file` (node `node1`, dual-stack).
 pub fn run_once(ns: &Netns, binary: &Path, cluster_file: &Path, cluster: &Cluster) -> Result<()> {
+    run_once_with(ns, binary, cluster_file, cluster, &[])
+}
+
+/// [`run_once`] with more kube-ovn-cni flags.
+fn run_once_with(
+    ns: &Netns,
+    binary: &Path,
+    cluster_file: &Path,
+    cluster: &Cluster,
+    flags: &[&str],
+) -> Result<()> {
     let mut command = ns.command(&binary.display().to_string());
     command
         .arg("--cluster")
@@ -333,7 +344,8 @@ pub fn run_once(ns: &Netns, binary: &Path, cluster_file: &Path, cluster: &Cluste
             &cluster.service_cidr_flag(),
             "--once",
         ])
-        .args(extra_flags(binary));
+        .args(extra_flags(binary))
+        .args(flags);
     let out = exec::run_bounded(&mut command, None, PASS_TIMEOUT)?;
     ensure!(
         out.status.success(),
@@ -634,6 +646,10 @@ fn test(variants: &[Variant]) -> Result<()> {
             }
         }
         tally.check(
+            &format!("kube-ovn {}: --enable-tproxy", variant.name()),
+            tproxy(&binary, release.as_deref(), &cluster, &run_dir.path),
+        );
+        tally.check(
             &format!(
                 "kube-ovn {}: the 3-s loop follows a changed cluster file",
                 variant.name()
@@ -647,6 +663,99 @@ fn test(variants: &[Variant]) -> Result<()> {
         tally.failed.len()
     );
     ensure!(tally.failed.is_empty(), "failed: {:?}", tally.failed);
+    Ok(())
+}
+
+/// Pods for spec §5.3: p1 in the custom VPC on this node (readiness tcpSocket 8080, liveness
+/// httpGet on the named port "http" = 8081, startup 9000); p2 the same on another node; p3 in
+/// the default VPC on this node; p4 host-network on this node in the custom VPC.
+const TPROXY_PODS: &str = r"---
+apiVersion: v1
+kind: Pod
+metadata: {name: p1, namespace: default, annotations: {ovn.kubernetes.io/logical_switch: vpc1-sub}}
+spec:
+  nodeName: node1
+  containers:
+  - name: app
+    image: app
+    ports: [{name: http, containerPort: 8081}]
+    readinessProbe: {tcpSocket: {port: 8080}}
+    livenessProbe: {httpGet: {port: http}}
+    startupProbe: {tcpSocket: {port: 9000}}
+status: {podIPs: [{ip: 10.0.1.5}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p2, namespace: default, annotations: {ovn.kubernetes.io/logical_switch: vpc1-sub}}
+spec:
+  nodeName: node2
+  containers: [{name: app, image: app, readinessProbe: {tcpSocket: {port: 8080}}}]
+status: {podIPs: [{ip: 10.0.1.6}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p3, namespace: default, annotations: {ovn.kubernetes.io/logical_switch: ovn-default}}
+spec:
+  nodeName: node1
+  containers: [{name: app, image: app, readinessProbe: {tcpSocket: {port: 8080}}}]
+status: {podIPs: [{ip: 10.16.0.5}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p4, namespace: default, annotations: {ovn.kubernetes.io/logical_switch: vpc1-sub}}
+spec:
+  nodeName: node1
+  hostNetwork: true
+  containers: [{name: app, image: app, readinessProbe: {tcpSocket: {port: 8090}}}]
+status: {podIPs: [{ip: 192.168.0.11}]}
+";
+
+/// With `--enable-tproxy`: the release's mangle `OVN-PREROUTING` is spec §1.3's TPROXY rules for
+/// p1's liveness and readiness ports only, with its `OVN-OUTPUT` marks; the patched build (run
+/// after the release) leaves no mangle PREROUTING rule and keeps `OVN-OUTPUT`.
+fn tproxy(binary: &Path, release: Option<&Path>, cluster: &Cluster, dir: &Path) -> Result<()> {
+    let ns = node_ns(cluster, KubeProxyMode::Ipvs)?;
+    let file = dir.join("cluster-tproxy.yaml");
+    fs::write(&file, format!("{}{TPROXY_PODS}", cluster.to_yaml()))?;
+    let flags = ["--enable-tproxy"];
+    if let Some(release) = release {
+        run_once_with(&ns, release, &file, cluster, &flags)?;
+    }
+    run_once_with(&ns, binary, &file, cluster, &flags)?;
+    let tproxy = |port| {
+        format!(
+            "-A OVN-PREROUTING -d 10.0.1.5/32 -p tcp -m tcp --dport {port} -j TPROXY --on-port \
+             8102 --on-ip 192.168.0.11 --tproxy-mark 0x90004/0x90004"
+        )
+    };
+    let output = |port| {
+        format!(
+            "-A OVN-OUTPUT -d 10.0.1.5/32 -p tcp -m tcp --dport {port} -j MARK --set-xmark \
+             0x90003/0x90003"
+        )
+    };
+    let want_prerouting = if release.is_some() {
+        Vec::new()
+    } else {
+        vec![tproxy(8080), tproxy(8081)]
+    };
+    let got = chain(&ns, Family::V4, "mangle", "OVN-PREROUTING")?;
+    ensure!(
+        got == want_prerouting,
+        "mangle OVN-PREROUTING: got {got:#?}\nwant {want_prerouting:#?}"
+    );
+    let jumps = chain(&ns, Family::V4, "mangle", "PREROUTING")?;
+    let want_jumps = usize::from(release.is_none());
+    ensure!(
+        jumps.iter().filter(|r| *r == JUMP).count() == want_jumps && jumps.len() == want_jumps,
+        "mangle PREROUTING: {jumps:?}"
+    );
+    let got = chain(&ns, Family::V4, "mangle", "OVN-OUTPUT")?;
+    let want = vec![output(8080), output(8081)];
+    ensure!(
+        got == want,
+        "mangle OVN-OUTPUT: got {got:#?}\nwant {want:#?}"
+    );
     Ok(())
 }
 

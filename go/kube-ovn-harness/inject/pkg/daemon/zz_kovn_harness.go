@@ -10,9 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/kubeovn/felix/ipsets"
 	"github.com/kubeovn/go-iptables/iptables"
+	corev1 "k8s.io/api/core/v1"
 	k8sipset "k8s.io/kubernetes/pkg/proxy/ipvs/ipset"
 	k8siptables "k8s.io/kubernetes/pkg/util/iptables"
 
@@ -127,6 +129,11 @@ func (h *Harness) reload() (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	// kube-ovn-cni's pod informer only sees this node's pods that are not host-network (field
+	// selector "spec.nodeName=<node>,spec.hostNetwork=false", cmd/daemon/cniserver.go).
+	objs.Pods = slices.DeleteFunc(objs.Pods, func(p *corev1.Pod) bool {
+		return p.Spec.NodeName != h.opts.NodeName || p.Spec.HostNetwork
+	})
 	l, err := objs.Listers()
 	if err != nil {
 		return false, err
