@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"k8s.io/klog/v2"
 
 	"github.com/kubeovn/kube-ovn/pkg/daemon"
@@ -36,6 +37,8 @@ func main() {
 	passes := flag.Int("passes", 0, "stop after this many passes (0: until SIGTERM/SIGINT)")
 	klog.InitFlags(nil)
 	flag.Parse()
+	// As kube-ovn-cni's ParseFlags: the ipset library logs every set operation at info level.
+	logrus.SetLevel(logrus.WarnLevel)
 	if opts.ClusterFile == "" || opts.NodeName == "" {
 		fmt.Fprintln(os.Stderr, "kovn-harness: --cluster and --node-name are required")
 		os.Exit(2)
