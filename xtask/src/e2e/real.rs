@@ -11,6 +11,11 @@
 //!   `--prerouting-datapath=external` next to the agent — the hand-over as deployed. Its
 //!   `kube-ovn` column is the release it patches.
 //!
+//! Then, per variant, nat PREROUTING start states of spec §5.4 (Calico's, kube-proxy's and the
+//! CNI hostport jumps, copies of Kube-OVN's): after one real pass the chain must be what the
+//! transcription's v1.13.15+ positioning makes of it (a release), or the start without any
+//! Kube-OVN jump (`patched`).
+//!
 //! In IPVS mode the e2e's IPVS emulation needs the INPUT guard mirrored in FORWARD
 //! (`kube_proxy::input_guard_mirror`, docs/e2e.md); it is added on both nodes.
 
@@ -18,13 +23,13 @@ use std::{fmt::Write as _, fs, path::Path};
 
 use anyhow::{Context as _, Result, ensure};
 
-use super::scenarios;
+use super::{coexist, scenarios};
 use crate::{
     cmd,
     kube_ovn::{self, Variant},
     node::{
         Cluster, Family, HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec, Outcome,
-        cleanup, kube_proxy,
+        cleanup, kube_ovn::Positioning, kube_proxy,
     },
 };
 
@@ -60,7 +65,16 @@ pub fn run(variants: &[Variant], options: &HookOptions) -> Result<()> {
             "kube-ovn {}: {passed} passed, {failed} failed",
             variant.name()
         ));
-        json.push(variant_json(variant, &runs));
+        let positions = positioning(variant, &binary).map_err(|e| format!("{e:#}"));
+        let (pos_passed, pos_failed) = print_positioning(variant, &positions);
+        failed_total += pos_failed;
+        lines.push(format!(
+            "kube-ovn {} jump positioning: {pos_passed} passed, {pos_failed} failed",
+            variant.name()
+        ));
+        let mut entry = variant_json(variant, &runs);
+        entry["positioning"] = positioning_json(&positions);
+        json.push(entry);
     }
     let dir = cmd::target_dir().join("e2e");
     fs::create_dir_all(&dir)?;
@@ -75,7 +89,7 @@ pub fn run(variants: &[Variant], options: &HookOptions) -> Result<()> {
     }
     ensure!(
         failed_total == 0,
-        "{failed_total} scenarios differ between the eBPF agent and real Kube-OVN"
+        "{failed_total} checks differ between the eBPF agent, the transcription and real Kube-OVN"
     );
     Ok(())
 }
@@ -296,4 +310,153 @@ fn variant_json(variant: &Variant, runs: &[ModeRun]) -> serde_json::Value {
         "patched": variant.patched,
         "modes": modes,
     })
+}
+
+/// nat PREROUTING start states for the jump positioning (spec §5.4's C1–C6 starts, plus an
+/// empty chain and a jump below two copies): short names of `coexist`.
+const POSITION_STARTS: &[&[&str]] = &[
+    &["cali", "KUBE", "CNI"],
+    &["cali", "ovn", "KUBE", "CNI"],
+    &["cali", "KUBE", "ovn", "CNI"],
+    &["ovn"],
+    &["ovn", "cali", "ovn", "ovn"],
+    &["ovn", "cali", "ovn", "ovn", "KUBE", "CNI"],
+    &["KUBE", "ovn", "ovn"],
+    &[],
+];
+
+/// One start state: the chain after one real pass, and what is expected of it — the
+/// transcription's v1.13.15+ positioning (`kube_ovn::ensure_prerouting_jump`) for a release, the
+/// start without any Kube-OVN jump for `patched`.
+struct Position {
+    family: Family,
+    start: Vec<&'static str>,
+    real: Vec<String>,
+    expected: Vec<String>,
+}
+
+fn positioning(variant: &Variant, binary: &Path) -> Result<Vec<Position>> {
+    let cluster = Cluster::fixture();
+    let dir = cmd::target_dir()
+        .join("e2e")
+        .join(format!("kube-ovn-{}", cleanup::unique_stem()));
+    fs::create_dir_all(&dir)?;
+    let _dir = cleanup::dir(&dir);
+    let cluster_file = dir.join("cluster.yaml");
+    fs::write(&cluster_file, cluster.to_yaml())?;
+    let mut out = Vec::new();
+    for start in POSITION_STARTS {
+        let real_ns = start_state(start)?;
+        kube_ovn::run_once(&real_ns, binary, &cluster_file, &cluster)?;
+        let twin = start_state(start)?;
+        for family in Family::ALL {
+            let expected = if variant.patched {
+                start
+                    .iter()
+                    .filter(|n| **n != "ovn")
+                    .map(|n| (*n).to_owned())
+                    .collect()
+            } else {
+                let log = crate::node::kube_ovn::ensure_prerouting_jump(
+                    &twin,
+                    family,
+                    Positioning::V1_13_15,
+                )?;
+                ensure!(log.error.is_none(), "transcription: {:?}", log.error);
+                listing(&twin, family)?
+            };
+            out.push(Position {
+                family,
+                start: start.to_vec(),
+                real: listing(&real_ns, family)?,
+                expected,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A scratch namespace whose nat PREROUTING (both families) is `start`.
+fn start_state(start: &[&str]) -> Result<crate::node::netns::Netns> {
+    let ns = crate::node::netns::Netns::create(&format!("{}-kpos", cleanup::unique_stem()))?;
+    for family in Family::ALL {
+        let mut script = String::from("*nat\n");
+        for chain in [
+            "OVN-PREROUTING",
+            "cali-PREROUTING",
+            "KUBE-SERVICES",
+            "CNI-HOSTPORT-DNAT",
+        ] {
+            let _ = writeln!(script, ":{chain} - [0:0]");
+        }
+        for name in start {
+            let _ = writeln!(script, "{}", coexist::line(name));
+        }
+        script.push_str("COMMIT\n");
+        ns.run_stdin(family.iptables_restore(), &["--noflush"], &script)?;
+    }
+    Ok(ns)
+}
+
+fn listing(ns: &crate::node::netns::Netns, family: Family) -> Result<Vec<String>> {
+    Ok(crate::node::kube_ovn::list_prerouting(ns, family)?
+        .iter()
+        .skip(1)
+        .map(|l| coexist::short(l).to_owned())
+        .collect())
+}
+
+fn print_positioning(
+    variant: &Variant,
+    positions: &Result<Vec<Position>, String>,
+) -> (usize, usize) {
+    println!(
+        "\n== kube-ovn {}: nat PREROUTING jump positioning (spec §5.4), real vs {} ==",
+        variant.name(),
+        if variant.patched {
+            "the start without Kube-OVN's jump"
+        } else {
+            "the transcription's v1.13.15+ logic"
+        }
+    );
+    match positions {
+        Err(e) => {
+            println!("  could not run: {e}");
+            (0, 1)
+        }
+        Ok(list) => {
+            let mut failed = 0;
+            for p in list {
+                let ok = p.real == p.expected;
+                failed += usize::from(!ok);
+                println!(
+                    "  {} {} [{}] -> real [{}], expected [{}]",
+                    if ok { "ok  " } else { "DIFF" },
+                    p.family,
+                    p.start.join(", "),
+                    p.real.join(", "),
+                    p.expected.join(", ")
+                );
+            }
+            (list.len() - failed, failed)
+        }
+    }
+}
+
+fn positioning_json(positions: &Result<Vec<Position>, String>) -> serde_json::Value {
+    match positions {
+        Err(e) => serde_json::json!({ "error": e }),
+        Ok(list) => list
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "family": p.family.to_string(),
+                    "start": p.start,
+                    "real": p.real,
+                    "expected": p.expected,
+                    "agree": p.real == p.expected,
+                })
+            })
+            .collect(),
+    }
 }
