@@ -39,7 +39,7 @@ const HARNESS_DIR: &str = "go/kube-ovn-harness";
 /// Module path of the harness module, required (and replaced by its directory) in the copy.
 const HARNESS_MODULE: &str = "kube-ovn-ebpf/go/kube-ovn-harness";
 const PATCH_DIR: &str = "contrib/kube-ovn";
-/// A cold build downloads Kube-OVN's dependencies (~250 MB) and compiles pkg/daemon: ~10 min on
+/// A cold build downloads Kube-OVN's dependencies (~95 MB) and compiles pkg/daemon: ~10 min on
 /// 2 cores.
 const BUILD_TIMEOUT: Duration = Duration::from_mins(40);
 const PASS_TIMEOUT: Duration = Duration::from_mins(1);
