@@ -6,6 +6,7 @@ mod demo;
 mod e2e;
 mod helm;
 mod image;
+mod kube_ovn;
 mod node;
 mod setup;
 mod testbed;
@@ -58,6 +59,10 @@ enum Command {
     /// tagged localhost/kube-ovn-ebpf:VERSION, archived under target/image/, started once with
     /// podman to prove it runs. Root, amd64. See docs/install.md.
     Image,
+    /// Kube-OVN's own gateway code (from the Go module proxy) in a harness: `build` it, `test` its
+    /// rules against the spec and this project's transcription (root), `patch-test` the
+    /// hand-over switch in contrib/kube-ovn. See docs/kube-ovn-real.md.
+    KubeOvn(kube_ovn::Args),
     /// Boot Debian's 5.10/6.1/6.12 kernels under QEMU (TCG, no network) from a busybox
     /// initramfs and run the privileged suites and the verifier statistics in each; `host` runs
     /// them on the running kernel. Prints PASS/FAIL per kernel; fails if any kernel fails.
@@ -86,6 +91,7 @@ fn main() -> Result<()> {
         Command::Testbed(args) => testbed::run(&args),
         Command::Helm { command } => helm::run(&command),
         Command::Image => image::run(),
+        Command::KubeOvn(args) => kube_ovn::run(&args),
         Command::VmTest { kernel, bless } => vm::run(kernel, bless),
     }
 }

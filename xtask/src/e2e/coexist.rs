@@ -94,7 +94,7 @@ pub fn short(line: &str) -> &str {
     }
 }
 
-fn line(name: &str) -> &'static str {
+pub fn line(name: &str) -> &'static str {
     match name {
         "ovn" => PREROUTING_JUMP,
         "cali" => CALI_JUMP,

@@ -7,6 +7,7 @@
 mod coexist;
 mod faults;
 mod migration;
+mod real;
 mod report;
 mod scenarios;
 
@@ -57,6 +58,11 @@ pub struct Args {
     /// Run only these parts (repeat or list); default: all.
     #[arg(long, value_enum, num_args = 1.., value_delimiter = ',')]
     only: Vec<Part>,
+    /// Instead of the parts: the outcome scenarios with real Kube-OVN (its own gateway code,
+    /// `cargo xtask kube-ovn`) as the iptables side and next to the agent, for these variants
+    /// (comma list of versions such as v1.16.2, and `patched`). See docs/kube-ovn-real.md.
+    #[arg(long, value_delimiter = ',', value_name = "VERSIONS")]
+    kube_ovn: Vec<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +87,7 @@ impl Args {
             rebuilt_agent: None,
             release: false,
             only: Vec::new(),
+            kube_ovn: Vec::new(),
         }
     }
 
@@ -131,6 +138,17 @@ pub fn run(args: &Args) -> Result<()> {
     setup::ensure_apt_tools(TOOLS)?;
     cleanup::install_signal_handler();
     cleanup::remove_stale().context("removing what earlier runs left")?;
+    if !args.kube_ovn.is_empty() {
+        let variants = args
+            .kube_ovn
+            .iter()
+            .map(|v| crate::kube_ovn::Variant::parse(v))
+            .collect::<Result<Vec<_>>>()?;
+        let options = HookOptions {
+            agent: Some(AgentConfig::new(agent_binary(args)?)),
+        };
+        return real::run(&variants, &options);
+    }
     let started = Instant::now();
     let hooks = args.mode.hooks();
     let mut runner = Runner::new(args, &hooks);

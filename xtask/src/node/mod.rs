@@ -194,13 +194,26 @@ pub struct Node {
 impl Node {
     /// Builds the node with everything but the PREROUTING hook.
     pub fn build(spec: NodeSpec) -> Result<Self> {
+        Self::build_with(spec, true)
+    }
+
+    /// Builds the node without any of Kube-OVN's state (sets, consumers), for a caller that
+    /// runs Kube-OVN's own code on it (`e2e --kube-ovn`).
+    pub fn build_without_kube_ovn(spec: NodeSpec) -> Result<Self> {
+        Self::build_with(spec, false)
+    }
+
+    fn build_with(spec: NodeSpec, kube_ovn_transcription: bool) -> Result<Self> {
         let stem = cleanup::unique_stem();
         let ns = topology::build(&stem).context("building the namespaces")?;
         kube_proxy::install(&ns.node, &spec.cluster, spec.kube_proxy)
             .context("installing the kube-proxy emulation")?;
-        kube_ovn::install_ipsets(&ns.node, &spec.cluster).context("creating Kube-OVN's ipsets")?;
-        kube_ovn::install_consumers(&ns.node, &spec.cluster)
-            .context("installing Kube-OVN's mark consumers")?;
+        if kube_ovn_transcription {
+            kube_ovn::install_ipsets(&ns.node, &spec.cluster)
+                .context("creating Kube-OVN's ipsets")?;
+            kube_ovn::install_consumers(&ns.node, &spec.cluster)
+                .context("installing Kube-OVN's mark consumers")?;
+        }
         let mut backends = Vec::new();
         for host in [Host::Pods, Host::Other] {
             let (tcp, udp) = listeners(&spec.cluster, host);
