@@ -63,7 +63,7 @@ impl<'a> Packet<'a> {
     }
 
     /// A packet on a link without an Ethernet header. Whatever the link puts before the
-    /// network header at TC ingress (nothing on tun or WireGuard, the outer headers on some
+    /// network header at TC ingress (nothing on tun or `wg` devices, the outer headers on some
     /// tunnels), the kernel set the network header at the IP header when it received the
     /// packet, so offsets count from there.
     pub fn from_network_header(ctx: &'a TcContext) -> Self {
