@@ -4,6 +4,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod e2e;
+mod golang;
 mod helm;
 mod image;
 mod kube_ovn;
@@ -101,6 +102,7 @@ fn test() -> Result<()> {
     cmd::cargo(&["fmt", "--all", "--check"])?;
     cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cmd::cargo_ebpf_clippy()?;
+    golang::checks()?;
     // Root-only suites skip loudly without privileges; in CI (root) a skip is a failure.
     let require = if setup::is_root() { "1" } else { "" };
     // The real control plane for tests/real_apiserver.rs (cached under target/testbed/).

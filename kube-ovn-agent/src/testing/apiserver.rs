@@ -13,6 +13,12 @@
 //! - `404 NotFound` for a resource the "cluster" does not serve.
 //!
 //! One resourceVersion counter spans all resources, as etcd's revision does.
+//!
+//! The real kube-apiserver of `tests/real_apiserver.rs` (docs/testbed.md) is the reference for
+//! everything it can do on demand. This server stays for the faults a real one does not produce
+//! when a test asks: a watch dropped or closed mid-stream, a `410` ERROR event on an open watch, an
+//! expired `continue` token in the middle of a paged list, a bookmark at a chosen moment, an API
+//! that appears while the agent runs, and counting each list and watch request.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
