@@ -11,6 +11,8 @@
 //! `prometheus` package (`cargo xtask setup`). A missing tool fails the test under `CI`; elsewhere
 //! the affected test says loudly that it was skipped.
 
+mod support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -721,7 +723,8 @@ fn daemonsets_pass_the_cli() -> Result<(), Failed> {
             .and_then(|s| s.template.spec.as_ref())
             .expect("pod spec")
             .containers[0];
-        let args = container.args.clone().unwrap_or_default();
+        // As the kubelet passes them: `$(HOST_IP)` and friends filled in.
+        let args = support::expanded_args(container);
         match Cli::try_parse_from(std::iter::once("kube-ovn-agent".to_owned()).chain(args)) {
             Ok(Cli {
                 command: AgentCommand::Run(_),

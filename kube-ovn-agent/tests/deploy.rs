@@ -6,6 +6,8 @@
 //! uses. When `kubectl` is installed, its embedded Kustomize renders the base and each component
 //! and must produce what these tests check.
 
+mod support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
@@ -368,46 +370,13 @@ fn agent_container(ds: &DaemonSet) -> &k8s_openapi::api::core::v1::Container {
     &pod.containers[0]
 }
 
-/// An example value of a `fieldRef` the kubelet fills in.
-fn example_field(path: &str) -> Option<&'static str> {
-    match path {
-        "status.hostIP" => Some("192.168.0.11"),
-        "spec.nodeName" => Some("n1"),
-        _ => None,
-    }
-}
-
-/// The container's args as the kubelet passes them: each `$(NAME)` of an env var set from a
-/// `fieldRef` replaced by an example of that field.
-fn expanded_args(container: &k8s_openapi::api::core::v1::Container) -> Vec<String> {
-    let values: Vec<(String, &str)> = container
-        .env
-        .iter()
-        .flatten()
-        .filter_map(|e| {
-            let path = &e.value_from.as_ref()?.field_ref.as_ref()?.field_path;
-            Some((format!("$({})", e.name), example_field(path)?))
-        })
-        .collect();
-    container
-        .args
-        .iter()
-        .flatten()
-        .map(|arg| {
-            values
-                .iter()
-                .fold(arg.clone(), |arg, (name, value)| arg.replace(name, value))
-        })
-        .collect()
-}
-
 /// The agent's own parse of the container's args.
 fn run_args(ds: &DaemonSet) -> Result<Box<RunArgs>, String> {
     let container = agent_container(ds);
     if container.command.is_some() {
         return Err("the image's entrypoint is the agent: set args, not command".into());
     }
-    let args = expanded_args(container);
+    let args = support::expanded_args(container);
     let cli = Cli::try_parse_from(std::iter::once("kube-ovn-agent".to_owned()).chain(args))
         .map_err(|e| format!("the agent's CLI rejects the DaemonSet's args: {e}"))?;
     match cli.command {

@@ -1,4 +1,4 @@
-//! Shared by the source tests: the maps a snapshot programs, bounded waits, temporary files.
+//! Shared by the test binaries (source tests, deploy and chart checks): the maps a snapshot programs, bounded waits, temporary files.
 #![allow(
     dead_code,
     reason = "each test binary uses a different part of these helpers"
@@ -140,4 +140,37 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// An example value of a `fieldRef` the kubelet fills in.
+pub fn example_field(path: &str) -> Option<&'static str> {
+    match path {
+        "status.hostIP" => Some("192.168.0.11"),
+        "spec.nodeName" => Some("n1"),
+        _ => None,
+    }
+}
+
+/// The container's args as the kubelet passes them: each `$(NAME)` of an env var set from a
+/// `fieldRef` replaced by an example of that field.
+pub fn expanded_args(container: &k8s_openapi::api::core::v1::Container) -> Vec<String> {
+    let values: Vec<(String, &str)> = container
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let path = &e.value_from.as_ref()?.field_ref.as_ref()?.field_path;
+            Some((format!("$({})", e.name), example_field(path)?))
+        })
+        .collect();
+    container
+        .args
+        .iter()
+        .flatten()
+        .map(|arg| {
+            values
+                .iter()
+                .fold(arg.clone(), |arg, (name, value)| arg.replace(name, value))
+        })
+        .collect()
 }
