@@ -22,6 +22,11 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     // The chart test checks and unit-tests the alert rules with it.
     ("promtool", "prometheus"),
+    // The Kube-OVN harness applies contrib/kube-ovn's patch series to the module source.
+    ("patch", "patch"),
+    // The reliability suite runs the agent under a capability set and descriptor limit.
+    ("setpriv", "util-linux"),
+    ("prlimit", "util-linux"),
 ];
 
 /// The pin of the eBPF build's nightly; the agent's build script reads the same file.
