@@ -863,15 +863,17 @@ fn pod_to_cluster_ip(t: &Topology, stop: &std::sync::atomic::AtomicBool) -> u64 
 /// before switching the rule off.
 fn restarts_never_unmark() -> Result<(), Failed> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    const SERVICES: usize = 10_000;
+    // 10 000 on the host; under the VM matrix's TCG (time scale 10) a tenth, so the suite fits
+    // its per-binary budget there: the ordering under test does not depend on the count.
+    let services: usize = (10_000 / kube_ovn_agent::testing::time_scale() as usize).max(500);
     let t = Topology::new();
     create_ipvs_sets(&t);
     // After the marked-packet counter (which RETURNs), this one counts the rest: unmarked.
     t.node
         .sh("iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -j RETURN");
-    let cluster = large_cluster(SERVICES);
+    let cluster = large_cluster(services);
     // The example cluster has six IPv4 (ClusterIP, protocol, port) entries.
-    let want_ports = 6 + SERVICES as u64;
+    let want_ports = 6 + services as u64;
     // A first sync in the wrong mode is recorded (and the test waits for the poll to correct
     // it), so the packet count below shows what it cost.
     let problems = std::cell::RefCell::new(Vec::new());
@@ -953,7 +955,7 @@ fn restarts_never_unmark() -> Result<(), Failed> {
     let after = counts(&t);
     let (marked, unmarked) = (after.0 - before.0, after.1 - before.1);
     eprintln!(
-        "{SERVICES} Services, 3 restarts and 2 mode switches: sent {sent}, marked {marked}, unmarked {unmarked}"
+        "{services} Services, 3 restarts and 2 mode switches: sent {sent}, marked {marked}, unmarked {unmarked}"
     );
     let problems = problems.into_inner();
     ensure(marked > 0 && unmarked == 0 && problems.is_empty(), || {
