@@ -29,6 +29,8 @@ const FOREIGN: &[(&str, &str)] = &[
     ("set-xmark", "iptables"),
     ("to-source", "iptables"),
     ("tproxy-mark", "iptables TPROXY"),
+    ("state", "iptables"),
+    ("tcp-flags", "iptables"),
     // kube-ovn-cni's flags, which ours mirror or which the docs discuss.
     ("cluster-router", "kube-ovn-cni"),
     ("enable-tproxy", "kube-ovn-cni"),
@@ -37,9 +39,33 @@ const FOREIGN: &[(&str, &str)] = &[
     ("cluster-cidr", "kube-proxy"),
     ("iptables-masquerade-bit", "kube-proxy"),
     ("nodeport-addresses", "kube-proxy"),
+    // Kube-OVN's kube-ovn-cni with the hand-over patch (contrib/kube-ovn), and our harness of
+    // its gateway code (go/kube-ovn-harness).
+    ("prerouting-datapath", "kube-ovn-cni (patched)"),
+    ("cluster", "kovn-harness"),
+    ("interval", "kovn-harness"),
+    ("once", "kovn-harness"),
+    ("passes", "kovn-harness"),
+    ("protocol", "kovn-harness"),
+    // kube-apiserver as the testbed starts it.
+    ("allow-privileged", "kube-apiserver"),
+    ("authorization-mode", "kube-apiserver"),
+    ("cert-dir", "kube-apiserver"),
+    ("etcd-compaction-interval", "kube-apiserver"),
+    ("runtime-config", "kube-apiserver"),
+    ("token-auth-file", "kube-apiserver"),
+    // Helm, podman.
+    ("namespace", "helm/kubectl"),
+    ("reuse-values", "helm"),
+    ("set", "helm"),
+    ("network", "podman"),
     // kubectl, cargo, xtask and the test harness.
     ("as", "kubectl"),
     ("dry-run", "kubectl"),
+    ("list", "kubectl auth can-i"),
+    ("overwrite", "kubectl label"),
+    ("kube-ovn", "cargo xtask e2e"),
+    ("versions", "cargo xtask kube-ovn"),
     ("image", "kubectl debug"),
     ("profile", "kubectl debug"),
     ("bless", "cargo xtask vm-test"),
