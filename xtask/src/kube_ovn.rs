@@ -20,15 +20,19 @@ use clap::{Args as ClapArgs, Subcommand};
 
 use crate::{
     cmd,
-    node::{Cluster, Family, KubeProxyMode, cleanup, exec, kube_ovn, kube_proxy, netns::Netns},
+    node::{
+        Cluster, Family, KubeProxyMode, cleanup, exec, kube_ovn, kube_ovn::Positioning, kube_proxy,
+        netns::Netns,
+    },
     setup,
 };
 
 /// The Kube-OVN releases the harness is built from: the one place they are pinned. The Go module
-/// proxy this project can reach serves only v1.16.2 of `github.com/kubeovn/kube-ovn` (v1.13.x,
-/// v1.14.x, v1.15.x and v1.16.0/1 answer 403), so v1.13.3 and v1.13.15 cannot be built here; add
-/// a version to this list when the proxy serves it.
-pub const VERSIONS: &[&str] = &["v1.16.2"];
+/// proxy serves these, but not v1.13.3 or v1.13.15 (403), so stand-ins with the same nat
+/// PREROUTING jump positioning take their places (docs/kube-ovn-real.md): v1.13.11 for v1.13.3
+/// (insert at 1, delete duplicates by stale index), v1.13.13 (#5232 only), v1.14.10 for v1.13.15
+/// (#5232 and #5421).
+pub const VERSIONS: &[&str] = &["v1.13.11", "v1.14.10", "v1.16.2"];
 
 /// The release `contrib/kube-ovn/<version>/` patches are applied to for the `patched` variant.
 pub const PATCHED_BASE: &str = "v1.16.2";
@@ -297,18 +301,19 @@ pub fn build(variant: &Variant) -> Result<PathBuf> {
             .arg(format!("-replace={HARNESS_MODULE}={}", harness.display()))
             .current_dir(&src),
     )?;
-    let tags = if variant.patched {
-        "kovnharness,kovnpatched"
-    } else {
-        "kovnharness"
-    };
+    let mut tags = vec!["kovnharness"];
+    if variant.patched {
+        tags.push("kovnpatched");
+    }
+    tags.extend(version_tags(&variant.version));
+    let tags = tags.join(",");
     eprintln!(
         "kube-ovn build {}: go build in {} (a cold build takes ~10 min)",
         variant.name(),
         src.display()
     );
     go_output(
-        go().args(["build", "-tags", tags, "-o"])
+        go().args(["build", "-tags", &tags, "-o"])
             .arg(&binary)
             .arg("./cmd/kovn-harness")
             .current_dir(&src),
@@ -316,6 +321,41 @@ pub fn build(variant: &Variant) -> Result<PathBuf> {
     .with_context(|| format!("building the harness for {}", variant.name()))?;
     fs::write(&stamp_file, stamp)?;
     Ok(binary)
+}
+
+/// Build tags for the harness's per-release files (go/kube-ovn-harness/inject/pkg/daemon), where
+/// `pkg/daemon`'s internals differ from v1.16.2's:
+/// - `kovnlegacy` (v1.13, v1.14): initRuntime makes its k8s.io/kubernetes iptables/ipset helpers
+///   with an exec interface and names its counters `GwIPtableCounters`;
+/// - `kovnnoservices` (v1.13): the Controller has no Service lister.
+fn version_tags(version: &str) -> Vec<&'static str> {
+    let minor = version
+        .strip_prefix("v1.")
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    let mut tags = Vec::new();
+    if minor.is_some_and(|m| m < 15) {
+        tags.push("kovnlegacy");
+    }
+    if minor.is_some_and(|m| m < 14) {
+        tags.push("kovnnoservices");
+    }
+    tags
+}
+
+/// The nat PREROUTING jump positioning generation of a release (docs/kube-ovn-real.md):
+/// v1.13.0–v1.13.12, v1.13.13–v1.13.14, and v1.13.15+ (which v1.14.1+ shares).
+pub fn positioning_of(version: &str) -> Positioning {
+    let numbers: Vec<u32> = version
+        .trim_start_matches('v')
+        .split('.')
+        .map_while(|n| n.parse().ok())
+        .collect();
+    match numbers.as_slice() {
+        [1, 13, patch, ..] if *patch <= 12 => Positioning::V1_13_0,
+        [1, 13, 13 | 14, ..] => Positioning::V1_13_13,
+        _ => Positioning::V1_13_15,
+    }
 }
 
 /// Runs the harness once in `ns` on the cluster in `cluster_file` (node `node1`, dual-stack).
@@ -1126,6 +1166,26 @@ mod tests {
         assert_eq!(patched.name(), "patched");
         for bad in ["1.16.2", "v1.16", "latest", "v1.x.2", ""] {
             assert!(Variant::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn positioning_generations() {
+        assert_eq!(positioning_of("v1.13.0"), Positioning::V1_13_0);
+        assert_eq!(positioning_of("v1.13.11"), Positioning::V1_13_0);
+        assert_eq!(positioning_of("v1.13.13"), Positioning::V1_13_13);
+        assert_eq!(positioning_of("v1.13.15"), Positioning::V1_13_15);
+        assert_eq!(positioning_of("v1.14.10"), Positioning::V1_13_15);
+        assert_eq!(positioning_of("v1.16.2"), Positioning::V1_13_15);
+    }
+
+    #[test]
+    fn version_tags_follow_pkg_daemon() {
+        assert_eq!(version_tags("v1.13.11"), ["kovnlegacy", "kovnnoservices"]);
+        assert_eq!(version_tags("v1.13.13"), ["kovnlegacy", "kovnnoservices"]);
+        assert_eq!(version_tags("v1.14.10"), ["kovnlegacy"]);
+        for v in ["v1.15.0", "v1.16.2", "v2.0.0"] {
+            assert!(version_tags(v).is_empty(), "{v}");
         }
     }
 

@@ -267,15 +267,15 @@ impl ActorStats {
 }
 
 /// A small xorshift generator: jitter only, no need for a crate.
-struct Jitter(u64);
+pub(super) struct Jitter(u64);
 
 impl Jitter {
-    fn new(seed: u64) -> Self {
+    pub(super) fn new(seed: u64) -> Self {
         Self(seed | 1)
     }
 
     /// `period` × a uniform factor in [0.5, 1.5).
-    fn around(&mut self, period: Duration) -> Duration {
+    pub(super) fn around(&mut self, period: Duration) -> Duration {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -343,7 +343,12 @@ fn actor_pass(
     }
 }
 
-fn calico_pass(ns: &Netns, family: Family, stats: &mut ActorStats, started: Instant) -> Result<()> {
+pub(super) fn calico_pass(
+    ns: &Netns,
+    family: Family,
+    stats: &mut ActorStats,
+    started: Instant,
+) -> Result<()> {
     let rules = kube_ovn::list_prerouting(ns, family)?;
     let ovn_copies = rules.iter().filter(|r| *r == PREROUTING_JUMP).count();
     stats.max_ovn_copies = stats.max_ovn_copies.max(ovn_copies);
@@ -520,9 +525,9 @@ pub fn run(
     })
 }
 
-type Traffic = Result<(usize, BTreeMap<String, usize>)>;
+pub(super) type Traffic = Result<(usize, BTreeMap<String, usize>)>;
 
-fn traffic_loop(node: &Node, mix: &[Scenario], config: &CoexistConfig) -> Traffic {
+pub(super) fn traffic_loop(node: &Node, mix: &[Scenario], config: &CoexistConfig) -> Traffic {
     ensure!(!mix.is_empty(), "empty coexistence mix");
     let interval = config.duration / u32::try_from(config.connections.max(1)).unwrap_or(u32::MAX);
     let started = Instant::now();

@@ -8,6 +8,7 @@ mod coexist;
 mod faults;
 mod migration;
 mod real;
+mod real_coexist;
 mod report;
 mod scenarios;
 
@@ -63,6 +64,11 @@ pub struct Args {
     /// (comma list of versions such as v1.16.2, and `patched`). See docs/kube-ovn-real.md.
     #[arg(long, value_delimiter = ',', value_name = "VERSIONS")]
     kube_ovn: Vec<String>,
+    /// With --kube-ovn: instead of the scenarios, the seed's churn with the real releases —
+    /// Calico in insert mode and a kube-proxy service jump Kube-OVN cannot see (nftables mode),
+    /// for this many seconds per node, iptables vs ebpf. See docs/kube-ovn-real.md.
+    #[arg(long, value_name = "SECONDS", requires = "kube_ovn")]
+    kube_ovn_coexist: Option<u64>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +94,7 @@ impl Args {
             release: false,
             only: Vec::new(),
             kube_ovn: Vec::new(),
+            kube_ovn_coexist: None,
         }
     }
 
@@ -147,6 +154,9 @@ pub fn run(args: &Args) -> Result<()> {
         let options = HookOptions {
             agent: Some(AgentConfig::new(agent_binary(args)?)),
         };
+        if let Some(secs) = args.kube_ovn_coexist {
+            return real_coexist::run(&variants, &options, Duration::from_secs(secs));
+        }
         return real::run(&variants, &options);
     }
     let started = Instant::now();

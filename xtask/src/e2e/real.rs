@@ -12,9 +12,9 @@
 //!   `kube-ovn` column is the release it patches.
 //!
 //! Then, per variant, nat PREROUTING start states of spec §5.4 (Calico's, kube-proxy's and the
-//! CNI hostport jumps, copies of Kube-OVN's): after one real pass the chain must be what the
-//! transcription's v1.13.15+ positioning makes of it (a release), or the start without any
-//! Kube-OVN jump (`patched`).
+//! CNI hostport jumps, copies of Kube-OVN's): after one real pass the chain, and whether the pass
+//! failed, must be what the transcription's positioning of that release's generation
+//! (`kube_ovn::positioning_of`) makes of it, or the start without any Kube-OVN jump (`patched`).
 //!
 //! In IPVS mode the e2e's IPVS emulation needs the INPUT guard mirrored in FORWARD
 //! (`kube_proxy::input_guard_mirror`, docs/e2e.md); it is added on both nodes.
@@ -29,7 +29,7 @@ use crate::{
     kube_ovn::{self, Variant},
     node::{
         Cluster, Family, HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec, Outcome,
-        cleanup, kube_ovn::Positioning, kube_proxy,
+        cleanup, kube_proxy,
     },
 };
 
@@ -179,7 +179,7 @@ fn probe_all(node: &Node, scenarios: &[scenarios::Scenario]) -> Result<Vec<Outco
     Ok(outcomes)
 }
 
-fn guard_mirror(node: &Node, cluster: &Cluster, mode: KubeProxyMode) -> Result<()> {
+pub(super) fn guard_mirror(node: &Node, cluster: &Cluster, mode: KubeProxyMode) -> Result<()> {
     if mode != KubeProxyMode::Ipvs {
         return Ok(());
     }
@@ -202,7 +202,7 @@ fn guard_mirror(node: &Node, cluster: &Cluster, mode: KubeProxyMode) -> Result<(
 }
 
 /// Deletes Kube-OVN's nat PREROUTING jump (every copy, by exact match) in both families.
-fn delete_prerouting_jumps(node: &Node) -> Result<()> {
+pub(super) fn delete_prerouting_jumps(node: &Node) -> Result<()> {
     let ns = node.ns(Host::Node);
     for family in Family::ALL {
         let rules = ns.run(family.iptables(), &["-t", "nat", "-S", "PREROUTING"])?;
@@ -231,7 +231,7 @@ fn delete_prerouting_jumps(node: &Node) -> Result<()> {
 }
 
 /// No PREROUTING jump of Kube-OVN's in nat or mangle, either family.
-fn no_kube_ovn_prerouting(node: &Node) -> Result<()> {
+pub(super) fn no_kube_ovn_prerouting(node: &Node) -> Result<()> {
     let ns = node.ns(Host::Node);
     for family in Family::ALL {
         for table in ["nat", "mangle"] {
@@ -333,6 +333,16 @@ struct Position {
     start: Vec<&'static str>,
     real: Vec<String>,
     expected: Vec<String>,
+    /// The pass's error (either family), real and transcribed: v1.13.0–v1.13.12 deletes
+    /// duplicates by stale index and fails with "Index of deletion too big".
+    real_error: Option<String>,
+    expected_error: Option<String>,
+}
+
+impl Position {
+    fn ok(&self) -> bool {
+        self.real == self.expected && self.real_error.is_some() == self.expected_error.is_some()
+    }
 }
 
 fn positioning(variant: &Variant, binary: &Path) -> Result<Vec<Position>> {
@@ -345,10 +355,15 @@ fn positioning(variant: &Variant, binary: &Path) -> Result<Vec<Position>> {
     let cluster_file = dir.join("cluster.yaml");
     fs::write(&cluster_file, cluster.to_yaml())?;
     let mut out = Vec::new();
+    let generation = kube_ovn::positioning_of(&variant.version);
     for start in POSITION_STARTS {
         let real_ns = start_state(start)?;
-        kube_ovn::run_once(&real_ns, binary, &cluster_file, &cluster)?;
+        let real_error = kube_ovn::run_once(&real_ns, binary, &cluster_file, &cluster)
+            .err()
+            .map(|e| deletion_error(&format!("{e:#}")));
         let twin = start_state(start)?;
+        let mut expected_error = None;
+        let first = out.len();
         for family in Family::ALL {
             let expected = if variant.patched {
                 start
@@ -356,13 +371,14 @@ fn positioning(variant: &Variant, binary: &Path) -> Result<Vec<Position>> {
                     .filter(|n| **n != "ovn")
                     .map(|n| (*n).to_owned())
                     .collect()
+            } else if expected_error.is_some() {
+                // setIptables returns at the first family's error: IPv6 is not reached.
+                start.iter().map(|n| (*n).to_owned()).collect()
             } else {
-                let log = crate::node::kube_ovn::ensure_prerouting_jump(
-                    &twin,
-                    family,
-                    Positioning::V1_13_15,
-                )?;
-                ensure!(log.error.is_none(), "transcription: {:?}", log.error);
+                let log = crate::node::kube_ovn::ensure_prerouting_jump(&twin, family, generation)?;
+                if let Some(e) = log.error {
+                    expected_error = Some(format!("{family}: {e}"));
+                }
                 listing(&twin, family)?
             };
             out.push(Position {
@@ -370,10 +386,25 @@ fn positioning(variant: &Variant, binary: &Path) -> Result<Vec<Position>> {
                 start: start.to_vec(),
                 real: listing(&real_ns, family)?,
                 expected,
+                real_error: real_error.clone(),
+                expected_error: None,
             });
+        }
+        for p in &mut out[first..] {
+            p.expected_error.clone_from(&expected_error);
         }
     }
     Ok(out)
+}
+
+/// The iptables message of a failed pass ("Index of deletion too big."), or its last line.
+fn deletion_error(text: &str) -> String {
+    text.lines()
+        .find(|l| l.contains("Index of deletion too big"))
+        .or_else(|| text.lines().last())
+        .unwrap_or(text)
+        .trim()
+        .to_owned()
 }
 
 /// A scratch namespace whose nat PREROUTING (both families) is `start`.
@@ -414,9 +445,12 @@ fn print_positioning(
         "\n== kube-ovn {}: nat PREROUTING jump positioning (spec §5.4), real vs {} ==",
         variant.name(),
         if variant.patched {
-            "the start without Kube-OVN's jump"
+            "the start without Kube-OVN's jump".to_owned()
         } else {
-            "the transcription's v1.13.15+ logic"
+            format!(
+                "the transcription's {} logic",
+                kube_ovn::positioning_of(&variant.version).label()
+            )
         }
     );
     match positions {
@@ -427,9 +461,9 @@ fn print_positioning(
         Ok(list) => {
             let mut failed = 0;
             for p in list {
-                let ok = p.real == p.expected;
+                let ok = p.ok();
                 failed += usize::from(!ok);
-                println!(
+                let mut line = format!(
                     "  {} {} [{}] -> real [{}], expected [{}]",
                     if ok { "ok  " } else { "DIFF" },
                     p.family,
@@ -437,6 +471,15 @@ fn print_positioning(
                     p.real.join(", "),
                     p.expected.join(", ")
                 );
+                if p.real_error.is_some() || p.expected_error.is_some() {
+                    let _ = write!(
+                        line,
+                        "; error real: {}, expected: {}",
+                        p.real_error.as_deref().unwrap_or("none"),
+                        p.expected_error.as_deref().unwrap_or("none")
+                    );
+                }
+                println!("{line}");
             }
             (list.len() - failed, failed)
         }
@@ -454,7 +497,9 @@ fn positioning_json(positions: &Result<Vec<Position>, String>) -> serde_json::Va
                     "start": p.start,
                     "real": p.real,
                     "expected": p.expected,
-                    "agree": p.real == p.expected,
+                    "real_error": p.real_error,
+                    "expected_error": p.expected_error,
+                    "agree": p.ok(),
                 })
             })
             .collect(),

@@ -12,15 +12,10 @@ import (
 	"os"
 	"slices"
 
-	"github.com/kubeovn/felix/ipsets"
-	"github.com/kubeovn/go-iptables/iptables"
 	corev1 "k8s.io/api/core/v1"
-	k8sipset "k8s.io/kubernetes/pkg/proxy/ipvs/ipset"
-	k8siptables "k8s.io/kubernetes/pkg/util/iptables"
 
 	"kube-ovn-ebpf/go/kube-ovn-harness/cluster"
 
-	kubeovnv1 "github.com/kubeovn/kube-ovn/pkg/apis/kubeovn/v1"
 	"github.com/kubeovn/kube-ovn/pkg/util"
 )
 
@@ -82,31 +77,8 @@ func NewHarness(opts HarnessOptions) (*Harness, error) {
 		config.NodeIPv4, config.NodeIPv6 = util.GetNodeInternalIP(*node)
 	}
 
-	// The handles initRuntime makes, by the same calls. initRuntime itself is not called: it also
-	// clears OVS flows and starts the NetworkManager syncer. iptablesObsolete stays nil, as on a
-	// node whose iptables is the legacy backend, so cleanObsoleteIptablesRules does nothing.
-	c.iptables = make(map[string]*iptables.IPTables)
-	c.ipsets = make(map[string]*ipsets.IPSets)
-	c.gwCounters = make(map[string]*util.GwIPTablesCounters)
-	c.k8siptables = make(map[string]k8siptables.Interface)
-	c.k8sipsets = k8sipset.New()
-	if c.protocol == kubeovnv1.ProtocolIPv4 || c.protocol == kubeovnv1.ProtocolDual {
-		ipt, err := iptables.NewWithProtocol(iptables.ProtocolIPv4)
-		if err != nil {
-			return nil, err
-		}
-		c.iptables[kubeovnv1.ProtocolIPv4] = ipt
-		c.ipsets[kubeovnv1.ProtocolIPv4] = ipsets.NewIPSets(ipsets.NewIPVersionConfig(ipsets.IPFamilyV4, IPSetPrefix, nil, nil))
-		c.k8siptables[kubeovnv1.ProtocolIPv4] = k8siptables.New(k8siptables.ProtocolIPv4)
-	}
-	if c.protocol == kubeovnv1.ProtocolIPv6 || c.protocol == kubeovnv1.ProtocolDual {
-		ipt, err := iptables.NewWithProtocol(iptables.ProtocolIPv6)
-		if err != nil {
-			return nil, err
-		}
-		c.iptables[kubeovnv1.ProtocolIPv6] = ipt
-		c.ipsets[kubeovnv1.ProtocolIPv6] = ipsets.NewIPSets(ipsets.NewIPVersionConfig(ipsets.IPFamilyV6, IPSetPrefix, nil, nil))
-		c.k8siptables[kubeovnv1.ProtocolIPv6] = k8siptables.New(k8siptables.ProtocolIPv6)
+	if err := harnessRuntime(c); err != nil {
+		return nil, err
 	}
 	return h, nil
 }
@@ -139,7 +111,8 @@ func (h *Harness) reload() (bool, error) {
 		return false, err
 	}
 	c := h.c
-	c.nodesLister, c.podsLister, c.servicesLister, c.subnetsLister = l.Nodes, l.Pods, l.Services, l.Subnets
+	c.nodesLister, c.podsLister, c.subnetsLister = l.Nodes, l.Pods, l.Subnets
+	harnessServices(c, l)
 	c.vlansLister, c.providerNetworksLister, c.ovnEipsLister = l.Vlans, l.ProviderNetworks, l.OvnEips
 	h.stamp = stamp
 	return true, nil
