@@ -65,6 +65,7 @@ const FOREIGN: &[(&str, &str)] = &[
     ("list", "kubectl auth can-i"),
     ("overwrite", "kubectl label"),
     ("kube-ovn", "cargo xtask e2e"),
+    ("kube-ovn-coexist", "cargo xtask e2e"),
     ("versions", "cargo xtask kube-ovn"),
     ("image", "kubectl debug"),
     ("profile", "kubectl debug"),
