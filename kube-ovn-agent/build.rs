@@ -1,5 +1,5 @@
 //! Builds the eBPF object with aya-build (the pinned nightly + bpf-linker) and leaves it in `OUT_DIR`, where
-//! `src/ebpf.rs` embeds it.
+//! `src/datapath/object.rs` embeds it.
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 

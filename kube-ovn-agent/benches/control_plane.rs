@@ -22,7 +22,7 @@ use aya::maps::{HashMap, Map, MapData};
 use k8s_openapi::api::core::v1::Service;
 use kube_ovn_agent::{
     cluster::Snapshot,
-    state::Desired,
+    state::MapState,
     testing::{
         TestDatapath,
         apiserver::{ApiServer, Resource},
@@ -584,7 +584,7 @@ fn map_changes(snapshot: &Snapshot, changes: usize) -> Percentiles {
 
 /// Kube-OVN's ipsets plus kube-proxy's as an `ipset restore` script, and Kube-OVN's nat chain
 /// as an `iptables-restore` one.
-fn restore_scripts(desired: &Desired) -> (String, &'static str) {
+fn restore_scripts(desired: &MapState) -> (String, &'static str) {
     let mut sets = String::new();
     sets.push_str("create ovn40subnets hash:net family inet maxelem 1048576\n");
     for net in &desired.v4.subnets {

@@ -9,7 +9,7 @@ use std::{
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use kube_ovn_agent::{
-    state::{Desired, Proto, ServicePort},
+    state::{MapState, Proto, ServicePort},
     testing::{
         TestDatapath,
         fixture::{self, Mode},
@@ -46,7 +46,7 @@ struct Row {
 
 /// The fixture node of spec §5.1 with every set padded to `n` entries that never match the
 /// benchmark packets, so lookups walk realistically filled maps.
-fn padded(n: usize) -> Desired {
+fn padded(n: usize) -> MapState {
     let mut d = fixture::desired(Mode::A, role::OVN0 | role::NODE_NIC);
     for i in 0..n {
         let [_, hi, mid, lo] = u32::try_from(i).expect("small").to_be_bytes();

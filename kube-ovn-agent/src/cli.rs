@@ -7,9 +7,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::{
-    attach::{AttachChoice, DEFAULT_HANDLE, TcxOrder},
-    bpffs::DEFAULT_ROOT,
-    node::IfaceOverride,
+    datapath::attach::{AttachChoice, DEFAULT_HANDLE, TcxOrder},
+    datapath::pins::DEFAULT_ROOT,
+    host::netlink::IfaceOverride,
     source::SourceSpec,
     translate::ServiceMatch,
 };

@@ -9,14 +9,14 @@ use aya::{
     programs::ProgramInfo,
 };
 use kube_ovn_agent::{
-    attach::{self, Attachment},
-    batch,
-    bpffs::{BpffsError, PinRoot},
     cli::{DetachArgs, ReadArgs, RootArgs},
-    clobber,
+    datapath::attach::{self, Attachment},
+    datapath::maps::{Tables, read_counters},
     datapath::open_pinned_maps,
-    maps::{Tables, read_counters},
-    state::{Desired, FamilyState, rule_names},
+    datapath::pins::{BpffsError, PinRoot},
+    datapath::sys,
+    host::clobber,
+    state::{FamilyState, MapState, rule_names},
 };
 use kube_ovn_ebpf_common::{counter, names, rule};
 use serde::Serialize;
@@ -121,8 +121,8 @@ pub async fn status(args: &ReadArgs) -> Result<()> {
 
 /// The pinned program's info, through a read-only open of its pin (works on a read-only bpffs).
 fn pinned_program(pins: &PinRoot) -> Option<ProgramInfo> {
-    let fd = batch::open_pin_read_only(&pins.program(names::PROGRAM)).ok()?;
-    let id = batch::program_id(fd.as_fd()).ok()?;
+    let fd = sys::open_pin_read_only(&pins.program(names::PROGRAM)).ok()?;
+    let id = sys::program_id(fd.as_fd()).ok()?;
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|info| info.id() == id)
@@ -229,7 +229,7 @@ pub fn dump(args: &ReadArgs) -> Result<()> {
     Ok(())
 }
 
-fn dump_text(d: &Desired) -> String {
+fn dump_text(d: &MapState) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -8,10 +8,11 @@ use std::{io::IsTerminal as _, process::ExitCode};
 use anyhow::Result;
 use clap::Parser;
 use kube_ovn_agent::{
-    bpffs::{BpffsError, EXIT_ROOT_IN_USE},
-    cleanup,
     cli::{Cli, Command},
-    diag, verify,
+    datapath::pins::{BpffsError, EXIT_ROOT_IN_USE},
+    diag,
+    ops::cleanup,
+    ops::verify,
 };
 use tracing_subscriber::{EnvFilter, fmt};
 

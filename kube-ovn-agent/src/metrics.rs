@@ -46,11 +46,10 @@ impl std::fmt::Debug for Live {
 
 impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let counters = self
-            .counters
-            .lock()
-            .ok()
-            .and_then(|c| c.as_ref().and_then(|c| crate::maps::read_counters(c).ok()));
+        let counters = self.counters.lock().ok().and_then(|c| {
+            c.as_ref()
+                .and_then(|c| crate::datapath::maps::read_counters(c).ok())
+        });
         if let Some(values) = counters {
             let mut family = encoder.encode_descriptor(
                 "kovn_datapath_packets",

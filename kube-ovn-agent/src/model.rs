@@ -1,4 +1,4 @@
-//! Reference model of the datapath: the same rules written as plain Rust over a [`Desired`]
+//! Reference model of the datapath: the same rules written as plain Rust over a [`MapState`]
 //! state and a raw frame. It shares no code with the eBPF program (it has its own parser), so
 //! tests can use it as the oracle for the program, and `verify`-style tooling can explain a
 //! verdict without a kernel.
@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use kube_ovn_ebpf_common::{ipproto, role, rule};
 
-use crate::state::{Desired, FamilyState, ProbeTarget, Proto, ServicePort};
+use crate::state::{FamilyState, MapState, ProbeTarget, Proto, ServicePort};
 
 /// Walk limit for IPv6 extension headers; the datapath uses the same bound.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
@@ -54,7 +54,7 @@ pub enum Parsed {
 }
 
 /// Evaluates `frame` arriving on an interface with `ifindex` against `desired`.
-pub fn evaluate(desired: &Desired, ifindex: u32, frame: &[u8]) -> Verdict {
+pub fn evaluate(desired: &MapState, ifindex: u32, frame: &[u8]) -> Verdict {
     let roles = match desired.ifaces.get(&ifindex) {
         Some(&roles) if roles & role::ALL != 0 => roles,
         _ => return Verdict::NoRole,

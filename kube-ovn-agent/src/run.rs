@@ -13,16 +13,16 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use kube_ovn_agent::{
-    attach::{self, AttachConfig, Attachment},
-    bpffs::{PinRoot, RootLock},
     cli::{KubeProxyMode, Mode, RunArgs},
-    clobber,
     datapath::Datapath,
+    datapath::attach::{self, AttachConfig, Attachment},
+    datapath::pins::{PinRoot, RootLock},
     diag,
     faults::{Fault, FaultLog},
-    ipset,
+    host::clobber,
+    host::ipset,
+    host::netlink::{self, NodeNet},
     metrics::{self, Health, Metrics},
-    node::{self, NodeNet},
     source::{self, Running, SourceSpec},
     translate::{self, KubeProxySets, NodeFacts, Options},
 };
@@ -67,7 +67,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         });
     }
 
-    let node_net = node::watch(NODE_RESYNC).context("watching interfaces and routes")?;
+    let node_net = netlink::watch(NODE_RESYNC).context("watching interfaces and routes")?;
     let (rtnl_connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(rtnl_connection);
 
@@ -129,7 +129,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         last_listed: false,
         attach_due: true,
         tproxy_ips: (None, None),
-        tproxy_listeners: node::TproxyListeners::default(),
+        tproxy_listeners: netlink::TproxyListeners::default(),
     };
     agent.main_loop(running, node_net).await
 }
@@ -182,7 +182,7 @@ struct Agent {
     /// The TPROXY listener addresses of the last translation, and what the last listener
     /// check found.
     tproxy_ips: (Option<Ipv4Addr>, Option<Ipv6Addr>),
-    tproxy_listeners: node::TproxyListeners,
+    tproxy_listeners: netlink::TproxyListeners,
 }
 
 impl Agent {
@@ -297,7 +297,8 @@ impl Agent {
             return;
         };
         let node_ips = translate::own_internal_ips(&snapshot, &self.node_name);
-        let roles = node::iface_roles(&net, &node_ips, &self.args.ifaces, self.args.enable_tproxy);
+        let roles =
+            netlink::iface_roles(&net, &node_ips, &self.args.ifaces, self.args.enable_tproxy);
         let listed = status.all_listed();
         // Attaching costs syscalls per interface: only when the interfaces changed, a previous
         // attempt failed, or on the periodic resync.
@@ -341,7 +342,7 @@ impl Agent {
             // Until then keep what is programmed; just follow interface changes.
             let ifaces = translation.desired.ifaces.iter().map(|(i, r)| (*i, *r));
             let table = self.datapath.tables.ifaces.sync(ifaces, false);
-            kube_ovn_agent::maps::SyncReport {
+            kube_ovn_agent::datapath::maps::SyncReport {
                 written: table.written,
                 removed: table.removed,
                 errors: table.errors,
@@ -464,7 +465,7 @@ impl Agent {
         if !self.args.enable_tproxy {
             return false;
         }
-        let listeners = match node::tcp_listeners() {
+        let listeners = match netlink::tcp_listeners() {
             Ok(listeners) => {
                 self.faults.pass("sock_diag", []);
                 listeners
@@ -481,7 +482,7 @@ impl Agent {
             }
         };
         let (v4, v6) = self.tproxy_ips;
-        let now = node::TproxyListeners::decide(&listeners, self.args.tproxy_port, v4, v6);
+        let now = netlink::TproxyListeners::decide(&listeners, self.args.tproxy_port, v4, v6);
         if now == self.tproxy_listeners {
             return false;
         }

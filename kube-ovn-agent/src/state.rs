@@ -131,7 +131,7 @@ pub type V6State = FamilyState<Ipv6Net, Ipv6Addr>;
 
 /// Everything the datapath maps should contain.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Desired {
+pub struct MapState {
     pub v4: V4State,
     pub v6: V6State,
     /// ifindex → `role` bits.
@@ -143,7 +143,7 @@ pub struct Desired {
     pub tproxy_port: u16,
 }
 
-impl Desired {
+impl MapState {
     pub fn config(&self) -> kube_ovn_ebpf_common::Config {
         kube_ovn_ebpf_common::Config {
             rules_v4: self.v4.rules,
@@ -242,7 +242,7 @@ mod tests {
 
     #[test]
     fn nodeport_array_round_trips_through_the_four_sets() {
-        let mut desired = Desired::default();
+        let mut desired = MapState::default();
         desired.v4.nodeport_local_tcp.extend([30080, 30081]);
         desired.v4.nodeport_local_udp.insert(30053);
         desired.v6.nodeport_local_tcp.insert(30080);
@@ -255,7 +255,7 @@ mod tests {
                 (30081, nodeport::TCP_V4),
             ])
         );
-        let mut back = Desired::default();
+        let mut back = MapState::default();
         back.set_nodeport_local(&array);
         assert_eq!(back, desired);
     }

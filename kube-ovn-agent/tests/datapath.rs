@@ -5,11 +5,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::PerCpuValues;
 use kube_ovn_agent::{
-    bpffs::PinRoot,
     datapath::Datapath,
-    maps::read_counters,
+    datapath::maps::read_counters,
+    datapath::pins::PinRoot,
     model,
-    state::{Desired, ProbeTarget, Proto, ServicePort},
+    state::{MapState, ProbeTarget, Proto, ServicePort},
     testing::{
         TestDatapath, VERDICT_CONTINUE,
         fixture::{self, Mode, TEST_RUN_IFINDEX, Vector},
@@ -93,7 +93,7 @@ fn main() {
 /// say. Returns an error naming `what` on mismatch.
 fn expect(
     dp: &mut TestDatapath,
-    desired: &Desired,
+    desired: &MapState,
     what: &str,
     frame: &[u8],
     rules: u32,
@@ -166,7 +166,7 @@ fn check_vector(v: &Vector) -> Result<(), Failed> {
     )
 }
 
-fn loaded(mode: Mode, roles: u32) -> (TestDatapath, Desired) {
+fn loaded(mode: Mode, roles: u32) -> (TestDatapath, MapState) {
     let mut dp = TestDatapath::load();
     let desired = fixture::desired(mode, roles);
     dp.apply(&desired);
@@ -531,8 +531,8 @@ const V6_POOL: [&str; 6] = [
 ];
 const PORT_POOL: [u16; 6] = [443, 53, 30080, 30053, 8080, 3868];
 
-fn random_state(rng: &mut StdRng) -> Desired {
-    let mut d = Desired::default();
+fn random_state(rng: &mut StdRng) -> MapState {
+    let mut d = MapState::default();
     let v4 = |rng: &mut StdRng| {
         V4_POOL
             .choose(rng)
@@ -606,7 +606,7 @@ fn random_state(rng: &mut StdRng) -> Desired {
     d
 }
 
-fn random_frame(rng: &mut StdRng, _desired: &Desired) -> Vec<u8> {
+fn random_frame(rng: &mut StdRng, _desired: &MapState) -> Vec<u8> {
     let v6 = rng.random_bool(0.4);
     let pick = |rng: &mut StdRng| -> IpAddr {
         if v6 {

@@ -72,7 +72,7 @@ fn main() {
             tproxy,
         ),
     ];
-    let tcx = kube_ovn_agent::attach::tcx_supported();
+    let tcx = kube_ovn_agent::datapath::attach::tcx_supported();
     if !tcx && skip.is_none() {
         eprintln!(
             "\n*** SKIPPING the tcx variant: it needs tcx (Linux >= 6.6); this kernel has netlink clsact only ***\n"
@@ -972,8 +972,8 @@ fn restarts_never_unmark() -> Result<(), Failed> {
 /// early prerouting chain are reported by the clobber check.
 fn nftables_kube_proxy() -> Result<(), Failed> {
     use kube_ovn_agent::{
-        clobber,
-        ipset::{DetectedMode, detect_kube_proxy},
+        host::clobber,
+        host::ipset::{DetectedMode, detect_kube_proxy},
         translate::KubeProxySets,
     };
     let node = NetNs::new("kovn-nft-");

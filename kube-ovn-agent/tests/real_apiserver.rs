@@ -36,7 +36,7 @@ use kube_ovn_agent::{
         Running,
         kube::{self as kube_source, KubeOptions},
     },
-    state::Desired,
+    state::MapState,
     testing::{
         missing_privilege,
         netns::{Bpffs, NetNs, TempPath, veth},
@@ -293,7 +293,7 @@ fn converge_to_api(
     plane: &ControlPlane,
     running: &Running,
     what: &str,
-) -> Desired {
+) -> MapState {
     converge_to_api_with(rt, plane, running, &support::options(), what)
 }
 
@@ -303,7 +303,7 @@ fn converge_to_api_with(
     running: &Running,
     options: &TranslateOptions,
     what: &str,
-) -> Desired {
+) -> MapState {
     let want = expected_with(&api_snapshot(plane), options);
     rt.block_on(converge_with(&*running.source, &want, options, what));
     want

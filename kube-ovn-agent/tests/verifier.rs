@@ -26,7 +26,7 @@ use aya_obj::{
     EbpfSectionKind, Object, ProgramSection,
     generated::{bpf_attr, bpf_cmd, bpf_prog_type},
 };
-use kube_ovn_agent::{ebpf, testing::missing_privilege};
+use kube_ovn_agent::{datapath::object, testing::missing_privilege};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 /// `BPF_LOG_STATS` (since 5.2): only the summary lines, whatever the program's size.
@@ -42,7 +42,7 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let object = Object::parse(ebpf::OBJECT).expect("parsing the embedded object");
+    let object = Object::parse(object::OBJECT).expect("parsing the embedded object");
     let mut programs: Vec<String> = object.programs.keys().cloned().collect();
     programs.sort();
     let trials = programs
@@ -59,13 +59,13 @@ fn measure(name: &str) -> Result<(), Failed> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|e| format!("reading the kernel release: {e}"))?;
     let kernel = kernel.trim();
-    let loaded = ebpf::load(None).map_err(|e| format!("loading the datapath: {e}"))?;
+    let loaded = object::load(None).map_err(|e| format!("loading the datapath: {e}"))?;
     let program = loaded
         .program(name)
         .ok_or_else(|| format!("program {name} missing after loading"))?;
     let info = program
         .info()
-        .map_err(|e| format!("{name}: not loaded by ebpf::load ({e}); load it there first"))?;
+        .map_err(|e| format!("{name}: not loaded by object::load ({e}); load it there first"))?;
     let maps = map_fds(program)?;
     let (instructions, log) = load_with_stats(name, &maps)?;
     let processed = processed_insns(&log).ok_or_else(|| {
@@ -120,7 +120,7 @@ fn map_fds(program: &Program) -> Result<HashMap<String, MapFd>, Failed> {
 /// instructions handed to the kernel and the log.
 fn load_with_stats(name: &str, maps: &HashMap<String, MapFd>) -> Result<(usize, String), Failed> {
     let features = aya::features();
-    let mut object = Object::parse(ebpf::OBJECT).map_err(|e| format!("parsing: {e}"))?;
+    let mut object = Object::parse(object::OBJECT).map_err(|e| format!("parsing: {e}"))?;
     let btf_fd = match features.btf() {
         Some(btf_features) => match object
             .fixup_and_sanitize_btf(btf_features)

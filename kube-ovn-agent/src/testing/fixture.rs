@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use kube_ovn_ebpf_common::{counter, role, rule};
 
 use super::packet::{Packet, TCP_ACK, ext};
-use crate::state::{Desired, Proto, ServicePort};
+use crate::state::{MapState, Proto, ServicePort};
 
 /// kube-proxy mode of the fixture: A = IPVS (its sets exist), B = iptables (they do not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,8 +23,8 @@ const R2R3: u32 =
     rule::bit(rule::R2T) | rule::bit(rule::R3T) | rule::bit(rule::R2U) | rule::bit(rule::R3U);
 
 /// The sets of spec §5.1 ("Resulting sets") for `mode`, with `roles` on the test-run device.
-pub fn desired(mode: Mode, roles: u32) -> Desired {
-    let mut d = Desired::default();
+pub fn desired(mode: Mode, roles: u32) -> MapState {
+    let mut d = MapState::default();
     let net4 = |s: &str| s.parse().expect("fixture CIDR");
     let net6 = |s: &str| s.parse().expect("fixture CIDR");
 

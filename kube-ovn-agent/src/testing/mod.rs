@@ -19,7 +19,7 @@ use aya::{
 };
 use kube_ovn_ebpf_common::names;
 
-use crate::{ebpf, maps::Tables, state::Desired};
+use crate::{datapath::maps::Tables, datapath::object, state::MapState};
 
 /// A freshly loaded, unpinned datapath for tests and benchmarks.
 pub struct TestDatapath {
@@ -30,8 +30,8 @@ pub struct TestDatapath {
 
 impl TestDatapath {
     pub fn load() -> Self {
-        let mut ebpf = ebpf::load(None).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
-        let mut maps = ebpf::take_maps(&mut ebpf);
+        let mut ebpf = object::load(None).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        let mut maps = object::take_maps(&mut ebpf);
         let tables = Tables::from_maps(&mut maps).unwrap_or_else(|e| panic!("{e}"));
         let counters = maps
             .remove(names::COUNTERS)
@@ -46,7 +46,7 @@ impl TestDatapath {
     }
 
     /// Writes `desired` (with pruning); any map error fails the test.
-    pub fn apply(&mut self, desired: &Desired) {
+    pub fn apply(&mut self, desired: &MapState) {
         let report = self.tables.apply(desired, true);
         assert!(
             report.errors.is_empty(),
@@ -56,7 +56,7 @@ impl TestDatapath {
     }
 
     pub fn program(&mut self) -> &SchedClassifier {
-        ebpf::program(&mut self.ebpf).expect("program")
+        object::program(&mut self.ebpf).expect("program")
     }
 
     pub fn run(&mut self, frame: &[u8], mark_in: u32) -> Option<RunResult> {
@@ -65,7 +65,7 @@ impl TestDatapath {
 
     /// Counter values summed over CPUs, indexed by `counter` slot.
     pub fn counters(&self) -> Vec<u64> {
-        crate::maps::read_counters(&self.counters).expect("reading counters")
+        crate::datapath::maps::read_counters(&self.counters).expect("reading counters")
     }
 }
 

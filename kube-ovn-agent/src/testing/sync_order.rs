@@ -10,17 +10,17 @@ use std::{
 use kube_ovn_ebpf_common::{Config, names, rule};
 
 use crate::{
-    maps::{MapTable, Result, Synced, Tables},
-    state::{Desired, FamilyState},
+    datapath::maps::{MapTable, Result, Synced, Tables},
+    state::{FamilyState, MapState},
 };
 
 /// The datapath as a packet would see it after each single map operation, and what went wrong.
 #[derive(Default)]
 pub struct World {
     /// The maps' current content, decoded.
-    pub now: Desired,
+    pub now: MapState,
     /// The transition being checked: (from, to). `None`: no checking (while seeding).
-    pub transition: Option<(Desired, Desired)>,
+    pub transition: Option<(MapState, MapState)>,
     /// Every violation, with the operation count it happened at.
     pub violations: Vec<String>,
     pub operations: usize,
@@ -29,7 +29,7 @@ pub struct World {
 type Shared = Arc<Mutex<World>>;
 
 /// Writes one table's content into the shared view.
-type Project<K, V> = fn(&mut Desired, &BTreeMap<K, V>);
+type Project<K, V> = fn(&mut MapState, &BTreeMap<K, V>);
 
 struct Observed<K, V> {
     name: &'static str,
@@ -245,7 +245,7 @@ pub fn observed_tables() -> (Tables, Shared) {
             }
             d.set_nodeport_local(e);
         }),
-        v4: crate::maps::FamilyTables {
+        v4: crate::datapath::maps::FamilyTables {
             subnets: observed(&world, names::SUBNETS_V4, |d, e| d.v4.subnets = keys(e)),
             service_cidrs: observed(&world, names::SERVICE_CIDRS_V4, |d, e| {
                 d.v4.service_cidrs = keys(e);
@@ -261,7 +261,7 @@ pub fn observed_tables() -> (Tables, Shared) {
                 d.v4.probe_targets = keys(e);
             }),
         },
-        v6: crate::maps::FamilyTables {
+        v6: crate::datapath::maps::FamilyTables {
             subnets: observed(&world, names::SUBNETS_V6, |d, e| d.v6.subnets = keys(e)),
             service_cidrs: observed(&world, names::SERVICE_CIDRS_V6, |d, e| {
                 d.v6.service_cidrs = keys(e);
@@ -298,7 +298,7 @@ mod tests {
     };
 
     /// Applies `from`, then `to`, checking every state in between; returns the violations.
-    fn transition(from: &Desired, to: &Desired) -> Vec<String> {
+    fn transition(from: &MapState, to: &MapState) -> Vec<String> {
         let (mut tables, world) = observed_tables();
         let report = tables.apply(from, true);
         assert!(report.errors.is_empty(), "{:?}", report.errors);

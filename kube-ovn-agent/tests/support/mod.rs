@@ -13,9 +13,9 @@ use std::{
 
 use kube_ovn_agent::{
     cluster::Snapshot,
-    maps::Tables,
+    datapath::maps::Tables,
     source::{ClusterSource, SourceStatus},
-    state::Desired,
+    state::MapState,
     translate::{KubeProxySets, NodeFacts, Options, translate},
 };
 
@@ -42,11 +42,11 @@ pub fn node_facts() -> NodeFacts {
 }
 
 /// The desired map state for a snapshot built with `testing::objects`.
-pub fn expected(snapshot: &Snapshot) -> Desired {
+pub fn expected(snapshot: &Snapshot) -> MapState {
     expected_with(snapshot, &options())
 }
 
-pub fn expected_with(snapshot: &Snapshot, options: &Options) -> Desired {
+pub fn expected_with(snapshot: &Snapshot, options: &Options) -> MapState {
     let translation = translate(snapshot, &node_facts(), options);
     assert!(
         translation.issues.is_empty(),
@@ -57,7 +57,7 @@ pub fn expected_with(snapshot: &Snapshot, options: &Options) -> Desired {
 }
 
 /// What fresh in-memory maps hold after syncing what a source delivered.
-pub fn programmed(snapshot: &Snapshot, options: &Options) -> Desired {
+pub fn programmed(snapshot: &Snapshot, options: &Options) -> MapState {
     let translation = translate(snapshot, &node_facts(), options);
     let mut tables = Tables::in_memory();
     let report = tables.apply(&translation.desired, true);
@@ -66,13 +66,13 @@ pub fn programmed(snapshot: &Snapshot, options: &Options) -> Desired {
 }
 
 /// Waits until the maps programmed from `source` equal `want`.
-pub async fn converge(source: &dyn ClusterSource, want: &Desired, what: &str) {
+pub async fn converge(source: &dyn ClusterSource, want: &MapState, what: &str) {
     converge_with(source, want, &options(), what).await;
 }
 
 pub async fn converge_with(
     source: &dyn ClusterSource,
-    want: &Desired,
+    want: &MapState,
     options: &Options,
     what: &str,
 ) {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use kube_ovn_ebpf_common::mark;
 use serde::Serialize;
 
-use crate::xtables;
+use crate::host::xtables;
 
 /// A rule that can clear some of our mark bits on a packet it matches.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -19,7 +19,7 @@ use crate::{
         IP_ADDRESS_ANNOTATION, Kind, LOGICAL_SWITCH_ANNOTATION, Snapshot, Subnet,
         ignored_by_kube_proxy, object_name,
     },
-    state::{Desired, FamilyState, ProbeTarget, Proto, ServicePort},
+    state::{FamilyState, MapState, ProbeTarget, Proto, ServicePort},
 };
 
 /// How R1 decides that a packet goes to a Service (`--service-match`).
@@ -124,7 +124,7 @@ impl std::fmt::Display for Issue {
 
 #[derive(Clone, Debug, Default)]
 pub struct Translation {
-    pub desired: Desired,
+    pub desired: MapState,
     pub issues: Vec<Issue>,
 }
 
@@ -150,10 +150,10 @@ fn translate_inner(
     memo: Option<&mut Memo>,
 ) -> Translation {
     let mut issues = Vec::new();
-    let mut desired = Desired {
+    let mut desired = MapState {
         ifaces: node.ifaces.clone(),
         shadow: options.shadow,
-        ..Desired::default()
+        ..MapState::default()
     };
     let own_node = snapshot
         .nodes
@@ -249,7 +249,7 @@ fn tproxy(
     node: &NodeFacts,
     options: &Options,
     node_ip: NodeInternalIp,
-    desired: &mut Desired,
+    desired: &mut MapState,
     issues: &mut Vec<Issue>,
 ) {
     // TPROXY is on for a family when the node has an address of it for the listener: Kube-OVN's

@@ -1,4 +1,4 @@
-//! Writing a [`Desired`] state into the datapath maps by difference.
+//! Writing a [`MapState`] state into the datapath maps by difference.
 //!
 //! Each map is a [`MapTable`]: typed keys and values in human terms (CIDRs, addresses, ports),
 //! encoded to the `#[repr(C)]` types of the common crate at the boundary. [`Synced`] keeps a
@@ -24,8 +24,8 @@ use kube_ovn_ebpf_common::{
 };
 
 use crate::{
-    batch,
-    state::{Desired, FamilyState, ProbeTarget, Proto, ServicePort},
+    datapath::sys,
+    state::{FamilyState, MapState, ProbeTarget, Proto, ServicePort},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +166,7 @@ impl Batcher {
         one_by_one: impl FnOnce() -> Result<Vec<(KR, VR)>>,
     ) -> Result<Vec<(KR, VR)>> {
         if self.supported
-            && let Ok(entries) = batch::lookup_all(self.fd.as_fd())
+            && let Ok(entries) = sys::lookup_all(self.fd.as_fd())
         {
             return Ok(entries);
         }
@@ -190,12 +190,12 @@ impl Batcher {
                 next += 1;
                 continue;
             }
-            match batch::update(self.fd.as_fd(), &keys[next..], &values[next..]) {
+            match sys::update(self.fd.as_fd(), &keys[next..], &values[next..]) {
                 Ok(()) => {
                     results.resize_with(keys.len(), || Ok(()));
                     next = keys.len();
                 }
-                Err(batch::Stopped::Unsupported) => {
+                Err(sys::Stopped::Unsupported) => {
                     let result = single(next);
                     // The entry itself is fine, so the kernel lacks the command, not our data.
                     if result.is_ok() {
@@ -204,7 +204,7 @@ impl Batcher {
                     results.push(result);
                     next += 1;
                 }
-                Err(batch::Stopped::At { at, .. }) => {
+                Err(sys::Stopped::At { at, .. }) => {
                     debug_assert!(
                         at < keys.len() - next,
                         "`update` reports an entry it was given"
@@ -1036,7 +1036,7 @@ impl Tables {
 
     /// Brings every map to `desired`. Without `prune`, entries that are no longer desired stay
     /// (used until every source has listed once, so a partial view never deletes state).
-    pub fn apply(&mut self, desired: &Desired, prune: bool) -> SyncReport {
+    pub fn apply(&mut self, desired: &MapState, prune: bool) -> SyncReport {
         let mut report = SyncReport::default();
         // Fill, switch the rules, prune: a rule switched on never runs against half-filled sets,
         // and a rule switched off is off before its sets are emptied (tested in
@@ -1070,7 +1070,7 @@ impl Tables {
     }
 
     /// The state the maps hold now, decoded.
-    pub fn current(&self) -> Desired {
+    pub fn current(&self) -> MapState {
         fn family<N: Ord + Copy, A: Ord + Copy>(
             t: &FamilyTables<N, A>,
             rules: u32,
@@ -1094,7 +1094,7 @@ impl Tables {
         let config = self.config.entries().get(&()).copied().unwrap_or_default();
         let listener_v4 = Some(Ipv4Addr::from(config.tproxy_ip_v4)).filter(|a| !a.is_unspecified());
         let listener_v6 = Some(Ipv6Addr::from(config.tproxy_ip_v6)).filter(|a| !a.is_unspecified());
-        let mut desired = Desired {
+        let mut desired = MapState {
             v4: family(
                 &self.v4,
                 config.rules_v4,
@@ -1423,7 +1423,7 @@ mod tests {
         let mut small = MemTable::new(names::SERVICE_CIDRS_V4);
         small.capacity = 10;
         tables.v4.service_cidrs = Synced::adopt(Box::new(small)).unwrap();
-        let mut desired = Desired::default();
+        let mut desired = MapState::default();
         for i in 0..300u32 {
             let net = Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap();
             desired.v4.service_cidrs.insert(net);

@@ -6,6 +6,12 @@
 //! build's program replaces it in place on every attachment (`bpf_link_update` / filter replace),
 //! which never leaves an interface unmarked.
 
+pub mod attach;
+pub mod maps;
+pub mod object;
+pub mod pins;
+pub mod sys;
+
 use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::{
@@ -15,10 +21,10 @@ use aya::{
 };
 use kube_ovn_ebpf_common::names;
 
-use crate::{
-    bpffs::PinRoot,
-    ebpf::{self, LoadError},
+use self::{
     maps::{MapError, Tables},
+    object::LoadError,
+    pins::PinRoot,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +76,9 @@ pub struct Datapath {
 impl Datapath {
     /// Loads this build's object with its maps pinned under `pins`, adopting what is there.
     pub fn open(pins: &PinRoot) -> Result<Self, DatapathError> {
-        let mut ebpf = ebpf::load(Some(&pins.maps()))?;
+        let mut ebpf = object::load(Some(&pins.maps()))?;
         let program_pin = pins.program(names::PROGRAM);
-        let loaded = ebpf::program(&mut ebpf)?;
+        let loaded = object::program(&mut ebpf)?;
         let loaded_info = loaded.info().map_err(|source| DatapathError::Program {
             op: "reading info of",
             path: program_pin.clone(),
@@ -104,7 +110,7 @@ impl Datapath {
                 (Active::Loaded, loaded_info.id(), previous.is_some())
             }
         };
-        let mut maps = ebpf::take_maps(&mut ebpf);
+        let mut maps = object::take_maps(&mut ebpf);
         let tables = Tables::from_maps(&mut maps)?;
         Ok(Self {
             ebpf,
@@ -120,7 +126,7 @@ impl Datapath {
     pub fn program(&mut self) -> &mut SchedClassifier {
         match &mut self.active {
             Active::Pinned(program) => program,
-            Active::Loaded => ebpf::program(&mut self.ebpf).expect("loaded in open"),
+            Active::Loaded => object::program(&mut self.ebpf).expect("loaded in open"),
         }
     }
 
@@ -142,7 +148,7 @@ pub fn open_pinned_maps(pins: &PinRoot) -> Result<BTreeMap<&'static str, Map>, D
             path: path.clone(),
             source: Box::new(source),
         };
-        let fd = crate::batch::open_pin_read_only(&path).map_err(|io_error| {
+        let fd = sys::open_pin_read_only(&path).map_err(|io_error| {
             map_error(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                 call: "BPF_OBJ_GET",
                 io_error,

@@ -37,11 +37,11 @@ use kube_ovn_ebpf_common::{names, rule};
 use serde::Serialize;
 
 use crate::{
-    bpffs::PinRoot,
+    datapath::maps::{MapError, Tables, read_counters},
+    datapath::pins::PinRoot,
     datapath::{DatapathError, open_pinned_maps},
-    maps::{MapError, Tables, read_counters},
-    state::{Desired, FamilyState},
-    xtables::{self, Family, JUMP_SPEC, OVN_PREROUTING, Tables as Saved, Tool, XtablesError},
+    host::xtables::{self, Family, JUMP_SPEC, OVN_PREROUTING, Tables as Saved, Tool, XtablesError},
+    state::{FamilyState, MapState},
 };
 
 /// The counting-only chain in raw holding the copies of Kube-OVN's rules.
@@ -331,7 +331,7 @@ fn snapshot(tools: &[Tool], notes: &mut BTreeSet<String>) -> Result<BTreeMap<Too
 /// The pinned datapath, opened read-only.
 struct Datapath {
     counters: PerCpuArray<MapData, u64>,
-    state: Desired,
+    state: MapState,
 }
 
 impl Datapath {
@@ -677,7 +677,7 @@ async fn wait(window: Duration) -> Result<()> {
 
 fn report(
     options: &Options,
-    state: &Desired,
+    state: &MapState,
     before: &BTreeMap<Tool, View>,
     after: &BTreeMap<Tool, View>,
     ebpf: &[Vec<u64>; 4],
@@ -779,7 +779,7 @@ fn describe_backends(
 fn observe(
     id: u32,
     options: &Options,
-    state: &Desired,
+    state: &MapState,
     before: &BTreeMap<Tool, View>,
     after: &BTreeMap<Tool, View>,
     ebpf: &[Vec<u64>; 4],
@@ -938,7 +938,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xtables::split_words;
+    use crate::host::xtables::split_words;
 
     fn id(family: Family, spec: &str) -> std::result::Result<u32, String> {
         identify(family, &split_words(spec))

@@ -18,7 +18,7 @@ use kube_ovn_ebpf_common::names;
 use netlink_packet_route::tc::{TcAttribute, TcOption};
 use serde::Serialize;
 
-use crate::bpffs::PinRoot;
+use crate::datapath::pins::PinRoot;
 
 const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_ID: u16 = 11;

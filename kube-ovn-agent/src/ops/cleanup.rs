@@ -21,11 +21,11 @@ use kube_ovn_ebpf_common::rule;
 use serde::Serialize;
 
 use crate::{
-    attach,
-    bpffs::PinRoot,
+    datapath::attach,
+    datapath::maps::Tables,
     datapath::open_pinned_maps,
-    maps::Tables,
-    xtables::{self, JUMP_SPEC, OVN_PREROUTING, Tool, XtablesError},
+    datapath::pins::PinRoot,
+    host::xtables::{self, JUMP_SPEC, OVN_PREROUTING, Tool, XtablesError},
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,4 @@
+//! One-shot commands an operator runs next to the agent: `verify`, `cleanup-iptables`.
+
+pub mod cleanup;
+pub mod verify;
