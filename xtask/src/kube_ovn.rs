@@ -363,8 +363,9 @@ pub fn run_once(ns: &Netns, binary: &Path, cluster_file: &Path, cluster: &Cluste
     run_once_with(ns, binary, cluster_file, cluster, &[])
 }
 
-/// [`run_once`] with more kube-ovn-cni flags.
-fn run_once_with(
+/// [`run_once`] with more kube-ovn-cni flags (later flags override earlier ones: `--protocol ""`
+/// makes it take the families from the node's annotation, as kube-ovn-cni does).
+pub fn run_once_with(
     ns: &Netns,
     binary: &Path,
     cluster_file: &Path,
@@ -411,6 +412,18 @@ pub fn spawn(
     cluster: &Cluster,
     log: &Path,
 ) -> Result<Running> {
+    spawn_with(ns, binary, cluster_file, cluster, log, &[])
+}
+
+/// [`spawn`] with more kube-ovn-cni flags, as [`run_once_with`].
+pub fn spawn_with(
+    ns: &Netns,
+    binary: &Path,
+    cluster_file: &Path,
+    cluster: &Cluster,
+    log: &Path,
+    flags: &[&str],
+) -> Result<Running> {
     let out = fs::File::create(log)?;
     let child = ns
         .command(&binary.display().to_string())
@@ -425,6 +438,7 @@ pub fn spawn(
             &cluster.service_cidr_flag(),
         ])
         .args(extra_flags(binary))
+        .args(flags)
         .stdin(std::process::Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)

@@ -5,12 +5,14 @@
 //! detach). See `docs/e2e.md`.
 
 mod coexist;
+mod exactness;
 mod faults;
 mod migration;
 mod real;
 mod real_coexist;
 mod report;
 mod scenarios;
+mod tun;
 
 use std::{
     path::{Path, PathBuf},

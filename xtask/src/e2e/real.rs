@@ -23,7 +23,7 @@ use std::{fmt::Write as _, fs, path::Path};
 
 use anyhow::{Context as _, Result, ensure};
 
-use super::{coexist, scenarios};
+use super::{coexist, exactness, scenarios};
 use crate::{
     cmd,
     kube_ovn::{self, Variant},
@@ -72,8 +72,16 @@ pub fn run(variants: &[Variant], options: &HookOptions) -> Result<()> {
             "kube-ovn {} jump positioning: {pos_passed} passed, {pos_failed} failed",
             variant.name()
         ));
+        let cases = exactness::run(variant, &binary, &release, options);
+        let (ex_passed, ex_failed) = exactness::print(variant, &cases);
+        failed_total += ex_failed;
+        lines.push(format!(
+            "kube-ovn {} exactness: {ex_passed} passed, {ex_failed} failed",
+            variant.name()
+        ));
         let mut entry = variant_json(variant, &runs);
         entry["positioning"] = positioning_json(&positions);
+        entry["exactness"] = exactness::json(&cases);
         json.push(entry);
     }
     let dir = cmd::target_dir().join("e2e");
@@ -123,7 +131,7 @@ fn run_mode(
         let ns = node.ns(Host::Node);
         kube_ovn::run_once(ns, release, &cluster_file, &cluster)
             .context("Kube-OVN's gateway pass")?;
-        guard_mirror(&node, &cluster, mode)?;
+        guard_mirror(&node, &cluster, mode, &Family::ALL)?;
         probe_all(&node, &applicable)?
     };
 
@@ -144,7 +152,7 @@ fn run_mode(
             delete_prerouting_jumps(&node)?;
             None
         };
-        guard_mirror(&node, &cluster, mode)?;
+        guard_mirror(&node, &cluster, mode, &Family::ALL)?;
         node.install_hook(HookKind::Ebpf, options)?;
         let outcomes = probe_all(&node, &applicable)?;
         // The agent alone set the marks: no Kube-OVN jump is left (or, with the patched
@@ -179,11 +187,17 @@ fn probe_all(node: &Node, scenarios: &[scenarios::Scenario]) -> Result<Vec<Outco
     Ok(outcomes)
 }
 
-pub(super) fn guard_mirror(node: &Node, cluster: &Cluster, mode: KubeProxyMode) -> Result<()> {
+/// The FORWARD mirror of the INPUT guard, for the families Kube-OVN runs (`families`).
+pub(super) fn guard_mirror(
+    node: &Node,
+    cluster: &Cluster,
+    mode: KubeProxyMode,
+    families: &[Family],
+) -> Result<()> {
     if mode != KubeProxyMode::Ipvs {
         return Ok(());
     }
-    for family in Family::ALL {
+    for &family in families {
         let cidrs: Vec<String> = cluster
             .service_cidrs
             .iter()

@@ -184,7 +184,7 @@ fn run_side(
         real::delete_prerouting_jumps(&node)?;
         None
     };
-    real::guard_mirror(&node, &cluster, KubeProxyMode::Ipvs)?;
+    real::guard_mirror(&node, &cluster, KubeProxyMode::Ipvs, &Family::ALL)?;
     if hook == HookKind::Ebpf {
         node.install_hook(HookKind::Ebpf, options)?;
     }

@@ -33,6 +33,8 @@ pub struct AgentConfig {
     /// The cluster file's content when it must differ from the node's cluster (a benchmark
     /// that programs part of the state another way); `None` writes the node's cluster.
     pub cluster_yaml: Option<String>,
+    /// `--kube-proxy-mode` when it must differ from the node's kube-proxy (`auto`).
+    pub kube_proxy_mode: Option<&'static str>,
 }
 
 impl AgentConfig {
@@ -44,6 +46,7 @@ impl AgentConfig {
             ready_timeout: Duration::from_secs(20),
             extra_args: Vec::new(),
             cluster_yaml: None,
+            kube_proxy_mode: None,
         }
     }
 }
@@ -357,6 +360,11 @@ impl Agent {
         })
     }
 
+    /// The agent's whole log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of the agent's log, for error messages.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
@@ -403,7 +411,7 @@ fn run_args(
         "--service-cluster-ip-range",
         &spec.cluster.service_cidr_flag(),
         "--kube-proxy-mode",
-        spec.kube_proxy.flag(),
+        config.kube_proxy_mode.unwrap_or(spec.kube_proxy.flag()),
         "--iface",
         "ovn0=ovn0",
         "--iface",
