@@ -62,6 +62,9 @@ pub struct Side {
     /// by the sampler.
     pub position_changes: usize,
     pub max_copies: usize,
+    /// Times the sampler found the hidden kube-proxy jump deleted (by Kube-OVN's stale-index
+    /// deletes) and put it back, either family.
+    pub kube_proxy_restores: usize,
     pub calico_passes: usize,
     pub connections: usize,
     pub wrong: BTreeMap<String, usize>,
@@ -105,12 +108,16 @@ pub fn run(variants: &[Variant], options: &HookOptions, duration: Duration) -> R
             print_side(side);
         }
         // The agent's side must be clean whatever Kube-OVN does next to it.
-        let ebpf_bad = ebpf.wrong_total() + ebpf.deletion_errors + ebpf.other_errors + ebpf.churn();
+        let ebpf_bad = ebpf.wrong_total()
+            + ebpf.deletion_errors
+            + ebpf.other_errors
+            + ebpf.churn()
+            + ebpf.kube_proxy_restores;
         failed += usize::from(ebpf_bad > 0);
         let summary = |s: &Side| {
             format!(
                 "{} errors ({} Index of deletion too big), {} churn ({} inserts, {} deletes, {} \
-                 position changes), {} wrong of {}",
+                 position changes), {} wrong of {}, hidden kube-proxy jump restored {} times",
                 s.deletion_errors + s.other_errors,
                 s.deletion_errors,
                 s.churn(),
@@ -118,7 +125,8 @@ pub fn run(variants: &[Variant], options: &HookOptions, duration: Duration) -> R
                 s.deletes,
                 s.position_changes,
                 s.wrong_total(),
-                s.connections
+                s.connections,
+                s.kube_proxy_restores
             )
         };
         lines.push(format!(
@@ -217,7 +225,7 @@ fn run_side(
         )
     });
     let (connections, wrong) = traffic?;
-    let (position_changes, max_copies) = samples?;
+    let (position_changes, max_copies, kube_proxy_restores) = samples?;
     let calico = calico?;
     drop(running);
     if let Some(h) = node.hook_mut() {
@@ -247,6 +255,7 @@ fn run_side(
         ]),
         position_changes,
         max_copies,
+        kube_proxy_restores,
         calico_passes: calico,
         connections,
         wrong,
@@ -340,11 +349,34 @@ fn sleep_until_stop(total: Duration, stop: &AtomicBool) {
 }
 
 /// Samples IPv4 nat PREROUTING; returns the changes of (first position, copies) of Kube-OVN's
-/// jump and the most copies seen.
-fn sample_loop(ns: &Netns, stop: &AtomicBool, deadline: Instant) -> Result<(usize, usize)> {
+/// jump, the most copies seen, and how often the hidden kube-proxy jump had to be put back.
+///
+/// On an nftables-mode node kube-proxy's jump is not an iptables rule, so Kube-OVN's stale-index
+/// deletes cannot remove it; here the stand-in is one, and they can. The sampler plays
+/// kube-proxy's side: a missing stand-in is appended again within one sample period (either
+/// family), and counted, so the outcomes measure Kube-OVN's churn rather than a deletion that
+/// cannot happen on a real node, and the count shows how often the stand-in was hit.
+fn sample_loop(ns: &Netns, stop: &AtomicBool, deadline: Instant) -> Result<(usize, usize, usize)> {
     let mut last: Option<(Option<usize>, usize)> = None;
-    let (mut changes, mut max_copies) = (0, 0);
+    let (mut changes, mut max_copies, mut restores) = (0, 0, 0);
+    let stand_in = NFT_STAND_IN
+        .strip_prefix("-A PREROUTING ")
+        .expect("a PREROUTING rule");
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        for family in [Family::V6, Family::V4] {
+            if !list_prerouting(ns, family)?
+                .iter()
+                .any(|r| r == NFT_STAND_IN)
+            {
+                ns.run_stdin(
+                    family.iptables_restore(),
+                    &["--noflush"],
+                    &format!("*nat\n-A PREROUTING {stand_in}\nCOMMIT\n"),
+                )
+                .with_context(|| format!("{family}: restoring kube-proxy's hidden jump"))?;
+                restores += 1;
+            }
+        }
         let rules = list_prerouting(ns, Family::V4)?;
         let first = rules.iter().position(|r| r == PREROUTING_JUMP);
         let copies = rules.iter().filter(|r| *r == PREROUTING_JUMP).count();
@@ -356,14 +388,14 @@ fn sample_loop(ns: &Netns, stop: &AtomicBool, deadline: Instant) -> Result<(usiz
         last = Some(now);
         thread::sleep(SAMPLE_PERIOD);
     }
-    Ok((changes, max_copies))
+    Ok((changes, max_copies, restores))
 }
 
 fn print_side(s: &Side) {
     println!(
         "  {:<8} {} connections, {} wrong; Kube-OVN: {} `Index of deletion too big`, {} other \
-         failed passes, {} inserts, {} deletes; {} position changes (max {} copies); {} Calico \
-         passes; final IPv4 chain [{}]",
+         failed passes, {} inserts, {} deletes; {} position changes (max {} copies); hidden \
+         kube-proxy jump restored {} times; {} Calico passes; final IPv4 chain [{}]",
         s.hook.to_string(),
         s.connections,
         s.wrong_total(),
@@ -373,6 +405,7 @@ fn print_side(s: &Side) {
         s.deletes,
         s.position_changes,
         s.max_copies,
+        s.kube_proxy_restores,
         s.calico_passes,
         s.final_chain.join(", ")
     );
@@ -392,6 +425,7 @@ fn side_json(s: &Side) -> serde_json::Value {
         "deletes": s.deletes,
         "position_changes": s.position_changes,
         "max_copies": s.max_copies,
+        "kube_proxy_restores": s.kube_proxy_restores,
         "calico_passes": s.calico_passes,
         "final_chain": s.final_chain,
     })
