@@ -275,19 +275,16 @@ fn cases() -> Vec<Case> {
     out.push(c);
 
     // 7. A link without an Ethernet header: R2 has no `-i`, the agent reads the IP header.
+    // IPv4 only: the same IPv6 connection over this relayed link timed out now and then on both
+    // nodes alike (Kube-OVN's rules as well as the agent's), so it would judge the relay, not
+    // the marks; IPv6 over a real tun device is tests/interfaces.rs's.
     let mut c = case(
         "7",
         "external → NodePort ETP=Local (centralized) over a tun link",
-        vec![
-            (
-                Probe::tcp(Ext, TUN_EXT_V4, TUN_NODE_V4, 30082),
-                seen(OVN0_V4),
-            ),
-            (
-                Probe::tcp(Ext, TUN_EXT_V6, TUN_NODE_V6, 30082),
-                seen(OVN0_V6),
-            ),
-        ],
+        vec![(
+            Probe::tcp(Ext, TUN_EXT_V4, TUN_NODE_V4, 30082),
+            seen(OVN0_V4),
+        )],
     );
     c.extra = Extra::Tun;
     out.push(c);
@@ -616,16 +613,11 @@ fn add_extra(node: &Node, extra: Extra) -> Result<Option<TunLink>> {
                 ))?;
             }
             wait_up(&[(n, "ktun0"), (ext, "ktun0")])?;
-            // One connection per family to a closed port of the node's tun address (refused,
-            // outcome ignored) before the measured probes: the link is known to carry packets
-            // both ways before anything is judged.
+            // One connection to a closed port of the node's tun address (refused, outcome
+            // ignored) before the judged probe: the link carries packets both ways by then.
             ext.run_in(|| {
-                for (src, dst) in [
-                    (IpAddr::from(TUN_EXT_V4), IpAddr::from(TUN_NODE_V4)),
-                    (TUN_EXT_V6.into(), TUN_NODE_V6.into()),
-                ] {
-                    let _ = traffic::probe(&Probe::tcp(Host::Ext, src, dst, 9), PROBE_TIMEOUT);
-                }
+                let warm_up = Probe::tcp(Host::Ext, TUN_EXT_V4, TUN_NODE_V4, 9);
+                let _ = traffic::probe(&warm_up, PROBE_TIMEOUT);
             })?;
             Ok(Some(link))
         }
