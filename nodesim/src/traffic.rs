@@ -21,6 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use kube_ovn_ebpf_common::names;
 
 use self::{
     load::{Generator, Load, Servers, Target},
@@ -353,10 +354,10 @@ fn check_state(
     // Maps hold the fixture's entries too; the padding must be all there. Local addresses: every
     // ClusterIP is on kube-ipvs0.
     for (map, at_least) in [
-        ("kovn_svcport4", kube.cluster_ip.len()),
-        ("kovn_subnets4", ovn.subnets.len()),
-        ("kovn_othernode4", ovn.other_node.len()),
-        ("kovn_local4", entries),
+        (names::SERVICE_PORTS_V4, kube.cluster_ip.len()),
+        (names::SUBNETS_V4, ovn.subnets.len()),
+        (names::OTHER_NODES_V4, ovn.other_node.len()),
+        (names::LOCAL_ADDRS_V4, entries),
     ] {
         let have = state::map_entries(&bpffs, map)?;
         ensure!(
