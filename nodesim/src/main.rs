@@ -7,6 +7,7 @@
 mod e2e;
 mod kube_ovn;
 mod node;
+mod tables;
 mod traffic;
 
 use std::path::PathBuf;
@@ -37,6 +38,12 @@ enum Command {
     },
     /// `cargo xtask kube-ovn`: see docs/kube-ovn-real.md.
     KubeOvn(kube_ovn::Args),
+    /// `cargo xtask bench-tables`: BENCHMARKS.md's tables from the JSON in bench-results/.
+    Tables {
+        /// Fail if a generated table differs instead of rewriting it.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -44,5 +51,6 @@ fn main() -> Result<()> {
         Command::E2e(args) => e2e::run(&args),
         Command::Traffic { quick, out } => traffic::run(quick, &out),
         Command::KubeOvn(args) => kube_ovn::run(&args),
+        Command::Tables { check } => tables::run(check),
     }
 }

@@ -50,6 +50,12 @@ enum Command {
     /// Benchmarks: datapath (test-run), control plane, real traffic (baseline vs iptables vs
     /// ebpf). Prints tables and writes JSON and SVG under target/bench/. See BENCHMARKS.md.
     Bench(bench::Args),
+    /// BENCHMARKS.md's traffic and control-plane tables, rendered from the committed JSON of the
+    /// cited runs (bench-results/*.json); `--check` fails instead of rewriting.
+    BenchTables {
+        #[arg(long)]
+        check: bool,
+    },
     /// The real Kubernetes control plane for tests (pinned kube-apiserver + etcd built from the
     /// Go module proxy): `build` prints `KUBE_APISERVER=…` and `ETCD=…`. See docs/testbed.md.
     #[command(subcommand)]
@@ -98,6 +104,12 @@ fn main() -> Result<()> {
         Command::Demo => demo::run(),
         Command::E2e { args } => nodesim::exec(&forward("e2e", args)),
         Command::Bench(args) => bench::run(&args),
+        Command::BenchTables { check } => nodesim::exec(
+            &["tables"]
+                .into_iter()
+                .chain(check.then_some("--check"))
+                .collect::<Vec<_>>(),
+        ),
         Command::Testbed(args) => testbed::run(&args),
         Command::Helm { command } => helm::run(&command),
         Command::Image => image::run(),
