@@ -340,6 +340,7 @@ fn machine_facts(load_before: [f64; 3]) -> serde_json::Value {
     })
 }
 
+#[expect(clippy::too_many_lines, reason = "one linear measurement script")]
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
@@ -362,11 +363,20 @@ fn main() {
             )
             .into()
         });
-    let scales: &[usize] = if quick {
-        &[1_000, 10_000]
-    } else {
+    // `KOVN_BENCH_SCALES` (comma-separated Service counts) overrides the scales, as for the
+    // traffic benchmark.
+    let scales: Vec<usize> = match std::env::var("KOVN_BENCH_SCALES") {
+        Ok(list) => list
+            .split(',')
+            .map(|v| {
+                v.trim()
+                    .parse()
+                    .expect("KOVN_BENCH_SCALES: comma-separated counts")
+            })
+            .collect(),
+        Err(_) if quick => vec![1_000, 10_000],
         // The traffic benchmark's scale sweep.
-        &[10, 1_000, 10_000, 100_000]
+        Err(_) => vec![10, 1_000, 10_000, 100_000],
     };
     let changes = if quick { 40 } else { 200 };
     let cold_rounds = COLD_ROUNDS;
@@ -374,7 +384,7 @@ fn main() {
 
     let mut results = Vec::new();
     let mut object_bytes = None;
-    for &services in scales {
+    for &services in &scales {
         eprintln!("control plane: {services} Services …");
         let mut snapshot = synthetic(services);
         realistic(&mut snapshot);

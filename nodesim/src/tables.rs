@@ -143,8 +143,8 @@ fn control_plane(j: &Value) -> String {
         let _ = writeln!(
             s,
             "| {} ({}) | {} | {} | {} | {} / {} / {} | {} | {} / {} | {} |",
-            traffic::num(number(&r["services"])),
-            traffic::num(number(&r["service_ports"])),
+            traffic::group(number(&r["services"])),
+            traffic::group(number(&r["service_ports"])),
             spread(&r["cold_start_spread_ms"]),
             spread(&r["ipset_iptables_cold_ms"]),
             spread(&r["restore_over_agent_cold_spread"]),
@@ -169,7 +169,7 @@ fn control_plane(j: &Value) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} / {} | {} / {} |",
-            traffic::num(number(&r["services"])),
+            traffic::group(number(&r["services"])),
             spread(&r["translate_ms"]),
             spread(&r["map_write_cold_ms"]),
             spread(&r["ipset_iptables_cold_ms"]),

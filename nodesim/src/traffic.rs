@@ -13,7 +13,7 @@ mod load;
 mod paired;
 mod report;
 
-pub use self::report::{markdown, num};
+pub use self::report::{group, markdown, num};
 mod state;
 mod svg;
 

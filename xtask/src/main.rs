@@ -137,6 +137,8 @@ fn test() -> Result<()> {
     cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cmd::cargo_ebpf_clippy()?;
     golang::checks()?;
+    // BENCHMARKS.md's tables against the committed JSON they are generated from.
+    nodesim::run(&["tables", "--check"])?;
     // Root-only suites skip loudly without privileges; in CI (root) a skip is a failure.
     let require = if setup::is_root() { "1" } else { "" };
     // The real control plane for tests/real_apiserver.rs (cached under target/testbed/).

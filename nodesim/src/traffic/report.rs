@@ -673,7 +673,7 @@ pub fn markdown(j: &Value) -> String {
             s,
             "- {} entries: set-up {:.1} s; agent cluster file {:.1} MiB; other processes used \
              {:.1} % (max {:.1} %) of the machine during windows",
-            sc["entries"],
+            group(number(&sc["entries"])),
             number(&sc["setup_s"]),
             number(&sc["agent_file_bytes"]) / f64::from(1u32 << 20),
             number(&sc["foreign_cpu_pct"]["median"]),
@@ -711,7 +711,7 @@ pub fn markdown(j: &Value) -> String {
                     "| {} ({}) | {} | {} | {} | {} | {} | {} |",
                     text(&metric["name"]),
                     text(&metric["unit"]),
-                    sc["entries"],
+                    group(number(&sc["entries"])),
                     mode("baseline"),
                     mode("iptables"),
                     mode("ebpf"),
@@ -732,7 +732,7 @@ pub fn markdown(j: &Value) -> String {
                     .map(move |f| {
                         format!(
                             "{} entries, {}: {} failed ({})",
-                            sc["entries"],
+                            group(number(&sc["entries"])),
                             text(&f["mode"]),
                             f["failed"],
                             f["first_error"].as_str().unwrap_or_default()
@@ -767,7 +767,7 @@ pub fn markdown(j: &Value) -> String {
             "| {} | {} | {} | {} | {} [{}, {}] | {} / {} (p = {:.3}) | {verdict} |",
             text(&t["target"]),
             text(&t["workload"]),
-            t["entries"],
+            group(number(&t["entries"])),
             text(&t["metric"]),
             num(number(&t["paired_median"])),
             num(number(&t["ci95"][0])),
