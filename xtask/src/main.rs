@@ -1,20 +1,19 @@
 //! `cargo xtask …`: every task a person or CI runs on this repository.
 
 mod bench;
-mod cmd;
 mod demo;
-mod e2e;
 mod golang;
 mod helm;
 mod image;
-mod kube_ovn;
-mod node;
-mod setup;
+mod nodesim;
 mod testbed;
 mod vm;
 
+use std::ffi::OsString;
+
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
+use xtask::{cmd, setup};
 
 #[derive(Parser)]
 #[command(about = "Build, test, demo and benchmark kube-ovn-ebpf")]
@@ -41,11 +40,22 @@ enum Command {
     Test,
     /// End to end on a Kube-OVN node simulated in network namespaces (root): the same traffic
     /// with no hook, Kube-OVN's iptables PREROUTING rules and the eBPF agent, side by side, plus
-    /// Calico/kube-proxy chain churn. See docs/e2e.md.
-    E2e(e2e::Args),
+    /// Calico/kube-proxy chain churn. See docs/e2e.md. Runs the node simulator (`nodesim/`,
+    /// built --release); `cargo xtask e2e --help` lists its flags.
+    #[command(disable_help_flag = true)]
+    E2e {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Benchmarks: datapath (test-run), control plane, real traffic (baseline vs iptables vs
     /// ebpf). Prints tables and writes JSON and SVG under target/bench/. See BENCHMARKS.md.
     Bench(bench::Args),
+    /// BENCHMARKS.md's traffic and control-plane tables, rendered from the committed JSON of the
+    /// cited runs (bench-results/*.json); `--check` fails instead of rewriting.
+    BenchTables {
+        #[arg(long)]
+        check: bool,
+    },
     /// The real Kubernetes control plane for tests (pinned kube-apiserver + etcd built from the
     /// Go module proxy): `build` prints `KUBE_APISERVER=…` and `ETCD=…`. See docs/testbed.md.
     #[command(subcommand)]
@@ -62,8 +72,13 @@ enum Command {
     Image,
     /// Kube-OVN's own gateway code (from the Go module proxy) in a harness: `build` it, `test` its
     /// rules against the spec and this project's transcription (root), `patch-test` the
-    /// hand-over switch in contrib/kube-ovn. See docs/kube-ovn-real.md.
-    KubeOvn(kube_ovn::Args),
+    /// hand-over switch in contrib/kube-ovn. See docs/kube-ovn-real.md. Runs the node simulator
+    /// (`nodesim/`, built --release); `cargo xtask kube-ovn --help` lists its commands.
+    #[command(disable_help_flag = true)]
+    KubeOvn {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Boot Debian's 5.10/6.1/6.12 kernels under QEMU (TCG, no network) from a busybox
     /// initramfs and run the privileged suites and the verifier statistics in each; `host` runs
     /// them on the running kernel. Prints PASS/FAIL per kernel; fails if any kernel fails.
@@ -87,14 +102,27 @@ fn main() -> Result<()> {
         }
         Command::Test => test(),
         Command::Demo => demo::run(),
-        Command::E2e(args) => e2e::run(&args),
+        Command::E2e { args } => nodesim::exec(&forward("e2e", args)),
         Command::Bench(args) => bench::run(&args),
+        Command::BenchTables { check } => nodesim::exec(
+            &["tables"]
+                .into_iter()
+                .chain(check.then_some("--check"))
+                .collect::<Vec<_>>(),
+        ),
         Command::Testbed(args) => testbed::run(&args),
         Command::Helm { command } => helm::run(&command),
         Command::Image => image::run(),
-        Command::KubeOvn(args) => kube_ovn::run(&args),
+        Command::KubeOvn { args } => nodesim::exec(&forward("kube-ovn", args)),
         Command::VmTest { kernel, bless } => vm::run(kernel, bless),
     }
+}
+
+/// The simulator's command line for `cargo xtask <command> <args>`.
+fn forward(command: &str, args: Vec<OsString>) -> Vec<OsString> {
+    std::iter::once(OsString::from(command))
+        .chain(args)
+        .collect()
 }
 
 /// The Kube-OVN variants CI checks and runs the differential against: v1.14.10 stands in for
@@ -109,6 +137,8 @@ fn test() -> Result<()> {
     cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     cmd::cargo_ebpf_clippy()?;
     golang::checks()?;
+    // BENCHMARKS.md's tables against the committed JSON they are generated from.
+    nodesim::run(&["tables", "--check"])?;
     // Root-only suites skip loudly without privileges; in CI (root) a skip is a failure.
     let require = if setup::is_root() { "1" } else { "" };
     // The real control plane for tests/real_apiserver.rs (cached under target/testbed/).
@@ -124,17 +154,11 @@ fn test() -> Result<()> {
     // The simulated Kube-OVN node at CI size: differential tables, coexistence, faults and
     // migration, ~2 min on 2 cores (docs/e2e.md).
     if setup::is_root() {
-        e2e::run(&e2e::Args::quick())?;
+        nodesim::run(&["e2e", "--quick"])?;
         // Kube-OVN's own gateway code (docs/kube-ovn-real.md): its rules against the spec and our
         // transcription, then the differential against it, released and patched.
-        let this = std::env::current_exe()?;
-        cmd::run(std::process::Command::new(&this).args([
-            "kube-ovn",
-            "test",
-            "--versions",
-            CI_KUBE_OVN,
-        ]))?;
-        cmd::run(std::process::Command::new(&this).args(["e2e", "--kube-ovn", CI_KUBE_OVN]))?;
+        nodesim::run(&["kube-ovn", "test", "--versions", CI_KUBE_OVN])?;
+        nodesim::run(&["e2e", "--kube-ovn", CI_KUBE_OVN])?;
     } else {
         bail!(
             "`cargo xtask test` runs privileged suites (BPF, network namespaces): run it as root"

@@ -1,14 +1,12 @@
 //! `cargo xtask bench [--quick] [datapath] [control-plane] [traffic]`: every benchmark, each
 //! writing JSON under `target/bench/` (schemas in BENCHMARKS.md). Needs root.
 
-pub mod traffic;
-
 use std::path::Path;
 
 use anyhow::Result;
 use clap::ValueEnum;
 
-use crate::cmd;
+use crate::{cmd, nodesim};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Suite {
@@ -46,7 +44,17 @@ pub fn run(args: &Args) -> Result<()> {
             Suite::ControlPlane => {
                 cargo_bench("control_plane", &out.join("control-plane.json"), args.quick)?;
             }
-            Suite::Traffic => traffic::run(args.quick, &out)?,
+            Suite::Traffic => {
+                let mut traffic = vec![
+                    "traffic".into(),
+                    "--out".into(),
+                    out.clone().into_os_string(),
+                ];
+                if args.quick {
+                    traffic.push("--quick".into());
+                }
+                nodesim::run::<std::ffi::OsString>(&traffic)?;
+            }
         }
     }
     Ok(())

@@ -86,20 +86,6 @@ enum Part {
 }
 
 impl Args {
-    /// `--quick`, everything else default: what `cargo xtask test` runs.
-    pub fn quick() -> Self {
-        Self {
-            mode: ModeArg::Both,
-            quick: true,
-            agent: None,
-            rebuilt_agent: None,
-            release: false,
-            only: Vec::new(),
-            kube_ovn: Vec::new(),
-            kube_ovn_coexist: None,
-        }
-    }
-
     fn runs(&self, part: Part) -> bool {
         self.only.is_empty() || self.only.contains(&part)
     }

@@ -7,10 +7,14 @@
 //!   in the softirq that runs when the sending thread re-enables bottom halves, and this kernel
 //!   has no `CONFIG_IRQ_TIME_ACCOUNTING`, so that time is charged to the thread;
 //! - `ksoftirqd/*` (`/proc/<pid>/schedstat`): softirq work deferred to those threads;
-//! - the agent (`/proc/<pid>/stat`, all threads), in ebpf mode.
+//! - the agent (`/proc/<pid>/task/*/schedstat`, every thread), in ebpf mode.
 //!
-//! The machine-wide busy time (`/proc/stat`) minus all of that is what *other* processes used
-//! meanwhile: reported per window as a noise indicator, never subtracted from anything.
+//! All three are nanosecond run-time accounting (the scheduler's `sum_exec_runtime`), not the
+//! 10 ms ticks of `/proc/<pid>/stat`, which would round a 1 s window's agent time to 0 or 10 ms.
+//!
+//! The machine-wide busy time (`/proc/stat`, ticks: the kernel keeps no ns total) minus all of
+//! that is what *other* processes used meanwhile: reported per window as a noise indicator,
+//! never subtracted from anything.
 
 use std::{fs, time::Instant};
 
@@ -86,7 +90,7 @@ impl Meter {
             at: Instant::now(),
             own_ns: own_cpu_ns(),
             softirqd_ns: self.softirqd.iter().map(|&p| schedstat_ns(p)).sum(),
-            agent_ns: self.agent.map_or(0, |p| stat_ticks(p) * self.tick_ns),
+            agent_ns: self.agent.map_or(0, process_schedstat_ns),
             machine_busy_ns: machine_busy_ticks() * self.tick_ns,
         }
     }
@@ -136,23 +140,27 @@ fn softirqd_pids() -> Vec<u32> {
 
 /// A thread's run time in ns (first field of `/proc/<pid>/schedstat`).
 fn schedstat_ns(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/schedstat"))
+    schedstat_ns_of(&format!("/proc/{pid}/schedstat"))
+}
+
+fn schedstat_ns_of(path: &str) -> u64 {
+    fs::read_to_string(path)
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
-/// utime + stime of a process, all threads, in clock ticks.
-fn stat_ticks(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
-            let rest = s.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
+/// Run time of every thread of a process in ns (the sum of its tasks' schedstat). Threads that
+/// exited between two snapshots drop out; the agent's threads are long-lived (tokio workers).
+fn process_schedstat_ns(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok())
+        .map(|tid| schedstat_ns_of(&format!("/proc/{pid}/task/{tid}/schedstat")))
+        .sum()
 }
 
 /// Non-idle time of all CPUs (`/proc/stat` "cpu" line minus idle and iowait), in ticks.
@@ -184,6 +192,51 @@ pub fn loadavg() -> [f64; 3] {
         values.next().unwrap_or(0.0),
         values.next().unwrap_or(0.0),
     ]
+}
+
+/// What a reader needs to judge the numbers: kernel, CPU model, cores, load, and the CPU
+/// vulnerability mitigations in force (they set the cost of every kernel entry, indirect call
+/// and return, i.e. of both hooks).
+pub fn machine_facts() -> serde_json::Value {
+    let read = |path: &str| {
+        fs::read_to_string(path).map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
+    };
+    let mut mitigations = serde_json::Map::new();
+    if let Ok(dir) = fs::read_dir("/sys/devices/system/cpu/vulnerabilities") {
+        let mut entries: Vec<_> = dir.flatten().collect();
+        entries.sort_by_key(fs::DirEntry::file_name);
+        for entry in entries {
+            let value = fs::read_to_string(entry.path()).unwrap_or_default();
+            mitigations.insert(
+                entry.file_name().to_string_lossy().into_owned(),
+                value.trim().into(),
+            );
+        }
+    }
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "kernel": read("/proc/sys/kernel/osrelease"),
+        // Only the switches that change mitigations (mitigations=off, nospectre_v2, pti=off, …).
+        "cmdline_mitigation_switches": read("/proc/cmdline")
+            .split_whitespace()
+            .filter(|t| ["mitigation", "spectre", "pti", "retbleed", "mds", "srbds", "tsx", "l1tf", "ssbd", "spec_"]
+                .iter()
+                .any(|k| t.contains(k)))
+            .map(str::to_owned)
+            .collect::<Vec<_>>(),
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, usize::from),
+        "loadavg": loadavg(),
+        "vulnerabilities": mitigations,
+    })
 }
 
 /// Whether `perf stat -e cycles` works here; the reason when it does not.

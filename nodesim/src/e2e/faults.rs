@@ -27,6 +27,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use kube_ovn_ebpf_common::names;
 
 use super::scenarios::{self, Expect, Scenario};
 use crate::node::{
@@ -37,8 +38,8 @@ use crate::node::{
     traffic,
 };
 
-/// The program's name as the kernel reports it (kube-ovn-ebpf-common's `names::PROGRAM`).
-const OUR_PROGRAM: &str = "kovn_ingress";
+/// The program's name as the kernel reports it.
+const OUR_PROGRAM: &str = names::PROGRAM;
 
 /// One new connection every 10 ms: 100 per second, from one thread.
 const PACE: Duration = Duration::from_millis(10);

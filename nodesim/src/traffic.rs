@@ -2,13 +2,18 @@
 //! PREROUTING logic (`baseline`), Kube-OVN's iptables rules (`iptables`) and the agent
 //! (`ebpf`), in one run. Each scale step builds three identical nodes — same cluster, same
 //! ipsets, same consumers — that differ only in the hook, then runs rounds in which every
-//! workload is measured on baseline, iptables, ebpf in turn (A B C A B C …), so drift of a
-//! shared machine spreads over all three. Writes `target/bench/traffic.{json,md}` and one SVG per
+//! workload is measured on each of the three in turn, so drift of a shared machine spreads over
+//! all three; the order rotates through all six permutations ([`mode_order`]) and the
+//! comparison is of per-round pairs (`report`: a bootstrap CI of the
+//! median paired ratio and a sign test). Writes `target/bench/traffic.{json,md}` and one SVG per
 //! plotted metric; BENCHMARKS.md documents the method and the schema.
 
 mod cpu;
 mod load;
+mod paired;
 mod report;
+
+pub use self::report::{group, markdown, num};
 mod state;
 mod svg;
 
@@ -21,6 +26,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use kube_ovn_ebpf_common::names;
 
 use self::{
     load::{Generator, Load, Servers, Target},
@@ -35,8 +41,27 @@ use crate::{
     setup,
 };
 
-/// The modes in the order each round measures them.
+/// The modes; results are indexed in this order. Each round measures them in another order
+/// ([`mode_order`]).
 pub const MODES: [HookKind; 3] = [HookKind::Baseline, HookKind::Iptables, HookKind::Ebpf];
+
+/// Every order of the three modes. Round `r` measures workload `w` in `ORDERS[(r + w) % 6]`, so
+/// over six rounds each mode is first, second and third twice for every workload, and a drift
+/// within a round (a neighbour's build starting, a cache warming) does not always favour the
+/// same mode, as the fixed order A B C did.
+const ORDERS: [[usize; 3]; 6] = [
+    [0, 1, 2],
+    [1, 2, 0],
+    [2, 0, 1],
+    [0, 2, 1],
+    [2, 1, 0],
+    [1, 0, 2],
+];
+
+/// The order of [`MODES`] indices for the `n`-th (round + workload) slot.
+pub fn mode_order(n: usize) -> [usize; 3] {
+    ORDERS[n % ORDERS.len()]
+}
 
 /// Commands the benchmark drives (command → Debian package).
 const TOOLS: &[(&str, &str)] = &[
@@ -288,8 +313,9 @@ fn scale_step(config: &Config, binary: &Path, entries: usize) -> Result<ScaleRes
     let cores = thread::available_parallelism().map_or(1, usize::from);
     for round in 0..config.rounds {
         let t = Instant::now();
-        for &workload in &config.workloads {
-            for (m, node) in nodes.iter_mut().enumerate() {
+        for (w, &workload) in config.workloads.iter().enumerate() {
+            for m in mode_order(round + w) {
+                let node = &mut nodes[m];
                 let sample = measure(config, node, workload, cores)
                     .with_context(|| format!("{} node, {}", node.kind, workload.id()))?;
                 result.push(workload, m, sample);
@@ -353,10 +379,10 @@ fn check_state(
     // Maps hold the fixture's entries too; the padding must be all there. Local addresses: every
     // ClusterIP is on kube-ipvs0.
     for (map, at_least) in [
-        ("kovn_svcport4", kube.cluster_ip.len()),
-        ("kovn_subnets4", ovn.subnets.len()),
-        ("kovn_othernode4", ovn.other_node.len()),
-        ("kovn_local4", entries),
+        (names::SERVICE_PORTS_V4, kube.cluster_ip.len()),
+        (names::SUBNETS_V4, ovn.subnets.len()),
+        (names::OTHER_NODES_V4, ovn.other_node.len()),
+        (names::LOCAL_ADDRS_V4, entries),
     ] {
         let have = state::map_entries(&bpffs, map)?;
         ensure!(

@@ -1,5 +1,5 @@
-//! Workloads and their metrics, per-window samples, statistics over rounds, ratios, the
-//! targets of issue 6, and the outputs: `traffic.json`, `traffic.md`, SVG plots, the console
+//! Workloads and their metrics, per-window samples, statistics over rounds, paired ratios
+//! (`paired`), the targets, and the outputs: `traffic.json`, `traffic.md`, SVG plots, the console
 //! table. The JSON schema is documented in BENCHMARKS.md; bump `SCHEMA` when it changes.
 
 use std::{fmt::Write as _, path::Path, time::Duration};
@@ -7,9 +7,13 @@ use std::{fmt::Write as _, path::Path, time::Duration};
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
-use super::{Config, MODES, cpu, svg};
+use super::{
+    Config, MODES, cpu,
+    paired::{self, Paired, Verdict},
+    svg,
+};
 
-const SCHEMA: u32 = 1;
+const SCHEMA: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
@@ -319,12 +323,24 @@ fn ratio(a: f64, b: f64) -> f64 {
     per(a, b)
 }
 
+impl ScaleResult {
+    /// Per-round ratios of mode `a` over mode `b` (indices into [`MODES`]) for one metric.
+    fn paired(&self, workload: Workload, a: usize, b: usize, metric: usize) -> Paired {
+        let values = |mode| -> Vec<f64> {
+            self.cell(workload, mode)
+                .iter()
+                .map(|s| s.values[metric])
+                .collect()
+        };
+        paired::paired(&values(a), &values(b))
+    }
+}
+
 pub struct Report {
     config: Config,
     agent: String,
-    kernel: String,
-    cpu: String,
-    cores: usize,
+    /// Kernel, CPU, cores, mitigations, load at the start.
+    machine: Value,
     load_before: [f64; 3],
     load_after: [f64; 3],
     perf: std::result::Result<(), String>,
@@ -332,26 +348,12 @@ pub struct Report {
     pub scales: Vec<ScaleResult>,
 }
 
-fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path).map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
-}
-
 impl Report {
     pub fn new(config: &Config, agent: &Path) -> Self {
         Self {
             config: config.clone(),
             agent: agent.display().to_string(),
-            kernel: read_trimmed("/proc/sys/kernel/osrelease"),
-            cpu: std::fs::read_to_string("/proc/cpuinfo")
-                .ok()
-                .and_then(|c| {
-                    c.lines()
-                        .find(|l| l.starts_with("model name"))
-                        .and_then(|l| l.split(':').nth(1))
-                        .map(|m| m.trim().to_owned())
-                })
-                .unwrap_or_default(),
-            cores: std::thread::available_parallelism().map_or(0, usize::from),
+            machine: cpu::machine_facts(),
             load_before: cpu::loadavg(),
             load_after: [0.0; 3],
             perf: cpu::perf_cycles(),
@@ -365,12 +367,14 @@ impl Report {
         self.wall_s = elapsed.as_secs_f64();
     }
 
-    /// Writes JSON, Markdown and SVGs under `out` and prints the Markdown.
+    /// Writes JSON, Markdown (rendered from that JSON) and SVGs under `out` and prints the
+    /// Markdown.
     pub fn write(&self, out: &Path) -> Result<()> {
+        let json = self.json();
         let json_path = out.join("traffic.json");
         std::fs::write(
             &json_path,
-            serde_json::to_string_pretty(&self.json()).context("serialising the report")?,
+            serde_json::to_string_pretty(&json).context("serialising the report")?,
         )
         .with_context(|| format!("writing {}", json_path.display()))?;
         let mut svgs = Vec::new();
@@ -409,7 +413,8 @@ impl Report {
                 svgs.push(name);
             }
         }
-        let md = self.markdown(&svgs);
+        let mut md = markdown(&json);
+        let _ = writeln!(md, "\nPlots: {}", svgs.join(", "));
         std::fs::write(out.join("traffic.md"), &md).context("writing traffic.md")?;
         println!("{md}");
         println!(
@@ -421,7 +426,8 @@ impl Report {
         Ok(())
     }
 
-    /// One scale step: per workload, per metric, per mode the samples and statistics.
+    /// One scale step: per workload, per metric, per mode the samples and statistics, and the
+    /// paired comparisons.
     fn scale_json(&self, s: &ScaleResult) -> Value {
         let workloads: Vec<Value> = self
             .config
@@ -455,6 +461,11 @@ impl Report {
                             "modes": modes,
                             "ratio_ebpf_iptables": ratio(medians[2], medians[1]),
                             "ratio_ebpf_baseline": ratio(medians[2], medians[0]),
+                            "paired": {
+                                "ebpf_iptables": s.paired(w, 2, 1, m).json(),
+                                "ebpf_baseline": s.paired(w, 2, 0, m).json(),
+                                "iptables_baseline": s.paired(w, 1, 0, m).json(),
+                            },
                         })
                     })
                     .collect();
@@ -493,18 +504,15 @@ impl Report {
     fn json(&self) -> Value {
         let c = &self.config;
         let scales: Vec<Value> = self.scales.iter().map(|s| self.scale_json(s)).collect();
+        let mut machine = self.machine.clone();
+        machine["loadavg_before"] = json!(self.load_before);
+        machine["loadavg_after"] = json!(self.load_after);
         json!({
             "schema": SCHEMA,
             "suite": "traffic",
             "quick": c.quick,
             "wall_s": self.wall_s,
-            "machine": {
-                "kernel": self.kernel,
-                "cpu": self.cpu,
-                "cores": self.cores,
-                "loadavg_before": self.load_before,
-                "loadavg_after": self.load_after,
-            },
+            "machine": machine,
             "config": {
                 "scales": c.scales,
                 "rounds": c.rounds,
@@ -512,74 +520,43 @@ impl Report {
                 "window_s": c.window.as_secs_f64(),
                 "conn_threads": c.conn_threads,
                 "modes": MODES.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "order": "per round, per workload: baseline, iptables, ebpf",
+                "order": "rotating: round r measures workload w (0-based, in config order) in the r + w mod 6-th of the six orders of the modes",
                 "kube_proxy": "ipvs (emulated)",
+                "profile": "release (kube-ovn-nodesim and the agent)",
             },
             "agent": { "binary": self.agent },
             "cpu_accounting": {
                 "perf_cycles": match &self.perf { Ok(()) => Value::from("available, not used"), Err(e) => Value::from(e.clone()) },
-                "method": "getrusage(RUSAGE_SELF) of the benchmark process (generators, servers and the softirq work charged to them) + ksoftirqd/* schedstat + the agent's /proc/<pid>/stat, per window",
+                "method": "getrusage(RUSAGE_SELF) of the benchmark process (generators, servers and the softirq work charged to them) + ksoftirqd/* schedstat + the agent's /proc/<pid>/task/*/schedstat, ns, per window",
             },
+            "statistics": "paired: per-round ratio of two modes; median, percentile-bootstrap 95 % CI of the median (4000 resamples, fixed seed), exact two-sided sign test; a target is met or missed only when the whole CI is on one side of its threshold",
             "scales": scales,
-            "targets": self.targets().iter().map(|t| json!({
-                "target": t.goal, "workload": t.workload, "entries": t.entries,
-                "metric": t.metric, "ratio": t.ratio, "met": t.met,
-                "within_spread": t.within_spread,
-            })).collect::<Vec<_>>(),
+            "targets": self.targets(),
         })
     }
 
-    fn workload_table(&self, s: &mut String, w: Workload) {
-        let _ = writeln!(
-            *s,
-            "\n## {} — {}\n\n| metric | entries | baseline | iptables | ebpf | ebpf/iptables \
-             | ebpf/baseline |\n|---|---:|---:|---:|---:|---:|---:|",
-            w.id(),
-            w.title()
-        );
-        for (m, metric) in w.metrics().iter().enumerate() {
-            for sc in &self.scales {
-                let st: Vec<Stats> = (0..3).map(|i| sc.stat(w, i, m)).collect();
-                let _ = writeln!(
-                    s,
-                    "| {} ({}) | {} | {} | {} | {} | {} | {} |",
-                    metric.name,
-                    metric.unit,
-                    sc.entries,
-                    cell(st[0]),
-                    cell(st[1]),
-                    cell(st[2]),
-                    num(ratio(st[2].median, st[1].median)),
-                    num(ratio(st[2].median, st[0].median)),
-                );
-            }
-        }
-        let failures: Vec<String> = self
-            .scales
-            .iter()
-            .flat_map(|sc| {
-                MODES.iter().enumerate().filter_map(move |(i, kind)| {
-                    let cell = sc.cell(w, i);
-                    let failed: u64 = cell.iter().map(|x| x.failed).sum();
-                    (failed > 0).then(|| {
-                        format!(
-                            "{} entries, {kind}: {failed} failed ({})",
-                            sc.entries,
-                            cell.iter()
-                                .find_map(|x| x.first_error.clone())
-                                .unwrap_or_default()
-                        )
-                    })
-                })
-            })
-            .collect();
-        if !failures.is_empty() {
-            let _ = writeln!(*s, "\nFailures: {}", failures.join("; "));
-        }
-    }
-
-    fn targets(&self) -> Vec<Target> {
+    fn targets(&self) -> Vec<Value> {
         let mut out = Vec::new();
+        let mut push = |goal: &str,
+                        w: Workload,
+                        entries: usize,
+                        metric: &Metric,
+                        p: &Paired,
+                        threshold: f64| {
+            out.push(json!({
+                "target": goal,
+                "workload": w.id(),
+                "entries": entries,
+                "metric": metric.name,
+                "threshold": threshold,
+                "paired_median": p.median,
+                "ci95": [p.ci95.0, p.ci95.1],
+                "above_1": p.above,
+                "below_1": p.below,
+                "sign_test_p": p.sign_p,
+                "verdict": Verdict::of(p, threshold, metric.higher_is_better).as_str(),
+            }));
+        };
         for s in &self.scales {
             for &w in &self.config.workloads {
                 for name in w.target_metrics() {
@@ -589,21 +566,14 @@ impl Report {
                         .enumerate()
                         .find(|(_, x)| x.name == *name)
                         .expect("target metric exists");
-                    let (ipt, ebpf) = (s.stat(w, 1, m), s.stat(w, 2, m));
-                    let r = ratio(ebpf.median, ipt.median);
-                    out.push(Target {
-                        goal: "ebpf ≥ iptables",
-                        workload: w.id(),
-                        entries: s.entries,
-                        metric: metric.name,
-                        ratio: r,
-                        met: if metric.higher_is_better {
-                            r >= 1.0
-                        } else {
-                            r <= 1.0
-                        },
-                        within_spread: ebpf.min <= ipt.max && ipt.min <= ebpf.max,
-                    });
+                    push(
+                        "ebpf ≥ iptables",
+                        w,
+                        s.entries,
+                        metric,
+                        &s.paired(w, 2, 1, m),
+                        1.0,
+                    );
                 }
             }
             for w in [Workload::Bulk, Workload::BulkSegments]
@@ -611,109 +581,209 @@ impl Report {
                 .filter(|w| self.config.workloads.contains(w))
             {
                 let m = 0; // gbit_per_s
-                let (base, ebpf) = (s.stat(w, 0, m), s.stat(w, 2, m));
-                let r = ratio(ebpf.median, base.median);
-                out.push(Target {
-                    goal: "ebpf within 3 % of baseline (established throughput)",
-                    workload: w.id(),
-                    entries: s.entries,
-                    metric: "gbit_per_s",
-                    ratio: r,
-                    met: r >= 0.97,
-                    within_spread: ebpf.min <= base.max && base.min <= ebpf.max,
-                });
+                push(
+                    "ebpf within 3 % of baseline (established throughput)",
+                    w,
+                    s.entries,
+                    &w.metrics()[m],
+                    &s.paired(w, 2, 0, m),
+                    0.97,
+                );
             }
         }
         out
     }
-
-    fn markdown(&self, svgs: &[String]) -> String {
-        let c = &self.config;
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# Traffic benchmark{}\n\nKernel {}, {} ({} cores); load average {:.2} / {:.2} / \
-             {:.2} before, {:.2} / {:.2} / {:.2} after; {:.0} s wall.\n\n{} rounds per scale, \
-             each workload measured on baseline, iptables, ebpf in turn; {:.2} s warm-up + \
-             {:.2} s window; median (min–max) over rounds. Ratios are of medians: for \
-             throughput > 1 means ebpf is faster, for latency and CPU < 1 means ebpf is \
-             cheaper.\n",
-            if c.quick { " (quick)" } else { "" },
-            self.kernel,
-            self.cpu,
-            self.cores,
-            self.load_before[0],
-            self.load_before[1],
-            self.load_before[2],
-            self.load_after[0],
-            self.load_after[1],
-            self.load_after[2],
-            self.wall_s,
-            c.rounds,
-            c.warmup.as_secs_f64(),
-            c.window.as_secs_f64(),
-        );
-        for sc in &self.scales {
-            let foreign = sc.foreign();
-            let _ = writeln!(
-                s,
-                "- {} entries: set-up {:.1} s; agent cluster file {:.1} MiB; other processes used \
-                 {:.1} % (max {:.1} %) of the machine during windows",
-                sc.entries,
-                sc.setup_s,
-                super::mib(sc.agent_file_bytes),
-                foreign.median,
-                foreign.max
-            );
-        }
-        for &w in &self.config.workloads {
-            self.workload_table(&mut s, w);
-        }
-        let _ = writeln!(
-            s,
-            "\n## Targets (issue 6)\n\n| target | workload | entries | metric | ratio | verdict \
-             |\n|---|---|---:|---|---:|---|"
-        );
-        for t in self.targets() {
-            let verdict = if t.met {
-                "met".to_owned()
-            } else if t.within_spread {
-                "missed, within run-to-run spread".to_owned()
-            } else {
-                "**missed**".to_owned()
-            };
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {verdict} |",
-                t.goal,
-                t.workload,
-                t.entries,
-                t.metric,
-                num(t.ratio)
-            );
-        }
-        let _ = writeln!(
-            s,
-            "\nCPU: benchmark process (generators, servers, softirq charged to them) + \
-             ksoftirqd + agent. perf: {}.\n\nPlots: {}",
-            match &self.perf {
-                Ok(()) => "cycles available but not used".to_owned(),
-                Err(e) => e.clone(),
-            },
-            svgs.join(", ")
-        );
-        s
-    }
 }
 
-struct Target {
-    goal: &'static str,
-    workload: &'static str,
-    entries: usize,
-    metric: &'static str,
-    ratio: f64,
-    met: bool,
-    within_spread: bool,
+fn number(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or("?")
+}
+
+/// `median [lo, hi]` of a paired comparison in the JSON.
+fn paired_cell(p: &Value) -> String {
+    format!(
+        "{} [{}, {}]",
+        num(number(&p["median"])),
+        num(number(&p["ci95"][0])),
+        num(number(&p["ci95"][1]))
+    )
+}
+
+/// The whole report as Markdown, from its JSON alone: `cargo xtask bench-tables` renders
+/// BENCHMARKS.md's tables from a committed JSON file with this, so a table cannot drift from the
+/// run it cites.
+#[expect(clippy::too_many_lines, reason = "one report, section after section")]
+pub fn markdown(j: &Value) -> String {
+    let mut s = String::new();
+    let m = &j["machine"];
+    let load = |key: &str| {
+        (0..3)
+            .map(|i| format!("{:.2}", number(&m[key][i])))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let vulnerable: Vec<String> = m["vulnerabilities"]
+        .as_object()
+        .map(|v| {
+            v.iter()
+                .filter(|(_, state)| text(state) != "Not affected")
+                .map(|(name, state)| format!("{name}: {}", text(state)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let c = &j["config"];
+    let _ = writeln!(
+        s,
+        "Traffic benchmark{}: kernel {}, {} ({} cores); load average {} before, {} after; \
+         {:.0} s wall. Mitigations in force: {}.\n\n{} rounds per scale; in each round every \
+         workload is measured on baseline, iptables and ebpf in a rotating order (all six \
+         orders in turn); {} s warm-up + {} s window. Columns: median (min–max) over rounds. \
+         Ratios: median of the per-round ebpf/other ratios [95 % bootstrap CI]; for throughput \
+         > 1 means ebpf is faster, for latency and CPU < 1 means ebpf is cheaper.\n",
+        if j["quick"].as_bool() == Some(true) {
+            " (quick)"
+        } else {
+            ""
+        },
+        text(&m["kernel"]),
+        text(&m["cpu"]),
+        m["cores"],
+        load("loadavg_before"),
+        load("loadavg_after"),
+        number(&j["wall_s"]),
+        if vulnerable.is_empty() {
+            "none reported (every vulnerability \"Not affected\")".to_owned()
+        } else {
+            vulnerable.join("; ")
+        },
+        c["rounds"],
+        number(&c["warmup_s"]),
+        number(&c["window_s"]),
+    );
+    let scales = j["scales"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for sc in scales {
+        let _ = writeln!(
+            s,
+            "- {} entries: set-up {:.1} s; agent cluster file {:.1} MiB; other processes used \
+             {:.1} % (max {:.1} %) of the machine during windows",
+            group(number(&sc["entries"])),
+            number(&sc["setup_s"]),
+            number(&sc["agent_file_bytes"]) / f64::from(1u32 << 20),
+            number(&sc["foreign_cpu_pct"]["median"]),
+            number(&sc["foreign_cpu_pct"]["max"]),
+        );
+    }
+    let workloads = scales
+        .first()
+        .and_then(|sc| sc["workloads"].as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (wi, workload) in workloads.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "\n#### {} — {}\n\n| metric | entries | baseline | iptables | ebpf | ebpf/iptables \
+             | ebpf/baseline |\n|---|---:|---:|---:|---:|---:|---:|",
+            text(&workload["workload"]),
+            text(&workload["title"]),
+        );
+        let metric_count = workload["metrics"].as_array().map_or(0, Vec::len);
+        for mi in 0..metric_count {
+            for sc in scales {
+                let metric = &sc["workloads"][wi]["metrics"][mi];
+                let mode = |name: &str| {
+                    let st = &metric["modes"][name];
+                    format!(
+                        "{} ({}–{})",
+                        num(number(&st["median"])),
+                        num(number(&st["min"])),
+                        num(number(&st["max"]))
+                    )
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} ({}) | {} | {} | {} | {} | {} | {} |",
+                    text(&metric["name"]),
+                    text(&metric["unit"]),
+                    group(number(&sc["entries"])),
+                    mode("baseline"),
+                    mode("iptables"),
+                    mode("ebpf"),
+                    paired_cell(&metric["paired"]["ebpf_iptables"]),
+                    paired_cell(&metric["paired"]["ebpf_baseline"]),
+                );
+            }
+        }
+        let failures: Vec<String> = scales
+            .iter()
+            .flat_map(|sc| {
+                sc["workloads"][wi]["failures"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|f| f["failed"].as_u64().unwrap_or(0) > 0)
+                    .map(move |f| {
+                        format!(
+                            "{} entries, {}: {} failed ({})",
+                            group(number(&sc["entries"])),
+                            text(&f["mode"]),
+                            f["failed"],
+                            f["first_error"].as_str().unwrap_or_default()
+                        )
+                    })
+            })
+            .collect();
+        if !failures.is_empty() {
+            let _ = writeln!(s, "\nFailures: {}", failures.join("; "));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n#### Targets\n\n| target | workload | entries | metric | paired ratio [95 % CI] | \
+         rounds above / below 1 (sign test p) | verdict |\n|---|---|---:|---|---:|---:|---|"
+    );
+    for t in j["targets"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let verdict = match text(&t["verdict"]) {
+            "missed" => "**missed**".to_owned(),
+            "inconclusive" => format!(
+                "inconclusive (CI contains {})",
+                num(number(&t["threshold"]))
+            ),
+            other => other.to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} [{}, {}] | {} / {} (p = {:.3}) | {verdict} |",
+            text(&t["target"]),
+            text(&t["workload"]),
+            group(number(&t["entries"])),
+            text(&t["metric"]),
+            num(number(&t["paired_median"])),
+            num(number(&t["ci95"][0])),
+            num(number(&t["ci95"][1])),
+            t["above_1"],
+            t["below_1"],
+            number(&t["sign_test_p"]),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nCPU: benchmark process (generators, servers, softirq charged to them) + ksoftirqd + \
+         agent, ns from the scheduler's accounting. perf: {}.",
+        text(&j["cpu_accounting"]["perf_cycles"]),
+    );
+    s
 }
 
 /// A number with about three significant digits.
@@ -751,8 +821,4 @@ pub fn group(v: f64) -> String {
         out.push(ch);
     }
     if n < 0 { format!("-{out}") } else { out }
-}
-
-fn cell(st: Stats) -> String {
-    format!("{} ({}–{})", num(st.median), num(st.min), num(st.max))
 }

@@ -1,0 +1,201 @@
+//! `cargo xtask bench-tables [--check]`: BENCHMARKS.md's result tables rendered from the JSON of
+//! the cited run, committed under `bench-results/`. Each generated block sits between
+//! `<!-- begin generated from bench-results/<file> -->` and `<!-- end generated -->`; everything
+//! else in BENCHMARKS.md is prose and stays as written. `--check` fails instead of writing when a
+//! block differs, so a table cannot drift from its JSON.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::{cmd, traffic};
+
+const END: &str = "<!-- end generated -->";
+
+/// Renders one result file's Markdown.
+type Render = fn(&Value) -> String;
+
+/// The committed result files and the renderer of each.
+const SOURCES: &[(&str, Render)] = &[
+    ("traffic.json", traffic::markdown),
+    ("control-plane.json", control_plane),
+];
+
+pub fn run(check: bool) -> Result<()> {
+    let root = cmd::workspace_root();
+    let doc_path = root.join("BENCHMARKS.md");
+    let doc = std::fs::read_to_string(&doc_path).context("reading BENCHMARKS.md")?;
+    let mut out = doc.clone();
+    for (file, render) in SOURCES {
+        let json = load(&root.join("bench-results").join(file))?;
+        out = splice(&out, file, &render(&json))?;
+    }
+    if out == doc {
+        println!("bench-tables: BENCHMARKS.md matches bench-results/");
+        return Ok(());
+    }
+    if check {
+        bail!(
+            "BENCHMARKS.md's generated tables differ from bench-results/: run `cargo xtask bench-tables`"
+        );
+    }
+    std::fs::write(&doc_path, out).context("writing BENCHMARKS.md")?;
+    println!("bench-tables: BENCHMARKS.md regenerated from bench-results/");
+    Ok(())
+}
+
+fn load(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// `doc` with the block generated from `file` replaced by `body`.
+fn splice(doc: &str, file: &str, body: &str) -> Result<String> {
+    let begin = format!("<!-- begin generated from bench-results/{file} -->");
+    let Some(start) = doc.find(&begin) else {
+        bail!("BENCHMARKS.md has no `{begin}` marker");
+    };
+    let after = start + begin.len();
+    let Some(len) = doc[after..].find(END) else {
+        bail!("BENCHMARKS.md: `{begin}` is not closed by `{END}`");
+    };
+    Ok(format!(
+        "{}\n\n{}\n{}",
+        &doc[..after],
+        body.trim_end(),
+        &doc[after + len..]
+    ))
+}
+
+fn number(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// `median (min–max)` of a `{median, min, max}` object.
+fn spread(v: &Value) -> String {
+    format!(
+        "{} ({}–{})",
+        traffic::num(number(&v["median"])),
+        traffic::num(number(&v["min"])),
+        traffic::num(number(&v["max"]))
+    )
+}
+
+/// The control-plane benchmark's tables (`kube-ovn-agent/benches/control_plane.rs`).
+fn control_plane(j: &Value) -> String {
+    let mut s = String::new();
+    let m = &j["machine"];
+    let vulnerable: Vec<String> = m["vulnerabilities"]
+        .as_object()
+        .map(|v| {
+            v.iter()
+                .filter(|(_, state)| state.as_str() != Some("Not affected"))
+                .map(|(name, state)| format!("{name}: {}", state.as_str().unwrap_or("?")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let load = |key: &str| {
+        (0..3)
+            .map(|i| format!("{:.2}", number(&m[key][i])))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let first = &j["results"][0];
+    let _ = writeln!(
+        s,
+        "Kernel {}, {} ({} cores); load average {} before, {} after. Mitigations in force: {}. \
+         Objects as served: Service {} B, Node {} B, Subnet {} B (JSON, with managedFields, \
+         annotations, labels; Nodes with conditions and {} images). {} rounds per scale; \
+         one change: {} changes one at a time.\n",
+        m["kernel"].as_str().unwrap_or("?"),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        load("loadavg_before"),
+        load("loadavg_after"),
+        if vulnerable.is_empty() {
+            "none reported".to_owned()
+        } else {
+            vulnerable.join("; ")
+        },
+        j["object_bytes"]["service"],
+        j["object_bytes"]["node"],
+        j["object_bytes"]["subnet"],
+        j["object_bytes"]["node_images"],
+        first["cold_rounds"],
+        first["changes"],
+    );
+    let _ = writeln!(
+        s,
+        "End to end, per round: the agent started → `/readyz`, then `ipset restore` + \
+         `iptables-restore` of the same state; median (min–max) over the rounds.\n\n\
+         | Services (ports) | agent start → ready (ms) | restore (ms) | restore / agent, per round \
+         | one change → map p50 / p99 / max (ms) | burst of 100 → maps (ms) | RSS ready / after \
+         changes (MiB) | agent CPU per change (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let results = j["results"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for r in results {
+        let c = &r["change_to_map_ms"];
+        let _ = writeln!(
+            s,
+            "| {} ({}) | {} | {} | {} | {} / {} / {} | {} | {} / {} | {} |",
+            traffic::group(number(&r["services"])),
+            traffic::group(number(&r["service_ports"])),
+            spread(&r["cold_start_spread_ms"]),
+            spread(&r["ipset_iptables_cold_ms"]),
+            spread(&r["restore_over_agent_cold_spread"]),
+            traffic::num(number(&c["p50"])),
+            traffic::num(number(&c["p99"])),
+            traffic::num(number(&c["max"])),
+            spread(&r["burst_spread_ms"]),
+            traffic::num(number(&r["rss_mib_ready"])),
+            traffic::num(number(&r["rss_mib_after_changes"])),
+            traffic::num(number(&r["agent_cpu_per_change_ms"])),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nIn process, the same rounds: translation and the agent's batched map write into \
+         freshly loaded maps, against the restore; one change as the agent's translate + diff + \
+         write and as one `ipset restore` swapping one member.\n\n\
+         | Services | translate (ms) | map write (ms) | restore (ms) | one change: map sync p50 / \
+         p99 (ms) | one change: `ipset restore` p50 / p99 (ms) |\n|---|---:|---:|---:|---:|---:|"
+    );
+    for r in results {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} / {} | {} / {} |",
+            traffic::group(number(&r["services"])),
+            spread(&r["translate_ms"]),
+            spread(&r["map_write_cold_ms"]),
+            spread(&r["ipset_iptables_cold_ms"]),
+            traffic::num(number(&r["map_sync_one_change_ms"]["p50"])),
+            traffic::num(number(&r["map_sync_one_change_ms"]["p99"])),
+            traffic::num(number(&r["ipset_one_change_ms"]["p50"])),
+            traffic::num(number(&r["ipset_one_change_ms"]["p99"])),
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_only_the_named_block() {
+        let doc = "intro\n<!-- begin generated from bench-results/a.json -->\nold\n<!-- end generated -->\nprose\n";
+        let out = splice(doc, "a.json", "new table\n").unwrap();
+        assert_eq!(
+            out,
+            "intro\n<!-- begin generated from bench-results/a.json -->\n\nnew table\n<!-- end generated -->\nprose\n"
+        );
+        // Idempotent: rendering twice changes nothing.
+        assert_eq!(splice(&out, "a.json", "new table\n").unwrap(), out);
+        assert!(splice(doc, "b.json", "x").is_err());
+    }
+}
