@@ -70,7 +70,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Status(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(inspect::status(&args)),
+            .block_on(inspect::status(&args.read, args.agent)),
         Command::Dump(args) => inspect::dump(&args),
         Command::Detach(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

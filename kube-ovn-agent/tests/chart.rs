@@ -25,7 +25,7 @@ use clap::Parser as _;
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
 use kube_ovn_agent::{
     cli::{Cli, Command as AgentCommand},
-    metrics::Metrics,
+    metrics::{InterfaceState, Metrics},
     source::KindStatus,
 };
 use kube_ovn_ebpf_common::counter;
@@ -904,13 +904,21 @@ fn exported_names() -> BTreeSet<String> {
         .lock()
         .expect("map sizes")
         .push(("kovn_subnets4", 1));
+    metrics.live.source.lock().expect("source").kinds.insert(
+        "Service",
+        KindStatus {
+            last_event_unix: Some(1),
+            ..KindStatus::default()
+        },
+    );
+    metrics.set_build_info("0123456789abcdef");
+    metrics.set_mode(false);
     metrics
         .live
-        .source
+        .interfaces
         .lock()
-        .expect("source")
-        .kinds
-        .insert("Service", KindStatus::default());
+        .expect("interfaces")
+        .push(InterfaceState::default());
     let mut names: BTreeSet<String> = metrics
         .render()
         .lines()

@@ -75,6 +75,10 @@ fn main() {
             "doc_links_in_the_code_and_docs_reach_a_heading",
             doc_anchors_exist,
         ),
+        (
+            "version_names_the_commit_the_binary_was_built_from",
+            version_names_the_commit,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -1054,6 +1058,38 @@ fn kubectl_agrees() -> Result<(), Failed> {
         Ok(())
     } else {
         Err(problems.join("\n").into())
+    }
+}
+
+/// `--version` of the built agent names the checkout's commit (or `$KOVN_GIT_COMMIT` when the
+/// build was given one), as build.rs promises; `unknown` only without git.
+fn version_names_the_commit() -> Result<(), Failed> {
+    let out = Command::new(env!("CARGO_BIN_EXE_kube-ovn-agent"))
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("running the agent: {e}"))?;
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let expected = match std::env::var("KOVN_GIT_COMMIT") {
+        Ok(commit) if !commit.trim().is_empty() => commit.trim().to_owned(),
+        _ => Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(repo())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map_or_else(
+                || "unknown".to_owned(),
+                |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            ),
+    };
+    let want = format!(
+        "kube-ovn-agent {} (commit {expected})",
+        env!("CARGO_PKG_VERSION")
+    );
+    if printed == want {
+        Ok(())
+    } else {
+        Err(format!("--version printed {printed:?}, expected {want:?}").into())
     }
 }
 

@@ -59,6 +59,7 @@ const FOREIGN: &[(&str, &str)] = &[
     ("reuse-values", "helm"),
     ("set", "helm"),
     ("network", "podman"),
+    ("build-arg", "podman/docker build"),
     // kubectl, cargo, xtask and the test harness.
     ("as", "kubectl"),
     ("dry-run", "kubectl"),
@@ -76,6 +77,7 @@ const FOREIGN: &[(&str, &str)] = &[
     ("only", "cargo xtask e2e"),
     ("rebuilt-agent", "cargo xtask e2e"),
     ("color", "cargo"),
+    ("lib", "cargo test"),
     ("locked", "cargo"),
     ("message-format", "cargo"),
     ("no-run", "cargo"),

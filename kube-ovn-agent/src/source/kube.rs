@@ -262,15 +262,12 @@ where
                             }
                             let objects = reader.len();
                             debug!(kind = kind.name(), objects, "listed");
-                            feed.update(kind, |s| {
-                                s.listed = true;
-                                s.objects = objects;
-                            });
+                            feed.listed(kind, objects);
                             feed.changed();
                         }
                         Event::Apply(_) | Event::Delete(_) => {
                             let objects = reader.len();
-                            feed.update(kind, |s| s.objects = objects);
+                            feed.event(kind, objects);
                             feed.changed();
                         }
                         Event::Init | Event::InitApply(_) => {}
@@ -408,9 +405,15 @@ pub fn trim_service(service: &mut Service) {
 }
 
 /// A Node as the translation reads it: name, Kube-OVN's join-address annotation (the families
-/// it runs) and `status.addresses` (no images, conditions, capacity, …).
+/// it runs), the per-node mode label and `status.addresses` (no images, conditions, capacity,
+/// …).
 pub fn trim_node(node: &mut Node) {
-    trim_meta(&mut node.metadata, &[IP_ADDRESS_ANNOTATION], &[]);
+    // The mode label lets an operator canary enforce/shadow per node.
+    trim_meta(
+        &mut node.metadata,
+        &[IP_ADDRESS_ANNOTATION],
+        &[crate::cli::MODE_LABEL],
+    );
     node.spec = None;
     node.status = node.status.take().map(|status| NodeStatus {
         addresses: status.addresses,
