@@ -254,7 +254,12 @@ impl Agent {
                     clobber_check = None;
                     self.record_clobber(&report.unwrap_or_default());
                 }
-                _ = pin_check.tick() => self.check_pins(),
+                _ = pin_check.tick() => {
+                    if self.check_pins() {
+                        // A pass re-decides readiness (lost with the pins).
+                        pending = Some(Instant::now());
+                    }
+                }
                 _ = resync.tick() => {
                     self.refresh_mirrors();
                     self.attach_due = true;
@@ -277,10 +282,11 @@ impl Agent {
 
     /// Notices pins removed behind our back (`detach --force`): from then on the agent stops
     /// attaching (re-attaching would half undo what the operator did, and fails for tcx), and
-    /// says so on `/healthz`, in `kovn_pins_present` and in the log.
-    fn check_pins(&mut self) {
+    /// says so on `/healthz`, in `kovn_pins_present` and in the log. True when it just found
+    /// them gone.
+    fn check_pins(&mut self) -> bool {
         if self.pins_missing() || self.lock.intact(&self.pins) {
-            return;
+            return false;
         }
         self.health.pins_missing.store(true, Ordering::Relaxed);
         self.metrics.pins_present.set(0);
@@ -290,6 +296,7 @@ impl Agent {
              no longer attaches and reports unhealthy (/healthz 503, kovn_pins_present 0) \
              until it restarts, which re-creates them"
         );
+        true
     }
 
     async fn reconcile(
