@@ -77,6 +77,10 @@ pub enum Command {
     /// by position. Needs the datapath enforcing unless --force. Kube-OVN v1.13 re-inserts the
     /// nat jump within 3 s: read docs/migration.md first.
     CleanupIptables(CleanupArgs),
+    /// Check whether this node can run the agent, before installing it: kernel ≥ 5.10, tcx or
+    /// clsact, the capabilities in the effective set, a bpffs under --bpffs-root, the kernel's
+    /// BTF. Changes nothing. Exit status 1 when a check fails (warnings do not count).
+    Preflight(ReadArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -515,6 +519,10 @@ mod tests {
             Command::Detach(DetachArgs { force: true, .. })
         ));
         assert!(parse(&["dump", "--json"]).is_ok());
+        assert!(matches!(
+            parse(&["preflight", "--json"]).unwrap().command,
+            Command::Preflight(ReadArgs { json: true, .. })
+        ));
     }
 
     #[test]

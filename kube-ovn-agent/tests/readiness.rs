@@ -1,7 +1,9 @@
 //! Readiness and the per-node mode of a real agent in a private network namespace (root; a
 //! skip is a failure under `KOVN_REQUIRE_PRIVILEGED`). `/readyz` is driven both ways: 503 while
 //! no interface has a role (the cluster applied, nothing to mark), 200 once the node's NIC comes
-//! and the program is attached to it, 503 again when `detach --force` removes the pins. The node's `kube-ovn-ebpf.io/mode` label switches the pinned mode and `/status` says so.
+//! and the program is attached to it, 503 again when `detach --force` removes the pins. The
+//! node's `kube-ovn-ebpf.io/mode` label switches the pinned mode and `/status` says so.
+//! `preflight` runs under the `DaemonSet`'s capability set (`setpriv`), on and off a bpffs.
 
 use std::{
     io::{Read as _, Write as _},
@@ -38,6 +40,11 @@ fn main() {
         Trial::test(
             "readyz_follows_listing_attachment_and_pins_and_the_node_label_sets_the_mode",
             readiness_both_ways,
+        )
+        .with_ignored_flag(skip.is_some()),
+        Trial::test(
+            "preflight_passes_with_the_daemonsets_capabilities_on_a_bpffs_and_names_what_is_missing",
+            preflight,
         )
         .with_ignored_flag(skip.is_some()),
     ];
@@ -246,6 +253,49 @@ fn readiness_both_ways() -> Result<(), Failed> {
     })?;
     if !body.contains("pins were removed") {
         return Err(format!("/readyz 503 body: {body}").into());
+    }
+    Ok(())
+}
+
+/// `preflight` under `setpriv` with `caps` as the bounding set (so the effective set of root
+/// after exec), on `root`: (exit code, stdout).
+fn preflight_with(caps: &str, root: &std::path::Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--bounding-set=-all,{caps}"))
+        .args([AGENT, "preflight", "--bpffs-root"])
+        .arg(root)
+        .output()
+        .expect("run setpriv (util-linux)");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn preflight() -> Result<(), Failed> {
+    let bpffs = kube_ovn_agent::testing::netns::Bpffs::mount();
+    // The DaemonSet's set (deploy/base/daemonset.yaml), plus SYS_RESOURCE where the kernel-5.10
+    // component adds it.
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let old =
+        kube_ovn_agent::ops::preflight::kernel_version(kernel.trim()).is_some_and(|v| v < (5, 11));
+    let daemonset = if old {
+        "+bpf,+net_admin,+perfmon,+net_raw,+sys_resource"
+    } else {
+        "+bpf,+net_admin,+perfmon,+net_raw"
+    };
+    let (code, out) = preflight_with(daemonset, &bpffs.root());
+    if code != Some(0) || out.contains("FAIL") {
+        return Err(format!("preflight with the DaemonSet's capabilities: {code:?}\n{out}").into());
+    }
+    let (code, out) = preflight_with("+net_admin,+perfmon,+net_raw", &bpffs.root());
+    if code != Some(1) || !out.contains("missing CAP_BPF") {
+        return Err(format!("preflight without CAP_BPF: {code:?}\n{out}").into());
+    }
+    let not_bpffs = TempPath::new("kovn-preflight-", "d");
+    let (code, out) = preflight_with(daemonset, &not_bpffs);
+    if code != Some(1) || !out.contains("is not on a bpffs") {
+        return Err(format!("preflight off a bpffs: {code:?}\n{out}").into());
     }
     Ok(())
 }
