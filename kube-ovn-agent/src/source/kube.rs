@@ -487,6 +487,24 @@ mod tests {
     }
 
     #[test]
+    fn trimming_keeps_the_nodes_mode_label_only() {
+        let mut node = Node::default();
+        noisy(&mut node.metadata);
+        node.metadata
+            .labels
+            .get_or_insert_default()
+            .insert(crate::cli::MODE_LABEL.into(), "shadow".into());
+        trim_node(&mut node);
+        assert_eq!(
+            node.metadata.labels,
+            Some(BTreeMap::from([(
+                crate::cli::MODE_LABEL.to_owned(),
+                "shadow".to_owned()
+            )]))
+        );
+    }
+
+    #[test]
     fn trimming_keeps_what_the_translation_reads() {
         let cluster = spec_cluster();
         let mut trimmed = cluster.clone();
