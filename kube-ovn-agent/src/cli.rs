@@ -150,6 +150,10 @@ pub struct DetachArgs {
     /// everything, so take the agent off this node first if marking is to stay off.
     #[arg(long)]
     pub force: bool,
+    /// Exit 0, not 1, when nothing of ours is found under --bpffs-root: for running on every
+    /// node, as deploy/uninstall does.
+    #[arg(long)]
+    pub if_present: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -516,7 +520,18 @@ mod tests {
         assert!(parse(&["detach"]).is_ok());
         assert!(matches!(
             parse(&["detach", "--force"]).unwrap().command,
-            Command::Detach(DetachArgs { force: true, .. })
+            Command::Detach(DetachArgs {
+                force: true,
+                if_present: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["detach", "--if-present"]).unwrap().command,
+            Command::Detach(DetachArgs {
+                if_present: true,
+                ..
+            })
         ));
         assert!(parse(&["dump", "--json"]).is_ok());
         assert!(matches!(

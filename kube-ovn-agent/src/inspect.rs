@@ -381,6 +381,10 @@ pub async fn detach(args: &DetachArgs) -> Result<()> {
         println!("unpinned {}", path.display());
     }
     if attachments.is_empty() && removed.is_empty() {
+        if args.if_present {
+            println!("nothing of ours under {}", pins.root.display());
+            return Ok(());
+        }
         return Err(BpffsError::NothingOurs { path: pins.root }.into());
     }
     Ok(())

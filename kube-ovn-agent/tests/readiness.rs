@@ -43,6 +43,11 @@ fn main() {
         )
         .with_ignored_flag(skip.is_some()),
         Trial::test(
+            "detach_if_present_succeeds_on_a_node_without_our_pins",
+            detach_if_present,
+        )
+        .with_ignored_flag(skip.is_some()),
+        Trial::test(
             "preflight_passes_with_the_daemonsets_capabilities_on_a_bpffs_and_names_what_is_missing",
             preflight,
         )
@@ -296,6 +301,34 @@ fn preflight() -> Result<(), Failed> {
     let (code, out) = preflight_with(daemonset, &not_bpffs);
     if code != Some(1) || !out.contains("is not on a bpffs") {
         return Err(format!("preflight off a bpffs: {code:?}\n{out}").into());
+    }
+    Ok(())
+}
+
+/// What deploy/uninstall's init container runs, on a node the agent never ran on: success with
+/// `--if-present`, exit status 1 without.
+fn detach_if_present() -> Result<(), Failed> {
+    let bpffs = kube_ovn_agent::testing::netns::Bpffs::mount();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(AGENT)
+            .arg("detach")
+            .args(extra)
+            .arg("--bpffs-root")
+            .arg(bpffs.root())
+            .output()
+            .expect("run detach");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run(&["--if-present"]);
+    if code != Some(0) || !out.contains("nothing of ours") {
+        return Err(format!("detach --if-present: {code:?} {out}").into());
+    }
+    let (code, _) = run(&[]);
+    if code != Some(1) {
+        return Err(format!("detach without --if-present: {code:?}, want 1").into());
     }
     Ok(())
 }
