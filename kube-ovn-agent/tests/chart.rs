@@ -458,9 +458,14 @@ fn renders_pass_server_dry_run() -> Result<(), Failed> {
             return Ok(());
         }
     };
-    let Some(renders) = renders()? else {
+    let Some(mut renders) = renders()? else {
         return Ok(());
     };
+    // deploy/uninstall's DaemonSet (no chart counterpart) goes through the same check.
+    renders.push((
+        "deploy/uninstall".to_owned(),
+        read(&repo().join("deploy/uninstall/daemonset.yaml")),
+    ));
     let plane = ControlPlane::start(Options::new(binaries)).map_err(|e| e.to_string())?;
     let mut problems = Vec::new();
     for (profile, yaml) in renders {
