@@ -4,6 +4,7 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
+    git_commit();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .ok_or_else(|| anyhow!("agent crate has no parent directory"))?
@@ -32,6 +33,41 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::Custom(&toolchain),
     )
+}
+
+/// Sets `KOVN_GIT_COMMIT` for `--version`, `status` and `kovn_build_info`: the
+/// `KOVN_GIT_COMMIT` environment variable when set (an image build from a source tree without
+/// `.git` passes it as a build argument), else `git rev-parse` of the checkout, else `unknown`
+/// (a source tarball). It names the commit checked out: uncommitted changes are not marked.
+fn git_commit() {
+    println!("cargo:rerun-if-env-changed=KOVN_GIT_COMMIT");
+    let commit = match std::env::var("KOVN_GIT_COMMIT") {
+        Ok(commit) if !commit.trim().is_empty() => commit.trim().to_owned(),
+        _ => from_git().unwrap_or_else(|| "unknown".to_owned()),
+    };
+    println!("cargo:rustc-env=KOVN_GIT_COMMIT={commit}");
+}
+
+fn from_git() -> Option<String> {
+    let git = |args: &[&str]| -> Option<String> {
+        let output = std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
+    // Re-run when HEAD moves (a commit, checkout or reset writes both; worktrees included).
+    for path in ["HEAD", "logs/HEAD"] {
+        if let Some(file) = git(&["rev-parse", "--path-format=absolute", "--git-path", path]) {
+            println!("cargo:rerun-if-changed={file}");
+        }
+    }
+    Some(commit)
 }
 
 /// `channel = "…"` of a rust-toolchain.toml (no TOML parser needed for one key).

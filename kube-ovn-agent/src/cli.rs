@@ -14,10 +14,23 @@ use crate::{
     translate::ServiceMatch,
 };
 
+/// This build's version, as in Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit this binary was built from (build.rs: `$KOVN_GIT_COMMIT`, else `git
+/// rev-parse`, else `unknown`).
+pub const COMMIT: &str = env!("KOVN_GIT_COMMIT");
+/// `--version`'s text: `0.1.0 (commit 0123456789ab)`.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KOVN_GIT_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "kube-ovn-agent",
-    version,
+    version = LONG_VERSION,
     about = "Sets Kube-OVN's PREROUTING marks with a TC-ingress eBPF program instead of iptables"
 )]
 pub struct Cli {
@@ -37,8 +50,10 @@ pub enum Command {
     /// SIGTERM leaves everything in place; only `detach` removes it. One agent per
     /// --bpffs-root: a second one exits with status 4.
     Run(Box<RunArgs>),
-    /// Show kernel, attachments, modes, counters, map fill and mark-clobber findings.
-    Status(ReadArgs),
+    /// Show version, kernel, attachments, modes, counters, map fill and mark-clobber findings,
+    /// and what the running agent reports (readiness and why not, mode and its origin, attach
+    /// state per interface, last sync, per-kind source state) from its `/status`.
+    Status(StatusArgs),
     /// Decode every datapath map into CIDRs, addresses, ports and roles.
     Dump(ReadArgs),
     /// Remove our attachments, programs and pins — nothing else. Marking stops.
@@ -62,6 +77,10 @@ pub enum Command {
     /// by position. Needs the datapath enforcing unless --force. Kube-OVN v1.13 re-inserts the
     /// nat jump within 3 s: read docs/migration.md first.
     CleanupIptables(CleanupArgs),
+    /// Check whether this node can run the agent, before installing it: kernel ≥ 5.10, tcx or
+    /// clsact, the capabilities in the effective set, a bpffs under --bpffs-root, the kernel's
+    /// BTF. Changes nothing. Exit status 1 when a check fails (warnings do not count).
+    Preflight(ReadArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -105,6 +124,24 @@ pub struct RootArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// Where the running agent serves `/status` (its --metrics-addr). The manifests set
+    /// `KOVN_AGENT_ADDR` to `$(HOST_IP):10669` in the agent's container, so `kubectl exec …
+    /// status` reaches it.
+    #[arg(long, env = "KOVN_AGENT_ADDR", default_value = "127.0.0.1:10669", value_parser = parse_agent_addr)]
+    pub agent: SocketAddr,
+}
+
+fn parse_agent_addr(text: &str) -> Result<SocketAddr, String> {
+    match parse_metrics_addr(text)? {
+        MetricsAddr(Some(addr)) => Ok(addr),
+        MetricsAddr(None) => Err("expected IP:PORT".into()),
+    }
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct DetachArgs {
     #[command(flatten)]
     pub root: RootArgs,
@@ -113,6 +150,10 @@ pub struct DetachArgs {
     /// everything, so take the agent off this node first if marking is to stay off.
     #[arg(long)]
     pub force: bool,
+    /// Exit 0, not 1, when nothing of ours is found under --bpffs-root: for running on every
+    /// node, as deploy/uninstall does.
+    #[arg(long)]
+    pub if_present: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -221,6 +262,31 @@ pub enum KubeProxyMode {
 pub enum Mode {
     Enforce,
     Shadow,
+}
+
+/// The Node label that overrides `--mode` on one node (`kubectl label node N
+/// kube-ovn-ebpf.io/mode=shadow`), so a rollout can canary enforce on a few nodes.
+pub const MODE_LABEL: &str = "kube-ovn-ebpf.io/mode";
+
+/// The mode in force on this node: its Node's [`MODE_LABEL`] when that says `enforce` or
+/// `shadow`, else `flag`. Returns the mode, where it came from (`node label` or `flag`), and a
+/// complaint about a label value that is neither (the flag's mode is used then).
+pub fn node_mode(
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+    flag: Mode,
+) -> (Mode, &'static str, Option<String>) {
+    match labels.and_then(|l| l.get(MODE_LABEL)).map(String::as_str) {
+        None => (flag, "flag", None),
+        Some("enforce") => (Mode::Enforce, "node label", None),
+        Some("shadow") => (Mode::Shadow, "node label", None),
+        Some(other) => (
+            flag,
+            "flag",
+            Some(format!(
+                "label {MODE_LABEL}={other:?} is neither `enforce` nor `shadow`; using --mode"
+            )),
+        ),
+    }
 }
 
 /// A parsed `--service-cluster-ip-range`.
@@ -435,16 +501,76 @@ mod tests {
     #[test]
     fn read_commands_take_root_and_json() {
         let cli = parse(&["status", "--bpffs-root", "/run/x", "--json"]).unwrap();
-        assert!(matches!(
-            cli.command,
-            Command::Status(ReadArgs { json: true, .. })
-        ));
+        let Command::Status(status) = cli.command else {
+            panic!("not status")
+        };
+        assert!(status.read.json);
+        // The default unless KOVN_AGENT_ADDR says otherwise (the manifests set it).
+        if std::env::var_os("KOVN_AGENT_ADDR").is_none() {
+            assert_eq!(status.agent, "127.0.0.1:10669".parse().unwrap());
+        }
+        let Command::Status(status) = parse(&["status", "--agent", "fd00::11:10669"])
+            .unwrap()
+            .command
+        else {
+            panic!("not status")
+        };
+        assert_eq!(status.agent, "[fd00::11]:10669".parse().unwrap());
+        assert!(parse(&["status", "--agent", "none"]).is_err());
         assert!(parse(&["detach"]).is_ok());
         assert!(matches!(
             parse(&["detach", "--force"]).unwrap().command,
-            Command::Detach(DetachArgs { force: true, .. })
+            Command::Detach(DetachArgs {
+                force: true,
+                if_present: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["detach", "--if-present"]).unwrap().command,
+            Command::Detach(DetachArgs {
+                if_present: true,
+                ..
+            })
         ));
         assert!(parse(&["dump", "--json"]).is_ok());
+        assert!(matches!(
+            parse(&["preflight", "--json"]).unwrap().command,
+            Command::Preflight(ReadArgs { json: true, .. })
+        ));
+    }
+
+    #[test]
+    fn the_node_label_overrides_the_mode_flag() {
+        let labels = |value: &str| {
+            std::collections::BTreeMap::from([(MODE_LABEL.to_owned(), value.to_owned())])
+        };
+        assert_eq!(
+            node_mode(None, Mode::Enforce),
+            (Mode::Enforce, "flag", None)
+        );
+        assert_eq!(
+            node_mode(Some(&labels("shadow")), Mode::Enforce),
+            (Mode::Shadow, "node label", None)
+        );
+        assert_eq!(
+            node_mode(Some(&labels("enforce")), Mode::Shadow),
+            (Mode::Enforce, "node label", None)
+        );
+        let (mode, from, complaint) = node_mode(Some(&labels("Shadow ")), Mode::Enforce);
+        assert_eq!((mode, from), (Mode::Enforce, "flag"));
+        assert!(complaint.unwrap().contains("\"Shadow \""));
+        let other = std::collections::BTreeMap::from([("a".to_owned(), "b".to_owned())]);
+        assert_eq!(node_mode(Some(&other), Mode::Shadow).0, Mode::Shadow);
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        assert!(LONG_VERSION.starts_with(VERSION));
+        assert!(LONG_VERSION.ends_with(&format!("(commit {COMMIT})")));
+        assert!(!COMMIT.is_empty());
+        let error = parse(&["--version"]).expect_err("--version exits");
+        assert!(error.to_string().contains(LONG_VERSION), "{error}");
     }
 
     #[test]

@@ -45,6 +45,11 @@ fn read_tables(pins: &PinRoot) -> Result<(Tables, Vec<u64>)> {
 
 #[derive(Serialize)]
 struct Status {
+    /// This binary's version and commit.
+    version: &'static str,
+    /// What the running agent reports on its `/status`; `None` when it did not answer.
+    agent: Option<kube_ovn_agent::metrics::AgentStatus>,
+    agent_error: Option<String>,
     kernel: String,
     bpffs_root: String,
     program: Option<ProgramStatus>,
@@ -80,7 +85,7 @@ fn service_match(rules: u32) -> &'static str {
     }
 }
 
-pub async fn status(args: &ReadArgs) -> Result<()> {
+pub async fn status(args: &ReadArgs, agent_addr: std::net::SocketAddr) -> Result<()> {
     let pins = pins(&args.root)?;
     let (tables, counters) = read_tables(&pins)?;
     let current = tables.current();
@@ -96,7 +101,18 @@ pub async fn status(args: &ReadArgs) -> Result<()> {
     let mark_clobber = tokio::task::spawn_blocking(|| clobber::check(Duration::from_secs(10)))
         .await
         .unwrap_or_default();
+    let (agent, agent_error) = match tokio::task::spawn_blocking(move || {
+        kube_ovn_agent::metrics::fetch_status(agent_addr, Duration::from_secs(3))
+    })
+    .await?
+    {
+        Ok(agent) => (Some(agent), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     let status = Status {
+        version: kube_ovn_agent::cli::LONG_VERSION,
+        agent,
+        agent_error,
         kernel: kernel_release(),
         bpffs_root: pins.root.display().to_string(),
         program,
@@ -130,6 +146,17 @@ fn pinned_program(pins: &PinRoot) -> Option<ProgramInfo> {
 
 fn status_text(s: &Status) -> String {
     let mut out = String::new();
+    let _ = writeln!(out, "version       {}", s.version);
+    match (&s.agent, &s.agent_error) {
+        (Some(agent), _) => out.push_str(&agent.text(unix_now())),
+        (None, error) => {
+            let _ = writeln!(
+                out,
+                "agent         not reachable: {}",
+                error.as_deref().unwrap_or("unknown")
+            );
+        }
+    }
     let _ = writeln!(out, "kernel        {}", s.kernel);
     let _ = writeln!(out, "bpffs root    {}", s.bpffs_root);
     match &s.program {
@@ -210,6 +237,13 @@ fn join(names: &[&str]) -> String {
     } else {
         names.join(" ")
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 fn kernel_release() -> String {
@@ -347,6 +381,10 @@ pub async fn detach(args: &DetachArgs) -> Result<()> {
         println!("unpinned {}", path.display());
     }
     if attachments.is_empty() && removed.is_empty() {
+        if args.if_present {
+            println!("nothing of ours under {}", pins.root.display());
+            return Ok(());
+        }
         return Err(BpffsError::NothingOurs { path: pins.root }.into());
     }
     Ok(())

@@ -12,6 +12,7 @@ use kube_ovn_agent::{
     datapath::pins::{BpffsError, EXIT_ROOT_IN_USE},
     diag,
     ops::cleanup,
+    ops::preflight,
     ops::verify,
 };
 use tracing_subscriber::{EnvFilter, fmt};
@@ -70,7 +71,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Status(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(inspect::status(&args)),
+            .block_on(inspect::status(&args.read, args.agent)),
         Command::Dump(args) => inspect::dump(&args),
         Command::Detach(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -93,6 +94,16 @@ fn dispatch(command: Command) -> Result<()> {
                 print!("{}", report.text());
             }
             std::process::exit(report.verdict.exit_code());
+        }
+        Command::Preflight(args) => {
+            let checks = preflight::evaluate(&preflight::Facts::read(&args.root.bpffs_root));
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                print!("{}", preflight::text(&checks));
+            }
+            anyhow::ensure!(!preflight::failed(&checks), "a preflight check failed");
+            Ok(())
         }
         Command::CleanupIptables(args) => {
             let state = tokio::runtime::Builder::new_current_thread()

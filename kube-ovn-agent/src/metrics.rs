@@ -26,7 +26,234 @@ use prometheus_client::{
 };
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::source::SourceStatus;
+use serde::{Deserialize, Serialize};
+
+use crate::source::{KIND_STATES, SourceStatus, unix_now as source_now};
+
+/// One interface that has a role on this node, and whether our program is attached to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceState {
+    pub name: String,
+    /// Its roles, `+`-joined (`ovn0`, `nic`, `nic+no-ethernet`, …).
+    pub role: String,
+    pub attached: bool,
+}
+
+/// One kind's feed as `/status` and `status` show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceKindState {
+    pub kind: String,
+    /// `listing`, `watching` or `failing`.
+    pub state: String,
+    pub objects: usize,
+    pub errors: u64,
+    pub relists: u64,
+    pub last_event_unix: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+impl SourceKindState {
+    pub fn from_status(status: &SourceStatus) -> Vec<Self> {
+        status
+            .kinds
+            .iter()
+            .map(|(kind, s)| Self {
+                kind: (*kind).to_owned(),
+                state: s.state_at(source_now()).to_owned(),
+                objects: s.objects,
+                errors: s.errors,
+                relists: s.relists,
+                last_event_unix: s.last_event_unix,
+                last_error: s.last_error.clone(),
+            })
+            .collect()
+    }
+}
+
+/// What the running agent says about itself on `/status` (read by `status`): the facts only it
+/// knows, which the pins do not hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub version: String,
+    pub commit: String,
+    pub node: String,
+    /// `enforce` or `shadow`, as the agent programs it now.
+    pub mode: String,
+    /// Where the mode came from: `flag` (`--mode`) or `node label` (`kube-ovn-ebpf.io/mode`).
+    pub mode_from: String,
+    pub ready: bool,
+    /// Why it is not ready (empty when ready): the `/readyz` body.
+    pub not_ready: Vec<String>,
+    /// Unix seconds of the last pass that applied a complete view without a map error.
+    pub last_sync_unix: Option<u64>,
+    pub interfaces: Vec<InterfaceState>,
+    pub source: Vec<SourceKindState>,
+}
+
+impl AgentStatus {
+    /// The lines `status` prints for the agent; ages are relative to `now` (Unix seconds).
+    pub fn text(&self, now: u64) -> String {
+        use std::fmt::Write as _;
+        let age = |at: Option<u64>| {
+            at.map_or_else(
+                || "never".to_owned(),
+                |at| format!("{} s ago", now.saturating_sub(at)),
+            )
+        };
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "agent         {} on node {} — version {} (commit {}), mode {} (from {}), last sync {}",
+            if self.ready { "ready" } else { "NOT READY" },
+            self.node,
+            self.version,
+            self.commit,
+            self.mode,
+            self.mode_from,
+            age(self.last_sync_unix)
+        );
+        for reason in &self.not_ready {
+            let _ = writeln!(out, "not ready     {reason}");
+        }
+        for (i, iface) in self.interfaces.iter().enumerate() {
+            let label = if i == 0 { "interfaces" } else { "" };
+            let _ = writeln!(
+                out,
+                "{label:<13} {:<15} {:<20} {}",
+                iface.name,
+                iface.role,
+                if iface.attached {
+                    "attached"
+                } else {
+                    "NOT ATTACHED"
+                }
+            );
+        }
+        for (i, kind) in self.source.iter().enumerate() {
+            let label = if i == 0 { "source" } else { "" };
+            let _ = write!(
+                out,
+                "{label:<13} {:<12} {:<8} {} objects, {} lists, {} errors, last event {}",
+                kind.kind,
+                kind.state,
+                kind.objects,
+                kind.relists,
+                kind.errors,
+                age(kind.last_event_unix)
+            );
+            match &kind.last_error {
+                Some(error) if kind.state == "failing" => {
+                    let _ = writeln!(out, ", error: {error}");
+                }
+                _ => out.push('\n'),
+            }
+        }
+        out
+    }
+}
+
+/// Why `status` got no [`AgentStatus`].
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no agent answered on {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("reading {addr}/status: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{addr}/status answered {status_line:?}")]
+    Status {
+        addr: SocketAddr,
+        status_line: String,
+    },
+    #[error("{addr}/status is not an agent status: {source}")]
+    Decode {
+        addr: SocketAddr,
+        source: serde_json::Error,
+    },
+}
+
+/// Largest `/status` body read (a node with hundreds of interfaces stays far below).
+const MAX_STATUS_BYTES: u64 = 4 << 20;
+
+/// `GET /status` of the agent at `addr` (one HTTP/1.0 request, blocking, each step bounded by
+/// `timeout`).
+pub fn fetch_status(addr: SocketAddr, timeout: Duration) -> Result<AgentStatus, FetchError> {
+    use std::io::{Read as _, Write as _};
+    let io = |source| FetchError::Io { addr, source };
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|source| FetchError::Connect { addr, source })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    stream
+        .write_all(b"GET /status HTTP/1.0\r\nHost: agent\r\n\r\n")
+        .map_err(io)?;
+    let mut response = Vec::new();
+    stream
+        .take(MAX_STATUS_BYTES)
+        .read_to_end(&mut response)
+        .map_err(io)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status_line = head.lines().next().unwrap_or_default();
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        return Err(FetchError::Status {
+            addr,
+            status_line: status_line.to_owned(),
+        });
+    }
+    serde_json::from_str(body).map_err(|source| FetchError::Decode { addr, source })
+}
+
+/// Whether the node marks what its roles say, from one reconcile pass. Ready means all of:
+/// every watched kind has been listed completely and that complete view was applied to the maps
+/// (so entries are in place and stale ones pruned); the agent's pins are still under its root;
+/// at least one interface has a role; and the program is attached to every interface that has
+/// one (ovn0, the NodePort NICs, provider bridges, `lo` with TPROXY). A full map or a later
+/// watch outage does not take readiness away (the programmed state stays and marks; alerts
+/// report those); a lost attachment or removed pins do. Returns the reasons it is not ready,
+/// empty when ready.
+pub fn readiness(
+    source: &SourceStatus,
+    complete_view_applied: bool,
+    pins_present: bool,
+    interfaces: &[InterfaceState],
+) -> Vec<String> {
+    let mut reasons = Vec::new();
+    let unlisted: Vec<&str> = source
+        .kinds
+        .iter()
+        .filter(|(_, s)| !s.listed)
+        .map(|(kind, _)| *kind)
+        .collect();
+    if !unlisted.is_empty() {
+        reasons.push(format!(
+            "waiting for the first complete list of {}",
+            unlisted.join(", ")
+        ));
+    } else if !complete_view_applied {
+        reasons.push("the complete view is not applied to the maps yet".to_owned());
+    }
+    if !pins_present {
+        reasons.push(
+            "this agent's pins were removed (detach --force?): marking has stopped".to_owned(),
+        );
+    }
+    if interfaces.is_empty() {
+        reasons.push("no interface has a role on this node: nothing would be marked".to_owned());
+    }
+    for iface in interfaces.iter().filter(|i| !i.attached) {
+        reasons.push(format!(
+            "not attached to {} (role {})",
+            iface.name, iface.role
+        ));
+    }
+    reasons
+}
 
 /// Values read from the kernel and the source at scrape time.
 #[derive(Default)]
@@ -36,6 +263,8 @@ pub struct Live {
     /// Each map's `max_entries`.
     pub map_capacities: Mutex<Vec<(&'static str, usize)>>,
     pub source: Mutex<SourceStatus>,
+    /// Interfaces with a role and their attach state.
+    pub interfaces: Mutex<Vec<InterfaceState>>,
 }
 
 impl std::fmt::Debug for Live {
@@ -95,30 +324,108 @@ impl Collector for Live {
             }
         }
         let source = self.source.lock().map(|s| s.clone()).unwrap_or_default();
-        if !source.kinds.is_empty() {
-            let mut listed = encoder.encode_descriptor(
-                "kovn_source_listed",
-                "1 once a kind has been listed completely",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for (kind, status) in &source.kinds {
-                let labels = [("kind", *kind)];
-                ConstGauge::new(i64::from(status.listed)).encode(listed.encode_family(&labels)?)?;
-            }
-            let mut errors = encoder.encode_descriptor(
-                "kovn_source_errors",
-                "Watch failures and rejected inputs per kind",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for (kind, status) in &source.kinds {
-                let labels = [("kind", *kind)];
-                ConstCounter::new(status.errors).encode(errors.encode_family(&labels)?)?;
-            }
-        }
+        encode_source(&source, &mut encoder)?;
+        let interfaces = self
+            .interfaces
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        encode_interfaces(&interfaces, &mut encoder)?;
         Ok(())
     }
+}
+
+/// The per-kind source families.
+fn encode_source(
+    source: &SourceStatus,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let now = source_now();
+    if !source.kinds.is_empty() {
+        let mut listed = encoder.encode_descriptor(
+            "kovn_source_listed",
+            "1 once a kind has been listed completely",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (kind, status) in &source.kinds {
+            let labels = [("kind", *kind)];
+            ConstGauge::new(i64::from(status.listed)).encode(listed.encode_family(&labels)?)?;
+        }
+        let mut errors = encoder.encode_descriptor(
+            "kovn_source_errors",
+            "Watch failures and rejected inputs per kind",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (kind, status) in &source.kinds {
+            let labels = [("kind", *kind)];
+            ConstCounter::new(status.errors).encode(errors.encode_family(&labels)?)?;
+        }
+        let mut relists = encoder.encode_descriptor(
+            "kovn_source_relists",
+            "Complete lists received per kind, the first included (file source: file \
+             versions applied)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (kind, status) in &source.kinds {
+            let labels = [("kind", *kind)];
+            ConstCounter::new(status.relists).encode(relists.encode_family(&labels)?)?;
+        }
+        let mut last_event = encoder.encode_descriptor(
+            "kovn_source_last_event_timestamp_seconds",
+            "Unix time of the last complete list or watch event per kind",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (kind, status) in &source.kinds {
+            if let Some(at) = status.last_event_unix {
+                let labels = [("kind", *kind)];
+                let at = i64::try_from(at).unwrap_or(i64::MAX);
+                ConstGauge::new(at).encode(last_event.encode_family(&labels)?)?;
+            }
+        }
+        let mut state = encoder.encode_descriptor(
+            "kovn_source_state",
+            "1 for each kind's feed state: listing (no complete list yet), watching, failing \
+             (errors in the last 2 minutes and no list or event since: the view is stale)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (kind, status) in &source.kinds {
+            for value in KIND_STATES {
+                let labels = [("kind", *kind), ("state", value)];
+                let on = i64::from(status.state_at(now) == value);
+                ConstGauge::new(on).encode(state.encode_family(&labels)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `kovn_interface_attached`.
+fn encode_interfaces(
+    interfaces: &[InterfaceState],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    if !interfaces.is_empty() {
+        let mut family = encoder.encode_descriptor(
+            "kovn_interface_attached",
+            "1 while the program is attached to an interface that has a role, 0 while \
+             attaching to it fails",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for iface in interfaces {
+            let labels = [
+                ("interface", iface.name.as_str()),
+                ("role", iface.role.as_str()),
+            ];
+            ConstGauge::new(i64::from(iface.attached)).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Metrics the agent updates as it works.
@@ -140,6 +447,12 @@ pub struct Metrics {
     pub ready: Gauge,
     /// 1 while the pins under the root are the ones this agent created (0 after `detach --force`).
     pub pins_present: Gauge,
+    /// 1, labelled with the version, commit and loaded program tag.
+    pub build_info: Family<Vec<(String, String)>, Gauge>,
+    /// 1 for the mode in force, 0 for the other.
+    pub mode: Family<Vec<(String, String)>, Gauge>,
+    /// Unix seconds of the last pass that applied a complete view without a map error.
+    pub last_sync: Gauge,
 }
 
 impl Default for Metrics {
@@ -161,6 +474,9 @@ impl Metrics {
         let ready = Gauge::default();
         let pins_present = Gauge::default();
         pins_present.set(1);
+        let build_info = Family::default();
+        let mode = Family::default();
+        let last_sync = Gauge::default();
         registry.register(
             "kovn_sync_duration_seconds",
             "Duration of a reconcile pass",
@@ -194,6 +510,22 @@ impl Metrics {
              behind its back (detach --force): marking has stopped",
             pins_present.clone(),
         );
+        registry.register(
+            "kovn_build_info",
+            "1, labelled with the agent's version and commit and the loaded program's tag",
+            build_info.clone(),
+        );
+        registry.register(
+            "kovn_mode",
+            "1 for the mode the datapath runs in (enforce writes marks, shadow counts only)",
+            mode.clone(),
+        );
+        registry.register(
+            "kovn_last_sync_timestamp_seconds",
+            "Unix time of the last reconcile pass that applied a complete view without a map \
+             error",
+            last_sync.clone(),
+        );
         registry.register_collector(Box::new(live.clone()));
         Self {
             registry,
@@ -206,6 +538,28 @@ impl Metrics {
             attached_interfaces,
             ready,
             pins_present,
+            build_info,
+            mode,
+            last_sync,
+        }
+    }
+
+    /// Sets `kovn_build_info` once the program is loaded.
+    pub fn set_build_info(&self, program_tag: &str) {
+        let labels = vec![
+            ("version".to_owned(), crate::cli::VERSION.to_owned()),
+            ("commit".to_owned(), crate::cli::COMMIT.to_owned()),
+            ("program_tag".to_owned(), program_tag.to_owned()),
+        ];
+        self.build_info.get_or_create(&labels).set(1);
+    }
+
+    /// Sets `kovn_mode`: 1 for `current`, 0 for the other mode.
+    pub fn set_mode(&self, shadow: bool) {
+        for (name, on) in [("enforce", !shadow), ("shadow", shadow)] {
+            self.mode
+                .get_or_create(&vec![("mode".to_owned(), name.to_owned())])
+                .set(i64::from(on));
         }
     }
 
@@ -227,6 +581,8 @@ impl Metrics {
 #[derive(Default)]
 pub struct Health {
     pub ready: AtomicBool,
+    /// What `/status` serves; its `not_ready` is the `/readyz` body.
+    pub status: Mutex<AgentStatus>,
     /// Set once the pins were removed behind the agent's back: `/healthz` fails from then on.
     pub pins_missing: AtomicBool,
     /// Unix seconds of the last loop iteration; `/healthz` fails if it stops moving.
@@ -301,6 +657,7 @@ pub async fn serve_on(
         .route("/metrics", get(render))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/status", get(agent_status))
         .with_state(Arc::new(Served { metrics, health }));
     // One permit per open connection: the bound is strict, sockets included.
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -401,15 +758,39 @@ async fn healthz(State(served): State<Arc<Served>>) -> impl IntoResponse {
     }
 }
 
+/// 200 `ready` when [`readiness`] found nothing missing at the last pass, else 503 with one
+/// reason per line.
 async fn readyz(State(served): State<Arc<Served>>) -> impl IntoResponse {
     if served.health.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "first full sync not done\n",
-        )
+        return (StatusCode::OK, "ready\n".to_owned());
     }
+    let status = served
+        .health
+        .status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut body = String::new();
+    for reason in &status.not_ready {
+        body.push_str(reason);
+        body.push('\n');
+    }
+    if body.is_empty() {
+        body.push_str("first reconcile pass not done\n");
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, body)
+}
+
+async fn agent_status(State(served): State<Arc<Served>>) -> impl IntoResponse {
+    let status = served
+        .health
+        .status
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(&status).unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
@@ -436,6 +817,160 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn new_families_render_with_their_labels() {
+        let metrics = Metrics::new();
+        metrics.set_build_info("0123456789abcdef");
+        metrics.set_mode(true);
+        metrics.last_sync.set(1_700_000_000);
+        let (feed, _rx) = crate::source::Feed::new(&[crate::cluster::Kind::Node]);
+        feed.listed(crate::cluster::Kind::Node, 2);
+        *metrics.live.source.lock().unwrap() = feed.status();
+        metrics
+            .live
+            .interfaces
+            .lock()
+            .unwrap()
+            .push(InterfaceState {
+                name: "ovn0".into(),
+                role: "ovn0".into(),
+                attached: true,
+            });
+        let text = metrics.render();
+        let build_info = format!(
+            "kovn_build_info{{version=\"{}\",commit=\"{}\",program_tag=\"0123456789abcdef\"}} 1",
+            crate::cli::VERSION,
+            crate::cli::COMMIT
+        );
+        for needle in [
+            build_info.as_str(),
+            "kovn_mode{mode=\"shadow\"} 1",
+            "kovn_mode{mode=\"enforce\"} 0",
+            "kovn_last_sync_timestamp_seconds 1700000000",
+            "kovn_interface_attached{interface=\"ovn0\",role=\"ovn0\"} 1",
+            "kovn_source_relists_total{kind=\"Node\"} 1",
+            "kovn_source_state{kind=\"Node\",state=\"watching\"} 1",
+            "kovn_source_state{kind=\"Node\",state=\"failing\"} 0",
+            "kovn_source_last_event_timestamp_seconds{kind=\"Node\"} ",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    fn iface(name: &str, attached: bool) -> InterfaceState {
+        InterfaceState {
+            name: name.into(),
+            role: "nic".into(),
+            attached,
+        }
+    }
+
+    #[test]
+    fn readiness_needs_a_complete_applied_view_pins_and_every_attachment() {
+        use crate::cluster::Kind;
+        let (feed, _rx) = crate::source::Feed::new(&[Kind::Node, Kind::Service]);
+        feed.listed(Kind::Node, 1);
+        let attached = [iface("ovn0", true), iface("eth0", true)];
+        let reasons = readiness(&feed.status(), false, true, &attached);
+        assert_eq!(
+            reasons,
+            ["waiting for the first complete list of Service"],
+            "{reasons:?}"
+        );
+        feed.listed(Kind::Service, 0);
+        let source = feed.status();
+        assert_eq!(
+            readiness(&source, false, true, &attached),
+            ["the complete view is not applied to the maps yet"]
+        );
+        assert!(readiness(&source, true, true, &attached).is_empty());
+        // A watch failing after the first list keeps readiness: the programmed state marks.
+        feed.error(Kind::Service, "connection refused".into());
+        assert!(readiness(&feed.status(), true, true, &attached).is_empty());
+        let reasons = readiness(
+            &source,
+            true,
+            true,
+            &[iface("ovn0", true), iface("eth1", false)],
+        );
+        assert_eq!(reasons, ["not attached to eth1 (role nic)"]);
+        assert_eq!(
+            readiness(&source, true, true, &[]),
+            ["no interface has a role on this node: nothing would be marked"]
+        );
+        assert_eq!(readiness(&source, true, false, &attached).len(), 1);
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> (String, String) {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: a\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_owned(), body.to_owned())
+    }
+
+    #[test]
+    fn readyz_and_status_follow_the_published_verdict_both_ways() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Arc::new(Health::default());
+        runtime.spawn(serve_on(
+            listener,
+            ServeLimits::default(),
+            Arc::new(Metrics::new()),
+            health.clone(),
+        ));
+        let publish = |ready: bool, reasons: &[&str]| {
+            health.ready.store(ready, Ordering::Relaxed);
+            let mut status = health.status.lock().unwrap();
+            status.ready = ready;
+            status.node = "n1".into();
+            status.not_ready = reasons.iter().map(|r| (*r).to_owned()).collect();
+        };
+        publish(false, &["not attached to eth1 (role nic)"]);
+        let (line, body) = get(addr, "/readyz");
+        assert!(line.contains("503"), "{line}");
+        assert_eq!(body, "not attached to eth1 (role nic)\n");
+        let fetched = fetch_status(addr, Duration::from_secs(2)).unwrap();
+        assert_eq!(
+            (
+                fetched.ready,
+                fetched.not_ready.len(),
+                fetched.node.as_str()
+            ),
+            (false, 1, "n1")
+        );
+        assert!(fetched.text(0).contains("NOT READY on node n1"));
+        publish(true, &[]);
+        let (line, body) = get(addr, "/readyz");
+        assert!(line.contains("200"), "{line}");
+        assert_eq!(body, "ready\n");
+        assert!(fetch_status(addr, Duration::from_secs(2)).unwrap().ready);
+        publish(
+            false,
+            &["this agent's pins were removed (detach --force?): marking has stopped"],
+        );
+        assert!(
+            get(addr, "/readyz").0.contains("503"),
+            "readiness can be lost again"
+        );
+        drop(runtime);
+        let error = fetch_status(addr, Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(error, FetchError::Connect { .. }), "{error}");
     }
 
     /// Whether the server closed `stream` (EOF or reset) within `within`.

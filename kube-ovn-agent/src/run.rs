@@ -56,6 +56,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
 
     let metrics = Arc::new(Metrics::new());
+    metrics.set_build_info(&program_tag(datapath.program_id));
+    metrics.set_mode(args.mode == Mode::Shadow);
     let health = Arc::new(Health::default());
     *metrics.live.counters.lock().expect("lock") = datapath.take_counters();
     if let Some(addr) = args.metrics_addr.0 {
@@ -95,6 +97,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tproxy_port: args.enable_tproxy.then_some(args.tproxy_port),
     };
     tracing::info!(
+        version = kube_ovn_agent::cli::LONG_VERSION,
         node = %node_name,
         attach = ?attach_config.mode,
         service_match = ?args.service_match,
@@ -130,6 +133,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         attach_due: true,
         tproxy_ips: (None, None),
         tproxy_listeners: netlink::TproxyListeners::default(),
+        attach_failed: BTreeSet::new(),
+        last_sync_unix: None,
+        mode_from: "flag",
+        last_readiness: None,
     };
     agent.main_loop(running, node_net).await
 }
@@ -183,6 +190,14 @@ struct Agent {
     /// check found.
     tproxy_ips: (Option<Ipv4Addr>, Option<Ipv6Addr>),
     tproxy_listeners: netlink::TproxyListeners,
+    /// Interfaces whose last attach attempt failed.
+    attach_failed: BTreeSet<String>,
+    /// Unix seconds of the last pass that applied a complete view without a map error.
+    last_sync_unix: Option<u64>,
+    /// Where the mode in force came from: `flag` or `node label`.
+    mode_from: &'static str,
+    /// The last readiness verdict published (and logged).
+    last_readiness: Option<bool>,
 }
 
 impl Agent {
@@ -239,7 +254,12 @@ impl Agent {
                     clobber_check = None;
                     self.record_clobber(&report.unwrap_or_default());
                 }
-                _ = pin_check.tick() => self.check_pins(),
+                _ = pin_check.tick() => {
+                    if self.check_pins() {
+                        // A pass re-decides readiness (lost with the pins).
+                        pending = Some(Instant::now());
+                    }
+                }
                 _ = resync.tick() => {
                     self.refresh_mirrors();
                     self.attach_due = true;
@@ -262,10 +282,11 @@ impl Agent {
 
     /// Notices pins removed behind our back (`detach --force`): from then on the agent stops
     /// attaching (re-attaching would half undo what the operator did, and fails for tcx), and
-    /// says so on `/healthz`, in `kovn_pins_present` and in the log.
-    fn check_pins(&mut self) {
+    /// says so on `/healthz`, in `kovn_pins_present` and in the log. True when it just found
+    /// them gone.
+    fn check_pins(&mut self) -> bool {
         if self.pins_missing() || self.lock.intact(&self.pins) {
-            return;
+            return false;
         }
         self.health.pins_missing.store(true, Ordering::Relaxed);
         self.metrics.pins_present.set(0);
@@ -275,6 +296,7 @@ impl Agent {
              no longer attaches and reports unhealthy (/healthz 503, kovn_pins_present 0) \
              until it restarts, which re-creates them"
         );
+        true
     }
 
     async fn reconcile(
@@ -287,12 +309,8 @@ impl Agent {
         let snapshot = running.source.snapshot();
         let status = running.source.status();
         *self.metrics.live.source.lock().expect("lock") = status.clone();
-        let source_faults = status.kinds.iter().filter_map(|(kind, s)| {
-            s.last_error
-                .as_ref()
-                .map(|error| Fault::new(format!("source {kind}: {error}")))
-        });
-        self.faults.pass("source", source_faults);
+        self.note_source_faults(&status);
+        self.follow_mode_label(&snapshot);
         let Some(net) = node_net.borrow().clone() else {
             return;
         };
@@ -374,15 +392,105 @@ impl Agent {
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
         *self.metrics.live.map_sizes.lock().expect("lock") = self.datapath.tables.sizes();
+        if listed && map_faults.is_empty() {
+            let now = unix_now();
+            self.last_sync_unix = Some(now);
+            self.metrics
+                .last_sync
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
         if listed && !self.ready {
             self.ready = true;
-            self.health.ready.store(true, Ordering::Relaxed);
-            self.metrics.ready.set(1);
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis(),
                 entries = ?self.datapath.tables.sizes(),
                 "first full sync done"
             );
+        }
+        self.publish_readiness(&status, &roles);
+    }
+
+    /// A kind is at fault while its feed fails; the next list or event (or two quiet minutes)
+    /// clears it, and the fault log says "resolved".
+    fn note_source_faults(&mut self, status: &source::SourceStatus) {
+        let now = source::unix_now();
+        let source_faults = status.kinds.iter().filter_map(|(kind, s)| {
+            s.last_error
+                .as_ref()
+                .filter(|_| s.failing_at(now))
+                .map(|error| Fault::new(format!("source {kind}: {error}")))
+        });
+        self.faults.pass("source", source_faults);
+    }
+
+    /// Re-decides readiness after a pass (`metrics::readiness`) and publishes it on `/readyz`,
+    /// `/status`, `kovn_ready` and `kovn_interface_attached`; logs each change.
+    fn publish_readiness(
+        &mut self,
+        source: &source::SourceStatus,
+        roles: &BTreeMap<String, (u32, u32)>,
+    ) {
+        let interfaces: Vec<metrics::InterfaceState> = roles
+            .iter()
+            .map(|(name, (_, bits))| metrics::InterfaceState {
+                name: name.clone(),
+                role: kube_ovn_agent::state::role_names(*bits).join("+"),
+                // Attempted in the last attach pass (every role change causes one) and not
+                // failed: `attach::ensure` found or put our program there.
+                attached: self.last_roles.contains_key(name) && !self.attach_failed.contains(name),
+            })
+            .collect();
+        let reasons = metrics::readiness(source, self.ready, !self.pins_missing(), &interfaces);
+        let ready = reasons.is_empty();
+        if self.last_readiness != Some(ready) {
+            if ready {
+                tracing::info!(
+                    "ready: the complete view is applied and every interface with a role is attached"
+                );
+            } else {
+                tracing::warn!(reasons = ?reasons, "not ready");
+            }
+            self.last_readiness = Some(ready);
+        }
+        self.health.ready.store(ready, Ordering::Relaxed);
+        self.metrics.ready.set(i64::from(ready));
+        (*self.metrics.live.interfaces.lock().expect("lock")).clone_from(&interfaces);
+        let mut status = self.health.status.lock().expect("lock");
+        *status = metrics::AgentStatus {
+            version: kube_ovn_agent::cli::VERSION.to_owned(),
+            commit: kube_ovn_agent::cli::COMMIT.to_owned(),
+            node: self.node_name.clone(),
+            mode: if self.options.shadow {
+                "shadow"
+            } else {
+                "enforce"
+            }
+            .to_owned(),
+            mode_from: self.mode_from.to_owned(),
+            ready,
+            not_ready: reasons,
+            last_sync_unix: self.last_sync_unix,
+            interfaces,
+            source: metrics::SourceKindState::from_status(source),
+        };
+    }
+
+    /// Applies this node's `kube-ovn-ebpf.io/mode` label (over `--mode`) to the next
+    /// translation; logs a change and an unusable value once.
+    fn follow_mode_label(&mut self, snapshot: &kube_ovn_agent::cluster::Snapshot) {
+        let labels = snapshot
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .and_then(|n| n.metadata.labels.as_ref());
+        let (mode, from, complaint) = kube_ovn_agent::cli::node_mode(labels, self.args.mode);
+        self.faults.pass("mode label", complaint.map(Fault::new));
+        let shadow = mode == Mode::Shadow;
+        if shadow != self.options.shadow || from != self.mode_from {
+            tracing::info!(mode = ?mode, from, "mode");
+            self.options.shadow = shadow;
+            self.mode_from = from;
+            self.metrics.set_mode(shadow);
         }
     }
 
@@ -394,6 +502,7 @@ impl Agent {
     ) -> bool {
         let mut complete = true;
         let mut faults = Vec::new();
+        self.attach_failed.clear();
         let program_id = self.datapath.program_id;
         for ifname in roles.keys() {
             let outcome = attach::ensure(
@@ -422,6 +531,7 @@ impl Agent {
                 }
                 Err(e) => {
                     complete = false;
+                    self.attach_failed.insert(ifname.clone());
                     self.metrics.error("attach");
                     faults.push(Fault::new(format!(
                         "attaching to {ifname} failed: {}",
@@ -591,6 +701,24 @@ fn kube_proxy_sets(mode: KubeProxyMode, current: KubeProxySets) -> KubeProxySets
             KubeProxySets::default()
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The loaded program's tag (hex) for `kovn_build_info`, or `unknown`.
+fn program_tag(program_id: u32) -> String {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|info| info.id() == program_id)
+        .map_or_else(
+            || "unknown".to_owned(),
+            |info| format!("{:016x}", info.tag()),
+        )
 }
 
 fn hostname() -> Option<String> {

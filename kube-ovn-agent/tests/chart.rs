@@ -25,7 +25,7 @@ use clap::Parser as _;
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
 use kube_ovn_agent::{
     cli::{Cli, Command as AgentCommand},
-    metrics::Metrics,
+    metrics::{InterfaceState, Metrics},
     source::KindStatus,
 };
 use kube_ovn_ebpf_common::counter;
@@ -458,9 +458,14 @@ fn renders_pass_server_dry_run() -> Result<(), Failed> {
             return Ok(());
         }
     };
-    let Some(renders) = renders()? else {
+    let Some(mut renders) = renders()? else {
         return Ok(());
     };
+    // deploy/uninstall's DaemonSet (no chart counterpart) goes through the same check.
+    renders.push((
+        "deploy/uninstall".to_owned(),
+        read(&repo().join("deploy/uninstall/daemonset.yaml")),
+    ));
     let plane = ControlPlane::start(Options::new(binaries)).map_err(|e| e.to_string())?;
     let mut problems = Vec::new();
     for (profile, yaml) in renders {
@@ -904,13 +909,21 @@ fn exported_names() -> BTreeSet<String> {
         .lock()
         .expect("map sizes")
         .push(("kovn_subnets4", 1));
+    metrics.live.source.lock().expect("source").kinds.insert(
+        "Service",
+        KindStatus {
+            last_event_unix: Some(1),
+            ..KindStatus::default()
+        },
+    );
+    metrics.set_build_info("0123456789abcdef");
+    metrics.set_mode(false);
     metrics
         .live
-        .source
+        .interfaces
         .lock()
-        .expect("source")
-        .kinds
-        .insert("Service", KindStatus::default());
+        .expect("interfaces")
+        .push(InterfaceState::default());
     let mut names: BTreeSet<String> = metrics
         .render()
         .lines()

@@ -75,6 +75,14 @@ fn main() {
             "doc_links_in_the_code_and_docs_reach_a_heading",
             doc_anchors_exist,
         ),
+        (
+            "version_names_the_commit_the_binary_was_built_from",
+            version_names_the_commit,
+        ),
+        (
+            "uninstall_daemonset_detaches_the_agents_root_with_the_agents_privileges",
+            uninstall_matches_the_agent,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -853,6 +861,9 @@ fn kustomize_layout() -> Result<(), Failed> {
         known.extend(yaml_files(&dir).iter().map(|f| dir.join(f)));
     }
     known.insert(deploy().join("examples/cluster.yaml"));
+    // Checked by uninstall_matches_the_agent.
+    known.insert(deploy().join("uninstall/kustomization.yaml"));
+    known.insert(deploy().join("uninstall/daemonset.yaml"));
     let mut stack = vec![deploy()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).expect("read deploy/").flatten() {
@@ -1054,6 +1065,120 @@ fn kubectl_agrees() -> Result<(), Failed> {
         Ok(())
     } else {
         Err(problems.join("\n").into())
+    }
+}
+
+/// deploy/uninstall: a typed `DaemonSet` whose init container's args pass the agent's CLI as
+/// `detach --if-present` on the base's `--bpffs-root`, mounts the same host bpffs, runs on every
+/// node, and holds no capability the agent's container lacks.
+fn uninstall_matches_the_agent() -> Result<(), Failed> {
+    let dir = deploy().join("uninstall");
+    let kustomization = kustomization(&dir);
+    let mut problems = Vec::new();
+    if kustomization.resources != ["daemonset.yaml"] {
+        problems.push(format!("resources {:?}", kustomization.resources));
+    }
+    let raw = documents(&dir.join("daemonset.yaml"))
+        .pop()
+        .ok_or("no document")?;
+    let ds: DaemonSet = typed(&raw, "deploy/uninstall/daemonset.yaml")?;
+    let agent: DaemonSet = typed(&base_daemonset(), "base DaemonSet")?;
+    let spec = ds.spec.and_then(|s| s.template.spec).ok_or("no pod spec")?;
+    let agent_spec = agent
+        .spec
+        .and_then(|s| s.template.spec)
+        .ok_or("no pod spec")?;
+    let init = spec.init_containers.clone().unwrap_or_default();
+    let [detach] = &init[..] else {
+        return Err(format!("want one init container, got {}", init.len()).into());
+    };
+    let args = detach.args.clone().unwrap_or_default();
+    let parsed = Cli::try_parse_from(std::iter::once("kube-ovn-agent".to_owned()).chain(args))
+        .map_err(|e| format!("init container args: {e}"))?;
+    let AgentCommand::Detach(detach_args) = parsed.command else {
+        return Err("the init container does not run `detach`".into());
+    };
+    let agent_args = agent_spec.containers[0].args.clone().unwrap_or_default();
+    let agent_root = agent_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--bpffs-root="))
+        .ok_or("the base has no --bpffs-root")?;
+    if detach_args.root.bpffs_root != Path::new(agent_root)
+        || !detach_args.if_present
+        || detach_args.force
+    {
+        problems.push(format!(
+            "detach args {detach_args:?}, agent root {agent_root}"
+        ));
+    }
+    let host_paths = |spec: &k8s_openapi::api::core::v1::PodSpec| {
+        spec.volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| Some((v.name.clone(), v.host_path.as_ref()?.path.clone())))
+            .collect::<BTreeSet<_>>()
+    };
+    let ours = host_paths(&spec);
+    if ours.is_empty() || !ours.is_subset(&host_paths(&agent_spec)) {
+        problems.push(format!("hostPath volumes {ours:?} are not the agent's"));
+    }
+    let caps = |c: &k8s_openapi::api::core::v1::Container| -> BTreeSet<String> {
+        c.security_context
+            .as_ref()
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|c| c.add.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
+    };
+    if !caps(detach).is_subset(&caps(&agent_spec.containers[0])) {
+        problems.push(format!(
+            "capabilities beyond the agent's: {:?}",
+            caps(detach)
+        ));
+    }
+    if spec.host_network != Some(true) || spec.tolerations != agent_spec.tolerations {
+        problems.push("hostNetwork and tolerations must be the agent's".into());
+    }
+    if spec.automount_service_account_token != Some(false) {
+        problems.push("no API access is needed: automountServiceAccountToken false".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n").into())
+    }
+}
+
+/// `--version` of the built agent names the checkout's commit (or `$KOVN_GIT_COMMIT` when the
+/// build was given one), as build.rs promises; `unknown` only without git.
+fn version_names_the_commit() -> Result<(), Failed> {
+    let out = Command::new(env!("CARGO_BIN_EXE_kube-ovn-agent"))
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("running the agent: {e}"))?;
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let expected = match std::env::var("KOVN_GIT_COMMIT") {
+        Ok(commit) if !commit.trim().is_empty() => commit.trim().to_owned(),
+        _ => Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .current_dir(repo())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map_or_else(
+                || "unknown".to_owned(),
+                |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+            ),
+    };
+    let want = format!(
+        "kube-ovn-agent {} (commit {expected})",
+        env!("CARGO_PKG_VERSION")
+    );
+    if printed == want {
+        Ok(())
+    } else {
+        Err(format!("--version printed {printed:?}, expected {want:?}").into())
     }
 }
 

@@ -745,10 +745,7 @@ impl Shared {
             (Kind::ServiceCidr, snapshot.service_cidrs.len()),
             (Kind::Pod, snapshot.pods.len()),
         ] {
-            self.feed.update(kind, |s| {
-                s.listed = true;
-                s.objects = objects;
-            });
+            self.feed.listed(kind, objects);
         }
         drop(snapshot);
         self.feed.changed();

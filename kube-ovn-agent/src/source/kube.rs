@@ -262,15 +262,12 @@ where
                             }
                             let objects = reader.len();
                             debug!(kind = kind.name(), objects, "listed");
-                            feed.update(kind, |s| {
-                                s.listed = true;
-                                s.objects = objects;
-                            });
+                            feed.listed(kind, objects);
                             feed.changed();
                         }
                         Event::Apply(_) | Event::Delete(_) => {
                             let objects = reader.len();
-                            feed.update(kind, |s| s.objects = objects);
+                            feed.event(kind, objects);
                             feed.changed();
                         }
                         Event::Init | Event::InitApply(_) => {}
@@ -408,9 +405,15 @@ pub fn trim_service(service: &mut Service) {
 }
 
 /// A Node as the translation reads it: name, Kube-OVN's join-address annotation (the families
-/// it runs) and `status.addresses` (no images, conditions, capacity, …).
+/// it runs), the per-node mode label and `status.addresses` (no images, conditions, capacity,
+/// …).
 pub fn trim_node(node: &mut Node) {
-    trim_meta(&mut node.metadata, &[IP_ADDRESS_ANNOTATION], &[]);
+    // The mode label lets an operator canary enforce/shadow per node.
+    trim_meta(
+        &mut node.metadata,
+        &[IP_ADDRESS_ANNOTATION],
+        &[crate::cli::MODE_LABEL],
+    );
     node.spec = None;
     node.status = node.status.take().map(|status| NodeStatus {
         addresses: status.addresses,
@@ -481,6 +484,24 @@ mod tests {
             .get_or_insert_default()
             .insert("app".into(), "x".into());
         meta.resource_version = Some("42".into());
+    }
+
+    #[test]
+    fn trimming_keeps_the_nodes_mode_label_only() {
+        let mut node = Node::default();
+        noisy(&mut node.metadata);
+        node.metadata
+            .labels
+            .get_or_insert_default()
+            .insert(crate::cli::MODE_LABEL.into(), "shadow".into());
+        trim_node(&mut node);
+        assert_eq!(
+            node.metadata.labels,
+            Some(BTreeMap::from([(
+                crate::cli::MODE_LABEL.to_owned(),
+                "shadow".to_owned()
+            )]))
+        );
     }
 
     #[test]

@@ -43,6 +43,50 @@ pub struct KindStatus {
     /// Errors since start (watch failures, rejected files, …).
     pub errors: u64,
     pub last_error: Option<String>,
+    /// Complete lists received, the first included: more than one means relists (a watch that
+    /// expired or broke off and started over).
+    pub relists: u64,
+    /// Unix seconds of the last complete list or watch event.
+    pub last_event_unix: Option<u64>,
+    /// Unix seconds of the last error since the last complete list or event (`None` once one
+    /// came after it).
+    pub last_error_unix: Option<u64>,
+}
+
+/// How long after its last error, with no list or event since, a kind counts as failing. A
+/// watch that keeps failing reports an error at least every 30 s (kube-rs' backoff cap); a watch
+/// that reconnected quietly (no event to show it) counts as watching again after this.
+pub const FAILING_WINDOW_SECS: u64 = 120;
+
+impl KindStatus {
+    /// Whether, at `now` (Unix seconds), the last report was an error less than
+    /// [`FAILING_WINDOW_SECS`] old: the view of this kind is stale.
+    pub fn failing_at(&self, now: u64) -> bool {
+        self.last_error_unix
+            .is_some_and(|error| now.saturating_sub(error) < FAILING_WINDOW_SECS)
+    }
+
+    /// `listing` until the first complete list, then `watching`, or `failing` while the watch
+    /// reports errors ([`KindStatus::failing_at`]).
+    pub fn state_at(&self, now: u64) -> &'static str {
+        if !self.listed {
+            "listing"
+        } else if self.failing_at(now) {
+            "failing"
+        } else {
+            "watching"
+        }
+    }
+}
+
+/// Every value of [`KindStatus::state`].
+pub const KIND_STATES: [&str; 3] = ["listing", "watching", "failing"];
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 /// What a source reports about itself.
@@ -124,6 +168,27 @@ impl Feed {
         self.update(kind, |s| {
             s.errors += 1;
             s.last_error = Some(message);
+            s.last_error_unix = Some(unix_now());
+        });
+    }
+
+    /// Records a complete list of `kind` holding `objects`.
+    pub fn listed(&self, kind: Kind, objects: usize) {
+        self.update(kind, |s| {
+            s.listed = true;
+            s.objects = objects;
+            s.relists += 1;
+            s.last_event_unix = Some(unix_now());
+            s.last_error_unix = None;
+        });
+    }
+
+    /// Records a watch event of `kind`; `objects` is the count after it.
+    pub fn event(&self, kind: Kind, objects: usize) {
+        self.update(kind, |s| {
+            s.objects = objects;
+            s.last_event_unix = Some(unix_now());
+            s.last_error_unix = None;
         });
     }
 
@@ -155,5 +220,39 @@ mod tests {
         assert!(!feed.status().all_listed());
         feed.update(Kind::Node, |s| s.listed = true);
         assert!(feed.status().all_listed());
+    }
+
+    #[test]
+    fn kind_state_follows_lists_errors_and_events() {
+        let (feed, _rx) = Feed::new(&[Kind::Service]);
+        let now = unix_now();
+        let state = |feed: &Feed| feed.status().kinds["Service"].clone();
+        assert_eq!(state(&feed).state_at(now), "listing");
+        feed.error(Kind::Service, "connection refused".into());
+        assert_eq!(state(&feed).state_at(now), "listing", "no list yet");
+        feed.listed(Kind::Service, 3);
+        let listed = state(&feed);
+        assert_eq!(
+            (listed.state_at(now), listed.relists, listed.objects),
+            ("watching", 1, 3)
+        );
+        assert!(listed.last_event_unix.is_some());
+        feed.error(Kind::Service, "watch broke".into());
+        let failing = state(&feed);
+        assert_eq!(failing.state_at(now), "failing");
+        assert_eq!(failing.errors, 2);
+        assert_eq!(
+            failing.state_at(now + FAILING_WINDOW_SECS),
+            "watching",
+            "a quiet reconnect counts as watching once no error came for the window"
+        );
+        feed.event(Kind::Service, 4);
+        assert_eq!(
+            state(&feed).state_at(now),
+            "watching",
+            "an event clears the failure"
+        );
+        feed.listed(Kind::Service, 4);
+        assert_eq!(state(&feed).relists, 2);
     }
 }
