@@ -61,7 +61,7 @@ enum Sub {
     Build(Versions),
     /// Run each variant once in throw-away namespaces (root) on spec §5.1's fixture, in kube-proxy
     /// IPVS and iptables mode; check its rules and sets and list every difference from this
-    /// project's transcription (`xtask/src/node/kube_ovn.rs`).
+    /// project's transcription (`nodesim/src/node/kube_ovn.rs`).
     Test(Versions),
     /// Apply contrib/kube-ovn's patches to a copy of each patched release and run Kube-OVN's
     /// `go test ./pkg/daemon/...` on it, without and with the patches.
