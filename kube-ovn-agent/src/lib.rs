@@ -8,7 +8,6 @@ pub mod diag;
 pub mod faults;
 pub mod host;
 pub mod metrics;
-pub mod model;
 pub mod ops;
 pub mod source;
 pub mod state;

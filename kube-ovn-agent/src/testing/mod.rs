@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod fixture;
 pub mod netns;
 pub mod objects;
+pub mod oracle;
 pub mod packet;
 pub mod stats;
 pub mod sync_order;
