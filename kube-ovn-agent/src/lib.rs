@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod ops;
 pub mod source;
 pub mod state;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod translate;
