@@ -1,6 +1,7 @@
 //! kube-ovn-agent: keeps the kube-ovn-ebpf datapath's maps equal to what Kube-OVN's PREROUTING
 //! ipsets would hold, and its program attached to the right interfaces.
 
+pub mod agent;
 pub mod cli;
 pub mod cluster;
 pub mod datapath;

@@ -1,17 +1,16 @@
 //! The `kube-ovn-agent` binary: CLI dispatch, logging and exit statuses.
 
-mod inspect;
-mod run;
-
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use anyhow::Result;
 use clap::Parser;
 use kube_ovn_agent::{
+    agent as run,
     cli::{Cli, Command},
     datapath::pins::{BpffsError, EXIT_ROOT_IN_USE},
     diag,
     ops::cleanup,
+    ops::inspect,
     ops::verify,
 };
 use tracing_subscriber::{EnvFilter, fmt};

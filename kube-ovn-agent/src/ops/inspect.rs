@@ -3,12 +3,7 @@
 
 use std::{fmt::Write as _, os::fd::AsFd as _, time::Duration};
 
-use anyhow::{Context as _, Result};
-use aya::{
-    maps::{MapData, PerCpuArray},
-    programs::ProgramInfo,
-};
-use kube_ovn_agent::{
+use crate::{
     cli::{DetachArgs, ReadArgs, RootArgs},
     datapath::attach::{self, Attachment},
     datapath::maps::{Tables, read_counters},
@@ -17,6 +12,11 @@ use kube_ovn_agent::{
     datapath::sys,
     host::clobber,
     state::{FamilyState, MapState, rule_names},
+};
+use anyhow::{Context as _, Result};
+use aya::{
+    maps::{MapData, PerCpuArray},
+    programs::ProgramInfo,
 };
 use kube_ovn_ebpf_common::{counter, names, rule};
 use serde::Serialize;
@@ -244,7 +244,7 @@ fn dump_text(d: &MapState) -> String {
         let _ = writeln!(
             out,
             "  {ifindex}: {}",
-            kube_ovn_agent::state::role_names(*roles).join(", ")
+            crate::state::role_names(*roles).join(", ")
         );
     }
     family_text(&mut out, "4", &d.v4);

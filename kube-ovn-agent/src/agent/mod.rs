@@ -11,8 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
-use kube_ovn_agent::{
+use crate::{
     cli::{KubeProxyMode, Mode, RunArgs},
     datapath::Datapath,
     datapath::attach::{self, AttachConfig, Attachment},
@@ -26,6 +25,7 @@ use kube_ovn_agent::{
     source::{self, Running, SourceSpec},
     translate::{self, KubeProxySets, NodeFacts, Options},
 };
+use anyhow::{Context as _, Result};
 use tokio::{signal::unix::SignalKind, sync::watch};
 
 /// Kube-OVN re-checks kube-proxy's ipsets every gateway pass (3 s).
@@ -342,7 +342,7 @@ impl Agent {
             // Until then keep what is programmed; just follow interface changes.
             let ifaces = translation.desired.ifaces.iter().map(|(i, r)| (*i, *r));
             let table = self.datapath.tables.ifaces.sync(ifaces, false);
-            kube_ovn_agent::datapath::maps::SyncReport {
+            crate::datapath::maps::SyncReport {
                 written: table.written,
                 removed: table.removed,
                 errors: table.errors,
