@@ -1,169 +1,147 @@
-//! `kube-ovn-agent run`: watch → translate → apply, and keep the program attached.
+//! The reconcile loop of `kube-ovn-agent run`: watch → translate → apply, and keep the program
+//! attached.
 //!
 //! Fail-static throughout: a source outage, a bad object, a full map or a failed attach is
 //! logged when it appears and when it clears (not every pass), counted, and leaves the
-//! programmed state alone; SIGTERM exits without detaching.
+//! programmed state alone; SIGTERM exits without detaching. The kernel is behind [`Kernel`] (the
+//! attach calls; the map tables are [`Tables`], whose backends are already behind a trait), so
+//! the policy is tested in-process (`tests.rs`).
+
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    future::Future,
     net::{Ipv4Addr, Ipv6Addr},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
+use tokio::{signal::unix::SignalKind, sync::watch};
+
 use crate::{
-    cli::{KubeProxyMode, Mode, RunArgs},
+    cli::KubeProxyMode,
     datapath::Datapath,
-    datapath::attach::{self, AttachConfig, Attachment},
+    datapath::attach::{self, AttachConfig, AttachError, Attachment},
+    datapath::maps::{SyncReport, Tables},
     datapath::pins::{PinRoot, RootLock},
     diag,
     faults::{Fault, FaultLog},
     host::clobber,
     host::ipset,
-    host::netlink::{self, NodeNet},
-    metrics::{self, Health, Metrics},
-    source::{self, Running, SourceSpec},
+    host::netlink::{self, IfaceOverride, NodeNet},
+    metrics::{Health, Metrics},
+    source::Running,
     translate::{self, KubeProxySets, NodeFacts, Options},
 };
-use anyhow::{Context as _, Result};
-use tokio::{signal::unix::SignalKind, sync::watch};
 
 /// Kube-OVN re-checks kube-proxy's ipsets every gateway pass (3 s).
 const KUBE_PROXY_POLL: Duration = Duration::from_secs(3);
 const CLOBBER_POLL: Duration = Duration::from_mins(1);
-const NODE_RESYNC: Duration = Duration::from_secs(30);
 /// How often the agent checks that its pins are still there (`detach --force` removes them).
 const PIN_CHECK: Duration = Duration::from_secs(2);
 
-pub async fn run(args: RunArgs) -> Result<()> {
-    let node_name = match &args.node_name {
-        Some(name) => name.clone(),
-        None => hostname().context("no --node-name, no $NODE_NAME and no hostname")?,
-    };
-    let pins = PinRoot::new(&args.root.bpffs_root);
-    pins.prepare()?;
-    // Before anything is loaded or written: a second agent on this root must change nothing.
-    let lock = pins.lock()?;
-    // The sources list the cluster on the runtime's workers while this thread has the program
-    // verified (~100 ms each at 10 000 Services): started first, the two overlap.
-    let running = start_source(&args, &node_name).await?;
-    let mut datapath = Datapath::open(&pins).context("loading the datapath")?;
-    tracing::info!(
-        root = %pins.root.display(),
-        program_id = datapath.program_id,
-        upgrading = datapath.upgrading,
-        "datapath loaded; pinned maps adopted"
-    );
+/// Why the loop ended other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the cluster source stopped")]
+    SourceStopped,
+    #[error("the interface watcher stopped")]
+    NetStopped,
+    #[error("installing the signal handlers")]
+    Signals(#[source] std::io::Error),
+}
 
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
-    *metrics.live.counters.lock().expect("lock") = datapath.take_counters();
-    if let Some(addr) = args.metrics_addr.0 {
-        let (m, h) = (metrics.clone(), health.clone());
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m, h).await {
-                tracing::error!(%addr, error = %e, "metrics server stopped");
-            }
-        });
+/// What the loop needs from `run`'s flags besides the translation [`Options`]
+/// (`cli::RunArgs` converts into it).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `--iface` role overrides, applied after discovery.
+    pub ifaces: Vec<IfaceOverride>,
+    /// Full re-read of the pinned maps and an attach pass this often.
+    pub resync_interval: Duration,
+    pub enable_tproxy: bool,
+    pub tproxy_port: u16,
+    pub kube_proxy_mode: KubeProxyMode,
+}
+
+/// The calls the loop makes into the kernel for attachments; the maps are the [`Tables`].
+pub trait Kernel {
+    fn tables(&mut self) -> &mut Tables;
+    /// The loaded program's id, recorded in [`Attachment`]s.
+    fn program_id(&self) -> u32;
+    /// Attaches the program to `ifname`, or finds it attached.
+    fn attach(
+        &mut self,
+        ifname: &str,
+    ) -> impl Future<Output = Result<attach::Outcome, AttachError>>;
+    fn detach(&mut self, attachment: &Attachment) -> Result<(), AttachError>;
+}
+
+/// The real thing: the loaded [`Datapath`], its pins and an rtnetlink handle.
+pub struct KernelDatapath {
+    pub datapath: Datapath,
+    pub pins: PinRoot,
+    pub config: AttachConfig,
+    pub rtnl: rtnetlink::Handle,
+}
+
+impl Kernel for KernelDatapath {
+    fn tables(&mut self) -> &mut Tables {
+        &mut self.datapath.tables
     }
 
-    let node_net = netlink::watch(NODE_RESYNC).context("watching interfaces and routes")?;
-    let (rtnl_connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    tokio::spawn(rtnl_connection);
+    fn program_id(&self) -> u32 {
+        self.datapath.program_id
+    }
 
-    let attach_config = AttachConfig {
-        mode: args.attach.resolve(),
-        tcx_order: args.tcx_order,
-        priority: args.tc_priority,
-        handle: args.tc_handle,
-    };
-    let attached = attach::list(&pins, &rtnl)
+    async fn attach(&mut self, ifname: &str) -> Result<attach::Outcome, AttachError> {
+        let program_id = self.datapath.program_id;
+        attach::ensure(
+            self.datapath.program(),
+            program_id,
+            &self.pins,
+            self.config,
+            &self.rtnl,
+            ifname,
+        )
         .await
-        .into_iter()
-        .map(|a| (a.ifname.clone(), a))
-        .collect();
-    let detected = detect_kube_proxy_at_start(args.kube_proxy_mode)?;
-    let options = Options {
-        cluster_router: args.cluster_router.clone(),
-        service_cluster_ip_range: args.service_cluster_ip_range.0.clone(),
-        service_match: args.service_match,
-        kube_proxy_sets: detected.map_or_else(
-            || kube_proxy_sets(args.kube_proxy_mode, KubeProxySets::default()),
-            |d| d.sets,
-        ),
-        shadow: args.mode == Mode::Shadow,
-        tproxy_port: args.enable_tproxy.then_some(args.tproxy_port),
-    };
-    tracing::info!(
-        node = %node_name,
-        attach = ?attach_config.mode,
-        service_match = ?args.service_match,
-        kube_proxy = ?args.kube_proxy_mode,
-        mode = ?args.mode,
-        "agent started"
-    );
-    metrics
-        .live
-        .map_capacities
-        .lock()
-        .expect("lock")
-        .clone_from(&datapath.tables.capacities());
-    let mut agent = Agent {
-        args,
-        node_name,
-        pins,
-        lock,
-        datapath,
-        attach_config,
-        attached,
-        options,
-        rtnl,
-        metrics,
-        health,
-        faults: FaultLog::default(),
-        memo: translate::Memo::default(),
-        kube_proxy: detected.map(|d| d.mode),
-        clobber_findings: BTreeSet::new(),
-        ready: false,
-        last_roles: BTreeMap::new(),
-        last_listed: false,
-        attach_due: true,
-        tproxy_ips: (None, None),
-        tproxy_listeners: netlink::TproxyListeners::default(),
-    };
-    agent.main_loop(running, node_net).await
+    }
+
+    fn detach(&mut self, attachment: &Attachment) -> Result<(), AttachError> {
+        attach::remove(&self.pins, attachment)
+    }
 }
 
-async fn start_source(args: &RunArgs, node_name: &str) -> Result<Running> {
-    Ok(match &args.source {
-        SourceSpec::Kube => source::kube::start(&source::kube::KubeOptions {
-            watch_pods: args.enable_tproxy,
-            ..source::kube::KubeOptions::new(node_name)
-        })
-        .await
-        .context("starting the Kubernetes source")?,
-        SourceSpec::File(path) => source::file::start(source::file::FileOptions {
-            node_name: Some(node_name.to_owned()),
-            max_bytes: args.source_max_bytes,
-            shrink_hold: args.source_shrink_hold,
-            ..source::file::FileOptions::new(path)
-        })
-        .context("starting the file source")?,
-    })
+/// Everything [`Agent::new`] takes, prepared by `run`'s setup.
+pub struct Setup<K> {
+    pub config: Config,
+    pub node_name: String,
+    pub pins: PinRoot,
+    pub lock: RootLock,
+    pub kernel: K,
+    pub attach_config: AttachConfig,
+    /// Attachments found at start, by interface name.
+    pub attached: BTreeMap<String, Attachment>,
+    pub options: Options,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// kube-proxy's mode as detected at start (`auto` only).
+    pub kube_proxy: Option<ipset::DetectedMode>,
 }
 
-struct Agent {
-    args: RunArgs,
+pub struct Agent<K> {
+    config: Config,
     node_name: String,
     pins: PinRoot,
     /// The root's lock, held for the agent's life.
     lock: RootLock,
-    datapath: Datapath,
+    kernel: K,
     attach_config: AttachConfig,
     /// Our attachments, by interface name.
     attached: BTreeMap<String, Attachment>,
     options: Options,
-    rtnl: rtnetlink::Handle,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     /// The faults present now, so a lasting fault is logged when it appears and clears only.
@@ -185,17 +163,45 @@ struct Agent {
     tproxy_listeners: netlink::TproxyListeners,
 }
 
-impl Agent {
-    async fn main_loop(
+impl<K: Kernel> Agent<K> {
+    pub fn new(setup: Setup<K>) -> Self {
+        Self {
+            config: setup.config,
+            node_name: setup.node_name,
+            pins: setup.pins,
+            lock: setup.lock,
+            kernel: setup.kernel,
+            attach_config: setup.attach_config,
+            attached: setup.attached,
+            options: setup.options,
+            metrics: setup.metrics,
+            health: setup.health,
+            faults: FaultLog::default(),
+            memo: translate::Memo::default(),
+            kube_proxy: setup.kube_proxy,
+            clobber_findings: BTreeSet::new(),
+            ready: false,
+            last_roles: BTreeMap::new(),
+            last_listed: false,
+            attach_due: true,
+            tproxy_ips: (None, None),
+            tproxy_listeners: netlink::TproxyListeners::default(),
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT (`Ok`) or until the source or the interface watcher stops.
+    pub async fn main_loop(
         &mut self,
         mut running: Running,
         mut node_net: watch::Receiver<Option<NodeNet>>,
-    ) -> Result<()> {
-        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-        let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    ) -> Result<(), Error> {
+        let mut sigterm =
+            tokio::signal::unix::signal(SignalKind::terminate()).map_err(Error::Signals)?;
+        let mut sigint =
+            tokio::signal::unix::signal(SignalKind::interrupt()).map_err(Error::Signals)?;
         let mut kube_proxy_poll = tokio::time::interval(KUBE_PROXY_POLL);
         let mut clobber_poll = tokio::time::interval(CLOBBER_POLL);
-        let mut resync = tokio::time::interval(self.args.resync_interval);
+        let mut resync = tokio::time::interval(self.config.resync_interval);
         let mut pin_check = tokio::time::interval(PIN_CHECK);
         resync.tick().await;
         let mut pending: Option<Instant> = Some(Instant::now());
@@ -210,13 +216,13 @@ impl Agent {
             tokio::select! {
                 changed = running.changes.changed() => {
                     if changed.is_err() {
-                        anyhow::bail!("the cluster source stopped");
+                        return Err(Error::SourceStopped);
                     }
                     pending = Some(running.changes.borrow_and_update().received);
                 }
                 changed = node_net.changed() => {
                     if changed.is_err() {
-                        anyhow::bail!("the interface watcher stopped");
+                        return Err(Error::NetStopped);
                     }
                     pending = Some(Instant::now());
                 }
@@ -277,7 +283,8 @@ impl Agent {
         );
     }
 
-    async fn reconcile(
+    /// One pass: translate the current snapshot and write it, attach where roles changed.
+    pub async fn reconcile(
         &mut self,
         running: &Running,
         node_net: &watch::Receiver<Option<NodeNet>>,
@@ -297,8 +304,12 @@ impl Agent {
             return;
         };
         let node_ips = translate::own_internal_ips(&snapshot, &self.node_name);
-        let roles =
-            netlink::iface_roles(&net, &node_ips, &self.args.ifaces, self.args.enable_tproxy);
+        let roles = netlink::iface_roles(
+            &net,
+            &node_ips,
+            &self.config.ifaces,
+            self.config.enable_tproxy,
+        );
         let listed = status.all_listed();
         // Attaching costs syscalls per interface: only when the interfaces changed, a previous
         // attempt failed, or on the periodic resync.
@@ -337,12 +348,12 @@ impl Agent {
 
         let report = if listed {
             // Only a complete view may remove entries or change the rules in force.
-            self.datapath.tables.apply(&translation.desired, true)
+            self.kernel.tables().apply(&translation.desired, true)
         } else {
             // Until then keep what is programmed; just follow interface changes.
             let ifaces = translation.desired.ifaces.iter().map(|(i, r)| (*i, *r));
-            let table = self.datapath.tables.ifaces.sync(ifaces, false);
-            crate::datapath::maps::SyncReport {
+            let table = self.kernel.tables().ifaces.sync(ifaces, false);
+            SyncReport {
                 written: table.written,
                 removed: table.removed,
                 errors: table.errors,
@@ -350,7 +361,7 @@ impl Agent {
         };
         // One summary per map and kind of failure: a full map refuses every entry past its
         // capacity, tens of thousands in one pass.
-        let map_faults = self.datapath.tables.faults(&report.errors);
+        let map_faults = self.kernel.tables().faults(&report.errors);
         for fault in &map_faults {
             self.metrics.error(fault.kind);
         }
@@ -373,14 +384,14 @@ impl Agent {
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        *self.metrics.live.map_sizes.lock().expect("lock") = self.datapath.tables.sizes();
+        *self.metrics.live.map_sizes.lock().expect("lock") = self.kernel.tables().sizes();
         if listed && !self.ready {
             self.ready = true;
             self.health.ready.store(true, Ordering::Relaxed);
             self.metrics.ready.set(1);
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis(),
-                entries = ?self.datapath.tables.sizes(),
+                entries = ?self.kernel.tables().sizes(),
                 "first full sync done"
             );
         }
@@ -394,17 +405,9 @@ impl Agent {
     ) -> bool {
         let mut complete = true;
         let mut faults = Vec::new();
-        let program_id = self.datapath.program_id;
+        let program_id = self.kernel.program_id();
         for ifname in roles.keys() {
-            let outcome = attach::ensure(
-                self.datapath.program(),
-                program_id,
-                &self.pins,
-                self.attach_config,
-                &self.rtnl,
-                ifname,
-            )
-            .await;
+            let outcome = self.kernel.attach(ifname).await;
             match outcome {
                 Ok(attach::Outcome::Kept) => {}
                 Ok(outcome) => {
@@ -440,7 +443,7 @@ impl Agent {
                 .collect();
             for ifname in stale {
                 let attachment = self.attached.remove(&ifname).expect("listed above");
-                match attach::remove(&self.pins, &attachment) {
+                match self.kernel.detach(&attachment) {
                     Ok(()) => {
                         tracing::info!(ifname, "detached: the interface no longer has a role");
                     }
@@ -462,7 +465,7 @@ impl Agent {
     /// `IP_TRANSPARENT`, as Kube-OVN's listener can be restarted at any time; true when that
     /// changed. A failed check keeps the last answer.
     fn poll_tproxy_listener(&mut self) -> bool {
-        if !self.args.enable_tproxy {
+        if !self.config.enable_tproxy {
             return false;
         }
         let listeners = match netlink::tcp_listeners() {
@@ -482,7 +485,7 @@ impl Agent {
             }
         };
         let (v4, v6) = self.tproxy_ips;
-        let now = netlink::TproxyListeners::decide(&listeners, self.args.tproxy_port, v4, v6);
+        let now = netlink::TproxyListeners::decide(&listeners, self.config.tproxy_port, v4, v6);
         if now == self.tproxy_listeners {
             return false;
         }
@@ -491,7 +494,7 @@ impl Agent {
             ("IPv6", self.tproxy_listeners.v6_opaque, now.v6_opaque),
         ];
         for (family, before, opaque) in families {
-            let port = self.args.tproxy_port;
+            let port = self.config.tproxy_port;
             match (before, opaque) {
                 (false, true) => tracing::warn!(
                     family,
@@ -512,7 +515,7 @@ impl Agent {
 
     /// Re-detects kube-proxy's IPVS sets in `auto` mode; true when they changed.
     fn poll_kube_proxy(&mut self) -> bool {
-        let detected = match self.args.kube_proxy_mode {
+        let detected = match self.config.kube_proxy_mode {
             KubeProxyMode::Auto => match ipset::detect_kube_proxy() {
                 Ok(detection) => {
                     self.faults.pass("ipset", []);
@@ -559,7 +562,7 @@ impl Agent {
     }
 
     fn refresh_mirrors(&mut self) {
-        let result = self.datapath.tables.refresh_all();
+        let result = self.kernel.tables().refresh_all();
         if let Err(e) = &result {
             self.metrics.error(e.kind());
         }
@@ -570,20 +573,9 @@ impl Agent {
     }
 }
 
-/// In `auto` mode kube-proxy's mode is known before the first sync: a first sync in the wrong
-/// mode would prune and rewrite the sets of the right one (on a restart, every ClusterIP entry).
-/// Failing to ask is fatal here; the pinned datapath stays as it is.
-fn detect_kube_proxy_at_start(mode: KubeProxyMode) -> Result<Option<ipset::Detection>> {
-    if mode != KubeProxyMode::Auto {
-        return Ok(None);
-    }
-    let detection =
-        ipset::detect_kube_proxy().context("detecting kube-proxy's mode before the first sync")?;
-    tracing::info!(mode = %detection.mode, sets = ?detection.sets, "kube-proxy detected");
-    Ok(Some(detection))
-}
-
-fn kube_proxy_sets(mode: KubeProxyMode, current: KubeProxySets) -> KubeProxySets {
+/// kube-proxy's IPVS sets for an explicit `--kube-proxy-mode`; `current` (the last detection)
+/// in `auto` mode.
+pub fn kube_proxy_sets(mode: KubeProxyMode, current: KubeProxySets) -> KubeProxySets {
     match mode {
         KubeProxyMode::Auto => current,
         KubeProxyMode::Ipvs => KubeProxySets::IPVS,
@@ -591,14 +583,4 @@ fn kube_proxy_sets(mode: KubeProxyMode, current: KubeProxySets) -> KubeProxySets
             KubeProxySets::default()
         }
     }
-}
-
-fn hostname() -> Option<String> {
-    let mut buffer = [0u8; 256];
-    // SAFETY: the buffer is valid for its whole length.
-    if unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } != 0 {
-        return None;
-    }
-    let end = buffer.iter().position(|b| *b == 0)?;
-    std::str::from_utf8(&buffer[..end]).ok().map(str::to_owned)
 }
