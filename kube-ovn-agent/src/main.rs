@@ -76,15 +76,15 @@ fn dispatch(command: Command) -> Result<()> {
             .enable_all()
             .build()?
             .block_on(run(*args)),
-        Command::Status(args) => tokio::runtime::Builder::new_current_thread()
+        Command::Status(args) => Ok(tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(inspect::status(&args)),
-        Command::Dump(args) => inspect::dump(&args),
-        Command::Detach(args) => tokio::runtime::Builder::new_current_thread()
+            .block_on(inspect::status(&args))?),
+        Command::Dump(args) => Ok(inspect::dump(&args)?),
+        Command::Detach(args) => Ok(tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(inspect::detach(&args)),
+            .block_on(inspect::detach(&args))?),
         Command::Verify(args) => {
             let options = verify::Options {
                 root: args.root.bpffs_root,

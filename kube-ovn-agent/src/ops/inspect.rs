@@ -1,19 +1,20 @@
 //! `status`, `dump` and `detach`: they read (or remove) what `run` pinned, without loading a
 //! program.
 
-use std::{fmt::Write as _, os::fd::AsFd as _, time::Duration};
+use std::{fmt::Write as _, io, os::fd::AsFd as _, path::PathBuf, time::Duration};
 
 use crate::{
     cli::{DetachArgs, ReadArgs, RootArgs},
+    datapath::attach::AttachError,
     datapath::attach::{self, Attachment},
+    datapath::maps::MapError,
     datapath::maps::{Tables, read_counters},
-    datapath::open_pinned_maps,
     datapath::pins::{BpffsError, PinRoot},
     datapath::sys,
+    datapath::{DatapathError, open_pinned_maps},
     host::clobber,
     state::{FamilyState, MapState, rule_names},
 };
-use anyhow::{Context as _, Result};
 use aya::{
     maps::{MapData, PerCpuArray},
     programs::ProgramInfo,
@@ -21,13 +22,47 @@ use aya::{
 use kube_ovn_ebpf_common::{counter, names, rule};
 use serde::Serialize;
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("nothing pinned under {} (is the agent running with this --bpffs-root?)", .0.display())]
+    NothingPinned(PathBuf),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error("counter map missing")]
+    NoCounters,
+    #[error("counter map has an unexpected type")]
+    CounterType(#[source] aya::maps::MapError),
+    #[error("reading counters")]
+    Counters(#[source] io::Error),
+    #[error("opening rtnetlink")]
+    Rtnetlink(#[source] io::Error),
+    #[error(
+        "refusing to detach under a running agent (it would keep reporting healthy while \
+         nothing marks, and fail to re-attach). Stop it first (e.g. remove the DaemonSet or \
+         keep it off this node), or pass --force"
+    )]
+    InUse(#[source] BpffsError),
+    #[error(transparent)]
+    Pins(#[from] BpffsError),
+    #[error("detaching from {ifname}")]
+    Detach {
+        ifname: String,
+        #[source]
+        source: AttachError,
+    },
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 fn pins(root: &RootArgs) -> Result<PinRoot> {
     let pins = PinRoot::new(&root.bpffs_root);
-    anyhow::ensure!(
-        pins.exists(),
-        "nothing pinned under {} (is the agent running with this --bpffs-root?)",
-        pins.root.display()
-    );
+    if !pins.exists() {
+        return Err(Error::NothingPinned(pins.root));
+    }
     Ok(pins)
 }
 
@@ -35,10 +70,10 @@ fn read_tables(pins: &PinRoot) -> Result<(Tables, Vec<u64>)> {
     let mut maps = open_pinned_maps(pins)?;
     let counters: PerCpuArray<MapData, u64> = maps
         .remove(names::COUNTERS)
-        .context("counter map missing")?
+        .ok_or(Error::NoCounters)?
         .try_into()
-        .context("counter map has an unexpected type")?;
-    let counters = read_counters(&counters).context("reading counters")?;
+        .map_err(Error::CounterType)?;
+    let counters = read_counters(&counters).map_err(Error::Counters)?;
     let tables = Tables::from_maps(&mut maps)?;
     Ok((tables, counters))
 }
@@ -90,7 +125,7 @@ pub async fn status(args: &ReadArgs) -> Result<()> {
         tag: format!("{:016x}", info.tag()),
         verified_instructions: info.verified_instruction_count(),
     });
-    let (connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    let (connection, rtnl, _) = rtnetlink::new_connection().map_err(Error::Rtnetlink)?;
     tokio::spawn(connection);
     let attachments = attach::list(&pins, &rtnl).await;
     let mark_clobber = tokio::task::spawn_blocking(|| clobber::check(Duration::from_secs(10)))
@@ -315,24 +350,20 @@ pub async fn detach(args: &DetachArgs) -> Result<()> {
                 );
                 None
             }
-            Err(e @ BpffsError::InUse { .. }) => {
-                return Err(e).context(
-                    "refusing to detach under a running agent (it would keep reporting \
-                     healthy while nothing marks, and fail to re-attach). Stop it first \
-                     (e.g. remove the DaemonSet or keep it off this node), or pass --force",
-                );
-            }
+            Err(e @ BpffsError::InUse { .. }) => return Err(Error::InUse(e)),
             Err(e) => return Err(e.into()),
         }
     } else {
         None
     };
-    let (connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    let (connection, rtnl, _) = rtnetlink::new_connection().map_err(Error::Rtnetlink)?;
     tokio::spawn(connection);
     let attachments = attach::list(&pins, &rtnl).await;
     for attachment in &attachments {
-        attach::remove(&pins, attachment)
-            .with_context(|| format!("detaching from {}", attachment.ifname))?;
+        attach::remove(&pins, attachment).map_err(|source| Error::Detach {
+            ifname: attachment.ifname.clone(),
+            source,
+        })?;
         println!(
             "detached {} ({})",
             attachment.ifname,
