@@ -247,7 +247,7 @@ impl<K: Kernel> Agent<K> {
                 }
                 _ = pin_check.tick() => self.check_pins(),
                 _ = resync.tick() => {
-                    self.refresh_mirrors();
+                    self.reread_maps();
                     self.attach_due = true;
                     pending = Some(Instant::now());
                 }
@@ -561,7 +561,7 @@ impl<K: Kernel> Agent<K> {
         self.clobber_findings = current;
     }
 
-    fn refresh_mirrors(&mut self) {
+    fn reread_maps(&mut self) {
         let result = self.kernel.tables().refresh_all();
         if let Err(e) = &result {
             self.metrics.error(e.kind());

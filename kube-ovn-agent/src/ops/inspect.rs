@@ -1,41 +1,26 @@
 //! `status`, `dump` and `detach`: they read (or remove) what `run` pinned, without loading a
 //! program.
 
-use std::{fmt::Write as _, io, os::fd::AsFd as _, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, io, os::fd::AsFd as _, time::Duration};
 
 use crate::{
     cli::{DetachArgs, ReadArgs, RootArgs},
     datapath::attach::AttachError,
     datapath::attach::{self, Attachment},
-    datapath::maps::MapError,
-    datapath::maps::{Tables, read_counters},
     datapath::pins::{BpffsError, PinRoot},
     datapath::sys,
-    datapath::{DatapathError, open_pinned_maps},
     host::clobber,
+    ops::pinned::{PinnedError, PinnedView},
     state::{FamilyState, MapState, rule_names},
 };
-use aya::{
-    maps::{MapData, PerCpuArray},
-    programs::ProgramInfo,
-};
+use aya::programs::ProgramInfo;
 use kube_ovn_ebpf_common::{counter, names, rule};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("nothing pinned under {} (is the agent running with this --bpffs-root?)", .0.display())]
-    NothingPinned(PathBuf),
     #[error(transparent)]
-    Datapath(#[from] DatapathError),
-    #[error(transparent)]
-    Map(#[from] MapError),
-    #[error("counter map missing")]
-    NoCounters,
-    #[error("counter map has an unexpected type")]
-    CounterType(#[source] aya::maps::MapError),
-    #[error("reading counters")]
-    Counters(#[source] io::Error),
+    Pinned(#[from] PinnedError),
     #[error("opening rtnetlink")]
     Rtnetlink(#[source] io::Error),
     #[error(
@@ -58,24 +43,10 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn pins(root: &RootArgs) -> Result<PinRoot> {
-    let pins = PinRoot::new(&root.bpffs_root);
-    if !pins.exists() {
-        return Err(Error::NothingPinned(pins.root));
-    }
-    Ok(pins)
-}
-
-fn read_tables(pins: &PinRoot) -> Result<(Tables, Vec<u64>)> {
-    let mut maps = open_pinned_maps(pins)?;
-    let counters: PerCpuArray<MapData, u64> = maps
-        .remove(names::COUNTERS)
-        .ok_or(Error::NoCounters)?
-        .try_into()
-        .map_err(Error::CounterType)?;
-    let counters = read_counters(&counters).map_err(Error::Counters)?;
-    let tables = Tables::from_maps(&mut maps)?;
-    Ok((tables, counters))
+fn read_tables(root: &RootArgs) -> Result<(PinnedView, Vec<u64>)> {
+    let view = PinnedView::open(&PinRoot::new(&root.bpffs_root))?;
+    let counters = view.counters()?;
+    Ok((view, counters))
 }
 
 #[derive(Serialize)]
@@ -116,8 +87,9 @@ fn service_match(rules: u32) -> &'static str {
 }
 
 pub async fn status(args: &ReadArgs) -> Result<()> {
-    let pins = pins(&args.root)?;
-    let (tables, counters) = read_tables(&pins)?;
+    let pins = PinRoot::new(&args.root.bpffs_root);
+    let (view, counters) = read_tables(&args.root)?;
+    let tables = &view.tables;
     let current = tables.current();
     let program = pinned_program(&pins).map(|info| ProgramStatus {
         name: names::PROGRAM,
@@ -253,9 +225,8 @@ fn kernel_release() -> String {
 }
 
 pub fn dump(args: &ReadArgs) -> Result<()> {
-    let pins = pins(&args.root)?;
-    let (tables, _) = read_tables(&pins)?;
-    let current = tables.current();
+    let (view, _) = read_tables(&args.root)?;
+    let current = view.tables.current();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&current)?);
     } else {
