@@ -154,8 +154,7 @@ async fn run(args: RunArgs) -> Result<()> {
     }
 
     let node_net = netlink::watch(NODE_RESYNC).context("watching interfaces and routes")?;
-    let (rtnl_connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    tokio::spawn(rtnl_connection);
+    let rtnl = netlink::connect().context("opening rtnetlink")?;
 
     let attach_config = AttachConfig {
         mode: args.attach.resolve(),

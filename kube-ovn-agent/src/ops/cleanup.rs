@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::{
     datapath::attach,
     datapath::pins::PinRoot,
+    host::netlink,
     host::xtables::{self, JUMP_SPEC, OVN_PREROUTING, Tool, XtablesError},
     ops::pinned::PinnedView,
 };
@@ -113,11 +114,8 @@ pub async fn datapath_state(root: &Path) -> DatapathState {
             };
         }
     };
-    let attachments = match rtnetlink::new_connection() {
-        Ok((connection, rtnl, _)) => {
-            tokio::spawn(connection);
-            attach::list(&pins, &rtnl).await.len()
-        }
+    let attachments = match netlink::connect() {
+        Ok(rtnl) => attach::list(&pins, &rtnl).await.len(),
         Err(_) => 0,
     };
     DatapathState {

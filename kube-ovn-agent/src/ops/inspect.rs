@@ -9,7 +9,7 @@ use crate::{
     datapath::attach::{self, Attachment},
     datapath::pins::{BpffsError, PinRoot},
     datapath::sys,
-    host::clobber,
+    host::{clobber, netlink},
     ops::pinned::{PinnedError, PinnedView},
     state::{FamilyState, MapState, rule_names},
 };
@@ -97,8 +97,7 @@ pub async fn status(args: &ReadArgs) -> Result<()> {
         tag: format!("{:016x}", info.tag()),
         verified_instructions: info.verified_instruction_count(),
     });
-    let (connection, rtnl, _) = rtnetlink::new_connection().map_err(Error::Rtnetlink)?;
-    tokio::spawn(connection);
+    let rtnl = netlink::connect().map_err(Error::Rtnetlink)?;
     let attachments = attach::list(&pins, &rtnl).await;
     let mark_clobber = tokio::task::spawn_blocking(|| clobber::check(Duration::from_secs(10)))
         .await
@@ -327,8 +326,7 @@ pub async fn detach(args: &DetachArgs) -> Result<()> {
     } else {
         None
     };
-    let (connection, rtnl, _) = rtnetlink::new_connection().map_err(Error::Rtnetlink)?;
-    tokio::spawn(connection);
+    let rtnl = netlink::connect().map_err(Error::Rtnetlink)?;
     let attachments = attach::list(&pins, &rtnl).await;
     for attachment in &attachments {
         attach::remove(&pins, attachment).map_err(|source| Error::Detach {
