@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::{
+    agent,
     datapath::attach::{AttachChoice, DEFAULT_HANDLE, TcxOrder},
     datapath::pins::DEFAULT_ROOT,
     host::netlink::IfaceOverride,
@@ -192,8 +193,8 @@ pub struct RunArgs {
     /// How R1 recognises Service traffic: `auto` as Kube-OVN (exact ClusterIP+port and the
     /// NodePort rules when kube-proxy's IPVS sets exist, else the Service CIDR); `ip-port` or
     /// `cidr` force one behaviour.
-    #[arg(long, value_enum, default_value_t = ServiceMatch::Auto)]
-    pub service_match: ServiceMatch,
+    #[arg(long, value_enum, default_value_t = ServiceMatchArg::Auto)]
+    pub service_match: ServiceMatchArg,
     /// kube-proxy's mode: `auto` detects its IPVS ipsets (before the first sync, then every
     /// 3 s, as Kube-OVN does) and reports its nftables tables; `nftables` behaves like
     /// `iptables` (no KUBE-* ipsets: R1b only).
@@ -243,6 +244,41 @@ pub struct RunArgs {
     /// Port of Kube-OVN's transparent probe listener.
     #[arg(long, default_value_t = kube_ovn_ebpf_common::TPROXY_LISTEN_PORT)]
     pub tproxy_port: u16,
+}
+
+impl From<&RunArgs> for agent::Config {
+    fn from(args: &RunArgs) -> Self {
+        Self {
+            ifaces: args.ifaces.clone(),
+            resync_interval: args.resync_interval,
+            enable_tproxy: args.enable_tproxy,
+            tproxy_port: args.tproxy_port,
+            kube_proxy_mode: args.kube_proxy_mode,
+            mode: args.mode,
+        }
+    }
+}
+
+/// `--service-match`, as [`ServiceMatch`] (which `translate` keeps free of the CLI framework).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ServiceMatchArg {
+    /// As Kube-OVN: exact ClusterIP+port (R1a) plus the NodePort rules when kube-proxy's IPVS
+    /// sets exist for the family, the Service CIDR (R1b) otherwise.
+    Auto,
+    /// Always R1a plus R2/R3.
+    IpPort,
+    /// Always R1b, no R2/R3.
+    Cidr,
+}
+
+impl From<ServiceMatchArg> for ServiceMatch {
+    fn from(arg: ServiceMatchArg) -> Self {
+        match arg {
+            ServiceMatchArg::Auto => Self::Auto,
+            ServiceMatchArg::IpPort => Self::IpPort,
+            ServiceMatchArg::Cidr => Self::Cidr,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]

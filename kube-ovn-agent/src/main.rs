@@ -1,21 +1,30 @@
 //! The `kube-ovn-agent` binary: CLI dispatch, logging and exit statuses.
 
-mod inspect;
-mod run;
+use std::{io::IsTerminal as _, process::ExitCode, sync::Arc, time::Duration};
 
-use std::{io::IsTerminal as _, process::ExitCode};
-
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Parser;
 use kube_ovn_agent::{
-    cli::{Cli, Command},
+    agent::{self, Agent, KernelDatapath, Setup},
+    cli::{Cli, Command, KubeProxyMode, Mode, RunArgs},
+    datapath::Datapath,
+    datapath::attach::{self, AttachConfig},
+    datapath::pins::PinRoot,
     datapath::pins::{BpffsError, EXIT_ROOT_IN_USE},
     diag,
+    host::ipset,
+    host::netlink,
+    metrics::{self, Health, Metrics},
     ops::cleanup,
+    ops::inspect,
     ops::preflight,
     ops::verify,
+    source::{self, Running, SourceSpec},
+    translate::{KubeProxySets, Options},
 };
 use tracing_subscriber::{EnvFilter, fmt};
+
+const NODE_RESYNC: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -67,16 +76,16 @@ fn dispatch(command: Command) -> Result<()> {
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(run::run(*args)),
-        Command::Status(args) => tokio::runtime::Builder::new_current_thread()
+            .block_on(run(*args)),
+        Command::Status(args) => Ok(tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(inspect::status(&args.read, args.agent)),
-        Command::Dump(args) => inspect::dump(&args),
-        Command::Detach(args) => tokio::runtime::Builder::new_current_thread()
+            .block_on(inspect::status(&args.read, args.agent))?),
+        Command::Dump(args) => Ok(inspect::dump(&args)?),
+        Command::Detach(args) => Ok(tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(inspect::detach(&args)),
+            .block_on(inspect::detach(&args))?),
         Command::Verify(args) => {
             let options = verify::Options {
                 root: args.root.bpffs_root,
@@ -120,4 +129,143 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `run`'s setup: pins, the source, the datapath, the metrics server; then the loop.
+async fn run(args: RunArgs) -> Result<()> {
+    let node_name = match &args.node_name {
+        Some(name) => name.clone(),
+        None => hostname().context("no --node-name, no $NODE_NAME and no hostname")?,
+    };
+    let pins = PinRoot::new(&args.root.bpffs_root);
+    pins.prepare()?;
+    // Before anything is loaded or written: a second agent on this root must change nothing.
+    let lock = pins.lock()?;
+    // The sources list the cluster on the runtime's workers while this thread has the program
+    // verified (~100 ms each at 10 000 Services): started first, the two overlap.
+    let running = start_source(&args, &node_name).await?;
+    let mut datapath = Datapath::open(&pins).context("loading the datapath")?;
+    tracing::info!(
+        root = %pins.root.display(),
+        program_id = datapath.program_id,
+        upgrading = datapath.upgrading,
+        "datapath loaded; pinned maps adopted"
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_build_info(&agent::program_tag(datapath.program_id));
+    metrics.set_mode(args.mode == Mode::Shadow);
+    let health = Arc::new(Health::default());
+    *metrics.live.counters.lock().expect("lock") = datapath.take_counters();
+    if let Some(addr) = args.metrics_addr.0 {
+        let (m, h) = (metrics.clone(), health.clone());
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m, h).await {
+                tracing::error!(%addr, error = %e, "metrics server stopped");
+            }
+        });
+    }
+
+    let node_net = netlink::watch(NODE_RESYNC).context("watching interfaces and routes")?;
+    let rtnl = netlink::connect().context("opening rtnetlink")?;
+
+    let attach_config = AttachConfig {
+        mode: args.attach.resolve(),
+        tcx_order: args.tcx_order,
+        priority: args.tc_priority,
+        handle: args.tc_handle,
+    };
+    let attached = attach::list(&pins, &rtnl)
+        .await
+        .into_iter()
+        .map(|a| (a.ifname.clone(), a))
+        .collect();
+    let detected = detect_kube_proxy_at_start(args.kube_proxy_mode)?;
+    let options = Options {
+        cluster_router: args.cluster_router.clone(),
+        service_cluster_ip_range: args.service_cluster_ip_range.0.clone(),
+        service_match: args.service_match.into(),
+        kube_proxy_sets: detected.map_or_else(
+            || agent::kube_proxy_sets(args.kube_proxy_mode, KubeProxySets::default()),
+            |d| d.sets,
+        ),
+        shadow: args.mode == Mode::Shadow,
+        tproxy_port: args.enable_tproxy.then_some(args.tproxy_port),
+    };
+    tracing::info!(
+        version = kube_ovn_agent::cli::LONG_VERSION,
+        node = %node_name,
+        attach = ?attach_config.mode,
+        service_match = ?args.service_match,
+        kube_proxy = ?args.kube_proxy_mode,
+        mode = ?args.mode,
+        "agent started"
+    );
+    metrics
+        .live
+        .map_capacities
+        .lock()
+        .expect("lock")
+        .clone_from(&datapath.tables.capacities());
+    let kernel = KernelDatapath {
+        datapath,
+        pins: pins.clone(),
+        config: attach_config,
+        rtnl,
+    };
+    let mut agent = Agent::new(Setup {
+        config: agent::Config::from(&args),
+        node_name,
+        pins,
+        lock,
+        kernel,
+        attach_config,
+        attached,
+        options,
+        metrics,
+        health,
+        kube_proxy: detected.map(|d| d.mode),
+    });
+    Ok(agent.main_loop(running, node_net).await?)
+}
+
+async fn start_source(args: &RunArgs, node_name: &str) -> Result<Running> {
+    Ok(match &args.source {
+        SourceSpec::Kube => source::kube::start(&source::kube::KubeOptions {
+            watch_pods: args.enable_tproxy,
+            ..source::kube::KubeOptions::new(node_name)
+        })
+        .await
+        .context("starting the Kubernetes source")?,
+        SourceSpec::File(path) => source::file::start(source::file::FileOptions {
+            node_name: Some(node_name.to_owned()),
+            max_bytes: args.source_max_bytes,
+            shrink_hold: args.source_shrink_hold,
+            ..source::file::FileOptions::new(path)
+        })
+        .context("starting the file source")?,
+    })
+}
+
+/// In `auto` mode kube-proxy's mode is known before the first sync: a first sync in the wrong
+/// mode would prune and rewrite the sets of the right one (on a restart, every ClusterIP entry).
+/// Failing to ask is fatal here; the pinned datapath stays as it is.
+fn detect_kube_proxy_at_start(mode: KubeProxyMode) -> Result<Option<ipset::Detection>> {
+    if mode != KubeProxyMode::Auto {
+        return Ok(None);
+    }
+    let detection =
+        ipset::detect_kube_proxy().context("detecting kube-proxy's mode before the first sync")?;
+    tracing::info!(mode = %detection.mode, sets = ?detection.sets, "kube-proxy detected");
+    Ok(Some(detection))
+}
+
+fn hostname() -> Option<String> {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length.
+    if unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } != 0 {
+        return None;
+    }
+    let end = buffer.iter().position(|b| *b == 0)?;
+    std::str::from_utf8(&buffer[..end]).ok().map(str::to_owned)
 }

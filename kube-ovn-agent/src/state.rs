@@ -1,7 +1,7 @@
 //! The desired content of every datapath map, in human terms (CIDRs, addresses, ports).
 //!
-//! `translate` produces it from the cluster and the node, `maps` writes it, `model` evaluates it
-//! as the reference oracle, and `dump` decodes the kernel maps back into it.
+//! `translate` produces it from the cluster and the node, `maps` writes it, `testing::oracle`
+//! evaluates it as the reference model, and `dump` decodes the kernel maps back into it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

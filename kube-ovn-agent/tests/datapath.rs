@@ -8,13 +8,13 @@ use kube_ovn_agent::{
     datapath::Datapath,
     datapath::maps::read_counters,
     datapath::pins::PinRoot,
-    model,
     state::{MapState, ProbeTarget, Proto, ServicePort},
     testing::{
         TestDatapath, VERDICT_CONTINUE,
         fixture::{self, Mode, TEST_RUN_IFINDEX, Vector},
         missing_privilege,
         netns::Bpffs,
+        oracle as model,
         packet::{L4, Packet, TPID_8021AD, TPID_8021Q, ext},
     },
 };

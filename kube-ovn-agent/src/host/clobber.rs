@@ -201,7 +201,10 @@ const XTABLES_COMPAT_TABLES: [&str; 5] = ["raw", "mangle", "nat", "filter", "sec
 /// Parses `nft -j list ruleset` and returns the rules reachable from chains that run between
 /// TC ingress and Kube-OVN's nat PREROUTING which can clear any of our mark bits. Tables of
 /// iptables-nft are skipped for the families in `compat` (their `*-save` was read).
-pub fn scan_nft(json: &str, compat: &[xtables::Family]) -> Result<Vec<Finding>, serde_json::Error> {
+pub fn scan_nft(
+    json: &str,
+    compat: &[xtables::IpFamily],
+) -> Result<Vec<Finding>, serde_json::Error> {
     use std::collections::{BTreeMap, BTreeSet};
 
     use serde_json::Value;
@@ -210,8 +213,8 @@ pub fn scan_nft(json: &str, compat: &[xtables::Family]) -> Result<Vec<Finding>, 
     let items = ruleset["nftables"].as_array().cloned().unwrap_or_default();
     let skipped = |family: &str, table: &str| {
         let family = match family {
-            "ip" => xtables::Family::V4,
-            "ip6" => xtables::Family::V6,
+            "ip" => xtables::IpFamily::V4,
+            "ip6" => xtables::IpFamily::V6,
             _ => return false,
         };
         compat.contains(&family) && XTABLES_COMPAT_TABLES.contains(&table)
@@ -496,7 +499,7 @@ COMMIT
 
     #[test]
     fn native_nftables_rules_on_early_prerouting_chains_are_found() {
-        let findings = scan_nft(NFT_RULESET, &[xtables::Family::V4]).unwrap();
+        let findings = scan_nft(NFT_RULESET, &[xtables::IpFamily::V4]).unwrap();
         let summary: Vec<(&str, &str, u32)> = findings
             .iter()
             .map(|f| {

@@ -199,6 +199,13 @@ fn info_kind_name(kind: &InfoKind) -> String {
     }
 }
 
+/// An rtnetlink handle whose connection task runs on the current tokio runtime.
+pub fn connect() -> std::io::Result<Handle> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
 /// A task that keeps the latest [`NodeNet`] in a watch channel, re-reading after every burst of
 /// link/address/route events (and every `resync` in case an event was lost).
 pub fn watch(resync: Duration) -> Result<watch::Receiver<Option<NodeNet>>, NetlinkError> {
@@ -211,9 +218,8 @@ pub fn watch(resync: Duration) -> Result<watch::Receiver<Option<NodeNet>>, Netli
     ];
     let (events_conn, _events_handle, mut events) =
         rtnetlink::new_multicast_connection(&groups).map_err(NetlinkError::Socket)?;
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+    let handle = connect().map_err(NetlinkError::Socket)?;
     tokio::spawn(events_conn);
-    tokio::spawn(conn);
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         loop {

@@ -52,14 +52,14 @@ pub enum XtablesError {
 pub type Result<T, E = XtablesError> = std::result::Result<T, E>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum Family {
+pub enum IpFamily {
     #[serde(rename = "IPv4")]
     V4,
     #[serde(rename = "IPv6")]
     V6,
 }
 
-impl Family {
+impl IpFamily {
     pub const ALL: [Self; 2] = [Self::V4, Self::V6];
 
     /// Kube-OVN's ipset name for this family: `ovn40<id>` / `ovn60<id>`.
@@ -79,7 +79,7 @@ impl Family {
     }
 }
 
-impl fmt::Display for Family {
+impl fmt::Display for IpFamily {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::V4 => "IPv4",
@@ -100,7 +100,7 @@ pub enum Backend {
 /// One iptables tool set: `iptables-nft`, `ip6tables-legacy`, …
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Tool {
-    pub family: Family,
+    pub family: IpFamily,
     pub backend: Backend,
 }
 
@@ -108,8 +108,8 @@ impl Tool {
     /// The command that changes rules (`iptables-nft`).
     pub fn command(self) -> String {
         let base = match self.family {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
         };
         match self.backend {
             Backend::Nft => format!("{base}-nft"),
@@ -137,7 +137,7 @@ impl fmt::Display for Tool {
 /// neither exists. A backend nobody uses simply shows no rules.
 pub fn available() -> Vec<Tool> {
     let mut tools = Vec::new();
-    for family in Family::ALL {
+    for family in IpFamily::ALL {
         let specific: Vec<Tool> = [Backend::Nft, Backend::Legacy]
             .into_iter()
             .map(|backend| Tool { family, backend })
@@ -188,11 +188,11 @@ impl Rule {
 }
 
 /// table → chain → rules, in order. Chains declared without rules are present and empty.
-pub type Tables = BTreeMap<String, BTreeMap<String, Vec<Rule>>>;
+pub type Ruleset = BTreeMap<String, BTreeMap<String, Vec<Rule>>>;
 
 /// Parses `iptables-save` output, with or without `-c` counters.
-pub fn parse_save(text: &str) -> Tables {
-    let mut tables = Tables::new();
+pub fn parse_save(text: &str) -> Ruleset {
+    let mut tables = Ruleset::new();
     let mut table = String::new();
     for line in text.lines() {
         let line = line.trim_end();
@@ -299,7 +299,7 @@ pub fn join_words<S: AsRef<str>>(words: &[S]) -> String {
 
 /// Everything the tool's backend holds, with packet and byte counters. Legacy tools are run
 /// without `-t` so they never instantiate a table that is not in use.
-pub fn save(tool: Tool) -> Result<Tables> {
+pub fn save(tool: Tool) -> Result<Ruleset> {
     let output = run(&tool.save_command(), &["-c"], None)?;
     Ok(parse_save(&output))
 }
@@ -476,17 +476,17 @@ COMMIT
     #[test]
     fn tool_names_follow_the_backends() {
         let tool = Tool {
-            family: Family::V6,
+            family: IpFamily::V6,
             backend: Backend::Legacy,
         };
         assert_eq!(tool.save_command(), "ip6tables-legacy-save");
         assert_eq!(tool.restore_command(), "ip6tables-legacy-restore");
         let plain = Tool {
-            family: Family::V4,
+            family: IpFamily::V4,
             backend: Backend::Default,
         };
         assert_eq!(plain.command(), "iptables");
-        assert_eq!(Family::V6.kube_set("CLUSTER-IP"), "KUBE-6-CLUSTER-IP");
-        assert_eq!(Family::V4.ovn_set("other-node"), "ovn40other-node");
+        assert_eq!(IpFamily::V6.kube_set("CLUSTER-IP"), "KUBE-6-CLUSTER-IP");
+        assert_eq!(IpFamily::V4.ovn_set("other-node"), "ovn40other-node");
     }
 }

@@ -22,10 +22,10 @@ use serde::Serialize;
 
 use crate::{
     datapath::attach,
-    datapath::maps::Tables,
-    datapath::open_pinned_maps,
     datapath::pins::PinRoot,
+    host::netlink,
     host::xtables::{self, JUMP_SPEC, OVN_PREROUTING, Tool, XtablesError},
+    ops::pinned::PinnedView,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -101,10 +101,9 @@ pub async fn datapath_state(root: &Path) -> DatapathState {
     if !pins.exists() {
         return DatapathState::default();
     }
-    let current = open_pinned_maps(&pins)
-        .map_err(|e| e.to_string())
-        .and_then(|mut maps| Tables::from_maps(&mut maps).map_err(|e| e.to_string()))
-        .map(|tables| tables.current());
+    let current = PinnedView::open(&pins)
+        .map(|view| view.tables.current())
+        .map_err(|e| e.to_string());
     let current = match current {
         Ok(current) => current,
         Err(error) => {
@@ -115,11 +114,8 @@ pub async fn datapath_state(root: &Path) -> DatapathState {
             };
         }
     };
-    let attachments = match rtnetlink::new_connection() {
-        Ok((connection, rtnl, _)) => {
-            tokio::spawn(connection);
-            attach::list(&pins, &rtnl).await.len()
-        }
+    let attachments = match netlink::connect() {
+        Ok(rtnl) => attach::list(&pins, &rtnl).await.len(),
         Err(_) => 0,
     };
     DatapathState {
@@ -365,7 +361,7 @@ mod tests {
     #[test]
     fn text_lists_each_copy_and_what_was_kept() {
         let tool = Tool {
-            family: xtables::Family::V4,
+            family: xtables::IpFamily::V4,
             backend: xtables::Backend::Nft,
         };
         let outcome = Outcome {

@@ -1,6 +1,8 @@
-//! One-shot commands an operator runs next to the agent: `verify`, `cleanup-iptables`,
-//! `preflight`.
+//! One-shot commands an operator runs next to the agent: `status`, `dump`, `detach`, `verify`,
+//! `cleanup-iptables`, `preflight`.
 
 pub mod cleanup;
+pub mod inspect;
+pub mod pinned;
 pub mod preflight;
 pub mod verify;

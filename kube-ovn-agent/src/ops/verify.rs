@@ -28,34 +28,32 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, PerCpuArray};
-use kube_ovn_ebpf_common::{names, rule};
+use kube_ovn_ebpf_common::rule;
 use serde::Serialize;
 
 use crate::{
-    datapath::maps::{MapError, Tables, read_counters},
     datapath::pins::PinRoot,
-    datapath::{DatapathError, open_pinned_maps},
-    host::xtables::{self, Family, JUMP_SPEC, OVN_PREROUTING, Tables as Saved, Tool, XtablesError},
+    host::xtables::{self, IpFamily, JUMP_SPEC, OVN_PREROUTING, Ruleset, Tool, XtablesError},
+    ops::pinned::{PinnedError, PinnedView},
     state::{FamilyState, MapState},
 };
 
 /// The counting-only chain in raw holding the copies of Kube-OVN's rules.
-pub const MIRROR_CHAIN: &str = "KOVN-VERIFY";
+pub const COPY_CHAIN: &str = "KOVN-VERIFY";
 /// raw PREROUTING's jump to it; removed with the chain when `verify` ends.
-pub const MIRROR_JUMP: [&str; 6] = [
+pub const COPY_JUMP: [&str; 6] = [
     "-m",
     "comment",
     "--comment",
     "kube-ovn-ebpf verify",
     "-j",
-    MIRROR_CHAIN,
+    COPY_CHAIN,
 ];
-const MIRROR_COMMENT: &str = "kovn-verify";
+const COPY_COMMENT: &str = "kovn-verify";
 
 /// The rules compared: Kube-OVN's nat hook. Kube-OVN's TPROXY rules (mangle) steer kubelet
 /// probes rather than mark; `verify` only reports that they exist and whether the datapath
@@ -71,31 +69,14 @@ pub const RULES: [u32; 6] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("nothing pinned under {root} (is the agent running with this --bpffs-root?)")]
-    NotPinned { root: PathBuf },
     #[error(transparent)]
-    Datapath(#[from] DatapathError),
-    #[error(transparent)]
-    Maps(#[from] MapError),
-    #[error("the pinned counter map {name}: {source}")]
-    CounterMap {
-        name: &'static str,
-        #[source]
-        source: Box<aya::maps::MapError>,
-    },
-    #[error("the counter map {name} is not among the pinned maps")]
-    NoCounterMap { name: &'static str },
-    #[error("reading the datapath counters: {source}")]
-    Counters {
-        #[source]
-        source: std::io::Error,
-    },
+    Pinned(#[from] PinnedError),
     #[error("no iptables tools found (iptables-nft-save, iptables-legacy-save or iptables-save)")]
     NoIptables,
     #[error("no iptables backend could be read: {errors}")]
     NoBackendReadable { errors: String },
     #[error("installing the per-packet copies of Kube-OVN's rules with {tool}: {source}")]
-    Mirror {
+    PacketCopies {
         tool: Tool,
         #[source]
         source: XtablesError,
@@ -124,7 +105,7 @@ pub struct Options {
 
 /// Which of Kube-OVN's nat rules a rule of its `OVN-PREROUTING` chain is, from its match text
 /// (spec §1.2), or why it is none of them.
-pub fn identify(family: Family, words: &[String]) -> std::result::Result<u32, String> {
+pub fn identify(family: IpFamily, words: &[String]) -> std::result::Result<u32, String> {
     let mut iface = None;
     let mut proto = None;
     let mut sets: Vec<(String, String)> = Vec::new();
@@ -230,15 +211,15 @@ struct View {
     /// Rules of that chain that are none of R1–R3, with the reason.
     unknown: Vec<(String, String)>,
     /// Packets counted by our per-packet copy of each rule.
-    mirror: BTreeMap<u32, u64>,
-    mirror_chain: bool,
-    mirror_jumps: usize,
+    copies: BTreeMap<u32, u64>,
+    copy_chain: bool,
+    copy_jumps: usize,
     /// Rules in mangle `OVN-PREROUTING` (Kube-OVN's TPROXY, with --enable-tproxy).
     tproxy: usize,
 }
 
 impl View {
-    fn of(tool: Tool, tables: &Saved) -> Self {
+    fn of(tool: Tool, tables: &Ruleset) -> Self {
         let mut view = Self::default();
         if let Some(nat) = tables.get("nat") {
             view.jumps = nat
@@ -258,23 +239,23 @@ impl View {
             }
         }
         if let Some(raw) = tables.get("raw") {
-            view.mirror_jumps = raw
+            view.copy_jumps = raw
                 .get("PREROUTING")
                 .into_iter()
                 .flatten()
-                .filter(|r| r.is(&MIRROR_JUMP))
+                .filter(|r| r.is(&COPY_JUMP))
                 .count();
-            if let Some(chain) = raw.get(MIRROR_CHAIN) {
-                view.mirror_chain = true;
+            if let Some(chain) = raw.get(COPY_CHAIN) {
+                view.copy_chain = true;
                 for r in chain {
                     let name = r
                         .words
                         .windows(2)
                         .find(|w| w[0] == "--comment")
-                        .and_then(|w| w[1].strip_prefix(MIRROR_COMMENT))
+                        .and_then(|w| w[1].strip_prefix(COPY_COMMENT))
                         .map(str::trim);
                     if let Some(id) = name.and_then(rule_id) {
-                        *view.mirror.entry(id).or_default() += r.packets;
+                        *view.copies.entry(id).or_default() += r.packets;
                     }
                 }
             }
@@ -328,50 +309,15 @@ fn snapshot(tools: &[Tool], notes: &mut BTreeSet<String>) -> Result<BTreeMap<Too
     Ok(views)
 }
 
-/// The pinned datapath, opened read-only.
-struct Datapath {
-    counters: PerCpuArray<MapData, u64>,
-    state: MapState,
-}
-
-impl Datapath {
-    fn open(root: &Path) -> Result<Self> {
-        let pins = PinRoot::new(root);
-        if !pins.exists() {
-            return Err(VerifyError::NotPinned {
-                root: root.to_path_buf(),
-            });
-        }
-        let mut maps = open_pinned_maps(&pins)?;
-        let counter_error = |source| VerifyError::CounterMap {
-            name: names::COUNTERS,
-            source: Box::new(source),
-        };
-        let counters = maps
-            .remove(names::COUNTERS)
-            .ok_or(VerifyError::NoCounterMap {
-                name: names::COUNTERS,
-            })?
-            .try_into()
-            .map_err(counter_error)?;
-        let state = Tables::from_maps(&mut maps)?.current();
-        Ok(Self { counters, state })
-    }
-
-    fn read(&self) -> Result<Vec<u64>> {
-        read_counters(&self.counters).map_err(|source| VerifyError::Counters { source })
-    }
-}
-
 /// The per-packet copies, removed on drop (also when `verify` fails or is interrupted).
-struct Mirror {
+struct PacketCopies {
     tools: Vec<Tool>,
     errors: Vec<String>,
 }
 
-impl Mirror {
+impl PacketCopies {
     fn install(views: &BTreeMap<Tool, View>) -> Result<Self> {
-        let mut mirror = Self {
+        let mut copies = Self {
             tools: Vec::new(),
             errors: Vec::new(),
         };
@@ -379,7 +325,7 @@ impl Mirror {
             if view.rules.is_empty() {
                 continue;
             }
-            let mut script = format!("*raw\n:{MIRROR_CHAIN} - [0:0]\n-F {MIRROR_CHAIN}\n");
+            let mut script = format!("*raw\n:{COPY_CHAIN} - [0:0]\n-F {COPY_CHAIN}\n");
             let mut seen = BTreeSet::new();
             for (id, words, _) in &view.rules {
                 if !seen.insert(*id) {
@@ -393,39 +339,39 @@ impl Mirror {
                 };
                 let _ = writeln!(
                     script,
-                    "-A {MIRROR_CHAIN} {local_skip}{} -m comment --comment \"{MIRROR_COMMENT} {}\"",
+                    "-A {COPY_CHAIN} {local_skip}{} -m comment --comment \"{COPY_COMMENT} {}\"",
                     xtables::join_words(matches),
                     rule_name(*id)
                 );
             }
-            if view.mirror_jumps == 0 {
+            if view.copy_jumps == 0 {
                 let _ = writeln!(
                     script,
                     "-I PREROUTING 1 {}",
-                    xtables::join_words(&MIRROR_JUMP)
+                    xtables::join_words(&COPY_JUMP)
                 );
             }
             script.push_str("COMMIT\n");
             // Registered first, so a half-done install is still removed.
-            mirror.tools.push(tool);
+            copies.tools.push(tool);
             xtables::restore(tool, &script)
-                .map_err(|source| VerifyError::Mirror { tool, source })?;
+                .map_err(|source| VerifyError::PacketCopies { tool, source })?;
         }
-        Ok(mirror)
+        Ok(copies)
     }
 
     /// Removes the jump (every copy) and the chain from each tool's raw table.
     fn remove(&mut self) {
         for tool in std::mem::take(&mut self.tools) {
-            if let Err(e) = remove_mirror(tool) {
+            if let Err(e) = remove_copies(tool) {
                 self.errors
-                    .push(format!("removing {MIRROR_CHAIN} with {tool}: {e}"));
+                    .push(format!("removing {COPY_CHAIN} with {tool}: {e}"));
             }
         }
     }
 }
 
-impl Drop for Mirror {
+impl Drop for PacketCopies {
     fn drop(&mut self) {
         self.remove();
         for e in &self.errors {
@@ -434,21 +380,17 @@ impl Drop for Mirror {
     }
 }
 
-fn remove_mirror(tool: Tool) -> xtables::Result<()> {
+fn remove_copies(tool: Tool) -> xtables::Result<()> {
     let view = View::of(tool, &xtables::save(tool)?);
-    if !view.mirror_chain && view.mirror_jumps == 0 {
+    if !view.copy_chain && view.copy_jumps == 0 {
         return Ok(());
     }
     let mut script = String::from("*raw\n");
-    for _ in 0..view.mirror_jumps {
-        let _ = writeln!(
-            script,
-            "-D PREROUTING {}",
-            xtables::join_words(&MIRROR_JUMP)
-        );
+    for _ in 0..view.copy_jumps {
+        let _ = writeln!(script, "-D PREROUTING {}", xtables::join_words(&COPY_JUMP));
     }
-    if view.mirror_chain {
-        let _ = writeln!(script, "-F {MIRROR_CHAIN}\n-X {MIRROR_CHAIN}");
+    if view.copy_chain {
+        let _ = writeln!(script, "-F {COPY_CHAIN}\n-X {COPY_CHAIN}");
     }
     script.push_str("COMMIT\n");
     xtables::restore(tool, &script)
@@ -458,11 +400,11 @@ fn remove_mirror(tool: Tool) -> xtables::Result<()> {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Observation {
     /// Families whose Kube-OVN chain has the rule.
-    pub kube_ovn: BTreeSet<Family>,
+    pub kube_ovn: BTreeSet<IpFamily>,
     /// Families the datapath has the rule in force for.
-    pub ebpf: BTreeSet<Family>,
+    pub ebpf: BTreeSet<IpFamily>,
     /// Of those, families whose maps give the rule something to match.
-    pub ebpf_can_match: BTreeSet<Family>,
+    pub ebpf_can_match: BTreeSet<IpFamily>,
     /// New connections Kube-OVN's rule counted (None: no backend has its jump in place).
     pub connections: Option<u64>,
     /// Packets the per-packet copy counted (None: not installed).
@@ -606,7 +548,8 @@ pub struct Report {
 /// Runs the comparison: snapshot, wait `window` (Ctrl-C or SIGTERM end it early, cleanly),
 /// snapshot again, judge.
 pub async fn run(options: &Options) -> Result<Report> {
-    let datapath = Datapath::open(&options.root)?;
+    let pinned = PinnedView::open(&PinRoot::new(&options.root))?;
+    let state = pinned.tables.current();
     let tools = xtables::available();
     if tools.is_empty() {
         return Err(VerifyError::NoIptables);
@@ -616,50 +559,44 @@ pub async fn run(options: &Options) -> Result<Report> {
     // A copy left by an interrupted run (kill -9) is ours: remove it before anything else.
     let leftovers: Vec<Tool> = first
         .iter()
-        .filter(|(_, v)| v.mirror_chain || v.mirror_jumps > 0)
+        .filter(|(_, v)| v.copy_chain || v.copy_jumps > 0)
         .map(|(t, _)| *t)
         .collect();
     if !leftovers.is_empty() {
-        let mut old = Mirror {
+        let mut old = PacketCopies {
             tools: leftovers,
             errors: Vec::new(),
         };
         old.remove();
         notes.extend(old.errors.drain(..));
         notes.insert(format!(
-            "removed a {MIRROR_CHAIN} chain left by an earlier, interrupted verify"
+            "removed a {COPY_CHAIN} chain left by an earlier, interrupted verify"
         ));
         first = snapshot(&tools, &mut notes)?;
     }
-    let mut mirror = if options.per_packet {
-        Some(Mirror::install(&first)?)
+    let mut copies = if options.per_packet {
+        Some(PacketCopies::install(&first)?)
     } else {
         None
     };
 
-    let e0 = datapath.read()?;
+    let e0 = pinned.counters()?;
     let before = snapshot(&tools, &mut notes)?;
-    let e1 = datapath.read()?;
+    let e1 = pinned.counters()?;
     let started = Instant::now();
     wait(options.window).await?;
-    let e2 = datapath.read()?;
+    let e2 = pinned.counters()?;
     let after = snapshot(&tools, &mut notes)?;
-    let e3 = datapath.read()?;
+    let e3 = pinned.counters()?;
     let elapsed = started.elapsed();
-    if let Some(m) = mirror.as_mut() {
+    if let Some(m) = copies.as_mut() {
         m.remove();
         notes.extend(m.errors.drain(..));
     }
 
     let ebpf = [e0, e1, e2, e3];
     Ok(report(
-        options,
-        &datapath.state,
-        &before,
-        &after,
-        &ebpf,
-        elapsed,
-        notes,
+        options, &state, &before, &after, &ebpf, elapsed, notes,
     ))
 }
 
@@ -791,16 +728,19 @@ fn observe(
             o.kube_ovn.insert(tool.family);
         }
     }
-    for (family, f) in [(Family::V4, state.v4.rules), (Family::V6, state.v6.rules)] {
+    for (family, f) in [
+        (IpFamily::V4, state.v4.rules),
+        (IpFamily::V6, state.v6.rules),
+    ] {
         if f & rule::bit(id) != 0 {
             o.ebpf.insert(family);
         }
     }
     if can_match(id, &state.v4) {
-        o.ebpf_can_match.insert(Family::V4);
+        o.ebpf_can_match.insert(IpFamily::V4);
     }
     if can_match(id, &state.v6) {
-        o.ebpf_can_match.insert(Family::V6);
+        o.ebpf_can_match.insert(IpFamily::V6);
     }
     if o.kube_ovn.is_empty() && o.ebpf.is_empty() {
         return None;
@@ -816,7 +756,7 @@ fn observe(
         partial
     });
     if options.per_packet {
-        o.packets = delta(before, after, id, |v, id| v.mirror.get(&id).copied())
+        o.packets = delta(before, after, id, |v, id| v.copies.get(&id).copied())
             .unwrap_or_else(|partial| partial);
     }
     let at = |i: usize| ebpf[i].get(id as usize).copied().unwrap_or(0);
@@ -885,7 +825,7 @@ impl Report {
             "\n{:<5} {:<11} {:<11} {:>16} {:>16} {:>16}  verdict",
             "rule", "Kube-OVN", "eBPF", "new conns (ipt)", "packets (ipt)", "packets (eBPF)"
         );
-        let families = |s: &BTreeSet<Family>| {
+        let families = |s: &BTreeSet<IpFamily>| {
             if s.is_empty() {
                 "-".to_owned()
             } else {
@@ -940,7 +880,7 @@ mod tests {
     use super::*;
     use crate::host::xtables::split_words;
 
-    fn id(family: Family, spec: &str) -> std::result::Result<u32, String> {
+    fn id(family: IpFamily, spec: &str) -> std::result::Result<u32, String> {
         identify(family, &split_words(spec))
     }
 
@@ -948,32 +888,32 @@ mod tests {
     fn kube_ovns_rules_are_recognised_in_both_families() {
         let cases = [
             (
-                Family::V4,
+                IpFamily::V4,
                 "-i ovn0 -m set --match-set ovn40subnets src -m set --match-set KUBE-CLUSTER-IP dst,dst -j MARK --set-xmark 0x4000/0x4000",
                 rule::R1A,
             ),
             (
-                Family::V6,
+                IpFamily::V6,
                 "-i ovn0 -m set --match-set ovn60subnets src -m set --match-set ovn60services dst -j MARK --set-xmark 0x4000/0x4000",
                 rule::R1B,
             ),
             (
-                Family::V4,
+                IpFamily::V4,
                 "-p tcp -m addrtype --dst-type LOCAL -m set --match-set KUBE-NODE-PORT-LOCAL-TCP dst -j MARK --set-xmark 0x80000/0x80000",
                 rule::R2T,
             ),
             (
-                Family::V6,
+                IpFamily::V6,
                 "-p udp -m addrtype --dst-type LOCAL -m set --match-set KUBE-6-NODE-PORT-LOCAL-UDP dst -j MARK --set-xmark 0x80000/0x80000",
                 rule::R2U,
             ),
             (
-                Family::V4,
+                IpFamily::V4,
                 "-p tcp -m set --match-set ovn40other-node src -m set --match-set KUBE-NODE-PORT-LOCAL-TCP dst -j MARK --set-xmark 0x4000/0x4000",
                 rule::R3T,
             ),
             (
-                Family::V6,
+                IpFamily::V6,
                 "-p udp -m udp -m set --match-set ovn60other-node src -m set --match-set KUBE-6-NODE-PORT-LOCAL-UDP dst -j MARK --set-xmark 0x4000/0x4000",
                 rule::R3U,
             ),
@@ -988,32 +928,32 @@ mod tests {
         for (family, spec) in [
             // Wrong family's set names.
             (
-                Family::V6,
+                IpFamily::V6,
                 "-i ovn0 -m set --match-set ovn40subnets src -m set --match-set ovn40services dst -j MARK --set-xmark 0x4000/0x4000",
             ),
             // Wrong mark for the rule.
             (
-                Family::V4,
+                IpFamily::V4,
                 "-p tcp -m addrtype --dst-type LOCAL -m set --match-set KUBE-NODE-PORT-LOCAL-TCP dst -j MARK --set-xmark 0x4000/0x4000",
             ),
             // An extra match.
             (
-                Family::V4,
+                IpFamily::V4,
                 "-p tcp -m tcp --dport 80 -m set --match-set ovn40other-node src -m set --match-set KUBE-NODE-PORT-LOCAL-TCP dst -j MARK --set-xmark 0x4000/0x4000",
             ),
             // A negation.
             (
-                Family::V4,
+                IpFamily::V4,
                 "! -i ovn0 -m set --match-set ovn40subnets src -m set --match-set ovn40services dst -j MARK --set-xmark 0x4000/0x4000",
             ),
             // R3 with the TCP set but UDP.
             (
-                Family::V4,
+                IpFamily::V4,
                 "-p udp -m set --match-set ovn40other-node src -m set --match-set KUBE-NODE-PORT-LOCAL-TCP dst -j MARK --set-xmark 0x4000/0x4000",
             ),
             // The older generation's target.
             (
-                Family::V4,
+                IpFamily::V4,
                 "-i ovn0 -m set --match-set ovn40subnets src -m set --match-set ovn40services dst -j MARK --set-xmark 0x40000/0x40000",
             ),
         ] {
@@ -1033,8 +973,8 @@ mod tests {
         );
     }
 
-    fn both() -> BTreeSet<Family> {
-        Family::ALL.into_iter().collect()
+    fn both() -> BTreeSet<IpFamily> {
+        IpFamily::ALL.into_iter().collect()
     }
 
     fn seen(connections: u64, packets: u64, ebpf: (u64, u64)) -> Observation {
@@ -1092,25 +1032,25 @@ mod tests {
     #[test]
     fn rule_sets_must_match_per_family() {
         let mut o = seen(0, 0, (0, 0));
-        o.ebpf.remove(&Family::V6);
-        o.ebpf_can_match.remove(&Family::V6);
+        o.ebpf.remove(&IpFamily::V6);
+        o.ebpf_can_match.remove(&IpFamily::V6);
         let (verdict, reasons) = judge(&o, 0);
         assert_eq!(verdict, RuleVerdict::Disagree);
         assert!(reasons[0].starts_with("IPv6: Kube-OVN has"), "{reasons:?}");
         // In force but with empty maps (e.g. no IPv6 ETP=Local Service): nothing to match, and
         // Kube-OVN lacking the rule is no disagreement.
         let mut o = seen(0, 0, (0, 0));
-        o.kube_ovn.remove(&Family::V6);
-        o.ebpf_can_match.remove(&Family::V6);
+        o.kube_ovn.remove(&IpFamily::V6);
+        o.ebpf_can_match.remove(&IpFamily::V6);
         assert_eq!(judge(&o, 0).0, RuleVerdict::Idle);
-        o.ebpf_can_match.insert(Family::V6);
+        o.ebpf_can_match.insert(IpFamily::V6);
         assert_eq!(judge(&o, 0).0, RuleVerdict::Disagree);
     }
 
     #[test]
     fn views_read_jumps_rules_copies_and_tproxy() {
         let tool = Tool {
-            family: Family::V4,
+            family: IpFamily::V4,
             backend: xtables::Backend::Nft,
         };
         let saved = xtables::parse_save(
@@ -1129,8 +1069,8 @@ mod tests {
         assert_eq!(view.packets(rule::R2U), Some(4));
         assert_eq!(view.packets(rule::R2T), None);
         assert_eq!(view.unknown.len(), 1);
-        assert_eq!(view.mirror.get(&rule::R2U), Some(&12));
-        assert_eq!((view.mirror_chain, view.mirror_jumps), (true, 1));
+        assert_eq!(view.copies.get(&rule::R2U), Some(&12));
+        assert_eq!((view.copy_chain, view.copy_jumps), (true, 1));
         assert_eq!(view.tproxy, 1);
     }
 }

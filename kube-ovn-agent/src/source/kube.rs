@@ -27,7 +27,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::de::DeserializeOwned;
-use tokio::task::AbortHandle;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::{ClusterSource, Feed, Running, SourceStatus};
@@ -98,9 +98,12 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
         runtime,
         feed: feed.clone(),
         recheck: options.absent_api_recheck,
-        tasks: Vec::new(),
+        tasks: JoinSet::new(),
     };
-    let all = watcher::Config::default();
+    // Lists served from the API server's watch cache (resourceVersion=0), not a quorum read of
+    // etcd: a DaemonSet's many agents restarting together must not each read every object
+    // from etcd; the watch that follows brings the view up to date.
+    let all = watcher::Config::default().any_semantic();
     let subnets = spawner.watch(Kind::Subnet, Api::all(client.clone()), &all, trim_subnet);
     // The Services kube-proxy sees: the same label selector as its informers.
     let proxied = all.clone().labels(KUBE_PROXY_SERVICE_SELECTOR);
@@ -130,7 +133,7 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
         service_cidrs,
         pods,
         feed,
-        tasks: spawner.tasks,
+        _tasks: spawner.tasks,
     };
     Ok(Running {
         source: Arc::new(source),
@@ -142,7 +145,7 @@ struct Spawner {
     runtime: tokio::runtime::Handle,
     feed: Arc<Feed>,
     recheck: Duration,
-    tasks: Vec<AbortHandle>,
+    tasks: JoinSet<()>,
 }
 
 impl Spawner {
@@ -173,8 +176,8 @@ impl Spawner {
             optional: kind == Kind::ServiceCidr,
             recheck: self.recheck,
         };
-        let task = self.runtime.spawn(run(watch, writer, self.feed.clone()));
-        self.tasks.push(task.abort_handle());
+        self.tasks
+            .spawn_on(run(watch, writer, self.feed.clone()), &self.runtime);
         store
     }
 }
@@ -187,7 +190,8 @@ pub struct KubeSource {
     service_cidrs: Store<ServiceCIDR>,
     pods: Option<Store<Pod>>,
     feed: Arc<Feed>,
-    tasks: Vec<AbortHandle>,
+    /// The watcher tasks, held only so that dropping the source aborts them.
+    _tasks: JoinSet<()>,
 }
 
 impl ClusterSource for KubeSource {
@@ -203,14 +207,6 @@ impl ClusterSource for KubeSource {
 
     fn status(&self) -> SourceStatus {
         self.feed.status()
-    }
-}
-
-impl Drop for KubeSource {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
     }
 }
 

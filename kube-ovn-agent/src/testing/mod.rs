@@ -4,11 +4,14 @@
 pub mod agent;
 pub mod apiserver;
 pub mod fixture;
-pub mod netns;
 pub mod objects;
+pub mod oracle;
 pub mod packet;
 pub mod stats;
 pub mod sync_order;
+
+/// Network namespaces and bpffs mounts, shared with the e2e code through the testkit crate.
+pub use kube_ovn_testkit::netns;
 
 use std::time::Duration;
 

@@ -1,46 +1,52 @@
 //! `status`, `dump` and `detach`: they read (or remove) what `run` pinned, without loading a
 //! program.
 
-use std::{fmt::Write as _, os::fd::AsFd as _, time::Duration};
+use std::{fmt::Write as _, io, os::fd::AsFd as _, time::Duration};
 
-use anyhow::{Context as _, Result};
-use aya::{
-    maps::{MapData, PerCpuArray},
-    programs::ProgramInfo,
-};
-use kube_ovn_agent::{
+use crate::{
     cli::{DetachArgs, ReadArgs, RootArgs},
+    datapath::attach::AttachError,
     datapath::attach::{self, Attachment},
-    datapath::maps::{Tables, read_counters},
-    datapath::open_pinned_maps,
     datapath::pins::{BpffsError, PinRoot},
     datapath::sys,
-    host::clobber,
+    host::{clobber, netlink},
+    ops::pinned::{PinnedError, PinnedView},
     state::{FamilyState, MapState, rule_names},
 };
+use aya::programs::ProgramInfo;
 use kube_ovn_ebpf_common::{counter, names, rule};
 use serde::Serialize;
 
-fn pins(root: &RootArgs) -> Result<PinRoot> {
-    let pins = PinRoot::new(&root.bpffs_root);
-    anyhow::ensure!(
-        pins.exists(),
-        "nothing pinned under {} (is the agent running with this --bpffs-root?)",
-        pins.root.display()
-    );
-    Ok(pins)
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Pinned(#[from] PinnedError),
+    #[error("opening rtnetlink")]
+    Rtnetlink(#[source] io::Error),
+    #[error(
+        "refusing to detach under a running agent (it would keep reporting healthy while \
+         nothing marks, and fail to re-attach). Stop it first (e.g. remove the DaemonSet or \
+         keep it off this node), or pass --force"
+    )]
+    InUse(#[source] BpffsError),
+    #[error(transparent)]
+    Pins(#[from] BpffsError),
+    #[error("detaching from {ifname}")]
+    Detach {
+        ifname: String,
+        #[source]
+        source: AttachError,
+    },
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
-fn read_tables(pins: &PinRoot) -> Result<(Tables, Vec<u64>)> {
-    let mut maps = open_pinned_maps(pins)?;
-    let counters: PerCpuArray<MapData, u64> = maps
-        .remove(names::COUNTERS)
-        .context("counter map missing")?
-        .try_into()
-        .context("counter map has an unexpected type")?;
-    let counters = read_counters(&counters).context("reading counters")?;
-    let tables = Tables::from_maps(&mut maps)?;
-    Ok((tables, counters))
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn read_tables(root: &RootArgs) -> Result<(PinnedView, Vec<u64>)> {
+    let view = PinnedView::open(&PinRoot::new(&root.bpffs_root))?;
+    let counters = view.counters()?;
+    Ok((view, counters))
 }
 
 #[derive(Serialize)]
@@ -48,7 +54,7 @@ struct Status {
     /// This binary's version and commit.
     version: &'static str,
     /// What the running agent reports on its `/status`; `None` when it did not answer.
-    agent: Option<kube_ovn_agent::metrics::AgentStatus>,
+    agent: Option<crate::metrics::AgentStatus>,
     agent_error: Option<String>,
     kernel: String,
     bpffs_root: String,
@@ -86,8 +92,9 @@ fn service_match(rules: u32) -> &'static str {
 }
 
 pub async fn status(args: &ReadArgs, agent_addr: std::net::SocketAddr) -> Result<()> {
-    let pins = pins(&args.root)?;
-    let (tables, counters) = read_tables(&pins)?;
+    let pins = PinRoot::new(&args.root.bpffs_root);
+    let (view, counters) = read_tables(&args.root)?;
+    let tables = &view.tables;
     let current = tables.current();
     let program = pinned_program(&pins).map(|info| ProgramStatus {
         name: names::PROGRAM,
@@ -95,22 +102,22 @@ pub async fn status(args: &ReadArgs, agent_addr: std::net::SocketAddr) -> Result
         tag: format!("{:016x}", info.tag()),
         verified_instructions: info.verified_instruction_count(),
     });
-    let (connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    tokio::spawn(connection);
+    let rtnl = netlink::connect().map_err(Error::Rtnetlink)?;
     let attachments = attach::list(&pins, &rtnl).await;
     let mark_clobber = tokio::task::spawn_blocking(|| clobber::check(Duration::from_secs(10)))
         .await
         .unwrap_or_default();
-    let (agent, agent_error) = match tokio::task::spawn_blocking(move || {
-        kube_ovn_agent::metrics::fetch_status(agent_addr, Duration::from_secs(3))
+    let fetched = tokio::task::spawn_blocking(move || {
+        crate::metrics::fetch_status(agent_addr, Duration::from_secs(3))
     })
-    .await?
-    {
-        Ok(agent) => (Some(agent), None),
-        Err(e) => (None, Some(e.to_string())),
+    .await;
+    let (agent, agent_error) = match fetched {
+        Ok(Ok(agent)) => (Some(agent), None),
+        Ok(Err(e)) => (None, Some(e.to_string())),
+        Err(e) => (None, Some(format!("asking the agent: {e}"))),
     };
     let status = Status {
-        version: kube_ovn_agent::cli::LONG_VERSION,
+        version: crate::cli::LONG_VERSION,
         agent,
         agent_error,
         kernel: kernel_release(),
@@ -252,9 +259,8 @@ fn kernel_release() -> String {
 }
 
 pub fn dump(args: &ReadArgs) -> Result<()> {
-    let pins = pins(&args.root)?;
-    let (tables, _) = read_tables(&pins)?;
-    let current = tables.current();
+    let (view, _) = read_tables(&args.root)?;
+    let current = view.tables.current();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&current)?);
     } else {
@@ -278,7 +284,7 @@ fn dump_text(d: &MapState) -> String {
         let _ = writeln!(
             out,
             "  {ifindex}: {}",
-            kube_ovn_agent::state::role_names(*roles).join(", ")
+            crate::state::role_names(*roles).join(", ")
         );
     }
     family_text(&mut out, "4", &d.v4);
@@ -349,24 +355,19 @@ pub async fn detach(args: &DetachArgs) -> Result<()> {
                 );
                 None
             }
-            Err(e @ BpffsError::InUse { .. }) => {
-                return Err(e).context(
-                    "refusing to detach under a running agent (it would keep reporting \
-                     healthy while nothing marks, and fail to re-attach). Stop it first \
-                     (e.g. remove the DaemonSet or keep it off this node), or pass --force",
-                );
-            }
+            Err(e @ BpffsError::InUse { .. }) => return Err(Error::InUse(e)),
             Err(e) => return Err(e.into()),
         }
     } else {
         None
     };
-    let (connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    tokio::spawn(connection);
+    let rtnl = netlink::connect().map_err(Error::Rtnetlink)?;
     let attachments = attach::list(&pins, &rtnl).await;
     for attachment in &attachments {
-        attach::remove(&pins, attachment)
-            .with_context(|| format!("detaching from {}", attachment.ifname))?;
+        attach::remove(&pins, attachment).map_err(|source| Error::Detach {
+            ifname: attachment.ifname.clone(),
+            source,
+        })?;
         println!(
             "detached {} ({})",
             attachment.ifname,

@@ -67,31 +67,31 @@ pub fn evaluate(desired: &MapState, ifindex: u32, frame: &[u8]) -> Verdict {
 }
 
 /// Address-family operations the rules need.
-pub trait Family: Copy + Ord {
+pub trait FamilyAddr: Copy + Ord {
     type Net: Ord;
     fn net_contains(net: &Self::Net, addr: &Self) -> bool;
 }
 
-impl Family for Ipv4Addr {
+impl FamilyAddr for Ipv4Addr {
     type Net = Ipv4Net;
     fn net_contains(net: &Ipv4Net, addr: &Self) -> bool {
         net.contains(addr)
     }
 }
 
-impl Family for Ipv6Addr {
+impl FamilyAddr for Ipv6Addr {
     type Net = Ipv6Net;
     fn net_contains(net: &Ipv6Net, addr: &Self) -> bool {
         net.contains(addr)
     }
 }
 
-fn in_nets<A: Family>(nets: &std::collections::BTreeSet<A::Net>, addr: &A) -> bool {
+fn in_nets<A: FamilyAddr>(nets: &std::collections::BTreeSet<A::Net>, addr: &A) -> bool {
     nets.iter().any(|net| A::net_contains(net, addr))
 }
 
 /// The chain `OVN-PREROUTING` of spec §1.2, evaluated rule by rule.
-pub fn classify<A: Family>(state: &FamilyState<A::Net, A>, roles: u32, t: &Tuple<A>) -> u32 {
+pub fn classify<A: FamilyAddr>(state: &FamilyState<A::Net, A>, roles: u32, t: &Tuple<A>) -> u32 {
     let active = state.rules;
     let mut hits = 0;
     let on = |r: u32| active & rule::bit(r) != 0;

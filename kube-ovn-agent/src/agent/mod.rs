@@ -1,176 +1,149 @@
-//! `kube-ovn-agent run`: watch → translate → apply, and keep the program attached.
+//! The reconcile loop of `kube-ovn-agent run`: watch → translate → apply, and keep the program
+//! attached.
 //!
 //! Fail-static throughout: a source outage, a bad object, a full map or a failed attach is
 //! logged when it appears and when it clears (not every pass), counted, and leaves the
-//! programmed state alone; SIGTERM exits without detaching.
+//! programmed state alone; SIGTERM exits without detaching. The kernel is behind [`Kernel`] (the
+//! attach calls; the map tables are [`Tables`], whose backends are already behind a trait), so
+//! the policy is tested in-process (`tests.rs`).
+
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    future::Future,
     net::{Ipv4Addr, Ipv6Addr},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
-use kube_ovn_agent::{
-    cli::{KubeProxyMode, Mode, RunArgs},
+use tokio::{signal::unix::SignalKind, sync::watch};
+
+use crate::{
+    cli::{KubeProxyMode, Mode},
     datapath::Datapath,
-    datapath::attach::{self, AttachConfig, Attachment},
+    datapath::attach::{self, AttachConfig, AttachError, Attachment},
+    datapath::maps::{SyncReport, Tables},
     datapath::pins::{PinRoot, RootLock},
     diag,
     faults::{Fault, FaultLog},
     host::clobber,
     host::ipset,
-    host::netlink::{self, NodeNet},
-    metrics::{self, Health, Metrics},
-    source::{self, Running, SourceSpec},
+    host::netlink::{self, IfaceOverride, NodeNet},
+    metrics::{Health, Metrics},
+    source::Running,
     translate::{self, KubeProxySets, NodeFacts, Options},
 };
-use tokio::{signal::unix::SignalKind, sync::watch};
 
 /// Kube-OVN re-checks kube-proxy's ipsets every gateway pass (3 s).
 const KUBE_PROXY_POLL: Duration = Duration::from_secs(3);
 const CLOBBER_POLL: Duration = Duration::from_mins(1);
-const NODE_RESYNC: Duration = Duration::from_secs(30);
 /// How often the agent checks that its pins are still there (`detach --force` removes them).
 const PIN_CHECK: Duration = Duration::from_secs(2);
 
-pub async fn run(args: RunArgs) -> Result<()> {
-    let node_name = match &args.node_name {
-        Some(name) => name.clone(),
-        None => hostname().context("no --node-name, no $NODE_NAME and no hostname")?,
-    };
-    let pins = PinRoot::new(&args.root.bpffs_root);
-    pins.prepare()?;
-    // Before anything is loaded or written: a second agent on this root must change nothing.
-    let lock = pins.lock()?;
-    // The sources list the cluster on the runtime's workers while this thread has the program
-    // verified (~100 ms each at 10 000 Services): started first, the two overlap.
-    let running = start_source(&args, &node_name).await?;
-    let mut datapath = Datapath::open(&pins).context("loading the datapath")?;
-    tracing::info!(
-        root = %pins.root.display(),
-        program_id = datapath.program_id,
-        upgrading = datapath.upgrading,
-        "datapath loaded; pinned maps adopted"
-    );
+/// Why the loop ended other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the cluster source stopped")]
+    SourceStopped,
+    #[error("the interface watcher stopped")]
+    NetStopped,
+    #[error("installing the signal handlers")]
+    Signals(#[source] std::io::Error),
+}
 
-    let metrics = Arc::new(Metrics::new());
-    metrics.set_build_info(&program_tag(datapath.program_id));
-    metrics.set_mode(args.mode == Mode::Shadow);
-    let health = Arc::new(Health::default());
-    *metrics.live.counters.lock().expect("lock") = datapath.take_counters();
-    if let Some(addr) = args.metrics_addr.0 {
-        let (m, h) = (metrics.clone(), health.clone());
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m, h).await {
-                tracing::error!(%addr, error = %e, "metrics server stopped");
-            }
-        });
+/// What the loop needs from `run`'s flags besides the translation [`Options`]
+/// (`cli::RunArgs` converts into it).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `--iface` role overrides, applied after discovery.
+    pub ifaces: Vec<IfaceOverride>,
+    /// Full re-read of the pinned maps and an attach pass this often.
+    pub resync_interval: Duration,
+    pub enable_tproxy: bool,
+    pub tproxy_port: u16,
+    pub kube_proxy_mode: KubeProxyMode,
+    /// `--mode`: what the node label (if any) overrides.
+    pub mode: Mode,
+}
+
+/// The calls the loop makes into the kernel for attachments; the maps are the [`Tables`].
+pub trait Kernel {
+    fn tables(&mut self) -> &mut Tables;
+    /// The loaded program's id, recorded in [`Attachment`]s.
+    fn program_id(&self) -> u32;
+    /// Attaches the program to `ifname`, or finds it attached.
+    fn attach(
+        &mut self,
+        ifname: &str,
+    ) -> impl Future<Output = Result<attach::Outcome, AttachError>>;
+    fn detach(&mut self, attachment: &Attachment) -> Result<(), AttachError>;
+}
+
+/// The real thing: the loaded [`Datapath`], its pins and an rtnetlink handle.
+pub struct KernelDatapath {
+    pub datapath: Datapath,
+    pub pins: PinRoot,
+    pub config: AttachConfig,
+    pub rtnl: rtnetlink::Handle,
+}
+
+impl Kernel for KernelDatapath {
+    fn tables(&mut self) -> &mut Tables {
+        &mut self.datapath.tables
     }
 
-    let node_net = netlink::watch(NODE_RESYNC).context("watching interfaces and routes")?;
-    let (rtnl_connection, rtnl, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    tokio::spawn(rtnl_connection);
+    fn program_id(&self) -> u32 {
+        self.datapath.program_id
+    }
 
-    let attach_config = AttachConfig {
-        mode: args.attach.resolve(),
-        tcx_order: args.tcx_order,
-        priority: args.tc_priority,
-        handle: args.tc_handle,
-    };
-    let attached = attach::list(&pins, &rtnl)
+    async fn attach(&mut self, ifname: &str) -> Result<attach::Outcome, AttachError> {
+        let program_id = self.datapath.program_id;
+        attach::ensure(
+            self.datapath.program(),
+            program_id,
+            &self.pins,
+            self.config,
+            &self.rtnl,
+            ifname,
+        )
         .await
-        .into_iter()
-        .map(|a| (a.ifname.clone(), a))
-        .collect();
-    let detected = detect_kube_proxy_at_start(args.kube_proxy_mode)?;
-    let options = Options {
-        cluster_router: args.cluster_router.clone(),
-        service_cluster_ip_range: args.service_cluster_ip_range.0.clone(),
-        service_match: args.service_match,
-        kube_proxy_sets: detected.map_or_else(
-            || kube_proxy_sets(args.kube_proxy_mode, KubeProxySets::default()),
-            |d| d.sets,
-        ),
-        shadow: args.mode == Mode::Shadow,
-        tproxy_port: args.enable_tproxy.then_some(args.tproxy_port),
-    };
-    tracing::info!(
-        version = kube_ovn_agent::cli::LONG_VERSION,
-        node = %node_name,
-        attach = ?attach_config.mode,
-        service_match = ?args.service_match,
-        kube_proxy = ?args.kube_proxy_mode,
-        mode = ?args.mode,
-        "agent started"
-    );
-    metrics
-        .live
-        .map_capacities
-        .lock()
-        .expect("lock")
-        .clone_from(&datapath.tables.capacities());
-    let mut agent = Agent {
-        args,
-        node_name,
-        pins,
-        lock,
-        datapath,
-        attach_config,
-        attached,
-        options,
-        rtnl,
-        metrics,
-        health,
-        faults: FaultLog::default(),
-        memo: translate::Memo::default(),
-        kube_proxy: detected.map(|d| d.mode),
-        clobber_findings: BTreeSet::new(),
-        ready: false,
-        last_roles: BTreeMap::new(),
-        last_listed: false,
-        attach_due: true,
-        tproxy_ips: (None, None),
-        tproxy_listeners: netlink::TproxyListeners::default(),
-        attach_failed: BTreeSet::new(),
-        last_sync_unix: None,
-        mode_from: "flag",
-        last_readiness: None,
-    };
-    agent.main_loop(running, node_net).await
+    }
+
+    fn detach(&mut self, attachment: &Attachment) -> Result<(), AttachError> {
+        attach::remove(&self.pins, attachment)
+    }
 }
 
-async fn start_source(args: &RunArgs, node_name: &str) -> Result<Running> {
-    Ok(match &args.source {
-        SourceSpec::Kube => source::kube::start(&source::kube::KubeOptions {
-            watch_pods: args.enable_tproxy,
-            ..source::kube::KubeOptions::new(node_name)
-        })
-        .await
-        .context("starting the Kubernetes source")?,
-        SourceSpec::File(path) => source::file::start(source::file::FileOptions {
-            node_name: Some(node_name.to_owned()),
-            max_bytes: args.source_max_bytes,
-            shrink_hold: args.source_shrink_hold,
-            ..source::file::FileOptions::new(path)
-        })
-        .context("starting the file source")?,
-    })
+/// Everything [`Agent::new`] takes, prepared by `run`'s setup.
+pub struct Setup<K> {
+    pub config: Config,
+    pub node_name: String,
+    pub pins: PinRoot,
+    pub lock: RootLock,
+    pub kernel: K,
+    pub attach_config: AttachConfig,
+    /// Attachments found at start, by interface name.
+    pub attached: BTreeMap<String, Attachment>,
+    pub options: Options,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// kube-proxy's mode as detected at start (`auto` only).
+    pub kube_proxy: Option<ipset::DetectedMode>,
 }
 
-struct Agent {
-    args: RunArgs,
+pub struct Agent<K> {
+    config: Config,
     node_name: String,
     pins: PinRoot,
     /// The root's lock, held for the agent's life.
     lock: RootLock,
-    datapath: Datapath,
+    kernel: K,
     attach_config: AttachConfig,
     /// Our attachments, by interface name.
     attached: BTreeMap<String, Attachment>,
     options: Options,
-    rtnl: rtnetlink::Handle,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     /// The faults present now, so a lasting fault is logged when it appears and clears only.
@@ -200,17 +173,49 @@ struct Agent {
     last_readiness: Option<bool>,
 }
 
-impl Agent {
-    async fn main_loop(
+impl<K: Kernel> Agent<K> {
+    pub fn new(setup: Setup<K>) -> Self {
+        Self {
+            config: setup.config,
+            node_name: setup.node_name,
+            pins: setup.pins,
+            lock: setup.lock,
+            kernel: setup.kernel,
+            attach_config: setup.attach_config,
+            attached: setup.attached,
+            options: setup.options,
+            metrics: setup.metrics,
+            health: setup.health,
+            faults: FaultLog::default(),
+            memo: translate::Memo::default(),
+            kube_proxy: setup.kube_proxy,
+            clobber_findings: BTreeSet::new(),
+            ready: false,
+            last_roles: BTreeMap::new(),
+            last_listed: false,
+            attach_due: true,
+            tproxy_ips: (None, None),
+            tproxy_listeners: netlink::TproxyListeners::default(),
+            attach_failed: BTreeSet::new(),
+            last_sync_unix: None,
+            mode_from: "flag",
+            last_readiness: None,
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT (`Ok`) or until the source or the interface watcher stops.
+    pub async fn main_loop(
         &mut self,
         mut running: Running,
         mut node_net: watch::Receiver<Option<NodeNet>>,
-    ) -> Result<()> {
-        let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-        let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    ) -> Result<(), Error> {
+        let mut sigterm =
+            tokio::signal::unix::signal(SignalKind::terminate()).map_err(Error::Signals)?;
+        let mut sigint =
+            tokio::signal::unix::signal(SignalKind::interrupt()).map_err(Error::Signals)?;
         let mut kube_proxy_poll = tokio::time::interval(KUBE_PROXY_POLL);
         let mut clobber_poll = tokio::time::interval(CLOBBER_POLL);
-        let mut resync = tokio::time::interval(self.args.resync_interval);
+        let mut resync = tokio::time::interval(self.config.resync_interval);
         let mut pin_check = tokio::time::interval(PIN_CHECK);
         resync.tick().await;
         let mut pending: Option<Instant> = Some(Instant::now());
@@ -225,13 +230,13 @@ impl Agent {
             tokio::select! {
                 changed = running.changes.changed() => {
                     if changed.is_err() {
-                        anyhow::bail!("the cluster source stopped");
+                        return Err(Error::SourceStopped);
                     }
                     pending = Some(running.changes.borrow_and_update().received);
                 }
                 changed = node_net.changed() => {
                     if changed.is_err() {
-                        anyhow::bail!("the interface watcher stopped");
+                        return Err(Error::NetStopped);
                     }
                     pending = Some(Instant::now());
                 }
@@ -261,7 +266,7 @@ impl Agent {
                     }
                 }
                 _ = resync.tick() => {
-                    self.refresh_mirrors();
+                    self.reread_maps();
                     self.attach_due = true;
                     pending = Some(Instant::now());
                 }
@@ -299,7 +304,8 @@ impl Agent {
         true
     }
 
-    async fn reconcile(
+    /// One pass: translate the current snapshot and write it, attach where roles changed.
+    pub async fn reconcile(
         &mut self,
         running: &Running,
         node_net: &watch::Receiver<Option<NodeNet>>,
@@ -315,8 +321,12 @@ impl Agent {
             return;
         };
         let node_ips = translate::own_internal_ips(&snapshot, &self.node_name);
-        let roles =
-            netlink::iface_roles(&net, &node_ips, &self.args.ifaces, self.args.enable_tproxy);
+        let roles = netlink::iface_roles(
+            &net,
+            &node_ips,
+            &self.config.ifaces,
+            self.config.enable_tproxy,
+        );
         let listed = status.all_listed();
         // Attaching costs syscalls per interface: only when the interfaces changed, a previous
         // attempt failed, or on the periodic resync.
@@ -355,12 +365,12 @@ impl Agent {
 
         let report = if listed {
             // Only a complete view may remove entries or change the rules in force.
-            self.datapath.tables.apply(&translation.desired, true)
+            self.kernel.tables().apply(&translation.desired, true)
         } else {
             // Until then keep what is programmed; just follow interface changes.
             let ifaces = translation.desired.ifaces.iter().map(|(i, r)| (*i, *r));
-            let table = self.datapath.tables.ifaces.sync(ifaces, false);
-            kube_ovn_agent::datapath::maps::SyncReport {
+            let table = self.kernel.tables().ifaces.sync(ifaces, false);
+            SyncReport {
                 written: table.written,
                 removed: table.removed,
                 errors: table.errors,
@@ -368,7 +378,7 @@ impl Agent {
         };
         // One summary per map and kind of failure: a full map refuses every entry past its
         // capacity, tens of thousands in one pass.
-        let map_faults = self.datapath.tables.faults(&report.errors);
+        let map_faults = self.kernel.tables().faults(&report.errors);
         for fault in &map_faults {
             self.metrics.error(fault.kind);
         }
@@ -391,7 +401,7 @@ impl Agent {
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        *self.metrics.live.map_sizes.lock().expect("lock") = self.datapath.tables.sizes();
+        *self.metrics.live.map_sizes.lock().expect("lock") = self.kernel.tables().sizes();
         if listed && map_faults.is_empty() {
             let now = unix_now();
             self.last_sync_unix = Some(now);
@@ -403,7 +413,7 @@ impl Agent {
             self.ready = true;
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis(),
-                entries = ?self.datapath.tables.sizes(),
+                entries = ?self.kernel.tables().sizes(),
                 "first full sync done"
             );
         }
@@ -412,8 +422,8 @@ impl Agent {
 
     /// A kind is at fault while its feed fails; the next list or event (or two quiet minutes)
     /// clears it, and the fault log says "resolved".
-    fn note_source_faults(&mut self, status: &source::SourceStatus) {
-        let now = source::unix_now();
+    fn note_source_faults(&mut self, status: &crate::source::SourceStatus) {
+        let now = crate::source::unix_now();
         let source_faults = status.kinds.iter().filter_map(|(kind, s)| {
             s.last_error
                 .as_ref()
@@ -423,24 +433,25 @@ impl Agent {
         self.faults.pass("source", source_faults);
     }
 
-    /// Re-decides readiness after a pass (`metrics::readiness`) and publishes it on `/readyz`,
+    /// Re-decides readiness after a pass (`crate::metrics::readiness`) and publishes it on `/readyz`,
     /// `/status`, `kovn_ready` and `kovn_interface_attached`; logs each change.
     fn publish_readiness(
         &mut self,
-        source: &source::SourceStatus,
+        source: &crate::source::SourceStatus,
         roles: &BTreeMap<String, (u32, u32)>,
     ) {
-        let interfaces: Vec<metrics::InterfaceState> = roles
+        let interfaces: Vec<crate::metrics::InterfaceState> = roles
             .iter()
-            .map(|(name, (_, bits))| metrics::InterfaceState {
+            .map(|(name, (_, bits))| crate::metrics::InterfaceState {
                 name: name.clone(),
-                role: kube_ovn_agent::state::role_names(*bits).join("+"),
+                role: crate::state::role_names(*bits).join("+"),
                 // Attempted in the last attach pass (every role change causes one) and not
                 // failed: `attach::ensure` found or put our program there.
                 attached: self.last_roles.contains_key(name) && !self.attach_failed.contains(name),
             })
             .collect();
-        let reasons = metrics::readiness(source, self.ready, !self.pins_missing(), &interfaces);
+        let reasons =
+            crate::metrics::readiness(source, self.ready, !self.pins_missing(), &interfaces);
         let ready = reasons.is_empty();
         if self.last_readiness != Some(ready) {
             if ready {
@@ -456,9 +467,9 @@ impl Agent {
         self.metrics.ready.set(i64::from(ready));
         (*self.metrics.live.interfaces.lock().expect("lock")).clone_from(&interfaces);
         let mut status = self.health.status.lock().expect("lock");
-        *status = metrics::AgentStatus {
-            version: kube_ovn_agent::cli::VERSION.to_owned(),
-            commit: kube_ovn_agent::cli::COMMIT.to_owned(),
+        *status = crate::metrics::AgentStatus {
+            version: crate::cli::VERSION.to_owned(),
+            commit: crate::cli::COMMIT.to_owned(),
             node: self.node_name.clone(),
             mode: if self.options.shadow {
                 "shadow"
@@ -471,19 +482,19 @@ impl Agent {
             not_ready: reasons,
             last_sync_unix: self.last_sync_unix,
             interfaces,
-            source: metrics::SourceKindState::from_status(source),
+            source: crate::metrics::SourceKindState::from_status(source),
         };
     }
 
     /// Applies this node's `kube-ovn-ebpf.io/mode` label (over `--mode`) to the next
     /// translation; logs a change and an unusable value once.
-    fn follow_mode_label(&mut self, snapshot: &kube_ovn_agent::cluster::Snapshot) {
+    fn follow_mode_label(&mut self, snapshot: &crate::cluster::Snapshot) {
         let labels = snapshot
             .nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
             .and_then(|n| n.metadata.labels.as_ref());
-        let (mode, from, complaint) = kube_ovn_agent::cli::node_mode(labels, self.args.mode);
+        let (mode, from, complaint) = crate::cli::node_mode(labels, self.config.mode);
         self.faults.pass("mode label", complaint.map(Fault::new));
         let shadow = mode == Mode::Shadow;
         if shadow != self.options.shadow || from != self.mode_from {
@@ -503,17 +514,9 @@ impl Agent {
         let mut complete = true;
         let mut faults = Vec::new();
         self.attach_failed.clear();
-        let program_id = self.datapath.program_id;
+        let program_id = self.kernel.program_id();
         for ifname in roles.keys() {
-            let outcome = attach::ensure(
-                self.datapath.program(),
-                program_id,
-                &self.pins,
-                self.attach_config,
-                &self.rtnl,
-                ifname,
-            )
-            .await;
+            let outcome = self.kernel.attach(ifname).await;
             match outcome {
                 Ok(attach::Outcome::Kept) => {}
                 Ok(outcome) => {
@@ -550,7 +553,7 @@ impl Agent {
                 .collect();
             for ifname in stale {
                 let attachment = self.attached.remove(&ifname).expect("listed above");
-                match attach::remove(&self.pins, &attachment) {
+                match self.kernel.detach(&attachment) {
                     Ok(()) => {
                         tracing::info!(ifname, "detached: the interface no longer has a role");
                     }
@@ -572,7 +575,7 @@ impl Agent {
     /// `IP_TRANSPARENT`, as Kube-OVN's listener can be restarted at any time; true when that
     /// changed. A failed check keeps the last answer.
     fn poll_tproxy_listener(&mut self) -> bool {
-        if !self.args.enable_tproxy {
+        if !self.config.enable_tproxy {
             return false;
         }
         let listeners = match netlink::tcp_listeners() {
@@ -592,7 +595,7 @@ impl Agent {
             }
         };
         let (v4, v6) = self.tproxy_ips;
-        let now = netlink::TproxyListeners::decide(&listeners, self.args.tproxy_port, v4, v6);
+        let now = netlink::TproxyListeners::decide(&listeners, self.config.tproxy_port, v4, v6);
         if now == self.tproxy_listeners {
             return false;
         }
@@ -601,7 +604,7 @@ impl Agent {
             ("IPv6", self.tproxy_listeners.v6_opaque, now.v6_opaque),
         ];
         for (family, before, opaque) in families {
-            let port = self.args.tproxy_port;
+            let port = self.config.tproxy_port;
             match (before, opaque) {
                 (false, true) => tracing::warn!(
                     family,
@@ -622,7 +625,7 @@ impl Agent {
 
     /// Re-detects kube-proxy's IPVS sets in `auto` mode; true when they changed.
     fn poll_kube_proxy(&mut self) -> bool {
-        let detected = match self.args.kube_proxy_mode {
+        let detected = match self.config.kube_proxy_mode {
             KubeProxyMode::Auto => match ipset::detect_kube_proxy() {
                 Ok(detection) => {
                     self.faults.pass("ipset", []);
@@ -668,8 +671,8 @@ impl Agent {
         self.clobber_findings = current;
     }
 
-    fn refresh_mirrors(&mut self) {
-        let result = self.datapath.tables.refresh_all();
+    fn reread_maps(&mut self) {
+        let result = self.kernel.tables().refresh_all();
         if let Err(e) = &result {
             self.metrics.error(e.kind());
         }
@@ -680,20 +683,9 @@ impl Agent {
     }
 }
 
-/// In `auto` mode kube-proxy's mode is known before the first sync: a first sync in the wrong
-/// mode would prune and rewrite the sets of the right one (on a restart, every ClusterIP entry).
-/// Failing to ask is fatal here; the pinned datapath stays as it is.
-fn detect_kube_proxy_at_start(mode: KubeProxyMode) -> Result<Option<ipset::Detection>> {
-    if mode != KubeProxyMode::Auto {
-        return Ok(None);
-    }
-    let detection =
-        ipset::detect_kube_proxy().context("detecting kube-proxy's mode before the first sync")?;
-    tracing::info!(mode = %detection.mode, sets = ?detection.sets, "kube-proxy detected");
-    Ok(Some(detection))
-}
-
-fn kube_proxy_sets(mode: KubeProxyMode, current: KubeProxySets) -> KubeProxySets {
+/// kube-proxy's IPVS sets for an explicit `--kube-proxy-mode`; `current` (the last detection)
+/// in `auto` mode.
+pub fn kube_proxy_sets(mode: KubeProxyMode, current: KubeProxySets) -> KubeProxySets {
     match mode {
         KubeProxyMode::Auto => current,
         KubeProxyMode::Ipvs => KubeProxySets::IPVS,
@@ -711,7 +703,7 @@ fn unix_now() -> u64 {
 }
 
 /// The loaded program's tag (hex) for `kovn_build_info`, or `unknown`.
-fn program_tag(program_id: u32) -> String {
+pub fn program_tag(program_id: u32) -> String {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .find(|info| info.id() == program_id)
@@ -719,14 +711,4 @@ fn program_tag(program_id: u32) -> String {
             || "unknown".to_owned(),
             |info| format!("{:016x}", info.tag()),
         )
-}
-
-fn hostname() -> Option<String> {
-    let mut buffer = [0u8; 256];
-    // SAFETY: the buffer is valid for its whole length.
-    if unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } != 0 {
-        return None;
-    }
-    let end = buffer.iter().position(|b| *b == 0)?;
-    std::str::from_utf8(&buffer[..end]).ok().map(str::to_owned)
 }
