@@ -453,21 +453,7 @@ fn main() {
         commit: git_commit(),
         quick,
         wall_s: started.elapsed().as_secs_f64(),
-        machine: Machine {
-            kernel: read("/proc/sys/kernel/osrelease"),
-            cpu: std::fs::read_to_string("/proc/cpuinfo")
-                .ok()
-                .and_then(|c| {
-                    c.lines()
-                        .find(|l| l.starts_with("model name"))
-                        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-                })
-                .unwrap_or_default(),
-            cores: std::thread::available_parallelism().map_or(0, usize::from),
-            mitigations: mitigations(),
-            loadavg_before,
-            loadavg_after: read("/proc/loadavg"),
-        },
+        machine: machine(loadavg_before),
         rounds,
         repeat,
         cold_packets,
@@ -518,6 +504,24 @@ fn measure_cold(
         p90_ns: all[all.len() * 9 / 10],
         empty_program_ns: spread(empty_rounds),
         same_frame_ns: spread(same_rounds),
+    }
+}
+
+fn machine(loadavg_before: String) -> Machine {
+    Machine {
+        kernel: read("/proc/sys/kernel/osrelease"),
+        cpu: std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+            })
+            .unwrap_or_default(),
+        cores: std::thread::available_parallelism().map_or(0, usize::from),
+        mitigations: mitigations(),
+        loadavg_before,
+        loadavg_after: read("/proc/loadavg"),
     }
 }
 
