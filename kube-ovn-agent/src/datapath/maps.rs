@@ -24,7 +24,7 @@ use kube_ovn_ebpf_common::{
 };
 
 use crate::{
-    datapath::sys,
+    datapath::{dir::DirTable, sys},
     state::{FamilyState, MapState, ProbeTarget, Proto, ServicePort},
 };
 
@@ -365,7 +365,7 @@ impl Prefix for Ipv6Net {
     }
 }
 
-fn take(maps: &mut BTreeMap<&'static str, Map>, name: &'static str) -> Result<Map> {
+pub(crate) fn take(maps: &mut BTreeMap<&'static str, Map>, name: &'static str) -> Result<Map> {
     maps.remove(name).ok_or(MapError::Missing { map: name })
 }
 
@@ -941,6 +941,9 @@ pub struct Tables {
     pub nodeport_local: Synced<u16, u8>,
     pub v4: FamilyTables<Ipv4Net, Ipv4Addr>,
     pub v6: FamilyTables<Ipv6Net, Ipv6Addr>,
+    /// The direct-indexed front of the IPv4 subnet trie, derived from what the trie holds
+    /// (`datapath::dir`).
+    pub subnets_v4_dir: DirTable,
 }
 
 /// The outcome of syncing every table.
@@ -999,6 +1002,7 @@ impl Tables {
                     names::TPROXY_V6,
                 )?)?,
             },
+            subnets_v4_dir: DirTable::new(maps, names::SUBNETS_V4_L16, names::SUBNETS_V4_L24)?,
         })
     }
 
@@ -1031,6 +1035,7 @@ impl Tables {
                 local: mem(names::LOCAL_ADDRS_V6),
                 probe_targets: mem(names::TPROXY_V6),
             },
+            subnets_v4_dir: DirTable::in_memory(names::SUBNETS_V4_L16, names::SUBNETS_V4_L24),
         }
     }
 
@@ -1051,6 +1056,7 @@ impl Tables {
             .collect();
         let ifaces = || desired.ifaces.iter().map(|(i, roles)| (*i, *roles));
         sync_family(&mut self.v4, &desired.v4, false, &mut report);
+        self.sync_dirs(&mut report);
         sync_family(&mut self.v6, &desired.v6, false, &mut report);
         report.add(self.nodeport_local.sync(filled, false));
         report.add(self.ifaces.sync(ifaces(), false));
@@ -1062,11 +1068,23 @@ impl Tables {
         report.add(self.config.sync([((), desired.config())], true));
         if prune {
             sync_family(&mut self.v4, &desired.v4, true, &mut report);
+            self.sync_dirs(&mut report);
             sync_family(&mut self.v6, &desired.v6, true, &mut report);
             report.add(self.nodeport_local.sync(ports, true));
             report.add(self.ifaces.sync(ifaces(), true));
         }
         report
+    }
+
+    /// Brings the direct-indexed front to what its trie holds now (after the trie's writes, so
+    /// an address the front calls a hit is in the trie, and one it sends to the trie finds the
+    /// trie's answer). Its writes are not counted in `written`/`removed`, which count set
+    /// entries; its failures are reported like any map's.
+    fn sync_dirs(&mut self, report: &mut SyncReport) {
+        report.errors.extend(
+            self.subnets_v4_dir
+                .sync(self.v4.subnets.entries().keys().copied()),
+        );
     }
 
     /// The state the maps hold now, decoded.
@@ -1145,6 +1163,7 @@ impl Tables {
         self.v6.service_ports.refresh()?;
         self.v6.other_nodes.refresh()?;
         self.v6.probe_targets.refresh()?;
+        self.subnets_v4_dir.refresh()?;
         Ok(())
     }
 
