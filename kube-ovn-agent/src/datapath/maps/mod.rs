@@ -17,7 +17,7 @@ mod kernel;
 mod synced;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, Ipv6Addr},
 };
 
@@ -37,14 +37,120 @@ use crate::{
     state::{FamilyState, MapState, ProbeTarget, ServicePort},
 };
 
-/// The maps of one address family.
-pub struct FamilyTables<N, A> {
-    pub subnets: Synced<N, ()>,
-    pub service_cidrs: Synced<N, ()>,
-    pub service_ports: Synced<ServicePort<A>, ()>,
-    pub other_nodes: Synced<A, ()>,
-    pub local: Synced<N, ()>,
-    pub probe_targets: Synced<ProbeTarget<A>, ()>,
+/// Declares the per-family maps once: each line is a field of [`FamilyTables`], named like the
+/// [`FamilyState`] set it holds, with the kind of kernel map it opens (`prefix`: an LPM trie of
+/// CIDRs; `hash`: a hash of exact keys) and its kernel names for IPv4 and IPv6. Opening (kernel
+/// or in memory), refreshing, syncing, reading back and the fill report all follow from it.
+macro_rules! family_tables {
+    ($($field:ident: $kind:ident<$key:ty> = ($v4:ident, $v6:ident);)*) => {
+        /// The maps of one address family.
+        pub struct FamilyTables<N, A> {
+            $(pub $field: Synced<$key, ()>,)*
+        }
+
+        impl FamilyTables<Ipv4Net, Ipv4Addr> {
+            fn open(opener: &mut impl Opener) -> Result<Self> {
+                Ok(Self { $($field: opener.$kind(names::$v4)?,)* })
+            }
+        }
+
+        impl FamilyTables<Ipv6Net, Ipv6Addr> {
+            fn open(opener: &mut impl Opener) -> Result<Self> {
+                Ok(Self { $($field: opener.$kind(names::$v6)?,)* })
+            }
+        }
+
+        impl<N: Ord + Copy, A: Ord + Copy> FamilyTables<N, A> {
+            fn refresh(&mut self) -> Result<()> {
+                $(self.$field.refresh()?;)*
+                Ok(())
+            }
+
+            fn sync(&mut self, desired: &FamilyState<N, A>, prune: bool, report: &mut SyncReport) {
+                $(report.add(self.$field.sync(desired.$field.iter().map(member), prune));)*
+            }
+
+            /// Copies what the maps hold into the sets of `state`.
+            fn read_into(&self, state: &mut FamilyState<N, A>) {
+                $(state.$field = self.$field.entries().keys().copied().collect();)*
+            }
+
+            fn fill(&self, out: &mut Vec<(&'static str, usize, usize)>) {
+                $(out.push((self.$field.name(), self.$field.len(), self.$field.capacity()));)*
+            }
+        }
+    };
+}
+
+family_tables! {
+    subnets: prefix<N> = (SUBNETS_V4, SUBNETS_V6);
+    service_cidrs: prefix<N> = (SERVICE_CIDRS_V4, SERVICE_CIDRS_V6);
+    service_ports: hash<ServicePort<A>> = (SERVICE_PORTS_V4, SERVICE_PORTS_V6);
+    other_nodes: hash<A> = (OTHER_NODES_V4, OTHER_NODES_V6);
+    local: prefix<N> = (LOCAL_ADDRS_V4, LOCAL_ADDRS_V6);
+    probe_targets: hash<ProbeTarget<A>> = (TPROXY_V4, TPROXY_V6);
+}
+
+/// Where [`FamilyTables`] get their tables: the loaded object's maps, or memory.
+trait Opener {
+    fn prefix<N>(&mut self, name: &'static str) -> Result<Synced<N, ()>>
+    where
+        N: Prefix + Ord + Copy + std::fmt::Debug + std::fmt::Display + Send + 'static,
+        N::Data: Send;
+    fn hash<K>(&mut self, name: &'static str) -> Result<Synced<K, ()>>
+    where
+        K: Codec + Ord + Copy + std::fmt::Debug + Send + 'static,
+        K::Raw: Send;
+}
+
+/// Opens kernel maps, taking them out of a loaded object, and adopts their content.
+struct Kernel<'a>(&'a mut BTreeMap<&'static str, Map>);
+
+impl Opener for Kernel<'_> {
+    fn prefix<N>(&mut self, name: &'static str) -> Result<Synced<N, ()>>
+    where
+        N: Prefix + Ord + Copy + std::fmt::Debug + std::fmt::Display + Send + 'static,
+        N::Data: Send,
+    {
+        Synced::adopt(Box::new(PrefixTable::<N>::new(self.0, name)?))
+    }
+    fn hash<K>(&mut self, name: &'static str) -> Result<Synced<K, ()>>
+    where
+        K: Codec + Ord + Copy + std::fmt::Debug + Send + 'static,
+        K::Raw: Send,
+    {
+        Synced::adopt(Box::new(HashTable::<K, ()>::new(self.0, name)?))
+    }
+}
+
+/// Opens empty in-memory tables.
+struct Memory;
+
+impl Memory {
+    fn table<K, V>(name: &'static str) -> Synced<K, V>
+    where
+        K: Ord + Copy + std::fmt::Debug + Send + 'static,
+        V: Copy + PartialEq + Send + 'static,
+    {
+        Synced::adopt(Box::new(MemTable::new(name))).expect("memory tables read infallibly")
+    }
+}
+
+impl Opener for Memory {
+    fn prefix<N>(&mut self, name: &'static str) -> Result<Synced<N, ()>>
+    where
+        N: Prefix + Ord + Copy + std::fmt::Debug + std::fmt::Display + Send + 'static,
+        N::Data: Send,
+    {
+        Ok(Self::table(name))
+    }
+    fn hash<K>(&mut self, name: &'static str) -> Result<Synced<K, ()>>
+    where
+        K: Codec + Ord + Copy + std::fmt::Debug + Send + 'static,
+        K::Raw: Send,
+    {
+        Ok(Self::table(name))
+    }
 }
 
 /// Every datapath map the agent writes.
@@ -87,67 +193,21 @@ impl Tables {
             config: adopt(ConfigTable::new(maps)?)?,
             ifaces: adopt(IfaceTable::new(maps)?)?,
             nodeport_local: adopt(PortArrayTable::new(maps)?)?,
-            v4: FamilyTables {
-                subnets: adopt(PrefixTable::<Ipv4Net>::new(maps, names::SUBNETS_V4)?)?,
-                service_cidrs: adopt(PrefixTable::<Ipv4Net>::new(maps, names::SERVICE_CIDRS_V4)?)?,
-                service_ports: adopt(HashTable::<ServicePort<Ipv4Addr>, ()>::new(
-                    maps,
-                    names::SERVICE_PORTS_V4,
-                )?)?,
-                other_nodes: adopt(HashTable::<Ipv4Addr, ()>::new(maps, names::OTHER_NODES_V4)?)?,
-                local: adopt(PrefixTable::<Ipv4Net>::new(maps, names::LOCAL_ADDRS_V4)?)?,
-                probe_targets: adopt(HashTable::<ProbeTarget<Ipv4Addr>, ()>::new(
-                    maps,
-                    names::TPROXY_V4,
-                )?)?,
-            },
-            v6: FamilyTables {
-                subnets: adopt(PrefixTable::<Ipv6Net>::new(maps, names::SUBNETS_V6)?)?,
-                service_cidrs: adopt(PrefixTable::<Ipv6Net>::new(maps, names::SERVICE_CIDRS_V6)?)?,
-                service_ports: adopt(HashTable::<ServicePort<Ipv6Addr>, ()>::new(
-                    maps,
-                    names::SERVICE_PORTS_V6,
-                )?)?,
-                other_nodes: adopt(HashTable::<Ipv6Addr, ()>::new(maps, names::OTHER_NODES_V6)?)?,
-                local: adopt(PrefixTable::<Ipv6Net>::new(maps, names::LOCAL_ADDRS_V6)?)?,
-                probe_targets: adopt(HashTable::<ProbeTarget<Ipv6Addr>, ()>::new(
-                    maps,
-                    names::TPROXY_V6,
-                )?)?,
-            },
+            v4: FamilyTables::<Ipv4Net, Ipv4Addr>::open(&mut Kernel(maps))?,
+            v6: FamilyTables::<Ipv6Net, Ipv6Addr>::open(&mut Kernel(maps))?,
             subnets_v4_dir: DirTable::new(maps, names::SUBNETS_V4_L16, names::SUBNETS_V4_L24)?,
         })
     }
 
     /// In-memory tables, for tests.
     pub fn in_memory() -> Self {
-        fn mem<K, V>(name: &'static str) -> Synced<K, V>
-        where
-            K: Ord + Copy + std::fmt::Debug + Send + 'static,
-            V: Copy + PartialEq + Send + 'static,
-        {
-            Synced::adopt(Box::new(MemTable::new(name))).expect("memory tables read infallibly")
-        }
+        let open = "memory tables open infallibly";
         Self {
-            config: mem(names::CONFIG),
-            ifaces: mem(names::IFACES),
-            nodeport_local: mem(names::NODEPORT_LOCAL),
-            v4: FamilyTables {
-                subnets: mem(names::SUBNETS_V4),
-                service_cidrs: mem(names::SERVICE_CIDRS_V4),
-                service_ports: mem(names::SERVICE_PORTS_V4),
-                other_nodes: mem(names::OTHER_NODES_V4),
-                local: mem(names::LOCAL_ADDRS_V4),
-                probe_targets: mem(names::TPROXY_V4),
-            },
-            v6: FamilyTables {
-                subnets: mem(names::SUBNETS_V6),
-                service_cidrs: mem(names::SERVICE_CIDRS_V6),
-                service_ports: mem(names::SERVICE_PORTS_V6),
-                other_nodes: mem(names::OTHER_NODES_V6),
-                local: mem(names::LOCAL_ADDRS_V6),
-                probe_targets: mem(names::TPROXY_V6),
-            },
+            config: Memory::table(names::CONFIG),
+            ifaces: Memory::table(names::IFACES),
+            nodeport_local: Memory::table(names::NODEPORT_LOCAL),
+            v4: FamilyTables::<Ipv4Net, Ipv4Addr>::open(&mut Memory).expect(open),
+            v6: FamilyTables::<Ipv6Net, Ipv6Addr>::open(&mut Memory).expect(open),
             subnets_v4_dir: DirTable::in_memory(names::SUBNETS_V4_L16, names::SUBNETS_V4_L24),
         }
     }
@@ -168,9 +228,9 @@ impl Tables {
             })
             .collect();
         let ifaces = || desired.ifaces.iter().map(|(i, roles)| (*i, *roles));
-        sync_family(&mut self.v4, &desired.v4, false, &mut report);
+        self.v4.sync(&desired.v4, false, &mut report);
         self.sync_dirs(&mut report);
-        sync_family(&mut self.v6, &desired.v6, false, &mut report);
+        self.v6.sync(&desired.v6, false, &mut report);
         report.add(self.nodeport_local.sync(filled, false));
         report.add(self.ifaces.sync(ifaces(), false));
         if prune {
@@ -180,9 +240,9 @@ impl Tables {
         }
         report.add(self.config.sync([((), desired.config())], true));
         if prune {
-            sync_family(&mut self.v4, &desired.v4, true, &mut report);
+            self.v4.sync(&desired.v4, true, &mut report);
             self.sync_dirs(&mut report);
-            sync_family(&mut self.v6, &desired.v6, true, &mut report);
+            self.v6.sync(&desired.v6, true, &mut report);
             report.add(self.nodeport_local.sync(ports, true));
             report.add(self.ifaces.sync(ifaces(), true));
         }
@@ -208,19 +268,21 @@ impl Tables {
             tproxy_listener: Option<A>,
             tproxy_listener_opaque: bool,
         ) -> FamilyState<N, A> {
-            FamilyState {
+            let mut state = FamilyState {
                 rules,
-                subnets: t.subnets.entries().keys().copied().collect(),
-                service_cidrs: t.service_cidrs.entries().keys().copied().collect(),
-                service_ports: t.service_ports.entries().keys().copied().collect(),
-                other_nodes: t.other_nodes.entries().keys().copied().collect(),
-                local: t.local.entries().keys().copied().collect(),
-                nodeport_local_tcp: std::collections::BTreeSet::default(),
-                nodeport_local_udp: std::collections::BTreeSet::default(),
-                probe_targets: t.probe_targets.entries().keys().copied().collect(),
+                subnets: BTreeSet::new(),
+                service_cidrs: BTreeSet::new(),
+                service_ports: BTreeSet::new(),
+                other_nodes: BTreeSet::new(),
+                local: BTreeSet::new(),
+                nodeport_local_tcp: BTreeSet::new(),
+                nodeport_local_udp: BTreeSet::new(),
+                probe_targets: BTreeSet::new(),
                 tproxy_listener,
                 tproxy_listener_opaque,
-            }
+            };
+            t.read_into(&mut state);
+            state
         }
         let config = self.config.entries().get(&()).copied().unwrap_or_default();
         let listener_v4 = Some(Ipv4Addr::from(config.tproxy_ip_v4)).filter(|a| !a.is_unspecified());
@@ -256,26 +318,8 @@ impl Tables {
         self.config.refresh()?;
         self.ifaces.refresh()?;
         self.nodeport_local.refresh()?;
-        for family in [
-            &mut self.v4.subnets,
-            &mut self.v4.service_cidrs,
-            &mut self.v4.local,
-        ] {
-            family.refresh()?;
-        }
-        self.v4.service_ports.refresh()?;
-        self.v4.other_nodes.refresh()?;
-        self.v4.probe_targets.refresh()?;
-        for family in [
-            &mut self.v6.subnets,
-            &mut self.v6.service_cidrs,
-            &mut self.v6.local,
-        ] {
-            family.refresh()?;
-        }
-        self.v6.service_ports.refresh()?;
-        self.v6.other_nodes.refresh()?;
-        self.v6.probe_targets.refresh()?;
+        self.v4.refresh()?;
+        self.v6.refresh()?;
         self.subnets_v4_dir.refresh()?;
         Ok(())
     }
@@ -303,22 +347,10 @@ impl Tables {
         ) -> (&'static str, usize, usize) {
             (t.name(), t.len(), t.capacity())
         }
-        vec![
-            of(&self.ifaces),
-            of(&self.nodeport_local),
-            of(&self.v4.subnets),
-            of(&self.v4.service_cidrs),
-            of(&self.v4.service_ports),
-            of(&self.v4.other_nodes),
-            of(&self.v4.local),
-            of(&self.v6.subnets),
-            of(&self.v6.service_cidrs),
-            of(&self.v6.service_ports),
-            of(&self.v6.other_nodes),
-            of(&self.v6.local),
-            of(&self.v4.probe_targets),
-            of(&self.v6.probe_targets),
-        ]
+        let mut fill = vec![of(&self.ifaces), of(&self.nodeport_local)];
+        self.v4.fill(&mut fill);
+        self.v6.fill(&mut fill);
+        fill
     }
 
     /// One summary per map and kind of failure for the errors of a sync pass, with the map's
@@ -352,40 +384,6 @@ impl Tables {
         }
         faults
     }
-}
-
-fn sync_family<N: Ord + Copy, A: Ord + Copy>(
-    tables: &mut FamilyTables<N, A>,
-    desired: &FamilyState<N, A>,
-    prune: bool,
-    report: &mut SyncReport,
-) {
-    report.add(
-        tables
-            .subnets
-            .sync(desired.subnets.iter().map(member), prune),
-    );
-    report.add(
-        tables
-            .service_cidrs
-            .sync(desired.service_cidrs.iter().map(member), prune),
-    );
-    report.add(
-        tables
-            .service_ports
-            .sync(desired.service_ports.iter().map(member), prune),
-    );
-    report.add(
-        tables
-            .other_nodes
-            .sync(desired.other_nodes.iter().map(member), prune),
-    );
-    report.add(tables.local.sync(desired.local.iter().map(member), prune));
-    report.add(
-        tables
-            .probe_targets
-            .sync(desired.probe_targets.iter().map(member), prune),
-    );
 }
 
 fn member<K: Copy>(key: &K) -> (K, ()) {
