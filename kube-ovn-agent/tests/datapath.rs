@@ -553,7 +553,7 @@ fn random_state(rng: &mut StdRng) -> MapState {
             .expect("protos")
     };
     for _ in 0..rng.random_range(0..4) {
-        let len = *[8u8, 12, 16, 24, 32].choose(rng).expect("lens");
+        let len = *[8u8, 12, 16, 20, 24, 28, 32].choose(rng).expect("lens");
         d.v4.subnets
             .insert(ipnet::Ipv4Net::new(v4(rng), len).expect("len").trunc());
         d.v4.service_cidrs

@@ -264,8 +264,10 @@ pub mod names {
     pub const NODEPORT_LOCAL: &str = "kovn_nplocal";
     pub const TPROXY_V4: &str = "kovn_tproxy4";
     pub const TPROXY_V6: &str = "kovn_tproxy6";
+    pub const SUBNETS_V4_L16: &str = "kovn_sub4_l16";
+    pub const SUBNETS_V4_L24: &str = "kovn_sub4_l24";
 
-    pub const ALL_MAPS: [&str; 16] = [
+    pub const ALL_MAPS: [&str; 18] = [
         CONFIG,
         IFACES,
         COUNTERS,
@@ -282,8 +284,47 @@ pub mod names {
         NODEPORT_LOCAL,
         TPROXY_V4,
         TPROXY_V6,
+        SUBNETS_V4_L16,
+        SUBNETS_V4_L24,
     ];
 }
+
+/// The direct-indexed front of an IPv4 prefix set (DIR-16-8): a 65 536-slot array indexed by
+/// the address's first two bytes and 256-byte chunks indexed by the third. The LPM trie stays
+/// the authority; the arrays answer most lookups with two inlined array reads and send the
+/// rest to the trie. A zero anywhere means "ask the trie", so empty or half-written arrays are
+/// always correct, only slower.
+pub mod dir {
+    /// Not known here: look the address up in the trie.
+    pub const TRIE: u8 = 0;
+    /// Some prefix of the set covers every address behind this slot/byte.
+    pub const HIT: u8 = 1;
+    /// No prefix of the set covers any address behind this slot/byte.
+    pub const MISS: u8 = 2;
+    /// First-level values from this one up name chunk `value - CHUNK_BASE`.
+    pub const CHUNK_BASE: u32 = 3;
+    /// First-level slots: one per /16.
+    pub const SLOTS: u32 = 65_536;
+    /// Chunks per set: /16s holding prefixes longer than /16. A /16 past this many falls back
+    /// to the trie (its slot stays `TRIE`).
+    pub const CHUNKS: u32 = 4_096;
+
+    /// The chunk index a first-level value names, if it names one.
+    pub const fn chunk(value: u32) -> Option<u32> {
+        if value >= CHUNK_BASE {
+            Some(value - CHUNK_BASE)
+        } else {
+            None
+        }
+    }
+}
+
+/// One second-level chunk of a [`dir`] set: a [`dir`] value per third address byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DirChunk(pub [u8; 256]);
+const _: () = assert!(size_of::<DirChunk>() == 256);
 
 /// Capacities. LPM tries and the large hashes are `BPF_F_NO_PREALLOC`, so entries cost memory
 /// only when used; a hash still allocates its bucket array (16 bytes per slot) up front, which
@@ -411,6 +452,7 @@ mod user {
     unsafe impl aya::Pod for super::ServicePortV6 {}
     unsafe impl aya::Pod for super::ProbeTargetV4 {}
     unsafe impl aya::Pod for super::ProbeTargetV6 {}
+    unsafe impl aya::Pod for super::DirChunk {}
 }
 
 #[cfg(test)]

@@ -2,17 +2,51 @@
 //! from the lookups: returns the set of rules hit, as `rule::bit` flags; `act` turns them into
 //! marks and counters.
 
-use aya_ebpf::maps::lpm_trie::Key;
-use kube_ovn_ebpf_common::{ServicePortV4, ServicePortV6, ipproto, nodeport, role, rule};
+use aya_ebpf::{
+    btf_maps::{Array, LpmTrie},
+    maps::lpm_trie::Key,
+};
+use kube_ovn_ebpf_common::{
+    DirChunk, ServicePortV4, ServicePortV6, dir, ipproto, nodeport, role, rule,
+};
 
 use crate::{
     maps::{
         LOCAL_ADDRS_V4, LOCAL_ADDRS_V6, NODEPORT_LOCAL, OTHER_NODES_V4, OTHER_NODES_V6,
         SERVICE_CIDRS_V4, SERVICE_CIDRS_V6, SERVICE_PORTS_V4, SERVICE_PORTS_V6, SUBNETS_V4,
-        SUBNETS_V6,
+        SUBNETS_V4_L16, SUBNETS_V4_L24, SUBNETS_V6,
     },
     parse::Tuple,
 };
+
+/// Membership of `addr` in an IPv4 prefix set with a direct-indexed front
+/// (`kube_ovn_ebpf_common::dir`): two inlined array reads decide most addresses; `TRIE` (zero,
+/// also what an unfilled array holds) sends the address to the trie, which holds the whole set.
+#[inline(always)]
+fn dir_member<const T: usize, const S: usize, const C: usize>(
+    trie: &LpmTrie<[u8; 4], u8, T>,
+    l16: &Array<u32, S>,
+    l24: &Array<DirChunk, C>,
+    addr: [u8; 4],
+) -> bool {
+    let slot = u32::from(addr[0]) << 8 | u32::from(addr[1]);
+    let byte = match l16.get(slot).copied() {
+        Some(value) => match dir::chunk(value) {
+            // A u8 index into 256 bytes: no bounds check survives.
+            Some(chunk) => l24
+                .get(chunk)
+                .map_or(dir::TRIE, |c| c.0[usize::from(addr[2])]),
+            #[expect(clippy::cast_possible_truncation, reason = "below CHUNK_BASE: a u8")]
+            None => value as u8,
+        },
+        None => dir::TRIE,
+    };
+    match byte {
+        dir::HIT => true,
+        dir::MISS => false,
+        _ => trie.get(&Key::new(32, addr)).is_some(),
+    }
+}
 
 /// The per-family sets (ipsets `ovn40*`/`ovn60*`, `KUBE-*`/`KUBE-6-*`).
 pub trait Family {
@@ -37,7 +71,7 @@ impl Family for V4 {
 
     #[inline(always)]
     fn in_subnets(addr: [u8; 4]) -> bool {
-        SUBNETS_V4.get(&Key::new(32, addr)).is_some()
+        dir_member(&SUBNETS_V4, &SUBNETS_V4_L16, &SUBNETS_V4_L24, addr)
     }
     #[inline(always)]
     fn in_service_cidrs(addr: [u8; 4]) -> bool {

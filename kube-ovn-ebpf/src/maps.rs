@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use kube_ovn_ebpf_common::{
-    Config, Iface, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6, capacity, counter,
-    nodeport,
+    Config, DirChunk, Iface, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6, capacity,
+    counter, dir, nodeport,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -26,6 +26,11 @@ pub static COUNTERS: PerCpuArray<u64, { counter::SLOTS as usize }> = PerCpuArray
 /// `ovn40subnets` / `ovn60subnets` (hash:net).
 #[btf_map(name = "kovn_subnets4")]
 pub static SUBNETS_V4: LpmTrie<[u8; 4], u8, { capacity::SUBNETS as usize }> = LpmTrie::new();
+/// The direct-indexed front of `SUBNETS_V4` (`kube_ovn_ebpf_common::dir`).
+#[btf_map(name = "kovn_sub4_l16")]
+pub static SUBNETS_V4_L16: Array<u32, { dir::SLOTS as usize }> = Array::new();
+#[btf_map(name = "kovn_sub4_l24")]
+pub static SUBNETS_V4_L24: Array<DirChunk, { dir::CHUNKS as usize }> = Array::new();
 #[btf_map(name = "kovn_subnets6")]
 pub static SUBNETS_V6: LpmTrie<[u8; 16], u8, { capacity::SUBNETS as usize }> = LpmTrie::new();
 

@@ -7,6 +7,7 @@
 //! which never leaves an interface unmarked.
 
 pub mod attach;
+pub mod dir;
 pub mod maps;
 pub mod object;
 pub mod pins;

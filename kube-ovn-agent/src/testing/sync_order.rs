@@ -277,6 +277,12 @@ pub fn observed_tables() -> (Tables, Shared) {
                 d.v6.probe_targets = keys(e);
             }),
         },
+        // Derived from the v4 subnet trie after its writes: what the observer sees of the trie
+        // is what it answers.
+        subnets_v4_dir: crate::datapath::dir::DirTable::in_memory(
+            names::SUBNETS_V4_L16,
+            names::SUBNETS_V4_L24,
+        ),
     };
     (tables, world)
 }
