@@ -19,7 +19,7 @@ pub mod faults;
 pub mod host;
 /// Prometheus metrics and the health endpoints.
 pub mod metrics;
-/// One-shot commands: `status`/`dump`/`detach`, `verify`, `cleanup-iptables`.
+/// One-shot commands: `status`/`dump`/`detach`, `verify`, `cleanup-iptables`, `preflight`.
 pub mod ops;
 /// Watch: the API server or a YAML file keeps a current snapshot and wakes the loop on change.
 pub mod source;

@@ -254,11 +254,11 @@ fn guest_files(programs: &[(PathBuf, PathBuf)]) -> Result<tools::Members> {
             tools::tree(&mut members, &dir)?;
         }
     }
-    // Suites reach data as `CARGO_MANIFEST_DIR/../deploy/…`.
-    members.insert(
-        tools::guest_path(&root.join(binaries::PACKAGE))?,
-        tools::Member::Dir,
-    );
+    // Suites reach data as `CARGO_MANIFEST_DIR/../deploy/…`, from the agent's crate and from the
+    // test kit's (`kube_ovn_testkit::netns::example_cluster`).
+    for package in [binaries::PACKAGE, "testkit"] {
+        members.insert(tools::guest_path(&root.join(package))?, tools::Member::Dir);
+    }
     for (path, stripped) in programs {
         members.insert(
             tools::guest_path(path)?,
