@@ -1227,11 +1227,13 @@ fn containerfile_pins() -> Result<(), Failed> {
         problems.push("the agent's build.rs reads KOVN_EBPF_TOOLCHAIN: set it".into());
     }
     // Every workspace member must be copied in, or cargo cannot load the workspace.
+    // `members = [ … ]`, on one line or several.
     let members = cargo
-        .lines()
-        .find(|l| l.trim_start().starts_with("members"))
-        .map(|l| {
-            l.split('"')
+        .split_once("\nmembers")
+        .and_then(|(_, rest)| rest.split_once('['))
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(list, _)| {
+            list.split('"')
                 .skip(1)
                 .step_by(2)
                 .map(str::to_owned)

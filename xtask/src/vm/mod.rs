@@ -81,7 +81,7 @@ const TIME_SCALE: u32 = 10;
 
 /// Per test binary (the slowest, the datapath and netns suites, take 2–4 min under TCG);
 /// `/init` kills a binary past it and records a failure, then runs the next.
-const TEST_TIMEOUT: Duration = Duration::from_mins(8);
+const TEST_TIMEOUT: Duration = Duration::from_mins(12);
 /// Boot (~5 s), module loading and the reset, on top of the binaries' budgets.
 const BOOT_ALLOWANCE: Duration = Duration::from_mins(2);
 
