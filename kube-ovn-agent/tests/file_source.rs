@@ -1,5 +1,6 @@
 //! `--source file:PATH` as the agent runs it: the first read, re-reads after each way a file can
-//! be replaced, and bad versions that must leave the last good state programmed.
+//! be replaced, bad versions that must leave the last good state programmed, and bad objects
+//! that are rejected alone.
 
 mod support;
 
@@ -12,7 +13,7 @@ use std::{
 use kube_ovn_agent::{
     cluster::Snapshot,
     source::{
-        Running,
+        Running, SourceStatus,
         file::{self, FileError, FileOptions},
     },
     testing::objects::{Port, service, spec_cluster},
@@ -159,8 +160,8 @@ async fn a_new_version_is_read_after_rename_rewrite_and_configmap_swap() {
     assert_eq!(errors(&running.source.status()), 0);
 }
 
-/// Each bad version: the substrings its error must contain.
-fn bad_versions() -> Vec<(&'static str, String, Vec<&'static str>)> {
+/// Each version unusable as a whole: the substrings its error must contain.
+fn bad_files() -> Vec<(&'static str, String, Vec<&'static str>)> {
     let padding = format!("# {}\n", "x".repeat(10_000_000));
     vec![
         (
@@ -168,6 +169,17 @@ fn bad_versions() -> Vec<(&'static str, String, Vec<&'static str>)> {
             format!("{EXAMPLE}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [web\n"),
             vec!["invalid YAML", "unclosed bracket", "at line"],
         ),
+        (
+            "10 MB file",
+            format!("{EXAMPLE}{WEB}{padding}"),
+            vec!["bytes is more than the limit of 8388608 bytes"],
+        ),
+    ]
+}
+
+/// Each version that adds one bad object to the example: the substrings its error must contain.
+fn bad_objects() -> Vec<(&'static str, String, Vec<&'static str>)> {
+    vec![
         (
             "unknown kind",
             format!(
@@ -215,12 +227,17 @@ fn bad_versions() -> Vec<(&'static str, String, Vec<&'static str>)> {
             ),
             vec!["Service default/web", "unknown port protocol \"QUIC\""],
         ),
-        (
-            "10 MB file",
-            format!("{EXAMPLE}{WEB}{padding}"),
-            vec!["bytes is more than the limit of 8388608 bytes"],
-        ),
     ]
+}
+
+/// The last error on any kind that contains every needle.
+fn error_with(status: &SourceStatus, needles: &[&str], case: &str) -> String {
+    status
+        .kinds
+        .values()
+        .filter_map(|k| k.last_error.clone())
+        .find(|m| needles.iter().all(|n| m.contains(n)))
+        .unwrap_or_else(|| panic!("{case}: no error containing {needles:?}: {status:?}"))
 }
 
 #[tokio::test]
@@ -233,7 +250,7 @@ async fn bad_versions_are_rejected_and_the_last_good_state_stays() {
     let good = objects(&running.source.snapshot());
     let want = expected(&spec_cluster());
 
-    for (case, text, needles) in bad_versions() {
+    for (case, text, needles) in bad_files() {
         let before = errors(&running.source.status());
         replace(&path, &text);
         wait_until(&format!("the {case} version to be rejected"), || {
@@ -241,12 +258,7 @@ async fn bad_versions_are_rejected_and_the_last_good_state_stays() {
         })
         .await;
         let status = running.source.status();
-        let message = status
-            .kinds
-            .values()
-            .filter_map(|k| k.last_error.as_deref())
-            .find(|m| needles.iter().all(|n| m.contains(n)))
-            .unwrap_or_else(|| panic!("{case}: no error containing {needles:?}: {status:?}"));
+        let message = error_with(&status, &needles, case);
         assert!(
             message.starts_with(&path.display().to_string()),
             "{case}: {message}"
@@ -272,6 +284,78 @@ async fn bad_versions_are_rejected_and_the_last_good_state_stays() {
     replace(&path, &format!("{EXAMPLE}{WEB}"));
     next_change(&mut running, "a good version").await;
     converge(&*running.source, &expected(&with_web()), "after recovery").await;
+}
+
+/// One bad object is rejected alone (Kube-OVN's controller, too, skips one bad Subnet and carries
+/// on): it is named in the error, the rest of its version is applied, and an object that was in
+/// force keeps its last good version.
+#[tokio::test]
+async fn one_bad_object_is_rejected_alone() {
+    let dir = TempDir::new("file-bad-object");
+    let path = dir.path().join("cluster.yaml");
+    std::fs::write(&path, EXAMPLE).unwrap();
+    let mut running = start(&path);
+    running.changes.borrow_and_update();
+    let good = objects(&running.source.snapshot());
+    let want = expected(&spec_cluster());
+
+    for (case, text, needles) in bad_objects() {
+        let before = errors(&running.source.status());
+        replace(&path, &text);
+        next_change(&mut running, case).await;
+        let status = running.source.status();
+        assert!(errors(&status) > before, "{case}: not counted: {status:?}");
+        let message = error_with(&status, &needles, case);
+        assert!(
+            message.starts_with(&path.display().to_string()),
+            "{case}: {message}"
+        );
+        assert!(!message.contains('\n'), "{case}: one line: {message}");
+        assert!(status.all_listed(), "{case}: {status:?}");
+        assert_eq!(
+            objects(&running.source.snapshot()),
+            good,
+            "{case}: the new bad object is left out, the rest applied"
+        );
+        assert_eq!(
+            programmed(&running.source.snapshot(), &support::options()),
+            want,
+            "{case}"
+        );
+    }
+
+    // A bad edit of a Subnet in force, in the same version as a new good Service: the Service
+    // is applied and the Subnet keeps programming its last good CIDR.
+    let broken = EXAMPLE.replace("cidrBlock: 10.17.0.0/16", "cidrBlock: 10.17.0.0/61");
+    assert_ne!(broken, EXAMPLE, "the example has the central Subnet");
+    let before = errors(&running.source.status());
+    replace(&path, &format!("{broken}{WEB}"));
+    next_change(&mut running, "a bad Subnet edit beside a new Service").await;
+    let status = running.source.status();
+    assert!(errors(&status) > before, "{status:?}");
+    error_with(
+        &status,
+        &["Subnet central", "invalid CIDR \"10.17.0.0/61\""],
+        "bad edit",
+    );
+    converge(
+        &*running.source,
+        &expected(&with_web()),
+        "the good Service applied, the bad Subnet edit not",
+    )
+    .await;
+
+    // Fixing it takes the new version.
+    let moved = EXAMPLE.replace("cidrBlock: 10.17.0.0/16", "cidrBlock: 10.19.0.0/16");
+    replace(&path, &moved);
+    next_change(&mut running, "the fixed Subnet").await;
+    let snapshot = running.source.snapshot();
+    let central = snapshot
+        .subnets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("central"))
+        .expect("central");
+    assert_eq!(central.spec.cidr_block, "10.19.0.0/16");
 }
 
 #[tokio::test]

@@ -567,3 +567,98 @@ async fn services_kube_proxy_ignores_by_label_are_not_programmed() {
     )
     .await;
 }
+
+/// A Subnet whose spec does not decode is rejected alone and named: the rest of the list and
+/// later events of every kind are applied; an edit that breaks a Subnet in force keeps its last
+/// good version, across a relist too; fixing it takes the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_subnet_is_rejected_alone() {
+    let server = ApiServer::start(&[Resource::ServiceCidrs]).await;
+    let mut want = spec_cluster();
+    load(&server, &want);
+    // Before the first list: a Subnet the CRD schema let through but our types refuse.
+    let bad = serde_json::json!({
+        "metadata": {"name": "bad"},
+        "spec": {"vpc": "ovn-cluster", "cidrBlock": "10.40.0.0/16", "natOutgoing": "yes"},
+    });
+    server.cluster().apply(Resource::Subnets, &bad);
+    let running = start(&server, &KubeOptions::new("n1"));
+    listed_and_watching(&server, &running, &WATCHED).await;
+    let subnet_status = || running.source.status().kinds["Subnet"].clone();
+    let status = subnet_status();
+    assert!(
+        status.listed,
+        "one bad Subnet must not block the kind: {status:?}"
+    );
+    assert_eq!(status.rejected, 1, "{status:?}");
+    let error = status.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("Subnet bad") && error.contains("expected a boolean"),
+        "{error}"
+    );
+    assert_eq!(status.state_at(apiserver_now()), "watching", "{status:?}");
+    converge(
+        &*running.source,
+        &expected(&want),
+        "the list without the bad Subnet",
+    )
+    .await;
+
+    // Break a Subnet in force, and add a Service: the Service is applied, the Subnet keeps its
+    // last good version.
+    let central = want
+        .subnets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("central"))
+        .expect("the spec cluster has central")
+        .clone();
+    let mut broken = serde_json::to_value(&*central).unwrap();
+    broken["spec"]["cidrBlock"] = serde_json::json!(["10.17.0.0/16"]);
+    {
+        let mut cluster = server.cluster();
+        cluster.apply(Resource::Subnets, &broken);
+        add_service(&mut cluster, &mut want, "web", "10.96.0.50");
+    }
+    converge(
+        &*running.source,
+        &expected(&want),
+        "the Service despite the broken Subnet",
+    )
+    .await;
+    wait_until("the broken Subnet counted", || {
+        subnet_status().rejected == 2
+    })
+    .await;
+    assert!(
+        subnet_status()
+            .last_error
+            .is_some_and(|e| e.contains("Subnet central")),
+        "{:?}",
+        subnet_status()
+    );
+
+    // A relist lists the broken version again: the last good one stays.
+    let lists = server.lists(Resource::Subnets);
+    server.cluster().end_watches(End::Expire);
+    wait_until("a relist", || server.lists(Resource::Subnets) > lists).await;
+    listed_and_watching(&server, &running, &WATCHED).await;
+    assert_eq!(subnet_status().rejected, 2);
+    converge(&*running.source, &expected(&want), "after the relist").await;
+
+    // Fixing it applies the fix.
+    let moved = subnet("central", "10.19.0.0/16");
+    server.cluster().apply(Resource::Subnets, &moved);
+    want.subnets
+        .retain(|s| s.metadata.name.as_deref() != Some("central"));
+    want.subnets.push(Arc::new(moved));
+    converge(&*running.source, &expected(&want), "the fixed Subnet").await;
+    assert_eq!(subnet_status().rejected, 1, "only `bad` is left");
+    // Deleting the bad one clears it.
+    server.cluster().delete(Resource::Subnets, "bad");
+    wait_until("no rejected Subnet", || subnet_status().rejected == 0).await;
+    assert!(errors(&running.source.status()) >= 2);
+}
+
+fn apiserver_now() -> u64 {
+    kube_ovn_agent::source::unix_now()
+}

@@ -17,12 +17,40 @@ use kube::core::{ClusterResourceScope, Resource};
 use serde::{Deserialize, Serialize};
 
 /// `kubeovn.io/v1` Subnet (cluster-scoped).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Subnet {
     #[serde(default)]
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: SubnetSpec,
+    /// Why `spec` did not decode (it is then empty). A Subnet decodes even so: one bad Subnet
+    /// must not fail the list of all of them (a CRD schema can let through what the spec
+    /// fields' types refuse); the sources reject it alone and name it.
+    #[serde(skip)]
+    pub decode_error: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Subnet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(default)]
+            metadata: ObjectMeta,
+            #[serde(default)]
+            spec: Option<serde_json::Value>,
+        }
+        let raw = Raw::deserialize(deserializer)?;
+        let (spec, decode_error) = match raw.spec.map(SubnetSpec::deserialize) {
+            None => (SubnetSpec::default(), None),
+            Some(Ok(spec)) => (spec, None),
+            Some(Err(error)) => (SubnetSpec::default(), Some(format!("spec: {error}"))),
+        };
+        Ok(Self {
+            metadata: raw.metadata,
+            spec,
+            decode_error,
+        })
+    }
 }
 
 /// The Subnet fields Kube-OVN's PREROUTING ipsets depend on (spec §2).

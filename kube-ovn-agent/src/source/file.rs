@@ -4,12 +4,16 @@
 //! more YAML documents; a document may also be a `kind: List` (what `kubectl get … -o yaml`
 //! prints) or a typed list such as `SubnetList` (what the API returns). [`parse`] turns text into
 //! a [`Snapshot`] without I/O; [`start`] reads the file, then polls it and swaps in each new
-//! version that parses and validates. A file with any problem is rejected as a whole: the last
-//! good snapshot stays, the error is counted and logged in one line naming the file, the
+//! version that parses. A file that cannot be read as a whole (invalid YAML, not UTF-8, too
+//! large, empty) is rejected: the last good snapshot stays. One bad object (unknown kind, a
+//! missing or mistyped field, a duplicate, or something the translation would skip or partly
+//! ignore) is rejected alone, as Kube-OVN's controller leaves one bad Subnet unprocessed and
+//! carries on: the rest of the version is applied and the object keeps its last good version if
+//! it had one. Each rejection is counted on its kind and logged in one line naming the file, the
 //! document and the object.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     hash::{DefaultHasher, Hash, Hasher},
     io::{self, Read},
@@ -208,13 +212,32 @@ fn namespaced(kind: Kind) -> bool {
     matches!(kind, Kind::Service | Kind::Pod)
 }
 
-/// Parses kubectl-style YAML into a snapshot and checks it with [`translate::validate`]. `file`
-/// only names the source in errors.
-pub fn parse(text: &str, file: &Path) -> Result<Snapshot> {
+/// One object left out of a version, and why.
+#[derive(Debug)]
+pub struct Rejected {
+    /// Its kind and `namespace/name`, when the file says enough to know them: a rejected
+    /// object that was in force keeps its last good version.
+    pub key: Option<(Kind, String)>,
+    /// A [`FileError::Object`], or a [`FileError::Invalid`] with this object's issues.
+    pub error: FileError,
+}
+
+/// A version of the file: the objects accepted and the ones rejected one by one.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub snapshot: Snapshot,
+    pub rejected: Vec<Rejected>,
+}
+
+/// Parses kubectl-style YAML into the objects that decode and pass [`translate::validate`],
+/// rejecting the others one by one. `file` only names the source in errors. An error is a
+/// problem with the text as a whole.
+pub fn parse_objects(text: &str, file: &Path) -> Result<Parsed> {
     let mut parser = Parser {
         file,
         snapshot: Snapshot::default(),
         seen: HashMap::new(),
+        rejected: Vec::new(),
     };
     let documents = documents(text, file)?;
     if documents.is_empty() {
@@ -228,25 +251,124 @@ pub fn parse(text: &str, file: &Path) -> Result<Snapshot> {
             item: None,
             line: document.referenced.line(),
         };
-        parser.document(document.value, at)?;
+        if let Err(error) = parser.document(document.value, at) {
+            parser.rejected.push(Rejected { key: None, error });
+        }
     }
-    let issues = translate::validate(&parser.snapshot);
-    if !issues.is_empty() {
-        return Err(FileError::Invalid {
-            file: file.to_owned(),
-            issues: issues
-                .into_iter()
-                .map(|issue| LocatedIssue {
-                    at: parser
-                        .seen
-                        .get(&(issue.kind, issue.object.clone()))
-                        .copied(),
-                    issue,
-                })
-                .collect(),
+    // What the translation would skip or partly ignore is rejected whole, per object.
+    let mut by_object: Vec<((Kind, String), Vec<LocatedIssue>)> = Vec::new();
+    for issue in translate::validate(&parser.snapshot) {
+        let Some(kind) = Kind::ALL.into_iter().find(|k| k.name() == issue.kind) else {
+            continue;
+        };
+        let located = LocatedIssue {
+            at: parser
+                .seen
+                .get(&(issue.kind, issue.object.clone()))
+                .copied(),
+            issue: issue.clone(),
+        };
+        match by_object
+            .iter_mut()
+            .find(|(key, _)| *key == (kind, issue.object.clone()))
+        {
+            Some((_, issues)) => issues.push(located),
+            None => by_object.push(((kind, issue.object), vec![located])),
+        }
+    }
+    for ((kind, name), issues) in by_object {
+        remove(&mut parser.snapshot, kind, &name);
+        parser.rejected.push(Rejected {
+            key: Some((kind, name)),
+            error: FileError::Invalid {
+                file: file.to_owned(),
+                issues,
+            },
         });
     }
-    Ok(parser.snapshot)
+    Ok(Parsed {
+        snapshot: parser.snapshot,
+        rejected: parser.rejected,
+    })
+}
+
+/// Parses like [`parse_objects`] but accepts only a version without a single rejected object:
+/// the first object error, or every translation issue, is the error.
+pub fn parse(text: &str, file: &Path) -> Result<Snapshot> {
+    let parsed = parse_objects(text, file)?;
+    let mut issues = Vec::new();
+    for rejected in parsed.rejected {
+        match rejected.error {
+            FileError::Invalid { issues: some, .. } => issues.extend(some),
+            error => return Err(error),
+        }
+    }
+    if !issues.is_empty() {
+        issues.sort_by_key(|i| i.at.map(|at| (at.document, at.item)));
+        return Err(FileError::Invalid {
+            file: file.to_owned(),
+            issues,
+        });
+    }
+    Ok(parsed.snapshot)
+}
+
+/// Removes the object `kind` `name` (`namespace/name` or `name`) from `snapshot`.
+fn remove(snapshot: &mut Snapshot, kind: Kind, name: &str) {
+    fn drop_named<T>(v: &mut Vec<Arc<T>>, meta: impl Fn(&T) -> &ObjectMeta, name: &str) {
+        v.retain(|o| object_name(meta(o)) != name);
+    }
+    match kind {
+        Kind::Subnet => drop_named(&mut snapshot.subnets, |o| &o.metadata, name),
+        Kind::Service => drop_named(&mut snapshot.services, |o| &o.metadata, name),
+        Kind::Node => drop_named(&mut snapshot.nodes, |o| &o.metadata, name),
+        Kind::ServiceCidr => drop_named(&mut snapshot.service_cidrs, |o| &o.metadata, name),
+        Kind::Pod => drop_named(&mut snapshot.pods, |o| &o.metadata, name),
+    }
+}
+
+/// Puts back into `new` the version in force (in `old`) of each rejected object that `new`
+/// lacks: a bad edit of an object must not withdraw what it programmed. Returns, per rejected
+/// object, whether its last good version was kept.
+fn carry_over(new: &mut Snapshot, old: &Snapshot, rejected: &[Rejected]) -> Vec<bool> {
+    fn keep<T>(
+        new: &mut Vec<Arc<T>>,
+        old: &[Arc<T>],
+        meta: impl Fn(&T) -> &ObjectMeta,
+        name: &str,
+    ) -> bool {
+        if new.iter().any(|o| object_name(meta(o)) == name) {
+            return false;
+        }
+        match old.iter().find(|o| object_name(meta(o)) == name) {
+            Some(o) => {
+                new.push(o.clone());
+                true
+            }
+            None => false,
+        }
+    }
+    let mut kept = Vec::with_capacity(rejected.len());
+    for key in rejected.iter().map(|r| r.key.as_ref()) {
+        let Some((kind, name)) = key else {
+            kept.push(false);
+            continue;
+        };
+        let carried = match kind {
+            Kind::Subnet => keep(&mut new.subnets, &old.subnets, |o| &o.metadata, name),
+            Kind::Service => keep(&mut new.services, &old.services, |o| &o.metadata, name),
+            Kind::Node => keep(&mut new.nodes, &old.nodes, |o| &o.metadata, name),
+            Kind::ServiceCidr => keep(
+                &mut new.service_cidrs,
+                &old.service_cidrs,
+                |o| &o.metadata,
+                name,
+            ),
+            Kind::Pod => keep(&mut new.pods, &old.pods, |o| &o.metadata, name),
+        };
+        kept.push(carried);
+    }
+    kept
 }
 
 /// The YAML documents of `text`, each with the line it starts on.
@@ -279,6 +401,7 @@ struct Parser<'a> {
     snapshot: Snapshot,
     /// (kind name, `namespace/name`) → where the object is.
     seen: HashMap<(&'static str, String), Position>,
+    rejected: Vec<Rejected>,
 }
 
 impl Parser<'_> {
@@ -322,7 +445,8 @@ impl Parser<'_> {
                 .map(|k| Some((api_version.clone(), k.to_owned())))
         };
         let Some(item_type) = item_type else {
-            return self.object(map, &api_version, &kind, at);
+            self.object(map, &api_version, &kind, at);
+            return Ok(());
         };
         let items = match map.remove("items") {
             None | Some(Value::Null) => Vec::new(),
@@ -341,41 +465,54 @@ impl Parser<'_> {
                 item: Some(index + 1),
                 ..at
             };
-            let Value::Object(mut item) = item else {
-                return Err(self.error(
-                    at,
-                    format!("{kind} item"),
-                    None,
-                    format!("expected an object (a mapping), found {}", type_name(&item)),
-                ));
-            };
-            let (api_version, kind) = match &item_type {
-                None => self.type_meta(&item, at)?,
-                Some((api_version, kind)) => {
-                    // Items may repeat their type; it must then agree with the list's.
-                    for (field, expected) in [("apiVersion", api_version), ("kind", kind)] {
-                        match item.get(field) {
-                            None | Some(Value::Null) => {}
-                            Some(Value::String(s)) if s == expected => {}
-                            Some(other) => {
-                                return Err(self.error(
-                                    at,
-                                    format!("{kind} {}", name_hint(&item)),
-                                    kind_of(api_version, kind),
-                                    format!(
-                                        "{field} {other} in a {kind}List; expected {expected:?}"
-                                    ),
-                                ));
-                            }
+            // One bad item rejects that item, not the rest of the list.
+            if let Err(error) = self.item(item, item_type.as_ref(), &kind, at) {
+                self.rejected.push(Rejected { key: None, error });
+            }
+        }
+        Ok(())
+    }
+
+    /// One item of a list document; `item_type` is the type a typed list gives its items.
+    fn item(
+        &mut self,
+        item: Value,
+        item_type: Option<&(String, String)>,
+        list_kind: &str,
+        at: Position,
+    ) -> Result<()> {
+        let Value::Object(mut item) = item else {
+            return Err(self.error(
+                at,
+                format!("{list_kind} item"),
+                None,
+                format!("expected an object (a mapping), found {}", type_name(&item)),
+            ));
+        };
+        let (api_version, kind) = match item_type {
+            None => self.type_meta(&item, at)?,
+            Some((api_version, kind)) => {
+                // Items may repeat their type; it must then agree with the list's.
+                for (field, expected) in [("apiVersion", api_version), ("kind", kind)] {
+                    match item.get(field) {
+                        None | Some(Value::Null) => {}
+                        Some(Value::String(s)) if s == expected => {}
+                        Some(other) => {
+                            return Err(self.error(
+                                at,
+                                format!("{kind} {}", name_hint(&item)),
+                                kind_of(api_version, kind),
+                                format!("{field} {other} in a {kind}List; expected {expected:?}"),
+                            ));
                         }
                     }
-                    item.remove("apiVersion");
-                    item.remove("kind");
-                    (api_version.clone(), kind.clone())
                 }
-            };
-            self.object(item, &api_version, &kind, at)?;
-        }
+                item.remove("apiVersion");
+                item.remove("kind");
+                (api_version.clone(), kind.clone())
+            }
+        };
+        self.object(item, &api_version, &kind, at);
         Ok(())
     }
 
@@ -394,7 +531,15 @@ impl Parser<'_> {
         Ok((api_version, kind))
     }
 
-    fn object(
+    /// Accepts one object or rejects it alone (named, when the file names it).
+    fn object(&mut self, map: Map<String, Value>, api_version: &str, kind: &str, at: Position) {
+        let key = kind_of(api_version, kind).and_then(|k| Some((k, key_hint(&map, k)?)));
+        if let Err(error) = self.accept(map, api_version, kind, at) {
+            self.rejected.push(Rejected { key, error });
+        }
+    }
+
+    fn accept(
         &mut self,
         mut map: Map<String, Value>,
         api_version: &str,
@@ -419,7 +564,10 @@ impl Parser<'_> {
         let value = Value::Object(map);
         match known {
             Kind::Subnet => {
-                let subnet: Subnet = self.decode(value, known, &object, at)?;
+                let mut subnet: Subnet = self.decode(value, known, &object, at)?;
+                if let Some(problem) = subnet.decode_error.take() {
+                    return Err(self.error(at, object, Some(known), problem));
+                }
                 let subnet = self.identify(subnet, |s| &mut s.metadata, known, at)?;
                 if subnet.spec.cidr_block.trim().is_empty() {
                     // Required by Kube-OVN's Subnet CRD.
@@ -535,6 +683,25 @@ impl Parser<'_> {
             )),
         }
     }
+}
+
+/// The `namespace/name` (or `name`) an object of `kind` would be known by once accepted: the
+/// namespace defaults as [`Parser::identify`] defaults it. `None` without a name.
+fn key_hint(map: &Map<String, Value>, kind: Kind) -> Option<String> {
+    let meta = map.get("metadata")?;
+    let name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())?;
+    if !namespaced(kind) {
+        return Some(name.to_owned());
+    }
+    let namespace = meta
+        .get("namespace")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
+    Some(format!("{namespace}/{name}"))
 }
 
 /// `namespace/name` of a raw object, for messages before it is decoded.
@@ -672,17 +839,18 @@ pub fn start(options: FileOptions) -> Result<Running> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| FileError::NoRuntime)?;
     let (feed, changes) = Feed::new(&Kind::ALL);
     let seen = version(&options.path).ok();
-    let (snapshot, digest) = read_version(&options)?;
+    let (parsed, digest) = read_version(&options)?;
     info!(
         file = %options.path.display(),
         "cluster file loaded: {}",
-        counts(&snapshot)
+        counts(&parsed.snapshot)
     );
     let shared = Arc::new(Shared {
-        snapshot: RwLock::new(snapshot),
+        snapshot: RwLock::new(Snapshot::default()),
         feed,
     });
-    shared.publish();
+    let snapshot = shared.settle(parsed);
+    shared.apply(snapshot);
     let task = runtime.spawn(poll(shared.clone(), options, seen, digest));
     Ok(Running {
         source: Arc::new(FileSource {
@@ -694,17 +862,17 @@ pub fn start(options: FileOptions) -> Result<Running> {
 }
 
 /// Reads, parses and validates one version; returns it with a digest of the text.
-fn read_version(options: &FileOptions) -> Result<(Snapshot, u64)> {
+fn read_version(options: &FileOptions) -> Result<(Parsed, u64)> {
     let text = read(&options.path, options.max_bytes)?;
-    let mut snapshot = parse(&text, &options.path)?;
+    let mut parsed = parse_objects(&text, &options.path)?;
     if let Some(node) = &options.node_name {
-        snapshot.pods.retain(|p| {
+        parsed.snapshot.pods.retain(|p| {
             p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
         });
     }
     let mut hasher = DefaultHasher::new();
     text.hash(&mut hasher);
-    Ok((snapshot, hasher.finish()))
+    Ok((parsed, hasher.finish()))
 }
 
 fn total(snapshot: &Snapshot) -> usize {
@@ -760,6 +928,65 @@ impl Shared {
         )
     }
 
+    /// The snapshot a parsed version stands for: its accepted objects plus the version in force
+    /// of each object it rejected. Logs and counts each rejection.
+    fn settle(&self, parsed: Parsed) -> Snapshot {
+        let Parsed {
+            mut snapshot,
+            rejected,
+        } = parsed;
+        let kept = {
+            let current = self
+                .snapshot
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            carry_over(&mut snapshot, &current, &rejected)
+        };
+        let mut per_kind: BTreeMap<Kind, usize> = Kind::ALL.into_iter().map(|k| (k, 0)).collect();
+        for (rejected, kept) in rejected.iter().zip(kept) {
+            let message = rejected.error.to_string();
+            let outcome = if kept {
+                "its last good version stays in force"
+            } else {
+                "left out"
+            };
+            // Object names come from the file: a newline in one must not start a log line.
+            warn!(
+                "{}; rejected this object alone: {outcome}",
+                crate::faults::escape(&message)
+            );
+            match rejected.error.kind() {
+                Some(kind) => {
+                    *per_kind.entry(kind).or_default() += 1;
+                    self.feed.rejected(kind, message);
+                }
+                // Not one of our kinds (or not an object at all): on every kind.
+                None => {
+                    for kind in Kind::ALL {
+                        self.feed.rejected(kind, message.clone());
+                    }
+                }
+            }
+        }
+        for (kind, count) in per_kind {
+            self.feed.rejected_now(kind, count);
+        }
+        snapshot
+    }
+
+    /// Counts an error on the offending object's kind, or on every kind when it is about the
+    /// whole file.
+    fn count(&self, error: &FileError, message: String) {
+        match error.kind() {
+            Some(kind) => self.feed.error(kind, message),
+            None => {
+                for kind in Kind::ALL {
+                    self.feed.error(kind, message.clone());
+                }
+            }
+        }
+    }
+
     /// Swaps in a new version and publishes it.
     fn apply(&self, snapshot: Snapshot) {
         *self
@@ -778,14 +1005,7 @@ impl Shared {
             "{}; keeping the last good cluster state",
             crate::faults::escape(&message)
         );
-        match error.kind() {
-            Some(kind) => self.feed.error(kind, message),
-            None => {
-                for kind in Kind::ALL {
-                    self.feed.error(kind, message.clone());
-                }
-            }
-        }
+        self.count(error, message);
     }
 }
 
@@ -867,13 +1087,14 @@ async fn poll(
         }
         settling = None;
         match read {
-            Ok(Ok((snapshot, new_digest))) => {
+            Ok(Ok((parsed, new_digest))) => {
                 seen = Some(current);
                 last_read_error = None;
                 if new_digest == digest {
                     held = None;
                     continue;
                 }
+                let snapshot = shared.settle(parsed);
                 let before = shared.objects_in_force();
                 let after = total(&snapshot);
                 if before >= SHRINK_MIN_OBJECTS && after * 2 < before {
@@ -1384,6 +1605,89 @@ status:
         }
         let message = parse(&text, file()).unwrap_err().to_string();
         assert!(message.ends_with("(and 2 more problems)"), "{message}");
+    }
+
+    #[test]
+    fn bad_objects_are_rejected_one_by_one_and_named() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n\
+            - {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}}\n\
+            - just a string\n\
+            - {apiVersion: kubeovn.io/v1, kind: Subnet, metadata: {name: s1}, spec: {vpc: ovn-cluster}}\n\
+            - {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.2, ports: [{port: 81}]}}\n\
+            - {apiVersion: v1, kind: Service, metadata: {name: b, namespace: ns}, spec: {clusterIP: bogus, ports: [{port: 80}]}}\n\
+            - {apiVersion: v1, kind: Service, metadata: {name: c}, spec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}}\n\
+            ---\n\
+            apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
+        let parsed = parse_objects(text, file()).unwrap();
+        let names: Vec<_> = parsed
+            .snapshot
+            .services
+            .iter()
+            .map(|s| object_name(&s.metadata))
+            .collect();
+        assert_eq!(names, ["default/a", "default/c"], "the first a, and c");
+        assert!(parsed.snapshot.subnets.is_empty());
+        let rejected: Vec<_> = parsed
+            .rejected
+            .iter()
+            .map(|r| (r.key.clone(), r.error.to_string()))
+            .collect();
+        let key = |k: Kind, n: &str| Some((k, n.to_owned()));
+        let expect = [
+            (
+                None,
+                "document 1 item 2 (line 1): List item: expected an object",
+            ),
+            (
+                key(Kind::Subnet, "s1"),
+                "document 1 item 3 (line 1): Subnet s1: spec.cidrBlock is missing",
+            ),
+            (
+                key(Kind::Service, "default/a"),
+                "document 1 item 4 (line 1): Service default/a: defined twice",
+            ),
+            (None, "document 2 (line 11): Deployment d: unknown kind"),
+            (
+                key(Kind::Service, "ns/b"),
+                "document 1 item 5 (line 1): Service ns/b: invalid clusterIP",
+            ),
+        ];
+        assert_eq!(rejected.len(), expect.len(), "{rejected:#?}");
+        for ((key, message), (want_key, want)) in rejected.iter().zip(expect) {
+            assert_eq!(*key, want_key, "{message}");
+            assert!(message.contains(want), "{message} lacks {want}");
+        }
+        // The strict parse refuses the version at its first problem.
+        assert!(
+            err(text)
+                .to_string()
+                .contains("List item: expected an object")
+        );
+    }
+
+    #[test]
+    fn a_rejected_object_keeps_its_last_good_version() {
+        let old = ok(&format!(
+            "{GOOD_SERVICE}---\napiVersion: kubeovn.io/v1\nkind: Subnet\nmetadata: {{name: s1}}\n\
+             spec: {{vpc: ovn-cluster, cidrBlock: 10.16.0.0/16}}\n"
+        ));
+        let mut parsed = parse_objects(
+            "apiVersion: kubeovn.io/v1\nkind: Subnet\nmetadata: {name: s1}\n\
+             spec: {vpc: ovn-cluster, cidrBlock: 10.16.0.0/61}\n---\n\
+             apiVersion: kubeovn.io/v1\nkind: Subnet\nmetadata: {name: s2}\nspec: {vpc: ovn-cluster}\n",
+            file(),
+        )
+        .unwrap();
+        assert!(parsed.snapshot.subnets.is_empty());
+        let kept = carry_over(&mut parsed.snapshot, &old, &parsed.rejected);
+        // s2 (no cidrBlock) is rejected while parsing, s1 (invalid CIDR) by validation after it.
+        assert_eq!(kept, [false, true], "s2 never was in force, s1 was");
+        assert_eq!(parsed.snapshot.subnets.len(), 1);
+        assert_eq!(parsed.snapshot.subnets[0].spec.cidr_block, "10.16.0.0/16");
+        assert!(
+            parsed.snapshot.services.is_empty(),
+            "only rejected objects are kept"
+        );
     }
 
     #[test]

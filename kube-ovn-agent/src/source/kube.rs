@@ -12,7 +12,7 @@ use ::kube::{
     Api, Client,
     runtime::{
         WatchStreamExt,
-        reflector::{self, Store, store::Writer},
+        reflector::{self, ObjectRef, Store, store::Writer},
         watcher::{self, Event},
     },
 };
@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use super::{ClusterSource, Feed, Running, SourceStatus};
 use crate::cluster::{
     HEADLESS_LABEL, IP_ADDRESS_ANNOTATION, KUBE_PROXY_SERVICE_SELECTOR, Kind,
-    SERVICE_PROXY_NAME_LABEL, Snapshot, Subnet,
+    SERVICE_PROXY_NAME_LABEL, Snapshot, Subnet, object_name,
 };
 
 /// The Pod annotation naming the pod's Subnet (Kube-OVN's `ovn.kubernetes.io/logical_switch`).
@@ -104,7 +104,13 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
     // etcd: a DaemonSet's many agents restarting together must not each read every object
     // from etcd; the watch that follows brings the view up to date.
     let all = watcher::Config::default().any_semantic();
-    let subnets = spawner.watch(Kind::Subnet, Api::all(client.clone()), &all, trim_subnet);
+    let subnets = spawner.watch(
+        Kind::Subnet,
+        Api::all(client.clone()),
+        &all,
+        trim_subnet,
+        |s| s.decode_error.as_deref(),
+    );
     // The Services kube-proxy sees: the same label selector as its informers.
     let proxied = all.clone().labels(KUBE_PROXY_SERVICE_SELECTOR);
     let services = spawner.watch(
@@ -112,19 +118,27 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
         Api::all(client.clone()),
         &proxied,
         trim_service,
+        decodes,
     );
-    let nodes = spawner.watch(Kind::Node, Api::all(client.clone()), &all, trim_node);
+    let nodes = spawner.watch(
+        Kind::Node,
+        Api::all(client.clone()),
+        &all,
+        trim_node,
+        decodes,
+    );
     let service_cidrs = spawner.watch(
         Kind::ServiceCidr,
         Api::all(client.clone()),
         &all,
         trim_service_cidr,
+        decodes,
     );
     let pods = options.watch_pods.then(|| {
         let this_node = all
             .clone()
             .fields(&format!("spec.nodeName={}", options.node_name));
-        spawner.watch(Kind::Pod, Api::all(client), &this_node, trim_pod)
+        spawner.watch(Kind::Pod, Api::all(client), &this_node, trim_pod, decodes)
     });
     let source = KubeSource {
         subnets,
@@ -156,6 +170,7 @@ impl Spawner {
         api: Api<K>,
         config: &watcher::Config,
         trim: fn(&mut K),
+        problem: fn(&K) -> Option<&str>,
     ) -> Store<K>
     where
         K: ::kube::Resource<DynamicType = ()>
@@ -172,6 +187,7 @@ impl Spawner {
             api,
             config: config.clone(),
             trim,
+            problem,
             // Clusters before Kubernetes 1.33 (or with the API disabled) have no ServiceCIDRs.
             optional: kind == Kind::ServiceCidr,
             recheck: self.recheck,
@@ -210,12 +226,20 @@ impl ClusterSource for KubeSource {
     }
 }
 
+/// The k8s-openapi kinds decode whole or fail the list: the API server validated them.
+fn decodes<K>(_: &K) -> Option<&str> {
+    None
+}
+
 /// One kind's watch.
 struct Watch<K: ::kube::Resource + Clone> {
     kind: Kind,
     api: Api<K>,
     config: watcher::Config,
     trim: fn(&mut K),
+    /// Why an object that decoded cannot be used (see [`Subnet::decode_error`]): it is
+    /// rejected alone.
+    problem: fn(&K) -> Option<&str>,
     /// The server may not serve this API at all; that is not an error.
     optional: bool,
     recheck: Duration,
@@ -236,6 +260,7 @@ where
     let kind = w.kind;
     let mut last_error: Option<String> = None;
     let mut announced_absent = false;
+    let mut rejects = Rejects::default();
     loop {
         let mut stream = pin!(
             watcher::watcher(w.api.clone(), w.config.clone())
@@ -246,6 +271,9 @@ where
         while let Some(item) = stream.next().await {
             match item {
                 Ok(event) => {
+                    let Some(event) = rejects.screen(event, &w, &reader, &feed) else {
+                        continue;
+                    };
                     writer.apply_watcher_event(&event);
                     match event {
                         Event::InitDone => {
@@ -314,6 +342,86 @@ where
             Duration::from_secs(1)
         })
         .await;
+    }
+}
+
+/// The objects of one kind rejected alone, by `namespace/name`, with their problem.
+#[derive(Default)]
+struct Rejects {
+    now: BTreeMap<String, String>,
+    /// Those of before the relist under way: reported again only if their problem changed.
+    before_relist: BTreeMap<String, String>,
+}
+
+impl Rejects {
+    /// Passes `event` on, or replaces or drops it when it carries an object that cannot be
+    /// used: a new one is left out, a changed one keeps its last good version (the store's; a
+    /// relist puts that back), as Kube-OVN's controller leaves one bad Subnet unprocessed.
+    fn screen<K>(
+        &mut self,
+        event: Event<K>,
+        w: &Watch<K>,
+        reader: &Store<K>,
+        feed: &Feed,
+    ) -> Option<Event<K>>
+    where
+        K: ::kube::Resource<DynamicType = ()> + Clone,
+    {
+        let kind = w.kind;
+        let object = match &event {
+            Event::Init => {
+                self.before_relist = std::mem::take(&mut self.now);
+                return Some(event);
+            }
+            Event::InitDone => {
+                self.before_relist.clear();
+                feed.rejected_now(kind, self.now.len());
+                return Some(event);
+            }
+            Event::Delete(object) => {
+                if self.now.remove(&object_name(object.meta())).is_some() {
+                    feed.rejected_now(kind, self.now.len());
+                }
+                return Some(event);
+            }
+            Event::Apply(object) | Event::InitApply(object) => object,
+        };
+        let name = object_name(object.meta());
+        let Some(problem) = (w.problem)(object) else {
+            if self.now.remove(&name).is_some() {
+                info!(
+                    kind = kind.name(),
+                    object = %crate::faults::escape(&name),
+                    "accepted again after it was rejected"
+                );
+                feed.rejected_now(kind, self.now.len());
+            }
+            return Some(event);
+        };
+        let previous = reader.get(&ObjectRef::from_obj(object));
+        let message = format!("{} {name}: {problem}", kind.name());
+        let reported = self.now.get(&name).or(self.before_relist.get(&name));
+        if reported.map(String::as_str) != Some(problem) {
+            let outcome = if previous.is_some() {
+                "its last good version stays in force"
+            } else {
+                "left out"
+            };
+            // Names and messages come from the cluster: escaped, one log line each.
+            warn!(
+                kind = kind.name(),
+                "{}; rejected this object alone: {outcome}",
+                crate::faults::escape(&message)
+            );
+            feed.rejected(kind, message);
+        }
+        self.now.insert(name, problem.to_owned());
+        feed.rejected_now(kind, self.now.len());
+        match (event, previous) {
+            // A relist rebuilds the store from what it lists: list the last good version.
+            (Event::InitApply(_), Some(previous)) => Some(Event::InitApply((*previous).clone())),
+            _ => None,
+        }
     }
 }
 

@@ -51,6 +51,10 @@ pub struct KindStatus {
     /// Unix seconds of the last error since the last complete list or event (`None` once one
     /// came after it).
     pub last_error_unix: Option<u64>,
+    /// Objects of this kind rejected alone (undecodable or invalid), named in `last_error` and
+    /// the log. Their last good version, if any, stays in force; the rest of the kind is
+    /// applied, so this does not make the kind `failing`.
+    pub rejected: usize,
 }
 
 /// How long after its last error, with no list or event since, a kind counts as failing. A
@@ -170,6 +174,20 @@ impl Feed {
             s.last_error = Some(message);
             s.last_error_unix = Some(unix_now());
         });
+    }
+
+    /// Records that one object of `kind` was rejected alone: counted as an error and named in
+    /// `last_error`, without marking the whole kind as failing.
+    pub fn rejected(&self, kind: Kind, message: String) {
+        self.update(kind, |s| {
+            s.errors += 1;
+            s.last_error = Some(message);
+        });
+    }
+
+    /// Records how many objects of `kind` are currently rejected.
+    pub fn rejected_now(&self, kind: Kind, count: usize) {
+        self.update(kind, |s| s.rejected = count);
     }
 
     /// Records a complete list of `kind` holding `objects`.

@@ -45,6 +45,7 @@ pub fn subnet(name: &str, cidr_block: &str) -> Subnet {
             gateway_type: "distributed".into(),
             ..SubnetSpec::default()
         },
+        decode_error: None,
     }
 }
 
