@@ -662,3 +662,39 @@ async fn an_undecodable_subnet_is_rejected_alone() {
 fn apiserver_now() -> u64 {
     kube_ovn_agent::source::unix_now()
 }
+
+/// An API server that accepts connections and never answers is reported after `list_stall`,
+/// per kind, instead of minutes of silence; the kinds stay unlisted (nothing is pruned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_is_never_answered_is_reported() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // Accept and hold every connection, answering nothing.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let client = ::kube::Client::try_from(::kube::Config::new(url.parse().unwrap())).unwrap();
+    let options = KubeOptions {
+        list_stall: Duration::from_millis(500),
+        ..KubeOptions::new("n1")
+    };
+    let running = kube::start_with_client(client, &options).expect("starting the kube source");
+    wait_until("every kind reported as unanswered", || {
+        running.source.status().kinds.values().all(|k| {
+            k.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("no answer to the list for"))
+        })
+    })
+    .await;
+    let status = running.source.status();
+    assert!(!status.all_listed(), "{status:?}");
+    assert!(
+        status.kinds.values().all(|k| k.errors >= 1 && !k.listed),
+        "{status:?}"
+    );
+    holder.abort();
+}

@@ -61,6 +61,9 @@ pub struct KubeOptions {
     pub watch_pods: bool,
     /// How long to wait before asking again for an optional API the server did not serve.
     pub absent_api_recheck: Duration,
+    /// How long a list may go unanswered before it is reported (an API server that accepts
+    /// connections and never answers produces no error of its own for minutes).
+    pub list_stall: Duration,
 }
 
 impl KubeOptions {
@@ -69,6 +72,7 @@ impl KubeOptions {
             node_name: node_name.into(),
             watch_pods: false,
             absent_api_recheck: Duration::from_mins(5),
+            list_stall: Duration::from_secs(30),
         }
     }
 }
@@ -98,6 +102,7 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
         runtime,
         feed: feed.clone(),
         recheck: options.absent_api_recheck,
+        stall: options.list_stall,
         tasks: JoinSet::new(),
     };
     // Lists served from the API server's watch cache (resourceVersion=0), not a quorum read of
@@ -159,6 +164,7 @@ struct Spawner {
     runtime: tokio::runtime::Handle,
     feed: Arc<Feed>,
     recheck: Duration,
+    stall: Duration,
     tasks: JoinSet<()>,
 }
 
@@ -191,6 +197,7 @@ impl Spawner {
             // Clusters before Kubernetes 1.33 (or with the API disabled) have no ServiceCIDRs.
             optional: kind == Kind::ServiceCidr,
             recheck: self.recheck,
+            stall: self.stall,
         };
         self.tasks
             .spawn_on(run(watch, writer, self.feed.clone()), &self.runtime);
@@ -243,6 +250,7 @@ struct Watch<K: ::kube::Resource + Clone> {
     /// The server may not serve this API at all; that is not an error.
     optional: bool,
     recheck: Duration,
+    stall: Duration,
 }
 
 /// Feeds `writer` from a watcher until the task is aborted.
@@ -268,7 +276,30 @@ where
                 .modify(w.trim)
         );
         let mut absent = false;
-        while let Some(item) = stream.next().await {
+        // Until a list completes, silence is reported: each `stall` without an answer.
+        let mut listing = true;
+        loop {
+            let item = if listing {
+                match tokio::time::timeout(w.stall, stream.next()).await {
+                    Ok(item) => item,
+                    Err(_) => {
+                        let message = format!(
+                            "no answer to the list for {}s: the API server accepts connections \
+                             but does not answer (overloaded or hung?); still waiting",
+                            w.stall.as_secs()
+                        );
+                        if last_error.as_deref() != Some(message.as_str()) {
+                            warn!(kind = kind.name(), "{message}");
+                        }
+                        last_error = Some(message.clone());
+                        feed.error(kind, message);
+                        continue;
+                    }
+                }
+            } else {
+                stream.next().await
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(event) => {
                     let Some(event) = rejects.screen(event, &w, &reader, &feed) else {
@@ -277,6 +308,7 @@ where
                     writer.apply_watcher_event(&event);
                     match event {
                         Event::InitDone => {
+                            listing = false;
                             if announced_absent {
                                 info!(kind = kind.name(), "the API server now serves this kind");
                                 announced_absent = false;
@@ -294,7 +326,8 @@ where
                             feed.event(kind, objects);
                             feed.changed();
                         }
-                        Event::Init | Event::InitApply(_) => {}
+                        Event::Init => listing = true,
+                        Event::InitApply(_) => {}
                     }
                 }
                 Err(error) if w.optional && not_served(&error) => {
