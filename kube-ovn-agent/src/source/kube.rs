@@ -280,22 +280,7 @@ where
         let mut listing = true;
         loop {
             let item = if listing {
-                match tokio::time::timeout(w.stall, stream.next()).await {
-                    Ok(item) => item,
-                    Err(_) => {
-                        let message = format!(
-                            "no answer to the list for {}s: the API server accepts connections \
-                             but does not answer (overloaded or hung?); still waiting",
-                            w.stall.as_secs()
-                        );
-                        if last_error.as_deref() != Some(message.as_str()) {
-                            warn!(kind = kind.name(), "{message}");
-                        }
-                        last_error = Some(message.clone());
-                        feed.error(kind, message);
-                        continue;
-                    }
-                }
+                next_or_report_stall(&mut stream, w.stall, kind, &feed, &mut last_error).await
             } else {
                 stream.next().await
             };
@@ -375,6 +360,35 @@ where
             Duration::from_secs(1)
         })
         .await;
+    }
+}
+
+/// The next item of a stream still listing; each `stall` without one is logged (once per
+/// distinct message) and counted: an API server that accepts connections and never answers
+/// gives no error of its own for minutes.
+async fn next_or_report_stall<S>(
+    stream: &mut S,
+    stall: Duration,
+    kind: Kind,
+    feed: &Feed,
+    last_error: &mut Option<String>,
+) -> Option<S::Item>
+where
+    S: futures::Stream + Unpin,
+{
+    loop {
+        if let Ok(item) = tokio::time::timeout(stall, stream.next()).await {
+            return item;
+        }
+        let message = format!(
+            "no answer to the list for {stall:?}: the API server accepts connections but does \
+             not answer (overloaded or hung?); still waiting"
+        );
+        if last_error.as_deref() != Some(message.as_str()) {
+            warn!(kind = kind.name(), "{message}");
+        }
+        *last_error = Some(message.clone());
+        feed.error(kind, message);
     }
 }
 
