@@ -45,7 +45,7 @@ fn set_nofile(limit: libc::rlimit) {
 /// The lowest free descriptor number: a soft limit at it makes every new open fail (EMFILE).
 fn lowest_free_fd() -> u64 {
     let probe = std::fs::File::open("/dev/null").unwrap();
-    std::os::fd::AsRawFd::as_raw_fd(&probe) as u64
+    u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&probe)).expect("a descriptor is not negative")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,8 +104,7 @@ async fn a_version_that_could_not_be_read_is_read_again() {
     let message = status
         .kinds
         .values()
-        .filter_map(|k| k.last_error.as_deref())
-        .next()
+        .find_map(|k| k.last_error.as_deref())
         .unwrap_or_default()
         .to_owned();
     assert!(
