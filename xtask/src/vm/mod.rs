@@ -149,12 +149,17 @@ pub fn run(kernels: Vec<String>, bless: bool) -> Result<()> {
         );
     }
 
+    let mut guest_results = run_guests(&vm_dir, &kernels, &tests, &extra);
     let mut outcomes = Vec::new();
     for key in &kernels {
         let outcome = if key == HOST {
             run_host(&vm_dir, &tests)
         } else {
-            run_guest(&vm_dir, key, &tests, &extra)
+            let at = guest_results
+                .iter()
+                .position(|(k, _)| k == key)
+                .expect("every guest ran");
+            guest_results.swap_remove(at).1
         };
         let outcome = outcome.unwrap_or_else(|e| Outcome {
             key: key.clone(),
@@ -308,6 +313,38 @@ fn vm_timeout(tests: usize) -> Duration {
         return Duration::from_secs(secs);
     }
     BOOT_ALLOWANCE + TEST_TIMEOUT * u32::try_from(tests).unwrap_or(u32::MAX)
+}
+
+/// Runs every guest kernel of `kernels` side by side: each is one TCG vCPU (one host core) and
+/// 256 MiB, and they share nothing but read-only inputs (per-kernel apt, kernel, initramfs and
+/// log paths). The host suites run after them, alone.
+fn run_guests(
+    vm_dir: &Path,
+    kernels: &[String],
+    tests: &[binaries::TestBinary],
+    extra: &tools::Members,
+) -> Vec<(String, Result<Outcome>)> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = kernels
+            .iter()
+            .filter(|k| *k != HOST)
+            .map(|key| {
+                (
+                    key.clone(),
+                    scope.spawn(move || run_guest(vm_dir, key, tests, extra)),
+                )
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(key, handle)| {
+                let result = handle
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the {key} guest's thread panicked")));
+                (key, result)
+            })
+            .collect()
+    })
 }
 
 fn run_guest(
