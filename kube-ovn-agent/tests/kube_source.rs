@@ -698,3 +698,32 @@ async fn a_list_that_is_never_answered_is_reported() {
     );
     holder.abort();
 }
+
+/// A kind whose list keeps failing is retried with growing, jittered delays (0.8 s doubling to
+/// 30 s, up to half again at random), not at a fixed rate; every failure is counted. Failed
+/// before the agent had its own retry: kube-rs' backoff restarted at every list attempt, ~1/s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_list_backs_off() {
+    // No Subnet CRD: every Subnet list is a 404, an error for a kind that is not optional.
+    let server = ApiServer::start(&[Resource::Subnets, Resource::ServiceCidrs]).await;
+    load(&server, &Snapshot::default());
+    let running = start(&server, &KubeOptions::new("n1"));
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let lists = server
+        .requests()
+        .iter()
+        .filter(|r| r.resource == Some(Resource::Subnets) && !r.watch && r.status == 404)
+        .count();
+    let elapsed = started.elapsed().as_secs_f64();
+    // At a fixed ~1 s: 5 or more in 6 s. Backing off (0.8, 1.6, 3.2 s, each up to 1.5×): the
+    // fourth attempt comes at 5.6–8.4 s.
+    assert!(
+        (3..=4).contains(&lists),
+        "{lists} Subnet lists in {elapsed:.1} s"
+    );
+    let subnet = running.source.status().kinds["Subnet"].clone();
+    assert!(!subnet.listed, "{subnet:?}");
+    assert!(subnet.errors >= 2, "{subnet:?}");
+    assert!(running.source.status().kinds["Service"].listed);
+}

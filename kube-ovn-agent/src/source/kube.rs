@@ -269,12 +269,9 @@ where
     let mut last_error: Option<String> = None;
     let mut announced_absent = false;
     let mut rejects = Rejects::default();
+    let mut retry = Retry::default();
     loop {
-        let mut stream = pin!(
-            watcher::watcher(w.api.clone(), w.config.clone())
-                .default_backoff()
-                .modify(w.trim)
-        );
+        let mut stream = pin!(watcher::watcher(w.api.clone(), w.config.clone()).modify(w.trim));
         let mut absent = false;
         // Until a list completes, silence is reported: each `stall` without an answer.
         let mut listing = true;
@@ -294,6 +291,7 @@ where
                     match event {
                         Event::InitDone => {
                             listing = false;
+                            retry = Retry::default();
                             if announced_absent {
                                 info!(kind = kind.name(), "the API server now serves this kind");
                                 announced_absent = false;
@@ -307,6 +305,7 @@ where
                             feed.changed();
                         }
                         Event::Apply(_) | Event::Delete(_) => {
+                            retry = Retry::default();
                             let objects = reader.len();
                             feed.event(kind, objects);
                             feed.changed();
@@ -347,6 +346,9 @@ where
                     }
                     last_error = Some(message.clone());
                     feed.error(kind, message);
+                    if !is_expired(&error) {
+                        tokio::time::sleep(retry.delay()).await;
+                    }
                 }
             }
         }
@@ -389,6 +391,37 @@ where
         }
         *last_error = Some(message.clone());
         feed.error(kind, message);
+    }
+}
+
+/// The delays between retries of a failing list or watch: 0.8 s doubling to 30 s, each stretched
+/// by up to half again at random so a DaemonSet's agents do not retry in step; back to the start
+/// after progress (a complete list or an event). Ours, not kube-rs' `default_backoff()`: that
+/// one starts over on every item of the stream, and the watcher yields `Init` before each list
+/// attempt, so a list that kept failing was retried about every second forever.
+struct Retry {
+    next: Duration,
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_millis(800);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // A fresh `RandomState` is randomly keyed: enough randomness for a jitter.
+        let random =
+            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), base);
+        #[expect(clippy::cast_precision_loss, reason = "a fraction for a jitter")]
+        let fraction = (random % 1_000) as f64 / 1_000.0;
+        base.mul_f64(1.0 + fraction / 2.0)
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
     }
 }
 

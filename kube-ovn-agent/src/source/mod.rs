@@ -58,7 +58,8 @@ pub struct KindStatus {
 }
 
 /// How long after its last error, with no list or event since, a kind counts as failing. A
-/// watch that keeps failing reports an error at least every 30 s (kube-rs' backoff cap); a watch
+/// watch that keeps failing reports an error at least every 45 s (the retry cap, 30 s, plus its
+/// jitter); a watch
 /// that reconnected quietly (no event to show it) counts as watching again after this.
 pub const FAILING_WINDOW_SECS: u64 = 120;
 
