@@ -395,8 +395,8 @@ where
 }
 
 /// The delays between retries of a failing list or watch: 0.8 s doubling to 30 s, each stretched
-/// by up to half again at random so the agents of a DaemonSet do not retry in step; back to the start
-/// after progress (a complete list or an event). Ours, not kube-rs' `default_backoff()`: that
+/// by up to half again at random so the agents of many nodes do not retry in step; back to the
+/// start after progress (a complete list or an event). Ours, not kube-rs' `default_backoff()`: that
 /// one starts over on every item of the stream, and the watcher yields `Init` before each list
 /// attempt, so a list that kept failing was retried about every second forever.
 struct Retry {
