@@ -153,7 +153,7 @@ async fn run(args: RunArgs) -> Result<()> {
     );
 
     let metrics = Arc::new(Metrics::new());
-    metrics.set_build_info(&agent::program_tag(datapath.program_id));
+    metrics.set_build_info(&datapath.program_tag());
     metrics.set_mode(args.mode == Mode::Shadow);
     let health = Arc::new(Health::default());
     *metrics.live.counters.lock().expect("lock") = datapath.take_counters();

@@ -701,14 +701,3 @@ fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or_default()
 }
-
-/// The loaded program's tag (hex) for `kovn_build_info`, or `unknown`.
-pub fn program_tag(program_id: u32) -> String {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|info| info.id() == program_id)
-        .map_or_else(
-            || "unknown".to_owned(),
-            |info| format!("{:016x}", info.tag()),
-        )
-}

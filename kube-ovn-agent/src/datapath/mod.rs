@@ -131,6 +131,15 @@ impl Datapath {
         }
     }
 
+    /// The attached program's tag (hex) for `kovn_build_info`, or `unknown`: from the program's
+    /// own fd, so `CAP_BPF` suffices.
+    pub fn program_tag(&mut self) -> String {
+        self.program().info().map_or_else(
+            |_| "unknown".to_owned(),
+            |info| format!("{:016x}", info.tag()),
+        )
+    }
+
     /// The per-CPU counter map, if still here.
     pub fn take_counters(&mut self) -> Option<PerCpuArray<MapData, u64>> {
         self.other_maps
