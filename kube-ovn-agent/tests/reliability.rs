@@ -70,6 +70,10 @@ fn main() {
             "control_characters_in_object_names_cannot_forge_log_lines",
             forged_names,
         ),
+        (
+            "a_self_mounted_private_bpffs_is_reported_not_persistent",
+            private_bpffs,
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -383,6 +387,11 @@ fn detach_under_agent() -> Result<(), Failed> {
     let (_, metrics) = node.get("/metrics", Duration::from_secs(2))?;
     ensure(metrics.contains("kovn_pins_present 0"), || {
         format!("no kovn_pins_present 0 in\n{metrics}")
+    })?;
+    ensure(metrics.contains("kovn_bpffs_persistent 1"), || {
+        format!(
+            "the test's bpffs is mounted outside the agent: want kovn_bpffs_persistent 1 in\n{metrics}"
+        )
     })?;
     let log = agent.log();
     ensure(log.contains("detach --force"), || {
@@ -703,4 +712,87 @@ fn forged_names() -> Result<(), Failed> {
     ensure(log.contains("evil\\nFORGED"), || {
         format!("the newline must show escaped:\n{log}")
     })
+}
+
+/// `ip netns exec` gives the agent a mount namespace of its own with a fresh sysfs, so
+/// `/sys/fs/bpf` there is no bpffs and the agent mounts one, private to that namespace (and
+/// `unshare -m --propagation private` makes sure nothing propagates). Its pins die with it: the
+/// agent must say so at start, in `status`, in `kovn_bpffs_persistent` and when it stops.
+fn private_bpffs() -> Result<(), Failed> {
+    let node = Node::new();
+    let root = format!(
+        "/sys/fs/bpf/{}",
+        kube_ovn_agent::testing::netns::unique("kovn-rel-")
+    );
+    let stderr = TempPath::new("kovn-rel-agent-", "log");
+    let child = node
+        .ns
+        .command("unshare")
+        .args(["-m", "--propagation", "private", AGENT])
+        .args(["run", "--node-name", "n1", "--kube-proxy-mode", "ipvs"])
+        .args(["--metrics-addr", METRICS, "--bpffs-root", &root])
+        .arg(format!("--source=file:{}", example_cluster().display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&*stderr).expect("agent log"))
+        .spawn()
+        .expect("start the agent");
+    let pid = child.id().to_string();
+    let mut agent = Agent {
+        child,
+        stderr,
+        stdout: TempPath::new("kovn-rel-agent-", "out"),
+    };
+    // `status` must run in the agent's mount namespace to see its pins at all.
+    let status = |args: &[&str]| {
+        Command::new("nsenter")
+            .args(["-t", &pid, "-m", "-n", "--", AGENT])
+            .args(args)
+            .args(["--bpffs-root", &root])
+            .output()
+            .expect("nsenter")
+    };
+    let json = wait(scaled(Duration::from_secs(20)), || {
+        agent.check_running()?;
+        let out = status(&["status", "--json"]);
+        let Ok(json) = serde_json::from_slice::<Value>(&out.stdout) else {
+            return Ok(None);
+        };
+        let attached = !json["attachments"].as_array().is_none_or(Vec::is_empty);
+        Ok((attached && json["agent"].is_object()).then_some(json))
+    })
+    .map_err(|e| format!("{e}\nagent log:\n{}", agent.log()))?;
+    let why = json["agent"]["bpffs_not_persistent"]
+        .as_str()
+        .unwrap_or_default();
+    ensure(why.contains("private"), || {
+        format!(
+            "status --json does not say the bpffs is private: {}",
+            json["agent"]
+        )
+    })?;
+    let text = String::from_utf8_lossy(&status(&["status"]).stdout).into_owned();
+    ensure(text.contains("bpffs         NOT PERSISTENT"), || {
+        format!("status text:\n{text}")
+    })?;
+    let (_, metrics) = node.get("/metrics", Duration::from_secs(2))?;
+    ensure(metrics.contains("kovn_bpffs_persistent 0"), || {
+        format!("no kovn_bpffs_persistent 0 in\n{metrics}")
+    })?;
+    let log = agent.log();
+    ensure(
+        log.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("not persist")),
+        || format!("no startup warning:\n{log}"),
+    )?;
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    agent.wait_exit(scaled(Duration::from_secs(10)))?;
+    let log = agent.log();
+    ensure(!log.contains("stays attached"), || {
+        format!("claimed persistence it does not have:\n{log}")
+    })?;
+    ensure(
+        log.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("stopping") && l.contains("pins go")),
+        || format!("the stop line must say the pins go:\n{log}"),
+    )
 }

@@ -274,9 +274,16 @@ impl<K: Kernel> Agent<K> {
                 _ = sigint.recv() => break,
             }
         }
-        tracing::info!(
-            "stopping; the datapath stays attached and programmed (`detach` removes it)"
-        );
+        match &self.pins.not_persistent {
+            None => tracing::info!(
+                "stopping; the datapath stays attached and programmed (`detach` removes it)"
+            ),
+            Some(why) => tracing::warn!(
+                reason = %why,
+                "stopping; the pins go with this agent's mount namespace: tcx attachments are \
+                 released, netlink filters keep marking with the maps as they are"
+            ),
+        }
         Ok(())
     }
 
@@ -483,6 +490,7 @@ impl<K: Kernel> Agent<K> {
             last_sync_unix: self.last_sync_unix,
             interfaces,
             source: crate::metrics::SourceKindState::from_status(source),
+            bpffs_not_persistent: self.pins.not_persistent.clone(),
         };
     }
 
