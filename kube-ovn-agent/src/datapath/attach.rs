@@ -180,7 +180,18 @@ pub struct Attachment {
     pub filter: Option<(u16, u32)>,
 }
 
-/// Ensures `prog` (whose kernel id is `prog_id`) runs at ingress of `ifname`.
+/// What [`ensure`] does with an attachment of ours that runs another program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    /// Replace the program in place (an upgrade).
+    Replace,
+    /// Leave it running (`Kept`): during a map-layout migration the old program keeps its own
+    /// maps until the new ones hold the complete view.
+    Keep,
+}
+
+/// Ensures `prog` (whose kernel id is `prog_id`) runs at ingress of `ifname`, or, with
+/// [`Existing::Keep`], that some program of ours does.
 pub async fn ensure(
     prog: &mut SchedClassifier,
     prog_id: u32,
@@ -188,10 +199,11 @@ pub async fn ensure(
     config: AttachConfig,
     rtnl: &rtnetlink::Handle,
     ifname: &str,
+    existing: Existing,
 ) -> Result<Outcome, AttachError> {
     match config.mode {
-        AttachMode::Tcx => ensure_tcx(prog, prog_id, &pins.link(ifname), config, ifname),
-        AttachMode::Netlink => ensure_netlink(prog, prog_id, config, rtnl, ifname).await,
+        AttachMode::Tcx => ensure_tcx(prog, prog_id, &pins.link(ifname), config, ifname, existing),
+        AttachMode::Netlink => ensure_netlink(prog, prog_id, config, rtnl, ifname, existing).await,
     }
 }
 
@@ -201,12 +213,13 @@ fn ensure_tcx(
     pin: &Path,
     config: AttachConfig,
     ifname: &str,
+    existing: Existing,
 ) -> Result<Outcome, AttachError> {
     if pin.exists() {
         match adopt_pinned(pin) {
             Ok(link) => match tcx_link_info(&link) {
                 Ok(info) if info.runs_on(ifname) => {
-                    if info.program_id == prog_id {
+                    if info.program_id == prog_id || existing == Existing::Keep {
                         return Ok(Outcome::Kept);
                     }
                     let id = prog
@@ -430,6 +443,7 @@ async fn ensure_netlink(
     config: AttachConfig,
     rtnl: &rtnetlink::Handle,
     ifname: &str,
+    existing: Existing,
 ) -> Result<Outcome, AttachError> {
     if let Err(e) = tc::qdisc_add_clsact(ifname) {
         let exists =
@@ -450,20 +464,20 @@ async fn ensure_netlink(
         handle: TcHandle::from(config.handle),
         classid: None,
     };
-    if let Some(existing) = filters
+    if let Some(found) = filters
         .iter()
         .find(|f| f.priority == config.priority && f.handle == config.handle)
     {
-        if existing.name != names::PROGRAM {
+        if found.name != names::PROGRAM {
             return Err(AttachError::Foreign {
                 ifname: ifname.into(),
-                name: existing.name.clone(),
-                program_id: existing.program_id,
+                name: found.name.clone(),
+                program_id: found.program_id,
                 priority: config.priority,
                 handle: config.handle,
             });
         }
-        if existing.program_id == prog_id {
+        if found.program_id == prog_id || existing == Existing::Keep {
             return Ok(Outcome::Kept);
         }
         let link = SchedClassifierLink::attached(

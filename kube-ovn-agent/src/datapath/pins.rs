@@ -5,6 +5,9 @@
 //! <root>/maps/kovn_*            every map
 //! <root>/programs/kovn_ingress  the attached program
 //! <root>/links/<ifname>         tcx links (netlink filters live in the kernel's tc tables)
+//! <root>/maps-next/kovn_*       during a map-layout migration: the new maps, until they take
+//!                               the canonical names (bpffs refuses dots in names)
+//! <root>/programs/kovn_ingress-next   the new program, for a moment, before it is renamed
 //! ```
 
 use std::{
@@ -83,6 +86,16 @@ impl PinRoot {
 
     pub fn program(&self, name: &str) -> PathBuf {
         self.programs().join(name)
+    }
+
+    /// Where a map-layout migration builds the new maps.
+    pub fn staging(&self) -> PathBuf {
+        self.root.join("maps-next")
+    }
+
+    /// Where a migration pins the new program before renaming it over [`Self::program`].
+    pub fn program_next(&self, name: &str) -> PathBuf {
+        self.programs().join(format!("{name}-next"))
     }
 
     pub fn links(&self) -> PathBuf {
@@ -169,7 +182,8 @@ impl PinRoot {
     pub fn remove_all(&self) -> Result<Vec<PathBuf>, BpffsError> {
         let mut removed = Vec::new();
         let mut layout_found = false;
-        for dir in [self.links(), self.programs(), self.maps()] {
+        let next_program = self.program_next(names::PROGRAM);
+        for dir in [self.links(), self.programs(), self.maps(), self.staging()] {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -177,8 +191,8 @@ impl PinRoot {
                 let path = entry.path();
                 let name = entry.file_name();
                 let ours = dir == self.links()
-                    || (dir == self.programs() && name == names::PROGRAM)
-                    || (dir == self.maps()
+                    || (dir == self.programs() && (name == names::PROGRAM || path == next_program))
+                    || ((dir == self.maps() || dir == self.staging())
                         && names::ALL_MAPS
                             .iter()
                             .any(|m| name.as_bytes() == m.as_bytes()));
