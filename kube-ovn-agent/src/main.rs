@@ -137,8 +137,16 @@ async fn run(args: RunArgs) -> Result<()> {
         Some(name) => name.clone(),
         None => hostname().context("no --node-name, no $NODE_NAME and no hostname")?,
     };
-    let pins = PinRoot::new(&args.root.bpffs_root);
-    pins.prepare()?;
+    let mut pins = PinRoot::new(&args.root.bpffs_root);
+    pins.not_persistent = pins.prepare()?;
+    if let Some(why) = &pins.not_persistent {
+        tracing::warn!(
+            reason = %why,
+            "the pins will not persist: marking stops on interfaces attached through tcx when \
+             this agent exits, and a restart starts from scratch; give the agent the host's \
+             bpffs (mount one at /sys/fs/bpf on the host)"
+        );
+    }
     // Before anything is loaded or written: a second agent on this root must change nothing.
     let lock = pins.lock()?;
     // The sources list the cluster on the runtime's workers while this thread has the program
@@ -152,8 +160,10 @@ async fn run(args: RunArgs) -> Result<()> {
         "datapath loaded; pinned maps adopted"
     );
 
-    let metrics = Arc::new(Metrics::new());
-    metrics.set_build_info(&agent::program_tag(datapath.program_id));
+    let mut metrics = Metrics::new();
+    metrics::register_bpffs_persistent(&mut metrics.registry, pins.not_persistent.is_none());
+    let metrics = Arc::new(metrics);
+    metrics.set_build_info(&datapath.program_tag());
     metrics.set_mode(args.mode == Mode::Shadow);
     let health = Arc::new(Health::default());
     *metrics.live.counters.lock().expect("lock") = datapath.take_counters();

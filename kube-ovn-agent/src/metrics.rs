@@ -88,6 +88,10 @@ pub struct AgentStatus {
     pub last_sync_unix: Option<u64>,
     pub interfaces: Vec<InterfaceState>,
     pub source: Vec<SourceKindState>,
+    /// Why the pins will not outlive the agent (a bpffs it mounted in a mount namespace of its
+    /// own); absent when they will.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpffs_not_persistent: Option<String>,
 }
 
 impl AgentStatus {
@@ -114,6 +118,9 @@ impl AgentStatus {
         );
         for reason in &self.not_ready {
             let _ = writeln!(out, "not ready     {reason}");
+        }
+        if let Some(why) = &self.bpffs_not_persistent {
+            let _ = writeln!(out, "bpffs         NOT PERSISTENT: {why}");
         }
         for (i, iface) in self.interfaces.iter().enumerate() {
             let label = if i == 0 { "interfaces" } else { "" };
@@ -150,6 +157,19 @@ impl AgentStatus {
         }
         out
     }
+}
+
+/// `kovn_bpffs_persistent`: whether the pins outlive the agent (0: a bpffs it mounted in a
+/// mount namespace of its own, see `PinRoot::prepare`). Fixed for the process's life.
+pub fn register_bpffs_persistent(registry: &mut Registry, persistent: bool) {
+    let gauge: Gauge = Gauge::default();
+    gauge.set(i64::from(persistent));
+    registry.register(
+        "kovn_bpffs_persistent",
+        "1 when the pins (and with them tcx attachments) outlive the agent; 0 when the agent \
+         mounted its bpffs in a mount namespace of its own, which takes them along when it exits",
+        gauge,
+    );
 }
 
 /// Why `status` got no [`AgentStatus`].

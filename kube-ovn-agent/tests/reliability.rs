@@ -70,6 +70,17 @@ fn main() {
             "control_characters_in_object_names_cannot_forge_log_lines",
             forged_names,
         ),
+        (
+            "a_self_mounted_private_bpffs_is_reported_not_persistent",
+            private_bpffs,
+        ),
+        (
+            "a_map_layout_change_migrates_under_traffic_without_an_unmarked_packet",
+            || layout_migration("tcx"),
+        ),
+        ("a_map_layout_change_migrates_netlink_filters_too", || {
+            layout_migration("netlink")
+        }),
     ];
     let trials = tests
         .into_iter()
@@ -82,7 +93,7 @@ fn main() {
 /// bpffs for the pins.
 struct Node {
     ns: NetNs,
-    _peers: [NetNs; 2],
+    peers: [NetNs; 2],
     bpffs: Bpffs,
 }
 
@@ -99,7 +110,7 @@ impl Node {
         );
         Self {
             ns,
-            _peers: [client, pod],
+            peers: [client, pod],
             bpffs: Bpffs::mount(),
         }
     }
@@ -383,6 +394,11 @@ fn detach_under_agent() -> Result<(), Failed> {
     let (_, metrics) = node.get("/metrics", Duration::from_secs(2))?;
     ensure(metrics.contains("kovn_pins_present 0"), || {
         format!("no kovn_pins_present 0 in\n{metrics}")
+    })?;
+    ensure(metrics.contains("kovn_bpffs_persistent 1"), || {
+        format!(
+            "the test's bpffs is mounted outside the agent: want kovn_bpffs_persistent 1 in\n{metrics}"
+        )
     })?;
     let log = agent.log();
     ensure(log.contains("detach --force"), || {
@@ -703,4 +719,298 @@ fn forged_names() -> Result<(), Failed> {
     ensure(log.contains("evil\\nFORGED"), || {
         format!("the newline must show escaped:\n{log}")
     })
+}
+
+/// `ip netns exec` gives the agent a mount namespace of its own with a fresh sysfs, so
+/// `/sys/fs/bpf` there is no bpffs and the agent mounts one, private to that namespace (and
+/// `unshare -m --propagation private` makes sure nothing propagates). Its pins die with it: the
+/// agent must say so at start, in `status`, in `kovn_bpffs_persistent` and when it stops.
+fn private_bpffs() -> Result<(), Failed> {
+    let node = Node::new();
+    let root = format!(
+        "/sys/fs/bpf/{}",
+        kube_ovn_agent::testing::netns::unique("kovn-rel-")
+    );
+    let stderr = TempPath::new("kovn-rel-agent-", "log");
+    let child = node
+        .ns
+        .command("unshare")
+        .args(["-m", "--propagation", "private", AGENT])
+        .args(["run", "--node-name", "n1", "--kube-proxy-mode", "ipvs"])
+        .args(["--metrics-addr", METRICS, "--bpffs-root", &root])
+        .arg(format!("--source=file:{}", example_cluster().display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&*stderr).expect("agent log"))
+        .spawn()
+        .expect("start the agent");
+    let pid = child.id().to_string();
+    let mut agent = Agent {
+        child,
+        stderr,
+        stdout: TempPath::new("kovn-rel-agent-", "out"),
+    };
+    // `status` must run in the agent's mount namespace to see its pins at all.
+    let status = |args: &[&str]| {
+        Command::new("nsenter")
+            .args(["-t", &pid, "-m", "-n", "--", AGENT])
+            .args(args)
+            .args(["--bpffs-root", &root])
+            .output()
+            .expect("nsenter")
+    };
+    let json = wait(scaled(Duration::from_secs(20)), || {
+        agent.check_running()?;
+        let out = status(&["status", "--json"]);
+        let Ok(json) = serde_json::from_slice::<Value>(&out.stdout) else {
+            return Ok(None);
+        };
+        let attached = !json["attachments"].as_array().is_none_or(Vec::is_empty);
+        Ok((attached && json["agent"].is_object()).then_some(json))
+    })
+    .map_err(|e| format!("{e}\nagent log:\n{}", agent.log()))?;
+    let why = json["agent"]["bpffs_not_persistent"]
+        .as_str()
+        .unwrap_or_default();
+    ensure(why.contains("private"), || {
+        format!(
+            "status --json does not say the bpffs is private: {}",
+            json["agent"]
+        )
+    })?;
+    let text = String::from_utf8_lossy(&status(&["status"]).stdout).into_owned();
+    ensure(text.contains("bpffs         NOT PERSISTENT"), || {
+        format!("status text:\n{text}")
+    })?;
+    let (_, metrics) = node.get("/metrics", Duration::from_secs(2))?;
+    ensure(metrics.contains("kovn_bpffs_persistent 0"), || {
+        format!("no kovn_bpffs_persistent 0 in\n{metrics}")
+    })?;
+    let log = agent.log();
+    ensure(
+        log.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("not persist")),
+        || format!("no startup warning:\n{log}"),
+    )?;
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    agent.wait_exit(scaled(Duration::from_secs(10)))?;
+    let log = agent.log();
+    ensure(!log.contains("stays attached"), || {
+        format!("claimed persistence it does not have:\n{log}")
+    })?;
+    ensure(
+        log.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("stopping") && l.contains("pins go")),
+        || format!("the stop line must say the pins go:\n{log}"),
+    )
+}
+
+/// The layout the "older build" gives `kovn_svcport4` (the map R1a reads): a smaller capacity,
+/// as a release that raises a full map's capacity would change it. The agent of this test
+/// binary honours `KOVN_TEST_MAP_MAX_ENTRIES` (built with the `testing` feature only), so the
+/// older build is this same agent with that one map's `max_entries` changed.
+const OLD_SVCPORT4: &str = "kovn_svcport4=512";
+
+/// `setpriv` limiting the agent to the agent container's capabilities (deploy/base/daemonset.yaml).
+/// A local helper until the shared agent handle in testkit takes a capability set.
+const DAEMONSET_CAPS: [&str; 6] = [
+    "setpriv",
+    "--reuid=0",
+    "--bounding-set=-all,+bpf,+net_admin,+perfmon,+net_raw",
+    "--inh-caps=-all,+bpf,+net_admin,+perfmon,+net_raw",
+    "--ambient-caps=-all,+bpf,+net_admin,+perfmon,+net_raw",
+    "--",
+];
+
+/// Sends UDP from the pod to kube-dns' ClusterIP (R1a) until `stop`; returns how many it sent.
+fn pod_to_cluster_ip(pod: &NetNs, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    use std::sync::atomic::Ordering;
+    pod.enter(|| {
+        let socket = std::net::UdpSocket::bind("10.16.0.5:0").expect("bind");
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for _ in 0..20 {
+                if socket.send_to(b"x", "10.96.0.10:53").is_ok() {
+                    sent += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        sent
+    })
+}
+
+fn capacity(status: &Value, map: &str) -> u64 {
+    status["map_capacity"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m[0] == map)
+        .and_then(|m| m[1].as_u64())
+        .unwrap_or(0)
+}
+
+/// Issue 13 item 11: an agent whose map layout differs from the pinned maps migrates them —
+/// new maps staged, filled from the complete view, the program swapped on every attachment,
+/// then the new maps take the canonical names — while a pod sends to a ClusterIP: every packet
+/// is marked. A staged map left by an interrupted attempt (wrong layout) is replaced.
+fn layout_migration(attach: &str) -> Result<(), Failed> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let node = Node::new();
+    let pod = &node.peers[1];
+    pod.sh(
+        "ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; \
+         ip route add default via 100.64.0.2",
+    );
+    // Marked packets RETURN at the first rule; the second counts the rest: unmarked.
+    node.ns.sh(
+        "iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN; \
+         iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -j RETURN",
+    );
+    let counts = || -> (u64, u64) {
+        let listing = node.ns.sh("iptables -t mangle -nvxL PREROUTING");
+        let mut rows = listing
+            .lines()
+            .filter(|l| l.contains("10.96.0.10") && l.contains("dpt:53"))
+            .map(|l| {
+                l.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            });
+        (rows.next().unwrap_or(0), rows.next().unwrap_or(0))
+    };
+    let extra = [
+        "--metrics-addr",
+        "none",
+        "--mode",
+        "enforce",
+        "--attach",
+        attach,
+    ];
+    // Both agents run with exactly the DaemonSet's capabilities (item 1).
+    let old_env = format!("KOVN_TEST_MAP_MAX_ENTRIES={OLD_SVCPORT4}");
+    let mut old = node.agent_with(
+        &[DAEMONSET_CAPS.as_slice(), &["env", &old_env]].concat(),
+        &example_cluster(),
+        &extra,
+    );
+    let before = node.wait_ready(&mut old)?;
+    ensure(capacity(&before, "kovn_svcport4") == 512, || {
+        format!("the older build's capacity: {}", before["map_capacity"])
+    })?;
+    let old_program = before["program"]["id"].as_u64().unwrap_or_default();
+    let links: Vec<Value> = before["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a["link_id"].clone())
+        .collect();
+    let start = counts();
+    let stop = AtomicBool::new(false);
+    let (sent, outcome) = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| pod_to_cluster_ip(pod, &stop));
+        let outcome = (|| -> Result<Agent, Failed> {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = Command::new("kill")
+                .args(["-TERM", &old.child.id().to_string()])
+                .status();
+            old.wait_exit(scaled(Duration::from_secs(10)))?;
+            // What an attempt interrupted before its swap leaves: a staged map, here of a
+            // layout this build does not use either.
+            stage_bogus_map(&node.root().join("maps-next"), "kovn_svcport4");
+            let mut new = node.agent_with(&DAEMONSET_CAPS, &example_cluster(), &extra);
+            wait(scaled(Duration::from_secs(30)), || {
+                new.check_running()?;
+                Ok(new.log().contains("map layout migrated").then_some(()))
+            })
+            .map_err(|e| format!("{e}\n{}", new.log()))?;
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(new)
+        })();
+        stop.store(true, Ordering::Relaxed);
+        (sender.join().expect("sender"), outcome)
+    });
+    let mut new = outcome?;
+    let end = counts();
+    let (marked, unmarked) = (end.0 - start.0, end.1 - start.1);
+    eprintln!("layout migration under traffic: sent {sent}, marked {marked}, unmarked {unmarked}");
+    ensure(marked > 0 && unmarked == 0, || {
+        format!(
+            "pod → ClusterIP: sent {sent}, marked {marked}, unmarked {unmarked}\n{}",
+            new.log()
+        )
+    })?;
+    check_migrated(&node, &mut new, old_program, &links)?;
+    // A restart after the migration is an ordinary one.
+    let _ = Command::new("kill")
+        .args(["-TERM", &new.child.id().to_string()])
+        .status();
+    new.wait_exit(scaled(Duration::from_secs(10)))?;
+    let mut again = node.agent_with(&DAEMONSET_CAPS, &example_cluster(), &extra);
+    node.wait_ready(&mut again)?;
+    let log = again.log();
+    ensure(!log.contains("migrat"), || {
+        format!("a second migration after a finished one:\n{log}")
+    })
+}
+
+/// After a migration: the new capacity, the new program on the same links, no staging left.
+fn check_migrated(
+    node: &Node,
+    new: &mut Agent,
+    old_program: u64,
+    links: &[Value],
+) -> Result<(), Failed> {
+    let after = node.wait_ready(new)?;
+    let program = after["program"]["id"].as_u64().unwrap_or_default();
+    let now: Vec<Value> = after["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a["link_id"].clone())
+        .collect();
+    ensure(
+        capacity(&after, "kovn_svcport4") > 512
+            && program != old_program
+            && now.as_slice() == links
+            && after["attachments"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|a| a["program_id"].as_u64() == Some(program)),
+        || {
+            format!(
+                "after the migration: capacity {}, program {old_program} → {program}, links \
+                 {links:?} → {now:?}, attachments {}",
+                after["map_capacity"], after["attachments"]
+            )
+        },
+    )?;
+    ensure(!node.root().join("maps-next").exists(), || {
+        "the staging directory is left behind".into()
+    })?;
+    Ok(())
+}
+
+/// Pins an empty hash map (key 4, value 4, 7 entries) at `dir/name`.
+fn stage_bogus_map(dir: &Path, name: &str) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    std::fs::create_dir_all(dir).expect("staging directory");
+    let bpf = |cmd: libc::c_long, attr: &mut [u64; 16]| {
+        // SAFETY: a zero-padded 128-byte bpf_attr whose pointers outlive the call.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(attr)) };
+        assert!(rc >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+        rc
+    };
+    let mut attr = [0u64; 16];
+    // BPF_MAP_CREATE: map_type (1, hash), key_size | value_size, max_entries
+    attr[0] = 1 | (4 << 32);
+    attr[1] = 4 | (7 << 32);
+    // SAFETY: BPF_MAP_CREATE returned a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(bpf(0, &mut attr)).expect("fd")) };
+    let path = std::ffi::CString::new(dir.join(name).as_os_str().as_encoded_bytes()).expect("path");
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = u64::try_from(fd.as_raw_fd()).expect("fd");
+    bpf(6, &mut attr);
 }

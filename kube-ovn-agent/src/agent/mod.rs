@@ -79,6 +79,11 @@ pub trait Kernel {
         ifname: &str,
     ) -> impl Future<Output = Result<attach::Outcome, AttachError>>;
     fn detach(&mut self, attachment: &Attachment) -> Result<(), AttachError>;
+    /// The tables now hold a complete view without a map error (a map-layout migration
+    /// finishes here: `Datapath::finish_migration`).
+    fn complete_view_written(&mut self) -> impl Future<Output = ()> {
+        async {}
+    }
 }
 
 /// The real thing: the loaded [`Datapath`], its pins and an rtnetlink handle.
@@ -100,6 +105,13 @@ impl Kernel for KernelDatapath {
 
     async fn attach(&mut self, ifname: &str) -> Result<attach::Outcome, AttachError> {
         let program_id = self.datapath.program_id;
+        // While maps migrate, attachments keep the old program (on the old maps) until the new
+        // maps hold the complete view.
+        let existing = if self.datapath.migrating.is_empty() {
+            attach::Existing::Replace
+        } else {
+            attach::Existing::Keep
+        };
         attach::ensure(
             self.datapath.program(),
             program_id,
@@ -107,8 +119,26 @@ impl Kernel for KernelDatapath {
             self.config,
             &self.rtnl,
             ifname,
+            existing,
         )
         .await
+    }
+
+    async fn complete_view_written(&mut self) {
+        if self.datapath.migrating.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .datapath
+            .finish_migration(&self.pins, self.config, &self.rtnl)
+            .await
+        {
+            tracing::warn!(
+                error = %e,
+                "map layout migration not finished; the old program keeps marking where it runs, \
+                 retrying after the next complete sync"
+            );
+        }
     }
 
     fn detach(&mut self, attachment: &Attachment) -> Result<(), AttachError> {
@@ -225,7 +255,12 @@ impl<K: Kernel> Agent<K> {
         loop {
             self.health.beat();
             if let Some(since) = pending.take() {
+                let synced = self.last_sync_unix;
                 self.reconcile(&running, &node_net, since).await;
+                // A pass that wrote the complete view without a map error moves the stamp.
+                if self.last_sync_unix != synced {
+                    self.kernel.complete_view_written().await;
+                }
             }
             tokio::select! {
                 changed = running.changes.changed() => {
@@ -274,9 +309,16 @@ impl<K: Kernel> Agent<K> {
                 _ = sigint.recv() => break,
             }
         }
-        tracing::info!(
-            "stopping; the datapath stays attached and programmed (`detach` removes it)"
-        );
+        match &self.pins.not_persistent {
+            None => tracing::info!(
+                "stopping; the datapath stays attached and programmed (`detach` removes it)"
+            ),
+            Some(why) => tracing::warn!(
+                reason = %why,
+                "stopping; the pins go with this agent's mount namespace: tcx attachments are \
+                 released, netlink filters keep marking with the maps as they are"
+            ),
+        }
         Ok(())
     }
 
@@ -407,7 +449,7 @@ impl<K: Kernel> Agent<K> {
             self.last_sync_unix = Some(now);
             self.metrics
                 .last_sync
-                .set(i64::try_from(now).unwrap_or(i64::MAX));
+                .set(now.try_into().unwrap_or(i64::MAX));
         }
         if listed && !self.ready {
             self.ready = true;
@@ -483,6 +525,7 @@ impl<K: Kernel> Agent<K> {
             last_sync_unix: self.last_sync_unix,
             interfaces,
             source: crate::metrics::SourceKindState::from_status(source),
+            bpffs_not_persistent: self.pins.not_persistent.clone(),
         };
     }
 
@@ -700,15 +743,4 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
-}
-
-/// The loaded program's tag (hex) for `kovn_build_info`, or `unknown`.
-pub fn program_tag(program_id: u32) -> String {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|info| info.id() == program_id)
-        .map_or_else(
-            || "unknown".to_owned(),
-            |info| format!("{:016x}", info.tag()),
-        )
 }

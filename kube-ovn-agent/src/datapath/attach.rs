@@ -2,6 +2,11 @@
 //! netlink `clsact` filter at a fixed priority/handle elsewhere. Both survive the agent, both are
 //! upgraded in place (`bpf_link_update` / filter replace), and only objects we created — pins
 //! under our root, filters named `kovn_ingress` — are ever changed or removed.
+//!
+//! Everything here works with the agent Pod's capabilities (BPF, `NET_ADMIN`, PERFMON, `NET_RAW`):
+//! our tcx links are found through their pins and the kernel's info on each link, never by
+//! asking the interface for its programs' fds (that needs `CAP_SYS_ADMIN`); netlink filters are
+//! found by a filter dump (`NET_ADMIN`), which names each filter and its program id.
 
 use std::{io, path::Path};
 
@@ -13,6 +18,7 @@ use aya::{
     },
     util::KernelVersion,
 };
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_link_info};
 use futures::TryStreamExt;
 use kube_ovn_ebpf_common::names;
 use netlink_packet_route::tc::{TcAttribute, TcOption};
@@ -174,7 +180,18 @@ pub struct Attachment {
     pub filter: Option<(u16, u32)>,
 }
 
-/// Ensures `prog` (whose kernel id is `prog_id`) runs at ingress of `ifname`.
+/// What [`ensure`] does with an attachment of ours that runs another program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    /// Replace the program in place (an upgrade).
+    Replace,
+    /// Leave it running (`Kept`): during a map-layout migration the old program keeps its own
+    /// maps until the new ones hold the complete view.
+    Keep,
+}
+
+/// Ensures `prog` (whose kernel id is `prog_id`) runs at ingress of `ifname`, or, with
+/// [`Existing::Keep`], that some program of ours does.
 pub async fn ensure(
     prog: &mut SchedClassifier,
     prog_id: u32,
@@ -182,10 +199,11 @@ pub async fn ensure(
     config: AttachConfig,
     rtnl: &rtnetlink::Handle,
     ifname: &str,
+    existing: Existing,
 ) -> Result<Outcome, AttachError> {
     match config.mode {
-        AttachMode::Tcx => ensure_tcx(prog, prog_id, &pins.link(ifname), config, ifname),
-        AttachMode::Netlink => ensure_netlink(prog, prog_id, config, rtnl, ifname).await,
+        AttachMode::Tcx => ensure_tcx(prog, prog_id, &pins.link(ifname), config, ifname, existing),
+        AttachMode::Netlink => ensure_netlink(prog, prog_id, config, rtnl, ifname, existing).await,
     }
 }
 
@@ -195,25 +213,15 @@ fn ensure_tcx(
     pin: &Path,
     config: AttachConfig,
     ifname: &str,
+    existing: Existing,
 ) -> Result<Outcome, AttachError> {
     if pin.exists() {
-        match PinnedLink::from_pin(pin) {
-            Ok(pinned) => {
-                let link = FdLink::from(pinned);
-                let linked_prog = link.info().map(|i| i.program_id()).unwrap_or_default();
-                let (_, attached) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
-                    .map_err(program_error("querying tcx programs", ifname))?;
-                if attached.iter().any(|p| p.id() == linked_prog) {
-                    if linked_prog == prog_id {
+        match adopt_pinned(pin) {
+            Ok(link) => match tcx_link_info(&link) {
+                Ok(info) if info.runs_on(ifname) => {
+                    if info.program_id == prog_id || existing == Existing::Keep {
                         return Ok(Outcome::Kept);
                     }
-                    let link = SchedClassifierLink::try_from(link).map_err(|source| {
-                        AttachError::Link {
-                            op: "adopting the pinned link",
-                            ifname: ifname.into(),
-                            source,
-                        }
-                    })?;
                     let id = prog
                         .attach_to_link(link)
                         .map_err(program_error("bpf_link_update", ifname))?;
@@ -225,8 +233,13 @@ fn ensure_tcx(
                     return Ok(Outcome::Upgraded);
                 }
                 // The interface went away (and maybe came back): the link is defunct.
-                tracing::info!(ifname, pin = %pin.display(), "replacing a defunct tcx link");
-            }
+                Ok(_) => {
+                    tracing::info!(ifname, pin = %pin.display(), "replacing a defunct tcx link");
+                }
+                Err(e) => {
+                    tracing::warn!(ifname, error = %e, "unreadable pinned link; replacing it");
+                }
+            },
             Err(e) => tracing::warn!(ifname, error = %e, "unreadable pinned link; replacing it"),
         }
         std::fs::remove_file(pin).map_err(|source| AttachError::Pin {
@@ -265,6 +278,72 @@ fn ensure_tcx(
         source: io::Error::other(e),
     })?;
     Ok(Outcome::Created)
+}
+
+/// Opens a pinned tcx link (`BPF_OBJ_GET`; `CAP_BPF` on the pin suffices).
+fn adopt_pinned(pin: &Path) -> io::Result<SchedClassifierLink> {
+    let pinned = PinnedLink::from_pin(pin).map_err(io::Error::other)?;
+    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(io::Error::other)
+}
+
+/// What the kernel says about one of our tcx links.
+#[derive(Clone, Copy, Debug)]
+struct TcxLinkInfo {
+    id: u32,
+    program_id: u32,
+    /// 0 once the interface is gone (or the link was detached).
+    ifindex: u32,
+    attach_type: u32,
+}
+
+impl TcxLinkInfo {
+    /// Whether the link is live at ingress of `ifname` as it exists now (a re-created
+    /// interface has a new index; the old link is defunct).
+    fn runs_on(&self, ifname: &str) -> bool {
+        self.ifindex != 0
+            && self.attach_type == bpf_attach_type::BPF_TCX_INGRESS as u32
+            && ifindex(ifname) == Some(self.ifindex)
+    }
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on the link: its id, program id and, for tcx, the interface and
+/// direction. This is all the kernel needs the link's fd for; asking the interface instead
+/// (`BPF_PROG_QUERY`, then `bpf_prog_get_fd_by_id` for each program, as aya's `query_tcx`
+/// does) needs `CAP_SYS_ADMIN`, which the agent Pod does not grant.
+fn tcx_link_info(link: &SchedClassifierLink) -> io::Result<TcxLinkInfo> {
+    use std::os::fd::AsRawFd as _;
+    let fd = aya::programs::MultiProgLink::fd(link)
+        .map_err(io::Error::other)?
+        .as_raw_fd();
+    // SAFETY: all-zero is a valid bpf_link_info and the union's unused state.
+    let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: plain integers into the member the command reads.
+    let get = unsafe { &mut attr.info };
+    get.bpf_fd = u32::try_from(fd).map_err(io::Error::other)?;
+    get.info_len = u32::try_from(size_of::<bpf_link_info>()).map_err(io::Error::other)?;
+    get.info = (&raw mut info) as u64;
+    // SAFETY: the kernel writes at most info_len bytes into `info`, which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &raw mut attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SchedClassifierLink::try_from accepted only a tcx link, whose info fills `tcx`.
+    let tcx = unsafe { info.__bindgen_anon_1.tcx };
+    Ok(TcxLinkInfo {
+        id: info.id,
+        program_id: info.prog_id,
+        ifindex: tcx.ifindex,
+        attach_type: tcx.attach_type,
+    })
 }
 
 /// A bpf tc filter as found by a netlink dump.
@@ -364,6 +443,7 @@ async fn ensure_netlink(
     config: AttachConfig,
     rtnl: &rtnetlink::Handle,
     ifname: &str,
+    existing: Existing,
 ) -> Result<Outcome, AttachError> {
     if let Err(e) = tc::qdisc_add_clsact(ifname) {
         let exists =
@@ -384,20 +464,20 @@ async fn ensure_netlink(
         handle: TcHandle::from(config.handle),
         classid: None,
     };
-    if let Some(existing) = filters
+    if let Some(found) = filters
         .iter()
         .find(|f| f.priority == config.priority && f.handle == config.handle)
     {
-        if existing.name != names::PROGRAM {
+        if found.name != names::PROGRAM {
             return Err(AttachError::Foreign {
                 ifname: ifname.into(),
-                name: existing.name.clone(),
-                program_id: existing.program_id,
+                name: found.name.clone(),
+                program_id: found.program_id,
                 priority: config.priority,
                 handle: config.handle,
             });
         }
-        if existing.program_id == prog_id {
+        if found.program_id == prog_id || existing == Existing::Keep {
             return Ok(Outcome::Kept);
         }
         let link = SchedClassifierLink::attached(
@@ -441,21 +521,17 @@ pub async fn list(pins: &PinRoot, rtnl: &rtnetlink::Handle) -> Vec<Attachment> {
     if let Ok(entries) = std::fs::read_dir(pins.links()) {
         for entry in entries.flatten() {
             let ifname = entry.file_name().to_string_lossy().into_owned();
-            let Ok(pinned) = PinnedLink::from_pin(entry.path()) else {
-                continue;
-            };
-            let link = FdLink::from(pinned);
-            let Ok(info) = link.info() else { continue };
-            let attached = SchedClassifier::query_tcx(&ifname, TcAttachType::Ingress)
-                .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()));
-            if attached {
-                found.push(Attachment {
+            let info = adopt_pinned(&entry.path()).and_then(|link| tcx_link_info(&link));
+            match info {
+                Ok(info) if info.runs_on(&ifname) => found.push(Attachment {
                     ifname,
                     mode: AttachMode::Tcx,
-                    program_id: info.program_id(),
-                    link_id: Some(info.id()),
+                    program_id: info.program_id,
+                    link_id: Some(info.id),
                     filter: None,
-                });
+                }),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(ifname, error = %e, "unreadable pinned link"),
             }
         }
     }

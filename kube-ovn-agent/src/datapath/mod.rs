@@ -5,6 +5,27 @@
 //! program is identical (same tag) to this build's, it stays attached untouched; otherwise this
 //! build's program replaces it in place on every attachment (`bpf_link_update` / filter replace),
 //! which never leaves an interface unmarked.
+//!
+//! A build whose map layout differs from the pinned maps (type, key or value size,
+//! `max_entries`) migrates them instead of refusing to start:
+//!
+//! 1. `open`: the differing maps are created anew under `maps-next/` (a staged map left by an
+//!    interrupted attempt is reused if it has this build's layout, else removed); the maps that
+//!    match are adopted as usual. This build's program is loaded on that set but not pinned,
+//!    and attachments of ours keep running the old program on the old maps
+//!    ([`attach::Existing::Keep`]).
+//! 2. The agent writes the complete view (every kind listed) into the tables, i.e. into the new
+//!    maps and the shared ones.
+//! 3. [`Datapath::finish_migration`]: the program is swapped in place on every attachment
+//!    (`bpf_link_update` / filter replace: no interface is ever without a program), pinned as
+//!    `kovn_ingress-next` and renamed over `kovn_ingress`, and each staged map is renamed over
+//!    its canonical pin (atomic on bpffs). The old maps go with the old program's last
+//!    reference.
+//!
+//! A restart at any point converges: until the last rename, some canonical pin still has the
+//! old layout, so the next start migrates again, reusing the staged maps (and swapping again any
+//! attachment that already ran an interrupted attempt's program, which used those same maps).
+//! After the last rename the layouts match and a leftover `maps-next/` is removed.
 
 pub mod attach;
 pub mod dir;
@@ -23,6 +44,7 @@ use aya::{
 use kube_ovn_ebpf_common::names;
 
 use self::{
+    attach::AttachConfig,
     maps::{MapError, Tables},
     object::LoadError,
     pins::PinRoot,
@@ -46,6 +68,19 @@ pub enum DatapathError {
         path: PathBuf,
         #[source]
         source: aya::pin::PinError,
+    },
+    #[error("{op} {path}: {source}")]
+    Staging {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map-layout migration: swapping the program on {ifname}: {source}")]
+    Swap {
+        ifname: String,
+        #[source]
+        source: attach::AttachError,
     },
     #[error("opening pinned map {path}: {source}")]
     PinnedMap {
@@ -72,12 +107,32 @@ pub struct Datapath {
     pub tables: Tables,
     /// Maps the tables do not manage (the counters).
     pub other_maps: BTreeMap<&'static str, Map>,
+    /// Maps being migrated to this build's layout (staged under `maps-next/`); empty when none.
+    pub migrating: Vec<&'static str>,
 }
 
 impl Datapath {
-    /// Loads this build's object with its maps pinned under `pins`, adopting what is there.
+    /// Loads this build's object with its maps pinned under `pins`, adopting what is there and
+    /// staging new maps for those whose layout differs (see the module docs).
     pub fn open(pins: &PinRoot) -> Result<Self, DatapathError> {
-        let mut ebpf = object::load(Some(&pins.maps()))?;
+        let migrating: Vec<&'static str> = object::mismatched_pins(&pins.maps())?
+            .into_iter()
+            .map(|(name, detail)| {
+                tracing::warn!(
+                    map = name,
+                    %detail,
+                    "pinned map's layout differs from this build's: migrating it (the old program \
+                     keeps marking on the old maps until the new ones hold the complete view)"
+                );
+                name
+            })
+            .collect();
+        prepare_staging(pins, &migrating)?;
+        let mut ebpf = object::load(Some(&object::MapPins {
+            dir: &pins.maps(),
+            staging: &pins.staging(),
+            staged: &migrating,
+        }))?;
         let program_pin = pins.program(names::PROGRAM);
         let loaded = object::program(&mut ebpf)?;
         let loaded_info = loaded.info().map_err(|source| DatapathError::Program {
@@ -87,7 +142,9 @@ impl Datapath {
         })?;
         let pinned = ProgramInfo::from_pin(&program_pin).ok();
         let (active, program_id, upgrading) = match pinned {
-            Some(info) if info.tag() == loaded_info.tag() => {
+            // A migration runs this build's program on the new maps, whatever the tag says (a
+            // capacity change leaves the code, and so the tag, as it was).
+            Some(info) if info.tag() == loaded_info.tag() && migrating.is_empty() => {
                 let program = SchedClassifier::from_pin(&program_pin).map_err(|source| {
                     DatapathError::Program {
                         op: "adopting",
@@ -96,6 +153,10 @@ impl Datapath {
                     }
                 })?;
                 (Active::Pinned(Box::new(program)), info.id(), false)
+            }
+            // Pinned by `finish_migration`, once the new maps hold the complete view.
+            previous if !migrating.is_empty() => {
+                (Active::Loaded, loaded_info.id(), previous.is_some())
             }
             previous => {
                 if previous.is_some() {
@@ -120,7 +181,65 @@ impl Datapath {
             upgrading,
             tables,
             other_maps: maps,
+            migrating,
         })
+    }
+
+    /// Step 3 of a map-layout migration, once the tables hold the complete view: this build's
+    /// program on every attachment, then the new program and maps under the canonical names.
+    /// On an error nothing is renamed yet and the next call starts over (attachments already
+    /// swapped stay swapped: their program uses the staged maps, which stay pinned).
+    pub async fn finish_migration(
+        &mut self,
+        pins: &PinRoot,
+        config: AttachConfig,
+        rtnl: &rtnetlink::Handle,
+    ) -> Result<(), DatapathError> {
+        let program_id = self.program_id;
+        for found in attach::list(pins, rtnl).await {
+            let (priority, handle) = found.filter.unwrap_or((config.priority, config.handle));
+            let config = AttachConfig {
+                mode: found.mode,
+                priority,
+                handle,
+                ..config
+            };
+            attach::ensure(
+                self.program(),
+                program_id,
+                pins,
+                config,
+                rtnl,
+                &found.ifname,
+                attach::Existing::Replace,
+            )
+            .await
+            .map_err(|source| DatapathError::Swap {
+                ifname: found.ifname.clone(),
+                source,
+            })?;
+        }
+        let next = pins.program_next(names::PROGRAM);
+        let _ = std::fs::remove_file(&next);
+        self.program()
+            .pin(&next)
+            .map_err(|source| DatapathError::Pin {
+                path: next.clone(),
+                source,
+            })?;
+        rename(&next, &pins.program(names::PROGRAM))?;
+        for name in &self.migrating {
+            rename(&pins.staging().join(name), &pins.maps().join(name))?;
+        }
+        let _ = std::fs::remove_dir(pins.staging());
+        let migrated = std::mem::take(&mut self.migrating);
+        tracing::info!(
+            maps = ?migrated,
+            program_id,
+            "map layout migrated: every attachment runs this build's program on the new maps; \
+             the old maps are freed with the old program"
+        );
+        Ok(())
     }
 
     /// The program to attach.
@@ -131,12 +250,57 @@ impl Datapath {
         }
     }
 
+    /// The attached program's tag (hex) for `kovn_build_info`, or `unknown`: from the program's
+    /// own fd, so `CAP_BPF` suffices.
+    pub fn program_tag(&mut self) -> String {
+        self.program().info().map_or_else(
+            |_| "unknown".to_owned(),
+            |info| format!("{:016x}", info.tag()),
+        )
+    }
+
     /// The per-CPU counter map, if still here.
     pub fn take_counters(&mut self) -> Option<PerCpuArray<MapData, u64>> {
         self.other_maps
             .remove(names::COUNTERS)
             .and_then(|m| m.try_into().ok())
     }
+}
+
+fn rename(from: &std::path::Path, to: &std::path::Path) -> Result<(), DatapathError> {
+    std::fs::rename(from, to).map_err(|source| DatapathError::Staging {
+        op: "renaming",
+        path: from.to_path_buf(),
+        source,
+    })
+}
+
+/// Makes `maps-next/` hold only staged maps this build can adopt for `migrating`: created when
+/// a migration starts, cleared of maps with another layout (an older attempt's), and removed
+/// when nothing migrates (a finished migration's empty directory, or a downgrade's leftovers).
+fn prepare_staging(pins: &PinRoot, migrating: &[&'static str]) -> Result<(), DatapathError> {
+    let staging = pins.staging();
+    let io = |op, path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| DatapathError::Staging { op, path, source }
+    };
+    if !migrating.is_empty() {
+        std::fs::create_dir_all(&staging).map_err(io("creating", &staging))?;
+    }
+    let unusable: Vec<&str> = object::mismatched_pins(&staging)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    for name in names::ALL_MAPS {
+        let path = staging.join(name);
+        if path.exists() && (!migrating.contains(&name) || unusable.contains(&name)) {
+            std::fs::remove_file(&path).map_err(io("removing stale staged map", &path))?;
+        }
+    }
+    if migrating.is_empty() {
+        let _ = std::fs::remove_dir(&staging);
+    }
+    Ok(())
 }
 
 /// Opens the pinned maps read-only for `status`/`dump` (no program is loaded); works on a

@@ -30,11 +30,6 @@ pub enum LoadError {
     },
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
-    #[error(
-        "pinned map {path} does not match this build ({detail}); remove it with \
-         `kube-ovn-agent detach` (this stops marking until the next `run`) and start again"
-    )]
-    IncompatiblePin { path: PathBuf, detail: String },
     #[error("reading pinned map {path}: {source}")]
     PinnedInfo {
         path: PathBuf,
@@ -43,17 +38,31 @@ pub enum LoadError {
     },
 }
 
-/// Loads the object. With `maps_dir`, each map is pinned at `maps_dir/<name>`; maps already
-/// pinned there are reused (after checking that their layout matches this build).
-pub fn load(maps_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+/// Where [`load`] pins the maps: each at `dir/<name>`, except the `staged` ones, at
+/// `staging/<name>` (a map-layout migration builds the new maps there).
+pub struct MapPins<'a> {
+    pub dir: &'a Path,
+    pub staging: &'a Path,
+    pub staged: &'a [&'static str],
+}
+
+/// Loads the object. With `pins`, each map is pinned where [`MapPins`] says; maps already pinned
+/// there are reused with their content. The caller makes sure those match this build's layout
+/// ([`mismatched_pins`]).
+pub fn load(pins: Option<&MapPins<'_>>) -> Result<Ebpf, LoadError> {
     raise_memlock_limit();
-    if let Some(dir) = maps_dir {
-        check_pinned_layouts(dir)?;
-    }
     let mut loader = EbpfLoader::new();
     loader.verifier_log_level(VerifierLogLevel::STATS);
-    if let Some(dir) = maps_dir {
+    for (name, max_entries) in max_entries_overrides() {
+        loader.map_max_entries(name, max_entries);
+    }
+    if let Some(pins) = pins {
         for name in names::ALL_MAPS {
+            let dir = if pins.staged.contains(&name) {
+                pins.staging
+            } else {
+                pins.dir
+            };
             loader.map_pin_path(name, dir.join(name));
         }
     }
@@ -84,12 +93,16 @@ pub fn take_maps(ebpf: &mut Ebpf) -> BTreeMap<&'static str, Map> {
         .collect()
 }
 
-/// Refuses to reuse a pinned map whose type or sizes differ from this build's definition:
-/// the program would read it with the wrong layout.
-fn check_pinned_layouts(dir: &Path) -> Result<(), LoadError> {
+/// The maps pinned under `dir` whose type, key or value size or `max_entries` differ from this
+/// build's definition (the program would read them with the wrong layout), each with what
+/// differs.
+pub fn mismatched_pins(dir: &Path) -> Result<Vec<(&'static str, String)>, LoadError> {
     let object = aya_obj::Object::parse(OBJECT)?;
-    for (name, def) in &object.maps {
-        let path = dir.join(name);
+    let mut mismatched = Vec::new();
+    for name in names::ALL_MAPS {
+        let (Some(def), path) = (object.maps.get(name), dir.join(name)) else {
+            continue;
+        };
         if !path.exists() {
             continue;
         }
@@ -97,11 +110,15 @@ fn check_pinned_layouts(dir: &Path) -> Result<(), LoadError> {
             path: path.clone(),
             source,
         })?;
+        let max_entries = max_entries_overrides()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map_or(def.max_entries(), |(_, m)| m);
         let want = (
             def.map_type(),
             def.key_size(),
             def.value_size(),
-            def.max_entries(),
+            max_entries,
         );
         let have = (
             info.map_type().map_or(u32::MAX, |t| t as u32),
@@ -110,13 +127,33 @@ fn check_pinned_layouts(dir: &Path) -> Result<(), LoadError> {
             info.max_entries(),
         );
         if want != have {
-            return Err(LoadError::IncompatiblePin {
-                path,
-                detail: format!("type/key/value/max_entries {have:?} pinned, {want:?} expected"),
-            });
+            mismatched.push((
+                name,
+                format!("type/key/value/max_entries {have:?} pinned, {want:?} in this build"),
+            ));
         }
     }
-    Ok(())
+    Ok(mismatched)
+}
+
+/// `KOVN_TEST_MAP_MAX_ENTRIES=name=N,…`: another `max_entries` for some maps, so the tests can
+/// run "an older build" whose map layout differs from this one's (a map-layout migration).
+/// Only in builds with the `testing` feature; release builds have no such knob.
+#[cfg(feature = "testing")]
+fn max_entries_overrides() -> Vec<(&'static str, u32)> {
+    let spec = std::env::var("KOVN_TEST_MAP_MAX_ENTRIES").unwrap_or_default();
+    spec.split(',')
+        .filter_map(|item| {
+            let (name, value) = item.split_once('=')?;
+            let name = names::ALL_MAPS.iter().find(|n| **n == name)?;
+            Some((*name, value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "testing"))]
+fn max_entries_overrides() -> Vec<(&'static str, u32)> {
+    Vec::new()
 }
 
 /// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; later ones use memcg and ignore it.

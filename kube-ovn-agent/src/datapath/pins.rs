@@ -5,6 +5,9 @@
 //! <root>/maps/kovn_*            every map
 //! <root>/programs/kovn_ingress  the attached program
 //! <root>/links/<ifname>         tcx links (netlink filters live in the kernel's tc tables)
+//! <root>/maps-next/kovn_*       during a map-layout migration: the new maps, until they take
+//!                               the canonical names (bpffs refuses dots in names)
+//! <root>/programs/kovn_ingress-next   the new program, for a moment, before it is renamed
 //! ```
 
 use std::{
@@ -60,11 +63,17 @@ pub enum BpffsError {
 #[derive(Clone, Debug)]
 pub struct PinRoot {
     pub root: PathBuf,
+    /// Why pins here will not outlive this process, when they will not: `run` sets it from
+    /// [`Self::prepare`] (a bpffs this agent mounted in a mount namespace of its own).
+    pub not_persistent: Option<String>,
 }
 
 impl PinRoot {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            not_persistent: None,
+        }
     }
 
     pub fn maps(&self) -> PathBuf {
@@ -77,6 +86,16 @@ impl PinRoot {
 
     pub fn program(&self, name: &str) -> PathBuf {
         self.programs().join(name)
+    }
+
+    /// Where a map-layout migration builds the new maps.
+    pub fn staging(&self) -> PathBuf {
+        self.root.join("maps-next")
+    }
+
+    /// Where a migration pins the new program before renaming it over [`Self::program`].
+    pub fn program_next(&self, name: &str) -> PathBuf {
+        self.programs().join(format!("{name}-next"))
     }
 
     pub fn links(&self) -> PathBuf {
@@ -94,11 +113,15 @@ impl PinRoot {
 
     /// Makes sure the root is a directory on a bpffs, mounting bpffs at `/sys/fs/bpf` when the
     /// root lies under it and nothing is mounted there yet (as Cilium does), and creates the
-    /// layout's directories.
-    pub fn prepare(&self) -> Result<(), BpffsError> {
+    /// layout's directories. Returns why the pins will not outlive this process when the bpffs
+    /// is one it mounted where nobody else sees it ([`mount_persistence`]); a bpffs someone else
+    /// mounted (the host's, through the pod's hostPath) is theirs to keep.
+    pub fn prepare(&self) -> Result<Option<String>, BpffsError> {
         let sysfs_bpf = Path::new("/sys/fs/bpf");
+        let mut not_persistent = None;
         if self.root.starts_with(sysfs_bpf) && !is_bpffs(sysfs_bpf) {
             mount_bpffs(sysfs_bpf)?;
+            not_persistent = mount_persistence(sysfs_bpf);
         }
         let nearest = self
             .root
@@ -117,7 +140,7 @@ impl PinRoot {
                 source,
             })?;
         }
-        Ok(())
+        Ok(not_persistent)
     }
 
     /// Takes the root's lock: an exclusive `flock` on the root directory itself, held until the
@@ -159,7 +182,8 @@ impl PinRoot {
     pub fn remove_all(&self) -> Result<Vec<PathBuf>, BpffsError> {
         let mut removed = Vec::new();
         let mut layout_found = false;
-        for dir in [self.links(), self.programs(), self.maps()] {
+        let next_program = self.program_next(names::PROGRAM);
+        for dir in [self.links(), self.programs(), self.maps(), self.staging()] {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -167,8 +191,8 @@ impl PinRoot {
                 let path = entry.path();
                 let name = entry.file_name();
                 let ours = dir == self.links()
-                    || (dir == self.programs() && name == names::PROGRAM)
-                    || (dir == self.maps()
+                    || (dir == self.programs() && (name == names::PROGRAM || path == next_program))
+                    || ((dir == self.maps() || dir == self.staging())
                         && names::ALL_MAPS
                             .iter()
                             .any(|m| name.as_bytes() == m.as_bytes()));
@@ -246,6 +270,51 @@ pub fn is_bpffs(path: &Path) -> bool {
     }
 }
 
+/// Whether a mount this process just made at `target` is seen beyond its mount namespace: `None`
+/// when it is (its peer group propagates it: `shared:N` in `/proc/self/mountinfo`; or this is
+/// PID 1's mount namespace, which lives as long as the system), else why not. A bpffs mounted in
+/// a namespace of our own (a container's private view of `/sys/fs/bpf`, `unshare -m`, `ip
+/// netns exec`) is torn down with that namespace, and every pin with it: tcx links are then
+/// released (detached), netlink filters keep running their program on the maps as they are.
+fn mount_persistence(target: &Path) -> Option<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if mount_is_shared(&mountinfo, target) {
+        return None;
+    }
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let (ours, init) = (ns("self"), ns("1"));
+    if ours.is_some() && ours == init {
+        return None;
+    }
+    Some(format!(
+        "the bpffs this agent mounted at {} is private to its mount namespace ({}, not PID 1's{}, \
+         and not shared): the pins go when that namespace's last process exits",
+        target.display(),
+        ours.map_or_else(|| "unknown".into(), |p| p.display().to_string()),
+        init.map_or_else(
+            || ", which cannot be read".into(),
+            |p| format!(" {}", p.display())
+        ),
+    ))
+}
+
+/// Whether the last mount at `target` in a `/proc/self/mountinfo` table has a `shared:N`
+/// optional field (it propagates to its peer group).
+fn mount_is_shared(mountinfo: &str, target: &Path) -> bool {
+    let target = target.as_os_str().as_bytes();
+    mountinfo
+        .lines()
+        .rev()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            // id parent major:minor root mount-point options [optional…] - type source super
+            let point = fields.get(4)?;
+            let end = fields.iter().position(|f| *f == "-")?;
+            (point.as_bytes() == target).then(|| fields[6.min(end)..end].to_vec())
+        })
+        .is_some_and(|optional| optional.iter().any(|f| f.starts_with("shared:")))
+}
+
 fn mount_bpffs(target: &Path) -> Result<(), BpffsError> {
     let io_error = |source| BpffsError::Io {
         op: "mounting bpffs on",
@@ -275,6 +344,25 @@ fn mount_bpffs(target: &Path) -> Result<(), BpffsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mount_is_shared_when_its_last_entry_has_a_peer_group() {
+        let table = "22 1 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+                     30 22 0:26 / /sys/fs/bpf rw,relatime shared:12 - bpf bpf rw\n\
+                     41 30 0:40 / /sys/fs/bpf rw,relatime - bpf bpf rw\n\
+                     42 22 0:41 / /run/x rw master:3 - tmpfs tmpfs rw\n";
+        let bpf = Path::new("/sys/fs/bpf");
+        assert!(
+            !mount_is_shared(table, bpf),
+            "the mount stacked on top is private"
+        );
+        assert!(mount_is_shared(&table[..table.find("41 30").unwrap()], bpf));
+        assert!(
+            !mount_is_shared(table, Path::new("/run/x")),
+            "a slave receives, it does not propagate"
+        );
+        assert!(!mount_is_shared(table, Path::new("/nowhere")));
+    }
 
     #[test]
     fn the_lock_holder_is_read_from_proc_locks() {

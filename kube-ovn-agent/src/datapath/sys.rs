@@ -187,6 +187,12 @@ pub fn open_pin_read_only(path: &Path) -> io::Result<OwnedFd> {
 
 /// The kernel id of the program behind `fd` (`BPF_OBJ_GET_INFO_BY_FD`).
 pub fn program_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    program_info(fd).map(|info| info.id)
+}
+
+/// The kernel's info on the program behind `fd` (`BPF_OBJ_GET_INFO_BY_FD`): needs only the fd,
+/// where aya's `loaded_programs` walks every program by id and so needs `CAP_SYS_ADMIN`.
+pub fn program_info(fd: BorrowedFd<'_>) -> io::Result<bpf_prog_info> {
     // SAFETY: all-zero is a valid (empty) bpf_prog_info and the union's unused state.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -208,7 +214,7 @@ pub fn program_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info.id)
+    Ok(info)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use crate::{
     ops::pinned::{PinnedError, PinnedView},
     state::{FamilyState, MapState, rule_names},
 };
-use aya::programs::ProgramInfo;
+use aya_obj::generated::bpf_prog_info;
 use kube_ovn_ebpf_common::{counter, names, rule};
 use serde::Serialize;
 
@@ -98,9 +98,9 @@ pub async fn status(args: &ReadArgs, agent_addr: std::net::SocketAddr) -> Result
     let current = tables.current();
     let program = pinned_program(&pins).map(|info| ProgramStatus {
         name: names::PROGRAM,
-        id: info.id(),
-        tag: format!("{:016x}", info.tag()),
-        verified_instructions: info.verified_instruction_count(),
+        id: info.id,
+        tag: format!("{:016x}", u64::from_be_bytes(info.tag)),
+        verified_instructions: (info.verified_insns > 0).then_some(info.verified_insns),
     });
     let rtnl = netlink::connect().map_err(Error::Rtnetlink)?;
     let attachments = attach::list(&pins, &rtnl).await;
@@ -142,13 +142,11 @@ pub async fn status(args: &ReadArgs, agent_addr: std::net::SocketAddr) -> Result
     Ok(())
 }
 
-/// The pinned program's info, through a read-only open of its pin (works on a read-only bpffs).
-fn pinned_program(pins: &PinRoot) -> Option<ProgramInfo> {
+/// The pinned program's info, through a read-only open of its pin (works on a read-only bpffs,
+/// and with `CAP_BPF` alone).
+fn pinned_program(pins: &PinRoot) -> Option<bpf_prog_info> {
     let fd = sys::open_pin_read_only(&pins.program(names::PROGRAM)).ok()?;
-    let id = sys::program_id(fd.as_fd()).ok()?;
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|info| info.id() == id)
+    sys::program_info(fd.as_fd()).ok()
 }
 
 fn status_text(s: &Status) -> String {

@@ -1,0 +1,505 @@
+//! The agent under exactly the agent Pod's capabilities (deploy/base/daemonset.yaml: BPF,
+//! `NET_ADMIN`, PERFMON, `NET_RAW`; no `SYS_ADMIN`), in private network namespaces: first run, a
+//! restart that adopts its own attachments, `status`, `cleanup-iptables` and an in-place upgrade
+//! from another pinned program, with real packets marked throughout. Needs root (to build the
+//! namespaces and drop to the capability set).
+//!
+//! Every agent command here goes through [`limited`], a local stand-in for the shared agent
+//! handle's capability option: `setpriv` keeps uid 0 but limits the bounding, inheritable and
+//! ambient sets to the agent Pod's four capabilities.
+
+use std::{
+    net::UdpSocket,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use kube_ovn_agent::testing::{
+    missing_privilege,
+    netns::{Bpffs, NetNs, TempPath, example_cluster, veth},
+    privilege_required, scaled,
+};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
+const METRICS: &str = "127.0.0.1:10669";
+/// The agent container's `securityContext.capabilities.add`, as setpriv spells them.
+const DAEMONSET_CAPS: &str = "bpf,net_admin,perfmon,net_raw";
+
+type Test = fn() -> Result<(), Failed>;
+
+fn main() {
+    let args = Arguments::from_args();
+    let skip = missing_privilege();
+    if let Some(why) = &skip {
+        eprintln!("\n*** SKIPPING the least-privilege tests: {why} ***\n");
+        if privilege_required() {
+            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
+            std::process::exit(1);
+        }
+    }
+    let tcx = kube_ovn_agent::datapath::attach::tcx_supported();
+    let tests: Vec<(&str, Test, bool)> = vec![
+        (
+            "tcx_restart_status_cleanup_and_upgrade_need_only_the_daemonsets_capabilities",
+            || lifecycle("tcx"),
+            true,
+        ),
+        (
+            "netlink_restart_status_and_cleanup_need_only_the_daemonsets_capabilities",
+            || lifecycle("netlink"),
+            false,
+        ),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, f, needs_tcx)| {
+            Trial::test(name, f).with_ignored_flag(skip.is_some() || (needs_tcx && !tcx))
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// `program` under the agent Pod's capability set, inside `ns`.
+fn limited(ns: &NetNs, program: &str) -> Command {
+    let mut command = ns.command("setpriv");
+    command
+        .arg("--reuid=0")
+        .arg(format!("--bounding-set=-all,+{}", plus(DAEMONSET_CAPS)))
+        .arg(format!("--inh-caps=-all,+{}", plus(DAEMONSET_CAPS)))
+        .arg(format!("--ambient-caps=-all,+{}", plus(DAEMONSET_CAPS)))
+        .arg("--")
+        .arg(program);
+    command
+}
+
+fn plus(caps: &str) -> String {
+    caps.replace(',', ",+")
+}
+
+/// Spec §5.1's node n1: `eth0` to a client (another node), `ovn0` to a pod, netfilter counting
+/// the packets that arrive with our marks.
+struct Node {
+    host: NetNs,
+    client: NetNs,
+    pod: NetNs,
+    bpffs: Bpffs,
+}
+
+impl Node {
+    fn new() -> Self {
+        let node = NetNs::new("kovn-lp-node-");
+        let client = NetNs::new("kovn-lp-client-");
+        let pod = NetNs::new("kovn-lp-pod-");
+        veth(&node, "eth0", &client, "eth0");
+        veth(&node, "ovn0", &pod, "eth0");
+        node.sh(
+            "ip addr add 192.168.0.11/24 dev eth0; ip addr add 100.64.0.2/16 dev ovn0; \
+             ip route add 10.16.0.0/16 dev ovn0",
+        );
+        client.sh("ip addr add 192.168.0.12/24 dev eth0");
+        pod.sh(
+            "ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; \
+             ip route add default via 100.64.0.2",
+        );
+        node.sh(
+            "iptables -t mangle -A PREROUTING -p udp --dport 30053 -m mark --mark 0x84000/0x84000 -j RETURN; \
+             iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN",
+        );
+        Self {
+            host: node,
+            client,
+            pod,
+            bpffs: Bpffs::mount(),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.bpffs.root()
+    }
+
+    fn agent(&self, attach: &str) -> Agent {
+        let log = TempPath::new("kovn-lp-agent-", "log");
+        let child = limited(&self.host, AGENT)
+            .args(["run", "--node-name", "n1", "--kube-proxy-mode", "ipvs"])
+            .args([
+                "--mode",
+                "enforce",
+                "--metrics-addr",
+                METRICS,
+                "--attach",
+                attach,
+            ])
+            .arg(format!("--source=file:{}", example_cluster().display()))
+            .arg("--bpffs-root")
+            .arg(self.root())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&*log).expect("agent log"))
+            .spawn()
+            .expect("start the agent");
+        Agent { child, log }
+    }
+
+    /// An agent subcommand under the agent Pod's capabilities.
+    fn cli(&self, args: &[&str]) -> Output {
+        limited(&self.host, AGENT)
+            .args(args)
+            .arg("--bpffs-root")
+            .arg(self.root())
+            .output()
+            .expect("run the agent CLI")
+    }
+
+    fn status(&self) -> Result<Value, String> {
+        let out = self.cli(&["status", "--json"]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// The agent's `kovn_attached_interfaces`.
+    fn attached_metric(&self) -> Option<u64> {
+        let out = self
+            .host
+            .command("curl")
+            .args(["-sf", "--max-time", "2"])
+            .arg(format!("http://{METRICS}/metrics"))
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("kovn_attached_interfaces "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Waits until the agent reports both interfaces attached (metric) and `status`, under the
+    /// same capabilities, lists them with the pinned program.
+    fn wait_attached(&self, agent: &mut Agent) -> Result<Value, Failed> {
+        let mut last = String::new();
+        wait(scaled(Duration::from_secs(20)), || {
+            agent.check_running()?;
+            let status = match self.status() {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e;
+                    return Ok(None);
+                }
+            };
+            let metric = self.attached_metric();
+            let names = attached_names(&status);
+            last = format!("metric {metric:?}, status attachments {names:?}");
+            Ok((metric == Some(2) && names == ["eth0", "ovn0"]).then_some(status))
+        })
+        .map_err(|e| format!("{e}; last: {last}\nagent log:\n{}", agent.log_text()).into())
+    }
+
+    /// Sends `n` datagrams from the client to the ETP=Local NodePort (marked 0x84000) and from
+    /// the pod to kube-dns' ClusterIP (marked 0x4000).
+    fn send(&self, n: usize) {
+        self.client.enter(|| {
+            let socket = UdpSocket::bind("192.168.0.12:0").expect("bind");
+            for _ in 0..n {
+                socket.send_to(b"x", "192.168.0.11:30053").expect("send");
+            }
+        });
+        self.pod.enter(|| {
+            let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
+            for _ in 0..n {
+                socket.send_to(b"x", "10.96.0.10:53").expect("send");
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    /// (NodePort, ClusterIP) packets netfilter saw with our marks.
+    fn marked(&self) -> (u64, u64) {
+        let listing = self.host.sh("iptables -t mangle -nvxL PREROUTING");
+        let count = |needle: &str| -> u64 {
+            listing
+                .lines()
+                .find(|l| l.contains(needle))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no rule {needle:?} in\n{listing}"))
+        };
+        (count("dpt:30053"), count("dpt:53"))
+    }
+
+    /// Marks `n` of each kind more than before, or says what happened.
+    fn marks(&self, n: u64, when: &str) -> Result<(), Failed> {
+        let before = self.marked();
+        self.send(usize::try_from(n).expect("small"));
+        let after = self.marked();
+        ensure(after == (before.0 + n, before.1 + n), || {
+            format!("{when}: marked {before:?} → {after:?}, want {n} more of each")
+        })
+    }
+}
+
+struct Agent {
+    child: Child,
+    log: TempPath,
+}
+
+impl Agent {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&*self.log).unwrap_or_default()
+    }
+
+    fn check_running(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(format!("agent exited with {status}:\n{}", self.log_text())),
+            _ => Ok(()),
+        }
+    }
+
+    fn terminate(&mut self) -> Result<(), Failed> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        wait(scaled(Duration::from_secs(10)), || {
+            Ok(self.child.try_wait().ok().flatten().map(|_| ()))
+        })
+        .map_err(|e| format!("agent did not exit on SIGTERM: {e}\n{}", self.log_text()).into())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait<T>(
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = f()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out after {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failed> {
+    if condition {
+        Ok(())
+    } else {
+        Err(message().into())
+    }
+}
+
+fn attached_names(status: &Value) -> Vec<String> {
+    let mut names: Vec<String> = status["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["ifname"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+/// (ifname, link id or filter, program id) of each attachment `status` lists.
+fn attachments(status: &Value) -> Vec<(String, String, u64)> {
+    let mut list: Vec<_> = status["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            (
+                a["ifname"].as_str().unwrap_or_default().to_owned(),
+                format!("{}{}", a["link_id"], a["filter"]),
+                a["program_id"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+/// Warnings and errors in an agent's log (text format: the level follows the timestamp).
+fn complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect()
+}
+
+fn lifecycle(attach: &str) -> Result<(), Failed> {
+    let node = Node::new();
+
+    // First run: creates everything.
+    let mut first = node.agent(attach);
+    let status = node.wait_attached(&mut first)?;
+    let program = status["program"]["id"].as_u64().unwrap_or_default();
+    ensure(program != 0, || {
+        format!("status shows no pinned program: {}", status["program"])
+    })?;
+    let created = attachments(&status);
+    ensure(created.iter().all(|a| a.2 == program), || {
+        format!("attachments {created:?} do not all run program {program}")
+    })?;
+    node.marks(10, "first run")?;
+    first.terminate()?;
+
+    // Restart: adopts its own attachments, unchanged, with no complaint.
+    let mut second = node.agent(attach);
+    let status = node.wait_attached(&mut second)?;
+    ensure(attachments(&status) == created, || {
+        format!(
+            "after a restart the attachments are {:?}, want the adopted {created:?}",
+            attachments(&status)
+        )
+    })?;
+    node.marks(10, "after the restart")?;
+    let text = node.cli(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    ensure(!text.contains("attachments   none"), || {
+        format!("status text:\n{text}")
+    })?;
+
+    // cleanup-iptables' interlock sees the enforcing, attached datapath.
+    let cleanup = node.cli(&["cleanup-iptables", "--dry-run"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&cleanup.stdout),
+        String::from_utf8_lossy(&cleanup.stderr)
+    );
+    ensure(
+        cleanup.status.success() && !said.contains("refusing"),
+        || format!("cleanup-iptables --dry-run: {}\n{said}", cleanup.status),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+    let log = second.log_text();
+    ensure(complaints(&log).is_empty(), || {
+        format!("the restarted agent complained:\n{log}")
+    })?;
+
+    if attach == "tcx" {
+        // In-place upgrade: the pins and links of "an older build" (another program, pinned
+        // and attached through the same links) are taken over by this build's program.
+        second.terminate()?;
+        let older = StandIn::load();
+        older.take_over(&node.root());
+        let before = attachments(&node.status()?);
+        ensure(before.iter().all(|a| a.2 == u64::from(older.id)), || {
+            format!("the stand-in did not take over: {before:?}")
+        })?;
+        let mut third = node.agent(attach);
+        let status = wait(scaled(Duration::from_secs(20)), || {
+            third.check_running()?;
+            let status = node.status()?;
+            let now = attachments(&status);
+            let upgraded = now.len() == 2 && now.iter().all(|a| a.2 != u64::from(older.id));
+            Ok(upgraded.then_some(status))
+        })
+        .map_err(|e| format!("no upgrade: {e}\n{}", third.log_text()))?;
+        let upgraded = attachments(&status);
+        let new_program = status["program"]["id"].as_u64().unwrap_or_default();
+        ensure(
+            upgraded
+                .iter()
+                .map(|a| &a.1)
+                .eq(created.iter().map(|a| &a.1))
+                && upgraded.iter().all(|a| a.2 == new_program),
+            || format!("upgrade: {created:?} → {upgraded:?}, pinned program {new_program}"),
+        )?;
+        node.wait_attached(&mut third)?;
+        node.marks(10, "after the in-place upgrade")?;
+        let log = third.log_text();
+        ensure(complaints(&log).is_empty(), || {
+            format!("the upgrading agent complained:\n{log}")
+        })?;
+    }
+    Ok(())
+}
+
+/// A stand-in for an older build's program: a `sched_cls` program that passes every packet on
+/// (`return TCX_NEXT`), loaded here with full root.
+struct StandIn {
+    fd: OwnedFd,
+    id: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a zero-padded bpf_attr of 128 bytes whose pointers (set by the callers)
+    // outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(attr)) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn owned(rc: i64) -> OwnedFd {
+    // SAFETY: the bpf command returned a new descriptor nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(i32::try_from(rc).expect("fd")) }
+}
+
+fn pinned(path: &Path) -> OwnedFd {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64;
+    owned(bpf(BPF_OBJ_GET, &mut attr).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+impl StandIn {
+    fn load() -> Self {
+        // r0 = -1 (TCX_NEXT); exit
+        let insns: [u64; 2] = [0xffff_ffff_0000_00b7, 0x95];
+        let license = c"GPL";
+        let mut attr = [0u64; 16];
+        // prog_type, insn_cnt | insns | license | log_level, log_size | log_buf | kern_version,
+        // prog_flags | prog_name[16]
+        attr[0] = u64::from(BPF_PROG_TYPE_SCHED_CLS) | (2 << 32);
+        attr[1] = insns.as_ptr() as u64;
+        attr[2] = license.as_ptr() as u64;
+        attr[6] = u64::from_ne_bytes(*b"kovn_ing");
+        attr[7] = u64::from_ne_bytes(*b"ress\0\0\0\0");
+        let fd = owned(bpf(BPF_PROG_LOAD, &mut attr).expect("loading the stand-in program"));
+        let mut info = [0u8; 256];
+        let mut attr = [0u64; 16];
+        attr[0] = u64::try_from(fd.as_raw_fd()).expect("fd") | (256 << 32);
+        attr[1] = info.as_mut_ptr() as u64;
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).expect("stand-in info");
+        let id = u32::from_ne_bytes(info[4..8].try_into().expect("4 bytes"));
+        Self { fd, id }
+    }
+
+    /// Pins this program as ours and runs it on every pinned link, as an older build would have.
+    fn take_over(&self, root: &Path) {
+        let program = root.join("programs/kovn_ingress");
+        std::fs::remove_file(&program).expect("unpin our program");
+        let c_path = std::ffi::CString::new(program.as_os_str().as_encoded_bytes()).expect("path");
+        let mut attr = [0u64; 16];
+        attr[0] = c_path.as_ptr() as u64;
+        attr[1] = u64::try_from(self.fd.as_raw_fd()).expect("fd");
+        bpf(BPF_OBJ_PIN, &mut attr).expect("pin the stand-in");
+        for entry in std::fs::read_dir(root.join("links")).expect("links") {
+            let link = pinned(&entry.expect("entry").path());
+            let mut attr = [0u64; 16];
+            // link_fd, new_prog_fd | flags, old_prog_fd
+            attr[0] = u64::try_from(link.as_raw_fd()).expect("fd")
+                | (u64::try_from(self.fd.as_raw_fd()).expect("fd") << 32);
+            bpf(BPF_LINK_UPDATE, &mut attr).expect("BPF_LINK_UPDATE to the stand-in");
+        }
+    }
+}
