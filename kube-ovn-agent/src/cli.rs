@@ -11,6 +11,7 @@ use crate::{
     datapath::attach::{AttachChoice, DEFAULT_HANDLE, TcxOrder},
     datapath::pins::DEFAULT_ROOT,
     host::netlink::IfaceOverride,
+    ops::preflight::DaemonSetRef,
     source::SourceSpec,
     translate::ServiceMatch,
 };
@@ -80,8 +81,11 @@ pub enum Command {
     CleanupIptables(CleanupArgs),
     /// Check whether this node can run the agent, before installing it: kernel ≥ 5.10, tcx or
     /// clsact, the capabilities in the effective set, a bpffs under --bpffs-root, the kernel's
-    /// BTF. Changes nothing. Exit status 1 when a check fails (warnings do not count).
-    Preflight(ReadArgs),
+    /// BTF; and, through the API server, Kube-OVN's kube-ovn-cni `DaemonSet`: its version and
+    /// whether its --service-cluster-ip-range, --cluster-router and --enable-tproxy equal the
+    /// ones given here. Changes nothing. Exit status 1 when a check fails (warnings do not
+    /// count; an unreachable API server is a warning).
+    Preflight(PreflightArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -164,6 +168,47 @@ pub struct ReadArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PreflightArgs {
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// Kube-OVN's kube-ovn-cni `DaemonSet`, as NAMESPACE/NAME, whose `cni-server` args are
+    /// compared with the three flags below (in-cluster configuration or the kubeconfig);
+    /// `none` skips the Kube-OVN checks.
+    #[arg(long, default_value = "kube-system/kube-ovn-cni", value_parser = parse_daemonset_ref, value_name = "NAMESPACE/NAME")]
+    pub kube_ovn_cni: KubeOvnCni,
+    /// The --service-cluster-ip-range `run` will get (as `run`'s flag).
+    #[arg(long, default_value = "10.96.0.0/12", value_parser = parse_cidrs)]
+    pub service_cluster_ip_range: Cidrs,
+    /// The --cluster-router `run` will get.
+    #[arg(long, default_value = "ovn-cluster")]
+    pub cluster_router: String,
+    /// Whether `run` will get --enable-tproxy.
+    #[arg(long)]
+    pub enable_tproxy: bool,
+}
+
+/// `--kube-ovn-cni`: the `DaemonSet` to read, or `none`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeOvnCni(pub Option<DaemonSetRef>);
+
+fn parse_daemonset_ref(text: &str) -> Result<KubeOvnCni, String> {
+    if text == "none" {
+        return Ok(KubeOvnCni(None));
+    }
+    match text.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+        {
+            Ok(KubeOvnCni(Some(DaemonSetRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })))
+        }
+        _ => Err("expected NAMESPACE/NAME or `none`".into()),
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -535,6 +580,44 @@ mod tests {
     }
 
     #[test]
+    fn preflight_names_kube_ovns_daemonset_and_our_flags() {
+        let Command::Preflight(args) = parse(&["preflight"]).unwrap().command else {
+            panic!("not preflight")
+        };
+        assert_eq!(
+            args.kube_ovn_cni,
+            KubeOvnCni(Some(DaemonSetRef {
+                namespace: "kube-system".into(),
+                name: "kube-ovn-cni".into()
+            }))
+        );
+        assert_eq!(args.cluster_router, "ovn-cluster");
+        assert!(!args.enable_tproxy);
+        let Command::Preflight(args) = parse(&[
+            "preflight",
+            "--kube-ovn-cni",
+            "none",
+            "--service-cluster-ip-range",
+            "10.233.0.0/18,fd00::/112",
+            "--enable-tproxy",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not preflight")
+        };
+        assert_eq!(args.kube_ovn_cni, KubeOvnCni(None));
+        assert_eq!(args.service_cluster_ip_range.0.len(), 2);
+        assert!(args.enable_tproxy);
+        for bad in ["kube-ovn-cni", "/x", "a/", "a/b/c"] {
+            let error = parse(&["preflight", "--kube-ovn-cni", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(error.contains("NAMESPACE/NAME"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
     fn read_commands_take_root_and_json() {
         let cli = parse(&["status", "--bpffs-root", "/run/x", "--json"]).unwrap();
         let Command::Status(status) = cli.command else {
@@ -572,7 +655,10 @@ mod tests {
         assert!(parse(&["dump", "--json"]).is_ok());
         assert!(matches!(
             parse(&["preflight", "--json"]).unwrap().command,
-            Command::Preflight(ReadArgs { json: true, .. })
+            Command::Preflight(PreflightArgs {
+                read: ReadArgs { json: true, .. },
+                ..
+            })
         ));
     }
 

@@ -105,8 +105,21 @@ fn dispatch(command: Command) -> Result<()> {
             std::process::exit(report.verdict.exit_code());
         }
         Command::Preflight(args) => {
-            let checks = preflight::evaluate(&preflight::Facts::read(&args.root.bpffs_root));
-            if args.json {
+            let mut checks =
+                preflight::evaluate(&preflight::Facts::read(&args.read.root.bpffs_root));
+            if let Some(target) = &args.kube_ovn_cni.0 {
+                let found = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(preflight::read_kube_ovn_cni(target));
+                let ours = preflight::Ours {
+                    service_cidrs: args.service_cluster_ip_range.0.clone(),
+                    cluster_router: args.cluster_router.clone(),
+                    enable_tproxy: args.enable_tproxy,
+                };
+                checks.extend(preflight::evaluate_kube_ovn(target, &found, &ours));
+            }
+            if args.read.json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
                 print!("{}", preflight::text(&checks));
