@@ -86,6 +86,27 @@ pub enum Command {
     /// ones given here. Changes nothing. Exit status 1 when a check fails (warnings do not
     /// count; an unreachable API server is a warning).
     Preflight(PreflightArgs),
+    /// Wait until the uninstall `DaemonSet` NAMESPACE/NAME has an up-to-date ready pod on every
+    /// node it is scheduled to — each pod's init container ran `detach` there. The chart's
+    /// uninstall hook Job runs it, so `helm uninstall` returns only then. Exit status 1 on
+    /// timeout.
+    UninstallWait(UninstallWaitArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UninstallWaitArgs {
+    /// The uninstall `DaemonSet`.
+    #[arg(value_parser = parse_required_daemonset_ref, value_name = "NAMESPACE/NAME")]
+    pub daemonset: DaemonSetRef,
+    /// Give up after this long: `10m`, …
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+fn parse_required_daemonset_ref(text: &str) -> Result<DaemonSetRef, String> {
+    parse_daemonset_ref(text)?
+        .0
+        .ok_or_else(|| "expected NAMESPACE/NAME".into())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -614,6 +635,33 @@ mod tests {
                 .expect_err(bad)
                 .to_string();
             assert!(error.contains("NAMESPACE/NAME"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn uninstall_wait_takes_a_daemonset_and_a_timeout() {
+        let Command::UninstallWait(args) = parse(&[
+            "uninstall-wait",
+            "kube-system/kube-ovn-ebpf-uninstall",
+            "--timeout",
+            "10m",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not uninstall-wait")
+        };
+        assert_eq!(
+            args.daemonset.to_string(),
+            "kube-system/kube-ovn-ebpf-uninstall"
+        );
+        assert_eq!(args.timeout, Duration::from_mins(10));
+        for bad in [
+            &["uninstall-wait"][..],
+            &["uninstall-wait", "none"],
+            &["uninstall-wait", "x"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
         }
     }
 

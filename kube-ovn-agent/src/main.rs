@@ -18,6 +18,7 @@ use kube_ovn_agent::{
     ops::cleanup,
     ops::inspect,
     ops::preflight,
+    ops::uninstall,
     ops::verify,
     source::{self, Running, SourceSpec},
     translate::{KubeProxySets, Options},
@@ -125,6 +126,18 @@ fn dispatch(command: Command) -> Result<()> {
                 print!("{}", preflight::text(&checks));
             }
             anyhow::ensure!(!preflight::failed(&checks), "a preflight check failed");
+            Ok(())
+        }
+        Command::UninstallWait(args) => {
+            let done = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(uninstall::wait(
+                    &args.daemonset,
+                    args.timeout,
+                    Duration::from_secs(2),
+                ))?;
+            println!("{}: {done}", args.daemonset);
             Ok(())
         }
         Command::CleanupIptables(args) => {
