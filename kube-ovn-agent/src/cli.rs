@@ -144,7 +144,8 @@ pub struct CleanupArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RootArgs {
-    /// Directory on a bpffs holding our pins (mounted at /sys/fs/bpf when missing there).
+    /// Directory on a bpffs holding our pins. Only `run` mounts a bpffs (at /sys/fs/bpf, when
+    /// the root is under it and none is mounted there); the other commands use what is there.
     #[arg(long, default_value = DEFAULT_ROOT)]
     pub bpffs_root: PathBuf,
 }
