@@ -78,6 +78,7 @@ const FOREIGN: &[(&str, &str)] = &[
     ("bless", "cargo xtask vm-test"),
     ("kernel", "cargo xtask vm-test"),
     ("quick", "cargo xtask e2e/bench"),
+    ("ci", "cargo xtask image"),
     ("agent", "cargo xtask e2e"),
     ("only", "cargo xtask e2e"),
     ("rebuilt-agent", "cargo xtask e2e"),
