@@ -11,6 +11,7 @@ use crate::{
     datapath::attach::{AttachChoice, DEFAULT_HANDLE, TcxOrder},
     datapath::pins::DEFAULT_ROOT,
     host::netlink::IfaceOverride,
+    ops::preflight::DaemonSetRef,
     source::SourceSpec,
     translate::ServiceMatch,
 };
@@ -80,8 +81,32 @@ pub enum Command {
     CleanupIptables(CleanupArgs),
     /// Check whether this node can run the agent, before installing it: kernel ≥ 5.10, tcx or
     /// clsact, the capabilities in the effective set, a bpffs under --bpffs-root, the kernel's
-    /// BTF. Changes nothing. Exit status 1 when a check fails (warnings do not count).
-    Preflight(ReadArgs),
+    /// BTF; and, through the API server, Kube-OVN's kube-ovn-cni `DaemonSet`: its version and
+    /// whether its --service-cluster-ip-range, --cluster-router and --enable-tproxy equal the
+    /// ones given here. Changes nothing. Exit status 1 when a check fails (warnings do not
+    /// count; an unreachable API server is a warning).
+    Preflight(PreflightArgs),
+    /// Wait until the uninstall `DaemonSet` NAMESPACE/NAME has an up-to-date ready pod on every
+    /// node it is scheduled to — each pod's init container ran `detach` there. The chart's
+    /// uninstall hook Job runs it, so `helm uninstall` returns only then. Exit status 1 on
+    /// timeout.
+    UninstallWait(UninstallWaitArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UninstallWaitArgs {
+    /// The uninstall `DaemonSet`.
+    #[arg(value_parser = parse_required_daemonset_ref, value_name = "NAMESPACE/NAME")]
+    pub daemonset: DaemonSetRef,
+    /// Give up after this long: `10m`, …
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+fn parse_required_daemonset_ref(text: &str) -> Result<DaemonSetRef, String> {
+    parse_daemonset_ref(text)?
+        .0
+        .ok_or_else(|| "expected NAMESPACE/NAME".into())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -119,7 +144,8 @@ pub struct CleanupArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RootArgs {
-    /// Directory on a bpffs holding our pins (mounted at /sys/fs/bpf when missing there).
+    /// Directory on a bpffs holding our pins. Only `run` mounts a bpffs (at /sys/fs/bpf, when
+    /// the root is under it and none is mounted there); the other commands use what is there.
     #[arg(long, default_value = DEFAULT_ROOT)]
     pub bpffs_root: PathBuf,
 }
@@ -164,6 +190,47 @@ pub struct ReadArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PreflightArgs {
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// Kube-OVN's kube-ovn-cni `DaemonSet`, as NAMESPACE/NAME, whose `cni-server` args are
+    /// compared with the three flags below (in-cluster configuration or the kubeconfig);
+    /// `none` skips the Kube-OVN checks.
+    #[arg(long, default_value = "kube-system/kube-ovn-cni", value_parser = parse_daemonset_ref, value_name = "NAMESPACE/NAME")]
+    pub kube_ovn_cni: KubeOvnCni,
+    /// The --service-cluster-ip-range `run` will get (as `run`'s flag).
+    #[arg(long, default_value = "10.96.0.0/12", value_parser = parse_cidrs)]
+    pub service_cluster_ip_range: Cidrs,
+    /// The --cluster-router `run` will get.
+    #[arg(long, default_value = "ovn-cluster")]
+    pub cluster_router: String,
+    /// Whether `run` will get --enable-tproxy.
+    #[arg(long)]
+    pub enable_tproxy: bool,
+}
+
+/// `--kube-ovn-cni`: the `DaemonSet` to read, or `none`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeOvnCni(pub Option<DaemonSetRef>);
+
+fn parse_daemonset_ref(text: &str) -> Result<KubeOvnCni, String> {
+    if text == "none" {
+        return Ok(KubeOvnCni(None));
+    }
+    match text.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+        {
+            Ok(KubeOvnCni(Some(DaemonSetRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })))
+        }
+        _ => Err("expected NAMESPACE/NAME or `none`".into()),
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -535,6 +602,71 @@ mod tests {
     }
 
     #[test]
+    fn preflight_names_kube_ovns_daemonset_and_our_flags() {
+        let Command::Preflight(args) = parse(&["preflight"]).unwrap().command else {
+            panic!("not preflight")
+        };
+        assert_eq!(
+            args.kube_ovn_cni,
+            KubeOvnCni(Some(DaemonSetRef {
+                namespace: "kube-system".into(),
+                name: "kube-ovn-cni".into()
+            }))
+        );
+        assert_eq!(args.cluster_router, "ovn-cluster");
+        assert!(!args.enable_tproxy);
+        let Command::Preflight(args) = parse(&[
+            "preflight",
+            "--kube-ovn-cni",
+            "none",
+            "--service-cluster-ip-range",
+            "10.233.0.0/18,fd00::/112",
+            "--enable-tproxy",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not preflight")
+        };
+        assert_eq!(args.kube_ovn_cni, KubeOvnCni(None));
+        assert_eq!(args.service_cluster_ip_range.0.len(), 2);
+        assert!(args.enable_tproxy);
+        for bad in ["kube-ovn-cni", "/x", "a/", "a/b/c"] {
+            let error = parse(&["preflight", "--kube-ovn-cni", bad])
+                .expect_err(bad)
+                .to_string();
+            assert!(error.contains("NAMESPACE/NAME"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn uninstall_wait_takes_a_daemonset_and_a_timeout() {
+        let Command::UninstallWait(args) = parse(&[
+            "uninstall-wait",
+            "kube-system/kube-ovn-ebpf-uninstall",
+            "--timeout",
+            "10m",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not uninstall-wait")
+        };
+        assert_eq!(
+            args.daemonset.to_string(),
+            "kube-system/kube-ovn-ebpf-uninstall"
+        );
+        assert_eq!(args.timeout, Duration::from_mins(10));
+        for bad in [
+            &["uninstall-wait"][..],
+            &["uninstall-wait", "none"],
+            &["uninstall-wait", "x"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn read_commands_take_root_and_json() {
         let cli = parse(&["status", "--bpffs-root", "/run/x", "--json"]).unwrap();
         let Command::Status(status) = cli.command else {
@@ -572,7 +704,10 @@ mod tests {
         assert!(parse(&["dump", "--json"]).is_ok());
         assert!(matches!(
             parse(&["preflight", "--json"]).unwrap().command,
-            Command::Preflight(ReadArgs { json: true, .. })
+            Command::Preflight(PreflightArgs {
+                read: ReadArgs { json: true, .. },
+                ..
+            })
         ));
     }
 

@@ -18,6 +18,7 @@ use kube_ovn_agent::{
     ops::cleanup,
     ops::inspect,
     ops::preflight,
+    ops::uninstall,
     ops::verify,
     source::{self, Running, SourceSpec},
     translate::{KubeProxySets, Options},
@@ -105,13 +106,38 @@ fn dispatch(command: Command) -> Result<()> {
             std::process::exit(report.verdict.exit_code());
         }
         Command::Preflight(args) => {
-            let checks = preflight::evaluate(&preflight::Facts::read(&args.root.bpffs_root));
-            if args.json {
+            let mut checks =
+                preflight::evaluate(&preflight::Facts::read(&args.read.root.bpffs_root));
+            if let Some(target) = &args.kube_ovn_cni.0 {
+                let found = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(preflight::read_kube_ovn_cni(target));
+                let ours = preflight::Ours {
+                    service_cidrs: args.service_cluster_ip_range.0.clone(),
+                    cluster_router: args.cluster_router.clone(),
+                    enable_tproxy: args.enable_tproxy,
+                };
+                checks.extend(preflight::evaluate_kube_ovn(target, &found, &ours));
+            }
+            if args.read.json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
                 print!("{}", preflight::text(&checks));
             }
             anyhow::ensure!(!preflight::failed(&checks), "a preflight check failed");
+            Ok(())
+        }
+        Command::UninstallWait(args) => {
+            let done = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(uninstall::wait(
+                    &args.daemonset,
+                    args.timeout,
+                    Duration::from_secs(2),
+                ))?;
+            println!("{}: {done}", args.daemonset);
             Ok(())
         }
         Command::CleanupIptables(args) => {

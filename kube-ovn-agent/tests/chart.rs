@@ -4,7 +4,9 @@
 //! and patches (rendered by the pinned `kustomize`), and the same monitoring objects as
 //! deploy/monitoring; every rendered `DaemonSet` is a typed object whose args the agent's own CLI
 //! parser accepts; the alert rules pass `promtool check rules` and their unit tests; the
-//! dashboard and the rules name only metrics the agent registers.
+//! dashboard and the rules name only metrics the agent registers; the uninstall hook runs
+//! deploy/uninstall's `DaemonSet` and waits for it with `get` on that one object as its only
+//! permission.
 //!
 //! Helm and Kustomize are built from the Go module proxy at the versions go/helm/go.mod pins,
 //! into `target/tools/` (as `cargo xtask helm build` does). promtool comes from Debian's
@@ -52,6 +54,14 @@ fn main() {
             bad_values_refused,
         ),
         ("chart_version_follows_the_workspace", chart_version_matches),
+        (
+            "uninstall_hook_detaches_every_node_and_waits_with_least_rbac",
+            uninstall_hook,
+        ),
+        (
+            "uninstall_wait_with_the_hooks_rbac_on_a_real_api_server",
+            uninstall_wait_on_real_api_server,
+        ),
         (
             "every_chart_render_passes_server_dry_run",
             renders_pass_server_dry_run,
@@ -604,8 +614,11 @@ fn chart_equals_kustomize() -> Result<(), Failed> {
     };
     let mut problems = Vec::new();
     for profile in PROFILES {
+        // The uninstall hook has no place in a Kustomize install (deploy/uninstall is applied
+        // on its own afterwards); uninstall_hook compares it with that.
         let chart = helm_template(&helm, profile.values)
             .and_then(|t| parse_objects(&t, "helm template"))
+            .map(|objects| objects.into_iter().filter(|o| hook(o).is_none()).collect())
             .map(by_kind_and_name);
         let kust = kustomize_build(&kustomize, profile)
             .and_then(|t| parse_objects(&t, "kustomize build"))
@@ -711,7 +724,10 @@ fn daemonsets_pass_the_cli() -> Result<(), Failed> {
     let mut problems = Vec::new();
     for (name, text) in renders {
         let objects = parse_objects(&text, &name)?;
-        let Some(raw) = objects.iter().find(|o| o["kind"] == "DaemonSet") else {
+        let Some(raw) = objects
+            .iter()
+            .find(|o| o["kind"] == "DaemonSet" && hook(o).is_none())
+        else {
             problems.push(format!("{name}: no DaemonSet"));
             continue;
         };
@@ -751,6 +767,256 @@ fn daemonsets_pass_the_cli() -> Result<(), Failed> {
     }
 }
 
+/// The Helm hook an object is (`helm.sh/hook`), if any.
+fn hook(object: &Value) -> Option<&str> {
+    object["metadata"]["annotations"]["helm.sh/hook"].as_str()
+}
+
+/// The hook's weight.
+fn hook_weight(object: &Value) -> i64 {
+    object["metadata"]["annotations"]["helm.sh/hook-weight"]
+        .as_str()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The chart's uninstall hook: post-delete (a pre-delete hook would run while the agent still
+/// runs, and `detach` refuses then), RBAC before the `DaemonSet` before the waiting Job; the
+/// `DaemonSet` is deploy/uninstall's; the Job's only permission is `get` on it and its args are
+/// the agent's `uninstall-wait` on it; `uninstall.enabled: false` renders none of it.
+fn uninstall_hook() -> Result<(), Failed> {
+    let Some(helm) = helm()? else {
+        return Ok(());
+    };
+    let objects = parse_objects(&helm_template(&helm, "")?, "helm template")?;
+    let hooks: Vec<&Value> = objects.iter().filter(|o| hook(o).is_some()).collect();
+    let mut problems = Vec::new();
+    let kinds: Vec<(&str, i64)> = hooks
+        .iter()
+        .map(|o| (o["kind"].as_str().unwrap_or_default(), hook_weight(o)))
+        .collect();
+    for (kind, weight) in [
+        ("ServiceAccount", -10),
+        ("Role", -10),
+        ("RoleBinding", -10),
+        ("DaemonSet", 0),
+        ("Job", 10),
+    ] {
+        if !kinds.contains(&(kind, weight)) {
+            problems.push(format!("no {kind} hook of weight {weight} in {kinds:?}"));
+        }
+    }
+    if hooks.len() != 5 {
+        problems.push(format!("expected 5 hook objects, got {kinds:?}"));
+    }
+    for object in &hooks {
+        if hook(object) != Some("post-delete") {
+            problems.push(format!("{} is a {:?} hook", object["kind"], hook(object)));
+        }
+    }
+    let of = |kind: &str| hooks.iter().find(|o| o["kind"] == kind).copied();
+    let (Some(ds), Some(role), Some(binding), Some(job), Some(sa)) = (
+        of("DaemonSet"),
+        of("Role"),
+        of("RoleBinding"),
+        of("Job"),
+        of("ServiceAccount"),
+    ) else {
+        return Err(problems.join("\n").into());
+    };
+    let ds_name = ds["metadata"]["name"].as_str().unwrap_or_default();
+    // deploy/uninstall's DaemonSet, Helm's bookkeeping (labels, hook annotations) aside.
+    let mut chart_ds = normalised(ds.clone());
+    if let Some(Value::Object(meta)) = chart_ds.get_mut("metadata") {
+        meta.remove("annotations");
+    }
+    let kust_ds = normalised(
+        parse_objects(
+            &read(&repo().join("deploy/uninstall/daemonset.yaml")),
+            "deploy/uninstall",
+        )?
+        .remove(0),
+    );
+    let mut diffs = Vec::new();
+    differences(&chart_ds, &kust_ds, "", &mut diffs);
+    problems.extend(
+        diffs
+            .into_iter()
+            .map(|d| format!("hook DaemonSet vs deploy/uninstall: {d}")),
+    );
+    let expected_rules = serde_json::json!([{
+        "apiGroups": ["apps"], "resources": ["daemonsets"],
+        "resourceNames": [ds_name], "verbs": ["get"]
+    }]);
+    if role["rules"] != expected_rules {
+        problems.push(format!(
+            "the Role grants {}, not only get on {ds_name}",
+            role["rules"]
+        ));
+    }
+    let sa_name = &sa["metadata"]["name"];
+    if binding["roleRef"]["name"] != role["metadata"]["name"]
+        || binding["subjects"][0]["name"] != *sa_name
+        || job["spec"]["template"]["spec"]["serviceAccountName"] != *sa_name
+    {
+        problems.push("the RoleBinding does not bind the Role to the Job's account".into());
+    }
+    problems.extend(hook_args_problems(ds, job, ds_name));
+    let off = parse_objects(
+        &helm_template(&helm, "uninstall: {enabled: false}\n")?,
+        "helm template",
+    )?;
+    if off.iter().any(|o| hook(o).is_some()) {
+        problems.push("uninstall.enabled: false still renders hooks".into());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n").into())
+    }
+}
+
+/// What is wrong with the hook's commands: the Job must run `uninstall-wait` on the hook's
+/// `DaemonSet`, whose init container must run `detach --if-present`.
+fn hook_args_problems(ds: &Value, job: &Value, ds_name: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let args: Vec<String> = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    match Cli::try_parse_from(std::iter::once("kube-ovn-agent".to_owned()).chain(args)) {
+        Ok(Cli {
+            command: AgentCommand::UninstallWait(wait),
+            ..
+        }) if wait.daemonset.to_string() == format!("{NAMESPACE}/{ds_name}") => {}
+        other => problems.push(format!(
+            "the Job does not run uninstall-wait on {ds_name}: {other:?}"
+        )),
+    }
+    let init: Vec<String> = ds["spec"]["template"]["spec"]["initContainers"][0]["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    if !matches!(
+        Cli::try_parse_from(std::iter::once("kube-ovn-agent".to_owned()).chain(init)),
+        Ok(Cli { command: AgentCommand::Detach(ref d), .. }) if d.if_present && !d.force
+    ) {
+        problems.push("the DaemonSet's init container does not run detach --if-present".into());
+    }
+    problems
+}
+
+/// The hook's RBAC objects and `DaemonSet` applied on the real kube-apiserver (no controller
+/// manager runs there, so the test plays the `DaemonSet` controller by writing its status): the
+/// agent's `uninstall-wait`, with a token of the hook's own service account, keeps waiting while
+/// not every node is done, times out with the progress, and returns once all are; the account can
+/// do nothing else.
+fn uninstall_wait_on_real_api_server() -> Result<(), Failed> {
+    use kube_ovn_testkit::control_plane::{Binaries, ControlPlane, Options};
+    let binaries = match Binaries::from_env() {
+        Ok(binaries) => binaries,
+        Err(e) => {
+            missing("a real kube-apiserver", &e.to_string())?;
+            return Ok(());
+        }
+    };
+    let Some(helm) = helm()? else {
+        return Ok(());
+    };
+    let hooks: Vec<Value> = parse_objects(&helm_template(&helm, "")?, "helm template")?
+        .into_iter()
+        .filter(|o| hook(o).is_some() && o["kind"] != "Job")
+        .collect();
+    let plane = ControlPlane::start(Options::new(binaries)).map_err(|e| e.to_string())?;
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": hooks});
+    plane
+        .kubectl_stdin(&["apply", "-f", "-"], &list.to_string())
+        .map_err(|e| e.to_string())?;
+    let name = "kube-ovn-ebpf-uninstall";
+    let token = plane
+        .token_for_service_account(NAMESPACE, name)
+        .map_err(|e| e.to_string())?;
+    let kubeconfig = plane
+        .kubeconfig_with_token("uninstall-hook", &token)
+        .map_err(|e| e.to_string())?;
+    let wait = |timeout: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kube-ovn-agent"))
+            .args([
+                "uninstall-wait",
+                &format!("{NAMESPACE}/{name}"),
+                "--timeout",
+                timeout,
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .map_err(|e| e.to_string())
+    };
+    let set_status = |ready: u32| {
+        let status = serde_json::json!({"status": {
+            "observedGeneration": 1, "desiredNumberScheduled": 2, "currentNumberScheduled": 2,
+            "updatedNumberScheduled": 2, "numberReady": ready, "numberMisscheduled": 0
+        }});
+        plane
+            .kubectl(&[
+                "-n",
+                NAMESPACE,
+                "patch",
+                "daemonset",
+                name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &status.to_string(),
+            ])
+            .map_err(|e| e.to_string())
+    };
+    let mut problems = Vec::new();
+    set_status(1)?;
+    let out = wait("3s")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() != Some(1) || !stderr.contains("1 of 2 nodes detached") {
+        problems.push(format!("one node of two: {:?} {stderr}", out.status.code()));
+    }
+    set_status(2)?;
+    let out = wait("30s")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !stdout.contains("detached on all 2 nodes") {
+        problems.push(format!(
+            "every node: {:?} {stdout}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // Least privilege: the account may read that DaemonSet and nothing else.
+    let user = format!("system:serviceaccount:{NAMESPACE}:{name}");
+    for (verb, what, allowed) in [
+        ("get", format!("daemonsets.apps/{name}"), true),
+        ("get", "daemonsets.apps/kube-ovn-ebpf".to_owned(), false),
+        ("list", "daemonsets.apps".to_owned(), false),
+        ("delete", format!("daemonsets.apps/{name}"), false),
+        ("get", "pods".to_owned(), false),
+    ] {
+        let out = plane
+            .kubectl_command(&["auth", "can-i", verb, &what, "-n", NAMESPACE, "--as", &user])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if (answer == "yes") != allowed {
+            problems.push(format!("can-i {verb} {what}: {answer}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n").into())
+    }
+}
+
 /// Values `helm template` must refuse, and what its error must say.
 const REFUSED: &[(&str, &str)] = &[
     ("mode: enforcing\n", "mode"),
@@ -764,6 +1030,8 @@ const REFUSED: &[(&str, &str)] = &[
     ("interfaces: {eth0: uplink}\n", "eth0"),
     ("extraArgs: [\"run\"]\n", "extraArgs"),
     ("modes: enforce\n", "modes"),
+    ("uninstall: {timeout: 5}\n", "timeout"),
+    ("uninstall: {timeout: 5d}\n", "timeout"),
     (
         "metrics: {serviceMonitor: {enabled: true}, podMonitor: {enabled: true}}\n",
         "enable one",

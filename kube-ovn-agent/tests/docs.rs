@@ -1,16 +1,20 @@
-//! Keeps the operator docs true to the binary: every `--flag` written in `docs/` or the README is
-//! either one of the agent's own flags (any subcommand, from the same clap definition `--help`
-//! prints) or a flag of a named other program. A renamed or removed agent flag, or a typo, fails
-//! here instead of in an operator's shell.
+//! Keeps the operator docs true to the binaries: every `--flag` written in `docs/` or the README
+//! is in the `--help` output of the program it is written for — `kubectl kovn`'s on a line that
+//! runs the plugin, else `kube-ovn-agent`'s (any subcommand) — or a flag of a named other
+//! program. A renamed or removed flag, or a typo, fails here instead of in an operator's shell.
+//! Also: the map count operations.md states is the number of maps the eBPF object declares.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
 };
 
-use clap::CommandFactory as _;
-use kube_ovn_agent::cli::Cli;
 use libtest_mimic::{Arguments, Failed, Trial};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
+const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-kovn");
 
 /// Flags the docs mention that belong to other programs, with the program they belong to.
 const FOREIGN: &[(&str, &str)] = &[
@@ -57,6 +61,7 @@ const FOREIGN: &[(&str, &str)] = &[
     // Helm, podman.
     ("namespace", "helm/kubectl"),
     ("reuse-values", "helm"),
+    ("no-hooks", "helm uninstall"),
     ("set", "helm"),
     ("network", "podman"),
     ("build-arg", "podman/docker build"),
@@ -73,6 +78,7 @@ const FOREIGN: &[(&str, &str)] = &[
     ("bless", "cargo xtask vm-test"),
     ("kernel", "cargo xtask vm-test"),
     ("quick", "cargo xtask e2e/bench"),
+    ("ci", "cargo xtask image"),
     ("agent", "cargo xtask e2e"),
     ("only", "cargo xtask e2e"),
     ("rebuilt-agent", "cargo xtask e2e"),
@@ -99,6 +105,10 @@ fn main() {
             "the_check_catches_an_unknown_flag",
             the_check_catches_an_unknown_flag,
         ),
+        Trial::test(
+            "the_map_count_in_the_docs_is_the_objects",
+            the_map_count_is_the_objects,
+        ),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -110,24 +120,58 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// Every long flag of every subcommand, as clap renders them in `--help`.
-fn agent_flags() -> BTreeSet<String> {
-    fn walk(command: &clap::Command, out: &mut BTreeSet<String>) {
-        for arg in command.get_arguments() {
-            if let Some(long) = arg.get_long() {
-                out.insert(long.to_owned());
-            }
-            for alias in arg.get_all_aliases().into_iter().flatten() {
-                out.insert(alias.to_owned());
-            }
-        }
-        for sub in command.get_subcommands() {
-            walk(sub, out);
+/// `PROGRAM ARGS --help`'s text.
+fn help(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?} --help: {out:?}");
+    String::from_utf8(out.stdout).expect("UTF-8 help")
+}
+
+/// The subcommands a `--help` text lists under `Commands:`.
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every long flag in the `--help` output of `program` and of each of its subcommands.
+fn help_flags(program: &str) -> BTreeSet<String> {
+    let top = help(program, &[]);
+    let mut texts = vec![top.clone()];
+    for sub in subcommands(&top) {
+        texts.push(help(program, &[&sub]));
+    }
+    let mut out = BTreeSet::new();
+    for text in texts {
+        // Option lines start with `-x, --name` or `--name`.
+        for line in text
+            .lines()
+            .map(str::trim_start)
+            .filter(|l| l.starts_with('-'))
+        {
+            out.extend(flags_in(line).into_iter().map(|(_, flag)| flag).take(1));
         }
     }
-    let mut out = BTreeSet::from(["help".to_owned(), "version".to_owned()]);
-    walk(&Cli::command(), &mut out);
     out
+}
+
+fn agent_flags() -> &'static BTreeSet<String> {
+    static FLAGS: OnceLock<BTreeSet<String>> = OnceLock::new();
+    FLAGS.get_or_init(|| help_flags(AGENT))
+}
+
+fn plugin_flags() -> &'static BTreeSet<String> {
+    static FLAGS: OnceLock<BTreeSet<String>> = OnceLock::new();
+    FLAGS.get_or_init(|| help_flags(PLUGIN))
 }
 
 /// `--name` tokens of a text, with their line numbers.
@@ -154,15 +198,25 @@ fn flags_in(text: &str) -> Vec<(usize, String)> {
     out
 }
 
-/// `file:line: --flag` for every flag that is neither the agent's nor a listed foreign one.
+/// `file:line: --flag` for every flag that is neither the program's nor a listed foreign one.
+/// A line that runs `kubectl kovn` (and not the agent) is checked against the plugin's flags.
 fn unknown_flags(files: &[(String, String)]) -> Vec<String> {
-    let ours = agent_flags();
     let foreign: BTreeMap<&str, &str> = FOREIGN.iter().copied().collect();
     let mut out = Vec::new();
     for (name, text) in files {
+        let lines: Vec<&str> = text.lines().collect();
         for (line, flag) in flags_in(text) {
+            let here = lines[line - 1];
+            let (ours, program) =
+                if here.contains("kubectl kovn") && !here.contains("kube-ovn-agent") {
+                    (plugin_flags(), "kubectl kovn")
+                } else {
+                    (agent_flags(), "kube-ovn-agent")
+                };
             if !ours.contains(&flag) && !foreign.contains_key(flag.as_str()) {
-                out.push(format!("{name}:{line}: --{flag}"));
+                out.push(format!(
+                    "{name}:{line}: --{flag} (not in `{program} --help`)"
+                ));
             }
         }
     }
@@ -197,8 +251,9 @@ fn every_flag_in_the_docs_exists() -> Result<(), Failed> {
         Ok(())
     } else {
         Err(format!(
-            "flags in the docs that `kube-ovn-agent --help` (any subcommand) does not have and \
-             that are not listed as another program's in tests/docs.rs:\n{}",
+            "flags in the docs that the `--help` of the program they are written for (any \
+             subcommand) does not list, and that tests/docs.rs does not list as another \
+             program's:\n{}",
             unknown.join("\n")
         )
         .into())
@@ -207,11 +262,41 @@ fn every_flag_in_the_docs_exists() -> Result<(), Failed> {
 
 fn the_check_catches_an_unknown_flag() -> Result<(), Failed> {
     let text = "run `kube-ovn-agent run --bpffs-root /x --no-such-flag` — a rule: ----\n\
-                `iptables -m set --match-set s src`";
+                `iptables -m set --match-set s src`\n\
+                `kubectl kovn verify --window 1m --bpffs-root /x`\n\
+                `kubectl kovn -n ns status --namespace ns`";
     let found = unknown_flags(&[("x.md".into(), text.into())]);
-    if found == ["x.md:1: --no-such-flag"] {
+    let expected = [
+        "x.md:1: --no-such-flag (not in `kube-ovn-agent --help`)",
+        "x.md:3: --bpffs-root (not in `kubectl kovn --help`)",
+    ];
+    if found == expected {
         Ok(())
     } else {
-        Err(format!("expected exactly the unknown flag, got {found:?}").into())
+        Err(format!("expected exactly {expected:?}, got {found:?}").into())
+    }
+}
+
+/// operations.md's `every map (N)` against the `#[btf_map(name = "kovn_…")]` declarations.
+fn the_map_count_is_the_objects() -> Result<(), Failed> {
+    let maps = std::fs::read_to_string(repo().join("kube-ovn-ebpf/src/maps.rs"))
+        .map_err(|e| e.to_string())?;
+    let declared = maps.matches("#[btf_map(name = \"kovn_").count();
+    let docs =
+        std::fs::read_to_string(repo().join("docs/operations.md")).map_err(|e| e.to_string())?;
+    let stated: Vec<usize> = docs
+        .match_indices("every map (")
+        .filter_map(|(at, m)| {
+            let rest = &docs[at + m.len()..];
+            rest[..rest.find(')')?].parse().ok()
+        })
+        .collect();
+    if declared > 0 && stated == [declared] {
+        Ok(())
+    } else {
+        Err(format!(
+            "kube-ovn-ebpf/src/maps.rs declares {declared} maps, docs/operations.md says {stated:?}"
+        )
+        .into())
     }
 }

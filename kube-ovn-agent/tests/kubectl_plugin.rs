@@ -1,6 +1,8 @@
 //! `kubectl kovn` end to end against a scripted `kubectl` ($KUBECTL): what it asks kubectl for,
-//! the per-node lines and exit status of `status`, and the files `bundle` packs. A real cluster
-//! is not used: the test bed's API server has no kubelet, so `kubectl exec` cannot work there.
+//! the per-node lines and exit status of `status` and `verify`, and the files `bundle` packs.
+//! Pod discovery also runs against the real kube-apiserver of docs/testbed.md (agent pods
+//! created there as objects); `kubectl exec` is still scripted, since the test bed has no
+//! kubelet to exec through — exec into a real agent is not exercised here.
 
 use std::{path::Path, process::Command};
 
@@ -35,6 +37,9 @@ case "$*" in
     echo '{{"items":[{{"metadata":{{"name":"agent-b"}},"spec":{{"nodeName":"n2"}}}},{{"metadata":{{"name":"agent-a"}},"spec":{{"nodeName":"n1"}}}}]}}' ;;
   "exec agent-a -- kube-ovn-agent status --json") echo '{ready}' ;;
   "exec agent-b -- kube-ovn-agent status --json") echo '{unready}' ;;
+  "exec agent-a -- kube-ovn-agent verify --json --window 1s --tolerance 1") echo '{agree}' ;;
+  "exec agent-b -- kube-ovn-agent verify --json --window 1s --tolerance 1")
+    echo '{disagree}'; echo "command terminated with exit code 2" >&2; exit 2 ;;
   exec*nft*) echo "nft: not found" >&2; exit 1 ;;
   exec*) echo "output of $*" ;;
   logs*) echo "log line" ;;
@@ -44,6 +49,12 @@ esac
         calls = dir.join("calls.log").display(),
         ready = status(true, ""),
         unready = status(false, "not attached to eth1 (role nic)"),
+        agree = verify_report("agree", "agree", ""),
+        disagree = verify_report(
+            "disagree",
+            "disagree",
+            "per packet: the Kube-OVN rule matched 9, the datapath 3"
+        ),
     );
     std::fs::write(&script, text).unwrap();
     Command::new("chmod")
@@ -52,6 +63,20 @@ esac
         .status()
         .unwrap();
     script
+}
+
+/// `kube-ovn-agent verify --json` as recorded from an agent (one rule, R1b).
+fn verify_report(verdict: &str, rule_verdict: &str, reason: &str) -> String {
+    serde_json::json!({
+        "window_seconds": 1.0, "mode": "shadow", "tolerance_percent": 1.0, "per_packet": true,
+        "backends": [{"tool": "iptables-nft", "jumps": 1, "rules": ["R1b"], "tproxy_rules": 0}],
+        "rules": [{"rule": "R1b", "kube_ovn": ["IPv4"], "ebpf": ["IPv4"], "ebpf_can_match": ["IPv4"],
+                   "connections": 3, "packets": 9, "ebpf_packets": [3, 3],
+                   "verdict": rule_verdict,
+                   "reasons": if reason.is_empty() { vec![] } else { vec![reason] }}],
+        "notes": [], "verdict": verdict
+    })
+    .to_string()
 }
 
 fn temp_dir() -> std::path::PathBuf {
@@ -132,5 +157,163 @@ fn bundle_packs_every_nodes_files_and_keeps_failures_as_error_files() {
     }
     let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap();
     assert!(calls.contains("exec agent-b -- iptables-save"), "{calls}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn verify_runs_every_agents_verify_and_exits_with_the_worst_verdict() {
+    let dir = temp_dir();
+    let out = Command::new(PLUGIN)
+        .args(["verify", "--window", "1s"])
+        .env("KUBECTL", fake_kubectl(&dir))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with("NODE") && lines[0].contains("VERDICT"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with("n1") && lines[1].contains(" agree ") && lines[1].contains("shadow"),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].starts_with("n2")
+            && lines[2].contains("DISAGREE")
+            && lines[2].contains("R1b: per packet: the Kube-OVN rule matched 9"),
+        "{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(2), "n2 disagrees");
+    // A window the agent would refuse is refused before any pod is asked.
+    let calls_before = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    let bad = Command::new(PLUGIN)
+        .args(["verify", "--window", "5d"])
+        .env("KUBECTL", fake_kubectl(&dir))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("5d"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("calls.log")).unwrap(),
+        calls_before
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn help_lists_every_subcommand_and_bad_arguments_exit_2() {
+    let help = Command::new(PLUGIN).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    for word in ["status", "verify", "bundle", "--namespace"] {
+        assert!(help.contains(word), "{word} missing in\n{help}");
+    }
+    let wrong = Command::new(PLUGIN).arg("frobnicate").output().unwrap();
+    assert_eq!(wrong.status.code(), Some(2));
+}
+
+fn in_ci() -> bool {
+    ["CI", "KOVN_REQUIRE_PRIVILEGED"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty() && v != "false" && v != "0"))
+}
+
+/// Pod discovery against the real kube-apiserver: agent pods (bound to nodes by `nodeName`, as
+/// the `DaemonSet` controller does) are found by their label in the namespace given, other pods
+/// are not; only `exec` goes to a script, since no kubelet runs there.
+#[test]
+fn verify_and_status_find_the_agent_pods_on_a_real_api_server() {
+    use kube_ovn_testkit::control_plane::{Binaries, ControlPlane, Options};
+    let binaries = match Binaries::from_env() {
+        Ok(binaries) => binaries,
+        Err(e) => {
+            assert!(!in_ci(), "a real kube-apiserver is needed in CI: {e}");
+            eprintln!("\n*** no real kube-apiserver ({e}): skipped ***\n");
+            return;
+        }
+    };
+    let kubectl = binaries.kubectl.clone();
+    let plane = ControlPlane::start(Options::new(binaries)).expect("control plane");
+    let pod = |name: &str, node: &str, app: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "kube-system",
+                         "labels": {"app.kubernetes.io/name": app}},
+            "spec": {"nodeName": node, "serviceAccountName": "kovn-plugin-test",
+                     "automountServiceAccountToken": false,
+                     "containers": [{"name": "agent", "image": "kube-ovn-ebpf:0.1.0"}]}
+        })
+    };
+    // No controller manager runs there to create `default` service accounts.
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "kovn-plugin-test", "namespace": "kube-system"}},
+        pod("kube-ovn-ebpf-zz", "node-b", "kube-ovn-ebpf"),
+        pod("kube-ovn-ebpf-yy", "node-a", "kube-ovn-ebpf"),
+        pod("kube-ovn-cni-xx", "node-a", "kube-ovn-cni"),
+    ]});
+    plane
+        .kubectl_stdin(&["apply", "-f", "-"], &list.to_string())
+        .expect("create pods");
+    let dir = temp_dir();
+    // kubectl itself for everything but exec; exec answers as an agent would.
+    let script = dir.join("kubectl");
+    let text = format!(
+        r#"#!/bin/sh
+echo "$*" >> '{calls}'
+case "$3" in
+  exec) echo '{agree}' ;;
+  *) exec '{kubectl}' --kubeconfig '{kubeconfig}' "$@" ;;
+esac
+"#,
+        calls = dir.join("calls.log").display(),
+        agree = verify_report("agree", "agree", ""),
+        kubeconfig = plane.kubeconfig_path().display(),
+        kubectl = kubectl.display(),
+    );
+    std::fs::write(&script, text).unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    let out = Command::new(PLUGIN)
+        .args(["verify", "--window", "1s"])
+        .env("KUBECTL", &script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[1].starts_with("node-a") && lines[1].contains("kube-ovn-ebpf-yy"),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].starts_with("node-b") && lines[2].contains("kube-ovn-ebpf-zz"),
+        "{stdout}"
+    );
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    assert!(!calls.contains("kube-ovn-cni-xx"), "{calls}");
+    // Another namespace has no agents: a clear error, not an empty table.
+    let other = Command::new(PLUGIN)
+        .args(["-n", "default", "status"])
+        .env("KUBECTL", &script)
+        .output()
+        .unwrap();
+    assert_eq!(other.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("no pods labelled"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -69,7 +69,12 @@ enum Command {
     /// The agent's OCI image from Debian packages and the release binary, no registry needed:
     /// tagged localhost/kube-ovn-ebpf:VERSION, archived under target/image/, started once with
     /// podman to prove it runs. Root, amd64. See docs/install.md.
-    Image,
+    Image {
+        /// Only what `cargo xtask test` checks: the debug agent on the cached rootfs, started
+        /// (`--version`, `preflight`) and removed; no release build, no archive.
+        #[arg(long)]
+        ci: bool,
+    },
     /// Kube-OVN's own gateway code (from the Go module proxy) in a harness: `build` it, `test` its
     /// rules against the spec and this project's transcription (root), `patch-test` the
     /// hand-over switch in contrib/kube-ovn. See docs/kube-ovn-real.md. Runs the node simulator
@@ -112,7 +117,8 @@ fn main() -> Result<()> {
         ),
         Command::Testbed(args) => testbed::run(&args),
         Command::Helm { command } => helm::run(&command),
-        Command::Image => image::run(),
+        Command::Image { ci: false } => image::run(),
+        Command::Image { ci: true } => image::ci_smoke(),
         Command::KubeOvn { args } => nodesim::exec(&forward("kube-ovn", args)),
         Command::VmTest { kernel, bless } => vm::run(kernel, bless),
     }
@@ -159,6 +165,9 @@ fn test() -> Result<()> {
         // transcription, then the differential against it, released and patched.
         nodesim::run(&["kube-ovn", "test", "--versions", CI_KUBE_OVN])?;
         nodesim::run(&["e2e", "--kube-ovn", CI_KUBE_OVN])?;
+        // The image's Debian rootfs (cached under target/image/) with the debug agent just
+        // built, started with podman: ~2.5 min cold, ~20 s warm (docs/install.md).
+        image::ci_smoke()?;
     } else {
         bail!(
             "`cargo xtask test` runs privileged suites (BPF, network namespaces): run it as root"

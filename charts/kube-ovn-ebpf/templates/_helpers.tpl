@@ -49,3 +49,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ .Values.serviceClusterIPRange }}
 {{- end -}}
 {{- end -}}
+
+{{/* The uninstall hook's objects (templates/uninstall-hook.yaml). */}}
+{{- define "kube-ovn-ebpf.uninstallLabels" -}}
+app.kubernetes.io/name: {{ include "kube-ovn-ebpf.fullname" . }}-uninstall
+app.kubernetes.io/component: uninstall
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* Hook annotations; the argument is the weight (lower runs first). */}}
+{{- define "kube-ovn-ebpf.uninstallHook" -}}
+helm.sh/hook: post-delete
+helm.sh/hook-weight: {{ . | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+{{- end -}}

@@ -4,6 +4,8 @@
 //!
 //! - `kubectl kovn status`: one line per node from each agent pod's `kube-ovn-agent status
 //!   --json`; exit status 1 when an agent is not ready or does not answer.
+//! - `kubectl kovn verify`: one line per node from each agent pod's `kube-ovn-agent verify
+//!   --json`, all nodes counting over the same window at once.
 //! - `kubectl kovn bundle [FILE]`: a support tarball with, per node, `status`, `dump`, the pod's
 //!   log, `iptables-save`, `ip6tables-save` and `nft list ruleset`, plus the `DaemonSet` and
 //!   `kubectl version`.
@@ -16,40 +18,103 @@ use std::{
     process::{Command, ExitCode},
 };
 
+use clap::{Parser, Subcommand};
 use kube_ovn_agent::metrics::AgentStatus;
 use serde_json::Value;
 
 /// The label every agent pod carries (deploy/base, the chart).
 const SELECTOR: &str = "app.kubernetes.io/name=kube-ovn-ebpf";
-const USAGE: &str = "usage: kubectl kovn [-n NAMESPACE] status | bundle [FILE.tar.gz]";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubectl-kovn",
+    bin_name = "kubectl kovn",
+    version = kube_ovn_agent::cli::LONG_VERSION,
+    about = "kube-ovn-ebpf across the cluster: one line per node, through the API server \
+             (kubectl exec into each agent pod; $KUBECTL names the kubectl to run)"
+)]
+struct Cli {
+    /// Namespace of the agent pods (those labelled app.kubernetes.io/name=kube-ovn-ebpf).
+    #[arg(short = 'n', long, global = true, default_value = "kube-system")]
+    namespace: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug, PartialEq, Eq)]
+enum Cmd {
+    /// Each agent's readiness, mode, version and attachments. Exit status 1 when an agent is not
+    /// ready or does not answer.
+    Status,
+    /// `kube-ovn-agent verify` in every agent pod at once (the same window everywhere; traffic
+    /// must flow meanwhile: verify counts, it sends nothing). Exit status: 0 every node agrees,
+    /// 2 a node disagrees, 1 a node could not be verified, 3 otherwise inconclusive.
+    Verify(VerifyArgs),
+    /// A support tarball: per node status, dump, log, iptables-save, ip6tables-save and nft
+    /// ruleset; the `DaemonSet` and kubectl version. Exit status 1 when something could not be
+    /// collected (kept as NAME.error in the tarball).
+    Bundle {
+        /// Where to write the tarball.
+        #[arg(default_value = "kube-ovn-ebpf-bundle.tar.gz")]
+        file: PathBuf,
+    },
+}
+
+/// The agent's `verify` flags, passed on unchanged (and checked by the agent's own parser first).
+#[derive(clap::Args, Debug, PartialEq, Eq)]
+struct VerifyArgs {
+    /// How long each agent counts: `30s`, `5m`, …
+    #[arg(long, default_value = "30s")]
+    window: String,
+    /// Allowed difference in percent of the datapath's count.
+    #[arg(long, default_value = "1", value_name = "PERCENT")]
+    tolerance: String,
+    /// Compare with Kube-OVN's new-connection counters only (iptables untouched).
+    #[arg(long)]
+    connections_only: bool,
+}
+
+impl VerifyArgs {
+    /// The command run in each agent pod.
+    fn command(&self) -> Vec<String> {
+        let mut command: Vec<String> = [
+            "kube-ovn-agent",
+            "verify",
+            "--json",
+            "--window",
+            &self.window,
+            "--tolerance",
+            &self.tolerance,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        if self.connections_only {
+            command.push("--connections-only".to_owned());
+        }
+        command
+    }
+
+    /// The agent's parser on the same arguments, so a bad window fails here, not on every node.
+    fn check(&self) -> Result<(), String> {
+        kube_ovn_agent::cli::Cli::try_parse_from(self.command())
+            .map(|_| ())
+            .map_err(|e| e.to_string().trim().to_owned())
+    }
+}
 
 fn main() -> ExitCode {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let mut namespace = "kube-system".to_owned();
-    if let Some(at) = args.iter().position(|a| a == "-n" || a == "--namespace") {
-        if at + 1 >= args.len() {
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-        namespace = args.remove(at + 1);
-        args.remove(at);
-    }
+    let cli = Cli::parse();
     let kubectl = Kubectl {
         program: std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned()),
-        namespace,
+        namespace: cli.namespace,
     };
-    let result = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["status"] => status(&kubectl),
-        ["bundle"] => bundle(&kubectl, Path::new("kube-ovn-ebpf-bundle.tar.gz")),
-        ["bundle", file] => bundle(&kubectl, Path::new(file)),
-        _ => {
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
+    let result = match &cli.command {
+        Cmd::Status => status(&kubectl).map(|ok| u8::from(!ok)),
+        Cmd::Verify(args) => verify(&kubectl, args),
+        Cmd::Bundle { file } => bundle(&kubectl, file).map(|ok| u8::from(!ok)),
     };
     match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+        Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE
@@ -101,6 +166,26 @@ impl Kubectl {
         let mut args = vec!["exec", pod, "--"];
         args.extend_from_slice(command);
         self.run(&args)
+    }
+
+    /// `kubectl exec` whose stdout counts whatever the exit status (kubectl exits with the
+    /// remote command's status, and `verify` says disagree or inconclusive with 2 and 3):
+    /// stdout when it is non-empty, else stderr as the error.
+    fn exec_any_status(&self, pod: &str, command: &[String]) -> Result<Vec<u8>, String> {
+        let out = Command::new(&self.program)
+            .args(["-n", &self.namespace, "exec", pod, "--"])
+            .args(command)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.program))?;
+        if out.stdout.iter().any(|b| !b.is_ascii_whitespace()) {
+            Ok(out.stdout)
+        } else {
+            Err(format!(
+                "kubectl exec: {} ({})",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            ))
+        }
     }
 }
 
@@ -166,6 +251,128 @@ fn status(kubectl: &Kubectl) -> Result<bool, String> {
         healthy &= ok;
     }
     Ok(healthy)
+}
+
+/// How one node's `verify` ended, in the order that decides the plugin's exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum NodeVerdict {
+    Agree,
+    Inconclusive,
+    Error,
+    Disagree,
+}
+
+impl NodeVerdict {
+    /// The exit status when this is the worst node's verdict (as the agent's `verify`, plus 1
+    /// for a node that could not be verified).
+    fn exit_code(self) -> u8 {
+        match self {
+            Self::Agree => 0,
+            Self::Disagree => 2,
+            Self::Error => 1,
+            Self::Inconclusive => 3,
+        }
+    }
+}
+
+/// One node's line of `kubectl kovn verify`. `reply` is the output of `kube-ovn-agent verify
+/// --json` in the pod, or why it could not be had.
+fn verify_line(node: &str, pod: &str, reply: Result<&[u8], &str>) -> (String, NodeVerdict) {
+    let report = match reply.and_then(|bytes| {
+        serde_json::from_slice::<Value>(bytes).map_err(|_| "verify --json is not JSON")
+    }) {
+        Ok(report) => report,
+        Err(error) => {
+            return (
+                format!("{node:<20} {pod:<24} ERROR        {error}"),
+                NodeVerdict::Error,
+            );
+        }
+    };
+    let verdict = match report["verdict"].as_str() {
+        Some("agree") => NodeVerdict::Agree,
+        Some("disagree") => NodeVerdict::Disagree,
+        Some("inconclusive") => NodeVerdict::Inconclusive,
+        _ => {
+            return (
+                format!("{node:<20} {pod:<24} ERROR        verify --json has no verdict"),
+                NodeVerdict::Error,
+            );
+        }
+    };
+    let rules = report["rules"].as_array().map_or(&[][..], Vec::as_slice);
+    let named = |wanted: &str| {
+        rules
+            .iter()
+            .filter(|r| r["verdict"] == wanted)
+            .filter_map(|r| r["rule"].as_str())
+            .collect::<Vec<_>>()
+    };
+    let (agree, disagree, idle) = (named("agree"), named("disagree"), named("idle"));
+    let mut line = format!(
+        "{node:<20} {pod:<24} {:<12} {:<8} agree {}, disagree {}, idle {}",
+        match verdict {
+            NodeVerdict::Agree => "agree",
+            NodeVerdict::Disagree => "DISAGREE",
+            NodeVerdict::Inconclusive => "INCONCLUSIVE",
+            NodeVerdict::Error => unreachable!("returned above"),
+        },
+        report["mode"].as_str().unwrap_or("?"),
+        agree.len(),
+        disagree.len(),
+        idle.len()
+    );
+    // The first reason is enough to say where to look; `verify` on the node has them all.
+    let why = rules
+        .iter()
+        .find(|r| r["verdict"] == "disagree")
+        .and_then(|r| {
+            Some(format!(
+                "{}: {}",
+                r["rule"].as_str()?,
+                r["reasons"][0].as_str()?
+            ))
+        })
+        .or_else(|| {
+            (verdict == NodeVerdict::Inconclusive)
+                .then(|| report["notes"][0].as_str().map(str::to_owned))
+                .flatten()
+        });
+    if let Some(why) = why {
+        let _ = write!(line, "  {why}");
+    }
+    (line, verdict)
+}
+
+fn verify(kubectl: &Kubectl, args: &VerifyArgs) -> Result<u8, String> {
+    args.check()?;
+    let pods = kubectl.pods()?;
+    let command = args.command();
+    // Every node counts over the same window: one exec per pod, all at once.
+    let replies: Vec<Result<Vec<u8>, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pods
+            .iter()
+            .map(|(pod, _)| scope.spawn(|| kubectl.exec_any_status(pod, &command)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("exec thread panicked".into()))
+            })
+            .collect()
+    });
+    println!(
+        "{:<20} {:<24} {:<12} {:<8} RULES",
+        "NODE", "POD", "VERDICT", "MODE"
+    );
+    let mut worst = NodeVerdict::Agree;
+    for ((pod, node), reply) in pods.iter().zip(&replies) {
+        let (line, verdict) = verify_line(node, pod, reply.as_deref().map_err(String::as_str));
+        println!("{line}");
+        worst = worst.max(verdict);
+    }
+    Ok(worst.exit_code())
 }
 
 /// What the bundle collects from each agent pod: (file name, command in the pod).
@@ -329,5 +536,145 @@ mod tests {
         assert!(!ok && line.contains("NO-AGENT") && line.contains("no agent answered"));
         let (line, ok) = status_line("n3", "pod-c", Err("kubectl exec: container not found"));
         assert!(!ok && line.contains("ERROR") && line.contains("container not found"));
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kubectl-kovn").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn arguments_parse_as_documented() {
+        let cli = parse(&["status"]).unwrap();
+        assert_eq!(
+            (cli.namespace.as_str(), cli.command),
+            ("kube-system", Cmd::Status)
+        );
+        // -n before or after the subcommand, as kubectl's own.
+        for args in [
+            &["-n", "ovn", "status"][..],
+            &["status", "--namespace", "ovn"],
+        ] {
+            assert_eq!(parse(args).unwrap().namespace, "ovn", "{args:?}");
+        }
+        assert_eq!(
+            parse(&["bundle"]).unwrap().command,
+            Cmd::Bundle {
+                file: "kube-ovn-ebpf-bundle.tar.gz".into()
+            }
+        );
+        let Cmd::Verify(verify) = parse(&["verify", "--window", "2m", "--connections-only"])
+            .unwrap()
+            .command
+        else {
+            panic!("not verify")
+        };
+        assert_eq!(
+            verify.command(),
+            [
+                "kube-ovn-agent",
+                "verify",
+                "--json",
+                "--window",
+                "2m",
+                "--tolerance",
+                "1",
+                "--connections-only"
+            ]
+        );
+        assert!(verify.check().is_ok());
+        let Cmd::Verify(bad) = parse(&["verify", "--window", "5d"]).unwrap().command else {
+            panic!("not verify")
+        };
+        assert!(
+            bad.check().unwrap_err().contains("5d"),
+            "the agent's parser says why"
+        );
+        for wrong in [&["frobnicate"][..], &[], &["status", "extra"], &["-n"]] {
+            assert_eq!(parse(wrong).unwrap_err().exit_code(), 2, "{wrong:?}");
+        }
+    }
+
+    /// `verify --json` as the agent prints it: its own report type, serialised.
+    fn recorded_verify(verdict: &str, rules: &[(&'static str, &str, &[&str])]) -> Vec<u8> {
+        use kube_ovn_agent::ops::verify::{Observation, Report, RuleReport, RuleVerdict, Verdict};
+        let rule_verdict = |v: &str| match v {
+            "agree" => RuleVerdict::Agree,
+            "disagree" => RuleVerdict::Disagree,
+            _ => RuleVerdict::Idle,
+        };
+        let report = Report {
+            window_seconds: 30.0,
+            mode: "shadow",
+            tolerance_percent: 1.0,
+            per_packet: true,
+            backends: vec![],
+            rules: rules
+                .iter()
+                .map(|(rule, v, reasons)| RuleReport {
+                    rule,
+                    observation: Observation::default(),
+                    verdict: rule_verdict(v),
+                    reasons: reasons.iter().map(|r| (*r).to_owned()).collect(),
+                })
+                .collect(),
+            notes: vec!["no traffic hit any rule".into()],
+            verdict: match verdict {
+                "agree" => Verdict::Agree,
+                "disagree" => Verdict::Disagree,
+                _ => Verdict::Inconclusive,
+            },
+        };
+        serde_json::to_vec_pretty(&report).unwrap()
+    }
+
+    #[test]
+    fn a_verify_line_per_node_says_the_verdict_counts_and_the_first_reason() {
+        let agree = recorded_verify("agree", &[("R1a", "agree", &[]), ("R2t", "idle", &[])]);
+        let (line, verdict) = verify_line("n1", "pod-a", Ok(&agree));
+        assert_eq!(verdict, NodeVerdict::Agree);
+        for needle in [
+            "n1",
+            "pod-a",
+            "agree",
+            "shadow",
+            "agree 1, disagree 0, idle 1",
+        ] {
+            assert!(line.contains(needle), "{needle:?} missing in {line:?}");
+        }
+        let disagree = recorded_verify(
+            "disagree",
+            &[
+                ("R1a", "agree", &[]),
+                (
+                    "R1b",
+                    "disagree",
+                    &["per packet: Kube-OVN's rule matched 10, the datapath 4"],
+                ),
+            ],
+        );
+        let (line, verdict) = verify_line("n2", "pod-b", Ok(&disagree));
+        assert_eq!(verdict, NodeVerdict::Disagree);
+        assert!(
+            line.contains("DISAGREE") && line.contains("R1b: per packet"),
+            "{line}"
+        );
+        let idle = recorded_verify("inconclusive", &[("R1a", "idle", &[])]);
+        let (line, verdict) = verify_line("n3", "pod-c", Ok(&idle));
+        assert_eq!(verdict, NodeVerdict::Inconclusive);
+        assert!(
+            line.contains("INCONCLUSIVE") && line.contains("no traffic"),
+            "{line}"
+        );
+        let (line, verdict) = verify_line("n4", "pod-d", Err("kubectl exec: pod not found"));
+        assert_eq!(verdict, NodeVerdict::Error);
+        assert!(line.contains("ERROR") && line.contains("pod not found"));
+        let (_, verdict) = verify_line("n4", "pod-d", Ok(b"error: no pins"));
+        assert_eq!(verdict, NodeVerdict::Error);
+        // The worst node decides the exit status: disagree over error over inconclusive.
+        let worst = |v: &[NodeVerdict]| v.iter().copied().max().unwrap().exit_code();
+        assert_eq!(worst(&[NodeVerdict::Agree, NodeVerdict::Agree]), 0);
+        assert_eq!(worst(&[NodeVerdict::Agree, NodeVerdict::Inconclusive]), 3);
+        assert_eq!(worst(&[NodeVerdict::Inconclusive, NodeVerdict::Error]), 1);
+        assert_eq!(worst(&[NodeVerdict::Error, NodeVerdict::Disagree]), 2);
     }
 }

@@ -6,9 +6,19 @@
 //! the capabilities the agent needs in its effective set (`BPF`, `NET_ADMIN`, `PERFMON`; and
 //! `SYS_RESOURCE` below 5.11, where BPF memory is charged to `RLIMIT_MEMLOCK`); a bpffs under
 //! the pin root (else pins die with the pod); the kernel's BTF (`bpftool` field names only).
+//!
+//! Through the API server it also reads Kube-OVN's kube-ovn-cni `DaemonSet` and compares the
+//! `cni-server` container's flags that decide which packets Kube-OVN marks
+//! (`--service-cluster-ip-range`, `--cluster-router`, `--enable-tproxy`) with ours, and its
+//! image tag with the Kube-OVN versions this project is tested against.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+use ipnet::IpNet;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use serde::Serialize;
 
 /// What a check found.
@@ -238,6 +248,280 @@ pub fn failed(checks: &[Check]) -> bool {
     checks.iter().any(|c| c.verdict == Verdict::Fail)
 }
 
+/// The Kube-OVN releases whose gateway code the harness runs (`cargo xtask kube-ovn test
+/// --versions`, docs/kube-ovn-real.md): other versions get a warning, not a failure.
+pub const TESTED_KUBE_OVN: &[&str] = &["v1.13.11", "v1.13.13", "v1.14.10", "v1.16.2"];
+
+/// A `DaemonSet` by namespace and name (`--kube-ovn-cni`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonSetRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for DaemonSetRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What kube-ovn-cni's `DaemonSet` says about the flags that matter to us. A flag missing from
+/// the args has kube-ovn-cni's own default ([`pkg/daemon/config.go`](https://github.com/kubeovn/kube-ovn/blob/v1.13.13/pkg/daemon/config.go#L97-L117)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeOvnCni {
+    pub image: String,
+    /// The image's tag (`v1.13.13` of `docker.io/kubeovn/kube-ovn:v1.13.13`), if it has one.
+    pub version: Option<String>,
+    pub service_cluster_ip_range: String,
+    pub cluster_router: String,
+    pub enable_tproxy: bool,
+}
+
+/// The settings `run` will get, to compare with Kube-OVN's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ours {
+    pub service_cidrs: Vec<IpNet>,
+    pub cluster_router: String,
+    pub enable_tproxy: bool,
+}
+
+/// The tag of an image reference (`registry:5000/kubeovn/kube-ovn:v1.13.13@sha256:…` →
+/// `v1.13.13`); `None` for a digest-only or untagged reference.
+pub fn image_tag(image: &str) -> Option<&str> {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    last.split_once(':')
+        .map(|(_, tag)| tag)
+        .filter(|t| !t.is_empty())
+}
+
+/// The value of Go `pflag` flag `name` in `args` (`--name=value` or `--name value`; the last
+/// occurrence wins, as in pflag). `bool_flag`: a bare `--name` means `true`.
+fn flag_value(args: &[String], name: &str, bool_flag: bool) -> Option<String> {
+    let long = format!("--{name}");
+    let mut found = None;
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        if let Some(value) = arg.strip_prefix(&long).and_then(|r| r.strip_prefix('=')) {
+            found = Some(value.to_owned());
+        } else if *arg == long {
+            if bool_flag {
+                found = Some("true".to_owned());
+            } else if let Some(value) = args.get(i + 1) {
+                found = Some(value.clone());
+                i += 1;
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
+/// Reads kube-ovn-cni's settings from its `DaemonSet`: the container named `cni-server` (as in
+/// Kube-OVN's chart and install.sh), else the only container; its command and args together,
+/// since Kube-OVN's start script passes its args on to the daemon.
+pub fn kube_ovn_cni(ds: &DaemonSet) -> Result<KubeOvnCni, String> {
+    let containers = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    let container = containers
+        .iter()
+        .find(|c| c.name == "cni-server")
+        .or(match containers {
+            [only] => Some(only),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            format!(
+                "no container named cni-server among {:?}",
+                containers.iter().map(|c| &c.name).collect::<Vec<_>>()
+            )
+        })?;
+    let args: Vec<String> = container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .cloned()
+        .collect();
+    let image = container.image.clone().unwrap_or_default();
+    let enable_tproxy = match flag_value(&args, "enable-tproxy", true).as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(format!("--enable-tproxy={other} is not a boolean")),
+    };
+    Ok(KubeOvnCni {
+        version: image_tag(&image).map(str::to_owned),
+        image,
+        service_cluster_ip_range: flag_value(&args, "service-cluster-ip-range", false)
+            .unwrap_or_else(|| "10.96.0.0/12".to_owned()),
+        cluster_router: flag_value(&args, "cluster-router", false)
+            .unwrap_or_else(|| "ovn-cluster".to_owned()),
+        enable_tproxy,
+    })
+}
+
+/// Whether `tag` is a tested release (`v1.13.13`, or a build of it such as `v1.13.13-x86`).
+fn tested(tag: &str) -> bool {
+    TESTED_KUBE_OVN.iter().any(|v| {
+        tag.strip_prefix(v)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+    })
+}
+
+/// Judges Kube-OVN's settings (or why they could not be read) against ours.
+pub fn evaluate_kube_ovn(
+    target: &DaemonSetRef,
+    found: &Result<KubeOvnCni, String>,
+    ours: &Ours,
+) -> Vec<Check> {
+    let cni = match found {
+        Ok(cni) => cni,
+        Err(error) => {
+            return vec![Check {
+                name: "kube-ovn",
+                verdict: Verdict::Warn,
+                detail: format!(
+                    "cannot read DaemonSet {target} ({error}): Kube-OVN's flags not compared (--kube-ovn-cni NAMESPACE/NAME names another, `none` skips this)"
+                ),
+            }];
+        }
+    };
+    let mut checks = vec![version_check(cni), service_cidr_check(cni, ours)];
+    checks.push(if cni.cluster_router == ours.cluster_router {
+        Check {
+            name: "cluster-router",
+            verdict: Verdict::Ok,
+            detail: format!("{}, as Kube-OVN's", ours.cluster_router),
+        }
+    } else {
+        Check {
+            name: "cluster-router",
+            verdict: Verdict::Fail,
+            detail: format!(
+                "Kube-OVN has --cluster-router={}, ours is {}: the default VPC's subnets would be picked wrongly (set ours to Kube-OVN's)",
+                cni.cluster_router, ours.cluster_router
+            ),
+        }
+    });
+    checks.push(if cni.enable_tproxy == ours.enable_tproxy {
+        Check {
+            name: "tproxy",
+            verdict: Verdict::Ok,
+            detail: format!("--enable-tproxy={}, as Kube-OVN's", ours.enable_tproxy),
+        }
+    } else {
+        Check {
+            name: "tproxy",
+            verdict: Verdict::Fail,
+            detail: format!(
+                "Kube-OVN has --enable-tproxy={}, ours is {}: give the agent the same",
+                cni.enable_tproxy, ours.enable_tproxy
+            ),
+        }
+    });
+    checks
+}
+
+/// Whether kube-ovn-cni's image is a tested Kube-OVN release.
+fn version_check(cni: &KubeOvnCni) -> Check {
+    match cni.version.as_deref() {
+        Some(tag) if tested(tag) => Check {
+            name: "kube-ovn",
+            verdict: Verdict::Ok,
+            detail: format!("{tag} ({}), a tested version", cni.image),
+        },
+        Some(tag) => Check {
+            name: "kube-ovn",
+            verdict: Verdict::Warn,
+            detail: format!(
+                "{tag} ({}) is not a tested version (tested: {})",
+                cni.image,
+                TESTED_KUBE_OVN.join(", ")
+            ),
+        },
+        None => Check {
+            name: "kube-ovn",
+            verdict: Verdict::Warn,
+            detail: format!(
+                "image {:?} has no tag: the Kube-OVN version is unknown (tested: {})",
+                cni.image,
+                TESTED_KUBE_OVN.join(", ")
+            ),
+        },
+    }
+}
+
+/// Kube-OVN's Service CIDRs against ours, in any order.
+fn service_cidr_check(cni: &KubeOvnCni, ours: &Ours) -> Check {
+    let theirs: Result<Vec<IpNet>, String> = cni
+        .service_cluster_ip_range
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse::<IpNet>().map_err(|e| format!("{c:?}: {e}")))
+        .collect();
+    let ours_text = ours
+        .service_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    match theirs {
+        Err(error) => Check {
+            name: "service-cidr",
+            verdict: Verdict::Warn,
+            detail: format!(
+                "Kube-OVN's --service-cluster-ip-range={} does not parse ({error})",
+                cni.service_cluster_ip_range
+            ),
+        },
+        Ok(mut theirs) => {
+            let mut mine = ours.service_cidrs.clone();
+            theirs.sort();
+            mine.sort();
+            if theirs == mine {
+                Check {
+                    name: "service-cidr",
+                    verdict: Verdict::Ok,
+                    detail: format!("{ours_text}, as Kube-OVN's"),
+                }
+            } else {
+                Check {
+                    name: "service-cidr",
+                    verdict: Verdict::Fail,
+                    detail: format!(
+                        "Kube-OVN has --service-cluster-ip-range={}, ours is {ours_text}: R1b would mark other packets than Kube-OVN (set ours to Kube-OVN's)",
+                        cni.service_cluster_ip_range
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// How long reading the `DaemonSet` may take, connection included.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads `target` through the API server (in-cluster configuration or the kubeconfig).
+pub async fn read_kube_ovn_cni(target: &DaemonSetRef) -> Result<KubeOvnCni, String> {
+    let read = async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("no Kubernetes API: {e}"))?;
+        let api: kube::Api<DaemonSet> = kube::Api::namespaced(client, &target.namespace);
+        let ds = api.get(&target.name).await.map_err(|e| e.to_string())?;
+        kube_ovn_cni(&ds)
+    };
+    tokio::time::timeout(API_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {API_TIMEOUT:?}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,5 +601,195 @@ mod tests {
         // /proc is never a bpffs; a path below a missing directory is judged by its ancestor.
         assert!(!on_bpffs(Path::new("/proc/self")));
         assert!(!on_bpffs(Path::new("/proc/no/such/dir")));
+    }
+
+    /// kube-ovn-cni's `DaemonSet` as Kube-OVN's chart renders it (trimmed): `bash
+    /// start-cniserver.sh` with the daemon's flags as args.
+    fn kube_ovn_ds(image: &str, args: &[&str]) -> DaemonSet {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "kube-ovn-cni", "namespace": "kube-system"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "kube-ovn-cni"}},
+                "template": {"spec": {
+                    "initContainers": [{"name": "install-cni", "image": image}],
+                    "containers": [
+                        {"name": "cni-server", "image": image,
+                         "command": ["bash", "/kube-ovn/start-cniserver.sh"], "args": args},
+                        {"name": "sidecar", "image": "busybox"}
+                    ]
+                }}
+            }
+        }))
+        .unwrap()
+    }
+
+    fn ours() -> Ours {
+        Ours {
+            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            cluster_router: "ovn-cluster".into(),
+            enable_tproxy: false,
+        }
+    }
+
+    const TARGET: fn() -> DaemonSetRef = || DaemonSetRef {
+        namespace: "kube-system".into(),
+        name: "kube-ovn-cni".into(),
+    };
+
+    #[test]
+    fn image_tags_and_pflag_values_parse() {
+        assert_eq!(
+            image_tag("docker.io/kubeovn/kube-ovn:v1.13.13"),
+            Some("v1.13.13")
+        );
+        assert_eq!(
+            image_tag("reg:5000/kubeovn/kube-ovn:v1.14.10-x86@sha256:00"),
+            Some("v1.14.10-x86")
+        );
+        assert_eq!(image_tag("reg:5000/kubeovn/kube-ovn"), None);
+        assert_eq!(image_tag("kube-ovn@sha256:00"), None);
+        let args: Vec<String> = [
+            "--a=1",
+            "--enable-tproxy",
+            "--cluster-router",
+            "vpc",
+            "--a=2",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(flag_value(&args, "a", false).as_deref(), Some("2"));
+        assert_eq!(
+            flag_value(&args, "cluster-router", false).as_deref(),
+            Some("vpc")
+        );
+        assert_eq!(
+            flag_value(&args, "enable-tproxy", true).as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            flag_value(&args, "enable", true),
+            None,
+            "a prefix is not the flag"
+        );
+    }
+
+    #[test]
+    fn kube_ovn_cni_flags_come_from_the_cni_server_container_with_kube_ovns_defaults() {
+        let ds = kube_ovn_ds(
+            "docker.io/kubeovn/kube-ovn:v1.13.13",
+            &[
+                "--enable-mirror=false",
+                "--service-cluster-ip-range=10.233.0.0/18,fd00:10:96::/112",
+                "--enable-tproxy=true",
+            ],
+        );
+        let cni = kube_ovn_cni(&ds).unwrap();
+        assert_eq!(cni.version.as_deref(), Some("v1.13.13"));
+        assert_eq!(
+            cni.service_cluster_ip_range,
+            "10.233.0.0/18,fd00:10:96::/112"
+        );
+        assert_eq!(cni.cluster_router, "ovn-cluster", "kube-ovn-cni's default");
+        assert!(cni.enable_tproxy);
+        let defaults = kube_ovn_cni(&kube_ovn_ds("kube-ovn:v1.16.2", &[])).unwrap();
+        assert_eq!(defaults.service_cluster_ip_range, "10.96.0.0/12");
+        assert!(!defaults.enable_tproxy);
+        let bad = kube_ovn_ds("kube-ovn:v1.16.2", &["--enable-tproxy=yes"]);
+        assert!(kube_ovn_cni(&bad).unwrap_err().contains("enable-tproxy"));
+        let containers = |ds: &mut DaemonSet| {
+            let spec = ds.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+            std::mem::take(&mut spec.containers)
+        };
+        let mut unnamed = kube_ovn_ds("kube-ovn:v1.16.2", &[]);
+        let mut list = containers(&mut unnamed);
+        list[0].name = "cni".into();
+        let mut two = unnamed.clone();
+        two.spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers = list.clone();
+        assert!(kube_ovn_cni(&two).unwrap_err().contains("cni-server"));
+        list.truncate(1);
+        unnamed
+            .spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers = list;
+        assert!(
+            kube_ovn_cni(&unnamed).is_ok(),
+            "a single container is the one"
+        );
+    }
+
+    #[test]
+    fn kube_ovn_checks_pass_on_equal_settings_and_name_each_mismatch() {
+        let same = kube_ovn_cni(&kube_ovn_ds("kubeovn/kube-ovn:v1.14.10", &[])).unwrap();
+        let checks = evaluate_kube_ovn(&TARGET(), &Ok(same.clone()), &ours());
+        assert!(
+            checks.iter().all(|c| c.verdict == Verdict::Ok),
+            "{}",
+            text(&checks)
+        );
+        assert_eq!(checks.len(), 4);
+
+        let dual = Ours {
+            service_cidrs: vec![
+                "fd00:10:96::/112".parse().unwrap(),
+                "10.233.0.0/18".parse().unwrap(),
+            ],
+            ..ours()
+        };
+        let theirs = KubeOvnCni {
+            service_cluster_ip_range: "10.233.0.0/18,fd00:10:96::/112".into(),
+            ..same.clone()
+        };
+        let checks = evaluate_kube_ovn(&TARGET(), &Ok(theirs.clone()), &dual);
+        assert_eq!(
+            verdict(&checks, "service-cidr").0,
+            Verdict::Ok,
+            "order does not matter"
+        );
+        let (v, detail) = verdict(
+            &evaluate_kube_ovn(&TARGET(), &Ok(theirs), &ours()),
+            "service-cidr",
+        );
+        assert_eq!(v, Verdict::Fail);
+        assert!(
+            detail.contains("10.233.0.0/18,fd00:10:96::/112") && detail.contains("10.96.0.0/12")
+        );
+
+        let other = KubeOvnCni {
+            cluster_router: "vpc-main".into(),
+            enable_tproxy: true,
+            version: Some("v1.12.4".into()),
+            ..same
+        };
+        let checks = evaluate_kube_ovn(&TARGET(), &Ok(other), &ours());
+        let (v, detail) = verdict(&checks, "cluster-router");
+        assert_eq!(v, Verdict::Fail);
+        assert!(detail.contains("vpc-main"), "{detail}");
+        assert_eq!(verdict(&checks, "tproxy").0, Verdict::Fail);
+        let (v, detail) = verdict(&checks, "kube-ovn");
+        assert_eq!(v, Verdict::Warn);
+        assert!(
+            detail.contains("v1.12.4") && detail.contains("v1.16.2"),
+            "{detail}"
+        );
+        assert!(failed(&checks));
+
+        let unreadable = evaluate_kube_ovn(&TARGET(), &Err("forbidden".into()), &ours());
+        assert_eq!(unreadable.len(), 1);
+        let (v, detail) = verdict(&unreadable, "kube-ovn");
+        assert_eq!(v, Verdict::Warn);
+        assert!(detail.contains("kube-system/kube-ovn-cni") && detail.contains("forbidden"));
+        assert!(tested("v1.13.11") && tested("v1.16.2-x86") && !tested("v1.16.20"));
     }
 }
