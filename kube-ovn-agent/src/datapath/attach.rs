@@ -24,7 +24,7 @@ const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_ID: u16 = 11;
 
 /// `--attach`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachChoice {
     /// tcx where the kernel has it (≥ 6.6), netlink otherwise.
@@ -63,7 +63,7 @@ impl AttachChoice {
 }
 
 /// `--tcx-order`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TcxOrder {
     /// Before every other tcx program on the interface (marks are set before anyone looks).

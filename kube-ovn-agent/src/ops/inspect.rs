@@ -1,10 +1,15 @@
 //! `status`, `dump` and `detach`: they read (or remove) what `run` pinned, without loading a
 //! program.
 
-use std::{fmt::Write as _, io, os::fd::AsFd as _, time::Duration};
+use std::{
+    fmt::Write as _,
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use crate::{
-    cli::{DetachArgs, ReadArgs, RootArgs},
     datapath::attach::AttachError,
     datapath::attach::{self, Attachment},
     datapath::pins::{BpffsError, PinRoot},
@@ -43,8 +48,28 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn read_tables(root: &RootArgs) -> Result<(PinnedView, Vec<u64>)> {
-    let view = PinnedView::open(&PinRoot::new(&root.bpffs_root))?;
+/// What `status` and `dump` read, and how they print it.
+#[derive(Clone, Debug)]
+pub struct ReadOptions {
+    /// The directory on a bpffs holding our pins.
+    pub bpffs_root: PathBuf,
+    /// JSON instead of text.
+    pub json: bool,
+}
+
+/// What `detach` removes, and when it may.
+#[derive(Clone, Debug)]
+pub struct DetachOptions {
+    /// The directory on a bpffs holding our pins.
+    pub bpffs_root: PathBuf,
+    /// Detach even under a running agent.
+    pub force: bool,
+    /// Finding nothing of ours is success, not an error.
+    pub if_present: bool,
+}
+
+fn read_tables(root: &Path) -> Result<(PinnedView, Vec<u64>)> {
+    let view = PinnedView::open(&PinRoot::new(root))?;
     let counters = view.counters()?;
     Ok((view, counters))
 }
@@ -91,9 +116,9 @@ fn service_match(rules: u32) -> &'static str {
     }
 }
 
-pub async fn status(args: &ReadArgs, agent_addr: std::net::SocketAddr) -> Result<()> {
-    let pins = PinRoot::new(&args.root.bpffs_root);
-    let (view, counters) = read_tables(&args.root)?;
+pub async fn status(args: &ReadOptions, agent_addr: std::net::SocketAddr) -> Result<()> {
+    let pins = PinRoot::new(&args.bpffs_root);
+    let (view, counters) = read_tables(&args.bpffs_root)?;
     let tables = &view.tables;
     let current = tables.current();
     let program = pinned_program(&pins).map(|info| ProgramStatus {
@@ -258,8 +283,8 @@ fn kernel_release() -> String {
         .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
 }
 
-pub fn dump(args: &ReadArgs) -> Result<()> {
-    let (view, _) = read_tables(&args.root)?;
+pub fn dump(args: &ReadOptions) -> Result<()> {
+    let (view, _) = read_tables(&args.bpffs_root)?;
     let current = view.tables.current();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&current)?);
@@ -341,8 +366,8 @@ fn family_text<N: std::fmt::Display + Ord, A: std::fmt::Display + Ord + Copy>(
     );
 }
 
-pub async fn detach(args: &DetachArgs) -> Result<()> {
-    let pins = PinRoot::new(&args.root.bpffs_root);
+pub async fn detach(args: &DetachOptions) -> Result<()> {
+    let pins = PinRoot::new(&args.bpffs_root);
     // Held while removing, so no agent starts on this root halfway through.
     let _lock = if pins.root.is_dir() {
         match pins.lock() {
