@@ -16,44 +16,31 @@ use kube_ovn_agent::{
     metrics::{AgentStatus, fetch_status},
     testing::{
         agent::Node,
-        missing_privilege,
         netns::{TempPath, example_cluster},
         scaled,
     },
 };
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Failed, Trial};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
 const ADDR: &str = "127.0.0.1:10669";
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!("\n*** SKIPPING the privileged readiness tests: {why} ***\n");
-        if kube_ovn_agent::testing::privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let trials = vec![
         Trial::test(
             "readyz_follows_listing_attachment_and_pins_and_the_node_label_sets_the_mode",
             readiness_both_ways,
-        )
-        .with_ignored_flag(skip.is_some()),
+        ),
         Trial::test(
             "detach_if_present_succeeds_on_a_node_without_our_pins",
             detach_if_present,
-        )
-        .with_ignored_flag(skip.is_some()),
+        ),
         Trial::test(
             "preflight_passes_with_the_daemonsets_capabilities_on_a_bpffs_and_names_what_is_missing",
             preflight,
-        )
-        .with_ignored_flag(skip.is_some()),
+        ),
     ];
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("readiness tests", trials);
 }
 
 /// The agent process, killed on drop.
@@ -222,9 +209,9 @@ fn readiness_both_ways() -> Result<(), Failed> {
     if (status.mode.as_str(), status.mode_from.as_str()) != ("shadow", "node label") {
         return Err(format!("the node label did not set the mode: {status:?}").into());
     }
-    let pinned = node.read(AGENT, "status").ok_or("status --json failed")?;
-    if pinned["mode"] != "shadow" {
-        return Err(format!("the pinned config is not shadow: {}", pinned["mode"]).into());
+    let pinned = node.status(AGENT).ok_or("status --json failed")?;
+    if pinned.mode != "shadow" {
+        return Err(format!("the pinned config is not shadow: {}", pinned.mode).into());
     }
     metrics_say_ready_and_shadow(&node)?;
     // `status` (text) reads the same through --agent.
@@ -240,8 +227,7 @@ fn readiness_both_ways() -> Result<(), Failed> {
         agent_status(&node).filter(|s| s.mode == "enforce" && s.mode_from == "flag" && s.ready)
     })?;
     wait(&mut agent, "the pinned config back to enforce", || {
-        node.read(AGENT, "status")
-            .filter(|s| s["mode"] == "enforce")
+        node.status(AGENT).filter(|s| s.mode == "enforce")
     })?;
 
     // 4. detach --force removes the pins: not ready again, with the reason.

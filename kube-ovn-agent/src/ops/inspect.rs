@@ -415,3 +415,87 @@ pub async fn detach(args: &DetachOptions) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixture;
+    use kube_ovn_testkit::agent as kit;
+
+    /// The test kit's typed `status --json`/`dump --json` (what the privileged suites and the
+    /// node simulator read) keeps up with what these commands print.
+    #[test]
+    fn the_test_kit_reads_status_and_dump_json() {
+        let mut desired = fixture::desired(fixture::Mode::A, kube_ovn_ebpf_common::role::OVN0);
+        desired.v4.tproxy_listener_opaque = true;
+        let dump: kit::Dump =
+            serde_json::from_str(&serde_json::to_string_pretty(&desired).unwrap()).unwrap();
+        assert_eq!(dump.v4.rules, rule_names(desired.v4.rules));
+        assert_eq!(dump.v6.rules, rule_names(desired.v6.rules));
+        assert_eq!(
+            dump.v4.subnets,
+            desired
+                .v4
+                .subnets
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(dump.v4.service_ports.len(), desired.v4.service_ports.len());
+        assert!(dump.v4.tproxy_listener_opaque && !dump.v6.tproxy_listener_opaque);
+        assert_eq!(dump.ifaces.len(), desired.ifaces.len());
+
+        let status = Status {
+            version: crate::cli::LONG_VERSION,
+            agent: Some(crate::metrics::AgentStatus {
+                node: "n1".into(),
+                mode: "shadow".into(),
+                ready: true,
+                ..Default::default()
+            }),
+            agent_error: None,
+            kernel: "6.1.0".into(),
+            bpffs_root: "/sys/fs/bpf/kube-ovn".into(),
+            program: Some(ProgramStatus {
+                name: names::PROGRAM,
+                id: 42,
+                tag: "00ff".into(),
+                verified_instructions: Some(7),
+            }),
+            mode: "shadow",
+            rules_v4: rule_names(desired.v4.rules),
+            rules_v6: rule_names(desired.v6.rules),
+            service_match_v4: service_match(desired.v4.rules),
+            service_match_v6: service_match(desired.v6.rules),
+            attachments: vec![Attachment {
+                ifname: "ovn0".into(),
+                mode: attach::AttachMode::Netlink,
+                program_id: 42,
+                link_id: None,
+                filter: Some((1, 0x4b4f)),
+            }],
+            counters: counter::NAMES.iter().copied().zip(1..).collect(),
+            maps: vec![(names::CONFIG, 1)],
+            map_capacity: vec![(names::CONFIG, 1)],
+            mark_clobber: clobber::Report::default(),
+        };
+        let read: kit::Status =
+            serde_json::from_str(&serde_json::to_string_pretty(&status).unwrap()).unwrap();
+        assert_eq!(read.counter(counter::NAMES[1]), Some(2));
+        assert_eq!(read.attached(), ["ovn0"]);
+        assert_eq!(read.attachments[0].filter, Some((1, 0x4b4f)));
+        assert_eq!(read.attachments[0].mode, "netlink");
+        assert_eq!(
+            read.program.map(|p| (p.id, p.tag)),
+            Some((42, "00ff".into()))
+        );
+        assert_eq!(
+            read.agent.map(|a| (a.node, a.mode)),
+            Some(("n1".into(), "shadow".into()))
+        );
+        assert_eq!(
+            (read.mode.as_str(), read.rules_v4.len()),
+            ("shadow", status.rules_v4.len())
+        );
+    }
+}
