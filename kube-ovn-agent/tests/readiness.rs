@@ -8,7 +8,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -20,6 +19,7 @@ use kube_ovn_agent::{
         scaled,
     },
 };
+use kube_ovn_testkit::agent::{AgentProcess, CLI_TIMEOUT, DAEMONSET_CAPS};
 use libtest_mimic::{Failed, Trial};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
@@ -45,20 +45,13 @@ fn main() {
 
 /// The agent process, killed on drop.
 struct Running {
-    child: Child,
+    process: AgentProcess,
     log: TempPath,
 }
 
 impl Running {
     fn log(&self) -> String {
         std::fs::read_to_string(&*self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -92,7 +85,7 @@ fn wait<T>(
         if let Some(value) = check() {
             return Ok(value);
         }
-        if let Ok(Some(status)) = agent.child.try_wait() {
+        if let Ok(Some(status)) = agent.process.try_wait() {
             return Err(format!(
                 "agent exited with {status} waiting for {what}\n{}",
                 agent.log()
@@ -114,13 +107,9 @@ fn write_atomically(path: &TempPath, text: &str) {
 }
 
 fn cli(node: &Node, args: &[&str]) -> std::process::Output {
-    node.ns
-        .command(AGENT)
-        .args(args)
-        .arg("--bpffs-root")
-        .arg(node.root())
-        .output()
-        .expect("run the agent CLI")
+    node.cli(AGENT)
+        .output(args, CLI_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `/metrics` of a ready agent in shadow mode attached to eth0.
@@ -146,26 +135,21 @@ fn readiness_both_ways() -> Result<(), Failed> {
     let cluster = TempPath::new("kovn-ready-cluster-", "yaml");
     write_atomically(&cluster, &example);
     let log = TempPath::new("kovn-ready-agent-", "log");
-    let child = node
-        .ns
-        .command(AGENT)
-        .args([
-            "run",
-            "--node-name",
-            "n1",
-            "--kube-proxy-mode",
-            "ipvs",
-            "--metrics-addr",
-            ADDR,
-        ])
-        .arg(format!("--source=file:{}", cluster.display()))
-        .arg("--bpffs-root")
-        .arg(node.root())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&*log).expect("agent log"))
-        .spawn()
-        .expect("start the agent");
-    let mut agent = Running { child, log };
+    let args = [
+        "--node-name",
+        "n1",
+        "--kube-proxy-mode",
+        "ipvs",
+        "--metrics-addr",
+        ADDR,
+        &format!("--source=file:{}", cluster.display()),
+    ]
+    .map(str::to_owned);
+    let process = node
+        .cli(AGENT)
+        .spawn(&args, &log)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut agent = Running { process, log };
 
     // 1. The cluster is applied, but only `lo` (no role) exists: nothing would be marked.
     let (code, body) = wait(&mut agent, "a 503 once the view is applied", || {
@@ -271,11 +255,11 @@ fn preflight() -> Result<(), Failed> {
     let old =
         kube_ovn_agent::ops::preflight::kernel_version(kernel.trim()).is_some_and(|v| v < (5, 11));
     let daemonset = if old {
-        "+bpf,+net_admin,+perfmon,+net_raw,+sys_resource"
+        format!("{DAEMONSET_CAPS},+sys_resource")
     } else {
-        "+bpf,+net_admin,+perfmon,+net_raw"
+        DAEMONSET_CAPS.to_owned()
     };
-    let (code, out) = preflight_with(daemonset, &bpffs.root());
+    let (code, out) = preflight_with(&daemonset, &bpffs.root());
     if code != Some(0) || out.contains("FAIL") {
         return Err(format!("preflight with the DaemonSet's capabilities: {code:?}\n{out}").into());
     }
@@ -284,7 +268,7 @@ fn preflight() -> Result<(), Failed> {
         return Err(format!("preflight without CAP_BPF: {code:?}\n{out}").into());
     }
     let not_bpffs = TempPath::new("kovn-preflight-", "d");
-    let (code, out) = preflight_with(daemonset, &not_bpffs);
+    let (code, out) = preflight_with(&daemonset, &not_bpffs);
     if code != Some(1) || !out.contains("is not on a bpffs") {
         return Err(format!("preflight off a bpffs: {code:?}\n{out}").into());
     }
