@@ -11,7 +11,7 @@ use crate::{
     datapath::attach::{AttachChoice, DEFAULT_HANDLE, TcxOrder},
     datapath::pins::DEFAULT_ROOT,
     host::netlink::IfaceOverride,
-    ops::preflight::DaemonSetRef,
+    ops::{inspect, preflight::DaemonSetRef},
     source::SourceSpec,
     translate::ServiceMatch,
 };
@@ -326,6 +326,25 @@ impl From<&RunArgs> for agent::Config {
     }
 }
 
+impl From<&ReadArgs> for inspect::ReadOptions {
+    fn from(args: &ReadArgs) -> Self {
+        Self {
+            bpffs_root: args.root.bpffs_root.clone(),
+            json: args.json,
+        }
+    }
+}
+
+impl From<&DetachArgs> for inspect::DetachOptions {
+    fn from(args: &DetachArgs) -> Self {
+        Self {
+            bpffs_root: args.root.bpffs_root.clone(),
+            force: args.force,
+            if_present: args.if_present,
+        }
+    }
+}
+
 /// `--service-match`, as [`ServiceMatch`] (which `translate` keeps free of the CLI framework).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ServiceMatchArg {
@@ -348,49 +367,54 @@ impl From<ServiceMatchArg> for ServiceMatch {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KubeProxyMode {
-    Auto,
-    Ipvs,
-    Iptables,
-    /// kube-proxy's nftables mode (GA in Kubernetes 1.33): no KUBE-* ipsets, so Kube-OVN
-    /// installs R1b only, as in iptables mode.
-    Nftables,
-    None,
+pub use crate::{
+    agent::{MODE_LABEL, Mode, node_mode},
+    host::KubeProxyMode,
+};
+
+/// Clap's side of the lower layers' choice enums, which stay free of the CLI framework. The
+/// `--help` text of each value is the one line after its name.
+macro_rules! value_enum {
+    ($type:ty { $($variant:ident => $name:literal $(: $help:literal)?),+ $(,)? }) => {
+        impl ValueEnum for $type {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$(<$type>::$variant),+]
+            }
+
+            fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+                Some(match self {
+                    $(<$type>::$variant => {
+                        clap::builder::PossibleValue::new($name)$(.help($help))?
+                    })+
+                })
+            }
+        }
+    };
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Enforce,
-    Shadow,
-}
+value_enum!(KubeProxyMode {
+    Auto => "auto",
+    Ipvs => "ipvs",
+    Iptables => "iptables",
+    Nftables => "nftables": "kube-proxy's nftables mode (GA in Kubernetes 1.33): no KUBE-* ipsets, so Kube-OVN installs R1b only, as in iptables mode",
+    None => "none",
+});
 
-/// The Node label that overrides `--mode` on one node (`kubectl label node N
-/// kube-ovn-ebpf.io/mode=shadow`), so a rollout can canary enforce on a few nodes.
-pub const MODE_LABEL: &str = "kube-ovn-ebpf.io/mode";
+value_enum!(Mode {
+    Enforce => "enforce",
+    Shadow => "shadow",
+});
 
-/// The mode in force on this node: its Node's [`MODE_LABEL`] when that says `enforce` or
-/// `shadow`, else `flag`. Returns the mode, where it came from (`node label` or `flag`), and a
-/// complaint about a label value that is neither (the flag's mode is used then).
-pub fn node_mode(
-    labels: Option<&std::collections::BTreeMap<String, String>>,
-    flag: Mode,
-) -> (Mode, &'static str, Option<String>) {
-    match labels.and_then(|l| l.get(MODE_LABEL)).map(String::as_str) {
-        None => (flag, "flag", None),
-        Some("enforce") => (Mode::Enforce, "node label", None),
-        Some("shadow") => (Mode::Shadow, "node label", None),
-        Some(other) => (
-            flag,
-            "flag",
-            Some(format!(
-                "label {MODE_LABEL}={other:?} is neither `enforce` nor `shadow`; using --mode"
-            )),
-        ),
-    }
-}
+value_enum!(AttachChoice {
+    Auto => "auto": "tcx where the kernel has it (≥ 6.6), netlink otherwise",
+    Tcx => "tcx",
+    Netlink => "netlink",
+});
+
+value_enum!(TcxOrder {
+    First => "first": "Before every other tcx program on the interface (marks are set before anyone looks)",
+    Last => "last",
+});
 
 /// A parsed `--service-cluster-ip-range`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -709,30 +733,6 @@ mod tests {
                 ..
             })
         ));
-    }
-
-    #[test]
-    fn the_node_label_overrides_the_mode_flag() {
-        let labels = |value: &str| {
-            std::collections::BTreeMap::from([(MODE_LABEL.to_owned(), value.to_owned())])
-        };
-        assert_eq!(
-            node_mode(None, Mode::Enforce),
-            (Mode::Enforce, "flag", None)
-        );
-        assert_eq!(
-            node_mode(Some(&labels("shadow")), Mode::Enforce),
-            (Mode::Shadow, "node label", None)
-        );
-        assert_eq!(
-            node_mode(Some(&labels("enforce")), Mode::Shadow),
-            (Mode::Enforce, "node label", None)
-        );
-        let (mode, from, complaint) = node_mode(Some(&labels("Shadow ")), Mode::Enforce);
-        assert_eq!((mode, from), (Mode::Enforce, "flag"));
-        assert!(complaint.unwrap().contains("\"Shadow \""));
-        let other = std::collections::BTreeMap::from([("a".to_owned(), "b".to_owned())]);
-        assert_eq!(node_mode(Some(&other), Mode::Shadow).0, Mode::Shadow);
     }
 
     #[test]

@@ -81,12 +81,12 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Status(args) => Ok(tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(inspect::status(&args.read, args.agent))?),
-        Command::Dump(args) => Ok(inspect::dump(&args)?),
+            .block_on(inspect::status(&(&args.read).into(), args.agent))?),
+        Command::Dump(args) => Ok(inspect::dump(&(&args).into())?),
         Command::Detach(args) => Ok(tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(inspect::detach(&args))?),
+            .block_on(inspect::detach(&(&args).into()))?),
         Command::Verify(args) => {
             let options = verify::Options {
                 root: args.root.bpffs_root,

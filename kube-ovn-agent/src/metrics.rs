@@ -15,20 +15,167 @@ use aya::maps::{MapData, PerCpuArray};
 use kube_ovn_ebpf_common::counter;
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
     metrics::{
+        MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 use tokio::sync::{Semaphore, oneshot};
 
 use serde::{Deserialize, Serialize};
 
-use crate::source::{KIND_STATES, SourceStatus, unix_now as source_now};
+use crate::{
+    agent::Mode,
+    source::{KIND_STATES, SourceStatus, unix_now as source_now},
+};
+
+/// `kovn_errors_total{kind}`: what failed. Each is counted once per distinct fault (a map's
+/// faults once per map and kind per pass), not once per refused entry.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A map refused entries past its capacity.
+    MapFull,
+    /// Any other failed map write or removal.
+    MapWrite,
+    MapRead,
+    /// A pinned map is missing or not the layout this build expects.
+    MapLayout,
+    Attach,
+    /// Objects the translation skipped.
+    Translate,
+    Ipset,
+    /// The TPROXY listener check.
+    SockDiag,
+}
+
+impl ErrorKind {
+    pub const ALL: [Self; 8] = [
+        Self::MapFull,
+        Self::MapWrite,
+        Self::MapRead,
+        Self::MapLayout,
+        Self::Attach,
+        Self::Translate,
+        Self::Ipset,
+        Self::SockDiag,
+    ];
+
+    /// The `kind` label's value (docs/operations.md lists them; alert rules match on them).
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::MapFull => "map_full",
+            Self::MapWrite => "map_write",
+            Self::MapRead => "map_read",
+            Self::MapLayout => "map_layout",
+            Self::Attach => "attach",
+            Self::Translate => "translate",
+            Self::Ipset => "ipset",
+            Self::SockDiag => "sock_diag",
+        }
+    }
+}
+
+impl EncodeLabelValue for ErrorKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.label())
+    }
+}
+
+impl EncodeLabelValue for Mode {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        std::fmt::Write::write_str(
+            encoder,
+            match self {
+                Mode::Enforce => "enforce",
+                Mode::Shadow => "shadow",
+            },
+        )
+    }
+}
+
+/// The label sets, one per family that has labels.
+pub mod labels {
+    use prometheus_client::encoding::EncodeLabelSet;
+
+    use super::{ErrorKind, Mode};
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Error {
+        pub kind: ErrorKind,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct BuildInfo {
+        pub version: &'static str,
+        pub commit: &'static str,
+        pub program_tag: String,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct ModeIs {
+        pub mode: Mode,
+    }
+
+    /// `kovn_datapath_packets`: a datapath counter slot's name.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Counter {
+        pub counter: &'static str,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Map {
+        pub map: &'static str,
+    }
+
+    /// A watched kind (`kovn_source_*`).
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Kind {
+        pub kind: &'static str,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct KindState {
+        pub kind: &'static str,
+        pub state: &'static str,
+    }
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Interface {
+        pub interface: String,
+        pub role: String,
+    }
+}
+
+/// One scrape-time family: its descriptor, then one sample per label set.
+fn encode_family<L: EncodeLabelSet, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    (name, help, metric_type): (&str, &str, MetricType),
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, metric) in samples {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A scrape-time gauge of a count or a timestamp (saturating at `i64::MAX`).
+fn gauge<T: TryInto<i64>>(value: T) -> ConstGauge<i64> {
+    ConstGauge::new(value.try_into().unwrap_or(i64::MAX))
+}
+
+/// Registers `metric` and hands it back for the agent to update.
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
 
 /// One interface that has a role on this node, and whether our program is attached to it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,30 +447,31 @@ impl Collector for Live {
                 .and_then(|c| crate::datapath::maps::read_counters(c).ok())
         });
         if let Some(values) = counters {
-            let mut family = encoder.encode_descriptor(
-                "kovn_datapath_packets",
-                "Packets by rule hit or by why they were not classified (per-CPU map, summed)",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
+            encode_family(
+                &mut encoder,
+                (
+                    "kovn_datapath_packets",
+                    "Packets by rule hit or by why they were not classified (per-CPU map, summed)",
+                    MetricType::Counter,
+                ),
+                counter::NAMES.iter().zip(values).map(|(name, value)| {
+                    (labels::Counter { counter: name }, ConstCounter::new(value))
+                }),
             )?;
-            for (name, value) in counter::NAMES.iter().zip(values) {
-                let labels = [("counter", *name)];
-                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-            }
         }
         let sizes = self.map_sizes.lock().map(|s| s.clone()).unwrap_or_default();
         if !sizes.is_empty() {
-            let mut family = encoder.encode_descriptor(
-                "kovn_map_entries",
-                "Entries in each datapath map",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+            encode_family(
+                &mut encoder,
+                (
+                    "kovn_map_entries",
+                    "Entries in each datapath map",
+                    MetricType::Gauge,
+                ),
+                sizes
+                    .into_iter()
+                    .map(|(map, size)| (labels::Map { map }, gauge(size))),
             )?;
-            for (map, size) in sizes {
-                let labels = [("map", map)];
-                let size = i64::try_from(size).unwrap_or(i64::MAX);
-                ConstGauge::new(size).encode(family.encode_family(&labels)?)?;
-            }
         }
         let capacities = self
             .map_capacities
@@ -331,17 +479,18 @@ impl Collector for Live {
             .map(|s| s.clone())
             .unwrap_or_default();
         if !capacities.is_empty() {
-            let mut family = encoder.encode_descriptor(
-                "kovn_map_capacity",
-                "Entries each datapath map can hold (max_entries); compare with kovn_map_entries",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+            encode_family(
+                &mut encoder,
+                (
+                    "kovn_map_capacity",
+                    "Entries each datapath map can hold (max_entries); compare with \
+                     kovn_map_entries",
+                    MetricType::Gauge,
+                ),
+                capacities
+                    .into_iter()
+                    .map(|(map, capacity)| (labels::Map { map }, gauge(capacity))),
             )?;
-            for (map, capacity) in capacities {
-                let labels = [("map", map)];
-                let capacity = i64::try_from(capacity).unwrap_or(i64::MAX);
-                ConstGauge::new(capacity).encode(family.encode_family(&labels)?)?;
-            }
         }
         let source = self.source.lock().map(|s| s.clone()).unwrap_or_default();
         encode_source(&source, &mut encoder)?;
@@ -360,68 +509,68 @@ fn encode_source(
     source: &SourceStatus,
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
+    if source.kinds.is_empty() {
+        return Ok(());
+    }
     let now = source_now();
-    if !source.kinds.is_empty() {
-        let mut listed = encoder.encode_descriptor(
+    let kinds = || {
+        source
+            .kinds
+            .iter()
+            .map(|(kind, s)| (labels::Kind { kind }, s))
+    };
+    encode_family(
+        encoder,
+        (
             "kovn_source_listed",
             "1 once a kind has been listed completely",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (kind, status) in &source.kinds {
-            let labels = [("kind", *kind)];
-            ConstGauge::new(i64::from(status.listed)).encode(listed.encode_family(&labels)?)?;
-        }
-        let mut errors = encoder.encode_descriptor(
+            MetricType::Gauge,
+        ),
+        kinds().map(|(kind, s)| (kind, gauge(s.listed))),
+    )?;
+    encode_family(
+        encoder,
+        (
             "kovn_source_errors",
             "Watch failures and rejected inputs per kind",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (kind, status) in &source.kinds {
-            let labels = [("kind", *kind)];
-            ConstCounter::new(status.errors).encode(errors.encode_family(&labels)?)?;
-        }
-        let mut relists = encoder.encode_descriptor(
+            MetricType::Counter,
+        ),
+        kinds().map(|(kind, s)| (kind, ConstCounter::new(s.errors))),
+    )?;
+    encode_family(
+        encoder,
+        (
             "kovn_source_relists",
             "Complete lists received per kind, the first included (file source: file \
              versions applied)",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (kind, status) in &source.kinds {
-            let labels = [("kind", *kind)];
-            ConstCounter::new(status.relists).encode(relists.encode_family(&labels)?)?;
-        }
-        let mut last_event = encoder.encode_descriptor(
+            MetricType::Counter,
+        ),
+        kinds().map(|(kind, s)| (kind, ConstCounter::new(s.relists))),
+    )?;
+    encode_family(
+        encoder,
+        (
             "kovn_source_last_event_timestamp_seconds",
             "Unix time of the last complete list or watch event per kind",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (kind, status) in &source.kinds {
-            if let Some(at) = status.last_event_unix {
-                let labels = [("kind", *kind)];
-                let at = i64::try_from(at).unwrap_or(i64::MAX);
-                ConstGauge::new(at).encode(last_event.encode_family(&labels)?)?;
-            }
-        }
-        let mut state = encoder.encode_descriptor(
+            MetricType::Gauge,
+        ),
+        kinds().filter_map(|(kind, s)| Some((kind, gauge(s.last_event_unix?)))),
+    )?;
+    encode_family(
+        encoder,
+        (
             "kovn_source_state",
             "1 for each kind's feed state: listing (no complete list yet), watching, failing \
              (errors in the last 2 minutes and no list or event since: the view is stale)",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (kind, status) in &source.kinds {
-            for value in KIND_STATES {
-                let labels = [("kind", *kind), ("state", value)];
-                let on = i64::from(status.state_at(now) == value);
-                ConstGauge::new(on).encode(state.encode_family(&labels)?)?;
-            }
-        }
-    }
-    Ok(())
+            MetricType::Gauge,
+        ),
+        source.kinds.iter().flat_map(|(kind, s)| {
+            let current = s.state_at(now);
+            KIND_STATES
+                .into_iter()
+                .map(move |state| (labels::KindState { kind, state }, gauge(current == state)))
+        }),
+    )
 }
 
 /// `kovn_interface_attached`.
@@ -429,23 +578,25 @@ fn encode_interfaces(
     interfaces: &[InterfaceState],
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
-    if !interfaces.is_empty() {
-        let mut family = encoder.encode_descriptor(
+    if interfaces.is_empty() {
+        return Ok(());
+    }
+    encode_family(
+        encoder,
+        (
             "kovn_interface_attached",
             "1 while the program is attached to an interface that has a role, 0 while \
              attaching to it fails",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for iface in interfaces {
-            let labels = [
-                ("interface", iface.name.as_str()),
-                ("role", iface.role.as_str()),
-            ];
-            ConstGauge::new(i64::from(iface.attached)).encode(family.encode_family(&labels)?)?;
-        }
-    }
-    Ok(())
+            MetricType::Gauge,
+        ),
+        interfaces.iter().map(|iface| {
+            let labels = labels::Interface {
+                interface: iface.name.clone(),
+                role: iface.role.clone(),
+            };
+            (labels, gauge(iface.attached))
+        }),
+    )
 }
 
 /// Metrics the agent updates as it works.
@@ -456,9 +607,8 @@ pub struct Metrics {
     pub sync_duration: Histogram,
     /// Seconds from a watch event (or file change) reaching the agent to the map write.
     pub event_to_write: Histogram,
-    /// Errors by kind: `map_full`, `map_write`, `map_read`, `attach`, `netlink`, `source`,
-    /// `translate`, `ipset`.
-    pub errors: Family<Vec<(String, String)>, Counter>,
+    /// Faults by [`ErrorKind`].
+    pub errors: Family<labels::Error, Counter>,
     /// Objects the last translation had to skip.
     pub translation_issues: Gauge,
     /// Rules found that can clear our mark bits (see `status`).
@@ -468,9 +618,9 @@ pub struct Metrics {
     /// 1 while the pins under the root are the ones this agent created (0 after `detach --force`).
     pub pins_present: Gauge,
     /// 1, labelled with the version, commit and loaded program tag.
-    pub build_info: Family<Vec<(String, String)>, Gauge>,
+    pub build_info: Family<labels::BuildInfo, Gauge>,
     /// 1 for the mode in force, 0 for the other.
-    pub mode: Family<Vec<(String, String)>, Gauge>,
+    pub mode: Family<labels::ModeIs, Gauge>,
     /// Unix seconds of the last pass that applied a complete view without a map error.
     pub last_sync: Gauge,
 }
@@ -485,108 +635,107 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let live = Arc::new(Live::default());
-        let sync_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
-        let event_to_write = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
-        let errors = Family::default();
-        let translation_issues = Gauge::default();
-        let mark_clobber_rules = Gauge::default();
-        let attached_interfaces = Gauge::default();
-        let ready = Gauge::default();
         let pins_present = Gauge::default();
         pins_present.set(1);
-        let build_info = Family::default();
-        let mode = Family::default();
-        let last_sync = Gauge::default();
-        registry.register(
-            "kovn_sync_duration_seconds",
-            "Duration of a reconcile pass",
-            sync_duration.clone(),
-        );
-        registry.register(
-            "kovn_event_to_map_write_seconds",
-            "Latency from a cluster or node change to the map write that reflects it",
-            event_to_write.clone(),
-        );
-        registry.register("kovn_errors", "Errors by kind", errors.clone());
-        registry.register(
-            "kovn_translation_issues",
-            "Objects skipped or partly ignored by the last translation",
-            translation_issues.clone(),
-        );
-        registry.register(
-            "kovn_mark_clobber_rules",
-            "netfilter rules after TC ingress that can clear our mark bits",
-            mark_clobber_rules.clone(),
-        );
-        registry.register(
-            "kovn_attached_interfaces",
-            "Interfaces the classifier is attached to",
-            attached_interfaces.clone(),
-        );
-        registry.register("kovn_ready", "1 after the first full sync", ready.clone());
-        registry.register(
-            "kovn_pins_present",
-            "1 while this agent's pins exist under its bpffs root; 0 once they were removed \
-             behind its back (detach --force): marking has stopped",
-            pins_present.clone(),
-        );
-        registry.register(
-            "kovn_build_info",
-            "1, labelled with the agent's version and commit and the loaded program's tag",
-            build_info.clone(),
-        );
-        registry.register(
-            "kovn_mode",
-            "1 for the mode the datapath runs in (enforce writes marks, shadow counts only)",
-            mode.clone(),
-        );
-        registry.register(
-            "kovn_last_sync_timestamp_seconds",
-            "Unix time of the last reconcile pass that applied a complete view without a map \
-             error",
-            last_sync.clone(),
-        );
-        registry.register_collector(Box::new(live.clone()));
+        // Registration order is the order of `/metrics`.
         Self {
-            registry,
+            sync_duration: register(
+                &mut registry,
+                "kovn_sync_duration_seconds",
+                "Duration of a reconcile pass",
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
+            ),
+            event_to_write: register(
+                &mut registry,
+                "kovn_event_to_map_write_seconds",
+                "Latency from a cluster or node change to the map write that reflects it",
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
+            ),
+            errors: register(
+                &mut registry,
+                "kovn_errors",
+                "Errors by kind",
+                Family::default(),
+            ),
+            translation_issues: register(
+                &mut registry,
+                "kovn_translation_issues",
+                "Objects skipped or partly ignored by the last translation",
+                Gauge::default(),
+            ),
+            mark_clobber_rules: register(
+                &mut registry,
+                "kovn_mark_clobber_rules",
+                "netfilter rules after TC ingress that can clear our mark bits",
+                Gauge::default(),
+            ),
+            attached_interfaces: register(
+                &mut registry,
+                "kovn_attached_interfaces",
+                "Interfaces the classifier is attached to",
+                Gauge::default(),
+            ),
+            ready: register(
+                &mut registry,
+                "kovn_ready",
+                "1 after the first full sync",
+                Gauge::default(),
+            ),
+            pins_present: register(
+                &mut registry,
+                "kovn_pins_present",
+                "1 while this agent's pins exist under its bpffs root; 0 once they were removed \
+                 behind its back (detach --force): marking has stopped",
+                pins_present,
+            ),
+            build_info: register(
+                &mut registry,
+                "kovn_build_info",
+                "1, labelled with the agent's version and commit and the loaded program's tag",
+                Family::default(),
+            ),
+            mode: register(
+                &mut registry,
+                "kovn_mode",
+                "1 for the mode the datapath runs in (enforce writes marks, shadow counts only)",
+                Family::default(),
+            ),
+            last_sync: register(
+                &mut registry,
+                "kovn_last_sync_timestamp_seconds",
+                "Unix time of the last reconcile pass that applied a complete view without a map \
+                 error",
+                Gauge::default(),
+            ),
+            registry: {
+                registry.register_collector(Box::new(live.clone()));
+                registry
+            },
             live,
-            sync_duration,
-            event_to_write,
-            errors,
-            translation_issues,
-            mark_clobber_rules,
-            attached_interfaces,
-            ready,
-            pins_present,
-            build_info,
-            mode,
-            last_sync,
         }
     }
 
     /// Sets `kovn_build_info` once the program is loaded.
     pub fn set_build_info(&self, program_tag: &str) {
-        let labels = vec![
-            ("version".to_owned(), crate::cli::VERSION.to_owned()),
-            ("commit".to_owned(), crate::cli::COMMIT.to_owned()),
-            ("program_tag".to_owned(), program_tag.to_owned()),
-        ];
+        let labels = labels::BuildInfo {
+            version: crate::cli::VERSION,
+            commit: crate::cli::COMMIT,
+            program_tag: program_tag.to_owned(),
+        };
         self.build_info.get_or_create(&labels).set(1);
     }
 
     /// Sets `kovn_mode`: 1 for `current`, 0 for the other mode.
     pub fn set_mode(&self, shadow: bool) {
-        for (name, on) in [("enforce", !shadow), ("shadow", shadow)] {
+        for (mode, on) in [(Mode::Enforce, !shadow), (Mode::Shadow, shadow)] {
             self.mode
-                .get_or_create(&vec![("mode".to_owned(), name.to_owned())])
+                .get_or_create(&labels::ModeIs { mode })
                 .set(i64::from(on));
         }
     }
 
-    pub fn error(&self, kind: &str) {
-        self.errors
-            .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
-            .inc();
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors.get_or_create(&labels::Error { kind }).inc();
     }
 
     pub fn render(&self) -> String {
@@ -820,7 +969,7 @@ mod tests {
     #[test]
     fn registry_renders_every_family() {
         let metrics = Metrics::new();
-        metrics.error("map_full");
+        metrics.error(ErrorKind::MapFull);
         metrics.sync_duration.observe(0.002);
         metrics
             .live
@@ -836,6 +985,22 @@ mod tests {
             "kovn_ready 0",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_error_kind_renders_its_documented_label() {
+        let metrics = Metrics::new();
+        let operations = include_str!("../../docs/operations.md");
+        for kind in ErrorKind::ALL {
+            metrics.error(kind);
+            let label = kind.label();
+            let needle = format!("kovn_errors_total{{kind=\"{label}\"}} 1");
+            assert!(metrics.render().contains(&needle), "missing {needle:?}");
+            assert!(
+                operations.contains(&format!("`{label}`")),
+                "docs/operations.md does not list {label:?}"
+            );
         }
     }
 

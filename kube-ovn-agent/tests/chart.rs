@@ -27,7 +27,7 @@ use clap::Parser as _;
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::ConfigMap};
 use kube_ovn_agent::{
     cli::{Cli, Command as AgentCommand},
-    metrics::{InterfaceState, Metrics},
+    metrics::{ErrorKind, InterfaceState, Metrics},
     source::KindStatus,
 };
 use kube_ovn_ebpf_common::counter;
@@ -1168,7 +1168,7 @@ fn monitoring_copies_equal() -> Result<(), Failed> {
 /// open, which needs a loaded program; its name is taken from the collector's source instead.
 fn exported_names() -> BTreeSet<String> {
     let metrics = Metrics::new();
-    metrics.error("map_full");
+    metrics.error(ErrorKind::MapFull);
     metrics.sync_duration.observe(0.001);
     metrics.event_to_write.observe(0.001);
     metrics
@@ -1200,11 +1200,12 @@ fn exported_names() -> BTreeSet<String> {
         .map(str::to_owned)
         .collect();
     let source = read(&repo().join("kube-ovn-agent/src/metrics.rs"));
-    let collector = source
-        .split("encode_descriptor(")
-        .skip(1)
-        .find(|d| d.trim_start().starts_with("\"kovn_datapath_packets\""));
-    if collector.is_some_and(|d| d.contains("MetricType::Counter")) {
+    // The collector's family: its name, its help, then its type.
+    let metric_type = source
+        .split("\"kovn_datapath_packets\",")
+        .nth(1)
+        .and_then(|rest| rest.split("MetricType::").nth(1));
+    if metric_type.is_some_and(|t| t.starts_with("Counter")) {
         names.insert("kovn_datapath_packets_total".to_owned());
     }
     names

@@ -12,14 +12,13 @@ use kube_ovn_agent::{
     testing::{
         TestDatapath, VERDICT_CONTINUE,
         fixture::{self, Mode, TEST_RUN_IFINDEX, Vector},
-        missing_privilege,
         netns::Bpffs,
         oracle as model,
         packet::{L4, Packet, TPID_8021AD, TPID_8021Q, ext},
     },
 };
 use kube_ovn_ebpf_common::{capacity, counter, iface_flag, role, rule};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Failed, Trial};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
 /// `TC_ACT_SHOT` as `BPF_PROG_TEST_RUN` reports it.
@@ -29,15 +28,6 @@ const TC_ACT_SHOT: u32 = 2;
 const FOREIGN_MARK: u32 = 0x0100_0000;
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!("\n*** SKIPPING the privileged datapath tests: {why} ***\n");
-        if kube_ovn_agent::testing::privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let mut trials: Vec<Trial> = fixture::vectors()
         .into_iter()
         .map(|v| Trial::test(format!("spec_vector_{}", v.id), move || check_vector(&v)))
@@ -81,11 +71,7 @@ fn main() {
             other_host,
         ),
     ]);
-    for trial in &mut trials {
-        *trial =
-            std::mem::replace(trial, Trial::test("", || Ok(()))).with_ignored_flag(skip.is_some());
-    }
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("datapath tests", trials);
 }
 
 /// Runs `frame` and checks the verdict, that the frame is untouched, the mark (foreign bits kept,

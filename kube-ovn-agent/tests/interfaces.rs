@@ -13,11 +13,10 @@ use std::{
 
 use kube_ovn_agent::testing::{
     agent::{Agent, Node, wait_for},
-    missing_privilege,
     netns::{NetNs, send_frames, veth},
     packet::Packet,
 };
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Failed, Trial};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
 /// spec §5.1's ETP=Local TCP NodePort.
@@ -29,15 +28,6 @@ const R2_R3_MARK: u32 = 0x8_4000;
 const SYNS: u64 = 5;
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!("\n*** SKIPPING the privileged interface tests: {why} ***\n");
-        if kube_ovn_agent::testing::privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let trials = vec![
         Trial::test(
             "nodeport_syns_are_marked_on_every_interface_they_arrive_on",
@@ -48,11 +38,7 @@ fn main() {
             tun_device,
         ),
     ];
-    let trials = trials
-        .into_iter()
-        .map(|t| t.with_ignored_flag(skip.is_some()))
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("interface tests", trials);
 }
 
 /// Counts, in mangle PREROUTING, NodePort SYNs arriving on `ifname` (IPv4 and IPv6): all of

@@ -11,11 +11,10 @@ use std::{
 };
 
 use kube_ovn_agent::testing::{
-    missing_privilege,
     netns::{Bpffs, NetNs, TempPath, example_cluster, send_frames, veth},
     scaled,
 };
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Failed, Trial};
 use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
@@ -23,15 +22,6 @@ const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
 type Test = fn() -> Result<(), Failed>;
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!("\n*** SKIPPING the privileged network-namespace tests: {why} ***\n");
-        if kube_ovn_agent::testing::privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let tests: Vec<(&str, Test)> = vec![
         (
             "tcx_marks_real_packets_survives_sigterm_and_detaches_cleanly",
@@ -73,7 +63,7 @@ fn main() {
         ),
     ];
     let tcx = kube_ovn_agent::datapath::attach::tcx_supported();
-    if !tcx && skip.is_none() {
+    if !tcx && kube_ovn_testkit::privileged::missing_privilege().is_none() {
         eprintln!(
             "\n*** SKIPPING the tcx variant: it needs tcx (Linux >= 6.6); this kernel has netlink clsact only ***\n"
         );
@@ -82,10 +72,10 @@ fn main() {
         .into_iter()
         .map(|(name, f)| {
             let needs_tcx = name.starts_with("tcx_");
-            Trial::test(name, f).with_ignored_flag(skip.is_some() || (needs_tcx && !tcx))
+            Trial::test(name, f).with_ignored_flag(needs_tcx && !tcx)
         })
         .collect();
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("network-namespace tests", trials);
 }
 
 /// A node namespace with `eth0` to a client (another node, 192.168.0.12) and `ovn0` to a pod

@@ -8,7 +8,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -16,62 +15,43 @@ use kube_ovn_agent::{
     metrics::{AgentStatus, fetch_status},
     testing::{
         agent::Node,
-        missing_privilege,
         netns::{TempPath, example_cluster},
         scaled,
     },
 };
-use libtest_mimic::{Arguments, Failed, Trial};
+use kube_ovn_testkit::agent::{AgentProcess, CLI_TIMEOUT, DAEMONSET_CAPS};
+use libtest_mimic::{Failed, Trial};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
 const ADDR: &str = "127.0.0.1:10669";
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!("\n*** SKIPPING the privileged readiness tests: {why} ***\n");
-        if kube_ovn_agent::testing::privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let trials = vec![
         Trial::test(
             "readyz_follows_listing_attachment_and_pins_and_the_node_label_sets_the_mode",
             readiness_both_ways,
-        )
-        .with_ignored_flag(skip.is_some()),
+        ),
         Trial::test(
             "detach_if_present_succeeds_on_a_node_without_our_pins",
             detach_if_present,
-        )
-        .with_ignored_flag(skip.is_some()),
+        ),
         Trial::test(
             "preflight_passes_with_the_daemonsets_capabilities_on_a_bpffs_and_names_what_is_missing",
             preflight,
-        )
-        .with_ignored_flag(skip.is_some()),
+        ),
     ];
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("readiness tests", trials);
 }
 
 /// The agent process, killed on drop.
 struct Running {
-    child: Child,
+    process: AgentProcess,
     log: TempPath,
 }
 
 impl Running {
     fn log(&self) -> String {
         std::fs::read_to_string(&*self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -105,7 +85,7 @@ fn wait<T>(
         if let Some(value) = check() {
             return Ok(value);
         }
-        if let Ok(Some(status)) = agent.child.try_wait() {
+        if let Ok(Some(status)) = agent.process.try_wait() {
             return Err(format!(
                 "agent exited with {status} waiting for {what}\n{}",
                 agent.log()
@@ -127,13 +107,9 @@ fn write_atomically(path: &TempPath, text: &str) {
 }
 
 fn cli(node: &Node, args: &[&str]) -> std::process::Output {
-    node.ns
-        .command(AGENT)
-        .args(args)
-        .arg("--bpffs-root")
-        .arg(node.root())
-        .output()
-        .expect("run the agent CLI")
+    node.cli(AGENT)
+        .output(args, CLI_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `/metrics` of a ready agent in shadow mode attached to eth0.
@@ -159,26 +135,21 @@ fn readiness_both_ways() -> Result<(), Failed> {
     let cluster = TempPath::new("kovn-ready-cluster-", "yaml");
     write_atomically(&cluster, &example);
     let log = TempPath::new("kovn-ready-agent-", "log");
-    let child = node
-        .ns
-        .command(AGENT)
-        .args([
-            "run",
-            "--node-name",
-            "n1",
-            "--kube-proxy-mode",
-            "ipvs",
-            "--metrics-addr",
-            ADDR,
-        ])
-        .arg(format!("--source=file:{}", cluster.display()))
-        .arg("--bpffs-root")
-        .arg(node.root())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&*log).expect("agent log"))
-        .spawn()
-        .expect("start the agent");
-    let mut agent = Running { child, log };
+    let args = [
+        "--node-name",
+        "n1",
+        "--kube-proxy-mode",
+        "ipvs",
+        "--metrics-addr",
+        ADDR,
+        &format!("--source=file:{}", cluster.display()),
+    ]
+    .map(str::to_owned);
+    let process = node
+        .cli(AGENT)
+        .spawn(&args, &log)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut agent = Running { process, log };
 
     // 1. The cluster is applied, but only `lo` (no role) exists: nothing would be marked.
     let (code, body) = wait(&mut agent, "a 503 once the view is applied", || {
@@ -222,9 +193,9 @@ fn readiness_both_ways() -> Result<(), Failed> {
     if (status.mode.as_str(), status.mode_from.as_str()) != ("shadow", "node label") {
         return Err(format!("the node label did not set the mode: {status:?}").into());
     }
-    let pinned = node.read(AGENT, "status").ok_or("status --json failed")?;
-    if pinned["mode"] != "shadow" {
-        return Err(format!("the pinned config is not shadow: {}", pinned["mode"]).into());
+    let pinned = node.status(AGENT).ok_or("status --json failed")?;
+    if pinned.mode != "shadow" {
+        return Err(format!("the pinned config is not shadow: {}", pinned.mode).into());
     }
     metrics_say_ready_and_shadow(&node)?;
     // `status` (text) reads the same through --agent.
@@ -240,8 +211,7 @@ fn readiness_both_ways() -> Result<(), Failed> {
         agent_status(&node).filter(|s| s.mode == "enforce" && s.mode_from == "flag" && s.ready)
     })?;
     wait(&mut agent, "the pinned config back to enforce", || {
-        node.read(AGENT, "status")
-            .filter(|s| s["mode"] == "enforce")
+        node.status(AGENT).filter(|s| s.mode == "enforce")
     })?;
 
     // 4. detach --force removes the pins: not ready again, with the reason.
@@ -285,11 +255,11 @@ fn preflight() -> Result<(), Failed> {
     let old =
         kube_ovn_agent::ops::preflight::kernel_version(kernel.trim()).is_some_and(|v| v < (5, 11));
     let daemonset = if old {
-        "+bpf,+net_admin,+perfmon,+net_raw,+sys_resource"
+        format!("{DAEMONSET_CAPS},+sys_resource")
     } else {
-        "+bpf,+net_admin,+perfmon,+net_raw"
+        DAEMONSET_CAPS.to_owned()
     };
-    let (code, out) = preflight_with(daemonset, &bpffs.root());
+    let (code, out) = preflight_with(&daemonset, &bpffs.root());
     if code != Some(0) || out.contains("FAIL") {
         return Err(format!("preflight with the DaemonSet's capabilities: {code:?}\n{out}").into());
     }
@@ -298,7 +268,7 @@ fn preflight() -> Result<(), Failed> {
         return Err(format!("preflight without CAP_BPF: {code:?}\n{out}").into());
     }
     let not_bpffs = TempPath::new("kovn-preflight-", "d");
-    let (code, out) = preflight_with(daemonset, &not_bpffs);
+    let (code, out) = preflight_with(&daemonset, &not_bpffs);
     if code != Some(1) || !out.contains("is not on a bpffs") {
         return Err(format!("preflight off a bpffs: {code:?}\n{out}").into());
     }

@@ -12,24 +12,14 @@ use std::{
 
 use kube_ovn_agent::testing::{
     agent::{Agent, Node, wait_for},
-    missing_privilege,
     netns::{NetNs, TempPath, example_cluster, veth},
 };
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Failed, Trial};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
 const LISTEN_PORT: u16 = 8102;
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!("\n*** SKIPPING the privileged TPROXY tests: {why} ***\n");
-        if kube_ovn_agent::testing::privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let trials = vec![
         Trial::test(
             "a_dual_stack_transparent_listener_takes_ipv4_and_ipv6_probes",
@@ -44,11 +34,7 @@ fn main() {
             no_listener,
         ),
     ];
-    let trials = trials
-        .into_iter()
-        .map(|t| t.with_ignored_flag(skip.is_some()))
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("TPROXY tests", trials);
 }
 
 /// Spec §5.3's custom-VPC pod p1 on n1 (10.0.1.5, `fd00:1::5`): readiness tcp 8080.
@@ -170,11 +156,9 @@ fn probe_targets() -> [SocketAddr; 2] {
 /// Whether the agent's `dump` says its check found the listener of both families without
 /// `IP_TRANSPARENT` (`want`).
 fn opaque_in_dump(s: &Setup, want: bool) -> bool {
-    s.node.read(AGENT, "dump").is_some_and(|d| {
-        ["v4", "v6"]
-            .iter()
-            .all(|f| d[f]["tproxy_listener_opaque"] == serde_json::json!(want))
-    })
+    s.node
+        .dump(AGENT)
+        .is_some_and(|d| d.v4.tproxy_listener_opaque == want && d.v6.tproxy_listener_opaque == want)
 }
 
 /// Kubelet's probe to each of p1's addresses reaches the one dual-stack listener, which sees the

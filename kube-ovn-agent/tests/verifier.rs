@@ -26,33 +26,21 @@ use aya_obj::{
     EbpfSectionKind, Object, ProgramSection,
     generated::{bpf_attr, bpf_cmd, bpf_prog_type},
 };
-use kube_ovn_agent::{datapath::object, testing::missing_privilege};
-use libtest_mimic::{Arguments, Failed, Trial};
+use kube_ovn_agent::datapath::object;
+use libtest_mimic::{Failed, Trial};
 
 /// `BPF_LOG_STATS` (since 5.2): only the summary lines, whatever the program's size.
 const BPF_LOG_STATS: u32 = 4;
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!("\n*** SKIPPING the verifier statistics: {why} ***\n");
-        if kube_ovn_agent::testing::privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let object = Object::parse(object::OBJECT).expect("parsing the embedded object");
     let mut programs: Vec<String> = object.programs.keys().cloned().collect();
     programs.sort();
     let trials = programs
         .into_iter()
-        .map(|name| {
-            Trial::test(format!("verifier_stats_{name}"), move || measure(&name))
-                .with_ignored_flag(skip.is_some())
-        })
+        .map(|name| Trial::test(format!("verifier_stats_{name}"), move || measure(&name)))
         .collect();
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("verifier statistics", trials);
 }
 
 fn measure(name: &str) -> Result<(), Failed> {

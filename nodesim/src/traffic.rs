@@ -610,9 +610,11 @@ fn hook_evidence(nodes: &mut [ModeNode]) -> Result<serde_json::Value> {
                     .hook_mut()
                     .and_then(|h| h.agent_mut())
                     .context("the ebpf node has no agent")?;
-                let status: serde_json::Value = serde_json::from_str(&agent.status_json()?)
-                    .context("parsing `status --json`")?;
-                json.insert("ebpf_counters".into(), status["counters"].clone());
+                let status = agent.status()?;
+                json.insert(
+                    "ebpf_counters".into(),
+                    serde_json::to_value(&status.counters)?,
+                );
             }
             HookKind::Baseline => {}
         }

@@ -7,8 +7,11 @@
 //! attach calls; the map tables are [`Tables`], whose backends are already behind a trait), so
 //! the policy is tested in-process (`tests.rs`).
 
+mod mode;
 #[cfg(test)]
 mod tests;
+
+pub use mode::{MODE_LABEL, Mode, node_mode};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,17 +24,17 @@ use std::{
 use tokio::{signal::unix::SignalKind, sync::watch};
 
 use crate::{
-    cli::{KubeProxyMode, Mode},
     datapath::Datapath,
     datapath::attach::{self, AttachConfig, AttachError, Attachment},
     datapath::maps::{SyncReport, Tables},
     datapath::pins::{PinRoot, RootLock},
     diag,
     faults::{Fault, FaultLog},
+    host::KubeProxyMode,
     host::clobber,
     host::ipset,
     host::netlink::{self, IfaceOverride, NodeNet},
-    metrics::{Health, Metrics},
+    metrics::{ErrorKind, Health, Metrics},
     source::Running,
     translate::{self, KubeProxySets, NodeFacts, Options},
 };
@@ -402,7 +405,7 @@ impl<K: Kernel> Agent<K> {
             .map(|issue| Fault::new(format!("skipped: {issue}")));
         // Counted once per distinct problem; the gauge above says how many are current.
         for _ in self.faults.pass("translate", issues).new {
-            self.metrics.error("translate");
+            self.metrics.error(ErrorKind::Translate);
         }
 
         let report = if listed {
@@ -537,7 +540,7 @@ impl<K: Kernel> Agent<K> {
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
             .and_then(|n| n.metadata.labels.as_ref());
-        let (mode, from, complaint) = crate::cli::node_mode(labels, self.config.mode);
+        let (mode, from, complaint) = node_mode(labels, self.config.mode);
         self.faults.pass("mode label", complaint.map(Fault::new));
         let shadow = mode == Mode::Shadow;
         if shadow != self.options.shadow || from != self.mode_from {
@@ -578,7 +581,7 @@ impl<K: Kernel> Agent<K> {
                 Err(e) => {
                     complete = false;
                     self.attach_failed.insert(ifname.clone());
-                    self.metrics.error("attach");
+                    self.metrics.error(ErrorKind::Attach);
                     faults.push(Fault::new(format!(
                         "attaching to {ifname} failed: {}",
                         diag::render_error(&e)
@@ -601,7 +604,7 @@ impl<K: Kernel> Agent<K> {
                         tracing::info!(ifname, "detached: the interface no longer has a role");
                     }
                     Err(e) => {
-                        self.metrics.error("attach");
+                        self.metrics.error(ErrorKind::Attach);
                         faults.push(Fault::new(format!("detaching from {ifname} failed: {e}")));
                     }
                 }
@@ -627,7 +630,7 @@ impl<K: Kernel> Agent<K> {
                 listeners
             }
             Err(e) => {
-                self.metrics.error("sock_diag");
+                self.metrics.error(ErrorKind::SockDiag);
                 self.faults.pass(
                     "sock_diag",
                     [Fault::new(format!(
@@ -679,7 +682,7 @@ impl<K: Kernel> Agent<K> {
                     detection.sets
                 }
                 Err(e) => {
-                    self.metrics.error("ipset");
+                    self.metrics.error(ErrorKind::Ipset);
                     self.faults.pass(
                         "ipset",
                         [Fault::new(format!(

@@ -30,7 +30,7 @@ const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_ID: u16 = 11;
 
 /// `--attach`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachChoice {
     /// tcx where the kernel has it (≥ 6.6), netlink otherwise.
@@ -69,7 +69,7 @@ impl AttachChoice {
 }
 
 /// `--tcx-order`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TcxOrder {
     /// Before every other tcx program on the interface (marks are set before anyone looks).
@@ -563,27 +563,8 @@ pub async fn list(pins: &PinRoot, rtnl: &rtnetlink::Handle) -> Vec<Attachment> {
 
 /// `BPF_LINK_DETACH` (Linux 5.9): detaches a link even while it is still pinned or held.
 fn link_detach(link: &SchedClassifierLink) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let fd = aya::programs::MultiProgLink::fd(link)
-        .map_err(io::Error::other)?
-        .as_raw_fd();
-    // union bpf_attr { struct { __u32 link_fd; } link_detach; }, padded.
-    let mut attr = [0u32; 16];
-    attr[0] = u32::try_from(fd).map_err(io::Error::other)?;
-    // SAFETY: the attr buffer is valid and large enough for this command.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            attr.as_mut_ptr(),
-            size_of_val(&attr),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let fd = aya::programs::MultiProgLink::fd(link).map_err(io::Error::other)?;
+    crate::datapath::sys::link_detach(fd)
 }
 
 /// Removes one attachment of ours. When the interface itself is gone, its tc filters went with

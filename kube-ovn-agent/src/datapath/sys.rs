@@ -1,9 +1,10 @@
-//! `BPF_MAP_UPDATE_BATCH`: many map entries in one `bpf(2)` call; and opening pins read-only.
+//! The agent's raw `bpf(2)` calls, for what aya 0.14 lacks, all through [`sys_bpf`]: batched map
+//! writes and reads, opening pins read-only, a program's id, and detaching a link.
 //!
 //! A cold start writes tens of thousands of entries; one syscall each is most of the cost of
-//! programming the datapath (issue: benchmark §5). aya 0.14 has no batch API, so this is the one
-//! raw `bpf(2)` call the agent makes. Hash and array maps have had the command since Linux 5.6;
-//! where a map type lacks it (LPM tries on older kernels) the caller falls back to single writes.
+//! programming the datapath (issue: benchmark §5), so `BPF_MAP_UPDATE_BATCH` writes many in one
+//! call. Hash and array maps have had the command since Linux 5.6; where a map type lacks it (LPM
+//! tries on older kernels) the caller falls back to single writes.
 
 use std::{
     ffi::CString,
@@ -17,6 +18,28 @@ use std::{
 
 use aya::Pod;
 use aya_obj::generated::{BPF_F_RDONLY, bpf_attr, bpf_cmd, bpf_prog_info};
+
+/// `bpf(cmd, attr, sizeof attr)`; the call's non-negative result, or the errno.
+///
+/// # Safety
+/// `attr`'s member for `cmd` is filled in, and every buffer it points to is valid, for as long
+/// as the call, for what the kernel reads from it or writes into it.
+unsafe fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a whole bpf_attr; the rest is the caller's contract.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
 
 /// Why a batch stopped short.
 #[derive(Debug)]
@@ -49,18 +72,9 @@ pub fn update<K: Pod, V: Pod>(
     // SAFETY: the kernel reads `count` keys and values of the map's sizes from the two slices,
     // which live across the call; K and V are the map's key and value types (checked by aya
     // when the map handle was typed), and it writes back only `attr.batch.count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
-            &raw mut attr,
-            size_of::<bpf_attr>(),
-        )
-    };
-    if rc == 0 {
+    let Err(error) = (unsafe { sys_bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) }) else {
         return Ok(());
-    }
-    let error = io::Error::last_os_error();
+    };
     // SAFETY: as above; the kernel reports the number of entries it processed here.
     let written = processed_before_error(unsafe { attr.batch.count }, keys.len());
     // EINVAL: the command is unknown (< 5.6); ENOTSUPP (524, kernel-internal but leaked to
@@ -122,15 +136,7 @@ pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>, St
         batch.map_fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&map)).expect("fd ≥ 0");
         // SAFETY: the kernel writes at most `count` keys and values into the two buffers, which
         // hold that many of the map's key and value types, and a token into `next`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                &raw mut attr,
-                size_of::<bpf_attr>(),
-            )
-        };
-        let error = (rc != 0).then(io::Error::last_os_error);
+        let error = (unsafe { sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) }).err();
         // SAFETY: as above; the kernel reports how many entries it copied.
         let copied = (unsafe { attr.batch.count }).min(LOOKUP_CHUNK) as usize;
         entries.extend(
@@ -169,17 +175,7 @@ pub fn open_pin_read_only(path: &Path) -> io::Result<OwnedFd> {
     get.pathname = c_path.as_ptr() as u64;
     get.file_flags = BPF_F_RDONLY;
     // SAFETY: the kernel reads the NUL-terminated path, which outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_OBJ_GET as libc::c_long,
-            &raw mut attr,
-            size_of::<bpf_attr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let rc = unsafe { sys_bpf(bpf_cmd::BPF_OBJ_GET, &mut attr) }?;
     let fd = i32::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
     // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -203,18 +199,21 @@ pub fn program_info(fd: BorrowedFd<'_>) -> io::Result<bpf_prog_info> {
     get.info_len = u32::try_from(size_of::<bpf_prog_info>()).expect("small");
     get.info = (&raw mut info) as u64;
     // SAFETY: the kernel writes at most info_len bytes into `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
-            &raw mut attr,
-            size_of::<bpf_attr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(info)
+}
+
+/// `BPF_LINK_DETACH` (Linux 5.9): detaches the link behind `fd` even while it is still pinned
+/// or held.
+pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: as in `program_id`.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: a plain integer into the member the command reads.
+    let detach = unsafe { &mut attr.link_detach };
+    detach.link_fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).expect("fd ≥ 0");
+    // SAFETY: the command reads only the link's fd.
+    unsafe { sys_bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr) }?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,10 +1,15 @@
 //! `status`, `dump` and `detach`: they read (or remove) what `run` pinned, without loading a
 //! program.
 
-use std::{fmt::Write as _, io, os::fd::AsFd as _, time::Duration};
+use std::{
+    fmt::Write as _,
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use crate::{
-    cli::{DetachArgs, ReadArgs, RootArgs},
     datapath::attach::AttachError,
     datapath::attach::{self, Attachment},
     datapath::pins::{BpffsError, PinRoot},
@@ -43,8 +48,28 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn read_tables(root: &RootArgs) -> Result<(PinnedView, Vec<u64>)> {
-    let view = PinnedView::open(&PinRoot::new(&root.bpffs_root))?;
+/// What `status` and `dump` read, and how they print it.
+#[derive(Clone, Debug)]
+pub struct ReadOptions {
+    /// The directory on a bpffs holding our pins.
+    pub bpffs_root: PathBuf,
+    /// JSON instead of text.
+    pub json: bool,
+}
+
+/// What `detach` removes, and when it may.
+#[derive(Clone, Debug)]
+pub struct DetachOptions {
+    /// The directory on a bpffs holding our pins.
+    pub bpffs_root: PathBuf,
+    /// Detach even under a running agent.
+    pub force: bool,
+    /// Finding nothing of ours is success, not an error.
+    pub if_present: bool,
+}
+
+fn read_tables(root: &Path) -> Result<(PinnedView, Vec<u64>)> {
+    let view = PinnedView::open(&PinRoot::new(root))?;
     let counters = view.counters()?;
     Ok((view, counters))
 }
@@ -91,9 +116,9 @@ fn service_match(rules: u32) -> &'static str {
     }
 }
 
-pub async fn status(args: &ReadArgs, agent_addr: std::net::SocketAddr) -> Result<()> {
-    let pins = PinRoot::new(&args.root.bpffs_root);
-    let (view, counters) = read_tables(&args.root)?;
+pub async fn status(args: &ReadOptions, agent_addr: std::net::SocketAddr) -> Result<()> {
+    let pins = PinRoot::new(&args.bpffs_root);
+    let (view, counters) = read_tables(&args.bpffs_root)?;
     let tables = &view.tables;
     let current = tables.current();
     let program = pinned_program(&pins).map(|info| ProgramStatus {
@@ -256,8 +281,8 @@ fn kernel_release() -> String {
         .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
 }
 
-pub fn dump(args: &ReadArgs) -> Result<()> {
-    let (view, _) = read_tables(&args.root)?;
+pub fn dump(args: &ReadOptions) -> Result<()> {
+    let (view, _) = read_tables(&args.bpffs_root)?;
     let current = view.tables.current();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&current)?);
@@ -339,8 +364,8 @@ fn family_text<N: std::fmt::Display + Ord, A: std::fmt::Display + Ord + Copy>(
     );
 }
 
-pub async fn detach(args: &DetachArgs) -> Result<()> {
-    let pins = PinRoot::new(&args.root.bpffs_root);
+pub async fn detach(args: &DetachOptions) -> Result<()> {
+    let pins = PinRoot::new(&args.bpffs_root);
     // Held while removing, so no agent starts on this root halfway through.
     let _lock = if pins.root.is_dir() {
         match pins.lock() {
@@ -387,4 +412,88 @@ pub async fn detach(args: &DetachArgs) -> Result<()> {
         return Err(BpffsError::NothingOurs { path: pins.root }.into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::fixture;
+    use kube_ovn_testkit::agent as kit;
+
+    /// The test kit's typed `status --json`/`dump --json` (what the privileged suites and the
+    /// node simulator read) keeps up with what these commands print.
+    #[test]
+    fn the_test_kit_reads_status_and_dump_json() {
+        let mut desired = fixture::desired(fixture::Mode::A, kube_ovn_ebpf_common::role::OVN0);
+        desired.v4.tproxy_listener_opaque = true;
+        let dump: kit::Dump =
+            serde_json::from_str(&serde_json::to_string_pretty(&desired).unwrap()).unwrap();
+        assert_eq!(dump.v4.rules, rule_names(desired.v4.rules));
+        assert_eq!(dump.v6.rules, rule_names(desired.v6.rules));
+        assert_eq!(
+            dump.v4.subnets,
+            desired
+                .v4
+                .subnets
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(dump.v4.service_ports.len(), desired.v4.service_ports.len());
+        assert!(dump.v4.tproxy_listener_opaque && !dump.v6.tproxy_listener_opaque);
+        assert_eq!(dump.ifaces.len(), desired.ifaces.len());
+
+        let status = Status {
+            version: crate::cli::LONG_VERSION,
+            agent: Some(crate::metrics::AgentStatus {
+                node: "n1".into(),
+                mode: "shadow".into(),
+                ready: true,
+                ..Default::default()
+            }),
+            agent_error: None,
+            kernel: "6.1.0".into(),
+            bpffs_root: "/sys/fs/bpf/kube-ovn".into(),
+            program: Some(ProgramStatus {
+                name: names::PROGRAM,
+                id: 42,
+                tag: "00ff".into(),
+                verified_instructions: Some(7),
+            }),
+            mode: "shadow",
+            rules_v4: rule_names(desired.v4.rules),
+            rules_v6: rule_names(desired.v6.rules),
+            service_match_v4: service_match(desired.v4.rules),
+            service_match_v6: service_match(desired.v6.rules),
+            attachments: vec![Attachment {
+                ifname: "ovn0".into(),
+                mode: attach::AttachMode::Netlink,
+                program_id: 42,
+                link_id: None,
+                filter: Some((1, 0x4b4f)),
+            }],
+            counters: counter::NAMES.iter().copied().zip(1..).collect(),
+            maps: vec![(names::CONFIG, 1)],
+            map_capacity: vec![(names::CONFIG, 1)],
+            mark_clobber: clobber::Report::default(),
+        };
+        let read: kit::Status =
+            serde_json::from_str(&serde_json::to_string_pretty(&status).unwrap()).unwrap();
+        assert_eq!(read.counter(counter::NAMES[1]), Some(2));
+        assert_eq!(read.attached(), ["ovn0"]);
+        assert_eq!(read.attachments[0].filter, Some((1, 0x4b4f)));
+        assert_eq!(read.attachments[0].mode, "netlink");
+        assert_eq!(
+            read.program.map(|p| (p.id, p.tag)),
+            Some((42, "00ff".into()))
+        );
+        assert_eq!(
+            read.agent.map(|a| (a.node, a.mode)),
+            Some(("n1".into(), "shadow".into()))
+        );
+        assert_eq!(
+            (read.mode.as_str(), read.rules_v4.len()),
+            ("shadow", status.rules_v4.len())
+        );
+    }
 }

@@ -4,11 +4,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+use kube_ovn_testkit::agent::{AgentCli, AgentProcess, Dump, Privilege, Status};
 
 use super::{
     netns::{Bpffs, NetNs, TempPath, example_cluster},
@@ -23,20 +22,13 @@ pub struct Node {
 
 /// A running `kube-ovn-agent run`, killed on drop.
 pub struct Agent {
-    pub child: Child,
+    pub process: AgentProcess,
     log: TempPath,
 }
 
 impl Agent {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&*self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -52,31 +44,37 @@ impl Node {
         self.bpffs.root()
     }
 
+    /// `binary`'s commands in this node, on its bpffs, with the capabilities
+    /// `KOVN_TEST_AGENT_CAPS` names.
+    pub fn cli(&self, binary: &str) -> AgentCli {
+        AgentCli {
+            netns: self.ns.name.clone(),
+            binary: binary.into(),
+            bpffs_root: self.root(),
+            privilege: Privilege::from_env(),
+        }
+    }
+
     /// Starts `binary run` as node n1 on `cluster` (kube-proxy IPVS mode), plus `extra` flags.
     pub fn agent(&self, binary: &str, cluster: &Path, extra: &[&str]) -> Agent {
         let log = TempPath::new("kovn-agent-", "log");
-        let file = std::fs::File::create(&*log).expect("agent log");
-        let child = self
-            .ns
-            .command(binary)
-            .args([
-                "run",
-                "--node-name",
-                "n1",
-                "--metrics-addr",
-                "none",
-                "--kube-proxy-mode",
-                "ipvs",
-            ])
-            .arg(format!("--source=file:{}", cluster.display()))
-            .arg("--bpffs-root")
-            .arg(self.root())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start the agent");
-        Agent { child, log }
+        let mut args: Vec<String> = [
+            "--node-name",
+            "n1",
+            "--metrics-addr",
+            "none",
+            "--kube-proxy-mode",
+            "ipvs",
+        ]
+        .map(str::to_owned)
+        .into();
+        args.push(format!("--source=file:{}", cluster.display()));
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let process = self
+            .cli(binary)
+            .spawn(&args, &log)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Agent { process, log }
     }
 
     /// [`Self::agent`] on the repository's example cluster.
@@ -84,31 +82,21 @@ impl Node {
         self.agent(binary, &example_cluster(), extra)
     }
 
-    /// `binary SUBCOMMAND --json` parsed, or `None` when it fails (nothing pinned yet).
-    pub fn read(&self, binary: &str, subcommand: &str) -> Option<Value> {
-        let out = self
-            .ns
-            .command(binary)
-            .args([subcommand, "--json", "--bpffs-root"])
-            .arg(self.root())
-            .output()
-            .expect("run the agent CLI");
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).expect("--json output is JSON"))
+    /// `binary status --json`, or `None` when it fails (nothing pinned yet); panics when its
+    /// output is not the JSON the kit reads.
+    pub fn status(&self, binary: &str) -> Option<Status> {
+        readable(self.cli(binary).status())
+    }
+
+    /// `binary dump --json`, as [`Self::status`].
+    pub fn dump(&self, binary: &str) -> Option<Dump> {
+        readable(self.cli(binary).dump())
     }
 
     /// The interfaces `status` lists as attached.
     pub fn attached(&self, binary: &str) -> Vec<String> {
-        self.read(binary, "status")
-            .map(|s| {
-                s["attachments"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| a["ifname"].as_str().map(str::to_owned))
-                    .collect()
-            })
+        self.status(binary)
+            .map(|s| s.attached().into_iter().map(str::to_owned).collect())
             .unwrap_or_default()
     }
 
@@ -121,13 +109,11 @@ impl Node {
     ) -> Result<(), String> {
         let deadline = Instant::now() + scaled(Duration::from_secs(20));
         loop {
-            if let Ok(Some(status)) = agent.child.try_wait() {
+            if let Ok(Some(status)) = agent.process.try_wait() {
                 return Err(format!("agent exited with {status}:\n{}", agent.log_text()));
             }
             let attached = self.attached(binary);
-            let programmed = self
-                .read(binary, "status")
-                .is_some_and(|s| s["rules_v4"].as_array().is_some_and(|r| r.len() > 1));
+            let programmed = self.status(binary).is_some_and(|s| s.rules_v4.len() > 1);
             if programmed && ifaces.iter().all(|i| attached.iter().any(|a| a == i)) {
                 return Ok(());
             }
@@ -143,14 +129,10 @@ impl Node {
 
     /// A datapath counter from `status`, by name.
     pub fn counter(&self, binary: &str, name: &str) -> u64 {
-        let status = self.read(binary, "status").expect("status");
-        status["counters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c[0] == name)
-            .and_then(|c| c[1].as_u64())
-            .unwrap_or_else(|| panic!("no counter {name} in {status}"))
+        let status = self.status(binary).expect("status");
+        status
+            .counter(name)
+            .unwrap_or_else(|| panic!("no counter {name} in {:?}", status.counters))
     }
 
     /// The packet count of the rule commented `comment` in `tool -t mangle` `chain`
@@ -177,4 +159,14 @@ pub fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> Result<(),
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// A read command's value; `None` when it did not succeed, a panic when it answered something
+/// the kit cannot read (the JSON changed shape).
+fn readable<T>(result: kube_ovn_testkit::agent::Result<T>) -> Option<T> {
+    match result {
+        Ok(value) => Some(value),
+        Err(e @ kube_ovn_testkit::agent::Error::Json { .. }) => panic!("{e}"),
+        Err(_) => None,
+    }
 }

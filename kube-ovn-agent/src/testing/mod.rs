@@ -160,11 +160,8 @@ pub fn time_per_run(prog: &SchedClassifier, frame: &[u8], repeat: u32) -> Durati
     result.duration
 }
 
-/// Whether CI demands that the privileged suites run rather than skip
-/// (`KOVN_REQUIRE_PRIVILEGED` set to a non-empty value).
-pub fn privilege_required() -> bool {
-    std::env::var_os("KOVN_REQUIRE_PRIVILEGED").is_some_and(|v| !v.is_empty())
-}
+/// The root check and the skip-or-fail rule of the privileged suites (the testkit's).
+pub use kube_ovn_testkit::privileged::{missing_privilege, required as privilege_required};
 
 /// `KOVN_TEST_TIME_SCALE` (default 1): deadlines of real-traffic tests are multiplied by it,
 /// for kernels run under emulation (the VM matrix sets 10).
@@ -179,16 +176,4 @@ pub fn time_scale() -> u32 {
 /// `duration` stretched by [`time_scale`].
 pub fn scaled(duration: Duration) -> Duration {
     duration * time_scale()
-}
-
-/// Why privileged tests cannot run here, if they cannot.
-pub fn missing_privilege() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    (euid != 0).then(|| {
-        format!(
-            "running as uid {euid}: loading BPF programs and creating network namespaces \
-             needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
-        )
-    })
 }

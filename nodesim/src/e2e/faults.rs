@@ -28,6 +28,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use kube_ovn_ebpf_common::names;
+use kube_ovn_testkit::agent::{Attachment, Program};
 
 use super::scenarios::{self, Expect, Scenario};
 use crate::node::{
@@ -272,49 +273,32 @@ struct View {
 
 impl View {
     fn read(agent: &Agent) -> Result<Self> {
-        Self::parse(&agent.status_json()?)
+        let status = agent.status()?;
+        Self::new(status.program.as_ref(), &status.attachments)
     }
 
-    fn parse(status: &str) -> Result<Self> {
-        let status: serde_json::Value =
-            serde_json::from_str(status).context("parsing `status --json`")?;
-        let program_id = status["program"]["id"]
-            .as_u64()
-            .with_context(|| format!("no program in `status --json`: {}", status["program"]))?;
-        let tag = status["program"]["tag"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let attachments = status["attachments"]
-            .as_array()
-            .into_iter()
-            .flatten()
+    fn new(program: Option<&Program>, attached: &[Attachment]) -> Result<Self> {
+        let program = program.context("no program in `status --json`")?;
+        let attachments = attached
+            .iter()
             .map(|a| {
-                let ident = match (a["link_id"].as_u64(), a["filter"].as_array()) {
+                let ident = match (a.link_id, a.filter) {
                     (Some(link), _) => format!("link {link}"),
-                    (None, Some(f)) => format!(
-                        "filter {}/{:#x}",
-                        f.first().and_then(serde_json::Value::as_u64).unwrap_or(0),
-                        f.get(1).and_then(serde_json::Value::as_u64).unwrap_or(0)
-                    ),
-                    _ => "?".into(),
+                    (None, Some((priority, handle))) => format!("filter {priority}/{handle:#x}"),
+                    (None, None) => "?".into(),
                 };
-                (
-                    a["ifname"].as_str().unwrap_or_default().to_owned(),
-                    (ident, a["program_id"].as_u64().unwrap_or(0)),
-                )
+                (a.ifname.clone(), (ident, u64::from(a.program_id)))
             })
             .collect::<BTreeMap<_, _>>();
         for ifname in ["eth0", "ovn0"] {
             ensure!(
                 attachments.contains_key(ifname),
-                "`status --json` shows no attachment on {ifname}: {}",
-                status["attachments"]
+                "`status --json` shows no attachment on {ifname}: {attached:?}"
             );
         }
         Ok(Self {
-            program_id,
-            tag,
+            program_id: u64::from(program.id),
+            tag: program.tag.clone(),
             attachments,
         })
     }
@@ -922,7 +906,7 @@ fn detach(node: &mut Node, foreign_eth0: &Foreign) -> Result<FaultRow> {
     let t0 = Instant::now();
     agent.detach()?;
     let took = t0.elapsed();
-    let status_gone = agent.status_json().is_err();
+    let status_gone = agent.status().is_err();
     let bpffs = agent.bpffs().to_owned();
     let pins = agent.pins();
     let (detached, wrong_detached) = all_scenarios(node, |e| &e.unmarked)?;
@@ -984,22 +968,31 @@ mod tests {
 
     #[test]
     fn view_identifies_tcx_links_and_netlink_filters() {
-        let status = r#"{
-            "program": {"name": "kovn_ingress", "id": 42, "tag": "00ff", "verified_instructions": 1},
-            "attachments": [
-                {"ifname": "ovn0", "mode": "tcx", "program_id": 42, "link_id": 7, "filter": null},
-                {"ifname": "eth0", "mode": "netlink", "program_id": 42, "link_id": null,
-                 "filter": [1, 19279]}
-            ]
-        }"#;
-        let view = View::parse(status).expect("parses");
+        let program = Program {
+            name: "kovn_ingress".into(),
+            id: 42,
+            tag: "00ff".into(),
+            verified_instructions: Some(1),
+        };
+        let attached = |ifname: &str, mode: &str, link_id, filter| Attachment {
+            ifname: ifname.into(),
+            mode: mode.into(),
+            program_id: 42,
+            link_id,
+            filter,
+        };
+        let attachments = [
+            attached("ovn0", "tcx", Some(7), None),
+            attached("eth0", "netlink", None, Some((1, 19279))),
+        ];
+        let view = View::new(Some(&program), &attachments).expect("parses");
         assert_eq!(view.program_id, 42);
         assert_eq!(view.tag, "00ff");
         assert_eq!(view.idents_text(), "eth0 filter 1/0x4b4f, ovn0 link 7");
-        let missing = r#"{"program": {"id": 1, "tag": ""}, "attachments": []}"#;
         assert!(
-            View::parse(missing).is_err(),
+            View::new(Some(&program), &[]).is_err(),
             "eth0 and ovn0 must be attached"
         );
+        assert!(View::new(None, &attachments).is_err(), "no program");
     }
 }

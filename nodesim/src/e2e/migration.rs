@@ -178,8 +178,7 @@ fn cleanup(node: &Node, agent: &Agent) -> Result<Step> {
 }
 
 fn mode(agent: &Agent) -> Result<String> {
-    let status: serde_json::Value = serde_json::from_str(&agent.status_json()?)?;
-    Ok(status["mode"].as_str().unwrap_or("?").to_owned())
+    Ok(agent.status()?.mode)
 }
 
 /// The nat and mangle tables of both families as `iptables -S` prints them, each line prefixed

@@ -374,24 +374,15 @@ fn run_scenarios(
 /// finding is reported in `status` and in the metric exactly when Calico's raw rule is there
 /// (issue 4 §4).
 fn check_agent(agent: &Agent, mode: KubeProxyMode, calico_raw: bool) -> Result<()> {
-    let status: serde_json::Value =
-        serde_json::from_str(&agent.status_json()?).context("parsing `status --json`")?;
+    let status = agent.status()?;
     for ifname in ["ovn0", "eth0"] {
         ensure!(
-            status["attachments"].as_array().is_some_and(|a| a
-                .iter()
-                .any(|x| x["ifname"] == ifname && x["program_id"].is_u64())),
-            "`status --json` shows no attachment on {ifname}: {}",
-            status["attachments"]
+            status.attached().contains(&ifname),
+            "`status --json` shows no attachment on {ifname}: {:?}",
+            status.attachments
         );
     }
-    let counter = |name: &str| -> Option<u64> {
-        status["counters"]
-            .as_array()?
-            .iter()
-            .find(|c| c[0] == name)
-            .and_then(|c| c[1].as_u64())
-    };
+    let counter = |name: &str| status.counter(name);
     let (hit, silent): (&[&str], &[&str]) = match mode {
         KubeProxyMode::Ipvs => (&["R1a", "R2t", "R2u", "R3t", "R3u"], &["R1b"]),
         KubeProxyMode::Iptables => (&["R1b"], &["R1a", "R2t", "R2u", "R3t", "R3u"]),
@@ -409,10 +400,7 @@ fn check_agent(agent: &Agent, mode: KubeProxyMode, calico_raw: bool) -> Result<(
             counter(rule)
         );
     }
-    let findings = status["mark_clobber"]["findings"]
-        .as_array()
-        .context("`status --json` has no mark_clobber.findings")?
-        .len();
+    let findings = status.mark_clobber.findings.len();
     let metric = agent
         .metrics()?
         .lines()
@@ -429,8 +417,8 @@ fn check_agent(agent: &Agent, mode: KubeProxyMode, calico_raw: bool) -> Result<(
         ensure!(
             findings == 0 && metric < 1.0,
             "no rule clears our bits but the agent reports {findings} findings in status and \
-             kovn_mark_clobber_rules {metric}: {}",
-            status["mark_clobber"]
+             kovn_mark_clobber_rules {metric}: {:?}",
+            status.mark_clobber
         );
     }
     Ok(())

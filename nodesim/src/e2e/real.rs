@@ -19,7 +19,11 @@
 //! In IPVS mode the e2e's IPVS emulation needs the INPUT guard mirrored in FORWARD
 //! (`kube_proxy::input_guard_mirror`, docs/e2e.md); it is added on both nodes.
 
-use std::{fmt::Write as _, fs, path::Path};
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, ensure};
 
@@ -84,22 +88,58 @@ pub fn run(variants: &[Variant], options: &HookOptions) -> Result<()> {
         entry["exactness"] = exactness::json(&cases);
         json.push(entry);
     }
-    let dir = cmd::target_dir().join("e2e");
-    fs::create_dir_all(&dir)?;
-    let path = dir.join("kube-ovn.json");
-    fs::write(
-        &path,
-        serde_json::to_string_pretty(&serde_json::json!({ "variants": json }))?,
-    )?;
-    println!("\nJSON report: {}", path.display());
-    for line in &lines {
-        println!("{line}");
-    }
+    write_report("kube-ovn.json", &json, &lines)?;
     ensure!(
         failed_total == 0,
         "{failed_total} checks differ between the eBPF agent, the transcription and real Kube-OVN"
     );
     Ok(())
+}
+
+/// Writes `variants` to `target/e2e/<file>` as the JSON report, then prints its path and the
+/// summary `lines`.
+pub(super) fn write_report(
+    file: &str,
+    variants: &[serde_json::Value],
+    lines: &[String],
+) -> Result<()> {
+    let dir = cmd::target_dir().join("e2e");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join(file);
+    fs::write(
+        &path,
+        serde_json::to_string_pretty(&serde_json::json!({ "variants": variants }))?,
+    )?;
+    println!("\nJSON report: {}", path.display());
+    for line in lines {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// A run's directory `target/e2e/<prefix>-<unique>`, removed on drop, holding the cluster file
+/// Kube-OVN's harness reads.
+pub(super) struct RunDir {
+    pub dir: PathBuf,
+    pub cluster_file: PathBuf,
+    _guard: cleanup::Guard,
+}
+
+impl RunDir {
+    pub fn new(prefix: &str, cluster: &Cluster) -> Result<Self> {
+        let dir = cmd::target_dir()
+            .join("e2e")
+            .join(format!("{prefix}-{}", cleanup::unique_stem()));
+        fs::create_dir_all(&dir)?;
+        let guard = cleanup::dir(&dir);
+        let cluster_file = dir.join("cluster.yaml");
+        fs::write(&cluster_file, cluster.to_yaml())?;
+        Ok(Self {
+            dir,
+            cluster_file,
+            _guard: guard,
+        })
+    }
 }
 
 fn run_mode(
@@ -114,13 +154,8 @@ fn run_mode(
         .filter(|s| s.expect(mode).is_some())
         .collect();
     let cluster = Cluster::fixture();
-    let dir = cmd::target_dir()
-        .join("e2e")
-        .join(format!("kube-ovn-{}", cleanup::unique_stem()));
-    fs::create_dir_all(&dir)?;
-    let _dir = cleanup::dir(&dir);
-    let cluster_file = dir.join("cluster.yaml");
-    fs::write(&cluster_file, cluster.to_yaml())?;
+    let run = RunDir::new("kube-ovn", &cluster)?;
+    let cluster_file = run.cluster_file.as_path();
     let spec = NodeSpec {
         cluster: cluster.clone(),
         kube_proxy: mode,
@@ -129,7 +164,7 @@ fn run_mode(
     let kube_ovn_outcomes = {
         let node = Node::build_without_kube_ovn(spec.clone())?;
         let ns = node.ns(Host::Node);
-        kube_ovn::run_once(ns, release, &cluster_file, &cluster)
+        kube_ovn::run_once(ns, release, cluster_file, &cluster)
             .context("Kube-OVN's gateway pass")?;
         guard_mirror(&node, &cluster, mode, &Family::ALL)?;
         probe_all(&node, &applicable)?
@@ -142,12 +177,12 @@ fn run_mode(
             Some(kube_ovn::spawn(
                 ns,
                 binary,
-                &cluster_file,
+                cluster_file,
                 &cluster,
-                &dir.join("kovn-harness.log"),
+                &run.dir.join("kovn-harness.log"),
             )?)
         } else {
-            kube_ovn::run_once(ns, binary, &cluster_file, &cluster)
+            kube_ovn::run_once(ns, binary, cluster_file, &cluster)
                 .context("Kube-OVN's gateway pass")?;
             delete_prerouting_jumps(&node)?;
             None
@@ -224,21 +259,9 @@ pub(super) fn delete_prerouting_jumps(node: &Node) -> Result<()> {
             .lines()
             .filter(|l| *l == crate::node::kube_ovn::PREROUTING_JUMP)
         {
-            ns.run(
-                family.iptables(),
-                &[
-                    "-t",
-                    "nat",
-                    "-D",
-                    "PREROUTING",
-                    "-m",
-                    "comment",
-                    "--comment",
-                    "kube-ovn prerouting rules",
-                    "-j",
-                    "OVN-PREROUTING",
-                ],
-            )?;
+            let mut args = vec!["-t", "nat", "-D", "PREROUTING"];
+            args.extend(crate::node::kube_ovn::PREROUTING_JUMP_ARGS);
+            ns.run(family.iptables(), &args)?;
         }
     }
     Ok(())
@@ -361,18 +384,13 @@ impl Position {
 
 fn positioning(variant: &Variant, binary: &Path) -> Result<Vec<Position>> {
     let cluster = Cluster::fixture();
-    let dir = cmd::target_dir()
-        .join("e2e")
-        .join(format!("kube-ovn-{}", cleanup::unique_stem()));
-    fs::create_dir_all(&dir)?;
-    let _dir = cleanup::dir(&dir);
-    let cluster_file = dir.join("cluster.yaml");
-    fs::write(&cluster_file, cluster.to_yaml())?;
+    let run = RunDir::new("kube-ovn", &cluster)?;
+    let cluster_file = run.cluster_file.as_path();
     let mut out = Vec::new();
     let generation = kube_ovn::positioning_of(&variant.version);
     for start in POSITION_STARTS {
         let real_ns = start_state(start)?;
-        let real_error = kube_ovn::run_once(&real_ns, binary, &cluster_file, &cluster)
+        let real_error = kube_ovn::run_once(&real_ns, binary, cluster_file, &cluster)
             .err()
             .map(|e| deletion_error(&format!("{e:#}")));
         let twin = start_state(start)?;

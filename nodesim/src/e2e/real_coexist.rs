@@ -29,10 +29,9 @@ use anyhow::{Context as _, Result, ensure};
 
 use super::{coexist, real, scenarios};
 use crate::{
-    cmd,
     kube_ovn::{self, Variant},
     node::{
-        Cluster, Family, HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec, cleanup,
+        Cluster, Family, HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec,
         kube_ovn::{PREROUTING_JUMP, list_prerouting},
         kube_proxy::SERVICES_JUMP,
         netns::Netns,
@@ -143,17 +142,7 @@ pub fn run(variants: &[Variant], options: &HookOptions, duration: Duration) -> R
             "ebpf": side_json(&ebpf),
         }));
     }
-    let dir = cmd::target_dir().join("e2e");
-    fs::create_dir_all(&dir)?;
-    let path = dir.join("kube-ovn-coexist.json");
-    fs::write(
-        &path,
-        serde_json::to_string_pretty(&serde_json::json!({ "variants": json }))?,
-    )?;
-    println!("\nJSON report: {}", path.display());
-    for line in &lines {
-        println!("{line}");
-    }
+    real::write_report("kube-ovn-coexist.json", &json, &lines)?;
     ensure!(
         failed == 0,
         "{failed} variants had errors, churn or wrong outcomes with the agent enforcing"
@@ -169,14 +158,9 @@ fn run_side(
     duration: Duration,
 ) -> Result<Side> {
     let cluster = Cluster::fixture();
-    let dir = cmd::target_dir()
-        .join("e2e")
-        .join(format!("kube-ovn-coexist-{}", cleanup::unique_stem()));
-    fs::create_dir_all(&dir)?;
-    let _dir = cleanup::dir(&dir);
-    let cluster_file = dir.join("cluster.yaml");
-    fs::write(&cluster_file, cluster.to_yaml())?;
-    let log = dir.join("kovn-harness.log");
+    let run = real::RunDir::new("kube-ovn-coexist", &cluster)?;
+    let cluster_file = run.cluster_file.as_path();
+    let log = run.dir.join("kovn-harness.log");
     let mut node = Node::build_without_kube_ovn(NodeSpec {
         cluster: cluster.clone(),
         kube_proxy: KubeProxyMode::Ipvs,
@@ -185,9 +169,9 @@ fn run_side(
     coexist::install_neighbours(ns)?;
     hide_services_jump(ns)?;
     let running = if hook == HookKind::Iptables || variant.patched {
-        Some(kube_ovn::spawn(ns, binary, &cluster_file, &cluster, &log)?)
+        Some(kube_ovn::spawn(ns, binary, cluster_file, &cluster, &log)?)
     } else {
-        kube_ovn::run_once(ns, binary, &cluster_file, &cluster)
+        kube_ovn::run_once(ns, binary, cluster_file, &cluster)
             .context("Kube-OVN's gateway pass")?;
         real::delete_prerouting_jumps(&node)?;
         None

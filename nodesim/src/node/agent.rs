@@ -7,16 +7,17 @@
 //! `--bpffs-root` on it.
 
 use std::{
-    fs::{self, File},
+    fs,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use kube_ovn_testkit::agent::{AgentCli, AgentProcess, Privilege, Status};
 
 use super::{NodeSpec, cleanup, exec, netns};
 
@@ -35,10 +36,12 @@ pub struct AgentConfig {
     pub cluster_yaml: Option<String>,
     /// `--kube-proxy-mode` when it must differ from the node's kube-proxy (`auto`).
     pub kube_proxy_mode: Option<&'static str>,
+    /// The capabilities the agent runs with (`KOVN_TEST_AGENT_CAPS`).
+    pub privilege: Privilege,
 }
 
 impl AgentConfig {
-    /// Enforce mode, 20 s to become ready.
+    /// Enforce mode, 20 s to become ready, the capabilities `KOVN_TEST_AGENT_CAPS` names.
     pub fn new(binary: PathBuf) -> Self {
         Self {
             binary,
@@ -47,6 +50,7 @@ impl AgentConfig {
             extra_args: Vec::new(),
             cluster_yaml: None,
             kube_proxy_mode: None,
+            privilege: Privilege::from_env(),
         }
     }
 }
@@ -55,13 +59,12 @@ impl AgentConfig {
 const METRICS_ADDR: &str = "127.0.0.1:9464";
 
 pub struct Agent {
-    node_ns: String,
-    binary: PathBuf,
+    /// The binary, namespace and bpffs root of every agent command.
+    cli: AgentCli,
     run_args: Vec<String>,
-    bpffs: PathBuf,
     log: PathBuf,
     ready_timeout: Duration,
-    process: Option<(Child, cleanup::Guard)>,
+    process: Option<(AgentProcess, cleanup::Guard)>,
     // Dropped after `process` (field order): unmount, then remove the run directory.
     _mount: cleanup::Guard,
     _dir: cleanup::Guard,
@@ -94,14 +97,17 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| spec.cluster.to_yaml());
         fs::write(&cluster_file, yaml)?;
-        let mut run_args = run_args(spec, config, &cluster_file, &bpffs);
+        let mut run_args = run_args(spec, config, &cluster_file);
         run_args.extend(config.extra_args.iter().cloned());
         let mut agent = Self {
-            node_ns: node_ns.to_owned(),
-            binary: config.binary.clone(),
+            cli: AgentCli {
+                netns: node_ns.to_owned(),
+                binary: config.binary.clone(),
+                bpffs_root: bpffs,
+                privilege: config.privilege,
+            },
             run_args,
             log: dir.join("agent.log"),
-            bpffs,
             ready_timeout: config.ready_timeout,
             process: None,
             _mount: mount_guard,
@@ -117,27 +123,18 @@ impl Agent {
         if self.process.is_some() {
             bail!("the agent is already running");
         }
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .with_context(|| format!("opening {}", self.log.display()))?;
         let child = self
-            .command()
-            .args(&self.run_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("agent not available: cannot start `kube-ovn-agent run`")?;
-        let guard = cleanup::process(child.id());
-        self.process = Some((child, guard));
+            .cli
+            .spawn(&self.run_args, &self.log)
+            .context("agent not available")?;
+        let pid = child.id().context("agent not available: no pid")?;
+        self.process = Some((child, cleanup::process(pid)));
         self.wait_ready()
     }
 
     /// Replaces the binary used by later [`Agent::spawn`] calls (upgrade tests).
     pub fn set_binary(&mut self, binary: PathBuf) {
-        self.binary = binary;
+        self.cli.binary = binary;
     }
 
     /// `--mode shadow` or `enforce` for later [`Agent::spawn`] calls (the migration's switch).
@@ -150,20 +147,12 @@ impl Agent {
     /// The pid of `run` while it runs (`ip netns exec` execs the agent in place, so it is the
     /// agent's own pid), for CPU accounting.
     pub fn pid(&self) -> Option<u32> {
-        self.process.as_ref().map(|(child, _)| child.id())
+        self.process.as_ref().and_then(|(child, _)| child.id())
     }
 
     /// The bpffs root the agent pins under (`<root>/maps/kovn_*`).
     pub fn bpffs(&self) -> &Path {
-        &self.bpffs
-    }
-
-    fn command(&self) -> Command {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.node_ns])
-            .arg(&self.binary);
-        command
+        &self.cli.bpffs_root
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -177,7 +166,7 @@ impl Agent {
                 );
             }
             let ready = self.readyz();
-            let status = self.status_json();
+            let status = self.status();
             if matches!(ready, Ok(true)) && status.is_ok() {
                 return Ok(());
             }
@@ -201,7 +190,7 @@ impl Agent {
         let Some((child, _)) = self.process.as_mut() else {
             return Ok(None);
         };
-        let status = child.try_wait().context("polling the agent")?;
+        let status = child.try_wait()?;
         if status.is_some()
             && let Some((_, guard)) = self.process.take()
         {
@@ -226,8 +215,7 @@ impl Agent {
         let Some((mut child, guard)) = self.process.take() else {
             bail!("the agent is not running");
         };
-        child.kill().context("SIGKILL to the agent")?;
-        child.wait().context("reaping the agent")?;
+        child.kill()?;
         guard.forget();
         Ok(())
     }
@@ -238,40 +226,27 @@ impl Agent {
         let Some((mut child, guard)) = self.process.take() else {
             bail!("the agent is not running");
         };
-        let pid = i32::try_from(child.id()).expect("pid fits in pid_t");
-        // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet, so the
-        // pid is still ours.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().context("polling the agent")? {
-                guard.forget();
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                guard.forget();
-                bail!(
-                    "the agent ignored SIGTERM for 10 s; killed. log:\n{}",
-                    self.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
+        let exited = child.terminate(Duration::from_secs(10));
+        guard.forget();
+        match exited {
+            Ok(status) => Ok(status),
+            Err(kube_ovn_testkit::agent::Error::Timeout { .. }) => bail!(
+                "the agent ignored SIGTERM for 10 s; killed. log:\n{}",
+                self.log_tail()
+            ),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// The binary [`Agent::spawn`] runs.
     pub fn binary(&self) -> &Path {
-        &self.binary
+        &self.cli.binary
     }
 
     /// `kube-ovn-agent <args…> --bpffs-root DIR` in the node namespace (migration commands:
     /// `verify`, `cleanup-iptables`), bounded by `timeout`; the output whatever the exit status.
     pub fn cli(&self, args: &[&str], timeout: Duration) -> Result<std::process::Output> {
-        let mut command = self.command();
-        command.args(args).arg("--bpffs-root").arg(&self.bpffs);
-        exec::run_bounded(&mut command, None, timeout)
+        Ok(self.cli.output(args, timeout)?)
     }
 
     /// Every pin under the agent's bpffs root: files, at any depth, except the two the kernel
@@ -289,9 +264,10 @@ impl Agent {
             }
         }
         let mut found = Vec::new();
-        walk(&self.bpffs, &mut found);
+        let root = self.bpffs();
+        walk(root, &mut found);
         found.retain(|p| {
-            !(p.parent() == Some(self.bpffs.as_path())
+            !(p.parent() == Some(root)
                 && p.file_name()
                     .is_some_and(|n| n == "maps.debug" || n == "progs.debug"))
         });
@@ -299,21 +275,13 @@ impl Agent {
     }
 
     /// `kube-ovn-agent status --bpffs-root DIR --json`.
-    pub fn status_json(&self) -> Result<String> {
-        let mut command = self.command();
-        command
-            .arg("status")
-            .arg("--bpffs-root")
-            .arg(&self.bpffs)
-            .arg("--json");
-        exec::checked(&mut command, None)
+    pub fn status(&self) -> Result<Status> {
+        Ok(self.cli.status()?)
     }
 
     /// `kube-ovn-agent detach --bpffs-root DIR`.
     pub fn detach(&self) -> Result<()> {
-        let mut command = self.command();
-        command.arg("detach").arg("--bpffs-root").arg(&self.bpffs);
-        exec::checked(&mut command, None).map(drop)
+        Ok(self.cli.detach()?)
     }
 
     /// `GET /readyz` from inside the node namespace: whether it answered 200.
@@ -333,7 +301,7 @@ impl Agent {
     /// A minimal HTTP/1.0 GET against the agent's metrics address, from inside the node
     /// namespace; returns the status code and the body.
     fn http_get(&self, path: &str) -> Result<(u16, String)> {
-        let ns_path = format!("/run/netns/{}", self.node_ns);
+        let ns_path = format!("/run/netns/{}", self.cli.netns);
         thread::scope(|s| {
             s.spawn(|| -> Result<(u16, String)> {
                 netns::enter(&ns_path)?;
@@ -380,9 +348,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some((mut child, guard)) = self.process.take() {
+        if let Some((child, guard)) = self.process.take() {
             drop(guard); // SIGTERM, bounded wait, SIGKILL
-            let _ = child.wait();
+            drop(child); // reaped
         }
         // The datapath survives the agent by design; remove it so nothing outlives the run. The
         // namespace deletion and unmount that follow would release it anyway.
@@ -394,20 +362,13 @@ impl Drop for Agent {
     }
 }
 
-fn run_args(
-    spec: &NodeSpec,
-    config: &AgentConfig,
-    cluster_file: &Path,
-    bpffs: &Path,
-) -> Vec<String> {
+/// `run`'s arguments but the bpffs root (which [`AgentCli`] adds).
+fn run_args(spec: &NodeSpec, config: &AgentConfig, cluster_file: &Path) -> Vec<String> {
     [
-        "run",
         "--source",
         &format!("file:{}", cluster_file.display()),
         "--node-name",
         &spec.cluster.local_node,
-        "--bpffs-root",
-        &bpffs.display().to_string(),
         "--service-cluster-ip-range",
         &spec.cluster.service_cidr_flag(),
         "--kube-proxy-mode",

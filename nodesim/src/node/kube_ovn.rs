@@ -15,7 +15,8 @@ use super::{Family, cluster::Cluster, kube_proxy, netns::Netns};
 /// The jump Kube-OVN keeps in nat `PREROUTING`, as `iptables -S` prints it.
 pub const PREROUTING_JUMP: &str =
     "-A PREROUTING -m comment --comment \"kube-ovn prerouting rules\" -j OVN-PREROUTING";
-const PREROUTING_JUMP_ARGS: &[&str] = &[
+/// [`PREROUTING_JUMP`]'s rule spec after the chain, as `iptables -I/-D` take it.
+pub const PREROUTING_JUMP_ARGS: &[&str] = &[
     "-m",
     "comment",
     "--comment",

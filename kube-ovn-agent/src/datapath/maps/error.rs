@@ -2,6 +2,8 @@
 
 use std::io;
 
+use crate::metrics::ErrorKind;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
     #[error("{op} {map}[{key}]: {source}")]
@@ -47,13 +49,13 @@ impl MapError {
         }
     }
 
-    /// A short label for metrics.
-    pub fn kind(&self) -> &'static str {
+    /// Its `kovn_errors_total` kind.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            _ if self.is_full() => "map_full",
-            Self::Entry { .. } | Self::Rejected { .. } => "map_write",
-            Self::Read { .. } => "map_read",
-            Self::Missing { .. } | Self::Layout { .. } => "map_layout",
+            _ if self.is_full() => ErrorKind::MapFull,
+            Self::Entry { .. } | Self::Rejected { .. } => ErrorKind::MapWrite,
+            Self::Read { .. } => ErrorKind::MapRead,
+            Self::Missing { .. } | Self::Layout { .. } => ErrorKind::MapLayout,
         }
     }
 
@@ -92,8 +94,8 @@ pub type Result<T, E = MapError> = std::result::Result<T, E>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapFault {
     pub map: &'static str,
-    /// [`MapError::kind`]: `map_full`, `map_write`, ….
-    pub kind: &'static str,
+    /// [`MapError::kind`].
+    pub kind: ErrorKind,
     pub errno: Option<i32>,
     /// Entries refused (or removals failed) in the pass.
     pub refused: usize,
@@ -107,10 +109,10 @@ pub struct MapFault {
 impl MapFault {
     /// Which fault this is, across passes: the same map failing the same way.
     pub fn key(&self) -> String {
-        let what = if self.kind == "map_full" {
+        let what = if self.kind == ErrorKind::MapFull {
             "full"
         } else {
-            self.kind
+            self.kind.label()
         };
         format!("map {} {what} ({})", self.map, errno_name(self.errno))
     }
@@ -119,7 +121,7 @@ impl MapFault {
 impl std::fmt::Display for MapFault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let errno = errno_name(self.errno);
-        if self.kind == "map_full" {
+        if self.kind == ErrorKind::MapFull {
             write!(
                 f,
                 "map {} is full: {} entries refused ({errno}), capacity {}, {} in the map; the \

@@ -434,7 +434,7 @@ mod tests {
         assert_eq!(report.written, 1, "one slot was free");
         assert_eq!(report.errors.len(), 1);
         assert!(report.errors[0].is_full(), "{}", report.errors[0]);
-        assert_eq!(report.errors[0].kind(), "map_full");
+        assert_eq!(report.errors[0].kind(), crate::metrics::ErrorKind::MapFull);
         assert!(
             report.errors[0].to_string().contains("test"),
             "names the map"
@@ -486,7 +486,13 @@ mod tests {
                 fault.capacity,
                 fault.entries
             ),
-            (names::SERVICE_CIDRS_V4, "map_full", 290, 10, 10)
+            (
+                names::SERVICE_CIDRS_V4,
+                crate::metrics::ErrorKind::MapFull,
+                290,
+                10,
+                10
+            )
         );
         let line = fault.to_string();
         assert!(line.contains("290 entries refused"), "{line}");
