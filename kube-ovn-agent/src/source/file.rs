@@ -681,6 +681,7 @@ pub fn start(options: FileOptions) -> Result<Running> {
     let shared = Arc::new(Shared {
         snapshot: RwLock::new(snapshot),
         feed,
+        journal: super::Journal::default(),
     });
     shared.publish();
     let task = runtime.spawn(poll(shared.clone(), options, seen, digest));
@@ -729,6 +730,8 @@ fn counts(snapshot: &Snapshot) -> String {
 struct Shared {
     snapshot: RwLock<Snapshot>,
     feed: Arc<Feed>,
+    /// Every applied version counts as a new view (its objects are all new allocations).
+    journal: super::Journal,
 }
 
 impl Shared {
@@ -766,6 +769,7 @@ impl Shared {
             .snapshot
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
+        self.journal.reset();
         self.publish();
     }
 
@@ -937,6 +941,10 @@ impl ClusterSource for FileSource {
 
     fn status(&self) -> SourceStatus {
         self.shared.feed.status()
+    }
+
+    fn take_changes(&self) -> super::Changes {
+        self.shared.journal.take()
     }
 }
 

@@ -30,10 +30,10 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::{ClusterSource, Feed, Running, SourceStatus};
+use super::{Changes, ClusterSource, Feed, Journal, Running, SourceStatus};
 use crate::cluster::{
     HEADLESS_LABEL, IP_ADDRESS_ANNOTATION, KUBE_PROXY_SERVICE_SELECTOR, Kind,
-    SERVICE_PROXY_NAME_LABEL, Snapshot, Subnet,
+    SERVICE_PROXY_NAME_LABEL, Snapshot, Subnet, Watched, object_name,
 };
 
 /// The Pod annotation naming the pod's Subnet (Kube-OVN's `ovn.kubernetes.io/logical_switch`).
@@ -94,9 +94,11 @@ pub async fn start(options: &KubeOptions) -> Result<Running> {
 pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Running> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| KubeError::NoRuntime)?;
     let (feed, changes) = Feed::new(&kinds(options));
+    let journal = Arc::new(Journal::default());
     let mut spawner = Spawner {
         runtime,
         feed: feed.clone(),
+        journal: journal.clone(),
         recheck: options.absent_api_recheck,
         tasks: JoinSet::new(),
     };
@@ -133,6 +135,7 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
         service_cidrs,
         pods,
         feed,
+        journal,
         _tasks: spawner.tasks,
     };
     Ok(Running {
@@ -144,6 +147,7 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
 struct Spawner {
     runtime: tokio::runtime::Handle,
     feed: Arc<Feed>,
+    journal: Arc<Journal>,
     recheck: Duration,
     tasks: JoinSet<()>,
 }
@@ -159,6 +163,7 @@ impl Spawner {
     ) -> Store<K>
     where
         K: ::kube::Resource<DynamicType = ()>
+            + Watched
             + Clone
             + DeserializeOwned
             + Debug
@@ -176,8 +181,10 @@ impl Spawner {
             optional: kind == Kind::ServiceCidr,
             recheck: self.recheck,
         };
-        self.tasks
-            .spawn_on(run(watch, writer, self.feed.clone()), &self.runtime);
+        self.tasks.spawn_on(
+            run(watch, writer, self.feed.clone(), self.journal.clone()),
+            &self.runtime,
+        );
         store
     }
 }
@@ -190,6 +197,7 @@ pub struct KubeSource {
     service_cidrs: Store<ServiceCIDR>,
     pods: Option<Store<Pod>>,
     feed: Arc<Feed>,
+    journal: Arc<Journal>,
     /// The watcher tasks, held only so that dropping the source aborts them.
     _tasks: JoinSet<()>,
 }
@@ -208,6 +216,10 @@ impl ClusterSource for KubeSource {
     fn status(&self) -> SourceStatus {
         self.feed.status()
     }
+
+    fn take_changes(&self) -> Changes {
+        self.journal.take()
+    }
 }
 
 /// One kind's watch.
@@ -222,9 +234,10 @@ struct Watch<K: ::kube::Resource + Clone> {
 }
 
 /// Feeds `writer` from a watcher until the task is aborted.
-async fn run<K>(w: Watch<K>, mut writer: Writer<K>, feed: Arc<Feed>)
+async fn run<K>(w: Watch<K>, mut writer: Writer<K>, feed: Arc<Feed>, journal: Arc<Journal>)
 where
     K: ::kube::Resource<DynamicType = ()>
+        + Watched
         + Clone
         + DeserializeOwned
         + Debug
@@ -247,6 +260,22 @@ where
             match item {
                 Ok(event) => {
                     writer.apply_watcher_event(&event);
+                    // The journal takes the stored `Arc`, not a copy.
+                    match &event {
+                        Event::Apply(object) => {
+                            if let Some(stored) =
+                                reader.get(&reflector::ObjectRef::from_obj(object))
+                            {
+                                journal.upsert(stored);
+                            }
+                        }
+                        Event::Delete(object) => {
+                            journal.record(K::KIND, object_name(Watched::meta(object)), None);
+                        }
+                        // A relist replaces the kind's objects as a whole.
+                        Event::InitDone => journal.reset(),
+                        Event::Init | Event::InitApply(_) => {}
+                    }
                     match event {
                         Event::InitDone => {
                             if announced_absent {
@@ -282,6 +311,7 @@ where
                     // An empty relist: clears whatever the store held if the API went away.
                     writer.apply_watcher_event(&Event::Init);
                     writer.apply_watcher_event(&Event::InitDone);
+                    journal.reset();
                     feed.update(kind, |s| {
                         s.listed = true;
                         s.objects = 0;

@@ -4,9 +4,8 @@
 //! it owns; the comments name the rule each one reproduces.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -14,6 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use kube_ovn_ebpf_common::rule;
 use serde::Serialize;
 
+mod incremental;
 mod nodes;
 mod parse;
 mod rules;
@@ -21,6 +21,10 @@ mod services;
 mod subnets;
 mod tproxy;
 
+pub use self::{
+    incremental::{Incremental, Step},
+    nodes::own_internal_ips,
+};
 use self::{
     nodes::other_nodes,
     parse::{go_address_family, go_parse_cidr, parse_ip_sloppy},
@@ -29,7 +33,6 @@ use self::{
     subnets::{default_vpc_subnets, service_cidrs},
     tproxy::tproxy,
 };
-pub use self::{nodes::own_internal_ips, services::Memo};
 use crate::{
     cluster::{
         IP_ADDRESS_ANNOTATION, Kind, LOGICAL_SWITCH_ANNOTATION, Snapshot, Subnet,
@@ -87,7 +90,7 @@ impl KubeProxySets {
 }
 
 /// Settings that shape the translation.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     /// Kube-OVN's `--cluster-router`: the default VPC's name.
     pub cluster_router: String,
@@ -114,7 +117,7 @@ impl Default for Options {
 }
 
 /// Facts about this node that do not come from the API.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
     pub node_name: String,
     /// The kernel's local routing table (what `addrtype --dst-type LOCAL` consults).
@@ -146,25 +149,10 @@ pub struct Translation {
 
 /// The desired content of every map.
 pub fn translate(snapshot: &Snapshot, node: &NodeFacts, options: &Options) -> Translation {
-    translate_inner(snapshot, node, options, None)
+    translate_inner(snapshot, node, options)
 }
 
-/// [`translate`], reusing per-object results from earlier calls with the same `memo`.
-pub fn translate_with(
-    memo: &mut Memo,
-    snapshot: &Snapshot,
-    node: &NodeFacts,
-    options: &Options,
-) -> Translation {
-    translate_inner(snapshot, node, options, Some(memo))
-}
-
-fn translate_inner(
-    snapshot: &Snapshot,
-    node: &NodeFacts,
-    options: &Options,
-    memo: Option<&mut Memo>,
-) -> Translation {
+fn translate_inner(snapshot: &Snapshot, node: &NodeFacts, options: &Options) -> Translation {
     let mut issues = Vec::new();
     let mut desired = MapState {
         ifaces: node.ifaces.clone(),
@@ -202,7 +190,7 @@ fn translate_inner(
     let services = if (rules_v4 | rules_v6) & service_rules == 0 {
         ServiceSets::default()
     } else {
-        services(snapshot, &mut issues, memo)
+        services(snapshot, &mut issues)
     };
 
     // A family Kube-OVN does not run on the node gets no state at all (no ip6tables rules and
@@ -266,7 +254,7 @@ pub fn validate(snapshot: &Snapshot) -> Vec<Issue> {
     let mut issues = Vec::new();
     default_vpc_subnets(snapshot, &options, &mut issues);
     service_cidrs(snapshot, &options, &mut issues);
-    services(snapshot, &mut issues, None);
+    services(snapshot, &mut issues);
     issues.sort_by(|a, b| (a.kind, &a.object, &a.message).cmp(&(b.kind, &b.object, &b.message)));
     issues.dedup();
     issues

@@ -1,16 +1,14 @@
 //! kube-proxy's Service-derived sets: one Service's contribution at a time.
 
 use super::{
-    Arc, FamilyServices, HashMap, IpAddr, Ipv4Addr, Ipv6Addr, Issue, Kind, Proto, Service,
-    ServicePort, ServiceSets, Snapshot, ignored_by_kube_proxy, object_name, parse_ip_sloppy,
+    FamilyServices, IpAddr, Ipv4Addr, Ipv6Addr, Issue, Kind, Proto, Service, ServicePort,
+    ServiceSets, Snapshot, ignored_by_kube_proxy, object_name, parse_ip_sloppy,
 };
 
-/// kube-proxy's `KUBE[-6]-CLUSTER-IP` and `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}`. As in
-/// kube-proxy's per-family proxier, a Service contributes to a family only if it has a
-/// ClusterIP of that family. Entries are gathered in vectors and bulk-built into sets, which
-/// is several times faster than inserting one by one (this runs on every change).
-/// What one Service adds to the sets: a function of that object alone, so it can be reused
-/// while the object is unchanged.
+/// What one Service adds to kube-proxy's `KUBE[-6]-CLUSTER-IP` and
+/// `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}`: a function of that object alone, so the incremental
+/// translation keeps it instead of the object. As in kube-proxy's per-family proxier, a Service
+/// contributes to a family only if it has a ClusterIP of that family.
 #[derive(Debug, Default)]
 pub(super) struct ServiceEntries {
     pub(super) ports4: Vec<ServicePort<Ipv4Addr>>,
@@ -22,33 +20,9 @@ pub(super) struct ServiceEntries {
     pub(super) issues: Vec<Issue>,
 }
 
-/// Per-object results carried from one translation to the next.
-///
-/// Reflector stores hand out the same `Arc` for an object until it changes, so a Service whose
-/// `Arc` was seen last pass is not read again; a single change costs one object plus merging,
-/// not re-parsing every Service. The memo holds the `Arc`s it keys on, so an address cannot be
-/// reused by another object while its entry exists. It changes cost only: `translate_with`
-/// returns exactly what `translate` does (tested).
-#[derive(Debug, Default)]
-pub struct Memo {
-    pub(super) services: HashMap<usize, Memoised>,
-    /// Counts translations; entries not seen in the latest one are dropped.
-    pass: u64,
-}
-
-#[derive(Debug)]
-pub(super) struct Memoised {
-    /// Keeps the keyed address owned by this object.
-    _object: Arc<Service>,
-    entries: ServiceEntries,
-    seen: u64,
-}
-
-pub(super) fn services(
-    snapshot: &Snapshot,
-    issues: &mut Vec<Issue>,
-    memo: Option<&mut Memo>,
-) -> ServiceSets {
+/// The sets of every Service of the snapshot. Entries are gathered in vectors and bulk-built
+/// into sets, which is several times faster than inserting one by one.
+pub(super) fn services(snapshot: &Snapshot, issues: &mut Vec<Issue>) -> ServiceSets {
     let (mut ports4, mut ports6) = (Vec::new(), Vec::new());
     let (mut tcp4, mut udp4, mut tcp6, mut udp6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut add = |entries: &ServiceEntries, issues: &mut Vec<Issue>| {
@@ -60,29 +34,8 @@ pub(super) fn services(
         udp6.extend_from_slice(&entries.local_udp6);
         issues.extend(entries.issues.iter().cloned());
     };
-    match memo {
-        None => {
-            for service in &snapshot.services {
-                add(&service_entries(service), issues);
-            }
-        }
-        Some(memo) => {
-            memo.pass += 1;
-            let pass = memo.pass;
-            for service in &snapshot.services {
-                let memoised = memo
-                    .services
-                    .entry(Arc::as_ptr(service) as usize)
-                    .or_insert_with(|| Memoised {
-                        _object: Arc::clone(service),
-                        entries: service_entries(service),
-                        seen: pass,
-                    });
-                memoised.seen = pass;
-                add(&memoised.entries, issues);
-            }
-            memo.services.retain(|_, m| m.seen == pass);
-        }
+    for service in &snapshot.services {
+        add(&service_entries(service), issues);
     }
     ServiceSets {
         v4: FamilyServices {
