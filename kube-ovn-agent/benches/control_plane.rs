@@ -31,7 +31,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta},
 };
 use kube_ovn_agent::{
-    cluster::Snapshot,
+    cluster::{Kind, Object, ObjectChange, Snapshot},
     state::MapState,
     testing::{
         TestDatapath,
@@ -41,7 +41,7 @@ use kube_ovn_agent::{
         objects::{Port, node, service, subnet},
         stats::{Percentiles, Spread, percentiles, spread},
     },
-    translate::{KubeProxySets, NodeFacts, Options, translate},
+    translate::{Incremental, KubeProxySets, NodeFacts, Options, translate},
 };
 use kube_ovn_ebpf_common::{ServicePortV4, ipproto, names};
 use serde::Serialize;
@@ -120,7 +120,8 @@ struct Scale {
     translate_ms: Spread,
     /// Writing that state into freshly loaded, empty maps with the agent's sync (in-process).
     map_write_cold_ms: Spread,
-    /// One Service port changed: translate + diff + write.
+    /// One Service port changed: the incremental translation of that object + the write of
+    /// the keys it touched (what the agent does per change).
     map_sync_one_change_ms: Percentiles,
     /// `ipset restore` of Kube-OVN's and kube-proxy's equivalent sets + `iptables-restore` of
     /// the OVN-PREROUTING chain, from nothing (each round in a new namespace).
@@ -846,11 +847,15 @@ fn map_cold(snapshot: &Snapshot) -> (f64, f64) {
     (translated, started.elapsed().as_secs_f64() * 1e3)
 }
 
-/// Single Service port changes after a full sync: translate + diff + write each.
+/// Single Service port changes after a full sync, as the agent applies them: the changed
+/// object into the incremental translation, then only the touched keys written.
 fn map_changes(snapshot: &Snapshot, changes: usize) -> Percentiles {
     let mut dp = TestDatapath::load();
-    dp.apply(&translate(snapshot, &facts(), &options()).desired);
-    let mut snapshot = snapshot.clone();
+    let mut engine = Incremental::default();
+    engine.reset(snapshot);
+    let step = engine.translate(&facts(), &options());
+    assert!(step.full, "the first step writes everything");
+    dp.apply(engine.desired());
     let mut samples = Vec::with_capacity(changes);
     for i in 0..changes {
         let index = (i * 7 + 1) % snapshot.services.len();
@@ -862,11 +867,17 @@ fn map_changes(snapshot: &Snapshot, changes: usize) -> Percentiles {
             .as_mut()
             .expect("ports")[0]
             .port = 20_000 + i32::try_from(i).expect("small");
-        snapshot.services[index] = Arc::new(svc);
+        let change = ObjectChange {
+            kind: Kind::Service,
+            key: format!("bench/svc-{index}"),
+            object: Some(Object::Service(Arc::new(svc))),
+        };
         let started = Instant::now();
-        let translation = translate(&snapshot, &facts(), &options());
-        let report = dp.tables.apply(&translation.desired, true);
+        engine.apply(change);
+        let step = engine.translate(&facts(), &options());
+        let report = dp.tables.apply_touched(engine.desired(), &step.touched);
         samples.push(started.elapsed().as_secs_f64() * 1e3);
+        assert!(!step.full, "a Service change is incremental");
         assert_eq!((report.written, report.removed), (1, 1), "one port changed");
     }
     percentiles(samples)

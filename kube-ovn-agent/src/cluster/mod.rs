@@ -212,8 +212,8 @@ macro_rules! watched {
 watched!(Subnet => Subnet, Service => Service, Node => Node, ServiceCIDR => ServiceCidr, Pod => Pod);
 
 impl Snapshot {
-    /// The snapshot as a list of upserts, in kind order.
-    pub fn changes(&self) -> Vec<ObjectChange> {
+    /// The snapshot as upserts, in kind order (an iterator: a large snapshot is not copied).
+    pub fn changes(&self) -> impl Iterator<Item = ObjectChange> + '_ {
         fn of<T: Watched>(objects: &[Arc<T>]) -> impl Iterator<Item = ObjectChange> + '_ {
             objects.iter().map(|o| ObjectChange {
                 kind: T::KIND,
@@ -226,6 +226,5 @@ impl Snapshot {
             .chain(of(&self.nodes))
             .chain(of(&self.service_cidrs))
             .chain(of(&self.pods))
-            .collect()
     }
 }
