@@ -103,6 +103,9 @@ struct Scale {
     /// Resident memory after the first full sync and after the change series.
     rss_mib_ready: f64,
     rss_mib_after_changes: f64,
+    /// Kernel memory of the agent's pinned maps after the first full sync: the sum of their
+    /// `memlock` (fdinfo), which is what is charged to the pod's memory cgroup (≥ 5.11).
+    kernel_map_mib: f64,
     /// Service MODIFIED event sent → new entry readable in the pinned map.
     change_to_map_ms: Percentiles,
     /// Every sample of the above, in order.
@@ -423,6 +426,7 @@ fn main() {
             burst_ms: bursts,
             burst_changes: BURST,
             rss_mib_ready: agent.rss_ready,
+            kernel_map_mib: agent.kernel_map_mib,
             rss_mib_after_changes: agent.rss_after,
             change_to_map_ms: percentiles(agent.latencies.clone()),
             change_to_map_samples_ms: agent.latencies,
@@ -478,6 +482,12 @@ fn print_table(r: &Report) {
             s.agent_sync_mean_ms,
             s.agent_event_to_write_mean_ms,
             s.agent_cpu_per_change_ms,
+        );
+    }
+    for s in &r.results {
+        println!(
+            "{:>9} Services: kernel maps {:.1} MiB (memlock of the pinned maps)",
+            s.services, s.kernel_map_mib
         );
     }
     let range = |x: &Spread| format!("{:.1} ({:.1}–{:.1})", x.median, x.min, x.max);
@@ -551,6 +561,7 @@ struct AgentRun {
     cold_start_ms: f64,
     burst_ms: f64,
     rss_ready: f64,
+    kernel_map_mib: f64,
     rss_after: f64,
     latencies: Vec<f64>,
     sync_mean_ms: f64,
@@ -651,6 +662,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
     assert!(ready, "the agent did not become ready within 2 minutes");
     let cold_start_ms = started.elapsed().as_secs_f64() * 1e3;
     let rss_ready = rss_mib(child.id());
+    let kernel_map_mib = map_memlock_mib(&bpffs.root().join("maps"));
 
     let map_path = bpffs.root().join("maps").join(names::SERVICE_PORTS_V4);
     let map: HashMap<MapData, ServicePortV4, u8> =
@@ -769,6 +781,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         cold_start_ms,
         burst_ms,
         rss_ready,
+        kernel_map_mib,
         rss_after,
         latencies,
         sync_mean_ms,
@@ -809,6 +822,30 @@ fn cpu_ms(pid: u32) -> f64 {
     #[expect(clippy::cast_precision_loss, reason = "ns of a benchmark run fit f64")]
     let ns = ns as f64;
     ns / 1e6
+}
+
+/// The summed `memlock` of every map pinned under `dir`, from this process's fdinfo of each.
+fn map_memlock_mib(dir: &std::path::Path) -> f64 {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut bytes = 0u64;
+    for entry in std::fs::read_dir(dir)
+        .expect("the agent's map pins")
+        .flatten()
+    {
+        let Ok(map) = MapData::from_pin(entry.path()) else {
+            continue;
+        };
+        let fd = map.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+        bytes += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    #[expect(clippy::cast_precision_loss, reason = "MiB of maps fit f64")]
+    let bytes = bytes as f64;
+    bytes / (1024.0 * 1024.0)
 }
 
 fn rss_mib(pid: u32) -> f64 {
