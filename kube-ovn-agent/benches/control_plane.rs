@@ -31,7 +31,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, ObjectMeta},
 };
 use kube_ovn_agent::{
-    cluster::Snapshot,
+    cluster::{Kind, Object, ObjectChange, Snapshot},
     state::MapState,
     testing::{
         TestDatapath,
@@ -41,7 +41,7 @@ use kube_ovn_agent::{
         objects::{Port, node, service, subnet},
         stats::{Percentiles, Spread, percentiles, spread},
     },
-    translate::{KubeProxySets, NodeFacts, Options, translate},
+    translate::{Incremental, KubeProxySets, NodeFacts, Options, translate},
 };
 use kube_ovn_ebpf_common::{ServicePortV4, ipproto, names};
 use serde::Serialize;
@@ -103,6 +103,9 @@ struct Scale {
     /// Resident memory after the first full sync and after the change series.
     rss_mib_ready: f64,
     rss_mib_after_changes: f64,
+    /// Kernel memory of the agent's pinned maps after the first full sync: the sum of their
+    /// `memlock` (fdinfo), which is what is charged to the pod's memory cgroup (≥ 5.11).
+    kernel_map_mib: f64,
     /// Service MODIFIED event sent → new entry readable in the pinned map.
     change_to_map_ms: Percentiles,
     /// Every sample of the above, in order.
@@ -120,7 +123,8 @@ struct Scale {
     translate_ms: Spread,
     /// Writing that state into freshly loaded, empty maps with the agent's sync (in-process).
     map_write_cold_ms: Spread,
-    /// One Service port changed: translate + diff + write.
+    /// One Service port changed: the incremental translation of that object + the write of
+    /// the keys it touched (what the agent does per change).
     map_sync_one_change_ms: Percentiles,
     /// `ipset restore` of Kube-OVN's and kube-proxy's equivalent sets + `iptables-restore` of
     /// the OVN-PREROUTING chain, from nothing (each round in a new namespace).
@@ -422,6 +426,7 @@ fn main() {
             burst_ms: bursts,
             burst_changes: BURST,
             rss_mib_ready: agent.rss_ready,
+            kernel_map_mib: agent.kernel_map_mib,
             rss_mib_after_changes: agent.rss_after,
             change_to_map_ms: percentiles(agent.latencies.clone()),
             change_to_map_samples_ms: agent.latencies,
@@ -477,6 +482,12 @@ fn print_table(r: &Report) {
             s.agent_sync_mean_ms,
             s.agent_event_to_write_mean_ms,
             s.agent_cpu_per_change_ms,
+        );
+    }
+    for s in &r.results {
+        println!(
+            "{:>9} Services: kernel maps {:.1} MiB (memlock of the pinned maps)",
+            s.services, s.kernel_map_mib
         );
     }
     let range = |x: &Spread| format!("{:.1} ({:.1}–{:.1})", x.median, x.min, x.max);
@@ -550,6 +561,7 @@ struct AgentRun {
     cold_start_ms: f64,
     burst_ms: f64,
     rss_ready: f64,
+    kernel_map_mib: f64,
     rss_after: f64,
     latencies: Vec<f64>,
     sync_mean_ms: f64,
@@ -650,6 +662,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
     assert!(ready, "the agent did not become ready within 2 minutes");
     let cold_start_ms = started.elapsed().as_secs_f64() * 1e3;
     let rss_ready = rss_mib(child.id());
+    let kernel_map_mib = map_memlock_mib(&bpffs.root().join("maps"));
 
     let map_path = bpffs.root().join("maps").join(names::SERVICE_PORTS_V4);
     let map: HashMap<MapData, ServicePortV4, u8> =
@@ -768,6 +781,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         cold_start_ms,
         burst_ms,
         rss_ready,
+        kernel_map_mib,
         rss_after,
         latencies,
         sync_mean_ms,
@@ -810,6 +824,30 @@ fn cpu_ms(pid: u32) -> f64 {
     ns / 1e6
 }
 
+/// The summed `memlock` of every map pinned under `dir`, from this process's fdinfo of each.
+fn map_memlock_mib(dir: &std::path::Path) -> f64 {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut bytes = 0u64;
+    for entry in std::fs::read_dir(dir)
+        .expect("the agent's map pins")
+        .flatten()
+    {
+        let Ok(map) = MapData::from_pin(entry.path()) else {
+            continue;
+        };
+        let fd = map.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+        bytes += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    #[expect(clippy::cast_precision_loss, reason = "MiB of maps fit f64")]
+    let bytes = bytes as f64;
+    bytes / (1024.0 * 1024.0)
+}
+
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -846,11 +884,15 @@ fn map_cold(snapshot: &Snapshot) -> (f64, f64) {
     (translated, started.elapsed().as_secs_f64() * 1e3)
 }
 
-/// Single Service port changes after a full sync: translate + diff + write each.
+/// Single Service port changes after a full sync, as the agent applies them: the changed
+/// object into the incremental translation, then only the touched keys written.
 fn map_changes(snapshot: &Snapshot, changes: usize) -> Percentiles {
     let mut dp = TestDatapath::load();
-    dp.apply(&translate(snapshot, &facts(), &options()).desired);
-    let mut snapshot = snapshot.clone();
+    let mut engine = Incremental::default();
+    engine.reset(snapshot);
+    let step = engine.translate(&facts(), &options());
+    assert!(step.full, "the first step writes everything");
+    dp.apply(engine.desired());
     let mut samples = Vec::with_capacity(changes);
     for i in 0..changes {
         let index = (i * 7 + 1) % snapshot.services.len();
@@ -862,11 +904,17 @@ fn map_changes(snapshot: &Snapshot, changes: usize) -> Percentiles {
             .as_mut()
             .expect("ports")[0]
             .port = 20_000 + i32::try_from(i).expect("small");
-        snapshot.services[index] = Arc::new(svc);
+        let change = ObjectChange {
+            kind: Kind::Service,
+            key: format!("bench/svc-{index}"),
+            object: Some(Object::Service(Arc::new(svc))),
+        };
         let started = Instant::now();
-        let translation = translate(&snapshot, &facts(), &options());
-        let report = dp.tables.apply(&translation.desired, true);
+        engine.apply(change);
+        let step = engine.translate(&facts(), &options());
+        let report = dp.tables.apply_touched(engine.desired(), &step.touched);
         samples.push(started.elapsed().as_secs_f64() * 1e3);
+        assert!(!step.full, "a Service change is incremental");
         assert_eq!((report.written, report.removed), (1, 1), "one port changed");
     }
     percentiles(samples)

@@ -185,6 +185,19 @@ impl MapState {
         ports
     }
 
+    /// The NodePort-local array's value for one port (0: no entry).
+    pub fn nodeport_bits(&self, port: u16) -> u8 {
+        [
+            (&self.v4.nodeport_local_tcp, nodeport::TCP_V4),
+            (&self.v4.nodeport_local_udp, nodeport::UDP_V4),
+            (&self.v6.nodeport_local_tcp, nodeport::TCP_V6),
+            (&self.v6.nodeport_local_udp, nodeport::UDP_V6),
+        ]
+        .iter()
+        .filter(|(set, _)| set.contains(&port))
+        .fold(0, |bits, (_, bit)| bits | bit)
+    }
+
     /// Splits the NodePort-local array back into the four per-family, per-protocol sets.
     pub fn set_nodeport_local(&mut self, ports: &BTreeMap<u16, u8>) {
         for (port, bits) in ports {
@@ -199,6 +212,66 @@ impl MapState {
                 }
             }
         }
+    }
+}
+
+/// The keys of one family's sets an incremental step may have changed: each is either in the
+/// desired [`FamilyState`] now (write it) or not (remove it). Named like the sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyTouched<Net: Ord, Addr: Ord> {
+    pub subnets: BTreeSet<Net>,
+    pub service_cidrs: BTreeSet<Net>,
+    pub service_ports: BTreeSet<ServicePort<Addr>>,
+    pub other_nodes: BTreeSet<Addr>,
+    pub local: BTreeSet<Net>,
+    pub probe_targets: BTreeSet<ProbeTarget<Addr>>,
+}
+
+impl<Net: Ord, Addr: Ord> Default for FamilyTouched<Net, Addr> {
+    fn default() -> Self {
+        Self {
+            subnets: BTreeSet::new(),
+            service_cidrs: BTreeSet::new(),
+            service_ports: BTreeSet::new(),
+            other_nodes: BTreeSet::new(),
+            local: BTreeSet::new(),
+            probe_targets: BTreeSet::new(),
+        }
+    }
+}
+
+impl<Net: Ord + Copy, Addr: Ord + Copy> FamilyTouched<Net, Addr> {
+    pub fn len(&self) -> usize {
+        self.subnets.len()
+            + self.service_cidrs.len()
+            + self.service_ports.len()
+            + self.other_nodes.len()
+            + self.local.len()
+            + self.probe_targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What an incremental step may have changed in a [`MapState`] whose rules, interfaces and
+/// config fields stayed the same: the touched keys of every set, and the NodePort-local ports
+/// whose bits may differ.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub v4: FamilyTouched<Ipv4Net, Ipv4Addr>,
+    pub v6: FamilyTouched<Ipv6Net, Ipv6Addr>,
+    pub nodeport_local: BTreeSet<u16>,
+}
+
+impl Touched {
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len() + self.nodeport_local.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

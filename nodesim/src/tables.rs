@@ -160,8 +160,9 @@ fn control_plane(j: &Value) -> String {
     let _ = writeln!(
         s,
         "\nIn process, the same rounds: translation and the agent's batched map write into \
-         freshly loaded maps, against the restore; one change as the agent's translate + diff + \
-         write and as one `ipset restore` swapping one member.\n\n\
+         freshly loaded maps, against the restore; one change as the agent applies it (the \
+         changed object into the incremental translation, then the keys it touched written) and \
+         as one `ipset restore` swapping one member.\n\n\
          | Services | translate (ms) | map write (ms) | restore (ms) | one change: map sync p50 / \
          p99 (ms) | one change: `ipset restore` p50 / p99 (ms) |\n|---|---:|---:|---:|---:|---:|"
     );

@@ -35,7 +35,7 @@ use crate::{
     host::ipset,
     host::netlink::{self, IfaceOverride, NodeNet},
     metrics::{ErrorKind, Health, Metrics},
-    source::Running,
+    source::{Changes, Running},
     translate::{self, KubeProxySets, NodeFacts, Options},
 };
 
@@ -181,8 +181,10 @@ pub struct Agent<K> {
     health: Arc<Health>,
     /// The faults present now, so a lasting fault is logged when it appears and clears only.
     faults: FaultLog,
-    /// Per-object translation results reused while the objects are unchanged.
-    memo: translate::Memo,
+    /// The translation, kept current one object change at a time.
+    engine: translate::Incremental,
+    /// What the next pass owes beyond the changes it takes.
+    owed: Owed,
     /// kube-proxy's mode as `auto` last detected it.
     kube_proxy: Option<ipset::DetectedMode>,
     clobber_findings: BTreeSet<String>,
@@ -220,7 +222,8 @@ impl<K: Kernel> Agent<K> {
             metrics: setup.metrics,
             health: setup.health,
             faults: FaultLog::default(),
-            memo: translate::Memo::default(),
+            engine: translate::Incremental::default(),
+            owed: Owed::Reread,
             kube_proxy: setup.kube_proxy,
             clobber_findings: BTreeSet::new(),
             ready: false,
@@ -305,6 +308,7 @@ impl<K: Kernel> Agent<K> {
                 }
                 _ = resync.tick() => {
                     self.reread_maps();
+                    self.owed = self.owed.max(Owed::FullWrite);
                     self.attach_due = true;
                     pending = Some(Instant::now());
                 }
@@ -357,15 +361,15 @@ impl<K: Kernel> Agent<K> {
         since: Instant,
     ) {
         let started = Instant::now();
-        let snapshot = running.source.snapshot();
+        self.follow_source(running);
         let status = running.source.status();
         *self.metrics.live.source.lock().expect("lock") = status.clone();
         self.note_source_faults(&status);
-        self.follow_mode_label(&snapshot);
+        self.follow_mode_label();
         let Some(net) = node_net.borrow().clone() else {
             return;
         };
-        let node_ips = translate::own_internal_ips(&snapshot, &self.node_name);
+        let node_ips = self.engine.own_internal_ips(&self.node_name);
         let roles = netlink::iface_roles(
             &net,
             &node_ips,
@@ -388,19 +392,16 @@ impl<K: Kernel> Agent<K> {
             local_v6: net.local_v6.clone(),
             ifaces: roles.values().copied().collect(),
         };
-        let mut translation =
-            translate::translate_with(&mut self.memo, &snapshot, &facts, &self.options);
-        self.tproxy_ips = (
-            translation.desired.v4.tproxy_listener,
-            translation.desired.v6.tproxy_listener,
-        );
-        translation.desired.v4.tproxy_listener_opaque = self.tproxy_listeners.v4_opaque;
-        translation.desired.v6.tproxy_listener_opaque = self.tproxy_listeners.v6_opaque;
+        let step = self.engine.translate(&facts, &self.options);
+        let desired = self.engine.desired_mut();
+        self.tproxy_ips = (desired.v4.tproxy_listener, desired.v6.tproxy_listener);
+        desired.v4.tproxy_listener_opaque = self.tproxy_listeners.v4_opaque;
+        desired.v6.tproxy_listener_opaque = self.tproxy_listeners.v6_opaque;
+        let issues = self.engine.issues();
         self.metrics
             .translation_issues
-            .set(i64::try_from(translation.issues.len()).unwrap_or(i64::MAX));
-        let issues = translation
-            .issues
+            .set(i64::try_from(issues.len()).unwrap_or(i64::MAX));
+        let issues = issues
             .iter()
             .map(|issue| Fault::new(format!("skipped: {issue}")));
         // Counted once per distinct problem; the gauge above says how many are current.
@@ -408,19 +409,7 @@ impl<K: Kernel> Agent<K> {
             self.metrics.error(ErrorKind::Translate);
         }
 
-        let report = if listed {
-            // Only a complete view may remove entries or change the rules in force.
-            self.kernel.tables().apply(&translation.desired, true)
-        } else {
-            // Until then keep what is programmed; just follow interface changes.
-            let ifaces = translation.desired.ifaces.iter().map(|(i, r)| (*i, *r));
-            let table = self.kernel.tables().ifaces.sync(ifaces, false);
-            SyncReport {
-                written: table.written,
-                removed: table.removed,
-                errors: table.errors,
-            }
-        };
+        let report = self.write_maps(listed, &step);
         // One summary per map and kind of failure: a full map refuses every entry past its
         // capacity, tens of thousands in one pass.
         let map_faults = self.kernel.tables().faults(&report.errors);
@@ -463,6 +452,56 @@ impl<K: Kernel> Agent<K> {
             );
         }
         self.publish_readiness(&status, &roles);
+    }
+
+    /// Brings the engine up to date with the source: the changes since the last pass, or the
+    /// whole snapshot when the source or this agent lost track. Changes are taken first, then
+    /// (on a reset) the snapshot: a change landing in between is in both, and applying it
+    /// twice is harmless.
+    fn follow_source(&mut self, running: &Running) {
+        match running.source.take_changes() {
+            Changes::Objects(changes) if self.owed != Owed::Reread => {
+                for change in changes {
+                    self.engine.apply(change);
+                }
+            }
+            Changes::Objects(_) | Changes::Reset => {
+                self.engine.reset(&running.source.snapshot());
+                self.owed = Owed::FullWrite;
+            }
+        }
+    }
+
+    /// Writes the engine's desired state: everything (a diff against every map) when the rules
+    /// or interfaces changed or a full write is owed, else only what this pass touched; before
+    /// every kind has listed, only the interfaces.
+    fn write_maps(&mut self, listed: bool, step: &translate::Step) -> SyncReport {
+        let desired = self.engine.desired();
+        let report = if listed && (step.full || self.owed >= Owed::FullWrite) {
+            // Only a complete view may remove entries or change the rules in force.
+            self.owed = Owed::Touched;
+            self.kernel.tables().apply(desired, true)
+        } else if listed {
+            // What this pass's changes touched, against maps fully synced before.
+            self.kernel.tables().apply_touched(desired, &step.touched)
+        } else {
+            // Until then keep what is programmed; just follow interface changes. The first
+            // complete pass then writes everything.
+            self.owed = self.owed.max(Owed::FullWrite);
+            let ifaces = desired.ifaces.iter().map(|(i, r)| (*i, *r));
+            let table = self.kernel.tables().ifaces.sync(ifaces, false);
+            SyncReport {
+                written: table.written,
+                removed: table.removed,
+                errors: table.errors,
+            }
+        };
+        if !report.errors.is_empty() {
+            // A failed write is retried by a full write next pass (this pass's touched keys
+            // are gone).
+            self.owed = self.owed.max(Owed::FullWrite);
+        }
+        report
     }
 
     /// A kind is at fault while its feed fails; the next list or event (or two quiet minutes)
@@ -534,11 +573,10 @@ impl<K: Kernel> Agent<K> {
 
     /// Applies this node's `kube-ovn-ebpf.io/mode` label (over `--mode`) to the next
     /// translation; logs a change and an unusable value once.
-    fn follow_mode_label(&mut self, snapshot: &crate::cluster::Snapshot) {
-        let labels = snapshot
-            .nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+    fn follow_mode_label(&mut self) {
+        let labels = self
+            .engine
+            .node(&self.node_name)
             .and_then(|n| n.metadata.labels.as_ref());
         let (mode, from, complaint) = node_mode(labels, self.config.mode);
         self.faults.pass("mode label", complaint.map(Fault::new));
@@ -727,6 +765,17 @@ impl<K: Kernel> Agent<K> {
             .map(|e| Fault::new(format!("re-reading the pinned maps failed: {e}")));
         self.faults.pass("refresh", fault);
     }
+}
+
+/// What a pass owes beyond writing what its changes touched, least to most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Owed {
+    Touched,
+    /// Write the whole desired state: after a re-read, the periodic map refresh, a pass
+    /// before every kind listed, a failed write.
+    FullWrite,
+    /// Re-read the source's snapshot into the engine (at start).
+    Reread,
 }
 
 /// kube-proxy's IPVS sets for an explicit `--kube-proxy-mode`; `current` (the last detection)

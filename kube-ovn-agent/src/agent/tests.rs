@@ -59,6 +59,7 @@ impl Kernel for FakeKernel {
 struct FakeSource {
     snapshot: Mutex<Snapshot>,
     status: Mutex<SourceStatus>,
+    journal: crate::source::Journal,
 }
 
 impl ClusterSource for FakeSource {
@@ -67,6 +68,9 @@ impl ClusterSource for FakeSource {
     }
     fn status(&self) -> SourceStatus {
         self.status.lock().expect("lock").clone()
+    }
+    fn take_changes(&self) -> Changes {
+        self.journal.take()
     }
 }
 
@@ -149,6 +153,7 @@ impl Rig {
                     .map(|k| (k.name(), KindStatus::default()))
                     .collect(),
             }),
+            journal: crate::source::Journal::default(),
         });
         let (_changes_tx, changes) = watch::channel(Change {
             seq: 0,
@@ -320,4 +325,70 @@ async fn a_lasting_fault_is_remembered_once_and_cleared() {
     );
     assert!(!rig.agent.attach_due);
     assert!(rig.agent.kernel.attached.iter().any(|i| i == "eth1"));
+}
+
+/// After the first complete pass, changes reach the maps through the source's journal (the
+/// snapshot is not read again: the objects below are only in the journal), deletes included;
+/// a relist re-reads the snapshot and drops what it no longer has.
+#[tokio::test]
+async fn changes_flow_through_the_journal_and_a_relist_rereads() {
+    use crate::testing::objects::{Port, service, subnet};
+    let mut rig = Rig::new(&["eth0"]);
+    rig.agent.options.kube_proxy_sets = KubeProxySets::IPVS;
+    rig.source.list_all();
+    rig.pass().await;
+    let full = rig.programmed();
+    assert!(
+        full.v4
+            .subnets
+            .contains(&"10.16.0.0/16".parse().expect("cidr"))
+    );
+
+    let svc = Arc::new(service(
+        "default/new",
+        "ClusterIP",
+        &["10.96.7.7"],
+        &[Port("TCP", 8443, None)],
+        false,
+    ));
+    let key = crate::state::ServicePort {
+        addr: "10.96.7.7".parse().expect("ip"),
+        proto: crate::state::Proto::Tcp,
+        port: 8443,
+    };
+    rig.source.journal.upsert(svc);
+    rig.source
+        .journal
+        .upsert(Arc::new(subnet("extra", "10.55.0.0/16")));
+    rig.pass().await;
+    let programmed = rig.programmed();
+    assert!(programmed.v4.service_ports.contains(&key), "{programmed:?}");
+    assert!(
+        programmed
+            .v4
+            .subnets
+            .contains(&"10.55.0.0/16".parse().expect("cidr"))
+    );
+    assert_eq!(
+        programmed.v4.service_ports.len(),
+        full.v4.service_ports.len() + 1,
+        "only the change was added"
+    );
+
+    rig.source
+        .journal
+        .record(Kind::Service, "default/new".into(), None);
+    rig.pass().await;
+    assert!(!rig.programmed().v4.service_ports.contains(&key));
+    assert!(
+        rig.programmed()
+            .v4
+            .subnets
+            .contains(&"10.55.0.0/16".parse().expect("cidr"))
+    );
+
+    // A relist: the snapshot (without the extra Subnet) is the whole truth again.
+    rig.source.journal.reset();
+    rig.pass().await;
+    assert_eq!(rig.programmed(), full);
 }

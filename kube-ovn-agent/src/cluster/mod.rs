@@ -194,3 +194,65 @@ pub fn object_name(meta: &ObjectMeta) -> String {
         _ => "<unnamed>".into(),
     }
 }
+
+/// One object of any kind the translation reads, shared with the source that holds it.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Subnet(Arc<Subnet>),
+    Service(Arc<Service>),
+    Node(Arc<Node>),
+    ServiceCidr(Arc<ServiceCIDR>),
+    Pod(Arc<Pod>),
+}
+
+/// A created, changed or deleted object, as a source saw it: what an incremental translation
+/// consumes instead of a whole [`Snapshot`].
+#[derive(Clone, Debug)]
+pub struct ObjectChange {
+    pub kind: Kind,
+    /// `namespace/name` or `name` ([`object_name`]).
+    pub key: String,
+    /// The object now; `None` when it was deleted.
+    pub object: Option<Object>,
+}
+
+/// The kinds a source watches, typed: how a watched object becomes an [`Object`].
+pub trait Watched: Sized {
+    const KIND: Kind;
+    fn object(this: Arc<Self>) -> Object;
+    fn meta(&self) -> &ObjectMeta;
+}
+
+macro_rules! watched {
+    ($($ty:ty => $variant:ident),*) => {$(
+        impl Watched for $ty {
+            const KIND: Kind = Kind::$variant;
+            fn object(this: Arc<Self>) -> Object {
+                Object::$variant(this)
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+        }
+    )*};
+}
+
+watched!(Subnet => Subnet, Service => Service, Node => Node, ServiceCIDR => ServiceCidr, Pod => Pod);
+
+impl Snapshot {
+    /// The snapshot as upserts, in kind order (an iterator: a large snapshot is not copied).
+    pub fn changes(&self) -> impl Iterator<Item = ObjectChange> + '_ {
+        fn of<T: Watched>(objects: &[Arc<T>]) -> impl Iterator<Item = ObjectChange> + '_ {
+            objects.iter().map(|o| ObjectChange {
+                kind: T::KIND,
+                key: object_name(o.meta()),
+                object: Some(T::object(Arc::clone(o))),
+            })
+        }
+        of(&self.subnets)
+            .chain(of(&self.services))
+            .chain(of(&self.nodes))
+            .chain(of(&self.service_cidrs))
+            .chain(of(&self.pods))
+    }
+}

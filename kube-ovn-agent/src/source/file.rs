@@ -848,6 +848,7 @@ pub fn start(options: FileOptions) -> Result<Running> {
     let shared = Arc::new(Shared {
         snapshot: RwLock::new(Snapshot::default()),
         feed,
+        journal: super::Journal::default(),
     });
     let snapshot = shared.settle(parsed);
     shared.apply(snapshot);
@@ -897,6 +898,8 @@ fn counts(snapshot: &Snapshot) -> String {
 struct Shared {
     snapshot: RwLock<Snapshot>,
     feed: Arc<Feed>,
+    /// Every applied version counts as a new view (its objects are all new allocations).
+    journal: super::Journal,
 }
 
 impl Shared {
@@ -993,6 +996,7 @@ impl Shared {
             .snapshot
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
+        self.journal.reset();
         self.publish();
     }
 
@@ -1158,6 +1162,10 @@ impl ClusterSource for FileSource {
 
     fn status(&self) -> SourceStatus {
         self.shared.feed.status()
+    }
+
+    fn take_changes(&self) -> super::Changes {
+        self.shared.journal.take()
     }
 }
 

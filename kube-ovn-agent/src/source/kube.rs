@@ -30,10 +30,10 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::{ClusterSource, Feed, Running, SourceStatus};
+use super::{Changes, ClusterSource, Feed, Journal, Running, SourceStatus};
 use crate::cluster::{
     HEADLESS_LABEL, IP_ADDRESS_ANNOTATION, KUBE_PROXY_SERVICE_SELECTOR, Kind,
-    SERVICE_PROXY_NAME_LABEL, Snapshot, Subnet, object_name,
+    SERVICE_PROXY_NAME_LABEL, Snapshot, Subnet, Watched, object_name,
 };
 
 /// The Pod annotation naming the pod's Subnet (Kube-OVN's `ovn.kubernetes.io/logical_switch`).
@@ -98,9 +98,11 @@ pub async fn start(options: &KubeOptions) -> Result<Running> {
 pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Running> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| KubeError::NoRuntime)?;
     let (feed, changes) = Feed::new(&kinds(options));
+    let journal = Arc::new(Journal::default());
     let mut spawner = Spawner {
         runtime,
         feed: feed.clone(),
+        journal: journal.clone(),
         recheck: options.absent_api_recheck,
         stall: options.list_stall,
         tasks: JoinSet::new(),
@@ -152,6 +154,7 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
         service_cidrs,
         pods,
         feed,
+        journal,
         _tasks: spawner.tasks,
     };
     Ok(Running {
@@ -163,6 +166,7 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
 struct Spawner {
     runtime: tokio::runtime::Handle,
     feed: Arc<Feed>,
+    journal: Arc<Journal>,
     recheck: Duration,
     stall: Duration,
     tasks: JoinSet<()>,
@@ -180,6 +184,7 @@ impl Spawner {
     ) -> Store<K>
     where
         K: ::kube::Resource<DynamicType = ()>
+            + Watched
             + Clone
             + DeserializeOwned
             + Debug
@@ -199,8 +204,10 @@ impl Spawner {
             recheck: self.recheck,
             stall: self.stall,
         };
-        self.tasks
-            .spawn_on(run(watch, writer, self.feed.clone()), &self.runtime);
+        self.tasks.spawn_on(
+            run(watch, writer, self.feed.clone(), self.journal.clone()),
+            &self.runtime,
+        );
         store
     }
 }
@@ -213,6 +220,7 @@ pub struct KubeSource {
     service_cidrs: Store<ServiceCIDR>,
     pods: Option<Store<Pod>>,
     feed: Arc<Feed>,
+    journal: Arc<Journal>,
     /// The watcher tasks, held only so that dropping the source aborts them.
     _tasks: JoinSet<()>,
 }
@@ -230,6 +238,10 @@ impl ClusterSource for KubeSource {
 
     fn status(&self) -> SourceStatus {
         self.feed.status()
+    }
+
+    fn take_changes(&self) -> Changes {
+        self.journal.take()
     }
 }
 
@@ -254,9 +266,10 @@ struct Watch<K: ::kube::Resource + Clone> {
 }
 
 /// Feeds `writer` from a watcher until the task is aborted.
-async fn run<K>(w: Watch<K>, mut writer: Writer<K>, feed: Arc<Feed>)
+async fn run<K>(w: Watch<K>, mut writer: Writer<K>, feed: Arc<Feed>, journal: Arc<Journal>)
 where
     K: ::kube::Resource<DynamicType = ()>
+        + Watched
         + Clone
         + DeserializeOwned
         + Debug
@@ -288,6 +301,7 @@ where
                         continue;
                     };
                     writer.apply_watcher_event(&event);
+                    record(&journal, &reader, &event);
                     match event {
                         Event::InitDone => {
                             listing = false;
@@ -327,6 +341,7 @@ where
                     // An empty relist: clears whatever the store held if the API went away.
                     writer.apply_watcher_event(&Event::Init);
                     writer.apply_watcher_event(&Event::InitDone);
+                    journal.reset();
                     feed.update(kind, |s| {
                         s.listed = true;
                         s.objects = 0;
@@ -362,6 +377,26 @@ where
             Duration::from_secs(1)
         })
         .await;
+    }
+}
+
+/// Records an applied event in the journal of changes: the stored `Arc` (not a copy) of an
+/// upsert, the name of a delete; a completed relist replaces the kind as a whole.
+fn record<K>(journal: &Journal, reader: &Store<K>, event: &Event<K>)
+where
+    K: ::kube::Resource<DynamicType = ()> + Watched + Clone,
+{
+    match event {
+        Event::Apply(object) => {
+            if let Some(stored) = reader.get(&ObjectRef::from_obj(object)) {
+                journal.upsert(stored);
+            }
+        }
+        Event::Delete(object) => {
+            journal.record(K::KIND, object_name(Watched::meta(object)), None);
+        }
+        Event::InitDone => journal.reset(),
+        Event::Init | Event::InitApply(_) => {}
     }
 }
 

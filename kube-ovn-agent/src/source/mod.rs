@@ -13,7 +13,10 @@ use tokio::sync::watch;
 use crate::cluster::{Kind, Snapshot};
 
 pub mod file;
+pub mod journal;
 pub mod kube;
+
+pub use self::journal::{Changes, Journal};
 
 /// `--source` values: `kube` or `file:PATH`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +123,11 @@ pub trait ClusterSource: Send + Sync {
     /// The current objects (cheap: `Arc` clones).
     fn snapshot(&self) -> Snapshot;
     fn status(&self) -> SourceStatus;
+    /// The object changes since the last call, for an incremental translation; the default
+    /// (a source without a journal) always asks for a full re-read of [`Self::snapshot`].
+    fn take_changes(&self) -> Changes {
+        Changes::Reset
+    }
 }
 
 /// A started source: its view and its change notifications.

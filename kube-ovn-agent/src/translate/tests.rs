@@ -898,12 +898,28 @@ fn shadow_and_interfaces_pass_through() {
     );
 }
 
-/// A memo changes cost, never results: over a random history of Service adds, edits
-/// (valid and invalid), deletes, unchanged objects and re-lists (same content, new `Arc`),
-/// every memoised translation equals the pure one.
+/// The incremental translation changes cost, never results: over random histories of
+/// upserts and deletes of every kind (valid and invalid objects, Services sharing keys, this
+/// node's InternalIP and join annotation changing, Pods and their Subnets), with the node facts
+/// and options changing now and then, its state after every step is exactly what the pure
+/// translation of the objects it was handed gives, issues included; and maps written with
+/// [`crate::datapath::maps::Tables::apply_touched`] (or a full apply when it says so) hold
+/// exactly that state.
 #[test]
-fn memoised_translation_equals_the_pure_one_over_a_random_history() {
+#[expect(
+    clippy::too_many_lines,
+    reason = "object generators local to the property"
+)]
+fn incremental_translation_equals_the_pure_one_over_random_histories() {
+    use std::collections::BTreeMap;
+
     use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    use crate::{
+        cluster::{Object, ObjectChange},
+        datapath::maps::Tables,
+        testing::objects::{ProbeOn, Probes},
+    };
 
     fn random_service(rng: &mut StdRng, i: usize) -> Service {
         let ip4 = format!("10.96.{}.{}", i / 250, i % 250);
@@ -930,42 +946,166 @@ fn memoised_translation_equals_the_pure_one_over_a_random_history() {
         )
     }
 
-    let mut rng = StdRng::seed_from_u64(0x6b6f_766e);
-    let mut snapshot = spec_cluster();
-    let mut next_name = 0;
-    let mut memo = Memo::default();
-    let node = n1(role::NODE_NIC);
-    for step in 0..300 {
-        match rng.random_range(0..6) {
-            0 | 1 => {
-                snapshot
-                    .services
-                    .push(Arc::new(random_service(&mut rng, next_name)));
-                next_name += 1;
+    fn random_object(rng: &mut StdRng) -> (Kind, String, Option<Object>) {
+        let kind = [
+            Kind::Service,
+            Kind::Service,
+            Kind::Service,
+            Kind::Subnet,
+            Kind::Node,
+            Kind::ServiceCidr,
+            Kind::Pod,
+        ][rng.random_range(0..7)];
+        let delete = rng.random_bool(0.25);
+        let i = rng.random_range(0..12);
+        let (key, object) = match kind {
+            Kind::Service => {
+                // Few addresses, so Services share ClusterIP:port keys and NodePorts.
+                let address = rng.random_range(0..4);
+                let mut svc = random_service(rng, address);
+                let key = format!("ns/svc-{i}");
+                svc.metadata.name = Some(format!("svc-{i}"));
+                (key, Object::Service(Arc::new(svc)))
             }
-            2 if !snapshot.services.is_empty() => {
-                let at = rng.random_range(0..snapshot.services.len());
-                snapshot.services[at] = Arc::new(random_service(&mut rng, at));
+            Kind::Subnet => {
+                let cidr = [
+                    "10.16.0.0/16",
+                    "10.17.0.0/16,fd00:10:17::/64",
+                    "fd00:10:18::/64",
+                    "10.16.0.0/16",
+                    "bad",
+                    "0.0.0.0/0",
+                    "",
+                ][rng.random_range(0..7)];
+                let vpc = if rng.random_bool(0.2) {
+                    "vpc1"
+                } else {
+                    "ovn-cluster"
+                };
+                let key = format!("sub-{}", i % 6);
+                (
+                    key.clone(),
+                    Object::Subnet(Arc::new(subnet_with(&key, cidr, |s| {
+                        s.spec.vpc = vpc.into();
+                        if rng.random_bool(0.1) {
+                            s.spec.vlan = "vlan10".into();
+                        }
+                    }))),
+                )
             }
-            3 if !snapshot.services.is_empty() => {
-                let at = rng.random_range(0..snapshot.services.len());
-                snapshot.services.swap_remove(at);
+            Kind::Node => {
+                let name = ["n1", "n2", "n3", "n4"][i % 4];
+                let ips: &[&str] = [
+                    &["192.168.0.11", "fd00::11"][..],
+                    &["192.168.0.12"],
+                    &["192.168.0.13", "192.168.0.14"],
+                    &["fd00::13"],
+                    &[],
+                ][rng.random_range(0..5)];
+                let join = [
+                    Some(crate::testing::objects::DUAL_STACK_JOIN),
+                    Some("100.64.0.3"),
+                    None,
+                    Some("fd00:100:64::3"),
+                ][rng.random_range(0..4)];
+                (
+                    name.to_owned(),
+                    Object::Node(Arc::new(node_with_join(name, ips, join))),
+                )
             }
-            4 => {
-                // A re-list: the same objects in new allocations, in another order.
-                snapshot.services = snapshot
-                    .services
-                    .iter()
-                    .rev()
-                    .map(|s| Arc::new(s.as_ref().clone()))
-                    .collect();
+            Kind::ServiceCidr => {
+                let cidrs: &[&str] = [
+                    &["10.96.0.0/16"][..],
+                    &["fd00:10:96::/112", "10.97.0.0/16"],
+                    &["nope"],
+                    &["::/0"],
+                ][rng.random_range(0..4)];
+                let key = format!("cidr-{}", i % 3);
+                (
+                    key.clone(),
+                    Object::ServiceCidr(Arc::new(service_cidr(&key, cidrs, rng.random_bool(0.7)))),
+                )
             }
-            _ => {}
+            Kind::Pod => {
+                let sub = ["sub-0", "sub-1", "sub-2", "missing"][rng.random_range(0..4)];
+                let ips: &[&str] =
+                    [&["10.0.1.5"][..], &["10.0.1.6", "fd00:1::6"], &[]][rng.random_range(0..3)];
+                let key = format!("default/pod-{}", i % 4);
+                let probes = Probes::ready(ProbeOn::Tcp(rng.random_range(8000..8004)));
+                let node = if rng.random_bool(0.8) { "n1" } else { "n2" };
+                (
+                    key.clone(),
+                    Object::Pod(Arc::new(pod(&key, node, sub, ips, &probes, &[]))),
+                )
+            }
+        };
+        (kind, key, (!delete).then_some(object))
+    }
+
+    fn snapshot_of(model: &BTreeMap<(Kind, String), Object>) -> Snapshot {
+        let mut s = Snapshot::default();
+        for object in model.values() {
+            match object.clone() {
+                Object::Subnet(o) => s.subnets.push(o),
+                Object::Service(o) => s.services.push(o),
+                Object::Node(o) => s.nodes.push(o),
+                Object::ServiceCidr(o) => s.service_cidrs.push(o),
+                Object::Pod(o) => s.pods.push(o),
+            }
         }
-        let pure = translate(&snapshot, &node, &ipvs());
-        let memoised = translate_with(&mut memo, &snapshot, &node, &ipvs());
-        assert_eq!(memoised.desired, pure.desired, "step {step}");
-        assert_eq!(memoised.issues, pure.issues, "step {step}");
-        assert_eq!(memo.services.len(), snapshot.services.len(), "step {step}");
+        s
+    }
+
+    for seed in 0..40u64 {
+        let mut rng = StdRng::seed_from_u64(0x6b6f_766e + seed);
+        let mut model: BTreeMap<(Kind, String), Object> = BTreeMap::new();
+        let mut engine = Incremental::default();
+        let mut tables = Tables::in_memory();
+        let mut node = n1(role::NODE_NIC);
+        let mut options = ipvs();
+        // Sometimes start from a snapshot (a first list), else from nothing.
+        if rng.random_bool(0.5) {
+            let snapshot = spec_cluster();
+            for change in snapshot.changes() {
+                model.insert((change.kind, change.key), change.object.expect("upsert"));
+            }
+        }
+        engine.reset(&snapshot_of(&model));
+        for step in 0..120 {
+            // A burst of changes between two passes.
+            for _ in 0..rng.random_range(1..4) {
+                let (kind, key, object) = random_object(&mut rng);
+                match &object {
+                    Some(o) => model.insert((kind, key.clone()), o.clone()),
+                    None => model.remove(&(kind, key.clone())),
+                };
+                engine.apply(ObjectChange { kind, key, object });
+            }
+            match rng.random_range(0..40) {
+                0 => options = iptables(),
+                1 => options = ipvs(),
+                2 => options.tproxy_port = options.tproxy_port.xor(Some(8102)),
+                3 => options.shadow = !options.shadow,
+                4 => node.local_v4 = [net4("192.168.0.11/32"), net4("10.16.0.1/32")].into(),
+                5 => node.ifaces = [(2, role::OVN0)].into(),
+                6 => engine.reset(&snapshot_of(&model)),
+                _ => {}
+            }
+            let step_out = engine.translate(&node, &options);
+            let pure = translate(&snapshot_of(&model), &node, &options);
+            assert_eq!(*engine.desired(), pure.desired, "seed {seed} step {step}");
+            assert_eq!(engine.issues(), pure.issues, "seed {seed} step {step}");
+            let report = if step_out.full {
+                tables.apply(engine.desired(), true)
+            } else {
+                tables.apply_touched(engine.desired(), &step_out.touched)
+            };
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+            assert_eq!(
+                tables.current(),
+                pure.desired,
+                "maps, seed {seed} step {step}"
+            );
+        }
     }
 }

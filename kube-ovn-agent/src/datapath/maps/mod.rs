@@ -15,6 +15,7 @@ mod codec;
 mod error;
 mod kernel;
 mod synced;
+mod touched;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -179,4 +179,49 @@ impl<K: Ord + Copy, V: Copy + PartialEq> Synced<K, V> {
         }
         report
     }
+
+    /// Brings only `keys` to `desired` (`None`: the key should be absent) and leaves the rest
+    /// of the map alone: O(keys), for incremental updates. Without `prune` it only writes.
+    pub fn sync_keys<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a K>,
+        desired: impl Fn(&K) -> Option<V>,
+        prune: bool,
+    ) -> TableReport
+    where
+        K: 'a,
+    {
+        let mut report = TableReport::default();
+        let (mut writes, mut stale) = (Vec::new(), Vec::new());
+        for key in keys {
+            match (desired(key), self.mirror.get(key)) {
+                (Some(value), Some(old)) if *old == value => {}
+                (Some(value), _) => writes.push((*key, value)),
+                (None, Some(_)) => stale.push(*key),
+                (None, None) => {}
+            }
+        }
+        let results = self.table.write_many(&writes);
+        for ((key, value), result) in writes.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    self.mirror.insert(key, value);
+                    report.written += 1;
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
+        if prune {
+            for key in stale {
+                match self.table.remove(key) {
+                    Ok(()) => {
+                        self.mirror.remove(&key);
+                        report.removed += 1;
+                    }
+                    Err(e) => report.errors.push(e),
+                }
+            }
+        }
+        report
+    }
 }
