@@ -12,9 +12,9 @@ use kube_ovn_ebpf_common::{
 
 use crate::{
     maps::{
-        LOCAL_ADDRS_V4, LOCAL_ADDRS_V6, NODEPORT_LOCAL, OTHER_NODES_V4, OTHER_NODES_V6,
-        SERVICE_CIDRS_V4, SERVICE_CIDRS_V6, SERVICE_PORTS_V4, SERVICE_PORTS_V6, SUBNETS_V4,
-        SUBNETS_V4_L16, SUBNETS_V4_L24, SUBNETS_V6,
+        LOCAL_ADDRS_V4, LOCAL_ADDRS_V4_EXACT, LOCAL_ADDRS_V6, LOCAL_ADDRS_V6_EXACT, NODEPORT_LOCAL,
+        OTHER_NODES_V4, OTHER_NODES_V6, SERVICE_CIDRS_V4, SERVICE_CIDRS_V6, SERVICE_PORTS_V4,
+        SERVICE_PORTS_V6, SUBNETS_V4, SUBNETS_V4_L16, SUBNETS_V4_L24, SUBNETS_V6, SUBNETS_V6_EXACT,
     },
     parse::Tuple,
 };
@@ -89,7 +89,10 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn is_local(addr: [u8; 4]) -> bool {
-        LOCAL_ADDRS_V4.get(&Key::new(32, addr)).is_some()
+        // The exact-match front answers host addresses with one hash lookup; the trie (which
+        // holds the whole set) answers the rest (`kube_ovn_ebpf_common::exact`).
+        LOCAL_ADDRS_V4_EXACT.get_ptr(addr).is_some()
+            || LOCAL_ADDRS_V4.get(&Key::new(32, addr)).is_some()
     }
     #[inline(always)]
     fn is_other_node(addr: [u8; 4]) -> bool {
@@ -104,7 +107,11 @@ impl Family for V6 {
 
     #[inline(always)]
     fn in_subnets(addr: [u8; 16]) -> bool {
-        SUBNETS_V6.get(&Key::new(128, addr)).is_some()
+        let [a0, a1, a2, a3, a4, a5, a6, a7, ..] = addr;
+        SUBNETS_V6_EXACT
+            .get_ptr([a0, a1, a2, a3, a4, a5, a6, a7])
+            .is_some()
+            || SUBNETS_V6.get(&Key::new(128, addr)).is_some()
     }
     #[inline(always)]
     fn in_service_cidrs(addr: [u8; 16]) -> bool {
@@ -122,7 +129,8 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn is_local(addr: [u8; 16]) -> bool {
-        LOCAL_ADDRS_V6.get(&Key::new(128, addr)).is_some()
+        LOCAL_ADDRS_V6_EXACT.get_ptr(addr).is_some()
+            || LOCAL_ADDRS_V6.get(&Key::new(128, addr)).is_some()
     }
     #[inline(always)]
     fn is_other_node(addr: [u8; 16]) -> bool {

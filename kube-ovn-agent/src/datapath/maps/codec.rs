@@ -153,3 +153,25 @@ impl Prefix for Ipv6Net {
         .ok()
     }
 }
+
+/// The first 64 bits of an IPv6 address: the key of the /64 subnet front
+/// (`kube_ovn_ebpf_common::exact`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ipv6Prefix64(pub [u8; 8]);
+
+impl Ipv6Prefix64 {
+    pub fn of(addr: Ipv6Addr) -> Self {
+        let o = addr.octets();
+        Self([o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]])
+    }
+}
+
+impl Codec for Ipv6Prefix64 {
+    type Raw = [u8; 8];
+    fn encode(&self) -> [u8; 8] {
+        self.0
+    }
+    fn decode(raw: &[u8; 8]) -> Option<Self> {
+        Some(Self(*raw))
+    }
+}
