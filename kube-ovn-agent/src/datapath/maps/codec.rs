@@ -36,76 +36,50 @@ impl Codec for Ipv6Addr {
     }
 }
 
-impl Codec for ServicePort<Ipv4Addr> {
-    type Raw = ServicePortV4;
-    fn encode(&self) -> ServicePortV4 {
-        ServicePortV4 {
-            addr: self.addr.octets(),
-            port: self.port,
-            proto: self.proto.number(),
-            pad: 0,
+/// The per-family keys: one impl per address type, the same field mapping.
+macro_rules! family_codecs {
+    ($($addr:ty => $service_port:ident, $probe_target:ident;)*) => {$(
+        impl Codec for ServicePort<$addr> {
+            type Raw = $service_port;
+            fn encode(&self) -> $service_port {
+                $service_port {
+                    addr: self.addr.octets(),
+                    port: self.port,
+                    proto: self.proto.number(),
+                    pad: 0,
+                }
+            }
+            fn decode(raw: &$service_port) -> Option<Self> {
+                Some(Self {
+                    addr: raw.addr.into(),
+                    proto: Proto::from_number(raw.proto)?,
+                    port: raw.port,
+                })
+            }
         }
-    }
-    fn decode(raw: &ServicePortV4) -> Option<Self> {
-        Some(Self {
-            addr: raw.addr.into(),
-            proto: Proto::from_number(raw.proto)?,
-            port: raw.port,
-        })
-    }
+
+        impl Codec for ProbeTarget<$addr> {
+            type Raw = $probe_target;
+            fn encode(&self) -> $probe_target {
+                $probe_target {
+                    addr: self.addr.octets(),
+                    port: self.port,
+                    pad: 0,
+                }
+            }
+            fn decode(raw: &$probe_target) -> Option<Self> {
+                Some(Self {
+                    addr: raw.addr.into(),
+                    port: raw.port,
+                })
+            }
+        }
+    )*};
 }
 
-impl Codec for ServicePort<Ipv6Addr> {
-    type Raw = ServicePortV6;
-    fn encode(&self) -> ServicePortV6 {
-        ServicePortV6 {
-            addr: self.addr.octets(),
-            port: self.port,
-            proto: self.proto.number(),
-            pad: 0,
-        }
-    }
-    fn decode(raw: &ServicePortV6) -> Option<Self> {
-        Some(Self {
-            addr: raw.addr.into(),
-            proto: Proto::from_number(raw.proto)?,
-            port: raw.port,
-        })
-    }
-}
-
-impl Codec for ProbeTarget<Ipv4Addr> {
-    type Raw = ProbeTargetV4;
-    fn encode(&self) -> ProbeTargetV4 {
-        ProbeTargetV4 {
-            addr: self.addr.octets(),
-            port: self.port,
-            pad: 0,
-        }
-    }
-    fn decode(raw: &ProbeTargetV4) -> Option<Self> {
-        Some(Self {
-            addr: raw.addr.into(),
-            port: raw.port,
-        })
-    }
-}
-
-impl Codec for ProbeTarget<Ipv6Addr> {
-    type Raw = ProbeTargetV6;
-    fn encode(&self) -> ProbeTargetV6 {
-        ProbeTargetV6 {
-            addr: self.addr.octets(),
-            port: self.port,
-            pad: 0,
-        }
-    }
-    fn decode(raw: &ProbeTargetV6) -> Option<Self> {
-        Some(Self {
-            addr: raw.addr.into(),
-            port: raw.port,
-        })
-    }
+family_codecs! {
+    Ipv4Addr => ServicePortV4, ProbeTargetV4;
+    Ipv6Addr => ServicePortV6, ProbeTargetV6;
 }
 
 /// Set membership: the value of set-like maps.
