@@ -366,6 +366,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn datapath_pairs_each_case_old_over_new() {
+        let run = |median: f64, cold: f64| {
+            serde_json::json!({
+                "label": "x", "commit": "c", "rounds": 5, "repeat": 10, "cold_packets": 4,
+                "verified_instructions": 1,
+                "machine": {"kernel": "k", "cpu": "c", "cores": 2,
+                            "loadavg_before": "1.00 2.00 3.00 1/2 3", "loadavg_after": "1 2 3"},
+                "hot": [{"case": "r1", "entries": 1000,
+                         "ns": {"median": median, "min": 40.0, "max": 90.0}}],
+                "cold": [{"case": "r1", "entries": 1000,
+                          "ns": {"median": cold, "min": cold, "max": cold},
+                          "min_ns": 80.0, "p90_ns": 1500.0,
+                          "empty_program_ns": {"median": 50.0}, "same_frame_ns": {"median": 90.0}}]
+            })
+        };
+        let md = datapath(&[run(55.4, 1264.0), run(46.0, 485.0)]);
+        assert!(md.contains("| 1\u{2009}000 |"), "{md}");
+        assert!(
+            md.contains("| `r1` | old | 55 (40–90) |\n|  | new | 46 (40–90) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("|  |  | new | 485 (485–485) | 1\u{2009}500 | 80 | 50 | 90 |"),
+            "{md}"
+        );
+        assert!(md.contains("load average 1.00 2.00 3.00 before"), "{md}");
+    }
+
+    #[test]
     fn splice_replaces_only_the_named_block() {
         let doc = "intro\n<!-- begin generated from bench-results/a.json -->\nold\n<!-- end generated -->\nprose\n";
         let out = splice(doc, "a.json", "new table\n").unwrap();
