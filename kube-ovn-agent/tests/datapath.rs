@@ -554,8 +554,10 @@ fn random_state(rng: &mut StdRng) -> MapState {
             .insert(ipnet::Ipv6Net::new(v6(rng), len6).expect("len").trunc());
         d.v6.service_cidrs
             .insert(ipnet::Ipv6Net::new(v6(rng), len6).expect("len").trunc());
+        // Mostly /128s (the exact-match front), sometimes a prefix only the trie answers.
+        let local6 = *[64u8, 128, 128].choose(rng).expect("lens");
         d.v6.local
-            .insert(ipnet::Ipv6Net::new(v6(rng), 128).expect("len"));
+            .insert(ipnet::Ipv6Net::new(v6(rng), local6).expect("len").trunc());
     }
     for _ in 0..rng.random_range(0..6) {
         let port = *PORT_POOL.choose(rng).expect("ports");

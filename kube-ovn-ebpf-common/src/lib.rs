@@ -266,8 +266,11 @@ pub mod names {
     pub const TPROXY_V6: &str = "kovn_tproxy6";
     pub const SUBNETS_V4_L16: &str = "kovn_sub4_l16";
     pub const SUBNETS_V4_L24: &str = "kovn_sub4_l24";
+    pub const LOCAL_ADDRS_V4_EXACT: &str = "kovn_local4_32";
+    pub const LOCAL_ADDRS_V6_EXACT: &str = "kovn_local6_128";
+    pub const SUBNETS_V6_EXACT: &str = "kovn_sub6_64";
 
-    pub const ALL_MAPS: [&str; 18] = [
+    pub const ALL_MAPS: [&str; 21] = [
         CONFIG,
         IFACES,
         COUNTERS,
@@ -286,6 +289,9 @@ pub mod names {
         TPROXY_V6,
         SUBNETS_V4_L16,
         SUBNETS_V4_L24,
+        LOCAL_ADDRS_V4_EXACT,
+        LOCAL_ADDRS_V6_EXACT,
+        SUBNETS_V6_EXACT,
     ];
 }
 
@@ -317,6 +323,23 @@ pub mod dir {
             None
         }
     }
+}
+
+/// Exact-match fronts of prefix sets: a hash of the set's prefixes of one length `L`, keyed by
+/// the address's first `L` bits, looked up before the set's LPM trie. A hit answers "member"
+/// (that prefix covers the address); a miss asks the trie, which stays the authority and holds
+/// the whole set. The agent derives a front from its trie only, so a front never answers
+/// anything the trie would not; a prefix the full front cannot take is answered by the trie.
+pub mod exact {
+    /// The local-address set (`addrtype LOCAL`) is mostly host addresses: its /32s (IPv4) and
+    /// /128s (IPv6), e.g. every ClusterIP IPVS binds to `kube-ipvs0`.
+    pub const LOCAL_V4_LEN: u8 = 32;
+    pub const LOCAL_V6_LEN: u8 = 128;
+    /// IPv6 pod subnets are /64s as a rule.
+    pub const SUBNETS_V6_LEN: u8 = 64;
+    /// Entries per front. A hash allocates its bucket array (16 bytes per slot) up front, so
+    /// fronts are sized like the ClusterIP-port hash rather than like the tries.
+    pub const CAPACITY: u32 = 262_144;
 }
 
 /// One second-level chunk of a [`dir`] set: a [`dir`] value per third address byte.

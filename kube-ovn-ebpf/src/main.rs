@@ -10,6 +10,7 @@
 
 mod act;
 mod classify;
+mod family;
 mod maps;
 mod parse;
 mod tproxy;
@@ -23,9 +24,10 @@ use kube_ovn_ebpf_common::{Config, config_flag, counter, iface_flag, iface_slot,
 
 use crate::{
     classify::classify,
+    family::{Family, V4, V6},
     maps::{CONFIG, IFACES},
     parse::{Packet, Parsed, Skip, Tuple, parse},
-    tproxy::{ProbeFamily, Steer},
+    tproxy::Steer,
 };
 
 #[classifier]
@@ -89,12 +91,8 @@ fn try_kovn_ingress(ctx: &TcContext) -> Result<i32, Stop> {
         Packet::new(ctx)
     };
     let (hits, verdict) = match parse(&packet).map_err(Stop::Parse)? {
-        Parsed::V4(t) => {
-            evaluate::<classify::V4, tproxy::V4>(ctx, &t, roles, config.rules_v4, &config)
-        }
-        Parsed::V6(t) => {
-            evaluate::<classify::V6, tproxy::V6>(ctx, &t, roles, config.rules_v6, &config)
-        }
+        Parsed::V4(t) => evaluate::<V4>(ctx, &t, roles, config.rules_v4, &config),
+        Parsed::V6(t) => evaluate::<V6>(ctx, &t, roles, config.rules_v6, &config),
     };
     act::apply(ctx, hits, config.flags);
     Ok(verdict)
@@ -106,22 +104,18 @@ fn try_kovn_ingress(ctx: &TcContext) -> Result<i32, Stop> {
 /// there (`TC_ACT_OK`); one that no transparent socket takes is dropped (`TC_ACT_SHOT`), as
 /// Kube-OVN's TPROXY target drops it. Shadow mode never ends processing.
 #[inline(always)]
-fn evaluate<C, P>(
+fn evaluate<F: Family>(
     ctx: &TcContext,
-    t: &Tuple<C::Addr>,
+    t: &Tuple<F::Addr>,
     roles: u32,
     active: u32,
     config: &Config,
-) -> (u32, i32)
-where
-    C: classify::Family,
-    P: ProbeFamily<Addr = C::Addr>,
-{
-    let mut hits = classify::<C>(t, roles, active);
+) -> (u32, i32) {
+    let mut hits = classify::<F>(t, roles, active);
     let mut verdict = TC_ACT_UNSPEC;
     if roles & role::LOOPBACK != 0 && active & rule::bit(rule::TPROXY) != 0 {
         let shadow = config.flags & config_flag::SHADOW != 0;
-        match tproxy::steer::<P>(ctx, t, config, shadow) {
+        match tproxy::steer::<F>(ctx, t, config, shadow) {
             Steer::NotProbe => {}
             Steer::Probe { assigned: true } => {
                 hits |= rule::bit(rule::TPROXY);

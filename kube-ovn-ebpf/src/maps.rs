@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use kube_ovn_ebpf_common::{
     Config, DirChunk, Iface, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6, capacity,
-    counter, dir, nodeport,
+    counter, dir, exact, nodeport,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -33,6 +33,11 @@ pub static SUBNETS_V4_L16: Array<u32, { dir::SLOTS as usize }> = Array::new();
 pub static SUBNETS_V4_L24: Array<DirChunk, { dir::CHUNKS as usize }> = Array::new();
 #[btf_map(name = "kovn_subnets6")]
 pub static SUBNETS_V6: LpmTrie<[u8; 16], u8, { capacity::SUBNETS as usize }> = LpmTrie::new();
+/// The exact-match front of `SUBNETS_V6`: its /64s, by the address's first 8 bytes
+/// (`kube_ovn_ebpf_common::exact`).
+#[btf_map(name = "kovn_sub6_64")]
+pub static SUBNETS_V6_EXACT: HashMap<[u8; 8], u8, { exact::CAPACITY as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// `ovn40services` / `ovn60services` (hash:net): R1b.
 #[btf_map(name = "kovn_svccidr4")]
@@ -75,6 +80,13 @@ pub static LOCAL_ADDRS_V4: LpmTrie<[u8; 4], u8, { capacity::LOCAL_ADDRS as usize
 #[btf_map(name = "kovn_local6")]
 pub static LOCAL_ADDRS_V6: LpmTrie<[u8; 16], u8, { capacity::LOCAL_ADDRS as usize }> =
     LpmTrie::new();
+/// The exact-match fronts of the local-address tries: their /32s and /128s.
+#[btf_map(name = "kovn_local4_32")]
+pub static LOCAL_ADDRS_V4_EXACT: HashMap<[u8; 4], u8, { exact::CAPACITY as usize }, NO_PREALLOC> =
+    HashMap::new();
+#[btf_map(name = "kovn_local6_128")]
+pub static LOCAL_ADDRS_V6_EXACT: HashMap<[u8; 16], u8, { exact::CAPACITY as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// `KUBE[-6]-NODE-PORT-LOCAL-{TCP,UDP}` (bitmap:port), indexed by port; value: `nodeport` bits.
 #[btf_map(name = "kovn_nplocal")]

@@ -5,20 +5,13 @@
 //! caller marks it 0x90004 so the `fwmark 0x90004 lookup 10001` rule delivers it locally.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock, bpf_sock_tuple,
-        bpf_sock_tuple__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-    },
+    bindings::{BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock},
     helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use kube_ovn_ebpf_common::{Config, ProbeTargetV4, ProbeTargetV6, config_flag, ipproto};
+use kube_ovn_ebpf_common::{Config, ipproto};
 
-use crate::{
-    maps::{TPROXY_V4, TPROXY_V6},
-    parse::Tuple,
-};
+use crate::{family::Family, parse::Tuple};
 
 pub enum Steer {
     /// Not a probe to a custom-VPC pod's probe port.
@@ -27,97 +20,12 @@ pub enum Steer {
     Probe { assigned: bool },
 }
 
-/// What one address family contributes: the probe-target map and the socket tuple layout.
-pub trait ProbeFamily {
-    type Addr: Copy;
-    /// `config_flag` bit saying this family's listener lacks `IP_TRANSPARENT`.
-    const OPAQUE: u32;
-    fn is_probe_target(addr: Self::Addr, port: u16) -> bool;
-    fn tuple(src: Self::Addr, dst: Self::Addr, sport: u16, dport: u16) -> (bpf_sock_tuple, u32);
-    fn listener(config: &Config) -> Self::Addr;
-}
-
-pub struct V4;
-pub struct V6;
-
-impl ProbeFamily for V4 {
-    type Addr = [u8; 4];
-    const OPAQUE: u32 = config_flag::TPROXY_OPAQUE_V4;
-    #[inline(always)]
-    fn is_probe_target(addr: [u8; 4], port: u16) -> bool {
-        TPROXY_V4
-            .get_ptr(ProbeTargetV4 { addr, port, pad: 0 })
-            .is_some()
-    }
-    #[inline(always)]
-    fn tuple(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> (bpf_sock_tuple, u32) {
-        let ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: u32::from_ne_bytes(src),
-            daddr: u32::from_ne_bytes(dst),
-            sport: sport.to_be(),
-            dport: dport.to_be(),
-        };
-        #[expect(clippy::cast_possible_truncation, reason = "a 12- or 36-byte struct")]
-        let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
-        (
-            bpf_sock_tuple {
-                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv4 },
-            },
-            size,
-        )
-    }
-    #[inline(always)]
-    fn listener(config: &Config) -> [u8; 4] {
-        config.tproxy_ip_v4
-    }
-}
-
-impl ProbeFamily for V6 {
-    type Addr = [u8; 16];
-    const OPAQUE: u32 = config_flag::TPROXY_OPAQUE_V6;
-    #[inline(always)]
-    fn is_probe_target(addr: [u8; 16], port: u16) -> bool {
-        TPROXY_V6
-            .get_ptr(ProbeTargetV6 { addr, port, pad: 0 })
-            .is_some()
-    }
-    #[inline(always)]
-    fn tuple(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> (bpf_sock_tuple, u32) {
-        let words = |a: [u8; 16]| {
-            [
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            ]
-        };
-        let ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
-            saddr: words(src),
-            daddr: words(dst),
-            sport: sport.to_be(),
-            dport: dport.to_be(),
-        };
-        #[expect(clippy::cast_possible_truncation, reason = "a 12- or 36-byte struct")]
-        let size = size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32;
-        (
-            bpf_sock_tuple {
-                __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 { ipv6 },
-            },
-            size,
-        )
-    }
-    #[inline(always)]
-    fn listener(config: &Config) -> [u8; 16] {
-        config.tproxy_ip_v6
-    }
-}
-
 /// Whether `t` is a probe to a custom-VPC pod, and if so (unless `shadow`) hands it to its
 /// transparent socket: the established one of its connection (later packets of a probe, spec
 /// vector T7), else the listener on `tproxy_ip:tproxy_port` unless the agent found it without
 /// `IP_TRANSPARENT`.
 #[inline(always)]
-pub fn steer<F: ProbeFamily>(
+pub fn steer<F: Family>(
     ctx: &TcContext,
     t: &Tuple<F::Addr>,
     config: &Config,

@@ -13,13 +13,15 @@ use crate::{cmd, traffic};
 
 const END: &str = "<!-- end generated -->";
 
-/// Renders one result file's Markdown.
-type Render = fn(&Value) -> String;
+/// Renders the Markdown of one or more result files (in the order listed).
+type Render = fn(&[Value]) -> String;
 
-/// The committed result files and the renderer of each.
-const SOURCES: &[(&str, Render)] = &[
-    ("traffic.json", traffic::markdown),
-    ("control-plane.json", control_plane),
+/// The committed result files and the renderer of each block. A block rendered from several
+/// files is marked with all of them: `bench-results/a.json + bench-results/b.json`.
+const SOURCES: &[(&[&str], Render)] = &[
+    (&["traffic.json"], |j| traffic::markdown(&j[0])),
+    (&["control-plane.json"], |j| control_plane(&j[0])),
+    (&["datapath-old.json", "datapath-new.json"], datapath),
 ];
 
 pub fn run(check: bool) -> Result<()> {
@@ -27,9 +29,12 @@ pub fn run(check: bool) -> Result<()> {
     let doc_path = root.join("BENCHMARKS.md");
     let doc = std::fs::read_to_string(&doc_path).context("reading BENCHMARKS.md")?;
     let mut out = doc.clone();
-    for (file, render) in SOURCES {
-        let json = load(&root.join("bench-results").join(file))?;
-        out = splice(&out, file, &render(&json))?;
+    for (files, render) in SOURCES {
+        let json = files
+            .iter()
+            .map(|file| load(&root.join("bench-results").join(file)))
+            .collect::<Result<Vec<_>>>()?;
+        out = splice(&out, &files.join(" + bench-results/"), &render(&json))?;
     }
     if out == doc {
         println!("bench-tables: BENCHMARKS.md matches bench-results/");
@@ -183,9 +188,212 @@ fn control_plane(j: &Value) -> String {
     s
 }
 
+/// The datapath benchmark's old-vs-new tables (`kube-ovn-agent/benches/datapath.rs`): one run
+/// of the datapath before a change and one after, same benchmark.
+fn datapath(runs: &[Value]) -> String {
+    let mut s = datapath_runs(runs);
+    s.push_str(&datapath_hot(runs));
+    s.push_str(&datapath_cold(runs));
+    s
+}
+
+/// Nanoseconds, whole (the benchmark's resolution).
+fn ns(v: f64) -> String {
+    if v.is_finite() {
+        traffic::group(v)
+    } else {
+        "–".to_owned()
+    }
+}
+
+/// `median (min–max)` of a `{median, min, max}` object of nanoseconds.
+fn ns_spread(v: &Value) -> String {
+    format!(
+        "{} ({}–{})",
+        ns(number(&v["median"])),
+        ns(number(&v["min"])),
+        ns(number(&v["max"]))
+    )
+}
+
+/// The datapath a run measured: the first file is the old one.
+fn old_new(i: usize) -> &'static str {
+    if i == 0 { "old" } else { "new" }
+}
+
+/// A run's results of one kind (`hot`, `cold`), per run.
+fn datapath_rows<'a>(runs: &'a [Value], key: &str) -> Vec<&'a [Value]> {
+    runs.iter()
+        .map(|j| j[key].as_array().map(Vec::as_slice).unwrap_or_default())
+        .collect()
+}
+
+/// One line per run: what was measured, where and under what load.
+fn datapath_runs(runs: &[Value]) -> String {
+    let mut s = String::new();
+    for (i, j) in runs.iter().enumerate() {
+        let m = &j["machine"];
+        let load = |key: &str| {
+            m[key]
+                .as_str()
+                .unwrap_or("?")
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let _ = writeln!(
+            s,
+            "- **{}**: {} (commit `{}`); kernel {}, {} ({} cores); load average {} before, {} \
+             after; verifier-processed instructions {}; {} rounds, {} runs per hot call, {} cold \
+             packets.",
+            old_new(i),
+            j["label"].as_str().unwrap_or("?"),
+            j["commit"].as_str().unwrap_or("?"),
+            m["kernel"].as_str().unwrap_or("?"),
+            m["cpu"].as_str().unwrap_or("?"),
+            m["cores"],
+            load("loadavg_before"),
+            load("loadavg_after"),
+            j["verified_instructions"],
+            j["rounds"],
+            j["repeat"],
+            j["cold_packets"],
+        );
+    }
+    s
+}
+
+/// Hot: one row per case and run, one column per set size.
+fn datapath_hot(runs: &[Value]) -> String {
+    let mut s = String::new();
+    let hot = datapath_rows(runs, "hot");
+    let mut entries: Vec<u64> = Vec::new();
+    let mut cases: Vec<&str> = Vec::new();
+    for row in hot.iter().flat_map(|r| r.iter()) {
+        let n = row["entries"].as_u64().unwrap_or_default();
+        if !entries.contains(&n) {
+            entries.push(n);
+        }
+        let case = row["case"].as_str().unwrap_or("?");
+        if !cases.contains(&case) {
+            cases.push(case);
+        }
+    }
+    let _ = write!(
+        s,
+        "\nHot, gross ns per run, median (min–max) over the rounds:\n\n| case | datapath |"
+    );
+    for n in &entries {
+        let _ = write!(
+            s,
+            " {} |",
+            traffic::group(f64::from(u32::try_from(*n).unwrap_or(u32::MAX)))
+        );
+    }
+    let _ = write!(s, "\n|---|---|");
+    for _ in &entries {
+        let _ = write!(s, "---:|");
+    }
+    s.push('\n');
+    for case in &cases {
+        for (i, run) in hot.iter().enumerate() {
+            let name = if i == 0 {
+                format!("`{case}`")
+            } else {
+                String::new()
+            };
+            let _ = write!(s, "| {name} | {} |", old_new(i));
+            for n in &entries {
+                let cell = run
+                    .iter()
+                    .find(|r| r["case"] == *case && r["entries"].as_u64() == Some(*n))
+                    .map_or_else(|| "–".to_owned(), |r| ns_spread(&r["ns"]));
+                let _ = write!(s, " {cell} |");
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// Cold: one row per case, set size and run, with the controls.
+fn datapath_cold(runs: &[Value]) -> String {
+    let mut s = String::new();
+    let cold = datapath_rows(runs, "cold");
+    let _ = writeln!(
+        s,
+        "\nCold (repeat 1, distinct packets), gross ns per run: the per-round median (median and \
+         range over rounds), p90 and fastest packet over all rounds, and the two controls' \
+         medians.\n\n| case | entries | datapath | median (round range) | p90 | fastest | empty \
+         program | same frame, repeat 1 |\n|---|---:|---|---:|---:|---:|---:|---:|"
+    );
+    let Some(first) = cold.first() else {
+        return s;
+    };
+    for row in *first {
+        for (i, run) in cold.iter().enumerate() {
+            let Some(r) = run
+                .iter()
+                .find(|r| r["case"] == row["case"] && r["entries"] == row["entries"])
+            else {
+                continue;
+            };
+            let (case, n) = if i == 0 {
+                (
+                    format!("`{}`", r["case"].as_str().unwrap_or("?")),
+                    traffic::group(number(&r["entries"])),
+                )
+            } else {
+                (String::new(), String::new())
+            };
+            let _ = writeln!(
+                s,
+                "| {case} | {n} | {} | {} | {} | {} | {} | {} |",
+                old_new(i),
+                ns_spread(&r["ns"]),
+                ns(number(&r["p90_ns"])),
+                ns(number(&r["min_ns"])),
+                ns(number(&r["empty_program_ns"]["median"])),
+                ns(number(&r["same_frame_ns"]["median"])),
+            );
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datapath_pairs_each_case_old_over_new() {
+        let run = |median: f64, cold: f64| {
+            serde_json::json!({
+                "label": "x", "commit": "c", "rounds": 5, "repeat": 10, "cold_packets": 4,
+                "verified_instructions": 1,
+                "machine": {"kernel": "k", "cpu": "c", "cores": 2,
+                            "loadavg_before": "1.00 2.00 3.00 1/2 3", "loadavg_after": "1 2 3"},
+                "hot": [{"case": "r1", "entries": 1000,
+                         "ns": {"median": median, "min": 40.0, "max": 90.0}}],
+                "cold": [{"case": "r1", "entries": 1000,
+                          "ns": {"median": cold, "min": cold, "max": cold},
+                          "min_ns": 80.0, "p90_ns": 1500.0,
+                          "empty_program_ns": {"median": 50.0}, "same_frame_ns": {"median": 90.0}}]
+            })
+        };
+        let md = datapath(&[run(55.4, 1264.0), run(46.0, 485.0)]);
+        assert!(md.contains("| 1\u{2009}000 |"), "{md}");
+        assert!(
+            md.contains("| `r1` | old | 55 (40–90) |\n|  | new | 46 (40–90) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("|  |  | new | 485 (485–485) | 1\u{2009}500 | 80 | 50 | 90 |"),
+            "{md}"
+        );
+        assert!(md.contains("load average 1.00 2.00 3.00 before"), "{md}");
+    }
 
     #[test]
     fn splice_replaces_only_the_named_block() {

@@ -283,6 +283,7 @@ pub fn observed_tables() -> (Tables, Shared) {
             names::SUBNETS_V4_L16,
             names::SUBNETS_V4_L24,
         ),
+        fronts: crate::datapath::maps::Fronts::in_memory(),
     };
     (tables, world)
 }

@@ -36,76 +36,50 @@ impl Codec for Ipv6Addr {
     }
 }
 
-impl Codec for ServicePort<Ipv4Addr> {
-    type Raw = ServicePortV4;
-    fn encode(&self) -> ServicePortV4 {
-        ServicePortV4 {
-            addr: self.addr.octets(),
-            port: self.port,
-            proto: self.proto.number(),
-            pad: 0,
+/// The per-family keys: one impl per address type, the same field mapping.
+macro_rules! family_codecs {
+    ($($addr:ty => $service_port:ident, $probe_target:ident;)*) => {$(
+        impl Codec for ServicePort<$addr> {
+            type Raw = $service_port;
+            fn encode(&self) -> $service_port {
+                $service_port {
+                    addr: self.addr.octets(),
+                    port: self.port,
+                    proto: self.proto.number(),
+                    pad: 0,
+                }
+            }
+            fn decode(raw: &$service_port) -> Option<Self> {
+                Some(Self {
+                    addr: raw.addr.into(),
+                    proto: Proto::from_number(raw.proto)?,
+                    port: raw.port,
+                })
+            }
         }
-    }
-    fn decode(raw: &ServicePortV4) -> Option<Self> {
-        Some(Self {
-            addr: raw.addr.into(),
-            proto: Proto::from_number(raw.proto)?,
-            port: raw.port,
-        })
-    }
+
+        impl Codec for ProbeTarget<$addr> {
+            type Raw = $probe_target;
+            fn encode(&self) -> $probe_target {
+                $probe_target {
+                    addr: self.addr.octets(),
+                    port: self.port,
+                    pad: 0,
+                }
+            }
+            fn decode(raw: &$probe_target) -> Option<Self> {
+                Some(Self {
+                    addr: raw.addr.into(),
+                    port: raw.port,
+                })
+            }
+        }
+    )*};
 }
 
-impl Codec for ServicePort<Ipv6Addr> {
-    type Raw = ServicePortV6;
-    fn encode(&self) -> ServicePortV6 {
-        ServicePortV6 {
-            addr: self.addr.octets(),
-            port: self.port,
-            proto: self.proto.number(),
-            pad: 0,
-        }
-    }
-    fn decode(raw: &ServicePortV6) -> Option<Self> {
-        Some(Self {
-            addr: raw.addr.into(),
-            proto: Proto::from_number(raw.proto)?,
-            port: raw.port,
-        })
-    }
-}
-
-impl Codec for ProbeTarget<Ipv4Addr> {
-    type Raw = ProbeTargetV4;
-    fn encode(&self) -> ProbeTargetV4 {
-        ProbeTargetV4 {
-            addr: self.addr.octets(),
-            port: self.port,
-            pad: 0,
-        }
-    }
-    fn decode(raw: &ProbeTargetV4) -> Option<Self> {
-        Some(Self {
-            addr: raw.addr.into(),
-            port: raw.port,
-        })
-    }
-}
-
-impl Codec for ProbeTarget<Ipv6Addr> {
-    type Raw = ProbeTargetV6;
-    fn encode(&self) -> ProbeTargetV6 {
-        ProbeTargetV6 {
-            addr: self.addr.octets(),
-            port: self.port,
-            pad: 0,
-        }
-    }
-    fn decode(raw: &ProbeTargetV6) -> Option<Self> {
-        Some(Self {
-            addr: raw.addr.into(),
-            port: raw.port,
-        })
-    }
+family_codecs! {
+    Ipv4Addr => ServicePortV4, ProbeTargetV4;
+    Ipv6Addr => ServicePortV6, ProbeTargetV6;
 }
 
 /// Set membership: the value of set-like maps.
@@ -151,5 +125,27 @@ impl Prefix for Ipv6Net {
             u8::try_from(key.prefix_len()).ok()?,
         )
         .ok()
+    }
+}
+
+/// The first 64 bits of an IPv6 address: the key of the /64 subnet front
+/// (`kube_ovn_ebpf_common::exact`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ipv6Prefix64(pub [u8; 8]);
+
+impl Ipv6Prefix64 {
+    pub fn of(addr: Ipv6Addr) -> Self {
+        let o = addr.octets();
+        Self([o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]])
+    }
+}
+
+impl Codec for Ipv6Prefix64 {
+    type Raw = [u8; 8];
+    fn encode(&self) -> [u8; 8] {
+        self.0
+    }
+    fn decode(raw: &[u8; 8]) -> Option<Self> {
+        Some(Self(*raw))
     }
 }

@@ -13,6 +13,7 @@
 
 mod codec;
 mod error;
+mod front;
 mod kernel;
 mod synced;
 mod touched;
@@ -30,6 +31,7 @@ pub(crate) use self::kernel::take;
 pub use self::{
     codec::{Codec, Prefix},
     error::{MapError, MapFault, Result},
+    front::Fronts,
     kernel::{ConfigTable, HashTable, IfaceTable, PortArrayTable, PrefixTable, read_counters},
     synced::{MapTable, MemTable, Synced, TableReport},
 };
@@ -164,6 +166,9 @@ pub struct Tables {
     /// The direct-indexed front of the IPv4 subnet trie, derived from what the trie holds
     /// (`datapath::dir`).
     pub subnets_v4_dir: DirTable,
+    /// The exact-match fronts of the local-address tries and the IPv6 subnet trie, derived
+    /// from what the tries hold (`front`).
+    pub fronts: Fronts,
 }
 
 /// The outcome of syncing every table.
@@ -197,6 +202,7 @@ impl Tables {
             v4: FamilyTables::<Ipv4Net, Ipv4Addr>::open(&mut Kernel(maps))?,
             v6: FamilyTables::<Ipv6Net, Ipv6Addr>::open(&mut Kernel(maps))?,
             subnets_v4_dir: DirTable::new(maps, names::SUBNETS_V4_L16, names::SUBNETS_V4_L24)?,
+            fronts: Fronts::from_maps(maps)?,
         })
     }
 
@@ -210,6 +216,7 @@ impl Tables {
             v4: FamilyTables::<Ipv4Net, Ipv4Addr>::open(&mut Memory).expect(open),
             v6: FamilyTables::<Ipv6Net, Ipv6Addr>::open(&mut Memory).expect(open),
             subnets_v4_dir: DirTable::in_memory(names::SUBNETS_V4_L16, names::SUBNETS_V4_L24),
+            fronts: Fronts::in_memory(),
         }
     }
 
@@ -232,6 +239,7 @@ impl Tables {
         self.v4.sync(&desired.v4, false, &mut report);
         self.sync_dirs(&mut report);
         self.v6.sync(&desired.v6, false, &mut report);
+        self.sync_fronts(desired, false, &mut report);
         report.add(self.nodeport_local.sync(filled, false));
         report.add(self.ifaces.sync(ifaces(), false));
         if prune {
@@ -241,9 +249,13 @@ impl Tables {
         }
         report.add(self.config.sync([((), desired.config())], true));
         if prune {
+            // The fronts drop what the tries are about to lose first, and take what the
+            // pruning pass's retries wrote after.
+            self.sync_fronts(desired, true, &mut report);
             self.v4.sync(&desired.v4, true, &mut report);
             self.sync_dirs(&mut report);
             self.v6.sync(&desired.v6, true, &mut report);
+            self.sync_fronts(desired, false, &mut report);
             report.add(self.nodeport_local.sync(ports, true));
             report.add(self.ifaces.sync(ifaces(), true));
         }
@@ -259,6 +271,14 @@ impl Tables {
             self.subnets_v4_dir
                 .sync(self.v4.subnets.entries().keys().copied()),
         );
+    }
+
+    /// Brings the exact-match fronts to what their tries hold and `desired` keeps. Like the
+    /// direct-indexed front's, their writes are not counted in `written`/`removed`.
+    fn sync_fronts(&mut self, desired: &MapState, prune: bool, report: &mut SyncReport) {
+        report
+            .errors
+            .extend(self.fronts.sync(&self.v4, &self.v6, desired, prune));
     }
 
     /// The state the maps hold now, decoded.
@@ -322,6 +342,7 @@ impl Tables {
         self.v4.refresh()?;
         self.v6.refresh()?;
         self.subnets_v4_dir.refresh()?;
+        self.fronts.refresh()?;
         Ok(())
     }
 
