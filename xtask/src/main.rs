@@ -149,7 +149,12 @@ fn test() -> Result<()> {
     let require = if setup::is_root() { "1" } else { "" };
     // The real control plane for tests/real_apiserver.rs (cached under target/testbed/).
     let testbed = testbed::build()?;
-    let mut env = vec![("KOVN_REQUIRE_PRIVILEGED", require.to_owned())];
+    // Agents the test kit starts run with only the DaemonSet's capabilities (setpriv), as on a
+    // node; suites that need more for their own setup keep root for that.
+    let mut env = vec![
+        ("KOVN_REQUIRE_PRIVILEGED", require.to_owned()),
+        ("KOVN_TEST_AGENT_CAPS", "daemonset".to_owned()),
+    ];
     env.extend(
         testbed
             .env()
