@@ -392,39 +392,34 @@ pub fn evaluate_kube_ovn(
         }
     };
     let mut checks = vec![version_check(cni), service_cidr_check(cni, ours)];
-    checks.push(if cni.cluster_router == ours.cluster_router {
-        Check {
-            name: "cluster-router",
-            verdict: Verdict::Ok,
-            detail: format!("{}, as Kube-OVN's", ours.cluster_router),
-        }
-    } else {
-        Check {
-            name: "cluster-router",
-            verdict: Verdict::Fail,
-            detail: format!(
-                "Kube-OVN has --cluster-router={}, ours is {}: the default VPC's subnets would be picked wrongly (set ours to Kube-OVN's)",
-                cni.cluster_router, ours.cluster_router
-            ),
-        }
-    });
-    checks.push(if cni.enable_tproxy == ours.enable_tproxy {
-        Check {
-            name: "tproxy",
-            verdict: Verdict::Ok,
-            detail: format!("--enable-tproxy={}, as Kube-OVN's", ours.enable_tproxy),
-        }
-    } else {
-        Check {
-            name: "tproxy",
-            verdict: Verdict::Fail,
-            detail: format!(
-                "Kube-OVN has --enable-tproxy={}, ours is {}: give the agent the same",
-                cni.enable_tproxy, ours.enable_tproxy
-            ),
-        }
-    });
+    checks.push(same_as_kube_ovn(
+        "cluster-router",
+        cni.cluster_router == ours.cluster_router,
+        format!("{}, as Kube-OVN's", ours.cluster_router),
+        format!(
+            "Kube-OVN has --cluster-router={}, ours is {}: the default VPC's subnets would be picked wrongly (set ours to Kube-OVN's)",
+            cni.cluster_router, ours.cluster_router
+        ),
+    ));
+    checks.push(same_as_kube_ovn(
+        "tproxy",
+        cni.enable_tproxy == ours.enable_tproxy,
+        format!("--enable-tproxy={}, as Kube-OVN's", ours.enable_tproxy),
+        format!(
+            "Kube-OVN has --enable-tproxy={}, ours is {}: give the agent the same",
+            cni.enable_tproxy, ours.enable_tproxy
+        ),
+    ));
     checks
+}
+
+/// A setting ours must share with Kube-OVN: `Ok` with `same`, else `Fail` with `differs`.
+fn same_as_kube_ovn(name: &'static str, equal: bool, same: String, differs: String) -> Check {
+    Check {
+        name,
+        verdict: if equal { Verdict::Ok } else { Verdict::Fail },
+        detail: if equal { same } else { differs },
+    }
 }
 
 /// Whether kube-ovn-cni's image is a tested Kube-OVN release.

@@ -158,15 +158,7 @@ impl<K: Ord + Copy, V: Copy + PartialEq> Synced<K, V> {
             }
         }
         if prune {
-            for key in stale {
-                match self.table.remove(key) {
-                    Ok(()) => {
-                        self.mirror.remove(&key);
-                        report.removed += 1;
-                    }
-                    Err(e) => report.errors.push(e),
-                }
-            }
+            self.remove_stale(stale, &mut report);
         }
         for (key, value) in refused {
             match self.table.write(key, value) {
@@ -178,6 +170,19 @@ impl<K: Ord + Copy, V: Copy + PartialEq> Synced<K, V> {
             }
         }
         report
+    }
+
+    /// Removes `stale` keys from the map and the mirror, counting into `report`.
+    fn remove_stale(&mut self, stale: Vec<K>, report: &mut TableReport) {
+        for key in stale {
+            match self.table.remove(key) {
+                Ok(()) => {
+                    self.mirror.remove(&key);
+                    report.removed += 1;
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
     }
 
     /// Brings only `keys` to `desired` (`None`: the key should be absent) and leaves the rest
@@ -212,15 +217,7 @@ impl<K: Ord + Copy, V: Copy + PartialEq> Synced<K, V> {
             }
         }
         if prune {
-            for key in stale {
-                match self.table.remove(key) {
-                    Ok(()) => {
-                        self.mirror.remove(&key);
-                        report.removed += 1;
-                    }
-                    Err(e) => report.errors.push(e),
-                }
-            }
+            self.remove_stale(stale, &mut report);
         }
         report
     }
