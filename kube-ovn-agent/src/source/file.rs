@@ -1,15 +1,15 @@
 //! `--source file:PATH`: the cluster from a kubectl-style YAML file, re-read when it changes.
 //!
 //! The file holds the objects the agent reads (Subnet, Service, Node, ServiceCIDR, Pod) as one or
-//! more YAML documents; a document may also be a `kind: List` (what `kubectl get … -o yaml`
-//! prints) or a typed list such as `SubnetList` (what the API returns). [`parse`] turns text into
-//! a [`Snapshot`] without I/O; [`start`] reads the file, then polls it and swaps in each new
-//! version that parses. A file that cannot be read as a whole (invalid YAML, not UTF-8, too
-//! large, empty) is rejected: the last good snapshot stays. One bad object (unknown kind, a
-//! missing or mistyped field, a duplicate, or something the translation would skip or partly
-//! ignore) is rejected alone, as Kube-OVN's controller leaves one bad Subnet unprocessed and
-//! carries on: the rest of the version is applied and the object keeps its last good version if
-//! it had one. Each rejection is counted on its kind and logged in one line naming the file, the
+//! more YAML documents; a document may also be a `kind: List` (what `kubectl get … -o yaml` prints)
+//! or a typed list such as `SubnetList` (what the API returns). [`parse_objects`] turns text into a
+//! [`Snapshot`] and the objects it rejects, without I/O; [`start`] reads the file, then polls it
+//! and swaps in each new version that parses. A file that cannot be read as a whole (invalid YAML,
+//! not UTF-8, too large, empty) is rejected: the last good snapshot stays. One bad object (unknown
+//! kind, a missing or mistyped field, a duplicate, or something the translation would skip or
+//! partly ignore) is rejected alone, as Kube-OVN's controller leaves one bad Subnet unprocessed and
+//! carries on: the rest of the version is applied and the object keeps its last good version if it
+//! had one. Each rejection is counted on its kind and logged in one line naming the file, the
 //! document and the object.
 
 use std::{
@@ -293,8 +293,10 @@ pub fn parse_objects(text: &str, file: &Path) -> Result<Parsed> {
 }
 
 /// Parses like [`parse_objects`] but accepts only a version without a single rejected object:
-/// the first object error, or every translation issue, is the error.
-pub fn parse(text: &str, file: &Path) -> Result<Snapshot> {
+/// the first object error, or every translation issue, is the error. The unit tests read each
+/// rejection's message through it.
+#[cfg(test)]
+fn parse(text: &str, file: &Path) -> Result<Snapshot> {
     let parsed = parse_objects(text, file)?;
     let mut issues = Vec::new();
     for rejected in parsed.rejected {
@@ -724,11 +726,6 @@ fn type_name(value: &Value) -> &'static str {
         Value::Array(_) => "a list",
         Value::Object(_) => "a mapping",
     }
-}
-
-/// Reads `path` (at most `max_bytes`) and parses it.
-pub fn load(path: &Path, max_bytes: u64) -> Result<Snapshot> {
-    parse(&read(path, max_bytes)?, path)
 }
 
 fn read(path: &Path, max_bytes: u64) -> Result<String> {
