@@ -9,16 +9,16 @@
 //! ambient sets to the agent Pod's four capabilities.
 
 use std::{
-    net::UdpSocket,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
     process::Output,
     time::{Duration, Instant},
 };
 
 use kube_ovn_agent::testing::{
-    netns::{Bpffs, NetNs, TempPath, example_cluster, veth},
+    netns::{TempPath, example_cluster},
     scaled,
+    topology::N1,
 };
 use kube_ovn_testkit::agent::{AgentCli, AgentProcess, CLI_TIMEOUT, Privilege, Status};
 use libtest_mimic::{Failed, Trial};
@@ -49,54 +49,24 @@ fn main() {
     kube_ovn_testkit::privileged::main("least-privilege tests", trials);
 }
 
-/// Spec §5.1's node n1: `eth0` to a client (another node), `ovn0` to a pod, netfilter counting
-/// the packets that arrive with our marks.
-struct Node {
-    host: NetNs,
-    client: NetNs,
-    pod: NetNs,
-    bpffs: Bpffs,
+/// Spec §5.1's node n1, IPv4 only (the kit's [`N1`]), and this suite's agent.
+struct Node(N1);
+
+impl std::ops::Deref for Node {
+    type Target = N1;
+    fn deref(&self) -> &N1 {
+        &self.0
+    }
 }
 
 impl Node {
     fn new() -> Self {
-        let node = NetNs::new("kovn-lp-node-").expect("create namespace");
-        let client = NetNs::new("kovn-lp-client-").expect("create namespace");
-        let pod = NetNs::new("kovn-lp-pod-").expect("create namespace");
-        veth(&node, "eth0", &client, "eth0").expect("veth pair");
-        veth(&node, "ovn0", &pod, "eth0").expect("veth pair");
-        node.sh(
-            "ip addr add 192.168.0.11/24 dev eth0; ip addr add 100.64.0.2/16 dev ovn0; \
-             ip route add 10.16.0.0/16 dev ovn0",
-        )
-        .expect("shell in namespace");
-        client
-            .sh("ip addr add 192.168.0.12/24 dev eth0")
-            .expect("shell in namespace");
-        pod.sh(
-            "ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; \
-             ip route add default via 100.64.0.2",
-        )
-        .expect("shell in namespace");
-        node.sh(
-            "iptables -t mangle -A PREROUTING -p udp --dport 30053 -m mark --mark 0x84000/0x84000 -j RETURN; \
-             iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN",
-        ).expect("shell in namespace");
-        Self {
-            host: node,
-            client,
-            pod,
-            bpffs: Bpffs::mount(),
-        }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.bpffs.root()
+        Self(N1::new("kovn-lp-", false))
     }
 
     /// The agent's commands in the node namespace, under the agent Pod's capabilities.
     fn handle(&self) -> AgentCli {
-        AgentCli::new(&self.host, AGENT, self.root(), Privilege::DaemonSet)
+        AgentCli::new(&self.node, AGENT, self.root(), Privilege::DaemonSet)
     }
 
     fn agent(&self, attach: &str) -> Agent {
@@ -135,7 +105,7 @@ impl Node {
     /// The agent's `kovn_attached_interfaces`.
     fn attached_metric(&self) -> Option<u64> {
         let out = self
-            .host
+            .node
             .command("curl")
             .args(["-sf", "--max-time", "2"])
             .arg(format!("http://{METRICS}/metrics"))
@@ -166,45 +136,6 @@ impl Node {
             Ok((metric == Some(2) && names == ["eth0", "ovn0"]).then_some(status))
         })
         .map_err(|e| format!("{e}; last: {last}\nagent log:\n{}", agent.log_text()).into())
-    }
-
-    /// Sends `n` datagrams from the client to the ETP=Local NodePort (marked 0x84000) and from
-    /// the pod to kube-dns' ClusterIP (marked 0x4000).
-    fn send(&self, n: usize) {
-        self.client
-            .enter(|| {
-                let socket = UdpSocket::bind("192.168.0.12:0").expect("bind");
-                for _ in 0..n {
-                    socket.send_to(b"x", "192.168.0.11:30053").expect("send");
-                }
-            })
-            .expect("enter namespace");
-        self.pod
-            .enter(|| {
-                let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
-                for _ in 0..n {
-                    socket.send_to(b"x", "10.96.0.10:53").expect("send");
-                }
-            })
-            .expect("enter namespace");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    /// (NodePort, ClusterIP) packets netfilter saw with our marks.
-    fn marked(&self) -> (u64, u64) {
-        let listing = self
-            .host
-            .sh("iptables -t mangle -nvxL PREROUTING")
-            .expect("shell in namespace");
-        let count = |needle: &str| -> u64 {
-            listing
-                .lines()
-                .find(|l| l.contains(needle))
-                .and_then(|l| l.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("no rule {needle:?} in\n{listing}"))
-        };
-        (count("dpt:30053"), count("dpt:53"))
     }
 
     /// Marks `n` of each kind more than before, or says what happened.

@@ -10,8 +10,9 @@ use std::{
 };
 
 use kube_ovn_agent::testing::{
-    netns::{Bpffs, NetNs, TempPath, example_cluster, send_frames, veth},
+    netns::{NetNs, TempPath, example_cluster, send_frames, veth},
     scaled,
+    topology::N1,
 };
 use kube_ovn_testkit::agent::{AgentCli, AgentProcess, Dump, Privilege, Status};
 use libtest_mimic::{Failed, Trial};
@@ -77,46 +78,19 @@ fn main() {
     kube_ovn_testkit::privileged::main("network-namespace tests", trials);
 }
 
-/// A node namespace with `eth0` to a client (another node, 192.168.0.12) and `ovn0` to a pod
-/// (10.16.0.5), addressed as spec §5.1's node n1, plus a bpffs for the agent's pins.
-struct Topology {
-    node: NetNs,
-    client: NetNs,
-    pod: NetNs,
-    bpffs: Bpffs,
+/// Spec §5.1's node n1 with IPv6 on `eth0` (the kit's [`N1`]) and this suite's agent.
+struct Topology(N1);
+
+impl std::ops::Deref for Topology {
+    type Target = N1;
+    fn deref(&self) -> &N1 {
+        &self.0
+    }
 }
 
 impl Topology {
     fn new() -> Self {
-        let node = NetNs::new("kovn-node-").expect("create namespace");
-        let client = NetNs::new("kovn-client-").expect("create namespace");
-        let pod = NetNs::new("kovn-pod-").expect("create namespace");
-        veth(&node, "eth0", &client, "eth0").expect("veth pair");
-        veth(&node, "ovn0", &pod, "eth0").expect("veth pair");
-        node.sh(
-            "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
-             ip addr add 100.64.0.2/16 dev ovn0; ip route add 10.16.0.0/16 dev ovn0",
-        )
-        .expect("shell in namespace");
-        client
-            .sh("ip addr add 192.168.0.12/24 dev eth0; ip addr add fd00::12/64 dev eth0 nodad")
-            .expect("shell in namespace");
-        pod.sh("ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; ip route add default via 100.64.0.2").expect("shell in namespace");
-        // Counting rules: which packets netfilter sees with our bits.
-        node.sh(
-            "iptables -t mangle -A PREROUTING -p udp --dport 30053 -m mark --mark 0x84000/0x84000 -j RETURN; \
-             iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN",
-        ).expect("shell in namespace");
-        Self {
-            node,
-            client,
-            pod,
-            bpffs: Bpffs::mount(),
-        }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.bpffs.root()
+        Self(N1::new("kovn-", true))
     }
 
     /// The agent's commands in the node namespace, on this topology's bpffs.
@@ -171,45 +145,6 @@ impl Topology {
             Ok((ifaces.iter().all(|i| attached.contains(i)) && programmed).then_some(status))
         })
         .map_err(|e| format!("{e}\nagent log:\n{}", agent.log_text()).into())
-    }
-
-    /// Sends `n` UDP datagrams from the client to the node's ETP=Local NodePort (R2u + R3u) and
-    /// from the pod to kube-dns' ClusterIP (R1a).
-    fn send(&self, n: usize) {
-        self.client
-            .enter(|| {
-                let socket = UdpSocket::bind("192.168.0.12:0").expect("bind");
-                for _ in 0..n {
-                    socket.send_to(b"x", "192.168.0.11:30053").expect("send");
-                }
-            })
-            .expect("enter namespace");
-        self.pod
-            .enter(|| {
-                let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
-                for _ in 0..n {
-                    socket.send_to(b"x", "10.96.0.10:53").expect("send");
-                }
-            })
-            .expect("enter namespace");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    /// (NodePort marked 0x84000, ClusterIP marked 0x4000) as counted by netfilter.
-    fn marked(&self) -> (u64, u64) {
-        let listing = self
-            .node
-            .sh("iptables -t mangle -nvxL PREROUTING")
-            .expect("shell in namespace");
-        let count = |needle: &str| -> u64 {
-            listing
-                .lines()
-                .find(|l| l.contains(needle))
-                .and_then(|l| l.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("no rule {needle:?} in\n{listing}"))
-        };
-        (count("dpt:30053"), count("dpt:53"))
     }
 }
 
