@@ -591,18 +591,22 @@ impl Drop for KillOnDrop {
 /// The agent against the API server, both inside one private namespace.
 #[expect(clippy::too_many_lines, reason = "one linear measurement script")]
 fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
-    let ns = NetNs::new("kovn-cpb-");
-    ns.sh("ip link add name eth0 type veth peer name peer0 && ip addr add 192.168.0.11/16 dev eth0 && ip link set eth0 up && ip link set peer0 up");
+    let ns = NetNs::new("kovn-cpb-").expect("create namespace");
+    ns.sh("ip link add name eth0 type veth peer name peer0 && ip addr add 192.168.0.11/16 dev eth0 && ip link set eth0 up && ip link set peer0 up").expect("shell in namespace");
     let bpffs = Bpffs::mount();
-    let runtime = ns.enter(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime")
-    });
+    let runtime = ns
+        .enter(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime")
+        })
+        .expect("enter namespace");
     // The runtime's worker threads were spawned inside the namespace, so its sockets live there.
-    let server = ns.enter(|| runtime.block_on(ApiServer::start(&[])));
+    let server = ns
+        .enter(|| runtime.block_on(ApiServer::start(&[])))
+        .expect("enter namespace");
     {
         let mut cluster = server.cluster();
         for s in &snapshot.subnets {
@@ -649,16 +653,18 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         .spawn()
         .map(KillOnDrop)
         .expect("start the agent");
-    let ready = ns.enter(|| {
-        let deadline = Instant::now() + Duration::from_mins(2);
-        while Instant::now() < deadline {
-            if http_status("/readyz") == Some(200) {
-                return true;
+    let ready = ns
+        .enter(|| {
+            let deadline = Instant::now() + Duration::from_mins(2);
+            while Instant::now() < deadline {
+                if http_status("/readyz") == Some(200) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(2));
             }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        false
-    });
+            false
+        })
+        .expect("enter namespace");
     assert!(ready, "the agent did not become ready within 2 minutes");
     let cold_start_ms = started.elapsed().as_secs_f64() * 1e3;
     let rss_ready = rss_mib(child.id());
@@ -670,7 +676,10 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
             .expect("map")
             .try_into()
             .expect("hash map");
-    let before = ns.enter(|| http_body("/metrics")).unwrap_or_default();
+    let before = ns
+        .enter(|| http_body("/metrics"))
+        .expect("enter namespace")
+        .unwrap_or_default();
     let cpu_before = cpu_ms(child.id());
     let mut latencies = Vec::with_capacity(changes);
     for i in 0..changes {
@@ -711,7 +720,10 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
     // Includes the periodic work of the interval (health, polls), so an upper bound per change.
     let cpu_per_change_ms =
         (cpu_ms(child.id()) - cpu_before) / f64::from(u32::try_from(changes).expect("few changes"));
-    let after = ns.enter(|| http_body("/metrics")).unwrap_or_default();
+    let after = ns
+        .enter(|| http_body("/metrics"))
+        .expect("enter namespace")
+        .unwrap_or_default();
     // Means over the change series only: the histograms' sum and count deltas.
     let mean = |name: &str| -> f64 {
         let value = |text: &str, suffix: &str| {
@@ -962,7 +974,7 @@ fn restore_scripts(desired: &MapState) -> (String, &'static str) {
 
 /// `ipset restore` + `iptables-restore --noflush` from nothing, in a new private namespace.
 fn ipset_cold(snapshot: &Snapshot) -> f64 {
-    let ns = NetNs::new("kovn-cpi-");
+    let ns = NetNs::new("kovn-cpi-").expect("create namespace");
     let desired = translate(snapshot, &facts(), &options()).desired;
     let (sets, chain) = restore_scripts(&desired);
     let started = Instant::now();
@@ -973,7 +985,7 @@ fn ipset_cold(snapshot: &Snapshot) -> f64 {
 
 /// One `KUBE-CLUSTER-IP` entry swapped per `ipset restore`, as kube-proxy does for a change.
 fn ipset_changes(snapshot: &Snapshot, changes: usize) -> Percentiles {
-    let ns = NetNs::new("kovn-cpi-");
+    let ns = NetNs::new("kovn-cpi-").expect("create namespace");
     let desired = translate(snapshot, &facts(), &options()).desired;
     let (sets, _) = restore_scripts(&desired);
     feed(&ns, &["ipset", "restore"], &sets);

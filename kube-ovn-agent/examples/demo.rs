@@ -143,15 +143,16 @@ impl Demo {
 
 fn demo(agent_bin: &std::path::Path, cluster: &std::path::Path) {
     let d = Demo {
-        node: NetNs::new("kovn-demo-node-"),
-        pods: NetNs::new("kovn-demo-pods-"),
-        lan: NetNs::new("kovn-demo-lan-"),
+        node: NetNs::new("kovn-demo-node-").expect("create namespace"),
+        pods: NetNs::new("kovn-demo-pods-").expect("create namespace"),
+        lan: NetNs::new("kovn-demo-lan-").expect("create namespace"),
         bpffs: Bpffs::mount(),
     };
-    veth(&d.node, "eth0", &d.lan, "eth0");
-    veth(&d.node, "ovn0", &d.pods, "eth0");
-    d.node.sh(
-        "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
+    veth(&d.node, "eth0", &d.lan, "eth0").expect("veth pair");
+    veth(&d.node, "ovn0", &d.pods, "eth0").expect("veth pair");
+    d.node
+        .sh(
+            "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
          ip addr add 100.64.0.2/16 dev ovn0; ip route add 10.16.0.0/16 dev ovn0; \
          ip route add 10.0.1.0/24 dev ovn0; \
          ip link add name kube-ipvs0 type veth peer name kube-ipvs1; \
@@ -160,10 +161,13 @@ fn demo(agent_bin: &std::path::Path, cluster: &std::path::Path) {
          ip6tables -t mangle -A PREROUTING -j CONNMARK --save-mark; \
          iptables -t raw -A OUTPUT -p tcp --tcp-flags RST RST -j DROP; \
          ip6tables -t raw -A OUTPUT -p tcp --tcp-flags RST RST -j DROP",
-    );
+        )
+        .expect("shell in namespace");
     println!(
         "kube-ovn-ebpf demo — node n1 of spec §5.1 in namespaces {}, {}, {}",
-        d.node.name, d.pods.name, d.lan.name
+        d.node.name(),
+        d.pods.name(),
+        d.lan.name()
     );
     println!(
         "  node: eth0 192.168.0.11 fd00::11 · ovn0 100.64.0.2 · ClusterIPs local on kube-ipvs0 (kube-proxy IPVS mode)"
@@ -231,9 +235,7 @@ fn demo(agent_bin: &std::path::Path, cluster: &std::path::Path) {
         .count();
     println!(
         "\ncleaned up: agent stopped, {detached} attachments detached, pins removed, namespaces {} deleted",
-        [&d.node.name, &d.pods.name, &d.lan.name]
-            .map(String::as_str)
-            .join(", ")
+        [d.node.name(), d.pods.name(), d.lan.name()].join(", ")
     );
 }
 
@@ -249,7 +251,9 @@ fn run_probes(d: &Demo, agent_bin: &std::path::Path) {
         }
         let before = counters(d, agent_bin);
         let frame = probe_frame(d, &probe);
-        d.ns(probe.from).enter(|| send_frames(&[frame], "eth0"));
+        d.ns(probe.from)
+            .enter(|| send_frames(&[frame], "eth0"))
+            .expect("enter namespace");
         std::thread::sleep(Duration::from_millis(150));
         let after = counters(d, agent_bin);
         let moved: Vec<String> = before
@@ -388,7 +392,10 @@ fn counters(d: &Demo, agent: &std::path::Path) -> Vec<(String, u64)> {
 /// The probe as an Ethernet frame addressed to the node's interface it arrives on.
 fn probe_frame(d: &Demo, probe: &Probe) -> Vec<u8> {
     let ifname = if probe.from == "pods" { "ovn0" } else { "eth0" };
-    let mac = d.node.sh(&format!("cat /sys/class/net/{ifname}/address"));
+    let mac = d
+        .node
+        .sh(&format!("cat /sys/class/net/{ifname}/address"))
+        .expect("shell in namespace");
     let mac: Vec<u8> = mac
         .trim()
         .split(':')

@@ -45,12 +45,14 @@ fn main() {
 /// them, and those carrying `mark` (rules without a target only count).
 fn count_syns(node: &Node, ifname: &str, mark: u32) {
     for tool in ["iptables", "ip6tables"] {
-        node.ns.sh(&format!(
-            "{tool} -t mangle -A PREROUTING -i {ifname} -p tcp --dport {NODE_PORT} --syn \
+        node.ns
+            .sh(&format!(
+                "{tool} -t mangle -A PREROUTING -i {ifname} -p tcp --dport {NODE_PORT} --syn \
              -m comment --comment all-{ifname}; \
              {tool} -t mangle -A PREROUTING -i {ifname} -p tcp --dport {NODE_PORT} --syn \
              -m mark --mark {mark:#x}/{mark:#x} -m comment --comment marked-{ifname}"
-        ));
+            ))
+            .expect("shell in namespace");
     }
 }
 
@@ -76,11 +78,13 @@ fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Faile
 
 /// `SYNS` connection attempts from `client` to `target` (refused: nothing listens), each one SYN.
 fn send_syns(client: &NetNs, target: SocketAddr) {
-    client.enter(|| {
-        for _ in 0..SYNS {
-            let _ = TcpStream::connect_timeout(&target, Duration::from_millis(500));
-        }
-    });
+    client
+        .enter(|| {
+            for _ in 0..SYNS {
+                let _ = TcpStream::connect_timeout(&target, Duration::from_millis(500));
+            }
+        })
+        .expect("enter namespace");
 }
 
 /// Every SYN counted on `ifname` carries `mark`, and at least `SYNS` arrived.
@@ -104,15 +108,16 @@ fn all_marked(node: &Node, ifname: &str, agent: &Agent) -> Result<(), Failed> {
 #[expect(clippy::too_many_lines, reason = "one topology, checked step by step")]
 fn every_interface() -> Result<(), Failed> {
     let node = Node::new("kovn-ifn-");
-    let peer = NetNs::new("kovn-ifpeer-");
-    let public = NetNs::new("kovn-ifpub-");
-    let lower = NetNs::new("kovn-iflow-");
-    let pod = NetNs::new("kovn-ifpod-");
-    veth(&node.ns, "eth0", &peer, "eth0");
-    veth(&node.ns, "eth1", &public, "eth0");
-    veth(&node.ns, "eth2", &lower, "eth0");
-    veth(&node.ns, "vethpod1", &pod, "eth0");
-    node.ns.sh("sysctl -qw net.ipv4.conf.all.arp_ignore=1; \
+    let peer = NetNs::new("kovn-ifpeer-").expect("create namespace");
+    let public = NetNs::new("kovn-ifpub-").expect("create namespace");
+    let lower = NetNs::new("kovn-iflow-").expect("create namespace");
+    let pod = NetNs::new("kovn-ifpod-").expect("create namespace");
+    veth(&node.ns, "eth0", &peer, "eth0").expect("veth pair");
+    veth(&node.ns, "eth1", &public, "eth0").expect("veth pair");
+    veth(&node.ns, "eth2", &lower, "eth0").expect("veth pair");
+    veth(&node.ns, "vethpod1", &pod, "eth0").expect("veth pair");
+    node.ns
+        .sh("sysctl -qw net.ipv4.conf.all.arp_ignore=1; \
          ip addr add 192.168.0.11/24 dev eth0; \
          ip addr add 172.31.0.1/24 dev eth1; \
          ip addr add 10.255.0.11/32 dev lo; \
@@ -120,13 +125,19 @@ fn every_interface() -> Result<(), Failed> {
          ip link add link eth2 name mv0 type macvlan mode bridge; ip link set mv0 up; \
          ip addr add 172.30.100.1/24 dev mv0; \
          ip link add cni0 type bridge; ip link set cni0 up; ip addr add 10.42.0.1/24 dev cni0; \
-         ip tuntap add dev tap0 mode tap; ip link set tap0 master cni0; ip link set tap0 up");
-    peer.sh("ip addr add 192.168.0.12/24 dev eth0");
-    public.sh("ip addr add 172.31.0.2/24 dev eth0; ip route add default via 172.31.0.1");
-    lower.sh(
-        "ip addr add 172.30.0.2/24 dev eth0; ip addr add 172.30.100.2/24 dev eth0; \
+         ip tuntap add dev tap0 mode tap; ip link set tap0 master cni0; ip link set tap0 up")
+        .expect("shell in namespace");
+    peer.sh("ip addr add 192.168.0.12/24 dev eth0")
+        .expect("shell in namespace");
+    public
+        .sh("ip addr add 172.31.0.2/24 dev eth0; ip route add default via 172.31.0.1")
+        .expect("shell in namespace");
+    lower
+        .sh(
+            "ip addr add 172.30.0.2/24 dev eth0; ip addr add 172.30.100.2/24 dev eth0; \
          ip route add 192.168.0.11/32 via 172.30.100.1",
-    );
+        )
+        .expect("shell in namespace");
     for ifname in ["eth1", "eth2", "mv0"] {
         count_syns(&node, ifname, R2_MARK);
     }
@@ -168,6 +179,7 @@ fn every_interface() -> Result<(), Failed> {
     let mac: Vec<u8> = node
         .ns
         .sh("cat /sys/class/net/eth2/address")
+        .expect("shell in namespace")
         .trim()
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).expect("MAC"))
@@ -185,8 +197,12 @@ fn every_interface() -> Result<(), Failed> {
         node.counter(AGENT, "R2t"),
         syns(&node, "eth2"),
     );
-    lower.enter(|| send_frames(&vec![tagged(100); 3], "eth0"));
-    lower.enter(|| send_frames(&vec![tagged(0); 2], "eth0"));
+    lower
+        .enter(|| send_frames(&vec![tagged(100); 3], "eth0"))
+        .expect("enter namespace");
+    lower
+        .enter(|| send_frames(&vec![tagged(0); 2], "eth0"))
+        .expect("enter namespace");
     wait_for(Duration::from_secs(5), || {
         syns(&node, "eth2").0 >= eth2_before + 2
     })
@@ -203,12 +219,13 @@ fn every_interface() -> Result<(), Failed> {
 
     // A link that appears later is attached; one that goes away is forgotten.
     node.ns
-        .sh("ip tuntap add dev tap1 mode tap; ip link set tap1 up");
+        .sh("ip tuntap add dev tap1 mode tap; ip link set tap1 up")
+        .expect("shell in namespace");
     wait_for(Duration::from_secs(5), || {
         node.attached(AGENT).iter().any(|a| a == "tap1")
     })
     .map_err(|e| format!("tap1 not attached: {e}\n{}", agent.log_text()))?;
-    node.ns.sh("ip link del tap1");
+    node.ns.sh("ip link del tap1").expect("shell in namespace");
     wait_for(Duration::from_secs(5), || {
         let pinned = node.root().join("links/tap1").exists();
         !pinned && !node.attached(AGENT).iter().any(|a| a == "tap1")
@@ -271,12 +288,14 @@ fn tun_inject(ifname: &str, packets: &[Vec<u8>]) {
 /// and none is counted as not parsed or not IP.
 fn tun_device() -> Result<(), Failed> {
     let node = Node::new("kovn-ifn-");
-    let peer = NetNs::new("kovn-iftun-");
-    veth(&node.ns, "eth0", &peer, "eth0");
-    node.ns.sh(
-        "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
+    let peer = NetNs::new("kovn-iftun-").expect("create namespace");
+    veth(&node.ns, "eth0", &peer, "eth0").expect("veth pair");
+    node.ns
+        .sh(
+            "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
          ip tuntap add dev tun0 mode tun; ip link set tun0 up",
-    );
+        )
+        .expect("shell in namespace");
     count_syns(&node, "tun0", R2_R3_MARK);
     // Named explicitly too, so a build whose discovery skips it still attaches it.
     let mut agent = node.example_agent(AGENT, &["--iface", "tun0=nic"]);
@@ -290,7 +309,9 @@ fn tun_device() -> Result<(), Failed> {
     let packets: Vec<Vec<u8>> = std::iter::repeat_n(v4, 3)
         .chain(std::iter::repeat_n(v6, 3))
         .collect();
-    node.ns.enter(|| tun_inject("tun0", &packets));
+    node.ns
+        .enter(|| tun_inject("tun0", &packets))
+        .expect("enter namespace");
     let v4_only = (
         node.rule_packets("iptables", "PREROUTING", "all-tun0"),
         node.rule_packets("iptables", "PREROUTING", "marked-tun0"),

@@ -4,43 +4,31 @@
 //! from another pinned program, with real packets marked throughout. Needs root (to build the
 //! namespaces and drop to the capability set).
 //!
-//! Every agent command here goes through [`limited`], a local stand-in for the shared agent
-//! handle's capability option: `setpriv` keeps uid 0 but limits the bounding, inheritable and
+//! Every agent command here goes through the test kit's agent handle with
+//! [`Privilege::DaemonSet`]: `setpriv` keeps uid 0 but limits the bounding, inheritable and
 //! ambient sets to the agent Pod's four capabilities.
 
 use std::{
-    net::UdpSocket,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    path::Path,
+    process::Output,
     time::{Duration, Instant},
 };
 
 use kube_ovn_agent::testing::{
-    missing_privilege,
-    netns::{Bpffs, NetNs, TempPath, example_cluster, veth},
-    privilege_required, scaled,
+    netns::{TempPath, example_cluster},
+    scaled,
+    topology::N1,
 };
-use libtest_mimic::{Arguments, Failed, Trial};
-use serde_json::Value;
+use kube_ovn_testkit::agent::{AgentCli, AgentProcess, CLI_TIMEOUT, Privilege, Status};
+use libtest_mimic::{Failed, Trial};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
 const METRICS: &str = "127.0.0.1:10669";
-/// The agent container's `securityContext.capabilities.add`, as setpriv spells them.
-const DAEMONSET_CAPS: &str = "bpf,net_admin,perfmon,net_raw";
 
 type Test = fn() -> Result<(), Failed>;
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!("\n*** SKIPPING the least-privilege tests: {why} ***\n");
-        if privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let tcx = kube_ovn_agent::datapath::attach::tcx_supported();
     let tests: Vec<(&str, Test, bool)> = vec![
         (
@@ -56,115 +44,68 @@ fn main() {
     ];
     let trials = tests
         .into_iter()
-        .map(|(name, f, needs_tcx)| {
-            Trial::test(name, f).with_ignored_flag(skip.is_some() || (needs_tcx && !tcx))
-        })
+        .map(|(name, f, needs_tcx)| Trial::test(name, f).with_ignored_flag(needs_tcx && !tcx))
         .collect();
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("least-privilege tests", trials);
 }
 
-/// `program` under the agent Pod's capability set, inside `ns`.
-fn limited(ns: &NetNs, program: &str) -> Command {
-    let mut command = ns.command("setpriv");
-    command
-        .arg("--reuid=0")
-        .arg(format!("--bounding-set=-all,+{}", plus(DAEMONSET_CAPS)))
-        .arg(format!("--inh-caps=-all,+{}", plus(DAEMONSET_CAPS)))
-        .arg(format!("--ambient-caps=-all,+{}", plus(DAEMONSET_CAPS)))
-        .arg("--")
-        .arg(program);
-    command
-}
+/// Spec §5.1's node n1, IPv4 only (the kit's [`N1`]), and this suite's agent.
+struct Node(N1);
 
-fn plus(caps: &str) -> String {
-    caps.replace(',', ",+")
-}
-
-/// Spec §5.1's node n1: `eth0` to a client (another node), `ovn0` to a pod, netfilter counting
-/// the packets that arrive with our marks.
-struct Node {
-    host: NetNs,
-    client: NetNs,
-    pod: NetNs,
-    bpffs: Bpffs,
+impl std::ops::Deref for Node {
+    type Target = N1;
+    fn deref(&self) -> &N1 {
+        &self.0
+    }
 }
 
 impl Node {
     fn new() -> Self {
-        let node = NetNs::new("kovn-lp-node-");
-        let client = NetNs::new("kovn-lp-client-");
-        let pod = NetNs::new("kovn-lp-pod-");
-        veth(&node, "eth0", &client, "eth0");
-        veth(&node, "ovn0", &pod, "eth0");
-        node.sh(
-            "ip addr add 192.168.0.11/24 dev eth0; ip addr add 100.64.0.2/16 dev ovn0; \
-             ip route add 10.16.0.0/16 dev ovn0",
-        );
-        client.sh("ip addr add 192.168.0.12/24 dev eth0");
-        pod.sh(
-            "ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; \
-             ip route add default via 100.64.0.2",
-        );
-        node.sh(
-            "iptables -t mangle -A PREROUTING -p udp --dport 30053 -m mark --mark 0x84000/0x84000 -j RETURN; \
-             iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN",
-        );
-        Self {
-            host: node,
-            client,
-            pod,
-            bpffs: Bpffs::mount(),
-        }
+        Self(N1::new("kovn-lp-", false))
     }
 
-    fn root(&self) -> PathBuf {
-        self.bpffs.root()
+    /// The agent's commands in the node namespace, under the agent Pod's capabilities.
+    fn handle(&self) -> AgentCli {
+        AgentCli::new(&self.node, AGENT, self.root(), Privilege::DaemonSet)
     }
 
     fn agent(&self, attach: &str) -> Agent {
         let log = TempPath::new("kovn-lp-agent-", "log");
-        let child = limited(&self.host, AGENT)
-            .args(["run", "--node-name", "n1", "--kube-proxy-mode", "ipvs"])
-            .args([
-                "--mode",
-                "enforce",
-                "--metrics-addr",
-                METRICS,
-                "--attach",
-                attach,
-            ])
-            .arg(format!("--source=file:{}", example_cluster().display()))
-            .arg("--bpffs-root")
-            .arg(self.root())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&*log).expect("agent log"))
-            .spawn()
-            .expect("start the agent");
-        Agent { child, log }
+        let args = [
+            "--node-name",
+            "n1",
+            "--kube-proxy-mode",
+            "ipvs",
+            "--mode",
+            "enforce",
+            "--metrics-addr",
+            METRICS,
+            "--attach",
+            attach,
+        ]
+        .map(str::to_owned)
+        .into_iter()
+        .chain([format!("--source=file:{}", example_cluster().display())])
+        .collect::<Vec<_>>();
+        let process = self.handle().spawn(&args, &log).expect("start the agent");
+        Agent { process, log }
     }
 
     /// An agent subcommand under the agent Pod's capabilities.
     fn cli(&self, args: &[&str]) -> Output {
-        limited(&self.host, AGENT)
-            .args(args)
-            .arg("--bpffs-root")
-            .arg(self.root())
-            .output()
+        self.handle()
+            .output(args, CLI_TIMEOUT)
             .expect("run the agent CLI")
     }
 
-    fn status(&self) -> Result<Value, String> {
-        let out = self.cli(&["status", "--json"]);
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    fn status(&self) -> Result<Status, String> {
+        self.handle().status().map_err(|e| e.to_string())
     }
 
     /// The agent's `kovn_attached_interfaces`.
     fn attached_metric(&self) -> Option<u64> {
         let out = self
-            .host
+            .node
             .command("curl")
             .args(["-sf", "--max-time", "2"])
             .arg(format!("http://{METRICS}/metrics"))
@@ -178,7 +119,7 @@ impl Node {
 
     /// Waits until the agent reports both interfaces attached (metric) and `status`, under the
     /// same capabilities, lists them with the pinned program.
-    fn wait_attached(&self, agent: &mut Agent) -> Result<Value, Failed> {
+    fn wait_attached(&self, agent: &mut Agent) -> Result<Status, Failed> {
         let mut last = String::new();
         wait(scaled(Duration::from_secs(20)), || {
             agent.check_running()?;
@@ -197,38 +138,6 @@ impl Node {
         .map_err(|e| format!("{e}; last: {last}\nagent log:\n{}", agent.log_text()).into())
     }
 
-    /// Sends `n` datagrams from the client to the ETP=Local NodePort (marked 0x84000) and from
-    /// the pod to kube-dns' ClusterIP (marked 0x4000).
-    fn send(&self, n: usize) {
-        self.client.enter(|| {
-            let socket = UdpSocket::bind("192.168.0.12:0").expect("bind");
-            for _ in 0..n {
-                socket.send_to(b"x", "192.168.0.11:30053").expect("send");
-            }
-        });
-        self.pod.enter(|| {
-            let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
-            for _ in 0..n {
-                socket.send_to(b"x", "10.96.0.10:53").expect("send");
-            }
-        });
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    /// (NodePort, ClusterIP) packets netfilter saw with our marks.
-    fn marked(&self) -> (u64, u64) {
-        let listing = self.host.sh("iptables -t mangle -nvxL PREROUTING");
-        let count = |needle: &str| -> u64 {
-            listing
-                .lines()
-                .find(|l| l.contains(needle))
-                .and_then(|l| l.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("no rule {needle:?} in\n{listing}"))
-        };
-        (count("dpt:30053"), count("dpt:53"))
-    }
-
     /// Marks `n` of each kind more than before, or says what happened.
     fn marks(&self, n: u64, when: &str) -> Result<(), Failed> {
         let before = self.marked();
@@ -241,7 +150,7 @@ impl Node {
 }
 
 struct Agent {
-    child: Child,
+    process: AgentProcess,
     log: TempPath,
 }
 
@@ -251,27 +160,17 @@ impl Agent {
     }
 
     fn check_running(&mut self) -> Result<(), String> {
-        match self.child.try_wait() {
+        match self.process.try_wait() {
             Ok(Some(status)) => Err(format!("agent exited with {status}:\n{}", self.log_text())),
             _ => Ok(()),
         }
     }
 
     fn terminate(&mut self) -> Result<(), Failed> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        wait(scaled(Duration::from_secs(10)), || {
-            Ok(self.child.try_wait().ok().flatten().map(|_| ()))
-        })
-        .map_err(|e| format!("agent did not exit on SIGTERM: {e}\n{}", self.log_text()).into())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process
+            .terminate(scaled(Duration::from_secs(10)))
+            .map(drop)
+            .map_err(|e| format!("agent did not exit on SIGTERM: {e}\n{}", self.log_text()).into())
     }
 }
 
@@ -299,33 +198,32 @@ fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Faile
     }
 }
 
-fn attached_names(status: &Value) -> Vec<String> {
-    let mut names: Vec<String> = status["attachments"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a["ifname"].as_str().map(str::to_owned))
-        .collect();
+fn attached_names(status: &Status) -> Vec<String> {
+    let mut names: Vec<String> = status.attached().into_iter().map(str::to_owned).collect();
     names.sort();
     names
 }
 
 /// (ifname, link id or filter, program id) of each attachment `status` lists.
-fn attachments(status: &Value) -> Vec<(String, String, u64)> {
-    let mut list: Vec<_> = status["attachments"]
-        .as_array()
-        .into_iter()
-        .flatten()
+fn attachments(status: &Status) -> Vec<(String, String, u64)> {
+    let mut list: Vec<_> = status
+        .attachments
+        .iter()
         .map(|a| {
             (
-                a["ifname"].as_str().unwrap_or_default().to_owned(),
-                format!("{}{}", a["link_id"], a["filter"]),
-                a["program_id"].as_u64().unwrap_or_default(),
+                a.ifname.clone(),
+                format!("{:?}{:?}", a.link_id, a.filter),
+                u64::from(a.program_id),
             )
         })
         .collect();
     list.sort();
     list
+}
+
+/// The pinned program's id, 0 when none is pinned.
+fn program_id(status: &Status) -> u64 {
+    status.program.as_ref().map_or(0, |p| u64::from(p.id))
 }
 
 /// Warnings and errors in an agent's log (text format: the level follows the timestamp).
@@ -341,9 +239,9 @@ fn lifecycle(attach: &str) -> Result<(), Failed> {
     // First run: creates everything.
     let mut first = node.agent(attach);
     let status = node.wait_attached(&mut first)?;
-    let program = status["program"]["id"].as_u64().unwrap_or_default();
+    let program = program_id(&status);
     ensure(program != 0, || {
-        format!("status shows no pinned program: {}", status["program"])
+        format!("status shows no pinned program: {:?}", status.program)
     })?;
     let created = attachments(&status);
     ensure(created.iter().all(|a| a.2 == program), || {
@@ -405,7 +303,7 @@ fn lifecycle(attach: &str) -> Result<(), Failed> {
         })
         .map_err(|e| format!("no upgrade: {e}\n{}", third.log_text()))?;
         let upgraded = attachments(&status);
-        let new_program = status["program"]["id"].as_u64().unwrap_or_default();
+        let new_program = program_id(&status);
         ensure(
             upgraded
                 .iter()

@@ -6,16 +6,14 @@
 use std::{
     net::{SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Output, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use kube_ovn_agent::testing::{
-    missing_privilege,
-    netns::{Bpffs, NetNs, TempPath, example_cluster, veth},
-};
-use libtest_mimic::{Arguments, Failed, Trial};
+use kube_ovn_agent::testing::netns::{Bpffs, NetNs, TempPath, example_cluster, veth};
+use kube_ovn_testkit::agent::{AgentCli, AgentProcess, Privilege};
+use libtest_mimic::{Failed, Trial};
 use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
@@ -23,17 +21,6 @@ const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
 type Test = fn() -> Result<(), Failed>;
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!(
-            "\n*** SKIPPING the privileged migration tests (verify, cleanup-iptables): {why} ***\n"
-        );
-        if kube_ovn_agent::testing::privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let tests: Vec<(&str, Test)> = vec![
         (
             "verify_agrees_with_kube_ovns_rules_on_real_traffic",
@@ -63,9 +50,9 @@ fn main() {
     ];
     let trials = tests
         .into_iter()
-        .map(|(name, f)| Trial::test(name, f).with_ignored_flag(skip.is_some()))
+        .map(|(name, f)| Trial::test(name, f))
         .collect();
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("migration tests (verify, cleanup-iptables)", trials);
 }
 
 /// Spec §1.2's rules as Kube-OVN v1.13 builds them with kube-proxy in IPVS mode, in chain order
@@ -108,22 +95,26 @@ struct Topology {
 
 impl Topology {
     fn new() -> Self {
-        let node = NetNs::new("kovn-mnode-");
-        let client = NetNs::new("kovn-mcli-");
-        let pod = NetNs::new("kovn-mpod-");
-        veth(&node, "eth0", &client, "eth0");
-        veth(&node, "ovn0", &pod, "eth0");
+        let node = NetNs::new("kovn-mnode-").expect("create namespace");
+        let client = NetNs::new("kovn-mcli-").expect("create namespace");
+        let pod = NetNs::new("kovn-mpod-").expect("create namespace");
+        veth(&node, "eth0", &client, "eth0").expect("veth pair");
+        veth(&node, "ovn0", &pod, "eth0").expect("veth pair");
         node.sh(
             "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
              ip addr add 100.64.0.2/16 dev ovn0; ip route add 10.16.0.0/16 dev ovn0; \
              for a in 10.96.0.1 10.96.0.10 10.96.0.100 10.96.0.101; do \
                ip addr add $a/32 dev lo; done",
-        );
-        client.sh("ip addr add 192.168.0.12/24 dev eth0; ip addr add fd00::12/64 dev eth0 nodad");
+        )
+        .expect("shell in namespace");
+        client
+            .sh("ip addr add 192.168.0.12/24 dev eth0; ip addr add fd00::12/64 dev eth0 nodad")
+            .expect("shell in namespace");
         pod.sh(
             "ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; \
              ip route add default via 100.64.0.2",
-        );
+        )
+        .expect("shell in namespace");
         // kube-proxy's IPVS sets and Kube-OVN's own, filled as for the example cluster.
         node.sh(
             "ipset create KUBE-CLUSTER-IP hash:ip,port; \
@@ -143,12 +134,13 @@ impl Topology {
              ipset create ovn60subnets hash:net family inet6; ipset add ovn60subnets fd00:10:16::/64; \
              ipset create ovn60services hash:net family inet6; \
              ipset create ovn60other-node hash:net family inet6; ipset add ovn60other-node fd00::12",
-        );
+        ).expect("shell in namespace");
         for (ipt, v6) in [("iptables", false), ("ip6tables", true)] {
             // As updateIptablesChain does on a fresh node: chain, jump at 1, rules by index.
             node.sh(&format!(
                 "{ipt} -t nat -N OVN-PREROUTING; {ipt} -t nat -I PREROUTING 1 {JUMP}"
-            ));
+            ))
+            .expect("shell in namespace");
             // Kube-OVN's P6 in nat OVN-POSTROUTING. Its conntrack match is what switches
             // connection tracking on in a fresh namespace (design §5); without it nat
             // PREROUTING is never traversed and Kube-OVN's counters stay at zero.
@@ -158,9 +150,11 @@ impl Topology {
                    -m conntrack --ctstate NEW -j RETURN; \
                  {ipt} -t nat -I POSTROUTING 1 -m comment --comment \"kube-ovn postrouting rules\" \
                    -j OVN-POSTROUTING"
-            ));
+            ))
+            .expect("shell in namespace");
             for (i, rule) in kube_ovn_rules(v6).iter().enumerate() {
-                node.sh(&format!("{ipt} -t nat -I OVN-PREROUTING {} {rule}", i + 1));
+                node.sh(&format!("{ipt} -t nat -I OVN-PREROUTING {} {rule}", i + 1))
+                    .expect("shell in namespace");
             }
         }
         Self {
@@ -175,22 +169,30 @@ impl Topology {
         self.bpffs.root()
     }
 
+    /// The agent's commands in the node namespace, on this node's bpffs, with the test's own
+    /// capabilities (`cleanup-iptables` and `verify` drive iptables as an operator would).
+    fn handle(&self) -> AgentCli {
+        AgentCli::new(&self.node, AGENT, self.root(), Privilege::Inherited)
+    }
+
     fn agent(&self, mode: &str) -> Agent {
         let log = TempPath::new("kovn-magent-", "log");
-        let file = std::fs::File::create(&*log).expect("agent log");
-        let child = self
-            .node
-            .command(AGENT)
-            .args(["run", "--node-name", "n1", "--metrics-addr", "none"])
-            .args(["--kube-proxy-mode", "ipvs", "--mode", mode])
-            .arg(format!("--source=file:{}", example_cluster().display()))
-            .arg("--bpffs-root")
-            .arg(self.root())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start the agent");
-        let mut agent = Agent { child, log };
+        let args = [
+            "--node-name",
+            "n1",
+            "--metrics-addr",
+            "none",
+            "--kube-proxy-mode",
+            "ipvs",
+            "--mode",
+            mode,
+        ]
+        .map(str::to_owned)
+        .into_iter()
+        .chain([format!("--source=file:{}", example_cluster().display())])
+        .collect::<Vec<_>>();
+        let process = self.handle().spawn(&args, &log).expect("start the agent");
+        let mut agent = Agent { process, log };
         self.wait_ready(&mut agent, mode);
         agent
     }
@@ -199,28 +201,23 @@ impl Topology {
     fn wait_ready(&self, agent: &mut Agent, mode: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(Some(status)) = agent.child.try_wait() {
+            if let Ok(Some(status)) = agent.process.try_wait() {
                 panic!("agent exited with {status}:\n{}", agent.log_text());
             }
-            let out = self.cli(&["status", "--json"]);
-            if out.status.success() {
-                let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-                let attached: Vec<&str> = status["attachments"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| a["ifname"].as_str())
-                    .collect();
-                let programmed = status["rules_v6"]
-                    .as_array()
-                    .is_some_and(|r| r.iter().any(|n| n == "R3u"));
-                if attached.contains(&"eth0")
-                    && attached.contains(&"ovn0")
-                    && programmed
-                    && status["mode"] == mode
-                {
-                    return;
+            match self.handle().status() {
+                Ok(status) => {
+                    let attached = status.attached();
+                    let programmed = status.rules_v6.iter().any(|n| n == "R3u");
+                    if attached.contains(&"eth0")
+                        && attached.contains(&"ovn0")
+                        && programmed
+                        && status.mode == mode
+                    {
+                        return;
+                    }
                 }
+                Err(e @ kube_ovn_testkit::agent::Error::Json { .. }) => panic!("{e}"),
+                Err(_) => {}
             }
             assert!(
                 Instant::now() < deadline,
@@ -233,8 +230,8 @@ impl Topology {
 
     /// Runs an agent subcommand in the node namespace with this node's `--bpffs-root`.
     fn cli(&self, args: &[&str]) -> Output {
-        self.node
-            .command(AGENT)
+        self.handle()
+            .command()
             .args(args)
             .arg("--bpffs-root")
             .arg(self.root())
@@ -250,12 +247,20 @@ impl Topology {
         let stop = AtomicBool::new(false);
         let output = std::thread::scope(|scope| {
             if traffic {
-                scope.spawn(|| self.client.enter(|| client_traffic(&stop)));
-                scope.spawn(|| self.pod.enter(|| pod_traffic(&stop)));
+                scope.spawn(|| {
+                    self.client
+                        .enter(|| client_traffic(&stop))
+                        .expect("enter namespace");
+                });
+                scope.spawn(|| {
+                    self.pod
+                        .enter(|| pod_traffic(&stop))
+                        .expect("enter namespace");
+                });
             }
             let child = self
-                .node
-                .command(AGENT)
+                .handle()
+                .command()
                 .args(["verify", "--json", "--window", window])
                 .arg("--bpffs-root")
                 .arg(self.root())
@@ -281,7 +286,10 @@ impl Topology {
     /// The per-packet copies `verify` installs must be gone afterwards.
     fn assert_no_verify_chain(&self) {
         for ipt in ["iptables", "ip6tables"] {
-            let raw = self.node.sh(&format!("{ipt}-save -t raw"));
+            let raw = self
+                .node
+                .sh(&format!("{ipt}-save -t raw"))
+                .expect("shell in namespace");
             assert!(
                 !raw.contains("KOVN-VERIFY"),
                 "{ipt}: verify left its chain behind:\n{raw}"
@@ -293,6 +301,7 @@ impl Topology {
     fn prerouting(&self) -> String {
         self.node
             .sh("iptables -t nat -S PREROUTING; ip6tables -t nat -S PREROUTING")
+            .expect("shell in namespace")
     }
 }
 
@@ -340,7 +349,7 @@ fn wait_output(mut child: Child, timeout: Duration) -> Output {
 }
 
 struct Agent {
-    child: Child,
+    process: AgentProcess,
     log: TempPath,
 }
 
@@ -349,26 +358,9 @@ impl Agent {
         std::fs::read_to_string(&*self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, up to 10 s to exit, then SIGKILL.
     fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.process.terminate(Duration::from_secs(10));
     }
 }
 
@@ -402,7 +394,7 @@ fn verify_agrees() -> Result<(), Failed> {
     n.node.sh(
         "iptables -t raw -N KOVN-VERIFY; iptables -t raw -A KOVN-VERIFY -p udp; \
          iptables -t raw -I PREROUTING 1 -m comment --comment \"kube-ovn-ebpf verify\" -j KOVN-VERIFY",
-    );
+    ).expect("shell in namespace");
     let (code, report) = n.verify_with_traffic("3s", true);
     n.assert_no_verify_chain();
     ensure(code == 0 && report["verdict"] == "agree", || {
@@ -487,7 +479,8 @@ fn verify_broken_rule() -> Result<(), Failed> {
     // counts cannot show that; the rule-set and the per-packet comparisons must.
     let r3u = &kube_ovn_rules(false)[4];
     n.node
-        .sh(&format!("iptables -t nat -D OVN-PREROUTING {r3u}"));
+        .sh(&format!("iptables -t nat -D OVN-PREROUTING {r3u}"))
+        .expect("shell in namespace");
     let (code, report) = n.verify_with_traffic("3s", true);
     n.assert_no_verify_chain();
     ensure(code == 2 && report["verdict"] == "disagree", || {
@@ -610,6 +603,7 @@ fn all_rules(ns: &NetNs) -> String {
         "for t in iptables-nft ip6tables-nft iptables-legacy ip6tables-legacy; do \
            echo \"# $t\"; $t-save | grep -v '^#'; done",
     )
+    .expect("shell in namespace")
 }
 
 /// Rules minus Kube-OVN's exact jump.
@@ -623,7 +617,7 @@ fn without_kube_ovn_jumps(rules: &str) -> Vec<String> {
 
 /// A namespace holding [`NEIGHBOURS`] in both backends and both families.
 fn neighbours() -> NetNs {
-    let ns = NetNs::new("kovn-mclean-");
+    let ns = NetNs::new("kovn-mclean-").expect("create namespace");
     for restore in [
         "iptables-nft-restore",
         "ip6tables-nft-restore",
@@ -655,7 +649,7 @@ fn cleanup(ns: &NetNs, args: &[&str]) -> (bool, String) {
         .arg("cleanup-iptables")
         .args(args)
         .arg("--bpffs-root")
-        .arg(format!("/run/{}-none", ns.name))
+        .arg(format!("/run/{}-none", ns.name()))
         .output()
         .expect("cleanup-iptables");
     (
@@ -741,7 +735,7 @@ fn cleanup_among_calico_and_kube_proxy() -> Result<(), Failed> {
 }
 
 fn cleanup_keeps_tproxy() -> Result<(), Failed> {
-    let ns = NetNs::new("kovn-mtproxy-");
+    let ns = NetNs::new("kovn-mtproxy-").expect("create namespace");
     ns.sh(&format!(
         "iptables -t mangle -N OVN-PREROUTING; \
          iptables -t mangle -A OVN-PREROUTING -d 10.0.1.5/32 -p tcp -m tcp --dport 8080 -j TPROXY \
@@ -749,17 +743,22 @@ fn cleanup_keeps_tproxy() -> Result<(), Failed> {
          iptables -t mangle -I PREROUTING 1 {JUMP}; \
          iptables -t nat -N OVN-PREROUTING; iptables -t nat -I PREROUTING 1 {JUMP}; \
          ip6tables -t mangle -N OVN-PREROUTING; ip6tables -t mangle -I PREROUTING 1 {JUMP}"
-    ));
+    ))
+    .expect("shell in namespace");
     let (ok, text) = cleanup(&ns, &["--force"]);
     ensure(ok, || text.clone())?;
     ensure(text.contains("kept") && text.contains("TPROXY"), || {
         text.clone()
     })?;
-    let mangle = ns.sh("iptables -t mangle -S PREROUTING");
+    let mangle = ns
+        .sh("iptables -t mangle -S PREROUTING")
+        .expect("shell in namespace");
     ensure(mangle.contains("OVN-PREROUTING"), || {
         format!("the IPv4 mangle jump leads to TPROXY rules and must stay:\n{mangle}")
     })?;
-    let rest = ns.sh("iptables -t nat -S PREROUTING; ip6tables -t mangle -S PREROUTING");
+    let rest = ns
+        .sh("iptables -t nat -S PREROUTING; ip6tables -t mangle -S PREROUTING")
+        .expect("shell in namespace");
     ensure(!rest.contains("OVN-PREROUTING"), || {
         format!("the nat jump and the IPv6 mangle jump (empty chain) must go:\n{rest}")
     })

@@ -6,16 +6,16 @@ use std::{
     io::Write as _,
     net::UdpSocket,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use kube_ovn_agent::testing::{
-    netns::{Bpffs, NetNs, TempPath, example_cluster, send_frames, veth},
+    netns::{NetNs, TempPath, example_cluster, send_frames, veth},
     scaled,
+    topology::N1,
 };
+use kube_ovn_testkit::agent::{AgentCli, AgentProcess, Dump, Privilege, Status};
 use libtest_mimic::{Failed, Trial};
-use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
 
@@ -78,154 +78,78 @@ fn main() {
     kube_ovn_testkit::privileged::main("network-namespace tests", trials);
 }
 
-/// A node namespace with `eth0` to a client (another node, 192.168.0.12) and `ovn0` to a pod
-/// (10.16.0.5), addressed as spec §5.1's node n1, plus a bpffs for the agent's pins.
-struct Topology {
-    node: NetNs,
-    client: NetNs,
-    pod: NetNs,
-    bpffs: Bpffs,
+/// Spec §5.1's node n1 with IPv6 on `eth0` (the kit's [`N1`]) and this suite's agent.
+struct Topology(N1);
+
+impl std::ops::Deref for Topology {
+    type Target = N1;
+    fn deref(&self) -> &N1 {
+        &self.0
+    }
 }
 
 impl Topology {
     fn new() -> Self {
-        let node = NetNs::new("kovn-node-");
-        let client = NetNs::new("kovn-client-");
-        let pod = NetNs::new("kovn-pod-");
-        veth(&node, "eth0", &client, "eth0");
-        veth(&node, "ovn0", &pod, "eth0");
-        node.sh(
-            "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
-             ip addr add 100.64.0.2/16 dev ovn0; ip route add 10.16.0.0/16 dev ovn0",
-        );
-        client.sh("ip addr add 192.168.0.12/24 dev eth0; ip addr add fd00::12/64 dev eth0 nodad");
-        pod.sh("ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; ip route add default via 100.64.0.2");
-        // Counting rules: which packets netfilter sees with our bits.
-        node.sh(
-            "iptables -t mangle -A PREROUTING -p udp --dport 30053 -m mark --mark 0x84000/0x84000 -j RETURN; \
-             iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN",
-        );
-        Self {
-            node,
-            client,
-            pod,
-            bpffs: Bpffs::mount(),
-        }
+        Self(N1::new("kovn-", true))
     }
 
-    fn root(&self) -> PathBuf {
-        self.bpffs.root()
+    /// The agent's commands in the node namespace, on this topology's bpffs.
+    fn handle(&self) -> AgentCli {
+        AgentCli::new(&self.node, AGENT, self.root(), Privilege::Inherited)
     }
 
     fn agent(&self, attach: &str, cluster: &Path, extra: &[&str]) -> Agent {
         let log = TempPath::new("kovn-agent-", "log");
-        let file = std::fs::File::create(&*log).expect("agent log");
-        let child = self
-            .node
-            .command(AGENT)
-            .args([
-                "run",
-                "--node-name",
-                "n1",
-                "--metrics-addr",
-                "none",
-                "--attach",
-                attach,
-            ])
-            .arg(format!("--source=file:{}", cluster.display()))
-            .arg("--bpffs-root")
-            .arg(self.root())
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("start the agent");
-        Agent { child, log }
+        let args: Vec<String> = [
+            "--node-name",
+            "n1",
+            "--metrics-addr",
+            "none",
+            "--attach",
+            attach,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([format!("--source=file:{}", cluster.display())])
+        .chain(extra.iter().map(|a| (*a).to_owned()))
+        .collect();
+        let process = self.handle().spawn(&args, &log).expect("start the agent");
+        Agent { process, log }
     }
 
-    fn agent_cli(&self, args: &[&str]) -> std::process::Output {
-        self.node
-            .command(AGENT)
-            .args(args)
-            .arg("--bpffs-root")
-            .arg(self.root())
-            .output()
-            .expect("run the agent CLI")
+    /// `status --json`, or `None` when it fails (nothing pinned); panics when its output is
+    /// not the JSON the kit reads.
+    fn status(&self) -> Option<Status> {
+        match self.handle().status() {
+            Ok(status) => Some(status),
+            Err(e @ kube_ovn_testkit::agent::Error::Json { .. }) => panic!("{e}"),
+            Err(_) => None,
+        }
     }
 
-    fn status(&self) -> Option<Value> {
-        let out = self.agent_cli(&["status", "--json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).expect("status --json is JSON"))
-    }
-
-    fn dump(&self) -> Value {
-        let out = self.agent_cli(&["dump", "--json"]);
-        assert!(
-            out.status.success(),
-            "dump: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("dump --json is JSON")
+    fn dump(&self) -> Dump {
+        self.handle().dump().unwrap_or_else(|e| panic!("dump: {e}"))
     }
 
     /// Waits until the agent attached to `ifaces` and programmed the maps.
-    fn wait_ready(&self, agent: &mut Agent, ifaces: &[&str]) -> Result<Value, Failed> {
+    fn wait_ready(&self, agent: &mut Agent, ifaces: &[&str]) -> Result<Status, Failed> {
         wait(scaled(Duration::from_secs(20)), || {
-            if let Ok(Some(status)) = agent.child.try_wait() {
+            if let Ok(Some(status)) = agent.process.try_wait() {
                 return Err(format!("agent exited with {status}:\n{}", agent.log_text()));
             }
             let Some(status) = self.status() else {
                 return Ok(None);
             };
-            let attached: Vec<&str> = status["attachments"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|a| a["ifname"].as_str())
-                .collect();
+            let attached = status.attached();
             let programmed = map_size(&status, "kovn_svcport4") > 0;
             Ok((ifaces.iter().all(|i| attached.contains(i)) && programmed).then_some(status))
         })
         .map_err(|e| format!("{e}\nagent log:\n{}", agent.log_text()).into())
     }
-
-    /// Sends `n` UDP datagrams from the client to the node's ETP=Local NodePort (R2u + R3u) and
-    /// from the pod to kube-dns' ClusterIP (R1a).
-    fn send(&self, n: usize) {
-        self.client.enter(|| {
-            let socket = UdpSocket::bind("192.168.0.12:0").expect("bind");
-            for _ in 0..n {
-                socket.send_to(b"x", "192.168.0.11:30053").expect("send");
-            }
-        });
-        self.pod.enter(|| {
-            let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
-            for _ in 0..n {
-                socket.send_to(b"x", "10.96.0.10:53").expect("send");
-            }
-        });
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    /// (NodePort marked 0x84000, ClusterIP marked 0x4000) as counted by netfilter.
-    fn marked(&self) -> (u64, u64) {
-        let listing = self.node.sh("iptables -t mangle -nvxL PREROUTING");
-        let count = |needle: &str| -> u64 {
-            listing
-                .lines()
-                .find(|l| l.contains(needle))
-                .and_then(|l| l.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("no rule {needle:?} in\n{listing}"))
-        };
-        (count("dpt:30053"), count("dpt:53"))
-    }
 }
 
 struct Agent {
-    child: Child,
+    process: AgentProcess,
     log: TempPath,
 }
 
@@ -234,27 +158,16 @@ impl Agent {
         std::fs::read_to_string(&*self.log).unwrap_or_default()
     }
 
-    fn signal(&mut self, signal: &str) {
-        let _ = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + scaled(Duration::from_secs(10));
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    /// SIGTERM, as a pod deletion sends; panics unless it exits in time.
+    fn terminate(&mut self) {
+        if let Err(e) = self.process.terminate(scaled(Duration::from_secs(10))) {
+            panic!("agent did not exit on SIGTERM: {e}\n{}", self.log_text());
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        panic!("agent did not exit on {signal}:\n{}", self.log_text());
     }
-}
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// SIGKILL, as a crash or an OOM kill would.
+    fn kill(&mut self) {
+        self.process.kill().expect("SIGKILL the agent");
     }
 }
 
@@ -275,50 +188,44 @@ fn wait<T>(
     }
 }
 
-fn map_size(status: &Value, map: &str) -> u64 {
-    status["maps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|m| m[0] == map)
-        .and_then(|m| m[1].as_u64())
-        .unwrap_or(0)
+fn map_size(status: &Status, map: &str) -> u64 {
+    status
+        .maps
+        .iter()
+        .find(|(name, _)| name == map)
+        .map_or(0, |(_, size)| *size)
 }
 
-fn counter(status: &Value, name: &str) -> u64 {
-    status["counters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c[0] == name)
-        .and_then(|c| c[1].as_u64())
-        .unwrap_or_else(|| panic!("no counter {name} in {status}"))
+fn counter(status: &Status, name: &str) -> u64 {
+    status
+        .counter(name)
+        .unwrap_or_else(|| panic!("no counter {name} in {:?}", status.counters))
 }
 
 /// The dump without the local-address sets, which move on their own (IPv6 link-local
 /// addresses appear a moment after an interface comes up).
-fn cluster_state(mut dump: Value) -> Value {
-    for family in ["v4", "v6"] {
-        if let Some(f) = dump.get_mut(family).and_then(Value::as_object_mut) {
-            f.remove("local");
-        }
-    }
+fn cluster_state(mut dump: Dump) -> Dump {
+    dump.v4.local.clear();
+    dump.v6.local.clear();
     dump
 }
 
-/// Per interface: the tcx link id, or the netlink filter's priority and handle.
-fn link_ids(status: &Value) -> Vec<(String, Value)> {
-    let mut ids: Vec<(String, Value)> = status["attachments"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| {
-            let id = serde_json::json!([a["mode"], a["link_id"], a["filter"]]);
-            (a["ifname"].as_str().unwrap_or_default().to_owned(), id)
-        })
+/// Per interface: the mode and the tcx link id, or the netlink filter's priority and handle.
+type LinkId = (String, Option<u32>, Option<(u16, u32)>);
+
+fn link_ids(status: &Status) -> Vec<(String, LinkId)> {
+    let mut ids: Vec<(String, LinkId)> = status
+        .attachments
+        .iter()
+        .map(|a| (a.ifname.clone(), (a.mode.clone(), a.link_id, a.filter)))
         .collect();
     ids.sort_by(|a, b| a.0.cmp(&b.0));
     ids
+}
+
+/// Whether IPv4's first rule is R1a (IPVS mode's ClusterIP rule).
+fn first_rule_is_r1a(status: &Status) -> bool {
+    status.rules_v4.first().is_some_and(|r| r == "R1a")
 }
 
 fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failed> {
@@ -335,11 +242,15 @@ fn add_foreign(t: &Topology) {
     t.node
         .sh("tc qdisc add dev eth0 clsact 2>/dev/null || true; \
          tc filter add dev eth0 ingress prio 7 protocol all u32 match u32 0 0 flowid 1:1; \
-         tc filter add dev eth0 ingress prio 9 handle 0x77 bpf bytecode '1,6 0 0 4294967295'");
+         tc filter add dev eth0 ingress prio 9 handle 0x77 bpf bytecode '1,6 0 0 4294967295'")
+        .expect("shell in namespace");
 }
 
 fn foreign_present(t: &Topology) -> Result<(), Failed> {
-    let filters = t.node.sh("tc filter show dev eth0 ingress");
+    let filters = t
+        .node
+        .sh("tc filter show dev eth0 ingress")
+        .expect("shell in namespace");
     ensure(filters.contains("pref 7 u32"), || {
         format!("foreign u32 filter gone:\n{filters}")
     })?;
@@ -353,12 +264,7 @@ fn lifecycle(attach: &str) -> Result<(), Failed> {
     add_foreign(&t);
     let mut agent = t.agent(attach, &example_cluster(), &["--kube-proxy-mode", "ipvs"]);
     let status = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
-    let modes: Vec<&str> = status["attachments"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a["mode"].as_str())
-        .collect();
+    let modes: Vec<&str> = status.attachments.iter().map(|a| a.mode.as_str()).collect();
     ensure(modes.iter().all(|m| *m == attach), || {
         format!("attach modes {modes:?}")
     })?;
@@ -376,17 +282,14 @@ fn lifecycle(attach: &str) -> Result<(), Failed> {
         })?;
     }
 
-    agent.signal("-TERM");
+    agent.terminate();
     t.send(10);
     let after_stop = t.marked();
     ensure(after_stop == (20, 20), || {
         format!("after SIGTERM marked {after_stop:?}, want (20, 20): the datapath must stay")
     })?;
 
-    let out = t.agent_cli(&["detach"]);
-    ensure(out.status.success(), || {
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    })?;
+    t.handle().detach()?;
     t.send(10);
     let after_detach = t.marked();
     ensure(after_detach == (20, 20), || {
@@ -401,7 +304,8 @@ fn lifecycle(attach: &str) -> Result<(), Failed> {
     })?;
     let our_filters = t
         .node
-        .sh("tc filter show dev eth0 ingress; tc filter show dev ovn0 ingress 2>/dev/null || true");
+        .sh("tc filter show dev eth0 ingress; tc filter show dev ovn0 ingress 2>/dev/null || true")
+        .expect("shell in namespace");
     ensure(!our_filters.contains("kovn_ingress"), || {
         format!("our filter left:\n{our_filters}")
     })?;
@@ -430,7 +334,7 @@ fn restart() -> Result<(), Failed> {
     let mut agent = t.agent("auto", &cluster, &["--kube-proxy-mode", "ipvs"]);
     let first = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
     let dump_before = cluster_state(t.dump());
-    agent.signal("-KILL");
+    agent.kill();
 
     let mut agent = t.agent("auto", &cluster, &["--kube-proxy-mode", "ipvs"]);
     let second = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
@@ -441,13 +345,14 @@ fn restart() -> Result<(), Failed> {
             link_ids(&second)
         )
     })?;
-    ensure(first["program"]["id"] == second["program"]["id"], || {
+    let program_id = |s: &Status| s.program.as_ref().map(|p| p.id);
+    ensure(program_id(&first) == program_id(&second), || {
         "an identical program must be adopted, not reloaded".into()
     })?;
     ensure(cluster_state(t.dump()) == dump_before, || {
         "map contents changed across restart".into()
     })?;
-    agent.signal("-KILL");
+    agent.kill();
 
     // While the agent is down a Service disappears; the restarted agent prunes exactly it.
     let text = std::fs::read_to_string(&*cluster).expect("read cluster");
@@ -459,12 +364,11 @@ fn restart() -> Result<(), Failed> {
     t.send(5);
     let mut agent = t.agent("auto", &cluster, &["--kube-proxy-mode", "ipvs"]);
     t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
-    let ports_of = |dump: &Value| -> Vec<String> {
-        dump["v4"]["service_ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| format!("{}:{}", p["addr"].as_str().unwrap_or_default(), p["port"]))
+    let ports_of = |dump: &Dump| -> Vec<String> {
+        dump.v4
+            .service_ports
+            .iter()
+            .map(|p| format!("{}:{}", p.addr, p.port))
             .collect()
     };
     let pruned = wait(scaled(Duration::from_secs(5)), || {
@@ -483,33 +387,37 @@ fn recreated_ovn0() -> Result<(), Failed> {
     let t = Topology::new();
     let mut agent = t.agent("auto", &example_cluster(), &["--kube-proxy-mode", "ipvs"]);
     t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
-    t.node.sh("ip link del ovn0");
+    t.node.sh("ip link del ovn0").expect("shell in namespace");
     let started = Instant::now();
-    veth(&t.node, "ovn0", &t.pod, "eth0");
+    veth(&t.node, "ovn0", &t.pod, "eth0").expect("veth pair");
     t.node
-        .sh("ip addr add 100.64.0.2/16 dev ovn0; ip route add 10.16.0.0/16 dev ovn0");
-    t.pod.sh("ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; ip route add default via 100.64.0.2");
-    let new_index: u64 = t
+        .sh("ip addr add 100.64.0.2/16 dev ovn0; ip route add 10.16.0.0/16 dev ovn0")
+        .expect("shell in namespace");
+    t.pod.sh("ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; ip route add default via 100.64.0.2").expect("shell in namespace");
+    let new_index: u32 = t
         .node
         .sh("cat /sys/class/net/ovn0/ifindex")
+        .expect("shell in namespace")
         .trim()
         .parse()
         .expect("ifindex");
     let before = t.marked().1;
     let elapsed = wait(scaled(Duration::from_secs(5)), || {
-        t.pod.enter(|| {
-            let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
-            socket.send_to(b"x", "10.96.0.10:53").expect("send");
-        });
+        t.pod
+            .enter(|| {
+                let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
+                socket.send_to(b"x", "10.96.0.10:53").expect("send");
+            })
+            .expect("enter namespace");
         std::thread::sleep(Duration::from_millis(20));
         Ok((t.marked().1 > before).then(|| started.elapsed()))
     })
     .map_err(|e| format!("{e}\n{}", agent.log_text()))?;
     let dump = t.dump();
-    ensure(dump["ifaces"].get(new_index.to_string()).is_some(), || {
+    ensure(dump.ifaces.contains_key(&new_index), || {
         format!(
-            "ifaces map lacks the new ovn0 ifindex {new_index}: {}",
-            dump["ifaces"]
+            "ifaces map lacks the new ovn0 ifindex {new_index}: {:?}",
+            dump.ifaces
         )
     })?;
     eprintln!("marking resumed {elapsed:?} after ovn0 was re-created");
@@ -521,8 +429,10 @@ fn recreated_ovn0() -> Result<(), Failed> {
 
 fn foreign_conflict() -> Result<(), Failed> {
     let t = Topology::new();
-    t.node.sh("tc qdisc add dev eth0 clsact; \
-         tc filter add dev eth0 ingress prio 1 handle 0x4b4f bpf bytecode '1,6 0 0 4294967295'");
+    t.node
+        .sh("tc qdisc add dev eth0 clsact; \
+         tc filter add dev eth0 ingress prio 1 handle 0x4b4f bpf bytecode '1,6 0 0 4294967295'")
+        .expect("shell in namespace");
     let mut agent = t.agent(
         "netlink",
         &example_cluster(),
@@ -536,7 +446,10 @@ fn foreign_conflict() -> Result<(), Failed> {
     ensure(log.contains("eth0"), || {
         format!("the error must name the interface:\n{log}")
     })?;
-    let filters = t.node.sh("tc filter show dev eth0 ingress");
+    let filters = t
+        .node
+        .sh("tc filter show dev eth0 ingress")
+        .expect("shell in namespace");
     ensure(filters.contains("bytecode"), || {
         format!("the foreign filter was replaced:\n{filters}")
     })?;
@@ -551,7 +464,10 @@ fn short_frames() -> Result<(), Failed> {
     let t = Topology::new();
     let mut agent = t.agent("auto", &example_cluster(), &["--kube-proxy-mode", "ipvs"]);
     t.wait_ready(&mut agent, &["eth0"])?;
-    let mac = t.node.sh("cat /sys/class/net/eth0/address");
+    let mac = t
+        .node
+        .sh("cat /sys/class/net/eth0/address")
+        .expect("shell in namespace");
     let mac: Vec<u8> = mac
         .trim()
         .split(':')
@@ -569,7 +485,9 @@ fn short_frames() -> Result<(), Failed> {
         }
     }
     let sent = frames.len() as u64;
-    t.client.enter(|| send_frames(&frames, "eth0"));
+    t.client
+        .enter(|| send_frames(&frames, "eth0"))
+        .expect("enter namespace");
     let after = wait(scaled(Duration::from_secs(5)), || {
         let now = counter(&t.status().ok_or("status")?, "not_parsed");
         Ok((now >= before + sent).then_some(now))
@@ -582,16 +500,17 @@ fn short_frames() -> Result<(), Failed> {
 fn kube_proxy_auto() -> Result<(), Failed> {
     let t = Topology::new();
     // kube-proxy in nftables mode: reported as such, rules as in iptables mode.
-    t.node.sh("nft add table ip kube-proxy");
+    t.node
+        .sh("nft add table ip kube-proxy")
+        .expect("shell in namespace");
     let agent = t.agent("auto", &example_cluster(), &["--kube-proxy-mode", "auto"]);
     // No kube-proxy sets yet: Kube-OVN's iptables-mode chain, R1b only.
     let status = wait(scaled(Duration::from_secs(20)), || {
-        Ok(t.status()
-            .filter(|s| s["rules_v4"] == serde_json::json!(["R1b"])))
+        Ok(t.status().filter(|s| s.rules_v4 == ["R1b"]))
     })
     .map_err(|e| format!("{e}\n{}", agent.log_text()))?;
     ensure(map_size(&status, "kovn_svccidr4") == 1, || {
-        format!("{status}")
+        format!("{status:?}")
     })?;
     let log = agent.log_text();
     ensure(
@@ -599,19 +518,21 @@ fn kube_proxy_auto() -> Result<(), Failed> {
             .any(|l| l.contains("kube-proxy detected") && l.contains("nftables")),
         || format!("nftables mode not reported:\n{log}"),
     )?;
-    t.node.sh("nft delete table ip kube-proxy");
-    t.node.sh("ipset create KUBE-CLUSTER-IP hash:ip,port; \
+    t.node
+        .sh("nft delete table ip kube-proxy")
+        .expect("shell in namespace");
+    t.node
+        .sh("ipset create KUBE-CLUSTER-IP hash:ip,port; \
          ipset create KUBE-NODE-PORT-LOCAL-TCP bitmap:port range 0-65535; \
-         ipset create KUBE-NODE-PORT-LOCAL-UDP bitmap:port range 0-65535");
-    let want = serde_json::json!(["R1a", "R2t", "R2u", "R3t", "R3u"]);
+         ipset create KUBE-NODE-PORT-LOCAL-UDP bitmap:port range 0-65535")
+        .expect("shell in namespace");
+    let want = ["R1a", "R2t", "R2u", "R3t", "R3u"];
     wait(scaled(Duration::from_secs(10)), || {
-        Ok(t.status().filter(|s| s["rules_v4"] == want))
+        Ok(t.status().filter(|s| s.rules_v4 == want))
     })
     .map_err(|e| format!("IPVS sets not picked up: {e}\n{}", agent.log_text()))?;
-    let v6 = t.status().ok_or("status")?["rules_v6"].clone();
-    ensure(v6 == serde_json::json!(["R1b"]), || {
-        format!("IPv6 has no sets, got {v6}")
-    })?;
+    let v6 = t.status().ok_or("status")?.rules_v6;
+    ensure(v6 == ["R1b"], || format!("IPv6 has no sets, got {v6:?}"))?;
     drop(agent);
     Ok(())
 }
@@ -736,7 +657,7 @@ fn tproxy() -> Result<(), Failed> {
          ip rule add fwmark 0x90003/0x90003 lookup 10001; \
          ip rule add fwmark 0x90004/0x90004 lookup 10001; \
          ip route replace local 0.0.0.0/0 dev lo table 10001",
-    );
+    ).expect("shell in namespace");
     let cluster = TempPath::new("kovn-cluster-", "yaml");
     let mut text = std::fs::read_to_string(example_cluster()).expect("example cluster");
     text.push_str("\n---\n");
@@ -749,38 +670,42 @@ fn tproxy() -> Result<(), Failed> {
     );
     let status = t.wait_ready(&mut agent, &["eth0", "ovn0", "lo"])?;
     ensure(map_size(&status, "kovn_tproxy4") == 2, || {
-        format!("probe targets: {status}")
+        format!("probe targets: {status:?}")
     })?;
 
-    let outcome = t.node.enter(|| -> Result<Vec<String>, String> {
-        let listener = transparent_listener(8102);
-        listener.set_nonblocking(false).map_err(|e| e.to_string())?;
-        let mut seen = Vec::new();
-        for port in [8080u16, 8081] {
-            let target = std::net::SocketAddr::from(([10, 0, 1, 5], port));
-            let mut kubelet = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
-                .map_err(|e| format!("kubelet probe to {target}: {e}"))?;
-            let (mut proxied, _) = listener.accept().map_err(|e| e.to_string())?;
-            let local = proxied.local_addr().map_err(|e| e.to_string())?;
-            // T7: data after the handshake reaches the established transparent socket.
-            kubelet
-                .write_all(b"GET /healthz")
-                .map_err(|e| e.to_string())?;
-            proxied
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .map_err(|e| e.to_string())?;
-            let mut buffer = [0u8; 12];
-            proxied
-                .read_exact(&mut buffer)
-                .map_err(|e| format!("data after the SYN: {e}"))?;
-            seen.push(format!("{local} {}", String::from_utf8_lossy(&buffer)));
-        }
-        Ok(seen)
-    });
+    let outcome = t
+        .node
+        .enter(|| -> Result<Vec<String>, String> {
+            let listener = transparent_listener(8102);
+            listener.set_nonblocking(false).map_err(|e| e.to_string())?;
+            let mut seen = Vec::new();
+            for port in [8080u16, 8081] {
+                let target = std::net::SocketAddr::from(([10, 0, 1, 5], port));
+                let mut kubelet =
+                    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+                        .map_err(|e| format!("kubelet probe to {target}: {e}"))?;
+                let (mut proxied, _) = listener.accept().map_err(|e| e.to_string())?;
+                let local = proxied.local_addr().map_err(|e| e.to_string())?;
+                // T7: data after the handshake reaches the established transparent socket.
+                kubelet
+                    .write_all(b"GET /healthz")
+                    .map_err(|e| e.to_string())?;
+                proxied
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .map_err(|e| e.to_string())?;
+                let mut buffer = [0u8; 12];
+                proxied
+                    .read_exact(&mut buffer)
+                    .map_err(|e| format!("data after the SYN: {e}"))?;
+                seen.push(format!("{local} {}", String::from_utf8_lossy(&buffer)));
+            }
+            Ok(seen)
+        })
+        .expect("enter namespace");
     let seen = outcome.map_err(|e| {
         let counters = t
             .status()
-            .map(|s| s["counters"].to_string())
+            .map(|s| format!("{:?}", s.counters))
             .unwrap_or_default();
         format!("{e}\ncounters {counters}\n{}", agent.log_text())
     })?;
@@ -790,7 +715,7 @@ fn tproxy() -> Result<(), Failed> {
     )?;
     let status = t.status().ok_or("status")?;
     ensure(counter(&status, "TPROXY") >= 4, || {
-        format!("TPROXY counter: {status}")
+        format!("TPROXY counter: {status:?}")
     })?;
     Ok(())
 }
@@ -822,7 +747,9 @@ const IPVS_SETS: [&str; 3] = [
 
 fn create_ipvs_sets(t: &Topology) {
     for set in IPVS_SETS {
-        t.node.sh(&format!("ipset create {set}"));
+        t.node
+            .sh(&format!("ipset create {set}"))
+            .expect("shell in namespace");
     }
 }
 
@@ -834,19 +761,21 @@ fn pod_to_cluster_ip(t: &Topology, stop: &std::sync::atomic::AtomicBool) -> u64 
     // flood (every datagram emulated through the stack and the program) starves the agent whose
     // restarts the test times.
     let burst = (50 / kube_ovn_agent::testing::time_scale()).max(1);
-    t.pod.enter(|| {
-        let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
-        let mut sent = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            for _ in 0..burst {
-                if socket.send_to(b"x", "10.96.0.10:53").is_ok() {
-                    sent += 1;
+    t.pod
+        .enter(|| {
+            let socket = UdpSocket::bind("10.16.0.5:0").expect("bind");
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..burst {
+                    if socket.send_to(b"x", "10.96.0.10:53").is_ok() {
+                        sent += 1;
+                    }
                 }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        sent
-    })
+            sent
+        })
+        .expect("enter namespace")
 }
 
 /// Issue 12, item 1. An IPVS node (kube-proxy's sets exist) with the deployed default
@@ -864,7 +793,7 @@ fn restarts_never_unmark() -> Result<(), Failed> {
     create_ipvs_sets(&t);
     // After the marked-packet counter (which RETURNs), this one counts the rest: unmarked.
     t.node
-        .sh("iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -j RETURN");
+        .sh("iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -j RETURN")?;
     let cluster = large_cluster(services);
     // The example cluster has six IPv4 (ClusterIP, protocol, port) entries.
     let want_ports = 6 + services as u64;
@@ -874,7 +803,7 @@ fn restarts_never_unmark() -> Result<(), Failed> {
     let start = |t: &Topology| -> Result<Agent, Failed> {
         let mut agent = t.agent("auto", &cluster, &["--kube-proxy-mode", "auto"]);
         wait(scaled(Duration::from_mins(1)), || {
-            if let Ok(Some(status)) = agent.child.try_wait() {
+            if let Ok(Some(status)) = agent.process.try_wait() {
                 return Err(format!("agent exited with {status}"));
             }
             Ok(agent
@@ -884,23 +813,25 @@ fn restarts_never_unmark() -> Result<(), Failed> {
         })
         .map_err(|e| format!("{e}\n{}", agent.log_text()))?;
         let status = t.status().ok_or("status")?;
-        if map_size(&status, "kovn_svcport4") != want_ports || status["rules_v4"][0] != "R1a" {
+        if map_size(&status, "kovn_svcport4") != want_ports || !first_rule_is_r1a(&status) {
             problems.borrow_mut().push(format!(
-                "first sync: rules {} with {} service ports",
-                status["rules_v4"],
+                "first sync: rules {:?} with {} service ports",
+                status.rules_v4,
                 map_size(&status, "kovn_svcport4")
             ));
             wait(scaled(Duration::from_secs(15)), || {
-                Ok(t.status().filter(|s| {
-                    map_size(s, "kovn_svcport4") == want_ports && s["rules_v4"][0] == "R1a"
-                }))
+                Ok(t.status()
+                    .filter(|s| map_size(s, "kovn_svcport4") == want_ports && first_rule_is_r1a(s)))
             })?;
         }
         Ok(agent)
     };
     let mut agent = start(&t)?;
     let counts = |t: &Topology| -> (u64, u64) {
-        let listing = t.node.sh("iptables -t mangle -nvxL PREROUTING");
+        let listing = t
+            .node
+            .sh("iptables -t mangle -nvxL PREROUTING")
+            .expect("shell in namespace");
         let mut rows = listing
             .lines()
             .filter(|l| l.contains("10.96.0.10") && l.contains("dpt:53"))
@@ -919,25 +850,23 @@ fn restarts_never_unmark() -> Result<(), Failed> {
         let outcome = (|| -> Result<(), Failed> {
             std::thread::sleep(Duration::from_millis(300));
             for _ in 0..3 {
-                agent.signal("-KILL");
+                agent.kill();
                 agent = start(&t)?;
                 std::thread::sleep(Duration::from_millis(300));
             }
             // kube-proxy's sets go away (R1a → R1b) and come back (R1b → R1a).
             for set in IPVS_SETS {
                 let name = set.split_whitespace().next().expect("set name");
-                t.node.sh(&format!("ipset destroy {name}"));
+                t.node.sh(&format!("ipset destroy {name}"))?;
             }
             wait(scaled(Duration::from_secs(15)), || {
-                Ok(t.status()
-                    .filter(|s| s["rules_v4"] == serde_json::json!(["R1b"])))
+                Ok(t.status().filter(|s| s.rules_v4 == ["R1b"]))
             })?;
             std::thread::sleep(Duration::from_millis(300));
             create_ipvs_sets(&t);
             wait(scaled(Duration::from_secs(15)), || {
-                Ok(t.status().filter(|s| {
-                    map_size(s, "kovn_svcport4") == want_ports && s["rules_v4"][0] == "R1a"
-                }))
+                Ok(t.status()
+                    .filter(|s| map_size(s, "kovn_svcport4") == want_ports && first_rule_is_r1a(s)))
             })?;
             std::thread::sleep(Duration::from_millis(300));
             Ok(())
@@ -970,27 +899,35 @@ fn nftables_kube_proxy() -> Result<(), Failed> {
         host::ipset::{DetectedMode, detect_kube_proxy},
         translate::KubeProxySets,
     };
-    let node = NetNs::new("kovn-nft-");
-    let detect = || node.enter(detect_kube_proxy).map_err(|e| e.to_string());
+    let node = NetNs::new("kovn-nft-").expect("create namespace");
+    let detect = || {
+        node.enter(detect_kube_proxy)
+            .expect("enter namespace")
+            .map_err(|e| e.to_string())
+    };
     ensure(detect()?.mode == DetectedMode::IptablesOrNone, || {
         "an empty namespace".into()
     })?;
     for family in ["ip", "ip6"] {
-        node.sh(&format!("nft add table {family} kube-proxy"));
+        node.sh(&format!("nft add table {family} kube-proxy"))
+            .expect("shell in namespace");
         let found = detect()?;
         ensure(
             found.mode == DetectedMode::Nftables && found.sets == KubeProxySets::default(),
             || format!("table {family} kube-proxy: {found:?}"),
         )?;
-        node.sh(&format!("nft delete table {family} kube-proxy"));
+        node.sh(&format!("nft delete table {family} kube-proxy"))
+            .expect("shell in namespace");
     }
     // A table of another name is not kube-proxy's.
-    node.sh("nft add table ip kube-proxy-other");
+    node.sh("nft add table ip kube-proxy-other")
+        .expect("shell in namespace");
     ensure(detect()?.mode == DetectedMode::IptablesOrNone, || {
         "another table".into()
     })?;
     // IPVS sets win: Kube-OVN only looks at them.
-    node.sh("nft add table ip kube-proxy; ipset create KUBE-CLUSTER-IP hash:ip,port");
+    node.sh("nft add table ip kube-proxy; ipset create KUBE-CLUSTER-IP hash:ip,port")
+        .expect("shell in namespace");
     let found = detect()?;
     ensure(
         found.mode == DetectedMode::Ipvs && found.sets.v4.cluster_ip,
@@ -1014,8 +951,11 @@ table inet felix {
     meta mark set 0
   }
 }
-EOF");
-    let report = node.enter(|| clobber::check(Duration::from_secs(10)));
+EOF")
+        .expect("shell in namespace");
+    let report = node
+        .enter(|| clobber::check(Duration::from_secs(10)))
+        .expect("enter namespace");
     let native: Vec<(String, u32)> = report
         .findings
         .iter()

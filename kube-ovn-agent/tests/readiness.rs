@@ -57,21 +57,24 @@ impl Running {
 
 /// `GET path` inside the node namespace: (status code, body), or `None` when nothing answers.
 fn get(node: &Node, path: &str) -> Option<(u16, String)> {
-    node.ns.enter(|| {
-        let mut stream = TcpStream::connect(ADDR).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: a\r\n\r\n").ok()?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).ok()?;
-        let (head, body) = answer.split_once("\r\n\r\n")?;
-        let code = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, body.to_owned()))
-    })
+    node.ns
+        .enter(|| {
+            let mut stream = TcpStream::connect(ADDR).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: a\r\n\r\n").ok()?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).ok()?;
+            let (head, body) = answer.split_once("\r\n\r\n")?;
+            let code = head.split_whitespace().nth(1)?.parse().ok()?;
+            Some((code, body.to_owned()))
+        })
+        .expect("enter namespace")
 }
 
 fn agent_status(node: &Node) -> Option<AgentStatus> {
     node.ns
         .enter(|| fetch_status(ADDR.parse().expect("address"), Duration::from_secs(2)).ok())
+        .expect("enter namespace")
 }
 
 /// Polls `check` until it returns `Some`, or fails with `what` and the agent's log.
@@ -161,10 +164,12 @@ fn readiness_both_ways() -> Result<(), Failed> {
 
     // 2. eth0 comes with n1's InternalIP (the NodePort role; its veth peer has no address: a
     // pod's host end, no role), and n1 is labelled shadow: ready once eth0 is attached.
-    node.ns.sh(
-        "ip link add eth0 type veth peer name eth0p && ip addr add 192.168.0.11/16 dev eth0 \
+    node.ns
+        .sh(
+            "ip link add eth0 type veth peer name eth0p && ip addr add 192.168.0.11/16 dev eth0 \
          && ip link set eth0 up && ip link set eth0p up",
-    );
+        )
+        .expect("shell in namespace");
     let labelled = example.replacen(
         "    kubernetes.io/hostname: n1\n",
         "    kubernetes.io/hostname: n1\n    kube-ovn-ebpf.io/mode: shadow\n",

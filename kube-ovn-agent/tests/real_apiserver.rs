@@ -806,17 +806,19 @@ struct Node1 {
 
 impl Node1 {
     fn new() -> Self {
-        let node = NetNs::new("kovn-rapi-node-");
-        let peer = NetNs::new("kovn-rapi-peer-");
+        let node = NetNs::new("kovn-rapi-node-").expect("create namespace");
+        let peer = NetNs::new("kovn-rapi-peer-").expect("create namespace");
         // No IPv6 link-local addresses: they would arrive on their own and write the maps'
         // local sets, and the test counts writing passes.
-        node.sh("sysctl -qw net.ipv6.conf.default.addr_gen_mode=1");
-        veth(&node, "eth0", &peer, "eth0");
-        veth(&node, "ovn0", &peer, "pod0");
+        node.sh("sysctl -qw net.ipv6.conf.default.addr_gen_mode=1")
+            .expect("shell in namespace");
+        veth(&node, "eth0", &peer, "eth0").expect("veth pair");
+        veth(&node, "ovn0", &peer, "pod0").expect("veth pair");
         node.sh(
             "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
              ip addr add 100.64.0.2/16 dev ovn0",
-        );
+        )
+        .expect("shell in namespace");
         Self {
             node,
             _peer: peer,
@@ -843,14 +845,17 @@ impl Node1 {
 
     /// `GET /metrics` from the agent inside the namespace.
     fn metric(&self, name: &str) -> f64 {
-        let text = self.node.enter(|| {
-            let mut s = TcpStream::connect(("127.0.0.1", METRICS_PORT)).expect("metrics port");
-            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-                .expect("request");
-            let mut text = String::new();
-            s.read_to_string(&mut text).expect("response");
-            text
-        });
+        let text = self
+            .node
+            .enter(|| {
+                let mut s = TcpStream::connect(("127.0.0.1", METRICS_PORT)).expect("metrics port");
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    .expect("request");
+                let mut text = String::new();
+                s.read_to_string(&mut text).expect("response");
+                text
+            })
+            .expect("enter namespace");
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in\n{text}"))
@@ -911,7 +916,7 @@ fn cluster_state(mut dump: Value) -> Value {
 #[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
 fn agent_binary(b: &Binaries) {
     let n1 = Node1::new();
-    let mut plane = start(b, Some(&n1.node.name));
+    let mut plane = start(b, Some(n1.node.name()));
     let kubeconfig = agent_kubeconfig(&plane);
     load_spec_cluster(&plane);
     let log = TempPath::new("kovn-rapi-agent-", "log");

@@ -14,11 +14,11 @@ use std::{
 };
 
 use kube_ovn_agent::testing::{
-    missing_privilege,
     netns::{Bpffs, NetNs, TempPath, example_cluster, veth},
-    privilege_required, scaled,
+    scaled,
 };
-use libtest_mimic::{Arguments, Failed, Trial};
+use kube_ovn_testkit::agent::Privilege;
+use libtest_mimic::{Failed, Trial};
 use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
@@ -30,15 +30,6 @@ const ROOT_IN_USE: i32 = 4;
 type Test = fn() -> Result<(), Failed>;
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = missing_privilege();
-    if let Some(why) = &skip {
-        eprintln!("\n*** SKIPPING the privileged reliability tests: {why} ***\n");
-        if privilege_required() {
-            eprintln!("KOVN_REQUIRE_PRIVILEGED is set: refusing to skip");
-            std::process::exit(1);
-        }
-    }
     let tests: Vec<(&str, Test)> = vec![
         (
             "a_second_agent_on_the_same_root_refuses_with_its_own_exit_code",
@@ -84,9 +75,9 @@ fn main() {
     ];
     let trials = tests
         .into_iter()
-        .map(|(name, f)| Trial::test(name, f).with_ignored_flag(skip.is_some()))
+        .map(|(name, f)| Trial::test(name, f))
         .collect();
-    libtest_mimic::run(&args, trials).exit();
+    kube_ovn_testkit::privileged::main("reliability tests", trials);
 }
 
 /// A node namespace with `ovn0` to a pod and `eth0` to another node (spec §5.1's n1), and a
@@ -99,15 +90,16 @@ struct Node {
 
 impl Node {
     fn new() -> Self {
-        let ns = NetNs::new("kovn-rel-node-");
-        let client = NetNs::new("kovn-rel-client-");
-        let pod = NetNs::new("kovn-rel-pod-");
-        veth(&ns, "eth0", &client, "eth0");
-        veth(&ns, "ovn0", &pod, "eth0");
+        let ns = NetNs::new("kovn-rel-node-").expect("create namespace");
+        let client = NetNs::new("kovn-rel-client-").expect("create namespace");
+        let pod = NetNs::new("kovn-rel-pod-").expect("create namespace");
+        veth(&ns, "eth0", &client, "eth0").expect("veth pair");
+        veth(&ns, "ovn0", &pod, "eth0").expect("veth pair");
         ns.sh(
             "ip addr add 192.168.0.11/24 dev eth0; ip addr add 100.64.0.2/16 dev ovn0; \
              ip route add 10.16.0.0/16 dev ovn0",
-        );
+        )
+        .expect("shell in namespace");
         Self {
             ns,
             peers: [client, pod],
@@ -195,7 +187,9 @@ impl Node {
 
     /// `GET path` on the agent's metrics address: (status code, body), or why not.
     fn get(&self, path: &str, timeout: Duration) -> Result<(u16, String), String> {
-        self.ns.enter(|| http_get(path, timeout))
+        self.ns
+            .enter(|| http_get(path, timeout))
+            .expect("enter namespace")
     }
 }
 
@@ -406,7 +400,10 @@ fn detach_under_agent() -> Result<(), Failed> {
     })?;
     // The agent must not quietly put back what the operator removed.
     std::thread::sleep(Duration::from_secs(2));
-    let filters = node.ns.sh("tc filter show dev ovn0 ingress");
+    let filters = node
+        .ns
+        .sh("tc filter show dev ovn0 ingress")
+        .expect("shell in namespace");
     ensure(!filters.contains("kovn_ingress"), || {
         format!("re-attached after detach --force:\n{filters}")
     })
@@ -455,7 +452,7 @@ fn idle_flood() -> Result<(), Failed> {
         ensure(open == 0, || {
             format!("{open} of {flood} idle connections still open after 15 s")
         })
-    })?;
+    })??;
     agent.check_running()?;
     let log = agent.log();
     ensure(!log.contains("Too many open files"), || {
@@ -810,17 +807,6 @@ fn private_bpffs() -> Result<(), Failed> {
 /// older build is this same agent with that one map's `max_entries` changed.
 const OLD_SVCPORT4: &str = "kovn_svcport4=512";
 
-/// `setpriv` limiting the agent to the agent container's capabilities (deploy/base/daemonset.yaml).
-/// A local helper until the shared agent handle in testkit takes a capability set.
-const DAEMONSET_CAPS: [&str; 6] = [
-    "setpriv",
-    "--reuid=0",
-    "--bounding-set=-all,+bpf,+net_admin,+perfmon,+net_raw",
-    "--inh-caps=-all,+bpf,+net_admin,+perfmon,+net_raw",
-    "--ambient-caps=-all,+bpf,+net_admin,+perfmon,+net_raw",
-    "--",
-];
-
 /// Sends UDP from the pod to kube-dns' ClusterIP (R1a) until `stop`; returns how many it sent.
 fn pod_to_cluster_ip(pod: &NetNs, stop: &std::sync::atomic::AtomicBool) -> u64 {
     use std::sync::atomic::Ordering;
@@ -837,6 +823,7 @@ fn pod_to_cluster_ip(pod: &NetNs, stop: &std::sync::atomic::AtomicBool) -> u64 {
         }
         sent
     })
+    .expect("enter namespace")
 }
 
 fn capacity(status: &Value, map: &str) -> u64 {
@@ -860,14 +847,18 @@ fn layout_migration(attach: &str) -> Result<(), Failed> {
     pod.sh(
         "ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; \
          ip route add default via 100.64.0.2",
-    );
+    )
+    .expect("shell in namespace");
     // Marked packets RETURN at the first rule; the second counts the rest: unmarked.
     node.ns.sh(
         "iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN; \
          iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -j RETURN",
-    );
+    ).expect("shell in namespace");
     let counts = || -> (u64, u64) {
-        let listing = node.ns.sh("iptables -t mangle -nvxL PREROUTING");
+        let listing = node
+            .ns
+            .sh("iptables -t mangle -nvxL PREROUTING")
+            .expect("shell in namespace");
         let mut rows = listing
             .lines()
             .filter(|l| l.contains("10.96.0.10") && l.contains("dpt:53"))
@@ -888,9 +879,11 @@ fn layout_migration(attach: &str) -> Result<(), Failed> {
         attach,
     ];
     // Both agents run with exactly the DaemonSet's capabilities (item 1).
+    let daemonset = Privilege::DaemonSet.wrapper();
+    let daemonset: Vec<&str> = daemonset.iter().map(String::as_str).collect();
     let old_env = format!("KOVN_TEST_MAP_MAX_ENTRIES={OLD_SVCPORT4}");
     let mut old = node.agent_with(
-        &[DAEMONSET_CAPS.as_slice(), &["env", &old_env]].concat(),
+        &[daemonset.as_slice(), &["env", &old_env]].concat(),
         &example_cluster(),
         &extra,
     );
@@ -918,7 +911,7 @@ fn layout_migration(attach: &str) -> Result<(), Failed> {
             // What an attempt interrupted before its swap leaves: a staged map, here of a
             // layout this build does not use either.
             stage_bogus_map(&node.root().join("maps-next"), "kovn_svcport4");
-            let mut new = node.agent_with(&DAEMONSET_CAPS, &example_cluster(), &extra);
+            let mut new = node.agent_with(&daemonset, &example_cluster(), &extra);
             wait(scaled(Duration::from_secs(30)), || {
                 new.check_running()?;
                 Ok(new.log().contains("map layout migrated").then_some(()))
@@ -946,7 +939,7 @@ fn layout_migration(attach: &str) -> Result<(), Failed> {
         .args(["-TERM", &new.child.id().to_string()])
         .status();
     new.wait_exit(scaled(Duration::from_secs(10)))?;
-    let mut again = node.agent_with(&DAEMONSET_CAPS, &example_cluster(), &extra);
+    let mut again = node.agent_with(&daemonset, &example_cluster(), &extra);
     node.wait_ready(&mut again)?;
     let log = again.log();
     ensure(!log.contains("migrat"), || {

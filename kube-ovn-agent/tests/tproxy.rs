@@ -71,8 +71,8 @@ struct Setup {
 
 fn setup() -> Result<Setup, Failed> {
     let node = Node::new("kovn-tpn-");
-    let peer = NetNs::new("kovn-tpp-");
-    veth(&node.ns, "eth0", &peer, "eth0");
+    let peer = NetNs::new("kovn-tpp-").expect("create namespace");
+    veth(&node.ns, "eth0", &peer, "eth0").expect("veth pair");
     node.ns.sh(
         "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
          ip route add 10.0.1.0/24 dev eth0; ip -6 route add fd00:1::/64 dev eth0; \
@@ -84,8 +84,9 @@ fn setup() -> Result<Setup, Failed> {
          done; \
          ip route replace local 0.0.0.0/0 dev lo table 10001; \
          ip -6 route replace local ::/0 dev lo table 10001",
-    );
-    peer.sh("ip addr add 192.168.0.12/24 dev eth0; ip addr add fd00::12/64 dev eth0 nodad");
+    ).expect("shell in namespace");
+    peer.sh("ip addr add 192.168.0.12/24 dev eth0; ip addr add fd00::12/64 dev eth0 nodad")
+        .expect("shell in namespace");
     let cluster = TempPath::new("kovn-tpcluster-", "yaml");
     let mut text = std::fs::read_to_string(example_cluster()).expect("example cluster");
     text.push_str("\n---\n");
@@ -165,26 +166,30 @@ fn opaque_in_dump(s: &Setup, want: bool) -> bool {
 /// pod's address as its local end, and data after the handshake reaches the accepted socket.
 fn dual_stack() -> Result<(), Failed> {
     let s = setup()?;
-    let seen = s.node.ns.enter(|| -> Result<Vec<String>, String> {
-        let listener = listener(true, true);
-        let mut seen = Vec::new();
-        for target in probe_targets() {
-            let mut kubelet = TcpStream::connect_timeout(&target, Duration::from_secs(3))
-                .map_err(|e| format!("kubelet probe to {target}: {e}"))?;
-            let (mut proxied, _) = listener.accept().map_err(|e| e.to_string())?;
-            kubelet.write_all(b"ping").map_err(|e| e.to_string())?;
-            proxied
-                .set_read_timeout(Some(Duration::from_secs(3)))
-                .map_err(|e| e.to_string())?;
-            let mut buffer = [0u8; 4];
-            proxied
-                .read_exact(&mut buffer)
-                .map_err(|e| format!("data after the handshake: {e}"))?;
-            let local = proxied.local_addr().map_err(|e| e.to_string())?;
-            seen.push(format!("{local} {}", String::from_utf8_lossy(&buffer)));
-        }
-        Ok(seen)
-    });
+    let seen = s
+        .node
+        .ns
+        .enter(|| -> Result<Vec<String>, String> {
+            let listener = listener(true, true);
+            let mut seen = Vec::new();
+            for target in probe_targets() {
+                let mut kubelet = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+                    .map_err(|e| format!("kubelet probe to {target}: {e}"))?;
+                let (mut proxied, _) = listener.accept().map_err(|e| e.to_string())?;
+                kubelet.write_all(b"ping").map_err(|e| e.to_string())?;
+                proxied
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .map_err(|e| e.to_string())?;
+                let mut buffer = [0u8; 4];
+                proxied
+                    .read_exact(&mut buffer)
+                    .map_err(|e| format!("data after the handshake: {e}"))?;
+                let local = proxied.local_addr().map_err(|e| e.to_string())?;
+                seen.push(format!("{local} {}", String::from_utf8_lossy(&buffer)));
+            }
+            Ok(seen)
+        })
+        .expect("enter namespace");
     let seen = seen.map_err(|e| format!("{e}\n{}", s.agent.log_text()))?;
     // The dual-stack socket reports IPv4 peers as v4-mapped IPv6 addresses.
     let want = ["[::ffff:10.0.1.5]:8080 ping", "[fd00:1::5]:8080 ping"];
@@ -205,38 +210,41 @@ fn dual_stack() -> Result<(), Failed> {
 /// and the listener never accepts a connection.
 fn opaque_listener() -> Result<(), Failed> {
     let s = setup()?;
-    s.node.ns.enter(|| -> Result<(), Failed> {
-        let listener = listener(true, false);
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        wait_for(Duration::from_secs(10), || opaque_in_dump(&s, true)).map_err(|e| {
-            format!(
-                "the agent did not report the listener without IP_TRANSPARENT: {e}\n{}",
-                s.agent.log_text()
-            )
-        })?;
-        let dropped = s.node.counter(AGENT, "tproxy_no_socket");
-        for target in probe_targets() {
-            let outcome = TcpStream::connect_timeout(&target, Duration::from_millis(700));
-            if outcome.is_ok() {
-                return Err(format!("the probe to {target} connected").into());
-            }
-            if let Ok((stream, _)) = listener.accept() {
-                return Err(format!(
-                    "the listener without IP_TRANSPARENT accepted {:?}",
-                    stream.local_addr()
+    s.node
+        .ns
+        .enter(|| -> Result<(), Failed> {
+            let listener = listener(true, false);
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            wait_for(Duration::from_secs(10), || opaque_in_dump(&s, true)).map_err(|e| {
+                format!(
+                    "the agent did not report the listener without IP_TRANSPARENT: {e}\n{}",
+                    s.agent.log_text()
                 )
-                .into());
+            })?;
+            let dropped = s.node.counter(AGENT, "tproxy_no_socket");
+            for target in probe_targets() {
+                let outcome = TcpStream::connect_timeout(&target, Duration::from_millis(700));
+                if outcome.is_ok() {
+                    return Err(format!("the probe to {target} connected").into());
+                }
+                if let Ok((stream, _)) = listener.accept() {
+                    return Err(format!(
+                        "the listener without IP_TRANSPARENT accepted {:?}",
+                        stream.local_addr()
+                    )
+                    .into());
+                }
             }
-        }
-        let dropped = s.node.counter(AGENT, "tproxy_no_socket") - dropped;
-        if dropped < 2 {
-            return Err(format!("tproxy_no_socket moved by {dropped}, want ≥ 2").into());
-        }
-        drop(listener);
-        // Replaced by a transparent one: steering resumes at the next check.
-        let _transparent = transparent_listener_resumes_steering(&s)?;
-        Ok(())
-    })
+            let dropped = s.node.counter(AGENT, "tproxy_no_socket") - dropped;
+            if dropped < 2 {
+                return Err(format!("tproxy_no_socket moved by {dropped}, want ≥ 2").into());
+            }
+            drop(listener);
+            // Replaced by a transparent one: steering resumes at the next check.
+            let _transparent = transparent_listener_resumes_steering(&s)?;
+            Ok(())
+        })
+        .expect("enter namespace")
 }
 
 /// Opens a transparent dual-stack listener, waits until the agent no longer reports an opaque
@@ -261,11 +269,16 @@ fn transparent_listener_resumes_steering(s: &Setup) -> Result<TcpListener, Faile
 fn no_listener() -> Result<(), Failed> {
     let s = setup()?;
     let dropped = s.node.counter(AGENT, "tproxy_no_socket");
-    let outcomes = s.node.ns.enter(|| {
-        probe_targets().map(|target| {
-            TcpStream::connect_timeout(&target, Duration::from_millis(700)).map_err(|e| e.kind())
+    let outcomes = s
+        .node
+        .ns
+        .enter(|| {
+            probe_targets().map(|target| {
+                TcpStream::connect_timeout(&target, Duration::from_millis(700))
+                    .map_err(|e| e.kind())
+            })
         })
-    });
+        .expect("enter namespace");
     for (target, outcome) in probe_targets().iter().zip(&outcomes) {
         if !matches!(outcome, Err(std::io::ErrorKind::TimedOut)) {
             return Err(format!(

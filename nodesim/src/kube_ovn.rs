@@ -22,7 +22,7 @@ use crate::{
     cmd,
     node::{
         Cluster, Family, KubeProxyMode, cleanup, exec, kube_ovn, kube_ovn::Positioning, kube_proxy,
-        netns::Netns,
+        netns::NetNs,
     },
     setup,
 };
@@ -359,20 +359,20 @@ pub fn positioning_of(version: &str) -> Positioning {
 }
 
 /// Runs the harness once in `ns` on the cluster in `cluster_file` (node `node1`, dual-stack).
-pub fn run_once(ns: &Netns, binary: &Path, cluster_file: &Path, cluster: &Cluster) -> Result<()> {
+pub fn run_once(ns: &NetNs, binary: &Path, cluster_file: &Path, cluster: &Cluster) -> Result<()> {
     run_once_with(ns, binary, cluster_file, cluster, &[])
 }
 
 /// [`run_once`] with more kube-ovn-cni flags (later flags override earlier ones: `--protocol ""`
 /// makes it take the families from the node's annotation, as kube-ovn-cni does).
 pub fn run_once_with(
-    ns: &Netns,
+    ns: &NetNs,
     binary: &Path,
     cluster_file: &Path,
     cluster: &Cluster,
     flags: &[&str],
 ) -> Result<()> {
-    let mut command = ns.command(&binary.display().to_string());
+    let mut command = ns.command(binary.display().to_string());
     command
         .arg("--cluster")
         .arg(cluster_file)
@@ -406,7 +406,7 @@ pub struct Running {
 
 /// Starts the harness in `ns` in its loop mode and returns after its first pass succeeded.
 pub fn spawn(
-    ns: &Netns,
+    ns: &NetNs,
     binary: &Path,
     cluster_file: &Path,
     cluster: &Cluster,
@@ -417,7 +417,7 @@ pub fn spawn(
 
 /// [`spawn`] with more kube-ovn-cni flags, as [`run_once_with`].
 pub fn spawn_with(
-    ns: &Netns,
+    ns: &NetNs,
     binary: &Path,
     cluster_file: &Path,
     cluster: &Cluster,
@@ -426,7 +426,7 @@ pub fn spawn_with(
 ) -> Result<Running> {
     let out = fs::File::create(log)?;
     let child = ns
-        .command(&binary.display().to_string())
+        .command(binary.display().to_string())
         .arg("--cluster")
         .arg(cluster_file)
         .args([
@@ -479,7 +479,7 @@ fn last_lines(s: &str, n: usize) -> String {
 }
 
 /// `iptables -t TABLE -S CHAIN` without the policy/`-N` line; empty when the chain is absent.
-fn chain(ns: &Netns, family: Family, table: &str, chain: &str) -> Result<Vec<String>> {
+fn chain(ns: &NetNs, family: Family, table: &str, chain: &str) -> Result<Vec<String>> {
     let out = ns.output(
         family.iptables(),
         &["-t", table, "-S", chain],
@@ -497,7 +497,7 @@ fn chain(ns: &Netns, family: Family, table: &str, chain: &str) -> Result<Vec<Str
 
 /// Members of an ipset, sorted; hash:net host entries without their /32 or /128 (as ipset lists
 /// them).
-fn set_members(ns: &Netns, name: &str) -> Result<Vec<String>> {
+fn set_members(ns: &NetNs, name: &str) -> Result<Vec<String>> {
     let out = ns.run("ipset", &["list", name])?;
     let mut members: Vec<String> = out
         .lines()
@@ -512,7 +512,7 @@ fn set_members(ns: &Netns, name: &str) -> Result<Vec<String>> {
 
 /// Every rule of the node in `iptables-save` order, without counters and per-table headers,
 /// prefixed by family and table: the unit a difference is reported in.
-fn all_rules(ns: &Netns, family: Family) -> Result<Vec<String>> {
+fn all_rules(ns: &NetNs, family: Family) -> Result<Vec<String>> {
     let save = match family {
         Family::V4 => "iptables-save",
         Family::V6 => "ip6tables-save",
@@ -844,14 +844,14 @@ fn loop_follows_changes(binary: &Path, cluster: &Cluster, dir: &Path) -> Result<
 
 /// A throw-away node namespace with kube-proxy's side (`node::kube_proxy`) in `mode`, and
 /// connection tracking on (a conntrack rule loads it and the nat table needs it).
-fn node_ns(cluster: &Cluster, mode: KubeProxyMode) -> Result<Netns> {
-    let ns = Netns::create(&format!("{}-kovn", cleanup::unique_stem()))?;
+fn node_ns(cluster: &Cluster, mode: KubeProxyMode) -> Result<NetNs> {
+    let ns = NetNs::create(&format!("{}-kovn", cleanup::unique_stem()))?;
     ns.run("ip", &["link", "set", "lo", "up"])?;
     kube_proxy::install(&ns, cluster, mode).context("kube-proxy's side")?;
     Ok(ns)
 }
 
-fn prerouting_is_spec(ns: &Netns, mode: KubeProxyMode) -> Result<()> {
+fn prerouting_is_spec(ns: &NetNs, mode: KubeProxyMode) -> Result<()> {
     for family in Family::ALL {
         let got = chain(ns, family, "nat", "OVN-PREROUTING")?;
         let want = spec_prerouting(family, mode);
@@ -868,7 +868,7 @@ fn prerouting_is_spec(ns: &Netns, mode: KubeProxyMode) -> Result<()> {
 /// The transcription's nat `OVN-PREROUTING`, installed in a twin namespace, is rule for rule the
 /// real one.
 fn prerouting_matches_transcription(
-    ns: &Netns,
+    ns: &NetNs,
     cluster: &Cluster,
     mode: KubeProxyMode,
 ) -> Result<()> {
@@ -885,7 +885,7 @@ fn prerouting_matches_transcription(
 }
 
 /// A namespace with kube-proxy's side and this project's transcription of Kube-OVN's rules.
-fn transcription_ns(cluster: &Cluster, mode: KubeProxyMode) -> Result<Netns> {
+fn transcription_ns(cluster: &Cluster, mode: KubeProxyMode) -> Result<NetNs> {
     let twin = node_ns(cluster, mode)?;
     kube_ovn::install_ipsets(&twin, cluster)?;
     kube_ovn::install_consumers(&twin, cluster)?;
@@ -893,7 +893,7 @@ fn transcription_ns(cluster: &Cluster, mode: KubeProxyMode) -> Result<Netns> {
     Ok(twin)
 }
 
-fn no_prerouting(ns: &Netns) -> Result<()> {
+fn no_prerouting(ns: &NetNs) -> Result<()> {
     for family in Family::ALL {
         for table in ["nat", "mangle"] {
             let jumps: Vec<String> = chain(ns, family, table, "PREROUTING")?
@@ -911,7 +911,7 @@ fn no_prerouting(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
-fn sets_are_spec(ns: &Netns) -> Result<()> {
+fn sets_are_spec(ns: &NetNs) -> Result<()> {
     for (set, want) in spec_sets() {
         let got = set_members(ns, set)?;
         ensure!(got == want, "{set}: got {got:?}, want {want:?}");
@@ -919,7 +919,7 @@ fn sets_are_spec(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
-fn consumers_present(ns: &Netns, mode: KubeProxyMode) -> Result<()> {
+fn consumers_present(ns: &NetNs, mode: KubeProxyMode) -> Result<()> {
     for family in Family::ALL {
         let post = chain(ns, family, "nat", "POSTROUTING")?;
         ensure!(
@@ -950,7 +950,7 @@ fn consumers_present(ns: &Netns, mode: KubeProxyMode) -> Result<()> {
 /// the same kube-proxy side), and every set whose members differ. A report, not a check: the
 /// lead decides which differences are deliberate (docs/kube-ovn-real.md lists them).
 fn report_differences(
-    ns: &Netns,
+    ns: &NetNs,
     cluster: &Cluster,
     mode: KubeProxyMode,
     name: &str,
@@ -970,7 +970,7 @@ fn report_differences(
             let _ = writeln!(out, "  order differs:        {chain}");
         }
     }
-    let names = |ns: &Netns| -> Result<BTreeSet<String>> {
+    let names = |ns: &NetNs| -> Result<BTreeSet<String>> {
         Ok(ns
             .run("ipset", &["list", "-n"])?
             .lines()

@@ -513,7 +513,7 @@ fn load_is_capped(generator: &Generator, max_ops: u64) -> bool {
 /// `gso_max_segs` is 1 (TCP sizes its segments by it at connect time), so nothing is coalesced
 /// before the node's TC program sees it. Restored on drop.
 struct SegmentsOnly<'a> {
-    pods: &'a crate::node::netns::Netns,
+    pods: &'a crate::node::netns::NetNs,
     previous: String,
 }
 
@@ -521,7 +521,7 @@ struct SegmentsOnly<'a> {
 const POD_LINK: &str = "ovn-lr";
 
 impl<'a> SegmentsOnly<'a> {
-    fn set(pods: &'a crate::node::netns::Netns) -> Result<Self> {
+    fn set(pods: &'a crate::node::netns::NetNs) -> Result<Self> {
         let details = pods.run("ip", &["-d", "link", "show", "dev", POD_LINK])?;
         let previous = details
             .split_whitespace()
@@ -569,7 +569,7 @@ fn flush_conntrack(node: &Node) -> Result<()> {
 /// Packets received on the node's `ovn0` (`/proc/net/dev`): every packet of the pod-side
 /// workloads crosses it, in both directions, and meets the TC program there.
 fn ovn0_rx_packets(node: &Node) -> Result<u64> {
-    node.ns(Host::Node).run_in(|| -> Result<u64> {
+    node.ns(Host::Node).enter(|| -> Result<u64> {
         let dev = std::fs::read_to_string("/proc/thread-self/net/dev")?;
         dev.lines()
             .find_map(|l| {

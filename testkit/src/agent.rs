@@ -10,7 +10,6 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::Read as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
@@ -18,34 +17,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot start {what}: {source}")]
-    Spawn {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
-    #[error("{what} did not finish within {timeout:?}")]
-    Timeout { what: String, timeout: Duration },
-    #[error("{what} failed ({status}): {stderr}")]
-    Failed {
-        what: String,
-        status: ExitStatus,
-        stderr: String,
-    },
-    #[error("{what}: not the JSON this kit reads: {source}")]
-    Json {
-        what: String,
-        source: serde_json::Error,
-    },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+use crate::exec::run_bounded;
+pub use crate::exec::{Error, Result};
 
 /// deploy/base/daemonset.yaml's `capabilities.add`, as `setpriv` spells them.
 pub const DAEMONSET_CAPS: &str = "+bpf,+net_admin,+perfmon,+net_raw";
@@ -73,6 +46,25 @@ impl Privilege {
             }
         }
     }
+
+    /// The command prefix that runs a program with these capabilities: nothing, or
+    /// `setpriv … --` (for a test that starts the agent through wrappers of its own).
+    pub fn wrapper(self) -> Vec<String> {
+        match self {
+            Self::Inherited => Vec::new(),
+            Self::DaemonSet => [
+                "setpriv".to_owned(),
+                "--reuid=0".to_owned(),
+                "--regid=0".to_owned(),
+                "--clear-groups".to_owned(),
+                format!("--bounding-set=-all,{DAEMONSET_CAPS}"),
+                format!("--inh-caps=-all,{DAEMONSET_CAPS}"),
+                format!("--ambient-caps=-all,{DAEMONSET_CAPS}"),
+                "--".to_owned(),
+            ]
+            .into(),
+        }
+    }
 }
 
 /// The agent binary in one namespace, on one bpffs root: builds its commands.
@@ -91,22 +83,26 @@ pub struct AgentCli {
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl AgentCli {
+    /// `binary` in `ns`, on the bpffs root `bpffs_root`, with `privilege`.
+    pub fn new(
+        ns: &crate::netns::NetNs,
+        binary: impl Into<PathBuf>,
+        bpffs_root: PathBuf,
+        privilege: Privilege,
+    ) -> Self {
+        Self {
+            netns: ns.name().to_owned(),
+            binary: binary.into(),
+            bpffs_root,
+            privilege,
+        }
+    }
+
     /// `ip netns exec NETNS [setpriv …] BINARY`, ready for the subcommand.
     pub fn command(&self) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.netns]);
-        if self.privilege == Privilege::DaemonSet {
-            command.args([
-                "setpriv",
-                "--reuid=0",
-                "--regid=0",
-                "--clear-groups",
-                &format!("--bounding-set=-all,{DAEMONSET_CAPS}"),
-                &format!("--inh-caps=-all,{DAEMONSET_CAPS}"),
-                &format!("--ambient-caps=-all,{DAEMONSET_CAPS}"),
-                "--",
-            ]);
-        }
+        command.args(self.privilege.wrapper());
         command.arg(&self.binary);
         command
     }
@@ -116,20 +112,13 @@ impl AgentCli {
     pub fn output(&self, args: &[&str], timeout: Duration) -> Result<Output> {
         let mut command = self.command();
         command.args(args).arg("--bpffs-root").arg(&self.bpffs_root);
-        run_bounded(&mut command, timeout)
+        run_bounded(&mut command, None, timeout)
     }
 
     /// Like [`AgentCli::output`], failing unless it exits 0; returns stdout.
     pub fn checked(&self, args: &[&str]) -> Result<String> {
         let output = self.output(args, CLI_TIMEOUT)?;
-        if !output.status.success() {
-            return Err(Error::Failed {
-                what: format!("kube-ovn-agent {}", args.join(" ")),
-                status: output.status,
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        crate::exec::success(format!("kube-ovn-agent {}", args.join(" ")), &output)
     }
 
     /// `status --json`.
@@ -268,49 +257,6 @@ impl Drop for AgentProcess {
     }
 }
 
-/// Runs `command` with stdout and stderr captured; kills it after `timeout`.
-pub fn run_bounded(command: &mut Command, timeout: Duration) -> Result<Output> {
-    let what = format!("{command:?}");
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            what: what.clone(),
-            source,
-        })?;
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Error::Timeout { what, timeout });
-            }
-            Err(source) => return Err(Error::Io { what, source }),
-        }
-    };
-    Ok(Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    })
-}
-
 /// `status --json`: what the pins say, plus what the running agent reports on `/status`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Status {
@@ -416,7 +362,7 @@ pub struct Interface {
 }
 
 /// `dump --json`: every map decoded.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Dump {
     pub v4: DumpFamily,
     pub v6: DumpFamily,
@@ -427,7 +373,7 @@ pub struct Dump {
 }
 
 /// One family's maps in `dump --json`; addresses and CIDRs as text.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 pub struct DumpFamily {
     /// Rule names in force (`R1a`, …).
     pub rules: Vec<String>,

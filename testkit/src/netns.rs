@@ -1,5 +1,6 @@
-//! Private network namespaces and bpffs mounts for tests: unique names per run, removed on drop
-//! (so also when a test panics). Nothing here touches the root namespace.
+//! Private network namespaces and bpffs mounts for the agent's tests and the node simulator:
+//! unique names per run, removed on drop (so also when a test panics) or by the caller's cleanup
+//! registry. Nothing here touches the root namespace.
 
 use std::{
     fs::File,
@@ -7,7 +8,10 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
+
+use crate::exec::{self, Error, Result};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -34,67 +38,185 @@ fn check(command: &mut Command) -> Output {
     output
 }
 
-/// A network namespace created with `ip netns add`.
+/// A network namespace created with `ip netns add`, and two ways to act inside it: commands via
+/// `ip netns exec` (what an operator or the agent's pod would see), and closures on a short-lived
+/// thread that joined the namespace with `setns` (sockets, `/proc/sys/net` reads and writes). Every
+/// command is bounded in time ([`exec`]).
+///
+/// It is deleted when dropped, or, when created with [`NetNs::create_guarded`], by the guard the
+/// caller's own cleanup registry returned (the node simulator's signal handler removes what is
+/// still registered on SIGINT/SIGTERM).
 pub struct NetNs {
-    pub name: String,
+    name: String,
+    /// `None`: this value deletes the namespace on drop; `Some`: the guard does.
+    guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl std::fmt::Debug for NetNs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
 }
 
 impl NetNs {
-    pub fn new(prefix: &str) -> Self {
-        let name = unique(prefix);
-        check(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        ns.sh("ip link set lo up");
-        ns
+    /// A namespace named [`unique`]`(prefix)` with its loopback up, deleted on drop.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let ns = Self::create(&unique(prefix))?;
+        ns.sh("ip link set lo up")?;
+        Ok(ns)
     }
 
-    /// A command that runs inside the namespace.
+    /// The namespace `name`, as is (loopback down), deleted on drop.
+    pub fn create(name: &str) -> Result<Self> {
+        exec::checked(Command::new("ip").args(["netns", "add", name]), None)?;
+        Ok(Self {
+            name: name.to_owned(),
+            guard: None,
+        })
+    }
+
+    /// The namespace `name`, handed to `register` the moment it exists; the guard `register`
+    /// returns deletes it when this value drops (or earlier, if the registry's owner decides so).
+    pub fn create_guarded<G: Send + Sync + 'static>(
+        name: &str,
+        register: impl FnOnce(&str) -> G,
+    ) -> Result<Self> {
+        exec::checked(Command::new("ip").args(["netns", "add", name]), None)?;
+        Ok(Self {
+            name: name.to_owned(),
+            guard: Some(Box::new(register(name))),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/<name>`, for [`join`].
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip netns exec <ns> <program>`, ready for arguments.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.name]).arg(program);
         command
     }
 
-    /// Runs a shell snippet inside the namespace; panics with its stderr on failure.
-    pub fn sh(&self, script: &str) -> String {
-        let output = check(self.command("sh").args(["-ec", script]));
-        String::from_utf8_lossy(&output.stdout).into_owned()
+    /// Runs a shell snippet (`sh -ec`) inside the namespace; fails with its stderr unless it
+    /// exits 0. Returns stdout.
+    pub fn sh(&self, script: &str) -> Result<String> {
+        self.run("sh", &["-ec", script])
     }
 
-    /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
-    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
+    /// Runs `program args…` in the namespace; fails with its stderr unless it exits 0.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
+        exec::checked(self.command(program).args(args), None)
+    }
+
+    /// Like [`NetNs::run`], with `stdin` fed to the program (restore files, `ip -batch`).
+    pub fn run_stdin(&self, program: &str, args: &[&str], stdin: &str) -> Result<String> {
+        exec::checked(self.command(program).args(args), Some(stdin))
+    }
+
+    /// Runs `program args…` and returns its output whatever the exit status, for callers that
+    /// look at failures themselves (the coexistence actors record iptables' own error text).
+    pub fn output(&self, program: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+        exec::run_bounded(self.command(program).args(args), None, timeout)
+    }
+
+    /// `ip -n <ns> -batch -`: many link/address/route commands in one process.
+    pub fn ip_batch(&self, lines: &str) -> Result<()> {
+        self.ip_batch_bounded(lines, exec::DEFAULT_TIMEOUT)
+    }
+
+    /// [`NetNs::ip_batch`] for batches too long for the default deadline (a benchmark's
+    /// 100 000 ClusterIPs on `kube-ipvs0`); errors quote only the batch's first lines.
+    pub fn ip_batch_bounded(&self, lines: &str, timeout: Duration) -> Result<()> {
+        let output = exec::run_bounded(
+            Command::new("ip").args(["-n", &self.name, "-batch", "-"]),
+            Some(lines),
+            timeout,
+        )?;
+        let head: Vec<&str> = lines.lines().take(5).collect();
+        let what = format!(
+            "ip -batch in {} ({} lines, starting {head:?})",
+            self.name,
+            lines.lines().count()
+        );
+        exec::success(what, &output).map(drop)
+    }
+
+    /// Writes `/proc/sys/<key>` (slash-separated, e.g. `net/ipv4/ip_forward`) in this namespace.
+    pub fn sysctl(&self, settings: &[(&str, &str)]) -> Result<()> {
+        self.enter(|| {
+            for (key, value) in settings {
+                let path = format!("/proc/sys/{key}");
+                std::fs::write(&path, value).map_err(|source| Error::Io {
+                    what: format!("writing {value} to {path}"),
+                    source,
+                })?;
+            }
+            Ok(())
+        })?
+    }
+
+    /// Runs `f` on a new thread that has joined this namespace; sockets it creates belong to the
+    /// namespace for their whole life, whichever thread uses them later. A panic in `f` goes on
+    /// in the caller.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = self.path();
         std::thread::scope(|scope| {
             scope
-                .spawn(|| {
-                    let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                    // SAFETY: a valid namespace fd; only this thread switches.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-                    f()
+                .spawn(|| -> Result<T> {
+                    join(&path)?;
+                    Ok(f())
                 })
                 .join()
-                .expect("thread in namespace panicked")
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        if self.guard.is_none() {
+            let _ = exec::run_bounded(
+                Command::new("ip").args(["netns", "del", &self.name]),
+                None,
+                exec::DEFAULT_TIMEOUT,
+            );
+        }
     }
+}
+
+/// Moves the calling thread into the namespace bound at `path` (`/run/netns/<name>`).
+pub fn join(path: &str) -> Result<()> {
+    let file = File::open(path).map_err(|source| Error::Io {
+        what: format!("opening {path}"),
+        source,
+    })?;
+    // SAFETY: the fd is valid for the duration of the call; setns only affects this thread's
+    // network namespace (CLONE_NEWNET is allowed in multi-threaded processes).
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(Error::Io {
+            what: format!("setns({path})"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// Connects two namespaces with a veth pair `(a_if in a) <-> (b_if in b)`.
 /// Created from inside `a`, so no interface ever exists in the root namespace.
-pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
+pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) -> Result<()> {
     a.sh(&format!(
         "ip link add name {a_if} type veth peer name {b_if} netns {} && ip link set {a_if} up",
         b.name
-    ));
-    b.sh(&format!("ip link set {b_if} up"));
+    ))?;
+    b.sh(&format!("ip link set {b_if} up"))?;
+    Ok(())
 }
 
 /// A bpffs mounted outside `/sys` (which `ip netns exec` replaces), so every command of a test

@@ -6,13 +6,11 @@
 
 use std::{path::Path, process::Command};
 
-use kube_ovn_testkit::control_plane::{Binaries, ControlPlane, Options};
-
-fn required() -> bool {
-    ["CI", "KOVN_REQUIRE_PRIVILEGED"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty() && v != "false"))
-}
+use kube_ovn_testkit::{
+    control_plane::{Binaries, ControlPlane, Options},
+    netns::{NetNs, unique},
+    privileged::required,
+};
 
 fn binaries() -> Option<Binaries> {
     match Binaries::from_env() {
@@ -132,15 +130,6 @@ fn admin_and_service_account_access_restarts_and_compaction() {
     assert!(!dir.exists(), "the directory is removed");
 }
 
-/// A namespace made for the test, deleted on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 #[test]
 fn inside_a_network_namespace_only_its_loopback_reaches_it() {
     let Some(binaries) = binaries() else {
@@ -152,18 +141,11 @@ fn inside_a_network_namespace_only_its_loopback_reaches_it() {
         eprintln!("\n*** SKIPPING the network-namespace control plane: needs root ***\n");
         return;
     }
-    let ns = Netns(format!("kovn-cp-test-{}", std::process::id()));
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &ns.0])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let ns = NetNs::create(&unique("kovn-cp-test-")).expect("create namespace");
     let mut options = Options::new(binaries.clone());
-    options.netns = Some(ns.0.clone());
+    options.netns = Some(ns.name().to_owned());
     let plane = ControlPlane::start(options).unwrap();
-    assert_eq!(plane.netns(), Some(ns.0.as_str()));
+    assert_eq!(plane.netns(), Some(ns.name()));
     kubectl(&plane, &["get", "namespaces"]);
     // From the caller's namespace the same address is not the server.
     let outside = Command::new(&binaries.kubectl)
@@ -174,7 +156,7 @@ fn inside_a_network_namespace_only_its_loopback_reaches_it() {
         .unwrap();
     assert!(!outside.status.success());
     let pids: Vec<String> = Command::new("ip")
-        .args(["netns", "pids", &ns.0])
+        .args(["netns", "pids", ns.name()])
         .output()
         .map(|o| {
             String::from_utf8_lossy(&o.stdout)
@@ -192,7 +174,7 @@ fn inside_a_network_namespace_only_its_loopback_reaches_it() {
     drop(plane);
     assert!(!Path::new(&dir).exists());
     let left = Command::new("ip")
-        .args(["netns", "pids", &ns.0])
+        .args(["netns", "pids", ns.name()])
         .output()
         .unwrap();
     assert!(left.stdout.is_empty(), "no process left in the namespace");

@@ -35,7 +35,7 @@ impl Agent {
 impl Node {
     pub fn new(prefix: &str) -> Self {
         Self {
-            ns: NetNs::new(prefix),
+            ns: NetNs::new(prefix).expect("create namespace"),
             bpffs: Bpffs::mount(),
         }
     }
@@ -47,12 +47,7 @@ impl Node {
     /// `binary`'s commands in this node, on its bpffs, with the capabilities
     /// `KOVN_TEST_AGENT_CAPS` names.
     pub fn cli(&self, binary: &str) -> AgentCli {
-        AgentCli {
-            netns: self.ns.name.clone(),
-            binary: binary.into(),
-            bpffs_root: self.root(),
-            privilege: Privilege::from_env(),
-        }
+        AgentCli::new(&self.ns, binary, self.root(), Privilege::from_env())
     }
 
     /// Starts `binary run` as node n1 on `cluster` (kube-proxy IPVS mode), plus `extra` flags.
@@ -138,7 +133,10 @@ impl Node {
     /// The packet count of the rule commented `comment` in `tool -t mangle` `chain`
     /// (`iptables` or `ip6tables`); 0 when there is no such rule.
     pub fn rule_packets(&self, tool: &str, chain: &str, comment: &str) -> u64 {
-        let listing = self.ns.sh(&format!("{tool} -t mangle -nvxL {chain}"));
+        let listing = self
+            .ns
+            .sh(&format!("{tool} -t mangle -nvxL {chain}"))
+            .expect("shell in namespace");
         listing
             .lines()
             .find(|l| l.contains(&format!("/* {comment} */")))

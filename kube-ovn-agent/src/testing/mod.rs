@@ -9,6 +9,7 @@ pub mod oracle;
 pub mod packet;
 pub mod stats;
 pub mod sync_order;
+pub mod topology;
 
 /// Network namespaces and bpffs mounts, shared with the e2e code through the testkit crate.
 pub use kube_ovn_testkit::netns;

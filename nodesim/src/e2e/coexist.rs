@@ -27,7 +27,7 @@ use crate::node::{
     Cluster, Family, HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec, cleanup,
     kube_ovn::{self, PREROUTING_JUMP, Positioning},
     kube_proxy::SERVICES_JUMP,
-    netns::Netns,
+    netns::NetNs,
 };
 
 pub const CALI_JUMP: &str =
@@ -42,7 +42,7 @@ fn spec(line: &str) -> &str {
 
 /// Calico's and the CNI hostport plugin's nat chains and jumps, as on a Canal/RKE2 node: Calico
 /// first, hostport last. The chains hold nothing that matches the scenarios' traffic.
-pub fn install_neighbours(ns: &Netns) -> Result<()> {
+pub fn install_neighbours(ns: &NetNs) -> Result<()> {
     let script = format!(
         "*nat\n:cali-PREROUTING - [0:0]\n:cali-fip-dnat - [0:0]\n:CNI-HOSTPORT-DNAT - [0:0]\n\
          -A cali-PREROUTING -m comment --comment \"cali:r6XmIziWUJsdOK6Z\" -j cali-fip-dnat\n\
@@ -56,7 +56,7 @@ pub fn install_neighbours(ns: &Netns) -> Result<()> {
 }
 
 /// Calico's raw `cali-PREROUTING`, which starts by clearing its mark bits (spec §1.4).
-pub fn install_calico_raw_clobber(ns: &Netns) -> Result<()> {
+pub fn install_calico_raw_clobber(ns: &NetNs) -> Result<()> {
     let script = format!(
         "*raw\n:cali-PREROUTING - [0:0]\n\
          -A cali-PREROUTING -m comment --comment \"cali:XFX5xbM8B9qR10JG\" -j MARK \
@@ -154,7 +154,7 @@ const VECTORS: &[VectorDef] = &[
 
 /// Runs C1–C6 with the real iptables in a scratch namespace, both families.
 pub fn control_plane_vectors() -> Result<Vec<VectorResult>> {
-    let ns = Netns::create(&format!("{}-cvec", cleanup::unique_stem()))?;
+    let ns = NetNs::create(&format!("{}-cvec", cleanup::unique_stem()))?;
     for family in Family::ALL {
         let ipt = family.iptables();
         for chain in [
@@ -289,7 +289,7 @@ const ACTOR_PERIOD: Duration = Duration::from_millis(100);
 const IPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn actor_loop(
-    ns: &Netns,
+    ns: &NetNs,
     actor: Actor,
     stop: &AtomicBool,
     deadline: Instant,
@@ -314,7 +314,7 @@ fn actor_loop(
 }
 
 fn actor_pass(
-    ns: &Netns,
+    ns: &NetNs,
     family: Family,
     actor: Actor,
     stats: &mut ActorStats,
@@ -344,7 +344,7 @@ fn actor_pass(
 }
 
 pub(super) fn calico_pass(
-    ns: &Netns,
+    ns: &NetNs,
     family: Family,
     stats: &mut ActorStats,
     started: Instant,
@@ -386,7 +386,7 @@ pub(super) fn calico_pass(
 }
 
 fn kube_proxy_pass(
-    ns: &Netns,
+    ns: &NetNs,
     family: Family,
     stats: &mut ActorStats,
     started: Instant,

@@ -520,7 +520,7 @@ fn probe_across_restarts(
     );
     let (result, counts) = std::thread::scope(|s| {
         let prober = s.spawn(|| -> Result<Vec<(Outcome, u32, u32)>> {
-            netns::enter(&pods_path)?;
+            netns::join(&pods_path)?;
             let mut tally: Vec<(Outcome, u32, u32)> =
                 case.probes.iter().map(|(_, e)| (e.clone(), 0, 0)).collect();
             let deadline = Instant::now() + Duration::from_mins(3);
@@ -615,7 +615,7 @@ fn add_extra(node: &Node, extra: Extra) -> Result<Option<TunLink>> {
             wait_up(&[(n, "ktun0"), (ext, "ktun0")])?;
             // One connection to a closed port of the node's tun address (refused, outcome
             // ignored) before the judged probe: the link carries packets both ways by then.
-            ext.run_in(|| {
+            ext.enter(|| {
                 let warm_up = Probe::tcp(Host::Ext, TUN_EXT_V4, TUN_NODE_V4, 9);
                 let _ = traffic::probe(&warm_up, PROBE_TIMEOUT);
             })?;
@@ -644,7 +644,7 @@ fn add_extra(node: &Node, extra: Extra) -> Result<Option<TunLink>> {
 }
 
 /// Waits (at most 5 s) until each link's operational state is not DOWN (tun reports UNKNOWN).
-fn wait_up(links: &[(&netns::Netns, &str)]) -> Result<()> {
+fn wait_up(links: &[(&netns::NetNs, &str)]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     for (ns, link) in links {
         loop {

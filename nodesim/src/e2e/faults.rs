@@ -35,7 +35,7 @@ use crate::node::{
     Cluster, Hook, HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec, Outcome,
     agent::Agent,
     bpf::{self, ForeignTcx},
-    netns::{self, Netns},
+    netns::{self, NetNs},
     traffic,
 };
 
@@ -379,7 +379,7 @@ fn steady(
         let from = scenario.probe.from;
         // A thread may switch namespaces at will; sockets stay in the one they were made in.
         if inside != Some(from) {
-            netns::enter(paths.get(&from).context("no namespace for the probe")?)?;
+            netns::join(paths.get(&from).context("no namespace for the probe")?)?;
             inside = Some(from);
         }
         let want = &scenario
@@ -615,11 +615,11 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> Result<bool>) -> Result
 /// Where the kernel runs our program at ingress in the node namespace — (ifname, program id) —
 /// from its own tables, not from the agent: tcx programs named `kovn_ingress` and tc filters
 /// naming it. Independent of global program listings, which other runs' programs share.
-fn our_programs(ns: &Netns) -> Result<Vec<(String, u32)>> {
+fn our_programs(ns: &NetNs) -> Result<Vec<(String, u32)>> {
     let mut found = Vec::new();
     for ifname in ["eth0", "ovn0"] {
         for (prog, _) in ns
-            .run_in(move || bpf::tcx_ingress(ifname))?
+            .enter(move || bpf::tcx_ingress(ifname))?
             .with_context(|| format!("querying tcx ingress of {ifname}"))?
         {
             if bpf::prog_name(prog)?.as_deref() == Some(OUR_PROGRAM) {
@@ -792,7 +792,7 @@ struct Foreign {
 }
 
 impl Foreign {
-    fn install(ns: &Netns, ifname: &'static str) -> Result<Self> {
+    fn install(ns: &NetNs, ifname: &'static str) -> Result<Self> {
         ns.run("tc", &["qdisc", "replace", "dev", ifname, "clsact"])?;
         ns.run(
             "tc",
@@ -819,13 +819,13 @@ impl Foreign {
             ],
         )?;
         let tcx = ns
-            .run_in(|| ForeignTcx::attach(ifname))?
+            .enter(|| ForeignTcx::attach(ifname))?
             .with_context(|| format!("linking a foreign tcx program on {ifname}"))?;
         Ok(Self { ifname, tcx })
     }
 
     /// What is missing or changed of this component's objects (empty: all there).
-    fn check(&self, ns: &Netns) -> Result<Vec<String>> {
+    fn check(&self, ns: &NetNs) -> Result<Vec<String>> {
         let mut problems = Vec::new();
         let filters = ns.run("tc", &["filter", "show", "dev", self.ifname, "ingress"])?;
         if !filters.contains("pref 7 u32") {
@@ -841,7 +841,7 @@ impl Foreign {
             ));
         }
         let ifname = self.ifname;
-        let tcx = ns.run_in(move || bpf::tcx_ingress(ifname))??;
+        let tcx = ns.enter(move || bpf::tcx_ingress(ifname))??;
         if !tcx.contains(&(self.tcx.prog_id, self.tcx.link_id)) {
             problems.push(format!(
                 "{}: foreign tcx program {} (link {}) gone: tcx ingress now {tcx:?}",

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::node::{
     Cluster, Family, HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec, agent::Agent,
-    kube_ovn::PREROUTING_JUMP, netns::Netns,
+    kube_ovn::PREROUTING_JUMP, netns::NetNs,
 };
 
 /// One step, after which every scenario ran once (or, for verify, traffic ran throughout).
@@ -183,7 +183,7 @@ fn mode(agent: &Agent) -> Result<String> {
 
 /// The nat and mangle tables of both families as `iptables -S` prints them, each line prefixed
 /// with its family and table.
-fn nat_and_mangle(ns: &Netns) -> Result<Vec<String>> {
+fn nat_and_mangle(ns: &NetNs) -> Result<Vec<String>> {
     let mut lines = Vec::new();
     for family in Family::ALL {
         for table in ["nat", "mangle"] {

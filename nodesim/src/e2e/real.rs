@@ -440,8 +440,8 @@ fn deletion_error(text: &str) -> String {
 }
 
 /// A scratch namespace whose nat PREROUTING (both families) is `start`.
-fn start_state(start: &[&str]) -> Result<crate::node::netns::Netns> {
-    let ns = crate::node::netns::Netns::create(&format!("{}-kpos", cleanup::unique_stem()))?;
+fn start_state(start: &[&str]) -> Result<crate::node::netns::NetNs> {
+    let ns = crate::node::netns::NetNs::create(&format!("{}-kpos", cleanup::unique_stem()))?;
     for family in Family::ALL {
         let mut script = String::from("*nat\n");
         for chain in [
@@ -461,7 +461,7 @@ fn start_state(start: &[&str]) -> Result<crate::node::netns::Netns> {
     Ok(ns)
 }
 
-fn listing(ns: &crate::node::netns::Netns, family: Family) -> Result<Vec<String>> {
+fn listing(ns: &crate::node::netns::NetNs, family: Family) -> Result<Vec<String>> {
     Ok(crate::node::kube_ovn::list_prerouting(ns, family)?
         .iter()
         .skip(1)

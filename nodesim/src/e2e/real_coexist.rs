@@ -34,7 +34,7 @@ use crate::{
         Cluster, Family, HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec,
         kube_ovn::{PREROUTING_JUMP, list_prerouting},
         kube_proxy::SERVICES_JUMP,
-        netns::Netns,
+        netns::NetNs,
     },
 };
 
@@ -290,7 +290,7 @@ fn failed_passes(text: &str) -> (usize, usize) {
 }
 
 /// Replaces kube-proxy's service jump by [`NFT_STAND_IN`] at the end of nat PREROUTING.
-fn hide_services_jump(ns: &Netns) -> Result<()> {
+fn hide_services_jump(ns: &NetNs) -> Result<()> {
     let strip = |l: &'static str| l.strip_prefix("-A PREROUTING ").expect("a PREROUTING rule");
     let script = format!(
         "*nat\n-D PREROUTING {}\n-A PREROUTING {}\nCOMMIT\n",
@@ -305,7 +305,7 @@ fn hide_services_jump(ns: &Netns) -> Result<()> {
 }
 
 /// The Calico actor at felix's pace; returns its passes.
-fn calico_loop(ns: &Netns, stop: &AtomicBool, deadline: Instant) -> Result<usize> {
+fn calico_loop(ns: &NetNs, stop: &AtomicBool, deadline: Instant) -> Result<usize> {
     let started = Instant::now();
     let mut stats = coexist::ActorStats::default();
     let mut jitter = coexist::Jitter::new(u64::from(started.elapsed().subsec_nanos()) | 7);
@@ -340,7 +340,7 @@ fn sleep_until_stop(total: Duration, stop: &AtomicBool) {
 /// kube-proxy's side: a missing stand-in is appended again within one sample period (either
 /// family), and counted, so the outcomes measure Kube-OVN's churn rather than a deletion that
 /// cannot happen on a real node, and the count shows how often the stand-in was hit.
-fn sample_loop(ns: &Netns, stop: &AtomicBool, deadline: Instant) -> Result<(usize, usize, usize)> {
+fn sample_loop(ns: &NetNs, stop: &AtomicBool, deadline: Instant) -> Result<(usize, usize, usize)> {
     let mut last: Option<(Option<usize>, usize)> = None;
     let (mut changes, mut max_copies, mut restores) = (0, 0, 0);
     let stand_in = NFT_STAND_IN

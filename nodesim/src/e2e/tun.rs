@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
-use crate::node::netns::Netns;
+use crate::node::netns::NetNs;
 
 pub struct TunLink {
     stop: Arc<AtomicBool>,
@@ -28,9 +28,9 @@ pub struct TunLink {
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 
 /// Creates `name` in `ns` (a tun device owned by the returned file).
-fn open_tun(ns: &Netns, name: &str) -> Result<File> {
+fn open_tun(ns: &NetNs, name: &str) -> Result<File> {
     let name = name.to_owned();
-    ns.run_in(move || -> Result<File> {
+    ns.enter(move || -> Result<File> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -58,7 +58,7 @@ fn open_tun(ns: &Netns, name: &str) -> Result<File> {
 impl TunLink {
     /// `name` in `a` and in `b`, joined by the relay. The caller configures addresses and brings
     /// the devices up.
-    pub fn create(a: &Netns, b: &Netns, name: &str) -> Result<Self> {
+    pub fn create(a: &NetNs, b: &NetNs, name: &str) -> Result<Self> {
         let left = open_tun(a, name)?;
         let right = open_tun(b, name)?;
         let stop = Arc::new(AtomicBool::new(false));

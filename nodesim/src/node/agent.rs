@@ -304,7 +304,7 @@ impl Agent {
         let ns_path = format!("/run/netns/{}", self.cli.netns);
         thread::scope(|s| {
             s.spawn(|| -> Result<(u16, String)> {
-                netns::enter(&ns_path)?;
+                netns::join(&ns_path)?;
                 let addr: SocketAddr = METRICS_ADDR.parse().expect("valid address");
                 let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(300))?;
                 stream.set_read_timeout(Some(Duration::from_secs(2)))?;

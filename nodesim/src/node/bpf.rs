@@ -3,7 +3,7 @@
 //! interface (bpftool 7.1 predates tcx), and whether a program id still exists.
 //!
 //! Program and link ids are global, but ifindexes are per namespace: [`ForeignTcx::attach`] and
-//! [`tcx_ingress`] must run on a thread inside the node's namespace ([`super::netns::Netns::run_in`]).
+//! [`tcx_ingress`] must run on a thread inside the node's namespace ([`super::netns::NetNs::enter`]).
 
 use std::{
     ffi::CString,

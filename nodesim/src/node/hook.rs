@@ -10,7 +10,7 @@ use super::{
     NodeSpec,
     agent::{Agent, AgentConfig},
     kube_ovn,
-    netns::Netns,
+    netns::NetNs,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,7 +46,7 @@ pub enum Hook {
 impl Hook {
     pub(super) fn install(
         kind: HookKind,
-        node: &Netns,
+        node: &NetNs,
         spec: &NodeSpec,
         options: &HookOptions,
     ) -> Result<Self> {

@@ -10,7 +10,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use anyhow::{Context as _, Result};
 
-use super::{Family, cluster::Cluster, kube_proxy, netns::Netns};
+use super::{Family, cluster::Cluster, kube_proxy, netns::NetNs};
 
 /// The jump Kube-OVN keeps in nat `PREROUTING`, as `iptables -S` prints it.
 pub const PREROUTING_JUMP: &str =
@@ -29,7 +29,7 @@ pub const PREROUTING_JUMP_ARGS: &[&str] = &[
 const MAXELEM: u32 = 1_048_576;
 
 /// Creates `ovn40*`/`ovn60*` with the cluster's contents.
-pub fn install_ipsets(ns: &Netns, cluster: &Cluster) -> Result<()> {
+pub fn install_ipsets(ns: &NetNs, cluster: &Cluster) -> Result<()> {
     let mut s = String::new();
     for family in Family::ALL {
         let sets = cluster.ovn_sets(family);
@@ -61,11 +61,12 @@ pub fn install_ipsets(ns: &Netns, cluster: &Cluster) -> Result<()> {
             }
         }
     }
-    ns.run_stdin("ipset", &["restore"], &s).map(drop)
+    ns.run_stdin("ipset", &["restore"], &s)?;
+    Ok(())
 }
 
 /// The names of the node's ipsets.
-fn ipset_names(ns: &Netns) -> Result<Vec<String>> {
+fn ipset_names(ns: &NetNs) -> Result<Vec<String>> {
     Ok(ns
         .run("ipset", &["list", "-n"])?
         .lines()
@@ -80,7 +81,7 @@ struct Facts {
     node_ip: Option<std::net::IpAddr>,
 }
 
-fn facts(ns: &Netns, cluster: &Cluster, family: Family) -> Result<Facts> {
+fn facts(ns: &NetNs, cluster: &Cluster, family: Family) -> Result<Facts> {
     let names = ipset_names(ns)?;
     let exists = |set: &str| names.iter().any(|n| n == set);
     let mut node_port_local = Vec::new();
@@ -101,7 +102,7 @@ fn facts(ns: &Netns, cluster: &Cluster, family: Family) -> Result<Facts> {
 /// the empty `OVN-NAT-POLICY`, the filter accept rules, and in IPVS mode the REJECT guard (plus
 /// its mirror for the IPVS emulation, see `kube_proxy`). Rule text is Kube-OVN's, with
 /// `--random-fully` as iptables 1.8.9 supports it.
-pub fn install_consumers(ns: &Netns, cluster: &Cluster) -> Result<()> {
+pub fn install_consumers(ns: &NetNs, cluster: &Cluster) -> Result<()> {
     for family in Family::ALL {
         let f = facts(ns, cluster, family)?;
         let script = consumer_rules(cluster, family, &f);
@@ -241,7 +242,7 @@ fn prerouting_rules(family: Family, f: &Facts) -> Vec<String> {
 /// Installs nat `OVN-PREROUTING` and its jump the way Kube-OVN's `updateIptablesChain` does on a
 /// fresh node: create the chain, insert the missing jump at position 1, insert each rule at its
 /// index — one `iptables` command each.
-pub fn install_prerouting(ns: &Netns, cluster: &Cluster) -> Result<()> {
+pub fn install_prerouting(ns: &NetNs, cluster: &Cluster) -> Result<()> {
     for family in Family::ALL {
         let f = facts(ns, cluster, family)?;
         let ipt = family.iptables();
@@ -303,7 +304,7 @@ const IPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `iptables -t nat -S PREROUTING` as lines; index 0 is the `-P` policy line, so rule `i` is at
 /// index `i`, as in go-iptables' `List`.
-pub fn list_prerouting(ns: &Netns, family: Family) -> Result<Vec<String>> {
+pub fn list_prerouting(ns: &NetNs, family: Family) -> Result<Vec<String>> {
     Ok(ns
         .run(family.iptables(), &["-t", "nat", "-S", "PREROUTING"])?
         .lines()
@@ -312,7 +313,7 @@ pub fn list_prerouting(ns: &Netns, family: Family) -> Result<Vec<String>> {
 }
 
 /// Runs one iptables command; its failure is returned as iptables' own stderr text.
-fn ipt(ns: &Netns, family: Family, args: &[&str]) -> Result<std::result::Result<(), String>> {
+fn ipt(ns: &NetNs, family: Family, args: &[&str]) -> Result<std::result::Result<(), String>> {
     let out = ns.output(family.iptables(), args, IPT_TIMEOUT)?;
     Ok(if out.status.success() {
         Ok(())
@@ -323,7 +324,7 @@ fn ipt(ns: &Netns, family: Family, args: &[&str]) -> Result<std::result::Result<
 
 /// One pass of Kube-OVN's `createIptablesRule` for the nat PREROUTING jump (spec §3.1).
 /// `Err` only for failures to run iptables at all; iptables' own errors land in the log.
-pub fn ensure_prerouting_jump(ns: &Netns, family: Family, version: Positioning) -> Result<PassLog> {
+pub fn ensure_prerouting_jump(ns: &NetNs, family: Family, version: Positioning) -> Result<PassLog> {
     let mut log = PassLog::default();
     let exists = ipt(
         ns,
@@ -344,7 +345,7 @@ pub fn ensure_prerouting_jump(ns: &Netns, family: Family, version: Positioning) 
     Ok(log)
 }
 
-fn insert_jump(ns: &Netns, family: Family, position: usize, log: &mut PassLog) -> Result<bool> {
+fn insert_jump(ns: &NetNs, family: Family, position: usize, log: &mut PassLog) -> Result<bool> {
     let pos = position.to_string();
     log.actions
         .push(format!("insert nat prerouting rule at position {pos}"));
@@ -368,7 +369,7 @@ fn insert_jump(ns: &Netns, family: Family, position: usize, log: &mut PassLog) -
     }
 }
 
-fn delete_at(ns: &Netns, family: Family, position: usize, log: &mut PassLog) -> Result<bool> {
+fn delete_at(ns: &NetNs, family: Family, position: usize, log: &mut PassLog) -> Result<bool> {
     let pos = position.to_string();
     log.actions
         .push(format!("delete iptables rule by pos {pos}"));
@@ -389,7 +390,7 @@ fn delete_at(ns: &Netns, family: Family, position: usize, log: &mut PassLog) -> 
     }
 }
 
-fn legacy_pass(ns: &Netns, family: Family, log: &mut PassLog) -> Result<()> {
+fn legacy_pass(ns: &NetNs, family: Family, log: &mut PassLog) -> Result<()> {
     let rules = list_prerouting(ns, family)?;
     log.copies_seen = rules.iter().filter(|r| *r == PREROUTING_JUMP).count();
     if rules.get(1).map(String::as_str) != Some(PREROUTING_JUMP) {
@@ -413,7 +414,7 @@ fn positions(rules: &[String], line: &str) -> Vec<usize> {
         .collect()
 }
 
-fn current_pass(ns: &Netns, family: Family, version: Positioning, log: &mut PassLog) -> Result<()> {
+fn current_pass(ns: &NetNs, family: Family, version: Positioning, log: &mut PassLog) -> Result<()> {
     // ensureNatPreroutingRulePosition
     let rules = list_prerouting(ns, family)?;
     log.copies_seen = positions(&rules, PREROUTING_JUMP).len();

@@ -31,7 +31,7 @@ use std::{fmt::Write as _, net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 
-use super::{Family, KubeProxyMode, L4, cluster::Cluster, exec, netns::Netns};
+use super::{Family, KubeProxyMode, L4, cluster::Cluster, exec, netns::NetNs};
 
 /// The emulated IPVS virtual servers.
 pub const IPVS_EMULATION_CHAIN: &str = "KOVN-E2E-IPVS";
@@ -42,7 +42,7 @@ pub const GUARD_MIRROR_CHAIN: &str = "KOVN-E2E-IPVS-GUARD";
 pub const SERVICES_JUMP: &str =
     "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES";
 
-pub fn install(ns: &Netns, cluster: &Cluster, mode: KubeProxyMode) -> Result<()> {
+pub fn install(ns: &NetNs, cluster: &Cluster, mode: KubeProxyMode) -> Result<()> {
     if mode == KubeProxyMode::Ipvs {
         ns.run_stdin("ipset", &["restore"], &ipvs_sets(cluster))
             .context("creating kube-proxy's IPVS-mode ipsets")?;
@@ -93,7 +93,7 @@ fn ipvs_sets(cluster: &Cluster) -> String {
 }
 
 /// kube-proxy's dummy link holding every ClusterIP, so they are local addresses.
-fn kube_ipvs0(ns: &Netns, cluster: &Cluster) -> Result<()> {
+fn kube_ipvs0(ns: &NetNs, cluster: &Cluster) -> Result<()> {
     let mut batch = String::from("link add kube-ipvs0 type veth peer name kube-ipvs0-p\n");
     let mut addresses = 0u32;
     for service in &cluster.services {

@@ -12,13 +12,13 @@ pub mod agent;
 pub mod bpf;
 pub mod cleanup;
 pub mod cluster;
-pub mod exec;
 pub mod hook;
 pub mod kube_ovn;
 pub mod kube_proxy;
-pub mod netns;
 pub mod topology;
 pub mod traffic;
+
+pub use kube_ovn_testkit::{exec, netns};
 
 use std::{fmt, net::IpAddr, time::Duration};
 
@@ -29,7 +29,7 @@ pub use self::{
     hook::{Hook, HookKind, HookOptions},
     traffic::{Outcome, Probe},
 };
-use self::{netns::Netns, topology::Namespaces, traffic::Backends};
+use self::{netns::NetNs, topology::Namespaces, traffic::Backends};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Family {
@@ -245,15 +245,16 @@ impl Node {
         self.hook.as_ref()
     }
 
-    pub fn ns(&self, host: Host) -> &Netns {
+    pub fn ns(&self, host: Host) -> &NetNs {
         self.ns.get(host)
     }
 
     /// Opens one connection (or sends one datagram) as `probe` describes and reports what the
     /// receiver saw.
     pub fn probe(&self, probe: &Probe, timeout: Duration) -> Result<Outcome> {
-        self.ns(probe.from)
-            .run_in(|| traffic::probe(probe, timeout))
+        Ok(self
+            .ns(probe.from)
+            .enter(|| traffic::probe(probe, timeout))?)
     }
 
     /// Deletes `ovn0` (and the OVN router's end of it): fault injection.
@@ -275,7 +276,7 @@ impl Node {
     /// Conntrack entries in the node namespace. Zero after traffic means connection tracking is
     /// off there and every nat rule silently matches nothing (design §5).
     pub fn conntrack_entries(&self) -> Result<usize> {
-        self.ns.node.run_in(|| {
+        self.ns.node.enter(|| {
             std::fs::read_to_string("/proc/thread-self/net/nf_conntrack")
                 .map(|s| s.lines().count())
                 .context("reading /proc/net/nf_conntrack in the node namespace")
@@ -285,8 +286,7 @@ impl Node {
     /// Kernel counter of locally created fragments on `host` (`FragCreates`), to prove a probe
     /// really left as fragments.
     pub fn frag_creates(&self, host: Host, family: Family) -> Result<u64> {
-        self.ns(host)
-            .run_in(move || traffic::frag_creates(family))?
+        self.ns(host).enter(move || traffic::frag_creates(family))?
     }
 }
 

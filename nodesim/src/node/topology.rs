@@ -20,7 +20,7 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use anyhow::{Context as _, Result};
 
-use super::{Host, netns::Netns};
+use super::{Host, cleanup, netns::NetNs};
 
 /// The fixture's addresses (spec §5.1 where it names them).
 pub mod addr {
@@ -119,15 +119,15 @@ const OTHER_NODE_ROUTES: &[&str] = &[
 
 /// The run's namespaces, one per [`Host`].
 pub struct Namespaces {
-    pub node: Netns,
-    pub pods: Netns,
-    pub lan: Netns,
-    pub ext: Netns,
-    pub other: Netns,
+    pub node: NetNs,
+    pub pods: NetNs,
+    pub lan: NetNs,
+    pub ext: NetNs,
+    pub other: NetNs,
 }
 
 impl Namespaces {
-    pub fn get(&self, host: Host) -> &Netns {
+    pub fn get(&self, host: Host) -> &NetNs {
         match host {
             Host::Node => &self.node,
             Host::Pods => &self.pods,
@@ -140,7 +140,17 @@ impl Namespaces {
 
 /// Creates the namespaces and wires them as in the module diagram.
 pub fn build(stem: &str) -> Result<Namespaces> {
-    let ns = |role: &str| Netns::create(&format!("{stem}-{role}"));
+    // Registered with `cleanup` the moment it exists (so also removed on a signal). IPv6
+    // duplicate address detection is switched off before any link exists, so addresses
+    // (including link-local ones NDP uses) are usable at once.
+    let ns = |role: &str| -> Result<NetNs> {
+        let ns = NetNs::create_guarded(&format!("{stem}-{role}"), cleanup::netns)?;
+        ns.sysctl(&[
+            ("net/ipv6/conf/all/accept_dad", "0"),
+            ("net/ipv6/conf/default/accept_dad", "0"),
+        ])?;
+        Ok(ns)
+    };
     let ns = Namespaces {
         node: ns("node")?,
         pods: ns("pods")?,
@@ -293,7 +303,7 @@ fn pods_batch() -> String {
 /// `ovn0` here is a veth pair, so the OVN router's port (`ovn-lr`, which holds the pod
 /// addresses) goes with it; [`recreate_ovn0`] puts both back.
 pub fn delete_ovn0(ns: &Namespaces) -> Result<()> {
-    ns.node.ip_batch("link del ovn0\n")
+    Ok(ns.node.ip_batch("link del ovn0\n")?)
 }
 
 /// Creates `ovn0` again as kube-ovn-cni's `loopOvn0Check` does — same name, same addresses, same

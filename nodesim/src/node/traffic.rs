@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::{Family, Host, L4, netns::Netns};
+use super::{Family, Host, L4, netns::NetNs};
 
 /// What the receiving side of one connection attempt experienced.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -310,7 +310,7 @@ impl Backends {
     /// TCP listens on `[::]` (an accepted socket answers from the address the client reached);
     /// UDP binds each address of `udp` (a wildcard socket would answer from the outgoing
     /// interface's address, which conntrack cannot match to the flow after DNAT).
-    pub fn start(ns: &Netns, tcp_ports: &[u16], udp: &[SocketAddr]) -> Result<Self> {
+    pub fn start(ns: &NetNs, tcp_ports: &[u16], udp: &[SocketAddr]) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         let path = format!("/run/netns/{}", ns.name());
@@ -319,8 +319,9 @@ impl Backends {
         let thread = thread::Builder::new()
             .name(format!("backends-{}", ns.name()))
             .spawn(move || {
-                let listeners =
-                    super::netns::enter(&path).and_then(|()| bind_all(&tcp_ports, &udp));
+                let listeners = super::netns::join(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| bind_all(&tcp_ports, &udp));
                 match listeners {
                     Ok(listeners) => {
                         let _ = ready_tx.send(Ok(()));

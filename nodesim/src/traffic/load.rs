@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::state;
 use crate::node::{
-    netns::{self, Netns},
+    netns::{self, NetNs},
     traffic::set_int_opt,
 };
 
@@ -52,8 +52,8 @@ pub struct Servers {
 }
 
 impl Servers {
-    pub fn start(pods: &Netns) -> Result<Self> {
-        let (listener, udp) = pods.run_in(|| -> Result<(TcpListener, UdpSocket)> {
+    pub fn start(pods: &NetNs) -> Result<Self> {
+        let (listener, udp) = pods.enter(|| -> Result<(TcpListener, UdpSocket)> {
             let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
             tcp.set_reuse_address(true)?;
             tcp.bind(&SocketAddr::from((state::BACKEND, state::TCP_PORT)).into())
@@ -325,7 +325,7 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn new(ns: &Netns, src: Ipv4Addr, dst: SocketAddrV4) -> Self {
+    pub fn new(ns: &NetNs, src: Ipv4Addr, dst: SocketAddrV4) -> Self {
         Self {
             ns_path: format!("/run/netns/{}", ns.name()),
             src,
@@ -378,7 +378,7 @@ impl Generator {
                     .name(format!("bench-gen-{i}"))
                     .spawn(move || {
                         pin();
-                        if let Err(e) = netns::enter(&target.ns_path) {
+                        if let Err(e) = netns::join(&target.ns_path) {
                             counters.fail(&std::io::Error::other(format!("{e:#}")));
                             return Vec::new();
                         }
@@ -620,7 +620,7 @@ fn request_response(
 pub fn check_connection(target: &Target) -> Result<()> {
     let target = target.clone();
     thread::spawn(move || -> Result<()> {
-        netns::enter(&target.ns_path)?;
+        netns::join(&target.ns_path)?;
         one_connection(&target).with_context(|| {
             format!(
                 "{} → {}: connect, request, response",

@@ -16,7 +16,7 @@ use crate::node::{
     cluster::{Cidr, DEFAULT_VPC, Node as ClusterNode, Service, ServicePort, Subnet},
     exec,
     kube_proxy::GUARD_MIRROR_CHAIN,
-    netns::Netns,
+    netns::NetNs,
     topology::addr,
 };
 
@@ -165,7 +165,7 @@ pub fn map_entries(bpffs: &Path, map: &str) -> Result<usize> {
 }
 
 /// Members of an ipset in the node namespace (`ipset list -t` header).
-pub fn ipset_entries(ns: &Netns, set: &str) -> Result<usize> {
+pub fn ipset_entries(ns: &NetNs, set: &str) -> Result<usize> {
     let out = ns.run("ipset", &["list", "-t", set])?;
     out.lines()
         .find_map(|l| l.strip_prefix("Number of entries: "))
@@ -177,7 +177,7 @@ pub fn ipset_entries(ns: &Netns, set: &str) -> Result<usize> {
 /// meet it after DNAT) returns instead of rejecting. With no PREROUTING logic at all, the real
 /// guard refuses every pod → ClusterIP connection, so a baseline that keeps it measures
 /// refusals, not the datapath. The rule is still evaluated, so its cost stays in the baseline.
-pub fn neutralise_guard(node: &Netns) -> Result<()> {
+pub fn neutralise_guard(node: &NetNs) -> Result<()> {
     for family in Family::ALL {
         let ipt = family.iptables();
         let rules = node.run(ipt, &["-S", GUARD_MIRROR_CHAIN])?;
