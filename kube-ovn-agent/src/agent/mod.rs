@@ -467,6 +467,9 @@ impl<K: Kernel> Agent<K> {
             }
             Changes::Objects(_) | Changes::Reset => {
                 self.engine.reset(&running.source.snapshot());
+                // The snapshot (Services built from the kube source's projection) and the
+                // engine's previous state are freed.
+                crate::source::release_freed_memory();
                 self.owed = Owed::FullWrite;
             }
         }

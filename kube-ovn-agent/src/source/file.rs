@@ -36,7 +36,10 @@ use serde_saphyr::Spanned;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
-use super::{ClusterSource, Feed, Running, SourceStatus};
+use super::{
+    ClusterSource, Feed, Running, SourceStatus,
+    kube::{trim_node, trim_pod, trim_service, trim_service_cidr, trim_subnet},
+};
 use crate::{
     cluster::{Kind, Snapshot, Subnet, ignored_by_kube_proxy, object_name},
     translate::{self, Issue},
@@ -570,7 +573,8 @@ impl Parser<'_> {
                 if let Some(problem) = subnet.decode_error.take() {
                     return Err(self.error(at, object, Some(known), problem));
                 }
-                let subnet = self.identify(subnet, |s| &mut s.metadata, known, at)?;
+                let mut subnet = self.identify(subnet, |s| &mut s.metadata, known, at)?;
+                trim_subnet(&mut subnet);
                 if subnet.spec.cidr_block.trim().is_empty() {
                     // Required by Kube-OVN's Subnet CRD.
                     return Err(self.required(at, known, &subnet.metadata, "spec.cidrBlock"));
@@ -579,7 +583,9 @@ impl Parser<'_> {
             }
             Kind::Service => {
                 let service: Service = self.decode(value, known, &object, at)?;
-                let service = self.identify(service, |s| &mut s.metadata, known, at)?;
+                let mut service = self.identify(service, |s| &mut s.metadata, known, at)?;
+                // Kept as the kube source keeps it: only what the translation reads.
+                trim_service(&mut service);
                 let ports = service.spec.as_ref().and_then(|s| s.ports.as_ref());
                 // k8s-openapi decodes a missing (required) port as 0, which the API rejects.
                 if let Some(i) = ports.into_iter().flatten().position(|p| p.port == 0) {
@@ -594,18 +600,21 @@ impl Parser<'_> {
             }
             Kind::Node => {
                 let node: Node = self.decode(value, known, &object, at)?;
-                let node = self.identify(node, |n| &mut n.metadata, known, at)?;
+                let mut node = self.identify(node, |n| &mut n.metadata, known, at)?;
                 self.check_addresses(&node, at)?;
+                trim_node(&mut node);
                 self.snapshot.nodes.push(Arc::new(node));
             }
             Kind::ServiceCidr => {
                 let cidr: ServiceCIDR = self.decode(value, known, &object, at)?;
-                let cidr = self.identify(cidr, |c| &mut c.metadata, known, at)?;
+                let mut cidr = self.identify(cidr, |c| &mut c.metadata, known, at)?;
+                trim_service_cidr(&mut cidr);
                 self.snapshot.service_cidrs.push(Arc::new(cidr));
             }
             Kind::Pod => {
                 let pod: Pod = self.decode(value, known, &object, at)?;
-                let pod = self.identify(pod, |p| &mut p.metadata, known, at)?;
+                let mut pod = self.identify(pod, |p| &mut p.metadata, known, at)?;
+                trim_pod(&mut pod);
                 self.snapshot.pods.push(Arc::new(pod));
             }
         }
@@ -989,10 +998,22 @@ impl Shared {
 
     /// Swaps in a new version and publishes it.
     fn apply(&self, snapshot: Snapshot) {
-        *self
-            .snapshot
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
+        // The objects were decoded on the reading thread amid the text and YAML tree of the
+        // whole file, now freed: the pages they sit on would stay resident for them. Copies
+        // made here are dense (and in this thread's arena), and the reading thread's arena is
+        // then free as a whole to give back.
+        let snapshot = compacted(snapshot);
+        let previous = std::mem::replace(
+            &mut *self
+                .snapshot
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            snapshot,
+        );
+        // The version read (its text and YAML tree) is gone; the previous one goes now (unless
+        // the reconciler still holds it for a pass under way), before the reconciler is woken.
+        drop(previous);
+        super::release_freed_memory();
         self.journal.reset();
         self.publish();
     }
@@ -1007,6 +1028,24 @@ impl Shared {
             crate::faults::escape(&message)
         );
         self.count(error, message);
+    }
+}
+
+/// `snapshot` with every object copied into a new allocation (the originals are dropped).
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the originals are freed here"
+)]
+fn compacted(snapshot: Snapshot) -> Snapshot {
+    fn copied<T: Clone>(objects: &[Arc<T>]) -> Vec<Arc<T>> {
+        objects.iter().map(|o| Arc::new(T::clone(o))).collect()
+    }
+    Snapshot {
+        subnets: copied(&snapshot.subnets),
+        services: copied(&snapshot.services),
+        nodes: copied(&snapshot.nodes),
+        service_cidrs: copied(&snapshot.service_cidrs),
+        pods: copied(&snapshot.pods),
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Each kind is listed and then watched with kube-rs' default backoff; watch errors are counted
 //! and retried, never fatal. Objects are trimmed in `.modify()` to the fields the translation (and,
-//! for Pods, the TPROXY replacement) reads, so the stores stay small on large clusters. A kind is
+//! for Pods, the TPROXY replacement) reads, so the stores stay small on large clusters; Services,
+//! the many, are decoded straight into that projection ([`StoredService`]). A kind is
 //! `listed` from its first complete list on; an optional API the server does not serve
 //! (ServiceCIDR before Kubernetes 1.33) counts as listed and empty.
 
@@ -26,7 +27,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, de::DeserializeOwned};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -118,13 +119,14 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
         trim_subnet,
         |s| s.decode_error.as_deref(),
     );
-    // The Services kube-proxy sees: the same label selector as its informers.
+    // The Services kube-proxy sees: the same label selector as its informers. Decoded straight
+    // into what is stored: nothing to trim.
     let proxied = all.clone().labels(KUBE_PROXY_SERVICE_SELECTOR);
     let services = spawner.watch(
         Kind::Service,
         Api::all(client.clone()),
         &proxied,
-        trim_service,
+        |_| {},
         decodes,
     );
     let nodes = spawner.watch(
@@ -215,7 +217,7 @@ impl Spawner {
 /// The reflector stores of a running kube source. Dropping it stops the watchers.
 pub struct KubeSource {
     subnets: Store<Subnet>,
-    services: Store<Service>,
+    services: Store<StoredService>,
     nodes: Store<Node>,
     service_cidrs: Store<ServiceCIDR>,
     pods: Option<Store<Pod>>,
@@ -229,7 +231,13 @@ impl ClusterSource for KubeSource {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             subnets: self.subnets.state(),
-            services: self.services.state(),
+            // Built on demand (a full read happens on a relist): what is stored stays compact.
+            services: self
+                .services
+                .state()
+                .iter()
+                .map(|s| Arc::new(s.service()))
+                .collect(),
             nodes: self.nodes.state(),
             service_cidrs: self.service_cidrs.state(),
             pods: self.pods.as_ref().map(Store::state).unwrap_or_default(),
@@ -242,6 +250,143 @@ impl ClusterSource for KubeSource {
 
     fn take_changes(&self) -> Changes {
         self.journal.take()
+    }
+}
+
+/// A Service as the kube source stores it: decoded straight from the API's JSON into the fields
+/// the translation reads — exactly what [`trim_service`] keeps of a `Service` — while the rest
+/// (managedFields, annotations, other labels, the selector, status, …) is skipped by the
+/// decoder without being built. At 100 000 Services the reflector store is the agent's largest
+/// structure: a k8s-openapi `Service` is some 900 bytes of mostly empty `Option`s before its
+/// strings. [`StoredService::service`] gives the `Service` the translation takes.
+#[derive(Clone, Debug, Deserialize)]
+pub struct StoredService {
+    #[serde(deserialize_with = "stored_meta")]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<StoredSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredSpec {
+    #[serde(default, rename = "type")]
+    type_: Option<String>,
+    #[serde(default, rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(default, rename = "clusterIPs")]
+    cluster_ips: Option<Vec<String>>,
+    #[serde(default)]
+    external_traffic_policy: Option<String>,
+    #[serde(default)]
+    ports: Option<Vec<StoredPort>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredPort {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    protocol: Option<String>,
+    /// Required, as in k8s-openapi's `ServicePort`.
+    port: i32,
+    #[serde(default)]
+    node_port: Option<i32>,
+}
+
+/// The metadata [`trim_meta`] keeps of a Service, decoded without the rest.
+fn stored_meta<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        namespace: Option<String>,
+        #[serde(default)]
+        uid: Option<String>,
+        #[serde(default)]
+        resource_version: Option<String>,
+        #[serde(default)]
+        deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+        #[serde(default)]
+        labels: Option<BTreeMap<String, String>>,
+    }
+    let meta = Meta::deserialize(deserializer)?;
+    let mut kept = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        deletion_timestamp: meta.deletion_timestamp,
+        labels: meta.labels,
+        ..ObjectMeta::default()
+    };
+    trim_meta(&mut kept, &[], &[SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL]);
+    Ok(kept)
+}
+
+impl StoredService {
+    /// The `Service` this stands for, as [`trim_service`] leaves a full one.
+    pub fn service(&self) -> Service {
+        Service {
+            metadata: self.metadata.clone(),
+            spec: self.spec.as_ref().map(|spec| ServiceSpec {
+                type_: spec.type_.clone(),
+                cluster_ip: spec.cluster_ip.clone(),
+                cluster_ips: spec.cluster_ips.clone(),
+                external_traffic_policy: spec.external_traffic_policy.clone(),
+                ports: spec.ports.as_ref().map(|ports| {
+                    ports
+                        .iter()
+                        .map(|p| ServicePort {
+                            name: p.name.clone(),
+                            protocol: p.protocol.clone(),
+                            port: p.port,
+                            node_port: p.node_port,
+                            ..ServicePort::default()
+                        })
+                        .collect()
+                }),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+}
+
+impl ::kube::Resource for StoredService {
+    type DynamicType = ();
+    type Scope = ::kube::core::NamespaceResourceScope;
+
+    fn kind((): &()) -> std::borrow::Cow<'_, str> {
+        "Service".into()
+    }
+    fn group((): &()) -> std::borrow::Cow<'_, str> {
+        "".into()
+    }
+    fn version((): &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural((): &()) -> std::borrow::Cow<'_, str> {
+        "services".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl Watched for StoredService {
+    const KIND: Kind = Kind::Service;
+    fn object(this: Arc<Self>) -> crate::cluster::Object {
+        crate::cluster::Object::Service(Arc::new(this.service()))
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
     }
 }
 
@@ -380,8 +525,8 @@ where
     }
 }
 
-/// Records an applied event in the journal of changes: the stored `Arc` (not a copy) of an
-/// upsert, the name of a delete; a completed relist replaces the kind as a whole.
+/// Records an applied event in the journal of changes: the stored object of an upsert (a
+/// Service as the `Service` it stands for), the name of a delete; a completed relist replaces the kind as a whole.
 fn record<K>(journal: &Journal, reader: &Store<K>, event: &Event<K>)
 where
     K: ::kube::Resource<DynamicType = ()> + Watched + Clone,
@@ -395,7 +540,12 @@ where
         Event::Delete(object) => {
             journal.record(K::KIND, object_name(Watched::meta(object)), None);
         }
-        Event::InitDone => journal.reset(),
+        Event::InitDone => {
+            journal.reset();
+            // The list's pages, what trimming dropped of each object and, on a relist, the
+            // previous store are garbage now.
+            super::release_freed_memory();
+        }
         Event::Init | Event::InitApply(_) => {}
     }
 }
@@ -801,6 +951,55 @@ mod tests {
         assert_eq!(
             translate(&trimmed, &node, &options).desired,
             translate(&cluster, &node, &options).desired
+        );
+    }
+
+    #[test]
+    fn a_stored_service_is_the_trimmed_service() {
+        let mut services: Vec<Service> = spec_cluster()
+            .services
+            .iter()
+            .map(|s| (**s).clone())
+            .collect();
+        let mut dual = services[0].clone();
+        dual.metadata.name = Some("dual".into());
+        let spec = dual.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(vec!["10.96.0.9".into(), "fd00:10:96::9".into()]);
+        spec.external_traffic_policy = Some("Local".into());
+        spec.selector = Some(BTreeMap::from([("a".into(), "b".into())]));
+        services.push(dual);
+        services.push(Service {
+            metadata: ObjectMeta {
+                name: Some("no-spec".into()),
+                namespace: Some("ns".into()),
+                ..ObjectMeta::default()
+            },
+            ..Service::default()
+        });
+        for mut full in services {
+            noisy(&mut full.metadata);
+            full.metadata
+                .labels
+                .get_or_insert_default()
+                .insert(SERVICE_PROXY_NAME_LABEL.into(), "other".into());
+            // As the API serves it: with its type and a status.
+            let mut json = serde_json::to_value(&full).unwrap();
+            json["apiVersion"] = "v1".into();
+            json["kind"] = "Service".into();
+            json["status"] = serde_json::json!({"loadBalancer": {}});
+            let stored: StoredService = serde_json::from_value(json).unwrap();
+            let mut trimmed = full;
+            trim_service(&mut trimmed);
+            assert_eq!(stored.service(), trimmed);
+            assert!(stored.metadata.managed_fields.is_none());
+        }
+        let missing_port = serde_json::json!({
+            "metadata": {"name": "x"},
+            "spec": {"ports": [{"protocol": "TCP"}]}
+        });
+        assert!(
+            serde_json::from_value::<StoredService>(missing_port).is_err(),
+            "a port without its number is refused, as k8s-openapi refuses it"
         );
     }
 
