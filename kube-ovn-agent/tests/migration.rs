@@ -5,13 +5,15 @@
 
 use std::{
     net::{SocketAddr, TcpStream, UdpSocket},
-    path::PathBuf,
     process::{Child, Output, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
-use kube_ovn_agent::testing::netns::{Bpffs, NetNs, TempPath, example_cluster, veth};
+use kube_ovn_agent::testing::{
+    netns::{NetNs, TempPath, example_cluster},
+    topology::N1,
+};
 use kube_ovn_testkit::agent::{AgentCli, AgentProcess, Privilege};
 use libtest_mimic::{Failed, Trial};
 use serde_json::Value;
@@ -83,38 +85,25 @@ fn kube_ovn_rules(v6: bool) -> Vec<String> {
 
 const JUMP: &str = "-m comment --comment \"kube-ovn prerouting rules\" -j OVN-PREROUTING";
 
-/// Node n1 of spec §5.1 with kube-proxy in IPVS mode (its sets; ClusterIPs local, on `lo` as
-/// this kernel has no dummy driver for kube-ipvs0), Kube-OVN's ipsets and nat OVN-PREROUTING rules with the jump, `eth0` to a
-/// client (another node: 192.168.0.12, `fd00::12`) and `ovn0` to a pod (10.16.0.5).
-struct Topology {
-    node: NetNs,
-    client: NetNs,
-    pod: NetNs,
-    bpffs: Bpffs,
+/// Node n1 of spec §5.1 (the kit's [`N1`], with IPv6 on `eth0`) with kube-proxy in IPVS mode
+/// (its sets; ClusterIPs local, on `lo` as this kernel has no dummy driver for kube-ipvs0) and
+/// Kube-OVN's ipsets and nat OVN-PREROUTING rules with the jump.
+struct Topology(N1);
+
+impl std::ops::Deref for Topology {
+    type Target = N1;
+    fn deref(&self) -> &N1 {
+        &self.0
+    }
 }
 
 impl Topology {
     fn new() -> Self {
-        let node = NetNs::new("kovn-mnode-").expect("create namespace");
-        let client = NetNs::new("kovn-mcli-").expect("create namespace");
-        let pod = NetNs::new("kovn-mpod-").expect("create namespace");
-        veth(&node, "eth0", &client, "eth0").expect("veth pair");
-        veth(&node, "ovn0", &pod, "eth0").expect("veth pair");
-        node.sh(
-            "ip addr add 192.168.0.11/24 dev eth0; ip addr add fd00::11/64 dev eth0 nodad; \
-             ip addr add 100.64.0.2/16 dev ovn0; ip route add 10.16.0.0/16 dev ovn0; \
-             for a in 10.96.0.1 10.96.0.10 10.96.0.100 10.96.0.101; do \
-               ip addr add $a/32 dev lo; done",
-        )
-        .expect("shell in namespace");
-        client
-            .sh("ip addr add 192.168.0.12/24 dev eth0; ip addr add fd00::12/64 dev eth0 nodad")
+        let n1 = N1::new("kovn-m", true);
+        let node = &n1.node;
+        node.sh("for a in 10.96.0.1 10.96.0.10 10.96.0.100 10.96.0.101; do \
+               ip addr add $a/32 dev lo; done")
             .expect("shell in namespace");
-        pod.sh(
-            "ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; \
-             ip route add default via 100.64.0.2",
-        )
-        .expect("shell in namespace");
         // kube-proxy's IPVS sets and Kube-OVN's own, filled as for the example cluster.
         node.sh(
             "ipset create KUBE-CLUSTER-IP hash:ip,port; \
@@ -157,22 +146,14 @@ impl Topology {
                     .expect("shell in namespace");
             }
         }
-        Self {
-            node,
-            client,
-            pod,
-            bpffs: Bpffs::mount(),
-        }
+        Self(n1)
     }
 
-    fn root(&self) -> PathBuf {
-        self.bpffs.root()
-    }
-
-    /// The agent's commands in the node namespace, on this node's bpffs, with the test's own
-    /// capabilities (`cleanup-iptables` and `verify` drive iptables as an operator would).
+    /// The agent's commands in the node namespace, on this node's bpffs, with the capabilities
+    /// `KOVN_TEST_AGENT_CAPS` names (`cargo xtask test`: the `DaemonSet`'s, which is also what
+    /// `cleanup-iptables` and `verify` get when an operator runs them in the agent's pod).
     fn handle(&self) -> AgentCli {
-        AgentCli::new(&self.node, AGENT, self.root(), Privilege::Inherited)
+        AgentCli::new(&self.node, AGENT, self.root(), Privilege::from_env())
     }
 
     fn agent(&self, mode: &str) -> Agent {

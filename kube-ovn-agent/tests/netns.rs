@@ -95,7 +95,7 @@ impl Topology {
 
     /// The agent's commands in the node namespace, on this topology's bpffs.
     fn handle(&self) -> AgentCli {
-        AgentCli::new(&self.node, AGENT, self.root(), Privilege::Inherited)
+        AgentCli::new(&self.node, AGENT, self.root(), Privilege::from_env())
     }
 
     fn agent(&self, attach: &str, cluster: &Path, extra: &[&str]) -> Agent {

@@ -19,7 +19,7 @@ use kube_ovn_agent::{
         scaled,
     },
 };
-use kube_ovn_testkit::agent::{AgentProcess, CLI_TIMEOUT, DAEMONSET_CAPS};
+use kube_ovn_testkit::agent::{AgentProcess, CLI_TIMEOUT, daemonset_caps};
 use libtest_mimic::{Failed, Trial};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
@@ -256,14 +256,7 @@ fn preflight() -> Result<(), Failed> {
     let bpffs = kube_ovn_agent::testing::netns::Bpffs::mount();
     // The DaemonSet's set (deploy/base/daemonset.yaml), plus SYS_RESOURCE where the kernel-5.10
     // component adds it.
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let old =
-        kube_ovn_agent::ops::preflight::kernel_version(kernel.trim()).is_some_and(|v| v < (5, 11));
-    let daemonset = if old {
-        format!("{DAEMONSET_CAPS},+sys_resource")
-    } else {
-        DAEMONSET_CAPS.to_owned()
-    };
+    let daemonset = daemonset_caps();
     let (code, out) = preflight_with(&daemonset, &bpffs.root());
     if code != Some(0) || out.contains("FAIL") {
         return Err(format!("preflight with the DaemonSet's capabilities: {code:?}\n{out}").into());

@@ -23,13 +23,33 @@ pub use crate::exec::{Error, Result};
 /// deploy/base/daemonset.yaml's `capabilities.add`, as `setpriv` spells them.
 pub const DAEMONSET_CAPS: &str = "+bpf,+net_admin,+perfmon,+net_raw";
 
+/// What deploy/components/kernel-5.10 adds: kernels before 5.11 charge BPF memory to
+/// `RLIMIT_MEMLOCK`, which the agent raises.
+pub const KERNEL_5_10_CAPS: &str = "+sys_resource";
+
+/// The capabilities the `DaemonSet` runs with on this kernel: [`DAEMONSET_CAPS`], plus
+/// [`KERNEL_5_10_CAPS`] below 5.11 (the profile an operator applies there).
+pub fn daemonset_caps() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version < (5, 11) {
+        format!("{DAEMONSET_CAPS},{KERNEL_5_10_CAPS}")
+    } else {
+        DAEMONSET_CAPS.to_owned()
+    }
+}
+
 /// The capabilities agent commands run with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Privilege {
     /// The test's own (root, every capability).
     #[default]
     Inherited,
-    /// The `DaemonSet`'s: uid 0 with only [`DAEMONSET_CAPS`] in the bounding, inheritable and
+    /// The `DaemonSet`'s: uid 0 with only [`daemonset_caps`] in the bounding, inheritable and
     /// ambient sets (so also effective after exec).
     DaemonSet,
 }
@@ -52,17 +72,20 @@ impl Privilege {
     pub fn wrapper(self) -> Vec<String> {
         match self {
             Self::Inherited => Vec::new(),
-            Self::DaemonSet => [
-                "setpriv".to_owned(),
-                "--reuid=0".to_owned(),
-                "--regid=0".to_owned(),
-                "--clear-groups".to_owned(),
-                format!("--bounding-set=-all,{DAEMONSET_CAPS}"),
-                format!("--inh-caps=-all,{DAEMONSET_CAPS}"),
-                format!("--ambient-caps=-all,{DAEMONSET_CAPS}"),
-                "--".to_owned(),
-            ]
-            .into(),
+            Self::DaemonSet => {
+                let caps = daemonset_caps();
+                [
+                    "setpriv".to_owned(),
+                    "--reuid=0".to_owned(),
+                    "--regid=0".to_owned(),
+                    "--clear-groups".to_owned(),
+                    format!("--bounding-set=-all,{caps}"),
+                    format!("--inh-caps=-all,{caps}"),
+                    format!("--ambient-caps=-all,{caps}"),
+                    "--".to_owned(),
+                ]
+                .into()
+            }
         }
     }
 }

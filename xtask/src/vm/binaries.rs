@@ -18,9 +18,11 @@ pub const PACKAGE: &str = "kube-ovn-agent";
 
 /// Every privileged test binary the matrix runs, in run order: the verifier statistics first
 /// (short, and the counts are printed even if a later suite hangs), then the
-/// `BPF_PROG_TEST_RUN` suite, then the attach test in a private network namespace. Adding a suite
-/// to the matrix is one line here; a name the package does not (yet) have is reported, not run.
-pub const PRIVILEGED_TESTS: &[&str] = &["verifier", "datapath", "netns"];
+/// `BPF_PROG_TEST_RUN` suite, then the attach test in a private network namespace, then a fresh
+/// start, a restart and the read-only commands under exactly the `DaemonSet`'s capabilities.
+/// Adding a suite to the matrix is one line here; a name the package does not (yet) have is
+/// reported, not run.
+pub const PRIVILEGED_TESTS: &[&str] = &["verifier", "datapath", "netns", "least_privilege"];
 
 pub struct TestBinary {
     pub name: String,

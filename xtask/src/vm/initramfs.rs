@@ -140,6 +140,9 @@ done
 ip link set lo up
 # Backtraces for panics, not for every error the agent reports (it runs without symbols).
 export KOVN_REQUIRE_PRIVILEGED=1 KOVN_PROPTEST_CASES={cases} RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=0
+# Every agent a suite starts runs with only the DaemonSet's capabilities (plus SYS_RESOURCE
+# below 5.11, as deploy/components/kernel-5.10 grants), through setpriv.
+export KOVN_TEST_AGENT_CAPS=daemonset
 # TCG runs the suites 5-10x slower than the host: suites multiply their deadlines by this.
 export KOVN_TEST_TIME_SCALE={scale}
 for t in {tests}; do

@@ -64,6 +64,8 @@ const GUEST_TOOLS: &[(&str, &str)] = &[
     ("ipset", "ipset"),
     // kube-proxy's nftables tables and native mark rules (the netns suite's nftables test).
     ("nft", "nftables"),
+    // Agents the suites start run with only the DaemonSet's capabilities, as on the host.
+    ("setpriv", "util-linux"),
 ];
 /// Where iptables loads its match and target extensions from.
 const PLUGIN_DIRS: &[&str] = &["/usr/lib/x86_64-linux-gnu/xtables"];
