@@ -5,11 +5,7 @@
 //! node's `kube-ovn-ebpf.io/mode` label switches the pinned mode and `/status` says so.
 //! `preflight` runs under the `DaemonSet`'s capability set (`setpriv`), on and off a bpffs.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use kube_ovn_agent::{
     metrics::{AgentStatus, fetch_status},
@@ -58,16 +54,7 @@ impl Running {
 /// `GET path` inside the node namespace: (status code, body), or `None` when nothing answers.
 fn get(node: &Node, path: &str) -> Option<(u16, String)> {
     node.ns
-        .enter(|| {
-            let mut stream = TcpStream::connect(ADDR).ok()?;
-            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(stream, "GET {path} HTTP/1.0\r\nHost: a\r\n\r\n").ok()?;
-            let mut answer = String::new();
-            stream.read_to_string(&mut answer).ok()?;
-            let (head, body) = answer.split_once("\r\n\r\n")?;
-            let code = head.split_whitespace().nth(1)?.parse().ok()?;
-            Some((code, body.to_owned()))
-        })
+        .enter(|| kube_ovn_agent::testing::http::get(ADDR.parse().expect("address"), path))
         .expect("enter namespace")
 }
 

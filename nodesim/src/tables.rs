@@ -22,6 +22,7 @@ const SOURCES: &[(&[&str], Render)] = &[
     (&["traffic.json"], |j| traffic::markdown(&j[0])),
     (&["control-plane.json"], |j| control_plane(&j[0])),
     (&["datapath-old.json", "datapath-new.json"], datapath),
+    (&["memory.json"], |j| memory(&j[0])),
 ];
 
 pub fn run(check: bool) -> Result<()> {
@@ -92,21 +93,8 @@ fn spread(v: &Value) -> String {
 fn control_plane(j: &Value) -> String {
     let mut s = String::new();
     let m = &j["machine"];
-    let vulnerable: Vec<String> = m["vulnerabilities"]
-        .as_object()
-        .map(|v| {
-            v.iter()
-                .filter(|(_, state)| state.as_str() != Some("Not affected"))
-                .map(|(name, state)| format!("{name}: {}", state.as_str().unwrap_or("?")))
-                .collect()
-        })
-        .unwrap_or_default();
-    let load = |key: &str| {
-        (0..3)
-            .map(|i| format!("{:.2}", number(&m[key][i])))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    };
+    let vulnerable = traffic::vulnerable(m);
+    let load = |key: &str| traffic::load_averages(m, key);
     let first = &j["results"][0];
     let _ = writeln!(
         s,
@@ -183,6 +171,50 @@ fn control_plane(j: &Value) -> String {
             traffic::num(number(&r["map_sync_one_change_ms"]["p99"])),
             traffic::num(number(&r["ipset_one_change_ms"]["p50"])),
             traffic::num(number(&r["ipset_one_change_ms"]["p99"])),
+        );
+    }
+    s
+}
+
+/// The memory benchmark's table (`kube-ovn-agent/benches/memory.rs`): the agent with the file
+/// source, per scale.
+fn memory(j: &Value) -> String {
+    let mut s = String::new();
+    let m = &j["machine"];
+    let load = |key: &str| traffic::load_averages(m, key);
+    let results = j["results"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let rounds = results
+        .first()
+        .and_then(|r| r["rounds"].as_array())
+        .map_or(0, Vec::len);
+    let _ = writeln!(
+        s,
+        "Kernel {}, {} ({} cores); load average {} before, {} after. Release build, `--source \
+         file:`; {rounds} round(s) per scale, median (min–max); {} reloads per round.\n\n\
+         | Services | file (MiB) | start → ready (ms) | RSS 3 s after ready (MiB) | peak (MiB) | \
+         RSS after the reloads (MiB) | peak over the reloads (MiB) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|",
+        m["kernel"].as_str().unwrap_or("?"),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        load("loadavg_before"),
+        load("loadavg_after"),
+        j["reloads"],
+    );
+    for r in results {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            traffic::group(number(&r["services"])),
+            traffic::num(number(&r["file_mib"])),
+            spread(&r["ready_ms"]),
+            spread(&r["rss_ready_mib"]),
+            spread(&r["peak_mib"]),
+            spread(&r["rss_after_reloads_mib"]),
+            spread(&r["peak_after_reloads_mib"]),
         );
     }
     s

@@ -13,7 +13,7 @@ mod load;
 mod paired;
 mod report;
 
-pub use self::report::{group, markdown, num};
+pub use self::report::{group, load_averages, markdown, num, vulnerable};
 mod state;
 mod svg;
 

@@ -254,22 +254,32 @@ impl ClusterSource for KubeSource {
 }
 
 /// A Service as the kube source stores it: decoded straight from the API's JSON into the fields
-/// the translation reads — exactly what [`trim_service`] keeps of a `Service` — while the rest
-/// (managedFields, annotations, other labels, the selector, status, …) is skipped by the
-/// decoder without being built. At 100 000 Services the reflector store is the agent's largest
-/// structure: a k8s-openapi `Service` is some 900 bytes of mostly empty `Option`s before its
-/// strings. [`StoredService::service`] gives the `Service` the translation takes.
+/// the translation reads, while the rest (managedFields, annotations, other labels, the
+/// selector, status, port names, …) is skipped by the decoder without being built. At 100 000
+/// Services the reflector store is the agent's largest structure, so what is kept is kept
+/// compactly: the values Kubernetes defines (type, traffic policy, protocol) as variants, a
+/// canonical address as an address, only the effective ClusterIP list, and any other text
+/// verbatim, so [`StoredService::service`] gives a `Service` the translation reads exactly as it
+/// reads the API's.
 #[derive(Clone, Debug, Deserialize)]
+#[serde(from = "DecodedService")]
 pub struct StoredService {
-    #[serde(deserialize_with = "stored_meta")]
     metadata: ObjectMeta,
-    #[serde(default)]
     spec: Option<StoredSpec>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// What the decoder builds of a Service, turned into a [`StoredService`] at once.
+#[derive(Deserialize)]
+struct DecodedService {
+    #[serde(deserialize_with = "stored_meta")]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<DecodedSpec>,
+}
+
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct StoredSpec {
+struct DecodedSpec {
     #[serde(default, rename = "type")]
     type_: Option<String>,
     #[serde(default, rename = "clusterIP")]
@@ -279,20 +289,132 @@ struct StoredSpec {
     #[serde(default)]
     external_traffic_policy: Option<String>,
     #[serde(default)]
-    ports: Option<Vec<StoredPort>>,
+    ports: Option<Vec<DecodedPort>>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct StoredPort {
-    #[serde(default)]
-    name: Option<String>,
+struct DecodedPort {
     #[serde(default)]
     protocol: Option<String>,
     /// Required, as in k8s-openapi's `ServicePort`.
     port: i32,
     #[serde(default)]
     node_port: Option<i32>,
+}
+
+#[derive(Clone, Debug)]
+struct StoredSpec {
+    type_: Text,
+    external_traffic_policy: Text,
+    /// `clusterIPs`, or `clusterIP` when that list is absent or empty (what the translation
+    /// reads); `None` when neither is set.
+    cluster_ips: Option<Box<[StoredIp]>>,
+    ports: Option<Box<[StoredPort]>>,
+}
+
+#[derive(Clone, Debug)]
+struct StoredPort {
+    protocol: Text,
+    port: i32,
+    node_port: Option<i32>,
+}
+
+/// An optional string field: one of the values Kubernetes defines for it, without an allocation,
+/// or any other text as it came.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Text {
+    Absent,
+    Known(&'static str),
+    Other(Box<str>),
+}
+
+/// Every value [`Text::Known`] holds: Service types, traffic policies, port protocols.
+const KNOWN_TEXT: &[&str] = &[
+    "ClusterIP",
+    "NodePort",
+    "LoadBalancer",
+    "ExternalName",
+    "Cluster",
+    "Local",
+    "TCP",
+    "UDP",
+    "SCTP",
+];
+
+impl Text {
+    fn new(text: Option<String>) -> Self {
+        match text {
+            None => Self::Absent,
+            Some(t) => KNOWN_TEXT
+                .iter()
+                .find(|k| **k == t)
+                .map_or_else(|| Self::Other(t.into_boxed_str()), |k| Self::Known(k)),
+        }
+    }
+
+    fn string(&self) -> Option<String> {
+        match self {
+            Self::Absent => None,
+            Self::Known(t) => Some((*t).to_owned()),
+            Self::Other(t) => Some(t.to_string()),
+        }
+    }
+}
+
+/// A ClusterIP as the API gave it: an address when the text is the address's canonical form
+/// (printing it gives the same text back), the text otherwise ("None", a malformed value).
+#[derive(Clone, Debug)]
+enum StoredIp {
+    Addr(std::net::IpAddr),
+    Text(Box<str>),
+}
+
+impl StoredIp {
+    fn new(text: String) -> Self {
+        match text.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.to_string() == text => Self::Addr(ip),
+            _ => Self::Text(text.into_boxed_str()),
+        }
+    }
+
+    fn string(&self) -> String {
+        match self {
+            Self::Addr(ip) => ip.to_string(),
+            Self::Text(t) => t.to_string(),
+        }
+    }
+}
+
+impl From<DecodedService> for StoredService {
+    fn from(decoded: DecodedService) -> Self {
+        let spec = decoded.spec.map(|spec| {
+            let listed = match (spec.cluster_ips, spec.cluster_ip) {
+                (Some(list), _) if !list.is_empty() => Some(list),
+                (_, Some(one)) => Some(vec![one]),
+                (list, None) => list,
+            };
+            StoredSpec {
+                type_: Text::new(spec.type_),
+                external_traffic_policy: Text::new(spec.external_traffic_policy),
+                cluster_ips: listed.map(|l| l.into_iter().map(StoredIp::new).collect()),
+                ports: spec.ports.map(|ports| {
+                    ports
+                        .into_iter()
+                        .map(|p| StoredPort {
+                            protocol: Text::new(p.protocol),
+                            port: p.port,
+                            node_port: p.node_port,
+                        })
+                        .collect()
+                }),
+            }
+        });
+        Self {
+            metadata: decoded.metadata,
+            spec,
+        }
+    }
 }
 
 /// The metadata [`trim_meta`] keeps of a Service, decoded without the rest.
@@ -304,8 +426,8 @@ fn stored_meta<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Obje
         name: Option<String>,
         #[serde(default)]
         namespace: Option<String>,
-        #[serde(default)]
-        uid: Option<String>,
+        // uid is not kept: nothing reads it, and it is the longest string of the metadata.
+        // resourceVersion is: the watcher resumes from the last one it saw.
         #[serde(default)]
         resource_version: Option<String>,
         #[serde(default)]
@@ -317,7 +439,6 @@ fn stored_meta<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Obje
     let mut kept = ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
-        uid: meta.uid,
         resource_version: meta.resource_version,
         deletion_timestamp: meta.deletion_timestamp,
         labels: meta.labels,
@@ -328,28 +449,34 @@ fn stored_meta<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Obje
 }
 
 impl StoredService {
-    /// The `Service` this stands for, as [`trim_service`] leaves a full one.
+    /// The `Service` this stands for: what [`trim_service`] leaves of the API's, less what the
+    /// translation does not read (port names, `clusterIP` beside a `clusterIPs` list).
     pub fn service(&self) -> Service {
         Service {
             metadata: self.metadata.clone(),
-            spec: self.spec.as_ref().map(|spec| ServiceSpec {
-                type_: spec.type_.clone(),
-                cluster_ip: spec.cluster_ip.clone(),
-                cluster_ips: spec.cluster_ips.clone(),
-                external_traffic_policy: spec.external_traffic_policy.clone(),
-                ports: spec.ports.as_ref().map(|ports| {
-                    ports
-                        .iter()
-                        .map(|p| ServicePort {
-                            name: p.name.clone(),
-                            protocol: p.protocol.clone(),
-                            port: p.port,
-                            node_port: p.node_port,
-                            ..ServicePort::default()
-                        })
-                        .collect()
-                }),
-                ..ServiceSpec::default()
+            spec: self.spec.as_ref().map(|spec| {
+                let cluster_ips: Option<Vec<String>> = spec
+                    .cluster_ips
+                    .as_ref()
+                    .map(|ips| ips.iter().map(StoredIp::string).collect());
+                ServiceSpec {
+                    type_: spec.type_.string(),
+                    cluster_ip: cluster_ips.as_ref().and_then(|ips| ips.first().cloned()),
+                    cluster_ips,
+                    external_traffic_policy: spec.external_traffic_policy.string(),
+                    ports: spec.ports.as_ref().map(|ports| {
+                        ports
+                            .iter()
+                            .map(|p| ServicePort {
+                                protocol: p.protocol.string(),
+                                port: p.port,
+                                node_port: p.node_port,
+                                ..ServicePort::default()
+                            })
+                            .collect()
+                    }),
+                    ..ServiceSpec::default()
+                }
             }),
             status: None,
         }
@@ -940,6 +1067,15 @@ mod tests {
             })
             .collect();
 
+        let (node, options) = node_n1_ipvs();
+        assert_eq!(
+            translate(&trimmed, &node, &options).desired,
+            translate(&cluster, &node, &options).desired
+        );
+    }
+
+    /// Node n1's facts and kube-proxy in IPVS mode, for translating the spec cluster.
+    fn node_n1_ipvs() -> (NodeFacts, Options) {
         let node = NodeFacts {
             node_name: "n1".into(),
             ..NodeFacts::default()
@@ -948,26 +1084,58 @@ mod tests {
             kube_proxy_sets: KubeProxySets::IPVS,
             ..Options::default()
         };
-        assert_eq!(
-            translate(&trimmed, &node, &options).desired,
-            translate(&cluster, &node, &options).desired
-        );
+        (node, options)
     }
 
-    #[test]
-    fn a_stored_service_is_the_trimmed_service() {
+    /// The spec cluster's Services, and variants with every odd value a stored Service keeps.
+    fn odd_services() -> Vec<Service> {
         let mut services: Vec<Service> = spec_cluster()
             .services
             .iter()
             .map(|s| (**s).clone())
             .collect();
-        let mut dual = services[0].clone();
-        dual.metadata.name = Some("dual".into());
-        let spec = dual.spec.as_mut().unwrap();
-        spec.cluster_ips = Some(vec!["10.96.0.9".into(), "fd00:10:96::9".into()]);
-        spec.external_traffic_policy = Some("Local".into());
-        spec.selector = Some(BTreeMap::from([("a".into(), "b".into())]));
-        services.push(dual);
+        let odd = |name: &str, change: &dyn Fn(&mut ServiceSpec)| {
+            let mut s = services[0].clone();
+            s.metadata.name = Some(name.into());
+            change(s.spec.as_mut().unwrap());
+            s
+        };
+        let variants = [
+            odd("dual-local", &|spec| {
+                spec.cluster_ips = Some(vec!["10.96.0.9".into(), "fd00:10:96::9".into()]);
+                spec.type_ = Some("NodePort".into());
+                spec.external_traffic_policy = Some("Local".into());
+                spec.selector = Some(BTreeMap::from([("a".into(), "b".into())]));
+                for (i, port) in spec.ports.iter_mut().flatten().enumerate() {
+                    port.node_port = Some(30_100 + i32::try_from(i).unwrap());
+                }
+            }),
+            odd("one-ip-only", &|spec| {
+                spec.cluster_ips = Some(Vec::new());
+                spec.cluster_ip = Some("10.96.0.19".into());
+            }),
+            // Not canonical: kept as text, so the translation parses (and accepts) it as it would.
+            odd("leading-zeros", &|spec| {
+                spec.cluster_ips = Some(vec!["010.096.000.029".into()]);
+            }),
+            odd("malformed-and-headless", &|spec| {
+                spec.cluster_ips = Some(vec!["10.96.0.300".into(), "None".into()]);
+            }),
+            odd("unknown-values", &|spec| {
+                spec.type_ = Some("Weird".into());
+                spec.external_traffic_policy = Some("Sometimes".into());
+                for port in spec.ports.iter_mut().flatten() {
+                    port.protocol = Some("QUIC".into());
+                }
+            }),
+            odd("no-protocol", &|spec| {
+                for port in spec.ports.iter_mut().flatten() {
+                    port.protocol = None;
+                    port.name = Some("named".into());
+                }
+            }),
+        ];
+        services.extend(variants);
         services.push(Service {
             metadata: ObjectMeta {
                 name: Some("no-spec".into()),
@@ -976,12 +1144,29 @@ mod tests {
             },
             ..Service::default()
         });
-        for mut full in services {
+        services
+    }
+
+    #[test]
+    fn a_stored_service_translates_as_the_trimmed_service() {
+        let services = odd_services();
+        let (node, options) = node_n1_ipvs();
+        let translated = |service: Service| {
+            let mut cluster = spec_cluster();
+            cluster.services = vec![Arc::new(service)];
+            translate(&cluster, &node, &options)
+        };
+        let mut programmed = 0;
+        for (i, mut full) in services.into_iter().enumerate() {
             noisy(&mut full.metadata);
-            full.metadata
-                .labels
-                .get_or_insert_default()
-                .insert(SERVICE_PROXY_NAME_LABEL.into(), "other".into());
+            full.metadata.uid = Some(format!("5f1c2a4e-0000-4000-8000-{i:012}"));
+            if i % 2 == 1 {
+                // Kept, and honoured alike.
+                full.metadata
+                    .labels
+                    .get_or_insert_default()
+                    .insert(SERVICE_PROXY_NAME_LABEL.into(), "other".into());
+            }
             // As the API serves it: with its type and a status.
             let mut json = serde_json::to_value(&full).unwrap();
             json["apiVersion"] = "v1".into();
@@ -990,9 +1175,18 @@ mod tests {
             let stored: StoredService = serde_json::from_value(json).unwrap();
             let mut trimmed = full;
             trim_service(&mut trimmed);
-            assert_eq!(stored.service(), trimmed);
-            assert!(stored.metadata.managed_fields.is_none());
+            let (ours, theirs) = (stored.service(), trimmed.clone());
+            let name = object_name(&theirs.metadata);
+            assert_eq!(object_name(&ours.metadata), name);
+            assert_eq!(ours.metadata.labels, theirs.metadata.labels, "{name}");
+            assert_eq!(ours.metadata.resource_version.as_deref(), Some("42"));
+            assert!(ours.metadata.uid.is_none() && ours.metadata.managed_fields.is_none());
+            let (ours, theirs) = (translated(ours), translated(theirs));
+            assert_eq!(ours.desired, theirs.desired, "{name}");
+            assert_eq!(ours.issues, theirs.issues, "{name}");
+            programmed += usize::from(!theirs.desired.v4.service_ports.is_empty());
         }
+        assert!(programmed >= 4, "most variants program ports: {programmed}");
         let missing_port = serde_json::json!({
             "metadata": {"name": "x"},
             "spec": {"ports": [{"protocol": "TCP"}]}

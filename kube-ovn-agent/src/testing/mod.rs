@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod fixture;
+pub mod http;
 pub mod objects;
 pub mod oracle;
 pub mod packet;

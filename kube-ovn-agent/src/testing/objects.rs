@@ -1,6 +1,6 @@
 //! Builders for the Kubernetes objects the agent reads, and the cluster of spec §5.1.
 
-use std::sync::Arc;
+use std::{fmt::Write as _, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -326,4 +326,40 @@ pub fn spec_cluster() -> Snapshot {
         service_cidrs: Vec::new(),
         pods: Vec::new(),
     }
+}
+
+/// A cluster file (`--source file:`) of `services` Services as `kubectl get -o yaml` prints them
+/// (uid, resourceVersion, labels, a selector, IP families, status), Subnet `ovn-default` and Node
+/// `n1` (192.168.0.11, IPv4 join address 100.64.0.2), so the Services are programmed. `variant` changes the first port of
+/// every hundredth Service, so each variant is a new version with the same objects.
+pub fn cluster_file(services: usize, variant: u16) -> String {
+    let mut text = String::from(
+        "apiVersion: v1\nkind: List\nitems:\n\
+         - apiVersion: kubeovn.io/v1\n  kind: Subnet\n  metadata: {name: ovn-default}\n  \
+         spec: {vpc: ovn-cluster, cidrBlock: 10.16.0.0/16, protocol: IPv4}\n\
+         - apiVersion: v1\n  kind: Node\n  metadata:\n    name: n1\n    \
+         annotations: {ovn.kubernetes.io/ip_address: 100.64.0.2}\n  status:\n    \
+         addresses: [{type: InternalIP, address: 192.168.0.11}]\n",
+    );
+    for i in 0..services {
+        let [_, a, b, c] = u32::try_from(i).expect("small").to_be_bytes();
+        let ip = format!("10.{}.{b}.{c}", 96 + a);
+        let port = 80 + if i % 100 == 0 { variant } else { 0 };
+        writeln!(
+            text,
+            "- apiVersion: v1\n  kind: Service\n  metadata:\n    name: svc-{i}\n    \
+             namespace: bench\n    uid: 5f1c2a4e-0000-4000-8000-{i:012}\n    \
+             resourceVersion: \"{rv}\"\n    creationTimestamp: \"2026-01-01T00:00:00Z\"\n    \
+             labels: {{app: svc-{i}, tier: backend}}\n  spec:\n    type: ClusterIP\n    \
+             clusterIP: {ip}\n    clusterIPs: [{ip}]\n    ipFamilies: [IPv4]\n    \
+             ipFamilyPolicy: SingleStack\n    internalTrafficPolicy: Cluster\n    \
+             sessionAffinity: None\n    selector: {{app: svc-{i}}}\n    ports:\n    \
+             - {{name: http, port: {port}, protocol: TCP, targetPort: 8080}}\n    \
+             - {{name: https, port: 443, protocol: TCP, targetPort: 8443}}\n  \
+             status:\n    loadBalancer: {{}}",
+            rv = 100_000 + i,
+        )
+        .expect("write to a String");
+    }
+    text
 }

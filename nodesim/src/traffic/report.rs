@@ -603,6 +603,27 @@ fn text(v: &Value) -> &str {
     v.as_str().unwrap_or("?")
 }
 
+/// A report's `machine[key]` load averages (1, 5, 15 min) as `a / b / c`.
+pub fn load_averages(machine: &Value, key: &str) -> String {
+    (0..3)
+        .map(|i| format!("{:.2}", number(&machine[key][i])))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// A report's `machine.vulnerabilities` the CPU is affected by, as `name: state`.
+pub fn vulnerable(machine: &Value) -> Vec<String> {
+    machine["vulnerabilities"]
+        .as_object()
+        .map(|v| {
+            v.iter()
+                .filter(|(_, state)| text(state) != "Not affected")
+                .map(|(name, state)| format!("{name}: {}", text(state)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `median [lo, hi]` of a paired comparison in the JSON.
 fn paired_cell(p: &Value) -> String {
     format!(
@@ -620,21 +641,8 @@ fn paired_cell(p: &Value) -> String {
 pub fn markdown(j: &Value) -> String {
     let mut s = String::new();
     let m = &j["machine"];
-    let load = |key: &str| {
-        (0..3)
-            .map(|i| format!("{:.2}", number(&m[key][i])))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    };
-    let vulnerable: Vec<String> = m["vulnerabilities"]
-        .as_object()
-        .map(|v| {
-            v.iter()
-                .filter(|(_, state)| text(state) != "Not affected")
-                .map(|(name, state)| format!("{name}: {}", text(state)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let load = |key: &str| load_averages(m, key);
+    let vulnerable = vulnerable(m);
     let c = &j["config"];
     let _ = writeln!(
         s,

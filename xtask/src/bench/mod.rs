@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick] [datapath] [control-plane] [traffic]`: every benchmark, each
+//! `cargo xtask bench [--quick] [datapath] [control-plane] [memory] [traffic]`: every benchmark, each
 //! writing JSON under `target/bench/` (schemas in BENCHMARKS.md). Needs root.
 
 use std::path::Path;
@@ -15,6 +15,8 @@ pub enum Suite {
     /// The agent: cold start to programmed maps, change-to-map-write latency, memory; and map
     /// sync against ipset/iptables-restore of the same state.
     ControlPlane,
+    /// The agent's resident memory with the file source: ready, peak, after reloads, per scale.
+    Memory,
     /// Real traffic through the namespace node: baseline vs iptables vs ebpf, interleaved.
     Traffic,
 }
@@ -32,7 +34,12 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     crate::setup::ensure_all()?;
     let suites = if args.suites.is_empty() {
-        vec![Suite::Datapath, Suite::ControlPlane, Suite::Traffic]
+        vec![
+            Suite::Datapath,
+            Suite::ControlPlane,
+            Suite::Memory,
+            Suite::Traffic,
+        ]
     } else {
         args.suites.clone()
     };
@@ -44,6 +51,7 @@ pub fn run(args: &Args) -> Result<()> {
             Suite::ControlPlane => {
                 cargo_bench("control_plane", &out.join("control-plane.json"), args.quick)?;
             }
+            Suite::Memory => cargo_bench("memory", &out.join("memory.json"), args.quick)?,
             Suite::Traffic => {
                 let mut traffic = vec![
                     "traffic".into(),
