@@ -36,6 +36,14 @@ fn main() {
         ),
         ("verify_without_traffic_is_inconclusive", verify_idle),
         (
+            "verify_agrees_on_the_probe_mix_a_pod_sends",
+            verify_probe_agrees,
+        ),
+        (
+            "verify_on_the_probe_mix_disagrees_when_a_datapath_map_is_broken",
+            verify_probe_broken_map,
+        ),
+        (
             "shadow_verify_enforce_cleanup_verify_in_one_namespace",
             full_migration,
         ),
@@ -283,6 +291,56 @@ impl Topology {
         (code, report)
     }
 
+    /// Runs `verify --json` for `window` while `kube-ovn-agent probe` runs in the pod namespace
+    /// with the mix it chooses from the example cluster for n1 (the agent's own `--source`):
+    /// its packets enter the node through ovn0. Returns (verify's exit code, its report, the
+    /// probe's report).
+    fn verify_with_probe(&self, window: &str) -> (i32, Value, Value) {
+        let (verify, probe) = std::thread::scope(|scope| {
+            let probe = scope.spawn(|| {
+                let child = self
+                    .pod
+                    .command(AGENT)
+                    .args(["probe", "--json", "--node-name", "n1", "--rate", "100"])
+                    .args(["--duration", "3s", "--connect-timeout", "100ms"])
+                    .arg(format!("--source=file:{}", example_cluster().display()))
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("start probe");
+                wait_output(child, Duration::from_secs(30))
+            });
+            let child = self
+                .handle()
+                .command()
+                .args(["verify", "--json", "--window", window])
+                .arg("--bpffs-root")
+                .arg(self.root())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start verify");
+            let verify = wait_output(child, Duration::from_mins(1));
+            (verify, probe.join().expect("probe thread"))
+        });
+        let json = |what: &str, out: &Output| -> Value {
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{what} printed no JSON ({e}), exit {:?}:\n{}\n{}",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        };
+        assert!(probe.status.success(), "probe: {probe:?}");
+        (
+            verify.status.code().unwrap_or(-1),
+            json("verify", &verify),
+            json("probe", &probe),
+        )
+    }
+
     /// The per-packet copies `verify` installs must be gone afterwards.
     fn assert_no_verify_chain(&self) {
         for ipt in ["iptables", "ip6tables"] {
@@ -513,6 +571,75 @@ fn verify_idle() -> Result<(), Failed> {
         .flatten()
         .all(|r| r["verdict"] == "idle");
     ensure(idle, || format!("{report:#}"))
+}
+
+/// The probe alone makes `verify` conclusive: every rule its mix covers that is in force here
+/// (R1a, R2t, R2u; R1b is not, kube-proxy being in IPVS mode) saw new connections and packets
+/// on both sides, and they agree; R3t/R3u, which no pod reaches, stay idle. The near-misses
+/// (a ClusterIP's other port, another node's NodePort, …) crossed ovn0 as well: an over-match
+/// on them would show as a per-packet disagreement.
+fn verify_probe_agrees() -> Result<(), Failed> {
+    let n = Topology::new();
+    let _agent = n.agent("shadow");
+    let (code, report, probe) = n.verify_with_probe("4s");
+    n.assert_no_verify_chain();
+    ensure(code == 0 && report["verdict"] == "agree", || {
+        format!("verify exited {code}:\n{report:#}\nprobe:\n{probe:#}")
+    })?;
+    ensure(
+        probe["covers"] == serde_json::json!(["R1a", "R1b", "R2t", "R2u"])
+            && probe["not_covered"][0]["rule"] == "R3t"
+            && probe["not_covered"][1]["rule"] == "R3u",
+        || format!("{probe:#}"),
+    )?;
+    ensure(count(&probe["sent"]) >= 100, || format!("{probe:#}"))?;
+    for name in ["R1a", "R2t", "R2u"] {
+        let r = rule(&report, name);
+        ensure(
+            r["verdict"] == "agree"
+                && count(&r["connections"]) > 0
+                && count(&r["packets"]) > 0
+                && count(&r["ebpf_packets"][0]) > 0,
+            || format!("{name} must see the probe's traffic on both sides: {r:#}"),
+        )?;
+    }
+    for name in ["R3t", "R3u"] {
+        let r = rule(&report, name);
+        ensure(r["verdict"] == "idle", || {
+            format!("{name} is out of a pod's reach: {r:#}")
+        })?;
+    }
+    Ok(())
+}
+
+/// The same mix with NodePort 30053 cleared from the datapath's NodePort-local array behind
+/// the agent's back: R2u, which the probe covers, disagrees.
+fn verify_probe_broken_map() -> Result<(), Failed> {
+    let n = Topology::new();
+    let _agent = n.agent("shadow");
+    let path = n.root().join("maps/kovn_nplocal");
+    let data = aya::maps::MapData::from_pin(&path).expect("open kovn_nplocal");
+    let mut array: aya::maps::Array<_, u8> = aya::maps::Map::Array(data)
+        .try_into()
+        .expect("kovn_nplocal is an array of u8");
+    array.set(30053, 0, 0).expect("clear port 30053");
+    let (code, report, probe) = n.verify_with_probe("4s");
+    n.assert_no_verify_chain();
+    ensure(code == 2 && report["verdict"] == "disagree", || {
+        format!("verify exited {code}:\n{report:#}\nprobe:\n{probe:#}")
+    })?;
+    let r2u = rule(&report, "R2u");
+    ensure(
+        r2u["verdict"] == "disagree" && r2u["reasons"].to_string().contains("per packet"),
+        || format!("R2u: {r2u:#}"),
+    )?;
+    for name in ["R1a", "R2t"] {
+        let r = rule(&report, name);
+        ensure(r["verdict"] == "agree", || {
+            format!("{name} is unaffected: {r:#}")
+        })?;
+    }
+    Ok(())
 }
 
 /// docs/migration.md's procedure, end to end: shadow → verify → enforce → cleanup-iptables
