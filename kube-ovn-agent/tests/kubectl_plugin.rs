@@ -40,6 +40,20 @@ case "$*" in
   "exec agent-a -- kube-ovn-agent verify --json --window 1s --tolerance 1") echo '{agree}' ;;
   "exec agent-b -- kube-ovn-agent verify --json --window 1s --tolerance 1")
     echo '{disagree}'; echo "command terminated with exit code 2" >&2; exit 2 ;;
+  "get daemonset -l app.kubernetes.io/name=kube-ovn-ebpf -o json") echo '{daemonset}' ;;
+  "get services --all-namespaces -l !service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless -o json") echo '{services}' ;;
+  "get nodes -o json") echo '{nodes}' ;;
+  "get subnets.kubeovn.io -o json"|"get servicecidrs.networking.k8s.io -o json")
+    echo "error: the server doesn't have a resource type" >&2; exit 1 ;;
+  "create -f -")
+    manifest=$(cat)
+    name=$(echo "$manifest" | sed -n 's/.*"name":"\(kovn-probe-[^"]*\)".*/\1/p')
+    echo "$manifest" > '{dir}'/"pod-$name.json"; echo "pod/$name created" ;;
+  "get pod kovn-probe-"*" -o json")
+    if grep -q '"nodeName":"n2"' '{dir}'/"pod-$3.json"; then
+      echo '{{"status":{{"phase":"Pending","containerStatuses":[{{"state":{{"waiting":{{"reason":"ImagePullBackOff","message":"no such image"}}}}}}]}}}}'
+    else echo '{{"status":{{"phase":"Succeeded"}}}}'; fi ;;
+  "logs kovn-probe-"*) echo '{probe}' ;;
   exec*nft*) echo "nft: not found" >&2; exit 1 ;;
   exec*) echo "output of $*" ;;
   logs*) echo "log line" ;;
@@ -47,6 +61,26 @@ case "$*" in
 esac
 "#,
         calls = dir.join("calls.log").display(),
+        dir = dir.display(),
+        daemonset = serde_json::json!({"items": [{"spec": {"template": {"spec": {"containers": [
+            {"name": "agent", "image": "kube-ovn-ebpf:9.9.9",
+             "args": ["run", "--service-cluster-ip-range=10.96.0.0/12"]}]}}}}]}),
+        services = serde_json::json!({"items": [
+            {"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+             "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                      "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}},
+            {"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "np-local", "namespace": "default"},
+             "spec": {"type": "NodePort", "clusterIP": "10.96.0.100", "clusterIPs": ["10.96.0.100"],
+                      "externalTrafficPolicy": "Local",
+                      "ports": [{"protocol": "TCP", "port": 80, "nodePort": 30080}]}}]}),
+        nodes = serde_json::json!({"items": (["n1", "n2"].iter().enumerate().map(|(i, n)| serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": n, "annotations": {"ovn.kubernetes.io/ip_address": format!("100.64.0.{}", i + 2)}},
+            "status": {"addresses": [{"type": "InternalIP", "address": format!("192.168.0.{}", i + 11)}]}
+        })).collect::<Vec<_>>())}),
+        probe = serde_json::json!({"summary": "sent 220 in 11.0s to 9 targets (tcp 150: 0 connected, 150 refused, 0 timed out, 0 failed; udp 70); covers R1a R1b R2t; cannot reach R2u R3t R3u"}),
         ready = status(true, ""),
         unready = status(false, "not attached to eth1 (role nic)"),
         agree = verify_report("agree", "agree", ""),
@@ -198,6 +232,113 @@ fn verify_runs_every_agents_verify_and_exits_with_the_worst_verdict() {
     assert_eq!(
         std::fs::read_to_string(dir.join("calls.log")).unwrap(),
         calls_before
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `verify --probe`: a probe pod per node, built for that node, created before `verify` runs
+/// there; a node whose pod does not start is reported and not verified; every pod of the run
+/// is deleted at the end.
+#[test]
+fn verify_probe_runs_a_pod_per_node_and_deletes_them() {
+    let dir = temp_dir();
+    let out = Command::new(PLUGIN)
+        .args([
+            "verify",
+            "--window",
+            "1s",
+            "--probe",
+            "--probe-start-timeout",
+            "2",
+        ])
+        .env("KUBECTL", fake_kubectl(&dir))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        5,
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lines[1].starts_with("n1") && lines[1].contains(" agree "),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].starts_with("  probe: sent 220 ") && lines[2].contains("covers R1a R1b R2t"),
+        "{stdout}"
+    );
+    assert!(
+        lines[3].starts_with("n2")
+            && lines[3].contains("ERROR")
+            && lines[3].contains("not verified"),
+        "{stdout}"
+    );
+    assert!(
+        lines[4].starts_with("  probe: FAILED") && lines[4].contains("ImagePullBackOff"),
+        "{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(1), "n2 could not be verified");
+
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    // verify ran on n1 only, after its pod was created; the run's pods were deleted last.
+    assert!(
+        calls.contains("exec agent-a -- kube-ovn-agent verify --json --window 1s"),
+        "{calls}"
+    );
+    assert!(!calls.contains("exec agent-b"), "{calls}");
+    let last = calls.lines().last().unwrap();
+    assert!(
+        last.contains("delete pods -l kube-ovn-ebpf.io/probe-run=")
+            && last.contains("--ignore-not-found"),
+        "{calls}"
+    );
+    let run = last
+        .split("probe-run=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap();
+    let manifest = |i: usize| -> serde_json::Value {
+        let path = dir.join(format!("pod-kovn-probe-{run}-{i}.json"));
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    };
+    let n1 = manifest(0);
+    assert_eq!(n1["spec"]["nodeName"], "n1");
+    assert_eq!(n1["metadata"]["labels"]["kube-ovn-ebpf.io/probe-run"], run);
+    let container = &n1["spec"]["containers"][0];
+    assert_eq!(
+        container["image"], "kube-ovn-ebpf:9.9.9",
+        "the agent DaemonSet's image"
+    );
+    let command: Vec<&str> = container["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    for target in [
+        "udp/10.96.0.10:53/cluster-ip",
+        "tcp/192.168.0.11:30080/node-port",
+        "tcp/100.64.0.2:30080/join-ip-node-port",
+        "tcp/192.168.0.12:30080/other-node-node-port",
+    ] {
+        assert!(
+            command.contains(&target),
+            "{target} missing from {command:?}"
+        );
+    }
+    // The window (1 s) plus the margin; n2's pod gets n2's own addresses.
+    assert!(
+        command.windows(2).any(|w| w == ["--duration", "11s"]),
+        "{command:?}"
+    );
+    assert_eq!(manifest(1)["spec"]["nodeName"], "n2");
+    assert!(
+        manifest(1)["spec"]["containers"][0]["command"]
+            .to_string()
+            .contains("tcp/192.168.0.12:30080/node-port")
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -670,6 +670,8 @@ pub struct Uncovered {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// One line: what was sent and what it covers (`kubectl kovn verify --probe` prints it).
+    pub summary: String,
     pub sent: u64,
     pub tcp: u64,
     pub udp: u64,
@@ -841,7 +843,8 @@ pub async fn run(targets: &[Target], limits: &Limits) -> Result<Report, ProbeErr
             .sum()
     };
     let (covers, not_covered) = coverage(targets);
-    Ok(Report {
+    let mut report = Report {
+        summary: String::new(),
         sent,
         tcp: count(L4::Tcp),
         udp: count(L4::Udp),
@@ -851,7 +854,9 @@ pub async fn run(targets: &[Target], limits: &Limits) -> Result<Report, ProbeErr
         covers,
         not_covered,
         targets: reports,
-    })
+    };
+    report.summary = report.summarise();
+    Ok(report)
 }
 
 fn names(mask: u32) -> Vec<&'static str> {
@@ -863,8 +868,7 @@ fn names(mask: u32) -> Vec<&'static str> {
 }
 
 impl Report {
-    /// One line: what was sent and what it covers (`kubectl kovn verify --probe` prints it).
-    pub fn summary(&self) -> String {
+    fn summarise(&self) -> String {
         let sum = |f: fn(&TargetReport) -> u64| self.targets.iter().map(f).sum::<u64>();
         let mut line = format!(
             "sent {} in {:.1}s to {} targets (tcp {}: {} connected, {} refused, {} timed out, \
@@ -894,7 +898,7 @@ impl Report {
     pub fn text(&self) -> String {
         let mut out = format!(
             "{} (at most {}/s, stopped by {})\n\n{:<48} {:>7} {:>9} {:>8} {:>9} {:>7}  expects\n",
-            self.summary(),
+            self.summary,
             self.rate_limit,
             self.stopped_by,
             "target",
@@ -1125,11 +1129,7 @@ mod tests {
         let mut buf = [0u8; 64];
         let (n, _) = sink.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], PAYLOAD);
-        assert!(
-            report.summary().starts_with("sent 7 "),
-            "{}",
-            report.summary()
-        );
+        assert!(report.summary.starts_with("sent 7 "), "{}", report.summary);
         // The rate cap: 5 probes at 10/s take at least 0.4 s.
         let report = run(
             &targets[2..],
