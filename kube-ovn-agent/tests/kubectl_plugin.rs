@@ -458,3 +458,197 @@ esac
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `verify --probe` against the real kube-apiserver: the probe pods it creates are accepted
+/// (validation, admission, the `restricted` Pod Security Standard enforced on the namespace),
+/// pinned to each agent's node with limits, a deadline and the run's label; with no kubelet
+/// there they never start, so each node is reported as not verified and every pod is deleted.
+/// The recorded manifests also pass a server-side dry run with strict field validation, and a
+/// hostNetwork variant of one is refused (the check can fail).
+#[test]
+fn verify_probe_pods_pass_the_real_api_server_and_restricted_pod_security() {
+    use kube_ovn_testkit::control_plane::{Binaries, ControlPlane, Options};
+    let binaries = match Binaries::from_env() {
+        Ok(binaries) => binaries,
+        Err(e) => {
+            assert!(!in_ci(), "a real kube-apiserver is needed in CI: {e}");
+            eprintln!("\n*** no real kube-apiserver ({e}): skipped ***\n");
+            return;
+        }
+    };
+    let kubectl = binaries.kubectl.clone();
+    let plane = ControlPlane::start(Options::new(binaries)).expect("control plane");
+    let ns = "kovn-probe";
+    let agent = |name: &str, node: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns,
+                         "labels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
+            "spec": {"nodeName": node, "serviceAccountName": "default",
+                     "automountServiceAccountToken": false,
+                     "containers": [{"name": "agent", "image": "kube-ovn-ebpf:0.1.0"}]}
+        })
+    };
+    let node = |name: &str, join: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": {"ovn.kubernetes.io/ip_address": join}}})
+    };
+    // No controller manager runs there: the namespace's `default` service account is made here.
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "default", "namespace": ns}},
+        {"apiVersion": "apps/v1", "kind": "DaemonSet",
+         "metadata": {"name": "kube-ovn-ebpf", "namespace": ns,
+                      "labels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
+         "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
+                  "template": {"metadata": {"labels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
+                               "spec": {"containers": [{"name": "agent",
+                                   "image": "kube-ovn-ebpf:7.7.7",
+                                   "args": ["run", "--service-cluster-ip-range=10.0.0.0/24"]}]}}}},
+        node("node-a", "100.64.0.2"),
+        node("node-b", "100.64.0.3"),
+        agent("kube-ovn-ebpf-aa", "node-a"),
+        agent("kube-ovn-ebpf-bb", "node-b"),
+    ]});
+    plane
+        .kubectl_stdin(&["apply", "-f", "-"], &list.to_string())
+        .expect("create objects");
+    // From here on, only pods meeting the restricted standard are admitted in the namespace.
+    plane
+        .kubectl(&[
+            "label",
+            "namespace",
+            ns,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ])
+        .expect("label namespace");
+    let dir = temp_dir();
+    let script = dir.join("kubectl");
+    let text = format!(
+        r#"#!/bin/sh
+echo "$*" >> '{calls}'
+case "$3" in
+  exec) echo '{agree}' ;;
+  create) tee '{dir}'/manifest-$$.json | exec '{kubectl}' --kubeconfig '{kubeconfig}' "$@" ;;
+  *) exec '{kubectl}' --kubeconfig '{kubeconfig}' "$@" ;;
+esac
+"#,
+        calls = dir.join("calls.log").display(),
+        dir = dir.display(),
+        agree = verify_report("agree", "agree", ""),
+        kubeconfig = plane.kubeconfig_path().display(),
+        kubectl = kubectl.display(),
+    );
+    std::fs::write(&script, text).unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    let out = Command::new(PLUGIN)
+        .args(["-n", ns, "verify", "--window", "1s", "--probe"])
+        .args(["--probe-start-timeout", "3"])
+        .env("KUBECTL", &script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let failed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("  probe: FAILED"))
+        .collect();
+    assert_eq!(failed.len(), 2, "{stdout}{stderr}");
+    for line in failed {
+        // Created (not refused by the server), then never started: no kubelet.
+        assert!(
+            line.contains("within 3s: Pending"),
+            "{line}\n{stdout}{stderr}"
+        );
+    }
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    assert!(
+        calls.contains("delete pods -l kube-ovn-ebpf.io/probe-run="),
+        "{calls}"
+    );
+
+    // What the server holds: deletion requested (a pod bound to a node waits for its kubelet
+    // to confirm), and the fields as sent.
+    let held: serde_json::Value = serde_json::from_str(
+        &plane
+            .kubectl(&[
+                "-n",
+                ns,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=kube-ovn-ebpf-probe",
+                "-o",
+                "json",
+            ])
+            .expect("list probe pods"),
+    )
+    .unwrap();
+    let mut nodes = Vec::new();
+    for pod in held["items"].as_array().unwrap() {
+        assert!(
+            pod["metadata"]["deletionTimestamp"].is_string(),
+            "not deleted: {pod:#}"
+        );
+        nodes.push(pod["spec"]["nodeName"].as_str().unwrap().to_owned());
+        assert!(pod["spec"]["activeDeadlineSeconds"].as_u64().unwrap() > 0);
+        assert!(
+            pod["metadata"]["labels"]["kube-ovn-ebpf.io/probe-run"].is_string(),
+            "{pod:#}"
+        );
+        let container = &pod["spec"]["containers"][0];
+        assert_eq!(container["image"], "kube-ovn-ebpf:7.7.7");
+        assert_eq!(container["resources"]["limits"]["cpu"], "200m");
+    }
+    nodes.sort();
+    assert!(
+        nodes.is_empty() || nodes == ["node-a", "node-b"],
+        "{nodes:?}"
+    );
+
+    // The manifests as recorded: a server-side dry run with strict field validation accepts
+    // each (renamed: the originals may still be terminating); a hostNetwork variant is refused.
+    let mut manifests = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("manifest-")
+        {
+            continue;
+        }
+        manifests += 1;
+        let mut pod: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        pod["metadata"]["name"] =
+            format!("{}-dry", pod["metadata"]["name"].as_str().unwrap()).into();
+        let dry = |pod: &serde_json::Value| {
+            plane.kubectl_stdin(
+                &[
+                    "-n",
+                    ns,
+                    "create",
+                    "--dry-run=server",
+                    "--validate=strict",
+                    "-f",
+                    "-",
+                ],
+                &pod.to_string(),
+            )
+        };
+        dry(&pod).unwrap_or_else(|e| panic!("refused: {e}\n{pod:#}"));
+        pod["spec"]["hostNetwork"] = true.into();
+        let refused = dry(&pod).expect_err("a hostNetwork pod violates restricted");
+        assert!(refused.to_string().contains("PodSecurity"), "{refused}");
+    }
+    assert_eq!(manifests, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
