@@ -479,38 +479,7 @@ fn verify_probe_pods_pass_the_real_api_server_and_restricted_pod_security() {
     let kubectl = binaries.kubectl.clone();
     let plane = ControlPlane::start(Options::new(binaries)).expect("control plane");
     let ns = "kovn-probe";
-    let agent = |name: &str, node: &str| {
-        serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns,
-                         "labels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
-            "spec": {"nodeName": node, "serviceAccountName": "default",
-                     "automountServiceAccountToken": false,
-                     "containers": [{"name": "agent", "image": "kube-ovn-ebpf:0.1.0"}]}
-        })
-    };
-    let node = |name: &str, join: &str| {
-        serde_json::json!({"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "annotations": {"ovn.kubernetes.io/ip_address": join}}})
-    };
-    // No controller manager runs there: the namespace's `default` service account is made here.
-    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
-        {"apiVersion": "v1", "kind": "ServiceAccount",
-         "metadata": {"name": "default", "namespace": ns}},
-        {"apiVersion": "apps/v1", "kind": "DaemonSet",
-         "metadata": {"name": "kube-ovn-ebpf", "namespace": ns,
-                      "labels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
-         "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
-                  "template": {"metadata": {"labels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
-                               "spec": {"containers": [{"name": "agent",
-                                   "image": "kube-ovn-ebpf:7.7.7",
-                                   "args": ["run", "--service-cluster-ip-range=10.0.0.0/24"]}]}}}},
-        node("node-a", "100.64.0.2"),
-        node("node-b", "100.64.0.3"),
-        agent("kube-ovn-ebpf-aa", "node-a"),
-        agent("kube-ovn-ebpf-bb", "node-b"),
-    ]});
+    let list = probe_test_objects(ns);
     plane
         .kubectl_stdin(&["apply", "-f", "-"], &list.to_string())
         .expect("create objects");
@@ -573,49 +542,57 @@ esac
         "{calls}"
     );
 
-    // What the server holds: deletion requested (a pod bound to a node waits for its kubelet
-    // to confirm), and the fields as sent.
-    let held: serde_json::Value = serde_json::from_str(
-        &plane
-            .kubectl(&[
-                "-n",
-                ns,
-                "get",
-                "pods",
-                "-l",
-                "app.kubernetes.io/name=kube-ovn-ebpf-probe",
-                "-o",
-                "json",
-            ])
-            .expect("list probe pods"),
-    )
-    .unwrap();
-    let mut nodes = Vec::new();
-    for pod in held["items"].as_array().unwrap() {
-        assert!(
-            pod["metadata"]["deletionTimestamp"].is_string(),
-            "not deleted: {pod:#}"
-        );
-        nodes.push(pod["spec"]["nodeName"].as_str().unwrap().to_owned());
-        assert!(pod["spec"]["activeDeadlineSeconds"].as_u64().unwrap() > 0);
-        assert!(
-            pod["metadata"]["labels"]["kube-ovn-ebpf.io/probe-run"].is_string(),
-            "{pod:#}"
-        );
-        let container = &pod["spec"]["containers"][0];
-        assert_eq!(container["image"], "kube-ovn-ebpf:7.7.7");
-        assert_eq!(container["resources"]["limits"]["cpu"], "200m");
-    }
-    nodes.sort();
-    assert!(
-        nodes.is_empty() || nodes == ["node-a", "node-b"],
-        "{nodes:?}"
-    );
+    check_held_pods(&plane, ns);
+    assert_eq!(check_recorded_manifests(&plane, &dir, ns), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
-    // The manifests as recorded: a server-side dry run with strict field validation accepts
-    // each (renamed: the originals may still be terminating); a hostNetwork variant is refused.
+/// Two agent pods on two Nodes and the agent `DaemonSet`, in namespace `ns` with its `default`
+/// service account (no controller manager runs in the test bed to make it).
+fn probe_test_objects(ns: &str) -> serde_json::Value {
+    let agent = |name: &str, node: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns,
+                         "labels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
+            "spec": {"nodeName": node, "serviceAccountName": "default",
+                     "automountServiceAccountToken": false,
+                     "containers": [{"name": "agent", "image": "kube-ovn-ebpf:0.1.0"}]}
+        })
+    };
+    let node = |name: &str, join: &str| {
+        serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": {"ovn.kubernetes.io/ip_address": join}}})
+    };
+    serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "default", "namespace": ns}},
+        {"apiVersion": "apps/v1", "kind": "DaemonSet",
+         "metadata": {"name": "kube-ovn-ebpf", "namespace": ns,
+                      "labels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
+         "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
+                  "template": {"metadata": {"labels": {"app.kubernetes.io/name": "kube-ovn-ebpf"}},
+                               "spec": {"containers": [{"name": "agent",
+                                   "image": "kube-ovn-ebpf:7.7.7",
+                                   "args": ["run", "--service-cluster-ip-range=10.0.0.0/24"]}]}}}},
+        node("node-a", "100.64.0.2"),
+        node("node-b", "100.64.0.3"),
+        agent("kube-ovn-ebpf-aa", "node-a"),
+        agent("kube-ovn-ebpf-bb", "node-b"),
+    ]})
+}
+
+/// The probe-pod manifests recorded in `dir`: a server-side dry run with strict field
+/// validation accepts each (renamed: the originals may still be terminating); a hostNetwork
+/// variant is refused. Returns how many there were.
+fn check_recorded_manifests(
+    plane: &kube_ovn_testkit::control_plane::ControlPlane,
+    dir: &Path,
+    ns: &str,
+) -> usize {
     let mut manifests = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
+    for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if !path
             .file_name()
@@ -649,6 +626,43 @@ esac
         let refused = dry(&pod).expect_err("a hostNetwork pod violates restricted");
         assert!(refused.to_string().contains("PodSecurity"), "{refused}");
     }
-    assert_eq!(manifests, 2);
-    let _ = std::fs::remove_dir_all(&dir);
+    manifests
+}
+
+/// What the server holds of the probe pods: deletion requested (a pod bound to a node waits
+/// for its kubelet to confirm), and the fields as sent.
+fn check_held_pods(plane: &kube_ovn_testkit::control_plane::ControlPlane, ns: &str) {
+    let held: serde_json::Value = serde_json::from_str(
+        &plane
+            .kubectl(&[
+                "-n",
+                ns,
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=kube-ovn-ebpf-probe",
+                "-o",
+                "json",
+            ])
+            .expect("list probe pods"),
+    )
+    .unwrap();
+    let mut nodes = Vec::new();
+    for pod in held["items"].as_array().unwrap() {
+        assert!(
+            pod["metadata"]["deletionTimestamp"].is_string(),
+            "not deleted: {pod:#}"
+        );
+        nodes.push(pod["spec"]["nodeName"].as_str().unwrap().to_owned());
+        assert!(pod["spec"]["activeDeadlineSeconds"].as_u64().unwrap() > 0);
+        assert!(
+            pod["metadata"]["labels"]["kube-ovn-ebpf.io/probe-run"].is_string(),
+            "{pod:#}"
+        );
+        let container = &pod["spec"]["containers"][0];
+        assert_eq!(container["image"], "kube-ovn-ebpf:7.7.7");
+        assert_eq!(container["resources"]["limits"]["cpu"], "200m");
+    }
+    nodes.sort();
+    assert!(nodes == ["node-a", "node-b"], "{nodes:?}");
 }
