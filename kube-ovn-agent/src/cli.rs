@@ -72,9 +72,9 @@ pub enum Command {
     /// Rule by rule (R1a … R3u), the datapath's packet counts are compared with the counters the
     /// kernel keeps for Kube-OVN's nat OVN-PREROUTING rules (new connections) and with
     /// temporary counting-only copies of those rules in raw PREROUTING (every packet). Run it
-    /// with the agent in shadow mode, with traffic, before switching to enforce
-    /// (docs/migration.md). Exit status: 0 agree, 2 disagree, 3 inconclusive (no traffic, or no
-    /// Kube-OVN rules), 1 error.
+    /// with the agent in shadow mode, with traffic (`probe` sends some), before switching to
+    /// enforce (docs/migration.md). Exit status: 0 agree, 2 disagree, 3 inconclusive (no
+    /// traffic, or no Kube-OVN rules), 1 error.
     Verify(VerifyArgs),
     /// Remove Kube-OVN's PREROUTING jump rules by their exact rule spec.
     ///

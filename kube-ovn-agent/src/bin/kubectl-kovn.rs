@@ -64,8 +64,10 @@ enum Cmd {
     /// ready or does not answer.
     Status,
     /// `kube-ovn-agent verify` in every agent pod at once (the same window everywhere; traffic
-    /// must flow meanwhile: verify counts, it sends nothing). Exit status: 0 every node agrees,
-    /// 2 a node disagrees, 1 a node could not be verified, 3 otherwise inconclusive.
+    /// must flow meanwhile: verify counts, it sends nothing — unless --probe, which runs a
+    /// probe pod per node and starts each node's window when its probe runs). Exit status: 0
+    /// every node agrees, 2 a node disagrees, 1 a node could not be verified (or its probe did
+    /// not run), 3 otherwise inconclusive.
     Verify(VerifyArgs),
     /// A support tarball: per node status, dump, log, iptables-save, ip6tables-save and nft
     /// ruleset; the `DaemonSet` and kubectl version. Exit status 1 when something could not be
