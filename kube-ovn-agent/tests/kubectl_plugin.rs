@@ -343,6 +343,69 @@ fn verify_probe_runs_a_pod_per_node_and_deletes_them() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Ctrl-C while a probe pod is still starting: the run's pods are deleted before the plugin
+/// exits (130).
+#[test]
+fn verify_probe_deletes_its_pods_when_interrupted() {
+    let dir = temp_dir();
+    let mut child = Command::new(PLUGIN)
+        .args([
+            "verify",
+            "--window",
+            "1s",
+            "--probe",
+            "--probe-start-timeout",
+            "60",
+        ])
+        .env("KUBECTL", fake_kubectl(&dir))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // n2's pod never starts: wait until the plugin polls it, then interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap_or_default();
+        if calls.matches("get pod kovn-probe-").count() >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no probe pod polled:\n{calls}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let calls_before = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    assert!(!calls_before.contains("delete pods"), "{calls_before}");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the plugin did not exit after SIGINT");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(stderr.contains("deleting the probe pods"), "{stderr}");
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap();
+    let deletes: Vec<&str> = calls
+        .lines()
+        .filter(|l| l.contains("delete pods -l kube-ovn-ebpf.io/probe-run="))
+        .collect();
+    assert_eq!(deletes.len(), 1, "{calls}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn help_lists_every_subcommand_and_bad_arguments_exit_2() {
     let help = Command::new(PLUGIN).arg("--help").output().unwrap();

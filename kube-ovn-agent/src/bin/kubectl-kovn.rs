@@ -657,7 +657,8 @@ fn probe_pod(
 /// `kube-ovn-agent probe` for the pod: the rate, the duration and as many probes as they
 /// allow, and the targets.
 fn probe_command(targets: &[Target], rate: u32, duration: Duration) -> Vec<String> {
-    let mut command: Vec<String> = ["kube-ovn-agent", "probe", "--json"]
+    // Logs off but errors: the pod's log is the report, read back as JSON.
+    let mut command: Vec<String> = ["kube-ovn-agent", "--log-level", "error", "probe", "--json"]
         .map(str::to_owned)
         .to_vec();
     command.extend([
@@ -772,15 +773,12 @@ fn probe_node(
     );
     let logs = kubectl.run(&["logs", probe_pod_name]);
     let summary = match (ended, logs) {
-        (Ok(phase), Ok(logs)) => serde_json::from_slice::<Value>(&logs)
-            .ok()
-            .and_then(|report| report["summary"].as_str().map(str::to_owned))
-            .ok_or_else(|| {
-                format!(
-                    "pod {probe_pod_name} {phase}: {}",
-                    String::from_utf8_lossy(&logs).trim()
-                )
-            }),
+        (Ok(phase), Ok(logs)) => probe_summary(&logs).ok_or_else(|| {
+            format!(
+                "pod {probe_pod_name} {phase}: {}",
+                String::from_utf8_lossy(&logs).trim()
+            )
+        }),
         (Err(e), _) | (_, Err(e)) => Err(e),
     };
     (reply, summary)
@@ -807,6 +805,21 @@ fn print_probe_results(pods: &[(String, String)], results: &[NodeResult]) -> Nod
         }
     }
     worst
+}
+
+/// The `summary` of the probe's JSON report in its pod's log (stdout and stderr interleaved:
+/// the report is the object that starts on a line of its own).
+fn probe_summary(log: &[u8]) -> Option<String> {
+    let start = log
+        .windows(2)
+        .position(|w| w == b"\n{")
+        .map(|at| at + 1)
+        .or_else(|| log.starts_with(b"{").then_some(0))?;
+    let report: Value = serde_json::Deserializer::from_slice(&log[start..])
+        .into_iter()
+        .next()?
+        .ok()?;
+    report["summary"].as_str().map(str::to_owned)
 }
 
 /// A short id for one run's pods: from the clock and the process id.
@@ -1215,7 +1228,28 @@ mod tests {
             container["securityContext"]["capabilities"]["drop"][0],
             "ALL"
         );
-        assert_eq!(container["command"][1], "probe");
+        assert_eq!(container["command"][3], "probe");
+    }
+
+    #[test]
+    fn the_probe_report_is_found_in_a_log_with_other_lines() {
+        let report = br#"{
+  "summary": "sent 3 in 0.1s to 1 targets",
+  "sent": 3
+}
+"#;
+        assert_eq!(
+            probe_summary(report).as_deref(),
+            Some("sent 3 in 0.1s to 1 targets")
+        );
+        let mut mixed = b"2026-01-01T00:00:00Z WARN something {odd}\n".to_vec();
+        mixed.extend_from_slice(report);
+        mixed.extend_from_slice(b"trailing line\n");
+        assert_eq!(
+            probe_summary(&mixed).as_deref(),
+            Some("sent 3 in 0.1s to 1 targets")
+        );
+        assert_eq!(probe_summary(b"error: no targets\n"), None);
     }
 
     #[test]
