@@ -44,6 +44,10 @@ fn main() {
             verify_probe_broken_map,
         ),
         (
+            "verify_covers_r3_with_another_nodes_probe",
+            verify_probe_from_two_nodes,
+        ),
+        (
             "shadow_verify_enforce_cleanup_verify_in_one_namespace",
             full_migration,
         ),
@@ -293,10 +297,29 @@ impl Topology {
 
     /// Runs `verify --json` for `window` while `kube-ovn-agent probe` runs in the pod namespace
     /// with the mix it chooses from the example cluster for n1 (the agent's own `--source`):
-    /// its packets enter the node through ovn0. Returns (verify's exit code, its report, the
-    /// probe's report).
-    fn verify_with_probe(&self, window: &str) -> (i32, Value, Value) {
+    /// its packets enter the node through ovn0. With `other_node`, a second probe runs in the
+    /// client namespace (n2's address) to this node's NodePorts: what n2's probe pod sends to
+    /// n1's once n2 masquerades it (`natOutgoing`). Returns (verify's exit code, its report, the
+    /// pod probe's report).
+    fn verify_with_probe(&self, window: &str, other_node: bool) -> (i32, Value, Value) {
         let (verify, probe) = std::thread::scope(|scope| {
+            let remote = other_node.then(|| {
+                scope.spawn(|| {
+                    let child = self
+                        .client
+                        .command(AGENT)
+                        .args(["probe", "--json", "--rate", "100", "--duration", "3s"])
+                        .args(["--connect-timeout", "100ms"])
+                        .args(["--target", "tcp/192.168.0.11:30080/other-node-node-port"])
+                        .args(["--target", "udp/192.168.0.11:30053/other-node-node-port"])
+                        .args(["--target", "udp/[fd00::11]:30053/other-node-node-port"])
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .expect("start probe");
+                    wait_output(child, Duration::from_secs(30))
+                })
+            });
             let probe = scope.spawn(|| {
                 let child = self
                     .pod
@@ -321,6 +344,10 @@ impl Topology {
                 .spawn()
                 .expect("start verify");
             let verify = wait_output(child, Duration::from_mins(1));
+            if let Some(remote) = remote {
+                let out = remote.join().expect("probe thread");
+                assert!(out.status.success(), "probe from n2's address: {out:?}");
+            }
             (verify, probe.join().expect("probe thread"))
         });
         let json = |what: &str, out: &Output| -> Value {
@@ -581,7 +608,7 @@ fn verify_idle() -> Result<(), Failed> {
 fn verify_probe_agrees() -> Result<(), Failed> {
     let n = Topology::new();
     let _agent = n.agent("shadow");
-    let (code, report, probe) = n.verify_with_probe("4s");
+    let (code, report, probe) = n.verify_with_probe("4s", false);
     n.assert_no_verify_chain();
     ensure(code == 0 && report["verdict"] == "agree", || {
         format!("verify exited {code}:\n{report:#}\nprobe:\n{probe:#}")
@@ -612,6 +639,27 @@ fn verify_probe_agrees() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The pod's mix plus the probe of another node (from n2's address, as n2's probe pod's
+/// packets arrive once masqueraded): now every rule in force saw traffic, R3t and R3u
+/// included, and verify agrees on all five.
+fn verify_probe_from_two_nodes() -> Result<(), Failed> {
+    let n = Topology::new();
+    let _agent = n.agent("shadow");
+    let (code, report, probe) = n.verify_with_probe("4s", true);
+    n.assert_no_verify_chain();
+    ensure(code == 0 && report["verdict"] == "agree", || {
+        format!("verify exited {code}:\n{report:#}\nprobe:\n{probe:#}")
+    })?;
+    for name in ["R1a", "R2t", "R2u", "R3t", "R3u"] {
+        let r = rule(&report, name);
+        ensure(
+            r["verdict"] == "agree" && count(&r["connections"]) > 0 && count(&r["packets"]) > 0,
+            || format!("{name} must see traffic on both sides: {r:#}"),
+        )?;
+    }
+    Ok(())
+}
+
 /// The same mix with NodePort 30053 cleared from the datapath's NodePort-local array behind
 /// the agent's back: R2u, which the probe covers, disagrees.
 fn verify_probe_broken_map() -> Result<(), Failed> {
@@ -623,7 +671,7 @@ fn verify_probe_broken_map() -> Result<(), Failed> {
         .try_into()
         .expect("kovn_nplocal is an array of u8");
     array.set(30053, 0, 0).expect("clear port 30053");
-    let (code, report, probe) = n.verify_with_probe("4s");
+    let (code, report, probe) = n.verify_with_probe("4s", false);
     n.assert_no_verify_chain();
     ensure(code == 2 && report["verdict"] == "disagree", || {
         format!("verify exited {code}:\n{report:#}\nprobe:\n{probe:#}")
