@@ -7,6 +7,7 @@
 use std::{path::Path, process::Command};
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-kovn");
+const AGENT: &str = env!("CARGO_BIN_EXE_kube-ovn-agent");
 
 /// A fake kubectl: two agent pods; n1's agent is ready, n2's is not; `nft` fails on every node.
 /// Every invocation is appended to `calls.log`.
@@ -606,6 +607,7 @@ esac
     );
 
     check_held_pods(&plane, ns);
+    probe_chooses_from_the_api(&plane);
     assert_eq!(check_recorded_manifests(&plane, &dir, ns), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -728,4 +730,68 @@ fn check_held_pods(plane: &kube_ovn_testkit::control_plane::ControlPlane, ns: &s
     }
     nodes.sort();
     assert!(nodes == ["node-a", "node-b"], "{nodes:?}");
+}
+
+/// `kube-ovn-agent probe --source kube` (what a probe pod with the agent's service account
+/// would do) lists the cluster through the real API server: the `kubernetes` Service's
+/// ClusterIP is a target, the CIDR comes from the server's ServiceCIDR, and Kube-OVN's Subnet
+/// API, absent there, counts as empty.
+fn probe_chooses_from_the_api(plane: &kube_ovn_testkit::control_plane::ControlPlane) {
+    let cluster_ip = plane
+        .kubectl(&[
+            "-n",
+            "default",
+            "get",
+            "service",
+            "kubernetes",
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .expect("the kubernetes Service");
+    let out = Command::new(AGENT)
+        .args([
+            "probe",
+            "--dry-run",
+            "--source",
+            "kube",
+            "--node-name",
+            "node-a",
+        ])
+        .env("KUBECONFIG", plane.kubeconfig_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wanted = format!("tcp/{}:443/cluster-ip", cluster_ip.trim());
+    assert!(
+        stdout.lines().any(|l| l == wanted),
+        "{wanted} missing:\n{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.ends_with("/outside-service-cidr")),
+        "{stdout}"
+    );
+    let missing = Command::new(AGENT)
+        .args([
+            "probe",
+            "--dry-run",
+            "--source",
+            "kube",
+            "--node-name",
+            "node-z",
+        ])
+        .env("KUBECONFIG", plane.kubeconfig_path())
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .contains("\"node-z\" is not in the cluster's Nodes"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
 }
