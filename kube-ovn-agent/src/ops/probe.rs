@@ -698,17 +698,21 @@ pub fn coverage(targets: &[Target]) -> (Vec<&'static str>, Vec<Uncovered>) {
             covers.push(name);
             continue;
         }
+        let unknown = targets.iter().any(|t| t.kind == TargetKind::Given);
         let why = match id {
             rule::R3T | rule::R3U => "matches a source among the other nodes' InternalIPs; a \
                                       pod's packets carry its own address, so no pod on this \
                                       node reaches it (another node's probe can, when its \
                                       subnet masquerades to its node's address)"
                 .to_owned(),
-            rule::R2T | rule::R2U => format!(
+            rule::R2T | rule::R2U if !unknown => format!(
                 "no externalTrafficPolicy: Local NodePort Service with a {} port on this \
                  node's addresses",
                 if id == rule::R2T { "TCP" } else { "UDP" }
             ),
+            _ if unknown => "no target is known to be marked by it (targets given without a \
+                             /KIND are not counted)"
+                .to_owned(),
             _ => "no TCP or UDP ClusterIP Service port".to_owned(),
         };
         not_covered.push(Uncovered { rule: name, why });
@@ -1059,6 +1063,15 @@ mod tests {
             select(&example(), &options("n9", 64)),
             Err(ProbeError::NoNode(_))
         ));
+    }
+
+    #[test]
+    fn given_targets_without_a_kind_cover_nothing_known() {
+        let targets = ["tcp/10.96.0.10:53".parse().unwrap()];
+        let (covers, not_covered) = coverage(&targets);
+        assert!(covers.is_empty());
+        let r2t = not_covered.iter().find(|u| u.rule == "R2t").unwrap();
+        assert!(r2t.why.contains("/KIND"), "{r2t:?}");
     }
 
     #[test]
