@@ -11,7 +11,11 @@ use crate::{
     datapath::attach::{AttachChoice, DEFAULT_HANDLE, TcxOrder},
     datapath::pins::DEFAULT_ROOT,
     host::netlink::IfaceOverride,
-    ops::{inspect, preflight::DaemonSetRef},
+    ops::{
+        inspect,
+        preflight::DaemonSetRef,
+        probe::{self, Target},
+    },
     source::SourceSpec,
     translate::ServiceMatch,
 };
@@ -68,9 +72,9 @@ pub enum Command {
     /// Rule by rule (R1a … R3u), the datapath's packet counts are compared with the counters the
     /// kernel keeps for Kube-OVN's nat OVN-PREROUTING rules (new connections) and with
     /// temporary counting-only copies of those rules in raw PREROUTING (every packet). Run it
-    /// with the agent in shadow mode, with traffic, before switching to enforce
-    /// (docs/migration.md). Exit status: 0 agree, 2 disagree, 3 inconclusive (no traffic, or no
-    /// Kube-OVN rules), 1 error.
+    /// with the agent in shadow mode, with traffic (`probe` sends some), before switching to
+    /// enforce (docs/migration.md). Exit status: 0 agree, 2 disagree, 3 inconclusive (no
+    /// traffic, or no Kube-OVN rules), 1 error.
     Verify(VerifyArgs),
     /// Remove Kube-OVN's PREROUTING jump rules by their exact rule spec.
     ///
@@ -91,6 +95,82 @@ pub enum Command {
     /// uninstall hook Job runs it, so `helm uninstall` returns only then. Exit status 1 on
     /// timeout.
     UninstallWait(UninstallWaitArgs),
+    /// Send a bounded mix of probe traffic for `verify` to compare: TCP connection attempts
+    /// and UDP datagrams, round-robin over the targets, capped by --rate, --duration and
+    /// --count.
+    ///
+    /// Run it in an ordinary pod on the node (not hostNetwork), so its packets enter the node
+    /// through ovn0 as pod traffic does; `kubectl kovn verify --probe` does that on every node.
+    /// Without --target the mix is chosen from --source for --node-name: ClusterIP ports (R1a/
+    /// R1b), externalTrafficPolicy: Local NodePorts on the node's InternalIPs and join address
+    /// (R2t/R2u), and near-misses that must be marked by nothing (a port the Service lacks, the
+    /// address past the Service CIDR, a Cluster-policy NodePort, another node's NodePort, …).
+    /// R3t/R3u match other nodes' addresses as source: no pod on the node reaches them. Exit
+    /// status 1 when there is nothing to send.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProbeArgs {
+    /// A target, PROTO/ADDRESS:PORT[/KIND] (`tcp/10.96.0.10:53`, `udp/[fd00::10]:53`);
+    /// repeatable. Given targets replace the chosen mix.
+    #[arg(long = "target", value_name = "PROTO/ADDRESS:PORT[/KIND]")]
+    pub targets: Vec<Target>,
+    /// Where the mix is chosen from when no --target is given: `kube` (the API server: lists
+    /// Services, Nodes, Subnets and ServiceCIDRs) or `file:PATH` (kubectl-style YAML).
+    #[arg(long, default_value = "kube")]
+    pub source: SourceSpec,
+    /// The node the probe runs on (its Node object's name); defaults to `$NODE_NAME`.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kube-OVN's --service-cluster-ip-range, for the near-miss past the Service CIDR (ready
+    /// ServiceCIDR objects replace it).
+    #[arg(long, default_value = "10.96.0.0/12", value_parser = parse_cidrs)]
+    pub service_cluster_ip_range: Cidrs,
+    /// Kube-OVN's --cluster-router: the default VPC, whose subnets are probed.
+    #[arg(long, default_value = "ovn-cluster")]
+    pub cluster_router: String,
+    /// At most this many targets in the chosen mix (one of each kind first).
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u16).range(1..=i64::from(probe::MAX_TARGETS)))]
+    pub max_targets: u16,
+    /// Probes per second, at most (≤ 200).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(probe::MAX_RATE)))]
+    pub rate: u32,
+    /// How long to send: `20s`, `2m` (≤ 10m).
+    #[arg(long, default_value = "20s", value_parser = parse_probe_duration)]
+    pub duration: Duration,
+    /// Probes in all, at most.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub count: u64,
+    /// How long a TCP attempt waits for its answer: `300ms`, `1s` (≤ 5s).
+    #[arg(long, default_value = "300ms", value_parser = parse_connect_timeout)]
+    pub connect_timeout: Duration,
+    /// Print the targets and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_probe_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration > probe::MAX_DURATION {
+        return Err(format!("{text:?}: at most 10m"));
+    }
+    Ok(duration)
+}
+
+/// `300ms` or `2s`, 10 ms to 5 s.
+fn parse_connect_timeout(text: &str) -> Result<Duration, String> {
+    let duration = match text.strip_suffix("ms") {
+        Some(ms) => Duration::from_millis(ms.parse().map_err(|e| format!("{text:?}: {e}"))?),
+        None => parse_duration(text)?,
+    };
+    if !(Duration::from_millis(10)..=Duration::from_secs(5)).contains(&duration) {
+        return Err(format!("{text:?}: between 10ms and 5s"));
+    }
+    Ok(duration)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -766,6 +846,41 @@ mod tests {
                 ..
             })
         ));
+        let Command::Probe(probe) = parse(&[
+            "probe",
+            "--target",
+            "tcp/10.96.0.10:53",
+            "--target",
+            "udp/[fd00::10]:53/cluster-ip",
+            "--rate",
+            "50",
+            "--duration",
+            "1m",
+            "--connect-timeout",
+            "150ms",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not probe")
+        };
+        assert_eq!(probe.targets.len(), 2);
+        assert_eq!(
+            (probe.rate, probe.duration, probe.connect_timeout),
+            (50, Duration::from_mins(1), Duration::from_millis(150))
+        );
+        assert_eq!((probe.count, probe.max_targets), (2000, 24), "the defaults");
+        for bad in [
+            &["probe", "--rate", "201"][..],
+            &["probe", "--rate", "0"],
+            &["probe", "--duration", "11m"],
+            &["probe", "--connect-timeout", "6s"],
+            &["probe", "--connect-timeout", "5ms"],
+            &["probe", "--max-targets", "65"],
+            &["probe", "--target", "icmp/10.0.0.1:1"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
         for bad in ["101", "1.234", "-1", "x", ""] {
             assert!(
                 parse(&["verify", "--tolerance", bad]).is_err(),

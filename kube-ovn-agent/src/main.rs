@@ -18,6 +18,7 @@ use kube_ovn_agent::{
     ops::cleanup,
     ops::inspect,
     ops::preflight,
+    ops::probe,
     ops::uninstall,
     ops::verify,
     source::{self, Running, SourceSpec},
@@ -69,6 +70,52 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `probe`: the targets given or chosen, then the traffic; the report on stdout.
+fn probe(args: &kube_ovn_agent::cli::ProbeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let targets = if args.targets.is_empty() {
+        let node_name = args
+            .node_name
+            .clone()
+            .context("--node-name (or $NODE_NAME) is needed to choose the targets")?;
+        let snapshot = runtime.block_on(probe::read_cluster(&args.source))?;
+        probe::select(
+            &snapshot,
+            &probe::SelectOptions {
+                node_name,
+                cluster_router: args.cluster_router.clone(),
+                service_cluster_ip_range: args.service_cluster_ip_range.0.clone(),
+                max_targets: usize::from(args.max_targets),
+            },
+        )?
+    } else {
+        args.targets.clone()
+    };
+    if args.dry_run {
+        for target in &targets {
+            println!("{target}");
+        }
+        return Ok(());
+    }
+    let report = runtime.block_on(probe::run(
+        &targets,
+        &probe::Limits {
+            rate: args.rate,
+            duration: args.duration,
+            count: args.count,
+            connect_timeout: args.connect_timeout,
+        },
+    ))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
 }
 
 fn dispatch(command: Command) -> Result<()> {
@@ -128,6 +175,7 @@ fn dispatch(command: Command) -> Result<()> {
             anyhow::ensure!(!preflight::failed(&checks), "a preflight check failed");
             Ok(())
         }
+        Command::Probe(args) => probe(&args),
         Command::UninstallWait(args) => {
             let done = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -38,6 +38,18 @@ fn main() {
         ),
         ("verify_without_traffic_is_inconclusive", verify_idle),
         (
+            "verify_agrees_on_the_probe_mix_a_pod_sends",
+            verify_probe_agrees,
+        ),
+        (
+            "verify_on_the_probe_mix_disagrees_when_a_datapath_map_is_broken",
+            verify_probe_broken_map,
+        ),
+        (
+            "verify_covers_r3_with_another_nodes_probe",
+            verify_probe_from_two_nodes,
+        ),
+        (
             "shadow_verify_enforce_cleanup_verify_in_one_namespace",
             full_migration,
         ),
@@ -262,6 +274,79 @@ impl Topology {
             )
         });
         (code, report)
+    }
+
+    /// Runs `verify --json` for `window` while `kube-ovn-agent probe` runs in the pod namespace
+    /// with the mix it chooses from the example cluster for n1 (the agent's own `--source`):
+    /// its packets enter the node through ovn0. With `other_node`, a second probe runs in the
+    /// client namespace (n2's address) to this node's NodePorts: what n2's probe pod sends to
+    /// n1's once n2 masquerades it (`natOutgoing`). Returns (verify's exit code, its report, the
+    /// pod probe's report).
+    fn verify_with_probe(&self, window: &str, other_node: bool) -> (i32, Value, Value) {
+        let (verify, probe) = std::thread::scope(|scope| {
+            let remote = other_node.then(|| {
+                scope.spawn(|| {
+                    let child = self
+                        .client
+                        .command(AGENT)
+                        .args(["probe", "--json", "--rate", "100", "--duration", "3s"])
+                        .args(["--connect-timeout", "100ms"])
+                        .args(["--target", "tcp/192.168.0.11:30080/other-node-node-port"])
+                        .args(["--target", "udp/192.168.0.11:30053/other-node-node-port"])
+                        .args(["--target", "udp/[fd00::11]:30053/other-node-node-port"])
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .expect("start probe");
+                    wait_output(child, Duration::from_secs(30))
+                })
+            });
+            let probe = scope.spawn(|| {
+                let child = self
+                    .pod
+                    .command(AGENT)
+                    .args(["probe", "--json", "--node-name", "n1", "--rate", "100"])
+                    .args(["--duration", "3s", "--connect-timeout", "100ms"])
+                    .arg(format!("--source=file:{}", example_cluster().display()))
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("start probe");
+                wait_output(child, Duration::from_secs(30))
+            });
+            let child = self
+                .handle()
+                .command()
+                .args(["verify", "--json", "--window", window])
+                .arg("--bpffs-root")
+                .arg(self.root())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start verify");
+            let verify = wait_output(child, Duration::from_mins(1));
+            if let Some(remote) = remote {
+                let out = remote.join().expect("probe thread");
+                assert!(out.status.success(), "probe from n2's address: {out:?}");
+            }
+            (verify, probe.join().expect("probe thread"))
+        });
+        let json = |what: &str, out: &Output| -> Value {
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{what} printed no JSON ({e}), exit {:?}:\n{}\n{}",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        };
+        assert!(probe.status.success(), "probe: {probe:?}");
+        (
+            verify.status.code().unwrap_or(-1),
+            json("verify", &verify),
+            json("probe", &probe),
+        )
     }
 
     /// The per-packet copies `verify` installs must be gone afterwards.
@@ -494,6 +579,96 @@ fn verify_idle() -> Result<(), Failed> {
         .flatten()
         .all(|r| r["verdict"] == "idle");
     ensure(idle, || format!("{report:#}"))
+}
+
+/// The probe alone makes `verify` conclusive: every rule its mix covers that is in force here
+/// (R1a, R2t, R2u; R1b is not, kube-proxy being in IPVS mode) saw new connections and packets
+/// on both sides, and they agree; R3t/R3u, which no pod reaches, stay idle. The near-misses
+/// (a ClusterIP's other port, another node's NodePort, …) crossed ovn0 as well: an over-match
+/// on them would show as a per-packet disagreement.
+fn verify_probe_agrees() -> Result<(), Failed> {
+    let n = Topology::new();
+    let _agent = n.agent("shadow");
+    let (code, report, probe) = n.verify_with_probe("4s", false);
+    n.assert_no_verify_chain();
+    ensure(code == 0 && report["verdict"] == "agree", || {
+        format!("verify exited {code}:\n{report:#}\nprobe:\n{probe:#}")
+    })?;
+    ensure(
+        probe["covers"] == serde_json::json!(["R1a", "R1b", "R2t", "R2u"])
+            && probe["not_covered"][0]["rule"] == "R3t"
+            && probe["not_covered"][1]["rule"] == "R3u",
+        || format!("{probe:#}"),
+    )?;
+    ensure(count(&probe["sent"]) >= 100, || format!("{probe:#}"))?;
+    for name in ["R1a", "R2t", "R2u"] {
+        let r = rule(&report, name);
+        ensure(
+            r["verdict"] == "agree"
+                && count(&r["connections"]) > 0
+                && count(&r["packets"]) > 0
+                && count(&r["ebpf_packets"][0]) > 0,
+            || format!("{name} must see the probe's traffic on both sides: {r:#}"),
+        )?;
+    }
+    for name in ["R3t", "R3u"] {
+        let r = rule(&report, name);
+        ensure(r["verdict"] == "idle", || {
+            format!("{name} is out of a pod's reach: {r:#}")
+        })?;
+    }
+    Ok(())
+}
+
+/// The pod's mix plus the probe of another node (from n2's address, as n2's probe pod's
+/// packets arrive once masqueraded): now every rule in force saw traffic, R3t and R3u
+/// included, and verify agrees on all five.
+fn verify_probe_from_two_nodes() -> Result<(), Failed> {
+    let n = Topology::new();
+    let _agent = n.agent("shadow");
+    let (code, report, probe) = n.verify_with_probe("4s", true);
+    n.assert_no_verify_chain();
+    ensure(code == 0 && report["verdict"] == "agree", || {
+        format!("verify exited {code}:\n{report:#}\nprobe:\n{probe:#}")
+    })?;
+    for name in ["R1a", "R2t", "R2u", "R3t", "R3u"] {
+        let r = rule(&report, name);
+        ensure(
+            r["verdict"] == "agree" && count(&r["connections"]) > 0 && count(&r["packets"]) > 0,
+            || format!("{name} must see traffic on both sides: {r:#}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// The same mix with NodePort 30053 cleared from the datapath's NodePort-local array behind
+/// the agent's back: R2u, which the probe covers, disagrees.
+fn verify_probe_broken_map() -> Result<(), Failed> {
+    let n = Topology::new();
+    let _agent = n.agent("shadow");
+    let path = n.root().join("maps/kovn_nplocal");
+    let data = aya::maps::MapData::from_pin(&path).expect("open kovn_nplocal");
+    let mut array: aya::maps::Array<_, u8> = aya::maps::Map::Array(data)
+        .try_into()
+        .expect("kovn_nplocal is an array of u8");
+    array.set(30053, 0, 0).expect("clear port 30053");
+    let (code, report, probe) = n.verify_with_probe("4s", false);
+    n.assert_no_verify_chain();
+    ensure(code == 2 && report["verdict"] == "disagree", || {
+        format!("verify exited {code}:\n{report:#}\nprobe:\n{probe:#}")
+    })?;
+    let r2u = rule(&report, "R2u");
+    ensure(
+        r2u["verdict"] == "disagree" && r2u["reasons"].to_string().contains("per packet"),
+        || format!("R2u: {r2u:#}"),
+    )?;
+    for name in ["R1a", "R2t"] {
+        let r = rule(&report, name);
+        ensure(r["verdict"] == "agree", || {
+            format!("{name} is unaffected: {r:#}")
+        })?;
+    }
+    Ok(())
 }
 
 /// docs/migration.md's procedure, end to end: shadow → verify → enforce → cleanup-iptables

@@ -5,7 +5,10 @@
 //! - `kubectl kovn status`: one line per node from each agent pod's `kube-ovn-agent status
 //!   --json`; exit status 1 when an agent is not ready or does not answer.
 //! - `kubectl kovn verify`: one line per node from each agent pod's `kube-ovn-agent verify
-//!   --json`, all nodes counting over the same window at once.
+//!   --json`, all nodes counting over the same window at once. With `--probe`, a short-lived
+//!   probe pod per node (`kube-ovn-agent probe` with targets chosen here for that node) sends
+//!   the traffic, each node's window starting when its probe runs; the pods are deleted
+//!   afterwards, also on failure or Ctrl-C.
 //! - `kubectl kovn bundle [FILE]`: a support tarball with, per node, `status`, `dump`, the pod's
 //!   log, `iptables-save`, `ip6tables-save` and `nft list ruleset`, plus the `DaemonSet` and
 //!   `kubectl version`.
@@ -14,16 +17,30 @@
 
 use std::{
     fmt::Write as _,
+    io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use clap::{Parser, Subcommand};
-use kube_ovn_agent::metrics::AgentStatus;
+use kube_ovn_agent::{
+    cluster::{KUBE_PROXY_SERVICE_SELECTOR, Snapshot},
+    metrics::AgentStatus,
+    ops::probe::{self, Target},
+};
 use serde_json::Value;
 
 /// The label every agent pod carries (deploy/base, the chart).
 const SELECTOR: &str = "app.kubernetes.io/name=kube-ovn-ebpf";
+/// The label every probe pod carries (not the agents': `SELECTOR` must not find them).
+const PROBE_APP: &str = "kube-ovn-ebpf-probe";
+/// The label naming one `verify --probe` run's pods, which cleanup deletes by.
+const PROBE_RUN_LABEL: &str = "kube-ovn-ebpf.io/probe-run";
+/// How much longer than the window a probe sends: its node's window starts once the pod is
+/// seen running (a poll and an exec away).
+const PROBE_MARGIN: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,8 +64,10 @@ enum Cmd {
     /// ready or does not answer.
     Status,
     /// `kube-ovn-agent verify` in every agent pod at once (the same window everywhere; traffic
-    /// must flow meanwhile: verify counts, it sends nothing). Exit status: 0 every node agrees,
-    /// 2 a node disagrees, 1 a node could not be verified, 3 otherwise inconclusive.
+    /// must flow meanwhile: verify counts, it sends nothing — unless --probe, which runs a
+    /// probe pod per node and starts each node's window when its probe runs). Exit status: 0
+    /// every node agrees, 2 a node disagrees, 1 a node could not be verified (or its probe did
+    /// not run), 3 otherwise inconclusive.
     Verify(VerifyArgs),
     /// A support tarball: per node status, dump, log, iptables-save, ip6tables-save and nft
     /// ruleset; the `DaemonSet` and kubectl version. Exit status 1 when something could not be
@@ -72,6 +91,21 @@ struct VerifyArgs {
     /// Compare with Kube-OVN's new-connection counters only (iptables untouched).
     #[arg(long)]
     connections_only: bool,
+    /// Send probe traffic meanwhile: per node a pod (not hostNetwork, no privileges, no
+    /// service account token) runs `kube-ovn-agent probe` for the window plus 10 s, to
+    /// targets chosen here from the cluster's Services, Nodes and Subnets; deleted afterwards.
+    #[arg(long)]
+    probe: bool,
+    /// With --probe: probes per second on each node (at most 200).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=200))]
+    probe_rate: u32,
+    /// With --probe: the probe pods' image (default: the agent `DaemonSet`'s).
+    #[arg(long, value_name = "IMAGE")]
+    probe_image: Option<String>,
+    /// With --probe: how long a probe pod may take to start (image pull included), in
+    /// seconds; a node whose pod does not start is reported and not verified.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    probe_start_timeout: u64,
 }
 
 impl VerifyArgs {
@@ -96,9 +130,32 @@ impl VerifyArgs {
 
     /// The agent's parser on the same arguments, so a bad window fails here, not on every node.
     fn check(&self) -> Result<(), String> {
-        kube_ovn_agent::cli::Cli::try_parse_from(self.command())
-            .map(|_| ())
-            .map_err(|e| e.to_string().trim().to_owned())
+        self.window().map(|_| ())
+    }
+
+    /// The window as the agent parses it.
+    fn window(&self) -> Result<Duration, String> {
+        match kube_ovn_agent::cli::Cli::try_parse_from(self.command()) {
+            Ok(kube_ovn_agent::cli::Cli {
+                command: kube_ovn_agent::cli::Command::Verify(verify),
+                ..
+            }) => Ok(verify.window),
+            Ok(_) => Err("not a verify command".into()),
+            Err(e) => Err(e.to_string().trim().to_owned()),
+        }
+    }
+
+    /// How long each probe sends: the window and the margin, within the probe's own cap.
+    fn probe_duration(&self) -> Result<Duration, String> {
+        let duration = self.window()? + PROBE_MARGIN;
+        if duration > probe::MAX_DURATION {
+            return Err(format!(
+                "--probe sends for the window plus {}s, at most {}s: use a shorter --window",
+                PROBE_MARGIN.as_secs(),
+                probe::MAX_DURATION.as_secs()
+            ));
+        }
+        Ok(duration)
     }
 }
 
@@ -122,6 +179,7 @@ fn main() -> ExitCode {
     }
 }
 
+#[derive(Clone)]
 struct Kubectl {
     program: String,
     namespace: String,
@@ -130,10 +188,30 @@ struct Kubectl {
 impl Kubectl {
     /// Runs `kubectl -n NS ARGS`: stdout, or stderr as the error.
     fn run(&self, args: &[&str]) -> Result<Vec<u8>, String> {
-        let out = Command::new(&self.program)
+        self.run_with_input(args, None)
+    }
+
+    /// [`Kubectl::run`] with `input` on its stdin.
+    fn run_with_input(&self, args: &[&str], input: Option<&[u8]>) -> Result<Vec<u8>, String> {
+        let mut child = Command::new(&self.program)
             .args(["-n", &self.namespace])
             .args(args)
-            .output()
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.program))?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin
+                .write_all(input)
+                .map_err(|e| format!("writing to {}: {e}", self.program))?;
+        }
+        let out = child
+            .wait_with_output()
             .map_err(|e| format!("cannot run {}: {e}", self.program))?;
         if out.status.success() {
             Ok(out.stdout)
@@ -346,6 +424,9 @@ fn verify_line(node: &str, pod: &str, reply: Result<&[u8], &str>) -> (String, No
 
 fn verify(kubectl: &Kubectl, args: &VerifyArgs) -> Result<u8, String> {
     args.check()?;
+    if args.probe {
+        return verify_with_probes(kubectl, args);
+    }
     let pods = kubectl.pods()?;
     let command = args.command();
     // Every node counts over the same window: one exec per pod, all at once.
@@ -371,6 +452,474 @@ fn verify(kubectl: &Kubectl, args: &VerifyArgs) -> Result<u8, String> {
         let (line, verdict) = verify_line(node, pod, reply.as_deref().map_err(String::as_str));
         println!("{line}");
         worst = worst.max(verdict);
+    }
+    Ok(worst.exit_code())
+}
+
+/// The agent `DaemonSet`'s image and the flags the probe mix depends on.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct AgentDaemonSet {
+    image: Option<String>,
+    service_cluster_ip_range: Option<String>,
+    cluster_router: Option<String>,
+}
+
+/// The agent container (`agent`, else the first) of the first `DaemonSet` in a `kubectl get
+/// daemonset -o json` list.
+fn agent_daemonset(list: &Value) -> AgentDaemonSet {
+    let containers = list["items"][0]["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    let Some(container) = containers
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .or_else(|| containers.first())
+    else {
+        return AgentDaemonSet::default();
+    };
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let flag = |name: &str| {
+        args.iter().enumerate().find_map(|(i, arg)| {
+            let value = arg.strip_prefix(name)?;
+            match value.strip_prefix('=') {
+                Some(value) => Some(value.to_owned()),
+                None if value.is_empty() => args.get(i + 1).map(|v| (*v).to_owned()),
+                None => None,
+            }
+        })
+    };
+    AgentDaemonSet {
+        image: container["image"].as_str().map(str::to_owned),
+        service_cluster_ip_range: flag("--service-cluster-ip-range"),
+        cluster_router: flag("--cluster-router"),
+    }
+}
+
+impl Kubectl {
+    /// The `items` of `kubectl get ARGS -o json`, each decoded as `T`.
+    fn list<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<Vec<Arc<T>>, String> {
+        let mut command = args.to_vec();
+        command.extend(["-o", "json"]);
+        let out = self.run(&command)?;
+        let list: Value =
+            serde_json::from_slice(&out).map_err(|e| format!("kubectl {}: {e}", args.join(" ")))?;
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|item| {
+                serde_json::from_value(item.clone())
+                    .map(Arc::new)
+                    .map_err(|e| format!("kubectl {}: {e}", args.join(" ")))
+            })
+            .collect()
+    }
+
+    /// What the probe mix is chosen from. Subnets and ServiceCIDRs are optional: a cluster
+    /// without Kube-OVN's CRD or the ServiceCIDR API (or a user not allowed to list them) gets
+    /// no `other-subnet` targets and the agent's --service-cluster-ip-range.
+    fn cluster(&self) -> Result<Snapshot, String> {
+        Ok(Snapshot {
+            services: self.list(&[
+                "get",
+                "services",
+                "--all-namespaces",
+                "-l",
+                KUBE_PROXY_SERVICE_SELECTOR,
+            ])?,
+            nodes: self.list(&["get", "nodes"])?,
+            subnets: self
+                .list(&["get", "subnets.kubeovn.io"])
+                .unwrap_or_default(),
+            service_cidrs: self
+                .list(&["get", "servicecidrs.networking.k8s.io"])
+                .unwrap_or_default(),
+            pods: Vec::new(),
+        })
+    }
+
+    /// Polls pod `name` until its phase is one of `wanted` (then `Ok(phase)`), it ended
+    /// otherwise, or `timeout` passed (then `Err` with what the pod shows).
+    fn wait_phase(&self, name: &str, wanted: &[&str], timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pod: Value = self
+                .run(&["get", "pod", name, "-o", "json"])
+                .and_then(|out| serde_json::from_slice(&out).map_err(|e| e.to_string()))?;
+            let phase = pod["status"]["phase"].as_str().unwrap_or("Pending");
+            if wanted.contains(&phase) {
+                return Ok(phase.to_owned());
+            }
+            if matches!(phase, "Succeeded" | "Failed") {
+                return Err(format!("pod {name} ended: {}", pod_state(&pod)));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "pod {name} not {} within {}s: {}",
+                    wanted.join(" or "),
+                    timeout.as_secs(),
+                    pod_state(&pod)
+                ));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// What a pod shows of itself: its phase and the first container's waiting or terminated
+/// reason and message, else the first condition that is not true.
+fn pod_state(pod: &Value) -> String {
+    let status = &pod["status"];
+    let mut text = status["phase"].as_str().unwrap_or("Pending").to_owned();
+    let container = &status["containerStatuses"][0]["state"];
+    let detail = ["waiting", "terminated"]
+        .iter()
+        .map(|s| &container[s])
+        .find(|s| s.is_object())
+        .or_else(|| {
+            status["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["status"] != "True")
+        });
+    if let Some(detail) = detail {
+        for key in ["reason", "message"] {
+            if let Some(value) = detail[key].as_str().filter(|v| !v.is_empty()) {
+                let _ = write!(text, ", {}", value.trim());
+            }
+        }
+    }
+    text
+}
+
+/// The probe pod for `node`: pinned there by `nodeName` (tolerating every taint, as the agent
+/// does), an ordinary pod network (not hostNetwork) so its packets enter the node through
+/// ovn0, unprivileged (non-root, no capabilities, no service account token: its targets come
+/// on its command line), bounded in CPU and memory, `restartPolicy: Never` and an
+/// `activeDeadlineSeconds` that ends it even if nobody deletes it.
+fn probe_pod(
+    name: &str,
+    node: &str,
+    image: &str,
+    run: &str,
+    command: &[String],
+    deadline: Duration,
+) -> Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "app.kubernetes.io/name": PROBE_APP,
+                "app.kubernetes.io/component": "probe",
+                PROBE_RUN_LABEL: run,
+            },
+        },
+        "spec": {
+            "nodeName": node,
+            "restartPolicy": "Never",
+            "activeDeadlineSeconds": deadline.as_secs(),
+            "terminationGracePeriodSeconds": 5,
+            "automountServiceAccountToken": false,
+            "enableServiceLinks": false,
+            "tolerations": [{"operator": "Exists"}],
+            "securityContext": {
+                "runAsNonRoot": true,
+                "runAsUser": 65534,
+                "runAsGroup": 65534,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [{
+                "name": "probe",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": command,
+                "resources": {
+                    "requests": {"cpu": "50m", "memory": "32Mi"},
+                    "limits": {"cpu": "200m", "memory": "64Mi"},
+                },
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }],
+        },
+    })
+}
+
+/// `kube-ovn-agent probe` for the pod: the rate, the duration and as many probes as they
+/// allow, and the targets.
+fn probe_command(targets: &[Target], rate: u32, duration: Duration) -> Vec<String> {
+    // Logs off but errors: the pod's log is the report, read back as JSON.
+    let mut command: Vec<String> = ["kube-ovn-agent", "--log-level", "error", "probe", "--json"]
+        .map(str::to_owned)
+        .to_vec();
+    command.extend([
+        "--rate".to_owned(),
+        rate.to_string(),
+        "--duration".to_owned(),
+        format!("{}s", duration.as_secs()),
+        "--count".to_owned(),
+        (u64::from(rate) * duration.as_secs()).to_string(),
+    ]);
+    for target in targets {
+        command.extend(["--target".to_owned(), target.to_string()]);
+    }
+    command
+}
+
+/// Deletes one run's probe pods by their label, once (at the end, on an error or on Ctrl-C).
+struct ProbeCleanup {
+    kubectl: Kubectl,
+    run: String,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl ProbeCleanup {
+    fn delete(&self) -> Result<(), String> {
+        if self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let selector = format!("{PROBE_RUN_LABEL}={}", self.run);
+        self.kubectl
+            .run(&[
+                "delete",
+                "pods",
+                "-l",
+                &selector,
+                "--ignore-not-found",
+                "--wait=false",
+            ])
+            .map(|_| ())
+    }
+
+    /// On SIGINT or SIGTERM: delete, then exit 130. Returns once the handlers are in place.
+    fn on_interrupt(self: &Arc<Self>) -> Result<(), String> {
+        let this = Arc::clone(self);
+        let (ready, installed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use tokio::signal::unix::{SignalKind, signal};
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let waited = runtime.map_err(|e| e.to_string()).and_then(|runtime| {
+                runtime.block_on(async {
+                    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+                    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+                    let _ = ready.send(Ok(()));
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    Ok(())
+                })
+            });
+            match waited {
+                Ok(()) => {
+                    eprintln!("interrupted: deleting the probe pods");
+                    if let Err(e) = this.delete() {
+                        eprintln!("error: {e}");
+                    }
+                    std::process::exit(130);
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+            }
+        });
+        installed
+            .recv()
+            .map_err(|_| "the signal thread ended".to_owned())?
+            .map_err(|e| format!("waiting for signals: {e}"))
+    }
+}
+
+/// One node of `verify --probe`: `verify`'s reply, and the probe's summary or why it failed.
+type NodeResult = (Result<Vec<u8>, String>, Result<String, String>);
+
+/// Creates the probe pod, waits for it to run, runs `verify` there, waits for the probe to
+/// end and reads its report.
+fn probe_node(
+    kubectl: &Kubectl,
+    agent_pod: &str,
+    probe_pod_name: &str,
+    manifest: Result<Value, String>,
+    verify: &[String],
+    start_timeout: Duration,
+) -> NodeResult {
+    let not_verified = || Err("not verified: its probe did not run".to_owned());
+    let manifest = match manifest {
+        Ok(manifest) => manifest.to_string(),
+        Err(e) => return (not_verified(), Err(e)),
+    };
+    if let Err(e) = kubectl.run_with_input(&["create", "-f", "-"], Some(manifest.as_bytes())) {
+        return (not_verified(), Err(e));
+    }
+    if let Err(e) = kubectl.wait_phase(probe_pod_name, &["Running", "Succeeded"], start_timeout) {
+        return (not_verified(), Err(e));
+    }
+    let reply = kubectl.exec_any_status(agent_pod, verify);
+    let ended = kubectl.wait_phase(
+        probe_pod_name,
+        &["Succeeded", "Failed"],
+        PROBE_MARGIN + Duration::from_secs(30),
+    );
+    let logs = kubectl.run(&["logs", probe_pod_name]);
+    let summary = match (ended, logs) {
+        (Ok(phase), Ok(logs)) => probe_summary(&logs).ok_or_else(|| {
+            format!(
+                "pod {probe_pod_name} {phase}: {}",
+                String::from_utf8_lossy(&logs).trim()
+            )
+        }),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    (reply, summary)
+}
+
+/// The table of `verify --probe`: each node's line, then what its probe sent; the worst
+/// verdict (a node whose probe failed counts as not verified).
+fn print_probe_results(pods: &[(String, String)], results: &[NodeResult]) -> NodeVerdict {
+    println!(
+        "{:<20} {:<24} {:<12} {:<8} RULES",
+        "NODE", "POD", "VERDICT", "MODE"
+    );
+    let mut worst = NodeVerdict::Agree;
+    for ((pod, node), (reply, summary)) in pods.iter().zip(results) {
+        let (line, verdict) = verify_line(node, pod, reply.as_deref().map_err(String::as_str));
+        println!("{line}");
+        worst = worst.max(verdict);
+        match summary {
+            Ok(summary) => println!("  probe: {summary}"),
+            Err(e) => {
+                println!("  probe: FAILED {e}");
+                worst = worst.max(NodeVerdict::Error);
+            }
+        }
+    }
+    worst
+}
+
+/// The `summary` of the probe's JSON report in its pod's log (stdout and stderr interleaved:
+/// the report is the object that starts on a line of its own).
+fn probe_summary(log: &[u8]) -> Option<String> {
+    let start = log
+        .windows(2)
+        .position(|w| w == b"\n{")
+        .map(|at| at + 1)
+        .or_else(|| log.starts_with(b"{").then_some(0))?;
+    let report: Value = serde_json::Deserializer::from_slice(&log[start..])
+        .into_iter()
+        .next()?
+        .ok()?;
+    report["summary"].as_str().map(str::to_owned)
+}
+
+/// A short id for one run's pods: from the clock and the process id.
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            d.subsec_nanos() ^ u32::try_from(d.as_secs() & 0xffff_ffff).unwrap_or(0)
+        });
+    format!("{:08x}", nanos ^ std::process::id().rotate_left(16))
+}
+
+fn verify_with_probes(kubectl: &Kubectl, args: &VerifyArgs) -> Result<u8, String> {
+    let duration = args.probe_duration()?;
+    let pods = kubectl.pods()?;
+    let daemonset = kubectl
+        .run(&["get", "daemonset", "-l", SELECTOR, "-o", "json"])
+        .and_then(|out| serde_json::from_slice(&out).map_err(|e| e.to_string()))
+        .map(|list| agent_daemonset(&list))?;
+    let image = args
+        .probe_image
+        .clone()
+        .or(daemonset.image)
+        .ok_or_else(|| format!("no agent DaemonSet labelled {SELECTOR}: give --probe-image"))?;
+    let service_cluster_ip_range = daemonset
+        .service_cluster_ip_range
+        .as_deref()
+        .unwrap_or("10.96.0.0/12")
+        .split(',')
+        .map(|c| {
+            c.trim()
+                .parse()
+                .map_err(|e| format!("the agent's --service-cluster-ip-range {c:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let snapshot = kubectl.cluster()?;
+    let run = run_id();
+    let start_timeout = Duration::from_secs(args.probe_start_timeout);
+    // Bounds the pod even if this process is killed before it deletes it.
+    let deadline = start_timeout + duration + Duration::from_mins(1);
+    let cleanup = Arc::new(ProbeCleanup {
+        kubectl: kubectl.clone(),
+        run: run.clone(),
+        done: std::sync::atomic::AtomicBool::new(false),
+    });
+    cleanup.on_interrupt()?;
+    let verify_command = args.command();
+    let names: Vec<String> = (0..pods.len())
+        .map(|i| format!("kovn-probe-{run}-{i}"))
+        .collect();
+    let manifests: Vec<Result<Value, String>> = pods
+        .iter()
+        .zip(&names)
+        .map(|((_, node), name)| {
+            let targets = probe::select(
+                &snapshot,
+                &probe::SelectOptions {
+                    node_name: node.clone(),
+                    cluster_router: daemonset
+                        .cluster_router
+                        .clone()
+                        .unwrap_or_else(|| "ovn-cluster".to_owned()),
+                    service_cluster_ip_range: service_cluster_ip_range.clone(),
+                    max_targets: 24,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            let command = probe_command(&targets, args.probe_rate, duration);
+            Ok(probe_pod(name, node, &image, &run, &command, deadline))
+        })
+        .collect();
+    let results: Vec<NodeResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pods
+            .iter()
+            .zip(&names)
+            .zip(manifests)
+            .map(|(((pod, _), name), manifest)| {
+                let verify_command = &verify_command;
+                scope.spawn(move || {
+                    probe_node(kubectl, pod, name, manifest, verify_command, start_timeout)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    (
+                        Err("verify thread panicked".into()),
+                        Err("probe thread panicked".into()),
+                    )
+                })
+            })
+            .collect()
+    });
+    let cleaned = cleanup.delete();
+    let mut worst = print_probe_results(&pods, &results);
+    if let Err(e) = cleaned {
+        eprintln!("error: deleting the probe pods (label {PROBE_RUN_LABEL}={run}): {e}");
+        worst = worst.max(NodeVerdict::Error);
     }
     Ok(worst.exit_code())
 }
@@ -592,6 +1141,152 @@ mod tests {
         for wrong in [&["frobnicate"][..], &[], &["status", "extra"], &["-n"]] {
             assert_eq!(parse(wrong).unwrap_err().exit_code(), 2, "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn probe_flags_parse_and_the_probe_runs_past_the_window() {
+        let Cmd::Verify(verify) =
+            parse(&["verify", "--probe", "--window", "20s", "--probe-rate", "50"])
+                .unwrap()
+                .command
+        else {
+            panic!("not verify")
+        };
+        assert!(verify.probe);
+        assert_eq!(verify.probe_rate, 50);
+        assert_eq!(verify.probe_start_timeout, 120, "the default");
+        assert_eq!(verify.probe_duration(), Ok(Duration::from_secs(30)));
+        // The verify command in the agent pods is unchanged by --probe.
+        assert_eq!(
+            verify.command()[..3],
+            ["kube-ovn-agent", "verify", "--json"]
+        );
+        assert!(!verify.command().iter().any(|w| w.contains("probe")));
+        let Cmd::Verify(long) = parse(&["verify", "--probe", "--window", "10m"])
+            .unwrap()
+            .command
+        else {
+            panic!("not verify")
+        };
+        assert!(
+            long.probe_duration()
+                .unwrap_err()
+                .contains("shorter --window")
+        );
+        assert!(parse(&["verify", "--probe-rate", "201"]).is_err());
+    }
+
+    #[test]
+    fn the_probe_pod_is_pinned_bounded_unprivileged_and_labelled() {
+        let targets: Vec<Target> = [
+            "tcp/10.96.0.10:53/cluster-ip",
+            "udp/[fd00::11]:30053/node-port",
+        ]
+        .iter()
+        .map(|t| t.parse().unwrap())
+        .collect();
+        let command = probe_command(&targets, 20, Duration::from_secs(40));
+        // The agent's own parser accepts what the pod will run.
+        let parsed = kube_ovn_agent::cli::Cli::try_parse_from(&command).expect("agent parses it");
+        let kube_ovn_agent::cli::Command::Probe(probe) = parsed.command else {
+            panic!("not probe")
+        };
+        assert_eq!(probe.targets, targets);
+        assert_eq!((probe.rate, probe.count), (20, 800));
+        assert_eq!(probe.duration, Duration::from_secs(40));
+        assert!(probe.json);
+        let pod = probe_pod(
+            "kovn-probe-ab-0",
+            "n1",
+            "img:1",
+            "ab",
+            &command,
+            Duration::from_mins(5),
+        );
+        assert_eq!(pod["spec"]["nodeName"], "n1");
+        assert_eq!(pod["spec"]["restartPolicy"], "Never");
+        assert_eq!(pod["spec"]["activeDeadlineSeconds"], 300);
+        assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+        assert!(
+            pod["spec"]["hostNetwork"].is_null(),
+            "pod network: through ovn0"
+        );
+        assert_eq!(pod["metadata"]["labels"][PROBE_RUN_LABEL], "ab");
+        assert_eq!(
+            pod["metadata"]["labels"]["app.kubernetes.io/name"],
+            PROBE_APP
+        );
+        assert_ne!(
+            format!("app.kubernetes.io/name={PROBE_APP}"),
+            SELECTOR,
+            "agent discovery must not find probe pods"
+        );
+        let container = &pod["spec"]["containers"][0];
+        assert_eq!(container["image"], "img:1");
+        assert_eq!(container["resources"]["limits"]["memory"], "64Mi");
+        assert_eq!(
+            container["securityContext"]["capabilities"]["drop"][0],
+            "ALL"
+        );
+        assert_eq!(container["command"][3], "probe");
+    }
+
+    #[test]
+    fn the_probe_report_is_found_in_a_log_with_other_lines() {
+        let report = br#"{
+  "summary": "sent 3 in 0.1s to 1 targets",
+  "sent": 3
+}
+"#;
+        assert_eq!(
+            probe_summary(report).as_deref(),
+            Some("sent 3 in 0.1s to 1 targets")
+        );
+        let mut mixed = b"2026-01-01T00:00:00Z WARN something {odd}\n".to_vec();
+        mixed.extend_from_slice(report);
+        mixed.extend_from_slice(b"trailing line\n");
+        assert_eq!(
+            probe_summary(&mixed).as_deref(),
+            Some("sent 3 in 0.1s to 1 targets")
+        );
+        assert_eq!(probe_summary(b"error: no targets\n"), None);
+    }
+
+    #[test]
+    fn the_agent_daemonset_gives_image_and_flags() {
+        let list = serde_json::json!({"items": [{"spec": {"template": {"spec": {"containers": [
+            {"name": "sidecar", "image": "other:1"},
+            {"name": "agent", "image": "kube-ovn-ebpf:0.2.0",
+             "args": ["run", "--service-cluster-ip-range=10.233.0.0/18,fd00::/112",
+                      "--cluster-router", "my-vpc", "--service-cluster-ip-range-extra=x"]}
+        ]}}}}]});
+        assert_eq!(
+            agent_daemonset(&list),
+            AgentDaemonSet {
+                image: Some("kube-ovn-ebpf:0.2.0".into()),
+                service_cluster_ip_range: Some("10.233.0.0/18,fd00::/112".into()),
+                cluster_router: Some("my-vpc".into()),
+            }
+        );
+        assert_eq!(
+            agent_daemonset(&serde_json::json!({"items": []})),
+            AgentDaemonSet::default()
+        );
+    }
+
+    #[test]
+    fn a_pod_that_does_not_start_says_why() {
+        let pulling = serde_json::json!({"status": {"phase": "Pending", "containerStatuses": [
+            {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}});
+        assert_eq!(
+            pod_state(&pulling),
+            "Pending, ImagePullBackOff, no such image"
+        );
+        let unscheduled = serde_json::json!({"status": {"phase": "Pending", "conditions": [
+            {"type": "Initialized", "status": "True"},
+            {"type": "Ready", "status": "False", "reason": "ContainersNotReady"}]}});
+        assert_eq!(pod_state(&unscheduled), "Pending, ContainersNotReady");
+        assert_eq!(pod_state(&serde_json::json!({})), "Pending");
     }
 
     /// `verify --json` as the agent prints it: its own report type, serialised.

@@ -24,6 +24,9 @@
 //! small counts must match exactly), absorbs what legitimately differs on a busy node: frames a
 //! later TC program drops, frames for another host on a promiscuous interface (dropped before
 //! PREROUTING), fragments whose datagram never completes.
+//!
+//! `verify` sends nothing; on a quiet node `kube-ovn-agent probe` (`ops::probe`), run in a pod
+//! there, gives it traffic through ovn0 to compare.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
