@@ -60,6 +60,52 @@ struct ServiceTouched {
     node_ports: BTreeSet<u16>,
 }
 
+/// A Service's contribution as the engine keeps it between events (at 100 000 Services this is
+/// the engine's largest structure): its IPv4 keys in one exact-size allocation, and the rarer
+/// keys (IPv6, `externalTrafficPolicy: Local` NodePorts) boxed apart, only when there are any.
+/// Its issues are kept in [`Incremental::service_issues`].
+#[derive(Debug)]
+struct Kept {
+    ports4: Box<[ServicePort<Ipv4Addr>]>,
+    rare: Option<Box<Rare>>,
+}
+
+#[derive(Debug)]
+struct Rare {
+    ports6: Box<[ServicePort<Ipv6Addr>]>,
+    local_tcp4: Box<[u16]>,
+    local_udp4: Box<[u16]>,
+    local_tcp6: Box<[u16]>,
+    local_udp6: Box<[u16]>,
+}
+
+impl From<ServiceEntries> for Kept {
+    fn from(e: ServiceEntries) -> Self {
+        let rare = [
+            e.local_tcp4.len(),
+            e.local_udp4.len(),
+            e.local_tcp6.len(),
+            e.local_udp6.len(),
+            e.ports6.len(),
+        ]
+        .iter()
+        .any(|n| *n > 0)
+        .then(|| {
+            Box::new(Rare {
+                ports6: e.ports6.into(),
+                local_tcp4: e.local_tcp4.into(),
+                local_udp4: e.local_udp4.into(),
+                local_tcp6: e.local_tcp6.into(),
+                local_udp6: e.local_udp6.into(),
+            })
+        });
+        Self {
+            ports4: e.ports4.into(),
+            rare,
+        }
+    }
+}
+
 /// The non-Service translation and the node facts and options it was made with.
 #[derive(Debug)]
 struct Base {
@@ -86,7 +132,7 @@ pub struct Incremental {
     service_cidrs: HashMap<String, Arc<ServiceCIDR>>,
     pods: HashMap<String, Arc<Pod>>,
     /// Each Service's contribution; the Service itself is not kept.
-    services: HashMap<String, ServiceEntries>,
+    services: HashMap<String, Kept>,
     counts: Counts,
     /// The issues of the Services that have any.
     service_issues: BTreeMap<String, Vec<Issue>>,
@@ -146,12 +192,13 @@ impl Incremental {
 
     fn service(&mut self, key: String, entries: Option<ServiceEntries>) {
         let old = if let Some(new) = entries {
-            self.count(&new, 1);
             if new.issues.is_empty() {
                 self.service_issues.remove(&key);
             } else {
                 self.service_issues.insert(key.clone(), new.issues.clone());
             }
+            let new = Kept::from(new);
+            self.count(&new, 1);
             self.services.insert(key, new)
         } else {
             self.service_issues.remove(&key);
@@ -164,15 +211,18 @@ impl Incremental {
     }
 
     /// Adds (`delta` 1) or withdraws (-1) one Service's contribution.
-    fn count(&mut self, entries: &ServiceEntries, delta: i8) {
+    fn count(&mut self, entries: &Kept, delta: i8) {
         let (c, t) = (&mut self.counts, &mut self.touched);
         adjust(&mut c.ports4, &entries.ports4, delta, &mut t.ports4);
-        adjust(&mut c.ports6, &entries.ports6, delta, &mut t.ports6);
+        let Some(rare) = &entries.rare else {
+            return;
+        };
+        adjust(&mut c.ports6, &rare.ports6, delta, &mut t.ports6);
         for (counts, ports) in [
-            (&mut c.tcp4, &entries.local_tcp4),
-            (&mut c.udp4, &entries.local_udp4),
-            (&mut c.tcp6, &entries.local_tcp6),
-            (&mut c.udp6, &entries.local_udp6),
+            (&mut c.tcp4, &rare.local_tcp4),
+            (&mut c.udp4, &rare.local_udp4),
+            (&mut c.tcp6, &rare.local_tcp6),
+            (&mut c.udp6, &rare.local_udp6),
         ] {
             adjust(counts, ports, delta, &mut t.node_ports);
         }
