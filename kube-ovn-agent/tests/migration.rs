@@ -11,6 +11,7 @@ use std::{
 };
 
 use kube_ovn_agent::testing::{
+    agent::n1_run_args,
     netns::{NetNs, TempPath, example_cluster},
     topology::N1,
 };
@@ -170,20 +171,7 @@ impl Topology {
 
     fn agent(&self, mode: &str) -> Agent {
         let log = TempPath::new("kovn-magent-", "log");
-        let args = [
-            "--node-name",
-            "n1",
-            "--metrics-addr",
-            "none",
-            "--kube-proxy-mode",
-            "ipvs",
-            "--mode",
-            mode,
-        ]
-        .map(str::to_owned)
-        .into_iter()
-        .chain([format!("--source=file:{}", example_cluster().display())])
-        .collect::<Vec<_>>();
+        let args = n1_run_args(&example_cluster(), &["--mode", mode]);
         let process = self.handle().spawn(&args, &log).expect("start the agent");
         let mut agent = Agent { process, log };
         self.wait_ready(&mut agent, mode);

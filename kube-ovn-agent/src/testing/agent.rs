@@ -32,6 +32,24 @@ impl Agent {
     }
 }
 
+/// `run`'s arguments as node n1 on `cluster` (kube-proxy IPVS mode, no metrics endpoint), plus
+/// `extra` flags.
+pub fn n1_run_args(cluster: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--node-name",
+        "n1",
+        "--metrics-addr",
+        "none",
+        "--kube-proxy-mode",
+        "ipvs",
+    ]
+    .map(str::to_owned)
+    .into();
+    args.push(format!("--source=file:{}", cluster.display()));
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
+}
+
 impl Node {
     pub fn new(prefix: &str) -> Self {
         Self {
@@ -53,18 +71,7 @@ impl Node {
     /// Starts `binary run` as node n1 on `cluster` (kube-proxy IPVS mode), plus `extra` flags.
     pub fn agent(&self, binary: &str, cluster: &Path, extra: &[&str]) -> Agent {
         let log = TempPath::new("kovn-agent-", "log");
-        let mut args: Vec<String> = [
-            "--node-name",
-            "n1",
-            "--metrics-addr",
-            "none",
-            "--kube-proxy-mode",
-            "ipvs",
-        ]
-        .map(str::to_owned)
-        .into();
-        args.push(format!("--source=file:{}", cluster.display()));
-        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let args = n1_run_args(cluster, extra);
         let process = self
             .cli(binary)
             .spawn(&args, &log)
