@@ -110,24 +110,21 @@ fn try_kovn_ingress(ctx: &TcContext) -> Result<i32, Stop> {
         Packet::new(ctx)
     };
     let parsed = parse(&packet).map_err(Stop::Parse)?;
-    // Constants to the verifier: a rule the node can never have is pruned, and without
-    // SYN_ONLY the skip below is.
+    // Constants to the verifier: without SYN_ONLY this test is pruned, and so is a rule the
+    // node can never have. The skip comes before the config read: it needs nothing else.
+    if frozen(&KOVN_FROZEN_FLAGS) & frozen::SYN_ONLY != 0
+        && match &parsed {
+            Parsed::V4(t) => not_syn(&packet, t, roles),
+            Parsed::V6(t) => not_syn(&packet, t, roles),
+        }
+    {
+        return Err(Stop::TcpNoSyn);
+    }
     let possible = frozen(&KOVN_FROZEN_RULES);
-    let syn_only = frozen(&KOVN_FROZEN_FLAGS) & frozen::SYN_ONLY != 0;
     let config = CONFIG.get(0).copied().unwrap_or_default();
     let (hits, verdict) = match parsed {
-        Parsed::V4(t) => {
-            if syn_only && not_syn(&packet, &t, roles) {
-                return Err(Stop::TcpNoSyn);
-            }
-            evaluate::<V4>(ctx, &t, roles, config.rules_v4 & possible, &config)
-        }
-        Parsed::V6(t) => {
-            if syn_only && not_syn(&packet, &t, roles) {
-                return Err(Stop::TcpNoSyn);
-            }
-            evaluate::<V6>(ctx, &t, roles, config.rules_v6 & possible, &config)
-        }
+        Parsed::V4(t) => evaluate::<V4>(ctx, &t, roles, config.rules_v4 & possible, &config),
+        Parsed::V6(t) => evaluate::<V6>(ctx, &t, roles, config.rules_v6 & possible, &config),
     };
     act::apply(ctx, hits, config.flags);
     Ok(verdict)
