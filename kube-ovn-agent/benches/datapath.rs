@@ -29,6 +29,7 @@ use std::{
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use kube_ovn_agent::{
+    datapath::object::LoadConfig,
     state::{MapState, Proto, ServicePort},
     testing::{
         TestDatapath,
@@ -38,6 +39,7 @@ use kube_ovn_agent::{
         stats::{Spread, spread},
         time_per_run,
     },
+    translate::ServiceMatch,
 };
 use kube_ovn_ebpf_common::{mark, role};
 use serde::Serialize;
@@ -105,6 +107,26 @@ struct Case {
     frame: Vec<u8>,
     /// The mark the program must set (0: none).
     mark: u32,
+    /// Run on the program loaded for a node with `nf_conntrack_tcp_loose=0` ([`syn_only`])
+    /// rather than the default one.
+    syn_only: bool,
+}
+
+impl Case {
+    /// The datapath this case runs on.
+    fn on<'a>(
+        &self,
+        dp: &'a mut TestDatapath,
+        strict: &'a mut TestDatapath,
+    ) -> &'a mut TestDatapath {
+        if self.syn_only { strict } else { dp }
+    }
+}
+
+/// What the agent loads on an IPVS node with `nf_conntrack_tcp_loose=0` and no TPROXY: TCP
+/// without SYN is left to conntrack (docs/design.md §1).
+fn syn_only() -> LoadConfig {
+    LoadConfig::new(ServiceMatch::Auto, false, Some(false))
 }
 
 /// The padding for `n` entries per set: every address distinct, on the path of the lookups the
@@ -276,42 +298,63 @@ fn hot_cases(p: &Padding) -> Vec<Case> {
             name: "r1_hit_v4",
             frame: Packet::tcp("10.16.0.5", "10.96.0.1", 443).frame(),
             mark: masq,
+            syn_only: false,
         },
         Case {
             name: "r1_hit_v4_deep",
             frame: tcp(deep_src, service, 40000, 443, TCP_SYN),
             mark: masq,
+            syn_only: false,
         },
         Case {
             name: "r1_est_tcp_v4",
             frame: tcp(Ipv4Addr::new(10, 16, 0, 5), service, 40000, 443, TCP_ACK),
             // Stateless marking (design §1): an established segment is classified too.
             mark: masq,
+            syn_only: false,
+        },
+        Case {
+            name: "r1_est_tcp_v4_syn_only",
+            frame: tcp(Ipv4Addr::new(10, 16, 0, 5), service, 40000, 443, TCP_ACK),
+            // Left to conntrack, which never NATs it with tcp_loose=0: no mark.
+            mark: 0,
+            syn_only: true,
+        },
+        Case {
+            name: "r1_hit_v4_syn_only",
+            frame: Packet::tcp("10.16.0.5", "10.96.0.1", 443).frame(),
+            mark: masq,
+            syn_only: true,
         },
         Case {
             name: "r2_r3_hit_v4",
             frame: Packet::tcp("192.168.0.12", "192.168.0.11", 30080).frame(),
             mark: both,
+            syn_only: false,
         },
         Case {
             name: "miss_v4",
             frame: Packet::tcp("203.0.113.7", "10.16.0.9", 8080).frame(),
             mark: 0,
+            syn_only: false,
         },
         Case {
             name: "r1_hit_v6",
             frame: Packet::tcp("fd00:10:16::5", "fd00:10:96::1", 443).frame(),
             mark: masq,
+            syn_only: false,
         },
         Case {
             name: "r2_r3_hit_v6",
             frame: Packet::tcp("fd00::12", "fd00::11", 30080).frame(),
             mark: both,
+            syn_only: false,
         },
         Case {
             name: "malformed",
             frame: truncated,
             mark: 0,
+            syn_only: false,
         },
     ]
 }
@@ -366,6 +409,22 @@ fn check(dp: &mut TestDatapath, name: &str, frame: &[u8], want: u32) {
     );
 }
 
+/// Fills both datapaths with `desired` (read back) and checks every hot case's mark.
+fn fill_and_check(
+    dp: &mut TestDatapath,
+    strict: &mut TestDatapath,
+    desired: &MapState,
+    cases: &[Case],
+) {
+    for d in [&mut *dp, &mut *strict] {
+        d.apply(desired);
+        assert_filled(d, desired);
+    }
+    for case in cases {
+        check(case.on(dp, strict), case.name, &case.frame, case.mark);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
@@ -393,6 +452,7 @@ fn main() {
     let loadavg_before = read("/proc/loadavg");
 
     let mut dp = TestDatapath::load();
+    let mut strict = TestDatapath::load_with(syn_only());
     let empty = EmptyProgram::load();
     let verified = dp
         .program()
@@ -405,12 +465,8 @@ fn main() {
     for &n in &sizes {
         let pad = padding(n);
         let desired = padded(&pad);
-        dp.apply(&desired);
-        assert_filled(&mut dp, &desired);
         let cases = hot_cases(&pad);
-        for case in &cases {
-            check(&mut dp, case.name, &case.frame, case.mark);
-        }
+        fill_and_check(&mut dp, &mut strict, &desired, &cases);
         // Slot 0 is the empty program, measured in the same rotation as the cases.
         let slots = cases.len() + 1;
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); slots];
@@ -419,7 +475,9 @@ fn main() {
                 let ns = if s == 0 {
                     empty.ns_per_run(&cases[0].frame, repeat)
                 } else {
-                    time_per_run(dp.program(), &cases[s - 1].frame, repeat).as_secs_f64() * 1e9
+                    let case = &cases[s - 1];
+                    let on = case.on(&mut dp, &mut strict);
+                    time_per_run(on.program(), &case.frame, repeat).as_secs_f64() * 1e9
                 };
                 samples[s].push(ns);
             }
@@ -574,12 +632,12 @@ fn print_table(r: &Report) {
             .map_or("unknown".into(), |n| n.to_string())
     );
     println!(
-        "\nhot, gross ns per run\n{:<16} {:>8} {:>10} {:>10} {:>10}",
+        "\nhot, gross ns per run\n{:<24} {:>8} {:>10} {:>10} {:>10}",
         "case", "entries", "median", "min", "max"
     );
     for row in &r.hot {
         println!(
-            "{:<16} {:>8} {:>10.1} {:>10.1} {:>10.1}",
+            "{:<24} {:>8} {:>10.1} {:>10.1} {:>10.1}",
             row.case, row.entries, row.ns.median, row.ns.min, row.ns.max
         );
     }
@@ -614,10 +672,16 @@ fn print_table(r: &Report) {
             if worst <= goal { "met" } else { "missed" }
         );
     };
-    for case in ["r1_hit_v4", "r1_hit_v4_deep", "r2_r3_hit_v4"] {
+    for case in [
+        "r1_hit_v4",
+        "r1_hit_v4_deep",
+        "r2_r3_hit_v4",
+        "r1_hit_v4_syn_only",
+    ] {
         hot_goal(case, 30.0);
     }
     hot_goal("r1_est_tcp_v4", 10.0);
+    hot_goal("r1_est_tcp_v4_syn_only", 10.0);
     for case in ["r1_hit_v6", "r2_r3_hit_v6"] {
         hot_goal(case, 45.0);
     }

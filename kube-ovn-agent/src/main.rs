@@ -7,10 +7,10 @@ use clap::Parser;
 use kube_ovn_agent::{
     agent::{self, Agent, KernelDatapath, Setup},
     cli::{Cli, Command, KubeProxyMode, Mode, RunArgs},
-    datapath::Datapath,
     datapath::attach::{self, AttachConfig},
     datapath::pins::PinRoot,
     datapath::pins::{BpffsError, EXIT_ROOT_IN_USE},
+    datapath::{Datapath, object},
     diag,
     host::ipset,
     host::netlink,
@@ -226,7 +226,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // The sources list the cluster on the runtime's workers while this thread has the program
     // verified (~100 ms each at 10 000 Services): started first, the two overlap.
     let running = start_source(&args, &node_name).await?;
-    let mut datapath = Datapath::open(&pins).context("loading the datapath")?;
+    let mut datapath = Datapath::open(&pins, load_config(&args)).context("loading the datapath")?;
     tracing::info!(
         root = %pins.root.display(),
         program_id = datapath.program_id,
@@ -311,6 +311,16 @@ async fn run(args: RunArgs) -> Result<()> {
         kube_proxy: detected.map(|d| d.mode),
     });
     Ok(agent.main_loop(running, node_net).await?)
+}
+
+/// The values frozen into the program: what the flags leave possible, and the node's
+/// `nf_conntrack_tcp_loose` (design §1).
+fn load_config(args: &RunArgs) -> object::LoadConfig {
+    object::LoadConfig::new(
+        args.service_match.into(),
+        args.enable_tproxy,
+        object::tcp_loose(),
+    )
 }
 
 async fn start_source(args: &RunArgs, node_name: &str) -> Result<Running> {

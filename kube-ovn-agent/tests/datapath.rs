@@ -7,6 +7,7 @@ use aya::maps::PerCpuValues;
 use kube_ovn_agent::{
     datapath::Datapath,
     datapath::maps::read_counters,
+    datapath::object::LoadConfig,
     datapath::pins::PinRoot,
     state::{MapState, ProbeTarget, Proto, ServicePort},
     testing::{
@@ -14,7 +15,7 @@ use kube_ovn_agent::{
         fixture::{self, Mode, TEST_RUN_IFINDEX, Vector},
         netns::Bpffs,
         oracle as model,
-        packet::{L4, Packet, TPID_8021AD, TPID_8021Q, ext},
+        packet::{L4, Packet, TCP_ACK, TCP_SYN, TPID_8021AD, TPID_8021Q, ext},
     },
 };
 use kube_ovn_ebpf_common::{capacity, counter, iface_flag, role, rule};
@@ -69,6 +70,14 @@ fn main() {
         Trial::test(
             "a_frame_for_another_mac_is_left_to_the_interface_that_takes_it",
             other_host,
+        ),
+        Trial::test(
+            "syn_only_skips_exactly_tcp_without_syn_off_lo",
+            syn_only_vectors,
+        ),
+        Trial::test(
+            "a_pinned_program_is_adopted_only_with_the_same_frozen_values",
+            frozen_values_decide_adoption,
         ),
     ]);
     kube_ovn_testkit::privileged::main("datapath tests", trials);
@@ -841,7 +850,7 @@ fn upgrade_keeps_counters() -> Result<(), Failed> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
     let count_of = |slot: u32| 1000 + u64::from(slot);
     {
-        let mut before = Datapath::open(&pins).map_err(|e| e.to_string())?;
+        let mut before = Datapath::open(&pins, LoadConfig::default()).map_err(|e| e.to_string())?;
         let mut counters = before.take_counters().ok_or("no counter map")?;
         for (slot, _) in RELEASED_COUNTERS {
             let values =
@@ -851,7 +860,7 @@ fn upgrade_keeps_counters() -> Result<(), Failed> {
                 .map_err(|e| format!("slot {slot}: {e}"))?;
         }
     }
-    let mut after = Datapath::open(&pins).map_err(|e| e.to_string())?;
+    let mut after = Datapath::open(&pins, LoadConfig::default()).map_err(|e| e.to_string())?;
     let counters = after
         .take_counters()
         .ok_or("no counter map after restart")?;
@@ -924,6 +933,101 @@ fn other_host() -> Result<(), Failed> {
     if result.mark != FOREIGN_MARK || result.verdict != VERDICT_CONTINUE || moved != ["other_host"]
     {
         return Err(format!("{result:?}, counters moved: {moved:?}").into());
+    }
+    Ok(())
+}
+
+/// Loaded with `frozen::SYN_ONLY` (a node with `nf_conntrack_tcp_loose=0`), every spec vector
+/// comes out as with the default program, except a TCP segment without SYN arriving off `lo`:
+/// that one is left unmarked and counted `tcp_no_syn`, and nothing else moves. The vectors
+/// include ACKs of established flows, SYN-ACKs, UDP, SCTP and ICMP.
+fn syn_only_vectors() -> Result<(), Failed> {
+    let mut dp = TestDatapath::load_with(LoadConfig {
+        syn_only: true,
+        ..LoadConfig::default()
+    });
+    let (mut skipped_seen, mut classified_tcp) = (0, 0);
+    for v in fixture::vectors() {
+        let desired = fixture::desired(v.mode, v.roles);
+        dp.apply(&desired);
+        let what = format!("vector {} with SYN only ({})", v.id, v.note);
+        let frame = v.packet.frame();
+        let no_syn = matches!(v.packet.l4, L4::Tcp { flags, .. } if flags & TCP_SYN == 0);
+        if !(no_syn && v.skipped.is_none() && v.roles & role::LOOPBACK == 0) {
+            classified_tcp += usize::from(matches!(v.packet.l4, L4::Tcp { .. }));
+            expect(&mut dp, &desired, &what, &frame, v.rules, v.skipped)?;
+            continue;
+        }
+        let before = dp.counters();
+        let Some(result) = dp.run(&frame, FOREIGN_MARK) else {
+            continue;
+        };
+        let after = dp.counters();
+        let moved: Vec<&str> = (0..counter::USED)
+            .filter(|s| after[*s as usize] != before[*s as usize])
+            .map(|s| counter::NAMES[s as usize])
+            .collect();
+        if result.mark != FOREIGN_MARK
+            || result.verdict != VERDICT_CONTINUE
+            || !result.unchanged
+            || moved != ["tcp_no_syn"]
+        {
+            return Err(format!("{what}: {result:?}, counters moved: {moved:?}").into());
+        }
+        skipped_seen += 1;
+    }
+    if skipped_seen == 0 || classified_tcp == 0 {
+        return Err(format!(
+            "the vectors exercised {skipped_seen} skipped and {classified_tcp} classified TCP \
+             segments: both kinds are needed"
+        )
+        .into());
+    }
+    // The same established segment on the default program is classified (and marked).
+    let (mut default_dp, desired) = loaded(Mode::A, role::OVN0);
+    let mut ack = Packet::tcp("10.16.0.5", "10.96.0.1", 443);
+    ack.l4 = L4::Tcp {
+        sport: 40000,
+        dport: 443,
+        flags: TCP_ACK,
+    };
+    expect(
+        &mut default_dp,
+        &desired,
+        "ACK on the default program",
+        &ack.frame(),
+        rule::bit(rule::R1A),
+        None,
+    )
+}
+
+/// The program's tag does not cover its frozen values: a restart with other values must load
+/// a new program rather than adopt the pinned one, and one with the same values adopts it.
+fn frozen_values_decide_adoption() -> Result<(), Failed> {
+    let bpffs = Bpffs::mount();
+    let pins = PinRoot::new(bpffs.root());
+    pins.prepare().map_err(|e| e.to_string())?;
+    let open = |config: LoadConfig| {
+        Datapath::open(&pins, config)
+            .map(|d| d.program_id)
+            .map_err(|e| e.to_string())
+    };
+    let strict = LoadConfig {
+        syn_only: true,
+        ..LoadConfig::default()
+    };
+    let first = open(LoadConfig::default())?;
+    let same = open(LoadConfig::default())?;
+    let other = open(strict)?;
+    let other_again = open(strict)?;
+    let back = open(LoadConfig::default())?;
+    if same != first || other == first || other_again != other || back == other {
+        return Err(format!(
+            "program ids: default {first}, default again {same}, SYN only {other}, SYN only \
+             again {other_again}, default again {back}: want the pinned program adopted exactly \
+             when the frozen values match"
+        )
+        .into());
     }
     Ok(())
 }

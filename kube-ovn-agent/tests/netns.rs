@@ -3,6 +3,7 @@
 //! of interfaces re-created under it, foreign tc objects left alone, detach. Needs root.
 
 use std::{
+    fmt::Write as _,
     io::Write as _,
     net::UdpSocket,
     path::{Path, PathBuf},
@@ -11,6 +12,7 @@ use std::{
 
 use kube_ovn_agent::testing::{
     netns::{NetNs, TempPath, example_cluster, send_frames, veth},
+    packet::{L4, Packet, TCP_ACK, TCP_SYN},
     scaled,
     topology::N1,
 };
@@ -60,6 +62,10 @@ fn main() {
         (
             "tproxy_hands_kubelet_probes_to_the_transparent_listener",
             tproxy,
+        ),
+        (
+            "tcp_without_syn_follows_nf_conntrack_tcp_loose_and_its_changes",
+            tcp_loose,
         ),
     ];
     let tcx = kube_ovn_agent::datapath::attach::tcx_supported();
@@ -970,5 +976,170 @@ EOF")
             || native == [("pre".to_owned(), 0x9_0000), ("sub".to_owned(), 0x4000)],
         || format!("native findings {native:?} in {report:#?}"),
     )?;
+    Ok(())
+}
+
+/// Counting rules for pod → kube-dns TCP (10.96.0.10:53, R1a) segments, by conntrack state and
+/// our mark, in mangle PREROUTING (after conntrack, before nat): what iptables' nat table would
+/// see (NEW) and what it never sees (INVALID).
+const TCP_LOOSE_RULES: [(&str, &str); 5] = [
+    (
+        "kovn-syn-marked",
+        "--tcp-flags SYN SYN -m mark --mark 0x4000/0x4000",
+    ),
+    (
+        "kovn-new-marked",
+        "--tcp-flags SYN NONE -m conntrack --ctstate NEW -m mark --mark 0x4000/0x4000",
+    ),
+    (
+        "kovn-new-unmarked",
+        "--tcp-flags SYN NONE -m conntrack --ctstate NEW",
+    ),
+    (
+        "kovn-invalid-unmarked",
+        "--tcp-flags SYN NONE -m conntrack --ctstate INVALID -m mark --mark 0/0x4000",
+    ),
+    (
+        "kovn-invalid-marked",
+        "--tcp-flags SYN NONE -m conntrack --ctstate INVALID",
+    ),
+];
+
+fn tcp_loose_counts(t: &Topology) -> Vec<u64> {
+    let listing = t
+        .node
+        .sh("iptables -t mangle -nvxL PREROUTING")
+        .expect("shell in namespace");
+    TCP_LOOSE_RULES
+        .iter()
+        .map(|(comment, _)| {
+            listing
+                .lines()
+                .find(|l| l.contains(&format!("/* {comment} */")))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no rule {comment} in\n{listing}"))
+        })
+        .collect()
+}
+
+/// `n` pod → 10.96.0.10:53 TCP segments with `flags`, each of its own connection (source ports
+/// from `first_port`), as raw frames into `ovn0`: mid-stream segments when `flags` lacks SYN.
+fn send_tcp(t: &Topology, flags: u8, first_port: u16, n: u16) {
+    let mac = t
+        .node
+        .sh("cat /sys/class/net/ovn0/address")
+        .expect("shell in namespace");
+    let mac: Vec<u8> = mac
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("MAC"))
+        .collect();
+    let frames: Vec<Vec<u8>> = (first_port..first_port + n)
+        .map(|sport| {
+            let mut frame = Packet::new(
+                "10.16.0.5".parse().expect("address"),
+                "10.96.0.10".parse().expect("address"),
+                L4::Tcp {
+                    sport,
+                    dport: 53,
+                    flags,
+                },
+            )
+            .frame();
+            frame[..6].copy_from_slice(&mac);
+            frame
+        })
+        .collect();
+    t.pod
+        .enter(|| send_frames(&frames, "eth0"))
+        .expect("enter namespace");
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// Waits until every attachment runs the pinned program and it is not `old`; returns its id.
+fn wait_swapped(t: &Topology, agent: &Agent, old: u32) -> Result<u32, Failed> {
+    wait(scaled(Duration::from_secs(15)), || {
+        let Some(status) = t.status() else {
+            return Ok(None);
+        };
+        let Some(program) = &status.program else {
+            return Ok(None);
+        };
+        let swapped = program.id != old
+            && !status.attachments.is_empty()
+            && status
+                .attachments
+                .iter()
+                .all(|a| a.program_id == program.id);
+        Ok(swapped.then_some(program.id))
+    })
+    .map_err(|e| {
+        format!(
+            "{e}: the program was not swapped\nagent log:\n{}",
+            agent.log_text()
+        )
+        .into()
+    })
+}
+
+/// Conntrack with `nf_conntrack_tcp_loose=1` (the default) picks a mid-stream segment up as a
+/// NEW connection, which Kube-OVN's nat rules would mark: the agent classifies it. With 0 such
+/// a segment is INVALID and never translated: the agent, which reads the sysctl at start and follows
+/// its changes by swapping the program, leaves it unmarked (counted `tcp_no_syn`). SYNs are
+/// marked either way.
+fn tcp_loose() -> Result<(), Failed> {
+    let t = Topology::new();
+    let mut rules = String::from("sysctl -qw net.netfilter.nf_conntrack_tcp_loose=1; ");
+    for (comment, matches) in TCP_LOOSE_RULES {
+        let _ = write!(
+            rules,
+            "iptables -t mangle -A PREROUTING -p tcp -d 10.96.0.10 --dport 53 {matches} \
+             -m comment --comment {comment} -j RETURN; "
+        );
+    }
+    t.node.sh(&rules).expect("sysctl and counting rules");
+    let mut agent = t.agent("auto", &example_cluster(), &["--kube-proxy-mode", "ipvs"]);
+    let status = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+    let loose_program = status.program.as_ref().ok_or("no program")?.id;
+
+    let n = 10;
+    send_tcp(&t, TCP_ACK, 41000, n);
+    send_tcp(&t, TCP_SYN, 42000, n);
+    let loose = tcp_loose_counts(&t);
+    ensure(loose == [10, 10, 0, 0, 0], || {
+        format!(
+            "tcp_loose=1: (SYN marked, NEW marked, NEW unmarked, INVALID unmarked, INVALID \
+             marked) = {loose:?}, want [10, 10, 0, 0, 0]: every mid-stream segment is NEW and \
+             must be marked as Kube-OVN's nat rules mark it"
+        )
+    })?;
+
+    t.node
+        .sh("sysctl -qw net.netfilter.nf_conntrack_tcp_loose=0")
+        .expect("sysctl");
+    let strict_program = wait_swapped(&t, &agent, loose_program)?;
+    let skipped_before = counter(&t.status().ok_or("status")?, "tcp_no_syn");
+    send_tcp(&t, TCP_ACK, 43000, n);
+    send_tcp(&t, TCP_SYN, 44000, n);
+    let strict = tcp_loose_counts(&t);
+    let skipped = counter(&t.status().ok_or("status")?, "tcp_no_syn") - skipped_before;
+    ensure(strict == [20, 10, 0, 10, 0] && skipped == 10, || {
+        format!(
+            "tcp_loose=0: counts {strict:?}, want [20, 10, 0, 10, 0] (mid-stream segments \
+             INVALID and unmarked, SYNs marked); tcp_no_syn moved by {skipped}, want 10"
+        )
+    })?;
+
+    t.node
+        .sh("sysctl -qw net.netfilter.nf_conntrack_tcp_loose=1")
+        .expect("sysctl");
+    wait_swapped(&t, &agent, strict_program)?;
+    send_tcp(&t, TCP_ACK, 45000, n);
+    let back = tcp_loose_counts(&t);
+    ensure(back == [20, 20, 0, 10, 0], || {
+        format!("tcp_loose back to 1: counts {back:?}, want [20, 20, 0, 10, 0]")
+    })?;
+    agent.terminate();
     Ok(())
 }

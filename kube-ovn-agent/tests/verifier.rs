@@ -47,7 +47,10 @@ fn measure(name: &str) -> Result<(), Failed> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_err(|e| format!("reading the kernel release: {e}"))?;
     let kernel = kernel.trim();
-    let loaded = object::load(None).map_err(|e| format!("loading the datapath: {e}"))?;
+    // The default frozen values (every rule possible, every packet classified): the most the
+    // verifier walks; other values only prune.
+    let loaded = object::load(None, object::LoadConfig::default())
+        .map_err(|e| format!("loading the datapath: {e}"))?;
     let program = loaded
         .program(name)
         .ok_or_else(|| format!("program {name} missing after loading"))?;

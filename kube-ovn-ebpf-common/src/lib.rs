@@ -117,9 +117,13 @@ pub mod counter {
     /// it), or tagged for a VLAN (the VLAN device takes it, or it is dropped). It is
     /// classified where it is received, if anywhere: once.
     pub const OTHER_HOST: u32 = 14;
+    /// A TCP segment without SYN, not classified because the program was loaded with
+    /// [`super::frozen::SYN_ONLY`]: the node's `nf_conntrack_tcp_loose` is 0, so conntrack
+    /// never starts a connection (and nat never sees a packet) without a SYN.
+    pub const TCP_NO_SYN: u32 = 15;
 
     /// Slots in use: `0..USED`. The next new counter gets slot `USED`.
-    pub const USED: u32 = 15;
+    pub const USED: u32 = 16;
     /// Size of the counter array (the pinned map's `max_entries`): room to append counters
     /// without changing the map layout.
     pub const SLOTS: u32 = 16;
@@ -156,6 +160,7 @@ pub mod counter {
         "marked",
         "tproxy_no_socket",
         "other_host",
+        "tcp_no_syn",
     ];
 
     const _: () = {
@@ -210,6 +215,31 @@ pub mod iface_flag {
     /// Every flag bit.
     pub const ALL: u32 = NO_ETHERNET;
     const _: () = assert!(ALL & super::role::ALL == 0);
+}
+
+/// Configuration frozen into the program when it is loaded: `.rodata` globals the agent sets
+/// (aya's `override_global`) before the verifier sees the program. The verifier knows their
+/// values, so a branch they disable is pruned, not taken per packet. Only what is constant for
+/// an agent's lifetime belongs here (its flags, and the node's `nf_conntrack_tcp_loose`, on
+/// whose change the agent loads and swaps in a new program); everything that follows the
+/// cluster stays in [`Config`]. The ELF's defaults are the unfrozen behaviour: every rule
+/// possible, every packet classified.
+pub mod frozen {
+    /// Symbol of the `u32` global: the rules that can ever be active on this node (`rule::bit`
+    /// mask), combined (AND) with [`super::Config`]'s per-family masks. `--service-match ip-port` rules
+    /// out R1b, `cidr` R1a and R2/R3, no `--enable-tproxy` TPROXY.
+    pub const RULES: &str = "KOVN_FROZEN_RULES";
+    /// Symbol of the `u32` global holding the flag bits below.
+    pub const FLAGS: &str = "KOVN_FROZEN_FLAGS";
+    /// Every rule: the default of [`RULES`].
+    pub const ALL_RULES: u32 = (1 << super::rule::COUNT) - 1;
+    /// Classify TCP only when it carries SYN (the NAT rules; TPROXY on `lo` still sees every
+    /// segment). Exact only while the node's `nf_conntrack_tcp_loose` is 0: conntrack then
+    /// marks a segment without SYN that starts no known connection INVALID, and the nat table
+    /// (where Kube-OVN's rules live) never sees it; a known connection's segments are not NEW
+    /// either. With the default 1, a mid-stream segment is picked up as NEW and must be
+    /// classified (docs/design.md §1).
+    pub const SYN_ONLY: u32 = 1 << 0;
 }
 
 /// Flags in [`Config::flags`].
@@ -513,7 +543,7 @@ mod tests {
     /// keep its meaning forever. This is today's numbering; a new counter appends.
     #[test]
     fn counter_slots_are_frozen() {
-        let frozen: [(u32, &str); 15] = [
+        let frozen: [(u32, &str); 16] = [
             (0, "R1a"),
             (1, "R1b"),
             (2, "R2t"),
@@ -529,6 +559,7 @@ mod tests {
             (12, "marked"),
             (13, "tproxy_no_socket"),
             (14, "other_host"),
+            (15, "tcp_no_syn"),
         ];
         for (slot, name) in frozen {
             assert_eq!(counter::NAMES[slot as usize], name, "slot {slot}");
@@ -546,8 +577,9 @@ mod tests {
                 counter::MARKED,
                 counter::TPROXY_NO_SOCKET,
                 counter::OTHER_HOST,
+                counter::TCP_NO_SYN,
             ],
-            [7, 8, 9, 10, 11, 12, 13, 14]
+            [7, 8, 9, 10, 11, 12, 13, 14, 15]
         );
         assert_eq!(counter::SLOTS, 16, "the pinned map's max_entries");
     }

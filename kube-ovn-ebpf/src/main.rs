@@ -20,15 +20,33 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use kube_ovn_ebpf_common::{Config, config_flag, counter, iface_flag, iface_slot, role, rule};
+use kube_ovn_ebpf_common::{
+    Config, config_flag, counter, frozen, iface_flag, iface_slot, ipproto, role, rule,
+};
 
 use crate::{
     classify::classify,
     family::{Family, V4, V6},
     maps::{CONFIG, IFACES},
-    parse::{Packet, Parsed, Skip, Tuple, parse},
+    parse::{Packet, Parsed, Skip, TCP_SYN, Tuple, parse, tcp_flags},
     tproxy::Steer,
 };
+
+/// `kube_ovn_ebpf_common::frozen::RULES`, set by the agent at load. A plain `u32` rather than
+/// `aya_ebpf::Global`, whose `MaybeUninit` wrapper the kernel's BTF check refuses; [`frozen`]
+/// reads it volatile so the compiler cannot fold in the default.
+#[unsafe(no_mangle)]
+static KOVN_FROZEN_RULES: u32 = frozen::ALL_RULES;
+/// `kube_ovn_ebpf_common::frozen::FLAGS`, set by the agent at load.
+#[unsafe(no_mangle)]
+static KOVN_FROZEN_FLAGS: u32 = 0;
+
+/// A frozen value as the loader left it.
+#[inline(always)]
+fn frozen(value: &'static u32) -> u32 {
+    // SAFETY: a valid, aligned static.
+    unsafe { core::ptr::read_volatile(value) }
+}
 
 #[classifier]
 #[expect(
@@ -45,6 +63,7 @@ pub fn kovn_ingress(ctx: TcContext) -> i32 {
                 Stop::Parse(Skip::NotIp) => counter::NOT_IP,
                 Stop::Parse(Skip::Malformed) => counter::NOT_PARSED,
                 Stop::Parse(Skip::Fragment) => counter::FRAGMENT,
+                Stop::TcpNoSyn => counter::TCP_NO_SYN,
             });
             TC_ACT_UNSPEC
         }
@@ -55,6 +74,7 @@ enum Stop {
     NoRole,
     OtherHost,
     Parse(Skip),
+    TcpNoSyn,
 }
 
 /// `PACKET_OTHERHOST`: addressed to a MAC that is not this interface's.
@@ -84,18 +104,41 @@ fn try_kovn_ingress(ctx: &TcContext) -> Result<i32, Stop> {
     if pkt_type == PACKET_OTHERHOST || (vlan_present != 0 && vlan_tci & VLAN_VID_MASK != 0) {
         return Err(Stop::OtherHost);
     }
-    let config = CONFIG.get(0).copied().unwrap_or_default();
     let packet = if roles & iface_flag::NO_ETHERNET != 0 {
         Packet::from_network_header(ctx)
     } else {
         Packet::new(ctx)
     };
-    let (hits, verdict) = match parse(&packet).map_err(Stop::Parse)? {
-        Parsed::V4(t) => evaluate::<V4>(ctx, &t, roles, config.rules_v4, &config),
-        Parsed::V6(t) => evaluate::<V6>(ctx, &t, roles, config.rules_v6, &config),
+    let parsed = parse(&packet).map_err(Stop::Parse)?;
+    // Constants to the verifier: without SYN_ONLY this test is pruned, and so is a rule the
+    // node can never have. The skip comes before the config read: it needs nothing else.
+    if frozen(&KOVN_FROZEN_FLAGS) & frozen::SYN_ONLY != 0
+        && match &parsed {
+            Parsed::V4(t) => not_syn(&packet, t, roles),
+            Parsed::V6(t) => not_syn(&packet, t, roles),
+        }
+    {
+        return Err(Stop::TcpNoSyn);
+    }
+    let possible = frozen(&KOVN_FROZEN_RULES);
+    let config = CONFIG.get(0).copied().unwrap_or_default();
+    let (hits, verdict) = match parsed {
+        Parsed::V4(t) => evaluate::<V4>(ctx, &t, roles, config.rules_v4 & possible, &config),
+        Parsed::V6(t) => evaluate::<V6>(ctx, &t, roles, config.rules_v6 & possible, &config),
     };
     act::apply(ctx, hits, config.flags);
     Ok(verdict)
+}
+
+/// A TCP segment without SYN that no rule needs to see once conntrack never starts a
+/// connection without SYN (`frozen::SYN_ONLY`). Not on `lo`: the TPROXY replacement hands every
+/// segment of a probe connection to its socket, as Kube-OVN's mangle rule sees every segment.
+/// A header cut before its flags is classified on its ports as without the flag.
+#[inline(always)]
+fn not_syn<A>(packet: &Packet, t: &Tuple<A>, roles: u32) -> bool {
+    t.proto == ipproto::TCP
+        && roles & role::LOOPBACK == 0
+        && tcp_flags(packet, t).is_some_and(|flags| flags & TCP_SYN == 0)
 }
 
 /// The rules hit and the verdict. Everything only classifies and continues (`TC_ACT_UNSPEC`),

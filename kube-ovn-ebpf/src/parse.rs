@@ -143,6 +143,18 @@ pub struct Tuple<A> {
     pub dport: Option<u16>,
     /// Host byte order; 0 for protocols without ports.
     pub sport: u16,
+    /// Offset of the transport header (for [`tcp_flags`]).
+    pub l4: usize,
+}
+
+/// SYN in TCP's flags byte.
+pub const TCP_SYN: u8 = 0x02;
+
+/// TCP's flags byte (offset 13 of its header), `None` when the header is cut before it. Read
+/// only where it is needed, so a program that never needs it does not pay for it.
+#[inline(always)]
+pub fn tcp_flags<A>(pkt: &Packet, t: &Tuple<A>) -> Option<u8> {
+    pkt.load::<u8>(t.l4 + 13)
 }
 
 pub enum Parsed {
@@ -214,13 +226,15 @@ fn ipv4(pkt: &Packet, l3: usize) -> ParseResult<Tuple<[u8; 4]>> {
     if be16(hdr.flags_fragment) & IPV4_FRAG_OFFSET_MASK != 0 {
         return Err(Skip::Fragment);
     }
-    let (sport, dport) = l4_ports(pkt, hdr.proto, l3 + header_len)?;
+    let l4 = l3 + header_len;
+    let (sport, dport) = l4_ports(pkt, hdr.proto, l4)?;
     Ok(Tuple {
         src: hdr.src,
         dst: hdr.dst,
         proto: hdr.proto,
         dport,
         sport,
+        l4,
     })
 }
 
@@ -253,6 +267,7 @@ fn ipv6(pkt: &Packet, l3: usize) -> ParseResult<Tuple<[u8; 16]>> {
         proto,
         dport,
         sport,
+        l4,
     })
 }
 

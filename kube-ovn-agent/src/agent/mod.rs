@@ -87,6 +87,11 @@ pub trait Kernel {
     fn complete_view_written(&mut self) -> impl Future<Output = ()> {
         async {}
     }
+    /// Swaps in a program loaded with the node's current frozen values when they changed
+    /// (`Datapath::reload`); true when it did.
+    fn follow_frozen_config(&mut self) -> impl Future<Output = bool> {
+        async { false }
+    }
 }
 
 /// The real thing: the loaded [`Datapath`], its pins and an rtnetlink handle.
@@ -146,6 +151,30 @@ impl Kernel for KernelDatapath {
 
     fn detach(&mut self, attachment: &Attachment) -> Result<(), AttachError> {
         attach::remove(&self.pins, attachment)
+    }
+
+    async fn follow_frozen_config(&mut self) -> bool {
+        let now = self.datapath.load_config;
+        let want = now.with_tcp_loose(crate::datapath::object::tcp_loose());
+        if want == now {
+            return false;
+        }
+        match self
+            .datapath
+            .reload(&self.pins, want, self.config, &self.rtnl)
+            .await
+        {
+            Ok(reloaded) => reloaded,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    ?want,
+                    "nf_conntrack_tcp_loose changed but the program could not be swapped; the \
+                     one loaded with the old value keeps running, retrying"
+                );
+                false
+            }
+        }
     }
 }
 
@@ -284,7 +313,10 @@ impl<K: Kernel> Agent<K> {
                 _ = kube_proxy_poll.tick() => {
                     let kube_proxy_changed = self.poll_kube_proxy();
                     let listener_changed = self.poll_tproxy_listener();
-                    if kube_proxy_changed || listener_changed {
+                    // A new program on every attachment: the pass records its id.
+                    let reloaded = self.kernel.follow_frozen_config().await;
+                    self.attach_due |= reloaded;
+                    if kube_proxy_changed || listener_changed || reloaded {
                         pending = Some(Instant::now());
                     }
                 }

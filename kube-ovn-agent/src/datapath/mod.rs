@@ -26,6 +26,13 @@
 //! old layout, so the next start migrates again, reusing the staged maps (and swapping again any
 //! attachment that already ran an interrupted attempt's program, which used those same maps).
 //! After the last rename the layouts match and a leftover `maps-next/` is removed.
+//!
+//! The program also carries values frozen at load ([`object::LoadConfig`]), which its tag does
+//! not cover: they are pinned next to it (`programs/kovn_ingress-frozen`; bpffs allows no dot
+//! in a name), and a pinned program counts as identical only when its tag matches and it uses
+//! that pinned map with this start's values. When one of them changes while the agent runs (the node's `nf_conntrack_tcp_loose`),
+//! [`Datapath::reload`] loads a program with the new values on the same maps and swaps it in
+//! place on every attachment, as step 3 does.
 
 pub mod attach;
 pub mod dir;
@@ -34,7 +41,7 @@ pub mod object;
 pub mod pins;
 pub mod sys;
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, os::fd::AsFd as _, path::PathBuf};
 
 use aya::{
     Ebpf,
@@ -109,12 +116,14 @@ pub struct Datapath {
     pub other_maps: BTreeMap<&'static str, Map>,
     /// Maps being migrated to this build's layout (staged under `maps-next/`); empty when none.
     pub migrating: Vec<&'static str>,
+    /// The values frozen into the program that runs (or will, once a migration finishes).
+    pub load_config: object::LoadConfig,
 }
 
 impl Datapath {
     /// Loads this build's object with its maps pinned under `pins`, adopting what is there and
     /// staging new maps for those whose layout differs (see the module docs).
-    pub fn open(pins: &PinRoot) -> Result<Self, DatapathError> {
+    pub fn open(pins: &PinRoot, load_config: object::LoadConfig) -> Result<Self, DatapathError> {
         let migrating: Vec<&'static str> = object::mismatched_pins(&pins.maps())?
             .into_iter()
             .map(|(name, detail)| {
@@ -128,11 +137,15 @@ impl Datapath {
             })
             .collect();
         prepare_staging(pins, &migrating)?;
-        let mut ebpf = object::load(Some(&object::MapPins {
-            dir: &pins.maps(),
-            staging: &pins.staging(),
-            staged: &migrating,
-        }))?;
+        let mut ebpf = object::load(
+            Some(&object::MapPins {
+                dir: &pins.maps(),
+                staging: &pins.staging(),
+                staged: &migrating,
+            }),
+            load_config,
+        )?;
+        let same_frozen = pinned_frozen_matches(pins, &ebpf);
         let program_pin = pins.program(names::PROGRAM);
         let loaded = object::program(&mut ebpf)?;
         let loaded_info = loaded.info().map_err(|source| DatapathError::Program {
@@ -144,7 +157,9 @@ impl Datapath {
         let (active, program_id, upgrading) = match pinned {
             // A migration runs this build's program on the new maps, whatever the tag says (a
             // capacity change leaves the code, and so the tag, as it was).
-            Some(info) if info.tag() == loaded_info.tag() && migrating.is_empty() => {
+            Some(info)
+                if info.tag() == loaded_info.tag() && same_frozen && migrating.is_empty() =>
+            {
                 let program = SchedClassifier::from_pin(&program_pin).map_err(|source| {
                     DatapathError::Program {
                         op: "adopting",
@@ -169,6 +184,8 @@ impl Datapath {
                         path: program_pin.clone(),
                         source,
                     })?;
+                pin_frozen(pins, &ebpf)?;
+                tracing::info!(?load_config, "program loaded with these frozen values");
                 (Active::Loaded, loaded_info.id(), previous.is_some())
             }
         };
@@ -182,7 +199,56 @@ impl Datapath {
             tables,
             other_maps: maps,
             migrating,
+            load_config,
         })
+    }
+
+    /// Loads this build's program with `load_config` frozen into it on the pinned maps and
+    /// swaps it in place on every attachment (`bpf_link_update` / filter replace: no interface
+    /// is ever without a program), then pins it and its frozen values over the old ones. Used
+    /// when a frozen value changes while the agent runs. Not during a map-layout migration
+    /// (the program then runs on staged maps; `finish_migration` comes first): returns false.
+    pub async fn reload(
+        &mut self,
+        pins: &PinRoot,
+        load_config: object::LoadConfig,
+        config: AttachConfig,
+        rtnl: &rtnetlink::Handle,
+    ) -> Result<bool, DatapathError> {
+        if !self.migrating.is_empty() {
+            return Ok(false);
+        }
+        let mut ebpf = object::load(
+            Some(&object::MapPins {
+                dir: &pins.maps(),
+                staging: &pins.staging(),
+                staged: &[],
+            }),
+            load_config,
+        )?;
+        let program_pin = pins.program(names::PROGRAM);
+        let program_id = object::program(&mut ebpf)?
+            .info()
+            .map_err(|source| DatapathError::Program {
+                op: "reading info of",
+                path: program_pin.clone(),
+                source: Box::new(source),
+            })?
+            .id();
+        swap_everywhere(object::program(&mut ebpf)?, program_id, pins, config, rtnl).await?;
+        pin_program(pins, object::program(&mut ebpf)?)?;
+        pin_frozen(pins, &ebpf)?;
+        let old = std::mem::replace(&mut self.ebpf, ebpf);
+        self.active = Active::Loaded;
+        self.program_id = program_id;
+        self.load_config = load_config;
+        drop(old);
+        tracing::info!(
+            program_id,
+            ?load_config,
+            "frozen configuration changed: every attachment now runs a program loaded with it"
+        );
+        Ok(true)
     }
 
     /// Step 3 of a map-layout migration, once the tables hold the complete view: this build's
@@ -196,38 +262,9 @@ impl Datapath {
         rtnl: &rtnetlink::Handle,
     ) -> Result<(), DatapathError> {
         let program_id = self.program_id;
-        for found in attach::list(pins, rtnl).await {
-            let (priority, handle) = found.filter.unwrap_or((config.priority, config.handle));
-            let config = AttachConfig {
-                mode: found.mode,
-                priority,
-                handle,
-                ..config
-            };
-            attach::ensure(
-                self.program(),
-                program_id,
-                pins,
-                config,
-                rtnl,
-                &found.ifname,
-                attach::Existing::Replace,
-            )
-            .await
-            .map_err(|source| DatapathError::Swap {
-                ifname: found.ifname.clone(),
-                source,
-            })?;
-        }
-        let next = pins.program_next(names::PROGRAM);
-        let _ = std::fs::remove_file(&next);
-        self.program()
-            .pin(&next)
-            .map_err(|source| DatapathError::Pin {
-                path: next.clone(),
-                source,
-            })?;
-        rename(&next, &pins.program(names::PROGRAM))?;
+        swap_everywhere(self.program(), program_id, pins, config, rtnl).await?;
+        pin_program(pins, self.program())?;
+        pin_frozen(pins, &self.ebpf)?;
         for name in &self.migrating {
             rename(&pins.staging().join(name), &pins.maps().join(name))?;
         }
@@ -265,6 +302,92 @@ impl Datapath {
             .remove(names::COUNTERS)
             .and_then(|m| m.try_into().ok())
     }
+}
+
+/// `program` on every attachment of ours, in place.
+async fn swap_everywhere(
+    program: &mut SchedClassifier,
+    program_id: u32,
+    pins: &PinRoot,
+    config: AttachConfig,
+    rtnl: &rtnetlink::Handle,
+) -> Result<(), DatapathError> {
+    for found in attach::list(pins, rtnl).await {
+        let (priority, handle) = found.filter.unwrap_or((config.priority, config.handle));
+        let config = AttachConfig {
+            mode: found.mode,
+            priority,
+            handle,
+            ..config
+        };
+        attach::ensure(
+            program,
+            program_id,
+            pins,
+            config,
+            rtnl,
+            &found.ifname,
+            attach::Existing::Replace,
+        )
+        .await
+        .map_err(|source| DatapathError::Swap {
+            ifname: found.ifname.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Pins `program` as `kovn_ingress-next` and renames it over `kovn_ingress` (atomic on bpffs).
+fn pin_program(pins: &PinRoot, program: &mut SchedClassifier) -> Result<(), DatapathError> {
+    let next = pins.program_next(names::PROGRAM);
+    let _ = std::fs::remove_file(&next);
+    program.pin(&next).map_err(|source| DatapathError::Pin {
+        path: next.clone(),
+        source,
+    })?;
+    rename(&next, &pins.program(names::PROGRAM))
+}
+
+/// Pins the loaded object's frozen values (`object::FROZEN_MAP`) next to the program, through
+/// a rename. Pinned after the program: a crash in between leaves a pinned program that does not
+/// use the pinned values, which [`pinned_frozen_matches`] refuses (the next start reloads).
+fn pin_frozen(pins: &PinRoot, ebpf: &Ebpf) -> Result<(), DatapathError> {
+    let next = pins.frozen_next(names::PROGRAM);
+    let Some(map) = ebpf.map(object::FROZEN_MAP) else {
+        return Ok(());
+    };
+    let _ = std::fs::remove_file(&next);
+    map.pin(&next).map_err(|source| DatapathError::Pin {
+        path: next.clone(),
+        source,
+    })?;
+    rename(&next, &pins.frozen(names::PROGRAM))
+}
+
+/// Whether the pinned program was loaded with the values `ebpf` was: it uses the map pinned as
+/// its frozen values, and that map holds the same bytes. Anything unreadable or missing (a pin
+/// root from a build before frozen values) is "no", so the program is replaced.
+fn pinned_frozen_matches(pins: &PinRoot, ebpf: &Ebpf) -> bool {
+    let read = || -> Option<bool> {
+        let Some(Map::Array(loaded)) = ebpf.map(object::FROZEN_MAP) else {
+            return None;
+        };
+        let pinned = MapData::from_pin(pins.frozen(names::PROGRAM)).ok()?;
+        let pinned_info = pinned.info().ok()?;
+        let program = sys::open_pin_read_only(&pins.program(names::PROGRAM)).ok()?;
+        if !sys::program_map_ids(program.as_fd())
+            .ok()?
+            .contains(&pinned_info.id())
+        {
+            return Some(false);
+        }
+        let size = loaded.info().ok()?.value_size();
+        let want = sys::array_value(loaded.fd().as_fd(), 0, size).ok()?;
+        let have = sys::array_value(pinned.fd().as_fd(), 0, pinned_info.value_size()).ok()?;
+        Some(want == have)
+    };
+    read().unwrap_or(false)
 }
 
 fn rename(from: &std::path::Path, to: &std::path::Path) -> Result<(), DatapathError> {

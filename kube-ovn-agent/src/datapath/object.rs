@@ -11,7 +11,9 @@ use aya::{
     maps::{Map, MapInfo},
     programs::SchedClassifier,
 };
-use kube_ovn_ebpf_common::names;
+use kube_ovn_ebpf_common::{frozen, names, rule};
+
+use crate::translate::ServiceMatch;
 
 /// The datapath object, built by `build.rs` from the `kube-ovn-ebpf` crate.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kube-ovn-ebpf"));
@@ -38,6 +40,80 @@ pub enum LoadError {
     },
 }
 
+/// The configuration frozen into the program at load (`kube_ovn_ebpf_common::frozen`): `.rodata`
+/// values the verifier sees as constants, so what they rule out is pruned rather than tested per
+/// packet. Two programs differ when their `LoadConfig`s do, even with the same tag (the tag does
+/// not cover `.rodata`): the agent pins the frozen values next to the program
+/// ([`FROZEN_MAP`]) and adopts a pinned program only when they match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LoadConfig {
+    /// The rules that can ever be active on this node (`rule::bit` mask): what the agent's
+    /// flags leave possible (`--service-match`, `--enable-tproxy`); what the cluster decides
+    /// stays in the config map.
+    pub rules: u32,
+    /// Classify TCP only when it carries SYN: the node's `nf_conntrack_tcp_loose` is 0
+    /// (`frozen::SYN_ONLY`, docs/design.md §1).
+    pub syn_only: bool,
+}
+
+impl Default for LoadConfig {
+    /// The ELF's own values: every rule possible, every packet classified.
+    fn default() -> Self {
+        Self {
+            rules: frozen::ALL_RULES,
+            syn_only: false,
+        }
+    }
+}
+
+impl LoadConfig {
+    /// The load configuration for the agent's flags and the node's `nf_conntrack_tcp_loose`
+    /// (`None`: unreadable, e.g. conntrack not loaded yet; its default, 1, is assumed).
+    pub fn new(service_match: ServiceMatch, tproxy: bool, tcp_loose: Option<bool>) -> Self {
+        let nat = match service_match {
+            ServiceMatch::Auto => rule::NAT_RULES,
+            ServiceMatch::IpPort => rule::NAT_RULES & !rule::bit(rule::R1B),
+            ServiceMatch::Cidr => rule::bit(rule::R1B),
+        };
+        Self {
+            rules: nat | if tproxy { rule::bit(rule::TPROXY) } else { 0 },
+            syn_only: false,
+        }
+        .with_tcp_loose(tcp_loose)
+    }
+
+    /// This configuration for a node whose `nf_conntrack_tcp_loose` is `tcp_loose`.
+    #[must_use]
+    pub fn with_tcp_loose(self, tcp_loose: Option<bool>) -> Self {
+        Self {
+            syn_only: tcp_loose == Some(false),
+            ..self
+        }
+    }
+
+    fn flags(self) -> u32 {
+        if self.syn_only { frozen::SYN_ONLY } else { 0 }
+    }
+}
+
+/// `net.netfilter.nf_conntrack_tcp_loose` of the agent's network namespace (the node's: the
+/// agent runs with the host network): `Some(true)` for 1, `Some(false)` for 0, `None` when it
+/// cannot be read (`nf_conntrack` not loaded: it starts at its default, 1, when it loads).
+pub fn tcp_loose() -> Option<bool> {
+    tcp_loose_from(&std::fs::read_to_string(TCP_LOOSE).ok()?)
+}
+
+const TCP_LOOSE: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose";
+
+fn tcp_loose_from(text: &str) -> Option<bool> {
+    text.trim().parse::<u32>().ok().map(|v| v != 0)
+}
+
+/// The object's map of frozen values (its `.rodata` section). Pinned next to the program
+/// ([`super::pins::PinRoot::frozen`]) so a later start can tell which values the pinned program
+/// was loaded with.
+pub const FROZEN_MAP: &str = ".rodata";
+
 /// Where [`load`] pins the maps: each at `dir/<name>`, except the `staged` ones, at
 /// `staging/<name>` (a map-layout migration builds the new maps there).
 pub struct MapPins<'a> {
@@ -46,13 +122,16 @@ pub struct MapPins<'a> {
     pub staged: &'a [&'static str],
 }
 
-/// Loads the object. With `pins`, each map is pinned where [`MapPins`] says; maps already pinned
-/// there are reused with their content. The caller makes sure those match this build's layout
-/// ([`mismatched_pins`]).
-pub fn load(pins: Option<&MapPins<'_>>) -> Result<Ebpf, LoadError> {
+/// Loads the object with `config` frozen into it. With `pins`, each map is pinned where
+/// [`MapPins`] says; maps already pinned there are reused with their content. The caller makes
+/// sure those match this build's layout ([`mismatched_pins`]).
+pub fn load(pins: Option<&MapPins<'_>>, config: LoadConfig) -> Result<Ebpf, LoadError> {
     raise_memlock_limit();
+    let flags = config.flags();
     let mut loader = EbpfLoader::new();
     loader.verifier_log_level(VerifierLogLevel::STATS);
+    loader.override_global(frozen::RULES, &config.rules, true);
+    loader.override_global(frozen::FLAGS, &flags, true);
     for (name, max_entries) in max_entries_overrides() {
         loader.map_max_entries(name, max_entries);
     }
@@ -176,6 +255,42 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+
+    #[test]
+    fn the_flags_leave_only_their_rules_possible() {
+        let all_nat = rule::NAT_RULES;
+        let tproxy = rule::bit(rule::TPROXY);
+        let r1b = rule::bit(rule::R1B);
+        assert_eq!(
+            LoadConfig::new(ServiceMatch::Auto, false, None).rules,
+            all_nat
+        );
+        assert_eq!(
+            LoadConfig::new(ServiceMatch::Auto, true, None).rules,
+            all_nat | tproxy
+        );
+        assert_eq!(all_nat | tproxy, frozen::ALL_RULES);
+        assert_eq!(
+            LoadConfig::new(ServiceMatch::IpPort, true, None).rules,
+            frozen::ALL_RULES & !r1b
+        );
+        assert_eq!(LoadConfig::new(ServiceMatch::Cidr, false, None).rules, r1b);
+    }
+
+    /// Only a node whose conntrack never picks up a mid-stream segment gets the SYN-only
+    /// program; unreadable means the kernel default (loose).
+    #[test]
+    fn syn_only_needs_tcp_loose_zero() {
+        let syn_only = |loose| LoadConfig::new(ServiceMatch::Auto, false, loose).syn_only;
+        assert!(syn_only(Some(false)));
+        assert!(!syn_only(Some(true)));
+        assert!(!syn_only(None));
+        assert_eq!(tcp_loose_from("0\n"), Some(false));
+        assert_eq!(tcp_loose_from("1\n"), Some(true));
+        assert_eq!(tcp_loose_from("2"), Some(true));
+        assert_eq!(tcp_loose_from(""), None);
+        assert_eq!(LoadConfig::default().flags(), 0);
+    }
 
     /// Every map the built object defines is pinned (`names::ALL_MAPS` is the pin list), so no
     /// state is lost when the agent restarts or upgrades, and every pinned name exists in the

@@ -98,6 +98,17 @@ impl PinRoot {
         self.programs().join(format!("{name}-next"))
     }
 
+    /// The frozen values of the pinned program (`object::FROZEN_MAP`), pinned next to it: the
+    /// program's tag does not cover them.
+    pub fn frozen(&self, name: &str) -> PathBuf {
+        self.programs().join(format!("{name}-frozen"))
+    }
+
+    /// Where [`Self::frozen`] is pinned before it is renamed into place.
+    pub fn frozen_next(&self, name: &str) -> PathBuf {
+        self.programs().join(format!("{name}-frozen-next"))
+    }
+
     pub fn links(&self) -> PathBuf {
         self.root.join("links")
     }
@@ -182,7 +193,12 @@ impl PinRoot {
     pub fn remove_all(&self) -> Result<Vec<PathBuf>, BpffsError> {
         let mut removed = Vec::new();
         let mut layout_found = false;
-        let next_program = self.program_next(names::PROGRAM);
+        let program_pins = [
+            self.program(names::PROGRAM),
+            self.program_next(names::PROGRAM),
+            self.frozen(names::PROGRAM),
+            self.frozen_next(names::PROGRAM),
+        ];
         for dir in [self.links(), self.programs(), self.maps(), self.staging()] {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
@@ -191,7 +207,7 @@ impl PinRoot {
                 let path = entry.path();
                 let name = entry.file_name();
                 let ours = dir == self.links()
-                    || (dir == self.programs() && (name == names::PROGRAM || path == next_program))
+                    || (dir == self.programs() && program_pins.contains(&path))
                     || ((dir == self.maps() || dir == self.staging())
                         && names::ALL_MAPS
                             .iter()

@@ -35,7 +35,13 @@ pub struct TestDatapath {
 
 impl TestDatapath {
     pub fn load() -> Self {
-        let mut ebpf = object::load(None).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+        Self::load_with(object::LoadConfig::default())
+    }
+
+    /// Loaded with `config` frozen into the program.
+    pub fn load_with(config: object::LoadConfig) -> Self {
+        let mut ebpf =
+            object::load(None, config).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
         let mut maps = object::take_maps(&mut ebpf);
         let tables = Tables::from_maps(&mut maps).unwrap_or_else(|e| panic!("{e}"));
         let counters = maps
