@@ -140,7 +140,7 @@ pub fn mismatched_pins(dir: &Path) -> Result<Vec<(&'static str, String)>, LoadEr
 /// run "an older build" whose map layout differs from this one's (a map-layout migration).
 /// Only in builds with the `testing` feature; release builds have no such knob.
 #[cfg(feature = "testing")]
-fn max_entries_overrides() -> Vec<(&'static str, u32)> {
+pub(crate) fn max_entries_overrides() -> Vec<(&'static str, u32)> {
     let spec = std::env::var("KOVN_TEST_MAP_MAX_ENTRIES").unwrap_or_default();
     spec.split(',')
         .filter_map(|item| {
@@ -152,7 +152,7 @@ fn max_entries_overrides() -> Vec<(&'static str, u32)> {
 }
 
 #[cfg(not(feature = "testing"))]
-fn max_entries_overrides() -> Vec<(&'static str, u32)> {
+pub(crate) fn max_entries_overrides() -> Vec<(&'static str, u32)> {
     Vec::new()
 }
 
