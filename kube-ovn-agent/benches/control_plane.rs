@@ -100,9 +100,30 @@ struct Scale {
     burst_ms: Vec<f64>,
     burst_spread_ms: Spread,
     burst_changes: usize,
+    /// Where the agent's cold starts spent their time (its `/status` `startup` phases): per
+    /// phase, the median (min–max) over the rounds of its duration, and of when it started
+    /// (ms after the agent's `main`). `exec_and_poll` is the rest of the measured time (process
+    /// spawn before `main`, and this benchmark's 2 ms `/readyz` poll).
+    cold_phases: Vec<PhaseSpread>,
+    /// The agent's own CPU time (user + system, all threads, schedstat) from spawn to ready:
+    /// what of the cold start is the agent's work rather than waiting for the API server
+    /// (which shares the machine's cores here).
+    cold_start_agent_cpu_ms: Spread,
+    restart_agent_cpu_ms: Spread,
+    /// A restart on the same pins and API server after each round's cold start (the pinned
+    /// program is reused, not loaded): process start → `/readyz`, per round.
+    restart_rounds_ms: Vec<f64>,
+    restart_spread_ms: Spread,
+    /// Per round: restore time / agent restart.
+    restore_over_agent_restart_spread: Spread,
+    /// What the restarts said about their program (`reused` expected), per round.
+    restart_program: Vec<String>,
+    restart_phases: Vec<PhaseSpread>,
     /// Resident memory after the first full sync and after the change series.
     rss_mib_ready: f64,
     rss_mib_after_changes: f64,
+    /// The agent's peak resident memory (`VmHWM`) at the end of the first round.
+    rss_hwm_mib: f64,
     /// Kernel memory of the agent's pinned maps after the first full sync: the sum of their
     /// `memlock` (fdinfo), which is what is charged to the pod's memory cgroup (≥ 5.11).
     kernel_map_mib: f64,
@@ -131,6 +152,78 @@ struct Scale {
     ipset_iptables_cold_ms: Spread,
     /// One entry swapped with `ipset restore` (what felix/kube-proxy do for a change).
     ipset_one_change_ms: Percentiles,
+}
+
+#[derive(Serialize)]
+struct PhaseSpread {
+    name: String,
+    took_ms: Spread,
+    start_ms: Spread,
+}
+
+/// One phase of one start, from `/status`.
+#[derive(Clone)]
+struct Phase {
+    name: String,
+    took_ms: f64,
+    start_ms: f64,
+}
+
+/// Per phase name (in the first round's order), the spread over the rounds.
+fn phase_spreads(rounds: &[Vec<Phase>]) -> Vec<PhaseSpread> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|p| {
+            let of = |f: fn(&Phase) -> f64| {
+                spread(
+                    rounds
+                        .iter()
+                        .filter_map(|r| r.iter().find(|q| q.name == p.name).map(f))
+                        .collect(),
+                )
+            };
+            PhaseSpread {
+                name: p.name.clone(),
+                took_ms: of(|q| q.took_ms),
+                start_ms: of(|q| q.start_ms),
+            }
+        })
+        .collect()
+}
+
+/// The startup phases of the agent's `/status`, plus `exec_and_poll`: `total_ms` (what the
+/// benchmark measured) minus where the agent's `ready` phase ended.
+fn startup_phases(status: &serde_json::Value, total_ms: f64) -> (String, Vec<Phase>) {
+    let startup = &status["startup"];
+    let ms = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN) / 1e3;
+    let mut phases: Vec<Phase> = startup["phases"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| Phase {
+                    name: p["name"].as_str().unwrap_or("?").to_owned(),
+                    took_ms: ms(&p["took_us"]),
+                    start_ms: ms(&p["start_us"]),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let end = phases
+        .iter()
+        .map(|p| p.start_ms + p.took_ms)
+        .fold(0.0, f64::max);
+    phases.push(Phase {
+        name: "exec_and_poll".into(),
+        took_ms: total_ms - end,
+        start_ms: end,
+    });
+    (
+        startup["program"].as_str().unwrap_or("?").to_owned(),
+        phases,
+    )
 }
 
 fn cluster_ip(i: usize) -> Ipv4Addr {
@@ -395,12 +488,21 @@ fn main() {
         object_bytes.get_or_insert_with(|| measure_objects(&snapshot));
         let (mut translations, mut writes, mut restores) = (vec![], vec![], vec![]);
         let (mut colds, mut bursts) = (vec![], vec![]);
+        let (mut cold_phases, mut restarts, mut restart_phases, mut restart_program) =
+            (vec![], vec![], vec![], vec![]);
+        let (mut cold_cpu, mut restart_cpu) = (vec![], vec![]);
         let mut first = None;
         for round in 0..cold_rounds {
             // The change series runs once; every round measures a cold start and a burst.
             let agent = agent_run(&snapshot, if round == 0 { changes } else { 0 });
             colds.push(agent.cold_start_ms);
             bursts.push(agent.burst_ms);
+            cold_phases.push(agent.cold_phases.clone());
+            cold_cpu.push(agent.cold_cpu_ms);
+            restart_cpu.push(agent.restart_cpu_ms);
+            restarts.push(agent.restart_ms);
+            restart_phases.push(agent.restart_phases.clone());
+            restart_program.push(agent.restart_program.clone());
             first.get_or_insert(agent);
             let (translate_ms, write_ms) = map_cold(&snapshot);
             translations.push(translate_ms);
@@ -409,6 +511,7 @@ fn main() {
         }
         let agent = first.expect("at least one round");
         let ratios: Vec<f64> = restores.iter().zip(&colds).map(|(r, c)| r / c).collect();
+        let restart_ratios: Vec<f64> = restores.iter().zip(&restarts).map(|(r, c)| r / c).collect();
         let map_sync_one_change_ms = map_changes(&snapshot, changes);
         let ipset_one_change_ms = ipset_changes(&snapshot, changes);
         results.push(Scale {
@@ -425,6 +528,15 @@ fn main() {
             burst_spread_ms: spread(bursts.clone()),
             burst_ms: bursts,
             burst_changes: BURST,
+            cold_phases: phase_spreads(&cold_phases),
+            cold_start_agent_cpu_ms: spread(cold_cpu),
+            restart_agent_cpu_ms: spread(restart_cpu),
+            restart_spread_ms: spread(restarts.clone()),
+            restart_rounds_ms: restarts,
+            restore_over_agent_restart_spread: spread(restart_ratios),
+            restart_program,
+            restart_phases: phase_spreads(&restart_phases),
+            rss_hwm_mib: agent.rss_hwm,
             rss_mib_ready: agent.rss_ready,
             kernel_map_mib: agent.kernel_map_mib,
             rss_mib_after_changes: agent.rss_after,
@@ -541,6 +653,7 @@ fn print_table(r: &Report) {
             range(&s.burst_spread_ms),
         );
     }
+    print_startup(r);
     println!("\ntargets (reported, not asserted):");
     for s in r.results.iter().filter(|s| s.services == 10_000) {
         let verdict = |ok: bool| if ok { "met" } else { "missed" };
@@ -557,8 +670,44 @@ fn print_table(r: &Report) {
         );
     }
 }
+/// The restart beside the cold start, and where each spent its time.
+fn print_startup(r: &Report) {
+    let range = |x: &Spread| format!("{:.1} ({:.1}–{:.1})", x.median, x.min, x.max);
+    for s in &r.results {
+        println!(
+            "{:>9} Services: agent CPU to ready {} ms (restart {} ms); restart (pinned program {:?}) → ready {} ms, restore / restart {:.2} ({:.2}–{:.2}); peak RSS {:.1} MiB",
+            s.services,
+            range(&s.cold_start_agent_cpu_ms),
+            range(&s.restart_agent_cpu_ms),
+            s.restart_program,
+            range(&s.restart_spread_ms),
+            s.restore_over_agent_restart_spread.median,
+            s.restore_over_agent_restart_spread.min,
+            s.restore_over_agent_restart_spread.max,
+            s.rss_hwm_mib,
+        );
+        for (what, phases) in [
+            ("cold start", &s.cold_phases),
+            ("restart", &s.restart_phases),
+        ] {
+            let line: Vec<String> = phases
+                .iter()
+                .map(|p| format!("{} {}", p.name, range(&p.took_ms)))
+                .collect();
+            println!("          {what} phases (ms): {}", line.join(", "));
+        }
+    }
+}
+
 struct AgentRun {
     cold_start_ms: f64,
+    cold_cpu_ms: f64,
+    restart_cpu_ms: f64,
+    cold_phases: Vec<Phase>,
+    restart_ms: f64,
+    restart_program: String,
+    restart_phases: Vec<Phase>,
+    rss_hwm: f64,
     burst_ms: f64,
     rss_ready: f64,
     kernel_map_mib: f64,
@@ -618,6 +767,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         for s in &snapshot.services {
             cluster.apply(Resource::Services, s.as_ref());
         }
+        cluster.warm_lists();
     }
     let kubeconfig = TempPath::new("kovn-cpb-kubeconfig-", "yaml");
     std::fs::write(
@@ -629,44 +779,14 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
     )
     .expect("kubeconfig");
 
-    let started = Instant::now();
-    let mut child = ns
-        .command(AGENT)
-        .args([
-            "run",
-            "--source",
-            "kube",
-            "--node-name",
-            "n0",
-            "--kube-proxy-mode",
-            "ipvs",
-            "--log-level",
-            "warn",
-        ])
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{METRICS_PORT}"))
-        .arg("--bpffs-root")
-        .arg(bpffs.root())
-        .env("KUBECONFIG", &*kubeconfig)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map(KillOnDrop)
-        .expect("start the agent");
-    let ready = ns
-        .enter(|| {
-            let deadline = Instant::now() + Duration::from_mins(2);
-            while Instant::now() < deadline {
-                if http_status("/readyz") == Some(200) {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            false
-        })
-        .expect("enter namespace");
-    assert!(ready, "the agent did not become ready within 2 minutes");
-    let cold_start_ms = started.elapsed().as_secs_f64() * 1e3;
+    let (mut child, cold_start_ms) = start_agent(&ns, &bpffs, &kubeconfig);
+    let cold_cpu_ms = cpu_ms(child.id());
+    let (_, cold_phases) = ns
+        .enter(|| http_body("/status"))
+        .expect("enter namespace")
+        .and_then(|body| json_body(&body))
+        .map(|status| startup_phases(&status, cold_start_ms))
+        .unwrap_or_default();
     let rss_ready = rss_mib(child.id());
     let kernel_map_mib = map_memlock_mib(&bpffs.root().join("maps"));
 
@@ -777,10 +897,18 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         std::thread::sleep(Duration::from_micros(50));
     }
     let burst_ms = burst_sent.elapsed().as_secs_f64() * 1e3;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.0.wait();
+    let rss_hwm = rss_mib_field(child.id(), "VmHWM:");
+    stop(&mut child);
+    // A restart on the same pins: the program pinned above is this build's.
+    let (mut child, restart_ms) = start_agent(&ns, &bpffs, &kubeconfig);
+    let restart_cpu_ms = cpu_ms(child.id());
+    let (restart_program, restart_phases) = ns
+        .enter(|| http_body("/status"))
+        .expect("enter namespace")
+        .and_then(|body| json_body(&body))
+        .map(|status| startup_phases(&status, restart_ms))
+        .unwrap_or_default();
+    stop(&mut child);
     let _ = ns
         .command(AGENT)
         .arg("detach")
@@ -791,6 +919,13 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
     drop(runtime);
     AgentRun {
         cold_start_ms,
+        cold_cpu_ms,
+        restart_cpu_ms,
+        cold_phases,
+        restart_ms,
+        restart_program,
+        restart_phases,
+        rss_hwm,
         burst_ms,
         rss_ready,
         kernel_map_mib,
@@ -800,6 +935,62 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         agent_event_mean_ms,
         cpu_per_change_ms,
     }
+}
+
+/// Starts the agent against the API server of `kubeconfig` on `bpffs`; returns it once
+/// `/readyz` answers 200, with the time that took (process spawn → ready).
+fn start_agent(ns: &NetNs, bpffs: &Bpffs, kubeconfig: &TempPath) -> (KillOnDrop, f64) {
+    let started = Instant::now();
+    let child = ns
+        .command(AGENT)
+        .args([
+            "run",
+            "--source",
+            "kube",
+            "--node-name",
+            "n0",
+            "--kube-proxy-mode",
+            "ipvs",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{METRICS_PORT}"))
+        .arg("--bpffs-root")
+        .arg(bpffs.root())
+        .env("KUBECONFIG", &**kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map(KillOnDrop)
+        .expect("start the agent");
+    let ready = ns
+        .enter(|| {
+            let deadline = Instant::now() + Duration::from_mins(2);
+            while Instant::now() < deadline {
+                if http_status("/readyz") == Some(200) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            false
+        })
+        .expect("enter namespace");
+    assert!(ready, "the agent did not become ready within 2 minutes");
+    (child, started.elapsed().as_secs_f64() * 1e3)
+}
+
+fn stop(child: &mut KillOnDrop) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.0.wait();
+}
+
+/// The JSON body of an HTTP/1.0 response.
+fn json_body(response: &str) -> Option<serde_json::Value> {
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    serde_json::from_str(body).ok()
 }
 
 fn http_status(path: &str) -> Option<u16> {
@@ -861,10 +1052,15 @@ fn map_memlock_mib(dir: &std::path::Path) -> f64 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    rss_mib_field(pid, "VmRSS:")
+}
+
+/// A `/proc/<pid>/status` memory field (`VmRSS:`, `VmHWM:`) in MiB.
+fn rss_mib_field(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)

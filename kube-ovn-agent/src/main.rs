@@ -1,11 +1,16 @@
 //! The `kube-ovn-agent` binary: CLI dispatch, logging and exit statuses.
 
-use std::{io::IsTerminal as _, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    io::IsTerminal as _,
+    process::ExitCode,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
 use kube_ovn_agent::{
-    agent::{self, Agent, KernelDatapath, Setup},
+    agent::{self, Agent, KernelDatapath, Setup, StartupClock},
     cli::{Cli, Command, KubeProxyMode, Mode, RunArgs},
     datapath::attach::{self, AttachConfig},
     datapath::pins::PinRoot,
@@ -28,7 +33,11 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 const NODE_RESYNC: Duration = Duration::from_secs(30);
 
+/// When `main` began: the origin of `run`'s startup phases.
+static STARTED: OnceLock<Instant> = OnceLock::new();
+
 fn main() -> ExitCode {
+    STARTED.get_or_init(Instant::now);
     let cli = Cli::parse();
     // netlink-packet-route warns about every attribute newer kernels extend; not actionable.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -211,6 +220,7 @@ async fn run(args: RunArgs) -> Result<()> {
         Some(name) => name.clone(),
         None => hostname().context("no --node-name, no $NODE_NAME and no hostname")?,
     };
+    let mut clock = StartupClock::new(*STARTED.get_or_init(Instant::now));
     let mut pins = PinRoot::new(&args.root.bpffs_root);
     pins.not_persistent = pins.prepare()?;
     if let Some(why) = &pins.not_persistent {
@@ -223,16 +233,13 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     // Before anything is loaded or written: a second agent on this root must change nothing.
     let lock = pins.lock()?;
+    clock.phase("pins");
     // The sources list the cluster on the runtime's workers while this thread has the program
     // verified (~100 ms each at 10 000 Services): started first, the two overlap.
+    let list_start = clock.last();
     let running = start_source(&args, &node_name).await?;
-    let mut datapath = Datapath::open(&pins, load_config(&args)).context("loading the datapath")?;
-    tracing::info!(
-        root = %pins.root.display(),
-        program_id = datapath.program_id,
-        upgrading = datapath.upgrading,
-        "datapath loaded; pinned maps adopted"
-    );
+    clock.phase("source_start");
+    let mut datapath = open_datapath(&pins, load_config(&args), &mut clock)?;
 
     let mut metrics = Metrics::new();
     metrics::register_bpffs_persistent(&mut metrics.registry, pins.not_persistent.is_none());
@@ -297,6 +304,7 @@ async fn run(args: RunArgs) -> Result<()> {
         config: attach_config,
         rtnl,
     };
+    clock.phase("setup");
     let mut agent = Agent::new(Setup {
         config: agent::Config::from(&args),
         node_name,
@@ -309,6 +317,7 @@ async fn run(args: RunArgs) -> Result<()> {
         metrics,
         health,
         kube_proxy: detected.map(|d| d.mode),
+        startup: Some((clock, list_start)),
     });
     Ok(agent.main_loop(running, node_net).await?)
 }
@@ -321,6 +330,25 @@ fn load_config(args: &RunArgs) -> object::LoadConfig {
         args.enable_tproxy,
         object::tcp_loose(),
     )
+}
+
+/// The program and maps: the pinned ones when they are this build's, else loaded.
+fn open_datapath(
+    pins: &PinRoot,
+    load_config: object::LoadConfig,
+    clock: &mut StartupClock,
+) -> Result<Datapath> {
+    let datapath = Datapath::open(pins, load_config).context("loading the datapath")?;
+    clock.phase("datapath");
+    clock.program(datapath.loaded.as_str());
+    tracing::info!(
+        root = %pins.root.display(),
+        program_id = datapath.program_id,
+        program = datapath.loaded.as_str(),
+        upgrading = datapath.upgrading,
+        "datapath ready; pinned maps adopted"
+    );
+    Ok(datapath)
 }
 
 async fn start_source(args: &RunArgs, node_name: &str) -> Result<Running> {

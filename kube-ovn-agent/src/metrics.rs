@@ -239,6 +239,29 @@ pub struct AgentStatus {
     /// own); absent when they will.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bpffs_not_persistent: Option<String>,
+    /// Where the time to the first ready went; absent until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup: Option<Startup>,
+}
+
+/// Process start → first ready, phase by phase (`agent::StartupClock`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Startup {
+    /// How the program came to run: `reused` (pinned by an earlier run of this build and
+    /// configuration: neither loaded nor verified), `loaded` (nothing was pinned), `replacing`
+    /// (replaces the pinned program in place) or `migrating` (a map-layout migration).
+    pub program: String,
+    /// In the order they ended; overlapping phases (`list` runs beside `datapath`) say so by
+    /// their start.
+    pub phases: Vec<StartupPhase>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartupPhase {
+    pub name: String,
+    /// µs from process start.
+    pub start_us: u64,
+    pub took_us: u64,
 }
 
 impl AgentStatus {

@@ -234,6 +234,8 @@ fn the_kube_source_keeps_a_compact_projection() {
                 spec.ip_families = Some(vec!["IPv4".into()]);
                 cluster.apply(Resource::Services, &svc);
             }
+            // The server's encoded list items are the server's memory, not the source's.
+            cluster.warm_lists();
         }
         let before = live();
         let running = kube::start_with_client(server.client(), &KubeOptions::new("n1"))

@@ -38,6 +38,10 @@ fn main() {
             restart,
         ),
         (
+            "restart_reloads_the_program_on_any_doubt_about_its_identity",
+            identity_doubts,
+        ),
+        (
             "recreated_ovn0_is_reattached_within_a_second",
             recreated_ovn0,
         ),
@@ -355,6 +359,13 @@ fn restart() -> Result<(), Failed> {
     ensure(program_id(&first) == program_id(&second), || {
         "an identical program must be adopted, not reloaded".into()
     })?;
+    // Neither loaded nor verified: the pinned program of this build is reused as it is.
+    ensure(program_how(&agent)? == "reused", || {
+        format!(
+            "the restart did not reuse the pinned program:\n{}",
+            agent.log_text()
+        )
+    })?;
     ensure(cluster_state(t.dump()) == dump_before, || {
         "map contents changed across restart".into()
     })?;
@@ -386,6 +397,109 @@ fn restart() -> Result<(), Failed> {
     ensure(pruned == expected, || {
         format!("after prune {pruned:?}, want {expected:?}")
     })?;
+    Ok(())
+}
+
+/// How the agent came by its program (`program=` of its "datapath ready" log line), once it
+/// logged it: the status of the pins can look ready before a restarted agent got that far.
+fn program_how(agent: &Agent) -> Result<String, Failed> {
+    wait(scaled(Duration::from_secs(10)), || {
+        Ok(agent
+            .log_text()
+            .lines()
+            .find(|l| l.contains("datapath ready"))
+            .and_then(|l| l.split("program=\"").nth(1))
+            .and_then(|rest| rest.split('"').next())
+            .map(str::to_owned))
+    })
+    .map_err(|e| format!("{e}: no \"datapath ready\" line\n{}", agent.log_text()).into())
+}
+
+/// The identity pins (`programs/kovn_ingress-identity-*`) under the topology's root.
+fn identity_pins(t: &Topology) -> Vec<PathBuf> {
+    walk(&t.root().join("programs"))
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("kovn_ingress-identity-"))
+        })
+        .collect()
+}
+
+/// Changes an identity pin behind the agent's back.
+type Tamper<'a> = &'a dyn Fn(&Path);
+
+/// A restart reuses the pinned program only when its identity pin is this build's and names
+/// the pinned program: without it (an older build, a removed pin) or with another identity
+/// (another build or configuration), the program is loaded again and swapped in place, and
+/// marking goes on throughout.
+fn identity_doubts() -> Result<(), Failed> {
+    let t = Topology::new();
+    let cluster = TempPath::new("kovn-cluster-", "yaml");
+    std::fs::copy(example_cluster(), &*cluster).expect("copy cluster file");
+    let start = |t: &Topology| t.agent("auto", &cluster, &["--kube-proxy-mode", "ipvs"]);
+    let mut agent = start(&t);
+    let first = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+    ensure(program_how(&agent)? == "loaded", || {
+        format!("a first start loads:\n{}", agent.log_text())
+    })?;
+    let pins = identity_pins(&t);
+    ensure(pins.len() == 1, || {
+        format!("one identity pin after a load, found {pins:?}")
+    })?;
+    let program_id = |s: &Status| s.program.as_ref().map(|p| p.id);
+    let mut last_id = program_id(&first);
+    agent.kill();
+
+    let doubts: [(&str, Tamper); 2] = [
+        ("no identity pin", &|pin| {
+            std::fs::remove_file(pin).expect("remove the identity pin");
+        }),
+        ("another identity", &|pin| {
+            std::fs::rename(
+                pin,
+                pin.with_file_name("kovn_ingress-identity-0123456789abcdef"),
+            )
+            .expect("rename the identity pin");
+        }),
+    ];
+    for (doubt, tamper) in doubts {
+        let pins = identity_pins(&t);
+        ensure(pins.len() == 1, || {
+            format!("{doubt}: identity pins {pins:?}")
+        })?;
+        tamper(&pins[0]);
+        let before = t.marked().1;
+        let mut agent = start(&t);
+        // The pins look ready before the restarted agent replaced the program: its log first.
+        let how = program_how(&agent)?;
+        let status = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+        let log = agent.log_text();
+        ensure(how == "replacing", || {
+            format!("{doubt}: the program must be loaded again:\n{log}")
+        })?;
+        ensure(program_id(&status) != last_id, || {
+            format!("{doubt}: still program {last_id:?}")
+        })?;
+        last_id = program_id(&status);
+        let pins = identity_pins(&t);
+        ensure(pins.len() == 1, || {
+            format!("{doubt}: the stale identity pin must go, found {pins:?}")
+        })?;
+        t.send(5);
+        ensure(t.marked().1 >= before + 5, || {
+            format!("{doubt}: packets unmarked after the reload\n{log}")
+        })?;
+        agent.kill();
+    }
+    // With the identity recorded again, the next restart reuses.
+    let mut agent = start(&t);
+    let how = program_how(&agent)?;
+    let status = t.wait_ready(&mut agent, &["eth0", "ovn0"])?;
+    ensure(how == "reused" && program_id(&status) == last_id, || {
+        format!("the identity was not recorded again:\n{}", agent.log_text())
+    })?;
+    agent.terminate();
     Ok(())
 }
 

@@ -173,6 +173,7 @@ fn control_plane(j: &Value) -> String {
             traffic::num(number(&r["ipset_one_change_ms"]["p99"])),
         );
     }
+    control_plane_startup(&mut s, results);
     s
 }
 
@@ -218,6 +219,88 @@ fn memory(j: &Value) -> String {
         );
     }
     s
+}
+
+/// The restart (pinned program reused) beside the cold start, the agent's own CPU to ready,
+/// memory, and where each start spent its time; absent from runs before they were measured.
+fn control_plane_startup(s: &mut String, results: &[Value]) {
+    let measured: Vec<&Value> = results
+        .iter()
+        .filter(|r| r.get("restart_spread_ms").is_some())
+        .collect();
+    if measured.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nRestart: after each round's cold start and changes the agent is stopped and started \
+         again on the same pins and API server (the pinned program is this build's: reused, not \
+         loaded). Agent CPU: its threads' schedstat from spawn to ready. Kernel maps: the summed \
+         `memlock` of the pinned maps.\n\n\
+         | Services | restart → ready (ms) | restore / restart | program | agent CPU to ready: \
+         cold / restart (ms) | RSS peak (MiB) | kernel maps (MiB) |\n|---|---:|---:|---|---:|---:|---:|"
+    );
+    for r in &measured {
+        let programs: Vec<&str> = r["restart_program"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let mut distinct = programs.clone();
+        distinct.dedup();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} ({} of {}) | {} / {} | {} | {} |",
+            traffic::group(number(&r["services"])),
+            spread(&r["restart_spread_ms"]),
+            spread(&r["restore_over_agent_restart_spread"]),
+            distinct.join(", "),
+            programs.iter().filter(|p| **p == "reused").count(),
+            programs.len(),
+            spread(&r["cold_start_agent_cpu_ms"]),
+            spread(&r["restart_agent_cpu_ms"]),
+            traffic::num(number(&r["rss_hwm_mib"])),
+            traffic::num(number(&r["kernel_map_mib"])),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nWhere the time goes (the agent's `/status` `startup` phases): per phase its duration, \
+         median (min–max) over the rounds, and in brackets when it began (median ms after the \
+         agent's `main`). `list` (the source's first complete list of every kind) runs beside \
+         `datapath` (program load and verification, or reuse, and adopting the pinned maps); \
+         `snapshot`, `attach`, `translate` and `map_write` are the first complete pass; \
+         `exec_and_poll` is the rest of the measured time (spawn before `main`, the 2 ms \
+         `/readyz` poll).\n"
+    );
+    for r in &measured {
+        for (what, key) in [("cold start", "cold_phases"), ("restart", "restart_phases")] {
+            let phases = r[key].as_array().map(Vec::as_slice).unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "| {} Services, {what} | {} |\n|---|{}",
+                traffic::group(number(&r["services"])),
+                phases
+                    .iter()
+                    .map(|p| p["name"].as_str().unwrap_or("?").replace('_', " "))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                "---:|".repeat(phases.len()),
+            );
+            let _ = writeln!(
+                s,
+                "| ms | {} |\n",
+                phases
+                    .iter()
+                    .map(|p| format!(
+                        "{} [{}]",
+                        spread(&p["took_ms"]),
+                        traffic::num(number(&p["start_ms"]["median"]))
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            );
+        }
+    }
 }
 
 /// The datapath benchmark's old-vs-new tables (`kube-ovn-agent/benches/datapath.rs`): one run

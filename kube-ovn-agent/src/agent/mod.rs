@@ -8,10 +8,12 @@
 //! the policy is tested in-process (`tests.rs`).
 
 mod mode;
+mod startup;
 #[cfg(test)]
 mod tests;
 
 pub use mode::{MODE_LABEL, Mode, node_mode};
+pub use startup::StartupClock;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -193,6 +195,9 @@ pub struct Setup<K> {
     pub health: Arc<Health>,
     /// kube-proxy's mode as detected at start (`auto` only).
     pub kube_proxy: Option<ipset::DetectedMode>,
+    /// The startup phases so far and when the source began listing; the loop adds the rest
+    /// up to the first ready.
+    pub startup: Option<(StartupClock, Instant)>,
 }
 
 pub struct Agent<K> {
@@ -235,6 +240,10 @@ pub struct Agent<K> {
     mode_from: &'static str,
     /// The last readiness verdict published (and logged).
     last_readiness: Option<bool>,
+    /// Until the first ready: the startup phases and when the source began listing.
+    startup: Option<(StartupClock, Instant)>,
+    /// Then: the phases, as `/status` shows them.
+    startup_record: Option<crate::metrics::Startup>,
 }
 
 impl<K: Kernel> Agent<K> {
@@ -265,6 +274,8 @@ impl<K: Kernel> Agent<K> {
             last_sync_unix: None,
             mode_from: "flag",
             last_readiness: None,
+            startup: setup.startup,
+            startup_record: None,
         }
     }
 
@@ -394,6 +405,7 @@ impl<K: Kernel> Agent<K> {
     ) {
         let started = Instant::now();
         self.follow_source(running);
+        let followed = Instant::now();
         let status = running.source.status();
         *self.metrics.live.source.lock().expect("lock") = status.clone();
         self.note_source_faults(&status);
@@ -417,6 +429,7 @@ impl<K: Kernel> Agent<K> {
             self.last_roles.clone_from(&roles);
             self.last_listed = listed;
         }
+        let attached = Instant::now();
 
         let facts = NodeFacts {
             node_name: self.node_name.clone(),
@@ -425,6 +438,7 @@ impl<K: Kernel> Agent<K> {
             ifaces: roles.values().copied().collect(),
         };
         let step = self.engine.translate(&facts, &self.options);
+        let translated = Instant::now();
         let desired = self.engine.desired_mut();
         self.tproxy_ips = (desired.v4.tproxy_listener, desired.v6.tproxy_listener);
         desired.v4.tproxy_listener_opaque = self.tproxy_listeners.v4_opaque;
@@ -442,6 +456,7 @@ impl<K: Kernel> Agent<K> {
         }
 
         let report = self.write_maps(listed, &step);
+        let written = Instant::now();
         // One summary per map and kind of failure: a full map refuses every entry past its
         // capacity, tens of thousands in one pass.
         let map_faults = self.kernel.tables().faults(&report.errors);
@@ -476,6 +491,13 @@ impl<K: Kernel> Agent<K> {
                 .set(now.try_into().unwrap_or(i64::MAX));
         }
         if listed && !self.ready {
+            if let Some((clock, list_start)) = &mut self.startup {
+                clock.span("list", *list_start, started);
+                clock.span("snapshot", started, followed);
+                clock.span("attach", followed, attached);
+                clock.span("translate", attached, translated);
+                clock.span("map_write", translated, written);
+            }
             self.ready = true;
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis(),
@@ -572,6 +594,21 @@ impl<K: Kernel> Agent<K> {
         let reasons =
             crate::metrics::readiness(source, self.ready, !self.pins_missing(), &interfaces);
         let ready = reasons.is_empty();
+        if ready && let Some((mut clock, _)) = self.startup.take() {
+            clock.phase("ready");
+            let record = clock.record().clone();
+            tracing::info!(
+                program = %record.program,
+                phases = %record
+                    .phases
+                    .iter()
+                    .map(|p| format!("{} {:.1} ms (at {:.1})", p.name, ms(p.took_us), ms(p.start_us)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                "startup phases"
+            );
+            self.startup_record = Some(record);
+        }
         if self.last_readiness != Some(ready) {
             if ready {
                 tracing::info!(
@@ -603,6 +640,7 @@ impl<K: Kernel> Agent<K> {
             interfaces,
             source: crate::metrics::SourceKindState::from_status(source),
             bpffs_not_persistent: self.pins.not_persistent.clone(),
+            startup: self.startup_record.clone(),
         };
     }
 
@@ -823,6 +861,11 @@ pub fn kube_proxy_sets(mode: KubeProxyMode, current: KubeProxySets) -> KubeProxy
             KubeProxySets::default()
         }
     }
+}
+
+#[expect(clippy::cast_precision_loss, reason = "µs of a startup fit f64")]
+fn ms(us: u64) -> f64 {
+    us as f64 / 1e3
 }
 
 fn unix_now() -> u64 {

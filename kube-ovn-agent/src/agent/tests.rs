@@ -194,6 +194,7 @@ impl Rig {
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::default()),
             kube_proxy: None,
+            startup: None,
         });
         Self {
             agent,

@@ -2,9 +2,10 @@
 //! and the program instance attachments should run.
 //!
 //! Restart-safe by construction: pinned maps are reused with their content; if the pinned
-//! program is identical (same tag) to this build's, it stays attached untouched; otherwise this
-//! build's program replaces it in place on every attachment (`bpf_link_update` / filter replace),
-//! which never leaves an interface unmarked.
+//! program is this build's with this configuration ([`reuse`]), it is neither loaded nor
+//! verified again and stays attached untouched; otherwise this build's program replaces it in
+//! place on every attachment (`bpf_link_update` / filter replace), which never leaves an
+//! interface unmarked.
 //!
 //! A build whose map layout differs from the pinned maps (type, key or value size,
 //! `max_entries`) migrates them instead of refusing to start:
@@ -28,9 +29,10 @@
 //! After the last rename the layouts match and a leftover `maps-next/` is removed.
 //!
 //! The program also carries values frozen at load ([`object::LoadConfig`]), which its tag does
-//! not cover: they are pinned next to it (`programs/kovn_ingress-frozen`; bpffs allows no dot
-//! in a name), and a pinned program counts as identical only when its tag matches and it uses
-//! that pinned map with this start's values. When one of them changes while the agent runs (the node's `nf_conntrack_tcp_loose`),
+//! not cover: they are part of its identity ([`reuse::Identity`]), so a start with other values
+//! loads a new program, and they are pinned next to it (`programs/kovn_ingress-frozen`; bpffs
+//! allows no dot in a name) for operators to read. When one of them changes while the agent
+//! runs (the node's `nf_conntrack_tcp_loose`),
 //! [`Datapath::reload`] loads a program with the new values on the same maps and swaps it in
 //! place on every attachment, as step 3 does.
 
@@ -39,14 +41,15 @@ pub mod dir;
 pub mod maps;
 pub mod object;
 pub mod pins;
+pub mod reuse;
 pub mod sys;
 
-use std::{collections::BTreeMap, os::fd::AsFd as _, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::{
     Ebpf,
     maps::{Map, MapData, PerCpuArray},
-    programs::{ProgramInfo, SchedClassifier},
+    programs::SchedClassifier,
 };
 use kube_ovn_ebpf_common::names;
 
@@ -99,18 +102,47 @@ pub enum DatapathError {
 
 /// Which program instance runs on the interfaces.
 enum Active {
-    /// This build's program (it differs from what was pinned, or nothing was).
+    /// The program this start loaded.
     Loaded,
-    /// The identical program pinned by an earlier run.
+    /// The identical program pinned by an earlier run ([`reuse`]).
     Pinned(Box<SchedClassifier>),
 }
 
+/// How this start came by its program (logged, and on `/status` in the startup phases).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loaded {
+    /// The pinned program is this build's with this configuration: not loaded, not verified.
+    Reused,
+    /// Loaded and verified; nothing was pinned.
+    Fresh,
+    /// Loaded and verified; it replaces the pinned program (another build or configuration,
+    /// or an identity that could not be confirmed) in place on every attachment.
+    Replacing,
+    /// Loaded and verified on staged maps (a map-layout migration).
+    Migrating,
+}
+
+impl Loaded {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reused => "reused",
+            Self::Fresh => "loaded",
+            Self::Replacing => "replacing",
+            Self::Migrating => "migrating",
+        }
+    }
+}
+
 pub struct Datapath {
-    ebpf: Ebpf,
+    /// The object this start loaded; `None` when the pinned program was reused.
+    ebpf: Option<Ebpf>,
     active: Active,
     pub program_id: u32,
     /// Whether this start replaces an older pinned program.
     pub upgrading: bool,
+    pub loaded: Loaded,
+    /// This build's program identity ([`reuse::Identity`]), recorded once its program is pinned.
+    identity: reuse::Identity,
     pub tables: Tables,
     /// Maps the tables do not manage (the counters).
     pub other_maps: BTreeMap<&'static str, Map>,
@@ -121,8 +153,9 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads this build's object with its maps pinned under `pins`, adopting what is there and
-    /// staging new maps for those whose layout differs (see the module docs).
+    /// Reuses the pinned program and maps when the program is this build's ([`reuse`]);
+    /// otherwise loads this build's object with its maps pinned under `pins`, adopting what is
+    /// there and staging new maps for those whose layout differs (see the module docs).
     pub fn open(pins: &PinRoot, load_config: object::LoadConfig) -> Result<Self, DatapathError> {
         let migrating: Vec<&'static str> = object::mismatched_pins(&pins.maps())?
             .into_iter()
@@ -136,6 +169,36 @@ impl Datapath {
                 name
             })
             .collect();
+        let identity = reuse::Identity::current(&load_config);
+        let program_pin = pins.program(names::PROGRAM);
+        if migrating.is_empty() && !pins.staging().exists() {
+            match reuse::adopt(pins, identity) {
+                Ok(reused) => {
+                    let mut maps = reused.maps;
+                    let tables = Tables::from_maps(&mut maps)?;
+                    return Ok(Self {
+                        ebpf: None,
+                        active: Active::Pinned(Box::new(reused.program)),
+                        program_id: reused.program_id,
+                        upgrading: false,
+                        loaded: Loaded::Reused,
+                        tables,
+                        other_maps: maps,
+                        migrating,
+                        identity,
+                        load_config,
+                    });
+                }
+                Err(reuse::NotReused::NoIdentity) if !program_pin.exists() => {}
+                Err(why) => tracing::info!(
+                    reason = %why,
+                    "not reusing the pinned program: loading this build's"
+                ),
+            }
+        }
+        // Whatever is pinned is about to be replaced (or, migrating, replaced once the new maps
+        // are complete): its identity no longer describes what will run.
+        reuse::forget(pins);
         prepare_staging(pins, &migrating)?;
         let mut ebpf = object::load(
             Some(&object::MapPins {
@@ -145,60 +208,50 @@ impl Datapath {
             }),
             load_config,
         )?;
-        let same_frozen = pinned_frozen_matches(pins, &ebpf);
-        let program_pin = pins.program(names::PROGRAM);
         let loaded = object::program(&mut ebpf)?;
         let loaded_info = loaded.info().map_err(|source| DatapathError::Program {
             op: "reading info of",
             path: program_pin.clone(),
             source: Box::new(source),
         })?;
-        let pinned = ProgramInfo::from_pin(&program_pin).ok();
-        let (active, program_id, upgrading) = match pinned {
-            // A migration runs this build's program on the new maps, whatever the tag says (a
-            // capacity change leaves the code, and so the tag, as it was).
-            Some(info)
-                if info.tag() == loaded_info.tag() && same_frozen && migrating.is_empty() =>
-            {
-                let program = SchedClassifier::from_pin(&program_pin).map_err(|source| {
-                    DatapathError::Program {
-                        op: "adopting",
-                        path: program_pin.clone(),
-                        source: Box::new(source),
-                    }
+        let previous = program_pin.exists();
+        let (program_id, kind) = if migrating.is_empty() {
+            if previous {
+                // The old program stays alive as long as attachments reference it; they get
+                // this one in place (`bpf_link_update` / filter replace).
+                let _ = std::fs::remove_file(&program_pin);
+            }
+            loaded
+                .pin(&program_pin)
+                .map_err(|source| DatapathError::Pin {
+                    path: program_pin.clone(),
+                    source,
                 })?;
-                (Active::Pinned(Box::new(program)), info.id(), false)
-            }
+            reuse::record(pins, identity, loaded);
+            pin_frozen(pins, &ebpf)?;
+            tracing::info!(?load_config, "program loaded with these frozen values");
+            let kind = if previous {
+                Loaded::Replacing
+            } else {
+                Loaded::Fresh
+            };
+            (loaded_info.id(), kind)
+        } else {
             // Pinned by `finish_migration`, once the new maps hold the complete view.
-            previous if !migrating.is_empty() => {
-                (Active::Loaded, loaded_info.id(), previous.is_some())
-            }
-            previous => {
-                if previous.is_some() {
-                    // The old program stays alive as long as attachments reference it.
-                    let _ = std::fs::remove_file(&program_pin);
-                }
-                loaded
-                    .pin(&program_pin)
-                    .map_err(|source| DatapathError::Pin {
-                        path: program_pin.clone(),
-                        source,
-                    })?;
-                pin_frozen(pins, &ebpf)?;
-                tracing::info!(?load_config, "program loaded with these frozen values");
-                (Active::Loaded, loaded_info.id(), previous.is_some())
-            }
+            (loaded_info.id(), Loaded::Migrating)
         };
         let mut maps = object::take_maps(&mut ebpf);
         let tables = Tables::from_maps(&mut maps)?;
         Ok(Self {
-            ebpf,
-            active,
+            ebpf: Some(ebpf),
+            active: Active::Loaded,
             program_id,
-            upgrading,
+            upgrading: previous,
+            loaded: kind,
             tables,
             other_maps: maps,
             migrating,
+            identity,
             load_config,
         })
     }
@@ -238,9 +291,13 @@ impl Datapath {
         swap_everywhere(object::program(&mut ebpf)?, program_id, pins, config, rtnl).await?;
         pin_program(pins, object::program(&mut ebpf)?)?;
         pin_frozen(pins, &ebpf)?;
-        let old = std::mem::replace(&mut self.ebpf, ebpf);
+        let identity = reuse::Identity::current(&load_config);
+        reuse::record(pins, identity, object::program(&mut ebpf)?);
+        let old = self.ebpf.replace(ebpf);
         self.active = Active::Loaded;
         self.program_id = program_id;
+        self.loaded = Loaded::Replacing;
+        self.identity = identity;
         self.load_config = load_config;
         drop(old);
         tracing::info!(
@@ -264,11 +321,15 @@ impl Datapath {
         let program_id = self.program_id;
         swap_everywhere(self.program(), program_id, pins, config, rtnl).await?;
         pin_program(pins, self.program())?;
-        pin_frozen(pins, &self.ebpf)?;
+        if let Some(ebpf) = &self.ebpf {
+            pin_frozen(pins, ebpf)?;
+        }
         for name in &self.migrating {
             rename(&pins.staging().join(name), &pins.maps().join(name))?;
         }
         let _ = std::fs::remove_dir(pins.staging());
+        let identity = self.identity;
+        reuse::record(pins, identity, self.program());
         let migrated = std::mem::take(&mut self.migrating);
         tracing::info!(
             maps = ?migrated,
@@ -283,7 +344,8 @@ impl Datapath {
     pub fn program(&mut self) -> &mut SchedClassifier {
         match &mut self.active {
             Active::Pinned(program) => program,
-            Active::Loaded => object::program(&mut self.ebpf).expect("loaded in open"),
+            Active::Loaded => object::program(self.ebpf.as_mut().expect("loaded in open"))
+                .expect("loaded in open"),
         }
     }
 
@@ -350,8 +412,9 @@ fn pin_program(pins: &PinRoot, program: &mut SchedClassifier) -> Result<(), Data
 }
 
 /// Pins the loaded object's frozen values (`object::FROZEN_MAP`) next to the program, through
-/// a rename. Pinned after the program: a crash in between leaves a pinned program that does not
-/// use the pinned values, which [`pinned_frozen_matches`] refuses (the next start reloads).
+/// a rename, so an operator (and `dump`) can read what the running program was loaded with.
+/// Whether a pinned program is reused is decided by its identity ([`reuse`]), which covers
+/// these values.
 fn pin_frozen(pins: &PinRoot, ebpf: &Ebpf) -> Result<(), DatapathError> {
     let next = pins.frozen_next(names::PROGRAM);
     let Some(map) = ebpf.map(object::FROZEN_MAP) else {
@@ -363,31 +426,6 @@ fn pin_frozen(pins: &PinRoot, ebpf: &Ebpf) -> Result<(), DatapathError> {
         source,
     })?;
     rename(&next, &pins.frozen(names::PROGRAM))
-}
-
-/// Whether the pinned program was loaded with the values `ebpf` was: it uses the map pinned as
-/// its frozen values, and that map holds the same bytes. Anything unreadable or missing (a pin
-/// root from a build before frozen values) is "no", so the program is replaced.
-fn pinned_frozen_matches(pins: &PinRoot, ebpf: &Ebpf) -> bool {
-    let read = || -> Option<bool> {
-        let Some(Map::Array(loaded)) = ebpf.map(object::FROZEN_MAP) else {
-            return None;
-        };
-        let pinned = MapData::from_pin(pins.frozen(names::PROGRAM)).ok()?;
-        let pinned_info = pinned.info().ok()?;
-        let program = sys::open_pin_read_only(&pins.program(names::PROGRAM)).ok()?;
-        if !sys::program_map_ids(program.as_fd())
-            .ok()?
-            .contains(&pinned_info.id())
-        {
-            return Some(false);
-        }
-        let size = loaded.info().ok()?.value_size();
-        let want = sys::array_value(loaded.fd().as_fd(), 0, size).ok()?;
-        let have = sys::array_value(pinned.fd().as_fd(), 0, pinned_info.value_size()).ok()?;
-        Some(want == have)
-    };
-    read().unwrap_or(false)
 }
 
 fn rename(from: &std::path::Path, to: &std::path::Path) -> Result<(), DatapathError> {

@@ -43,8 +43,9 @@ pub enum LoadError {
 /// The configuration frozen into the program at load (`kube_ovn_ebpf_common::frozen`): `.rodata`
 /// values the verifier sees as constants, so what they rule out is pruned rather than tested per
 /// packet. Two programs differ when their `LoadConfig`s do, even with the same tag (the tag does
-/// not cover `.rodata`): the agent pins the frozen values next to the program
-/// ([`FROZEN_MAP`]) and adopts a pinned program only when they match.
+/// not cover `.rodata`): they are part of the program's identity (`datapath::reuse`), so a
+/// pinned program is reused only when they match, and the agent pins them next to the program
+/// ([`FROZEN_MAP`]) for operators to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LoadConfig {
     /// The rules that can ever be active on this node (`rule::bit` mask): what the agent's
@@ -219,7 +220,7 @@ pub fn mismatched_pins(dir: &Path) -> Result<Vec<(&'static str, String)>, LoadEr
 /// run "an older build" whose map layout differs from this one's (a map-layout migration).
 /// Only in builds with the `testing` feature; release builds have no such knob.
 #[cfg(feature = "testing")]
-fn max_entries_overrides() -> Vec<(&'static str, u32)> {
+pub(crate) fn max_entries_overrides() -> Vec<(&'static str, u32)> {
     let spec = std::env::var("KOVN_TEST_MAP_MAX_ENTRIES").unwrap_or_default();
     spec.split(',')
         .filter_map(|item| {
@@ -231,7 +232,7 @@ fn max_entries_overrides() -> Vec<(&'static str, u32)> {
 }
 
 #[cfg(not(feature = "testing"))]
-fn max_entries_overrides() -> Vec<(&'static str, u32)> {
+pub(crate) fn max_entries_overrides() -> Vec<(&'static str, u32)> {
     Vec::new()
 }
 

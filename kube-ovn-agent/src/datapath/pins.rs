@@ -8,6 +8,8 @@
 //! <root>/maps-next/kovn_*       during a map-layout migration: the new maps, until they take
 //!                               the canonical names (bpffs refuses dots in names)
 //! <root>/programs/kovn_ingress-next   the new program, for a moment, before it is renamed
+//! <root>/programs/kovn_ingress-identity-<hex>   the same program again, naming the build and
+//!                               configuration that loaded it (a restart reuses it: `reuse`)
 //! ```
 
 use std::{
@@ -207,7 +209,9 @@ impl PinRoot {
                 let path = entry.path();
                 let name = entry.file_name();
                 let ours = dir == self.links()
-                    || (dir == self.programs() && program_pins.contains(&path))
+                    || (dir == self.programs()
+                        && (program_pins.contains(&path)
+                            || name.to_string_lossy().starts_with(super::reuse::PREFIX)))
                     || ((dir == self.maps() || dir == self.staging())
                         && names::ALL_MAPS
                             .iter()

@@ -203,43 +203,6 @@ pub fn program_info(fd: BorrowedFd<'_>) -> io::Result<bpf_prog_info> {
     Ok(info)
 }
 
-/// The ids of the maps the program behind `fd` uses (`BPF_OBJ_GET_INFO_BY_FD`, fd only).
-pub fn program_map_ids(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
-    let count = program_info(fd)?.nr_map_ids;
-    let mut ids = vec![0u32; count as usize];
-    // SAFETY: all-zero is a valid (empty) bpf_prog_info and the union's unused state.
-    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
-    info.nr_map_ids = count;
-    info.map_ids = ids.as_mut_ptr() as u64;
-    // SAFETY: as above.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    // SAFETY: plain integers into the member the command reads.
-    let get = unsafe { &mut attr.info };
-    get.bpf_fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).expect("fd ≥ 0");
-    get.info_len = u32::try_from(size_of::<bpf_prog_info>()).expect("small");
-    get.info = (&raw mut info) as u64;
-    // SAFETY: the kernel writes at most info_len bytes into `info` and at most `count` ids
-    // into `ids`, which outlives the call.
-    unsafe { sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
-    ids.truncate(info.nr_map_ids.min(count) as usize);
-    Ok(ids)
-}
-
-/// The `value_size` bytes stored at index `key` of the array map behind `fd`.
-pub fn array_value(fd: BorrowedFd<'_>, key: u32, value_size: u32) -> io::Result<Vec<u8>> {
-    let mut value = vec![0u8; value_size as usize];
-    // SAFETY: all-zero is the union's unused state.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    // SAFETY: plain integers into the member the command reads.
-    let elem = unsafe { &mut attr.__bindgen_anon_2 };
-    elem.map_fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).expect("fd ≥ 0");
-    elem.key = (&raw const key) as u64;
-    elem.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
-    // SAFETY: the kernel reads 4 key bytes and writes value_size bytes, both outliving the call.
-    unsafe { sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr) }?;
-    Ok(value)
-}
-
 /// `BPF_LINK_DETACH` (Linux 5.9): detaches the link behind `fd` even while it is still pinned
 /// or held.
 pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -129,13 +129,8 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
         |_| {},
         decodes,
     );
-    let nodes = spawner.watch(
-        Kind::Node,
-        Api::all(client.clone()),
-        &all,
-        trim_node,
-        decodes,
-    );
+    // Decoded straight into what is stored, like Services: nothing to trim.
+    let nodes = spawner.watch(Kind::Node, Api::all(client.clone()), &all, |_| {}, decodes);
     let service_cidrs = spawner.watch(
         Kind::ServiceCidr,
         Api::all(client.clone()),
@@ -218,7 +213,7 @@ impl Spawner {
 pub struct KubeSource {
     subnets: Store<Subnet>,
     services: Store<StoredService>,
-    nodes: Store<Node>,
+    nodes: Store<StoredNode>,
     service_cidrs: Store<ServiceCIDR>,
     pods: Option<Store<Pod>>,
     feed: Arc<Feed>,
@@ -238,7 +233,7 @@ impl ClusterSource for KubeSource {
                 .iter()
                 .map(|s| Arc::new(s.service()))
                 .collect(),
-            nodes: self.nodes.state(),
+            nodes: self.nodes.state().iter().map(|n| n.0.clone()).collect(),
             service_cidrs: self.service_cidrs.state(),
             pods: self.pods.as_ref().map(Store::state).unwrap_or_default(),
         }
@@ -504,6 +499,114 @@ impl ::kube::Resource for StoredService {
     }
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
+    }
+}
+
+/// A Node as the kube source stores it: decoded straight from the API's JSON into what
+/// [`trim_node`] keeps (name, identity, the join-address annotation, the mode label,
+/// `status.addresses`), while the rest — a kubelet's image list (up to 50 images, each with its
+/// digests), conditions, capacity, managedFields — is skipped by the decoder without being
+/// built. Nodes are the largest objects a cluster serves (12 KB each in the control-plane
+/// benchmark), so this is most of what listing them costs.
+#[derive(Clone, Debug)]
+pub struct StoredNode(Arc<Node>);
+
+impl<'de> Deserialize<'de> for StoredNode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire {
+            #[serde(deserialize_with = "node_meta")]
+            metadata: ObjectMeta,
+            #[serde(default)]
+            status: Option<WireStatus>,
+        }
+        #[derive(Deserialize)]
+        struct WireStatus {
+            #[serde(default)]
+            addresses: Option<Vec<k8s_openapi::api::core::v1::NodeAddress>>,
+        }
+        let wire = Wire::deserialize(deserializer)?;
+        Ok(Self(Arc::new(Node {
+            metadata: wire.metadata,
+            spec: None,
+            status: wire.status.map(|status| NodeStatus {
+                addresses: status.addresses,
+                ..NodeStatus::default()
+            }),
+        })))
+    }
+}
+
+/// The metadata [`trim_node`] keeps of a Node, decoded without the rest.
+fn node_meta<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Meta {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        namespace: Option<String>,
+        #[serde(default)]
+        uid: Option<String>,
+        #[serde(default)]
+        resource_version: Option<String>,
+        #[serde(default)]
+        deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+        #[serde(default)]
+        labels: Option<BTreeMap<String, String>>,
+        #[serde(default)]
+        annotations: Option<BTreeMap<String, String>>,
+    }
+    let meta = Meta::deserialize(deserializer)?;
+    let mut kept = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        deletion_timestamp: meta.deletion_timestamp,
+        labels: meta.labels,
+        annotations: meta.annotations,
+        ..ObjectMeta::default()
+    };
+    trim_meta(
+        &mut kept,
+        &[IP_ADDRESS_ANNOTATION],
+        &[crate::cli::MODE_LABEL],
+    );
+    Ok(kept)
+}
+
+impl ::kube::Resource for StoredNode {
+    type DynamicType = ();
+    type Scope = ::kube::core::ClusterResourceScope;
+
+    fn kind((): &()) -> std::borrow::Cow<'_, str> {
+        "Node".into()
+    }
+    fn group((): &()) -> std::borrow::Cow<'_, str> {
+        "".into()
+    }
+    fn version((): &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural((): &()) -> std::borrow::Cow<'_, str> {
+        "nodes".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.0.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut Arc::make_mut(&mut self.0).metadata
+    }
+}
+
+impl Watched for StoredNode {
+    const KIND: Kind = Kind::Node;
+    fn object(this: Arc<Self>) -> crate::cluster::Object {
+        crate::cluster::Object::Node(this.0.clone())
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.0.metadata
     }
 }
 
@@ -1085,6 +1188,53 @@ mod tests {
             ..Options::default()
         };
         (node, options)
+    }
+
+    #[test]
+    fn a_stored_node_is_the_trimmed_node() {
+        for full in spec_cluster().nodes.iter().map(|n| (**n).clone()) {
+            let mut full = full;
+            noisy(&mut full.metadata);
+            full.metadata
+                .labels
+                .get_or_insert_default()
+                .insert(crate::cli::MODE_LABEL.into(), "shadow".into());
+            let status = full.status.get_or_insert_default();
+            status.images = Some(vec![
+                ContainerImage {
+                    names: Some(vec!["registry/x@sha256:00".into()]),
+                    size_bytes: Some(1),
+                };
+                3
+            ]);
+            status.conditions = Some(vec![NodeCondition::default()]);
+            // As the API serves it.
+            let mut json = serde_json::to_value(&full).unwrap();
+            json["apiVersion"] = "v1".into();
+            json["kind"] = "Node".into();
+            json["spec"] = serde_json::json!({"podCIDR": "10.244.0.0/24"});
+            let stored: StoredNode = serde_json::from_value(json).unwrap();
+            let mut trimmed = full;
+            trim_node(&mut trimmed);
+            assert_eq!(*stored.0, trimmed);
+            assert_eq!(
+                stored.0.metadata.labels.as_ref().map(BTreeMap::len),
+                Some(1),
+                "the mode label is kept"
+            );
+        }
+        let bare: StoredNode =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}})).unwrap();
+        assert_eq!(
+            *bare.0,
+            Node {
+                metadata: ObjectMeta {
+                    name: Some("n".into()),
+                    ..ObjectMeta::default()
+                },
+                ..Node::default()
+            }
+        );
     }
 
     /// The spec cluster's Services, and variants with every odd value a stored Service keeps.

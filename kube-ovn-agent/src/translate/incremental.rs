@@ -158,11 +158,14 @@ impl Incremental {
         self.counts = Counts::default();
         self.service_issues.clear();
         self.touched = ServiceTouched::default();
+        self.services.reserve(snapshot.services.len());
+        // The next step is full (a rebuild from the counts): which keys each Service touched
+        // is not needed, and recording it was a sorted insert per key of every Service.
+        self.reset = true;
         for change in snapshot.changes() {
             self.apply(change);
         }
         self.base = None;
-        self.reset = true;
     }
 
     /// Takes one object change in: O(that object) for a Service.
@@ -210,21 +213,33 @@ impl Incremental {
         self.issues_stale = true;
     }
 
-    /// Adds (`delta` 1) or withdraws (-1) one Service's contribution.
+    /// Adds (`delta` 1) or withdraws (-1) one Service's contribution; the keys whose count
+    /// crossed zero are touched, unless the next step rebuilds everything anyway.
     fn count(&mut self, entries: &Kept, delta: i8) {
+        let track = !self.reset;
         let (c, t) = (&mut self.counts, &mut self.touched);
-        adjust(&mut c.ports4, &entries.ports4, delta, &mut t.ports4);
+        adjust(
+            &mut c.ports4,
+            &entries.ports4,
+            delta,
+            track.then_some(&mut t.ports4),
+        );
         let Some(rare) = &entries.rare else {
             return;
         };
-        adjust(&mut c.ports6, &rare.ports6, delta, &mut t.ports6);
+        adjust(
+            &mut c.ports6,
+            &rare.ports6,
+            delta,
+            track.then_some(&mut t.ports6),
+        );
         for (counts, ports) in [
             (&mut c.tcp4, &rare.local_tcp4),
             (&mut c.udp4, &rare.local_udp4),
             (&mut c.tcp6, &rare.local_tcp6),
             (&mut c.udp6, &rare.local_udp6),
         ] {
-            adjust(counts, ports, delta, &mut t.node_ports);
+            adjust(counts, ports, delta, track.then_some(&mut t.node_ports));
         }
     }
 
@@ -407,23 +422,33 @@ fn adjust<K: Hash + Eq + Ord + Copy>(
     counts: &mut HashMap<K, u32>,
     keys: &[K],
     delta: i8,
-    touched: &mut BTreeSet<K>,
+    mut touched: Option<&mut BTreeSet<K>>,
 ) {
     for key in keys {
-        match (counts.entry(*key), delta > 0) {
-            (Entry::Occupied(mut e), true) => *e.get_mut() += 1,
+        let crossed = match (counts.entry(*key), delta > 0) {
+            (Entry::Occupied(mut e), true) => {
+                *e.get_mut() += 1;
+                false
+            }
             (Entry::Vacant(e), true) => {
                 e.insert(1);
-                touched.insert(*key);
+                true
             }
             (Entry::Occupied(mut e), false) => {
                 *e.get_mut() -= 1;
-                if *e.get() == 0 {
+                let zero = *e.get() == 0;
+                if zero {
                     e.remove();
-                    touched.insert(*key);
                 }
+                zero
             }
-            (Entry::Vacant(_), false) => debug_assert!(false, "withdrawn more than added"),
+            (Entry::Vacant(_), false) => {
+                debug_assert!(false, "withdrawn more than added");
+                false
+            }
+        };
+        if crossed && let Some(touched) = touched.as_deref_mut() {
+            touched.insert(*key);
         }
     }
 }
