@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 use super::{
     Config, ModeNode, load,
     paired::{self, Paired},
-    report::{Workload, num},
+    report::{Workload, load_averages, num},
 };
 use crate::node::{HookKind, Host, bpf, exec, netns::NetNs};
 
@@ -521,6 +521,35 @@ fn to_json(config: &Config, values: &[Vec<Vec<Vec<f64>>>], proofs: &[Value]) -> 
     })
 }
 
+/// BENCHMARKS.md's amplified block: the run's machine and load, then [`markdown`].
+pub fn document(j: &Value) -> String {
+    let m = &j["machine"];
+    let c = &j["config"];
+    let mut md = format!(
+        "Amplified traffic benchmark{}: kernel {}, {} ({} cores); load average {} before, {} \
+         after; {:.0} s wall. k = {}; {} rounds per scale, {} s warm-up + {} s window per \
+         measurement. Slopes: median over rounds of the per-round least-squares slope \
+         [95 % bootstrap CI]; ratio: median of the per-round ebpf/iptables slope ratios.\n",
+        if j["quick"].as_bool() == Some(true) {
+            " (quick)"
+        } else {
+            ""
+        },
+        m["kernel"].as_str().unwrap_or("?"),
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        load_averages(m, "loadavg_before"),
+        load_averages(m, "loadavg_after"),
+        j["wall_s"].as_f64().unwrap_or(f64::NAN),
+        c["amplify"],
+        c["rounds"],
+        c["warmup_s"],
+        c["window_s"],
+    );
+    md.push_str(&markdown(j));
+    md
+}
+
 fn cell(fit: &Value) -> String {
     let ci = &fit["ci95"];
     format!(
@@ -534,7 +563,7 @@ fn cell(fit: &Value) -> String {
 /// The amplified tables of a traffic JSON (empty when it has none): per scale step, per
 /// workload the median CPU per operation at every `k` and the slope per hook of each mode, and
 /// the slope ratio.
-pub fn markdown(j: &Value) -> String {
+fn markdown(j: &Value) -> String {
     let mut md = String::new();
     for scale in j["scales"].as_array().into_iter().flatten() {
         let a = &scale["amplified"];
@@ -638,6 +667,24 @@ mod tests {
     fn slope_needs_two_distinct_ks_and_skips_missing_values() {
         assert!(slope(&[4.0, 4.0], &[1.0, 2.0]).is_nan());
         assert!((slope(&[1.0, 2.0, 3.0], &[10.0, f64::NAN, 30.0]) - 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_json_and_its_table_carry_the_fitted_slopes() {
+        let mut config = Config::preset(true);
+        config.amplify = vec![1, 4, 16];
+        config.rounds = 7;
+        config.workloads = vec![Workload::Rr];
+        let values = vec![vec![series(0.0, 7), series(150.0, 7)]];
+        let j = to_json(&config, &values, &[]);
+        let w = &j["workloads"][0];
+        let ebpf = w["modes"]["ebpf"]["slope_ns"]["median"].as_f64().unwrap();
+        assert!((ebpf - 150.0).abs() < 5.0, "{ebpf}");
+        let report = json!({"scales": [{"entries": 10, "amplified": j}]});
+        let md = markdown(&report);
+        assert!(md.contains("| rr | ebpf |"), "{md}");
+        assert!(md.contains("| k=1 | k=4 | k=16 |"), "{md}");
+        assert!(md.contains(&num(ebpf)), "{md}");
     }
 
     #[test]

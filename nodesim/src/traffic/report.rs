@@ -417,7 +417,10 @@ impl Report {
             }
         }
         let mut md = markdown(&json);
-        md.push_str(&super::amplify::markdown(&json));
+        if !self.config.amplify.is_empty() {
+            md.push('\n');
+            md.push_str(&super::amplify::document(&json));
+        }
         let _ = writeln!(md, "\nPlots: {}", svgs.join(", "));
         std::fs::write(out.join("traffic.md"), &md).context("writing traffic.md")?;
         println!("{md}");
