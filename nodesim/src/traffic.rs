@@ -14,7 +14,10 @@ mod load;
 mod paired;
 mod report;
 
-pub use self::report::{group, load_averages, markdown, num, vulnerable};
+pub use self::{
+    amplify::document as amplified_markdown,
+    report::{group, load_averages, markdown, num, vulnerable},
+};
 mod state;
 mod svg;
 
