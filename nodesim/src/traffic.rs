@@ -171,8 +171,10 @@ pub fn run(quick: bool, amplify: &[usize], out: &Path) -> Result<()> {
     let mut config = Config::new(quick)?;
     if !amplify.is_empty() {
         ensure!(
-            amplify.len() >= 2 && amplify.iter().all(|k| (1..=32).contains(k)),
-            "--amplify: at least two copy counts, each 1..=32 (tcx and the chain stay small)"
+            amplify.iter().all(|k| (1..=32).contains(k))
+                && amplify.iter().any(|k| *k != amplify[0]),
+            "--amplify: at least two different copy counts, each 1..=32 (a slope needs two \
+             points; the chains stay small)"
         );
         config.amplify = amplify.to_vec();
     }

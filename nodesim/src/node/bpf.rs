@@ -167,19 +167,25 @@ pub fn tcx_ingress(ifname: &str) -> io::Result<Vec<(u32, u32)>> {
 /// Loads `r0 = TCX_NEXT (-1, also TC_ACT_UNSPEC); exit` as a classifier named `name` (at
 /// most 15 bytes): a program that lets traffic go on to whatever runs after it.
 pub fn load_next(name: &str) -> io::Result<OwnedFd> {
-    // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm -1 (TCX_NEXT); BPF_JMP | BPF_EXIT.
-    let insns: [u8; 16] = [
-        0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, //
+    load_returning(name, -1)
+}
+
+/// Loads `r0 = verdict; exit` as a classifier named `name` (at most 15 bytes).
+pub fn load_returning(name: &str, verdict: i32) -> io::Result<OwnedFd> {
+    // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm verdict; BPF_JMP | BPF_EXIT.
+    let mut insns: [u8; 16] = [
+        0xb7, 0, 0, 0, 0, 0, 0, 0, //
         0x95, 0, 0, 0, 0, 0, 0, 0,
     ];
+    insns[4..8].copy_from_slice(&verdict.to_le_bytes());
     let license = c"GPL";
     let mut attr = Attr::new();
     attr.u32(0, BPF_PROG_TYPE_SCHED_CLS)
         .u32(4, 2)
         .u64(8, ptr_u64(insns.as_ptr()))
         .u64(16, ptr_u64(license.as_ptr()));
-    let name = name.as_bytes();
-    attr.0[48..48 + name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
+    let name = &name.as_bytes()[..name.len().min(15)];
+    attr.0[48..48 + name.len()].copy_from_slice(name);
     fd(sys_bpf(BPF_PROG_LOAD, &mut attr)?)
 }
 
@@ -215,7 +221,12 @@ pub const FOREIGN_PROG_NAME: &str = "e2e_foreign";
 impl ForeignTcx {
     /// Loads and links the program on `ifname` of this thread's namespace.
     pub fn attach(ifname: &str) -> io::Result<Self> {
-        let prog = load_next(FOREIGN_PROG_NAME)?;
+        Self::attach_named(ifname, FOREIGN_PROG_NAME)
+    }
+
+    /// [`ForeignTcx::attach`] under another program name (at most 15 bytes).
+    pub fn attach_named(ifname: &str, name: &str) -> io::Result<Self> {
+        let prog = load_next(name)?;
         let mut attr = Attr::new();
         attr.u32(
             0,

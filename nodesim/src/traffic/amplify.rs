@@ -214,6 +214,9 @@ struct EbpfStack {
     ns_name: String,
 }
 
+/// Distance between the preferences of consecutive filters.
+const PREF_STEP: usize = 10;
+
 /// The sentinel's program name (what `tc filter show` and the kernel report).
 const SENTINEL_PROG: &str = "kovn_amp_end";
 
@@ -279,13 +282,10 @@ impl EbpfStack {
         let result = pinned.and_then(|()| {
             for ifname in &self.ifaces {
                 ns.run("tc", &["filter", "del", "dev", ifname, "ingress"])?;
+                // Preferences 10, 20, …: room between them (the tests put a filter there).
                 for p in 1..=k {
-                    let (pref, pin) = if p < k {
-                        (p.to_string(), &copy_pin)
-                    } else {
-                        (p.to_string(), &end_pin)
-                    };
-                    let pin = pin.to_string_lossy();
+                    let pref = (p * PREF_STEP).to_string();
+                    let pin = if p < k { &copy_pin } else { &end_pin }.to_string_lossy();
                     ns.run(
                         "tc",
                         &[
@@ -712,5 +712,109 @@ mod tests {
             "a link missing"
         );
         assert!(check_ebpf(&[], 4000, 1000, 4).is_err());
+    }
+
+    /// Root only: the real stack on a veth pair between two namespaces of the test's own, with a
+    /// stand-in for the agent's program (named like it, returning "next"): proven at k = 3.
+    /// Then a filter that ends TC processing (`TC_ACT_OK`) between the copies and the sentinel
+    /// — a copy that sees nothing — and the proof refuses it.
+    #[test]
+    fn the_proof_refuses_a_stack_where_a_copy_saw_nothing() {
+        use crate::node::{bpf::ForeignTcx, cleanup};
+        if !crate::setup::is_root() {
+            let required = std::env::var_os("KOVN_REQUIRE_PRIVILEGED").is_some()
+                || std::env::var("CI").as_deref() == Ok("true");
+            assert!(
+                !required,
+                "needs root (KOVN_REQUIRE_PRIVILEGED or CI is set)"
+            );
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let a = NetNs::new("kovn-amp-a").unwrap();
+        let b = NetNs::new("kovn-amp-b").unwrap();
+        a.run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "amp0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "amp1",
+                "netns",
+                b.name(),
+            ],
+        )
+        .unwrap();
+        a.sh("ip addr add 192.0.2.1/24 dev amp0 && ip link set amp0 up")
+            .unwrap();
+        b.sh("ip addr add 192.0.2.2/24 dev amp1 && ip link set amp1 up")
+            .unwrap();
+        let _agent = b
+            .enter(|| ForeignTcx::attach_named("amp1", AGENT_PROG))
+            .unwrap()
+            .unwrap();
+        let dir = PathBuf::from(cleanup::RUN_ROOT).join(cleanup::unique_stem());
+        std::fs::create_dir(&dir).unwrap();
+        let _dir = cleanup::dir(&dir);
+        exec::checked(
+            std::process::Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&dir),
+            None,
+        )
+        .unwrap();
+        let _mount = cleanup::mount(&dir);
+        let probe = || -> Result<()> {
+            a.enter(|| -> Result<()> {
+                let socket = std::net::UdpSocket::bind("192.0.2.1:0")?;
+                for _ in 0..20 {
+                    socket.send_to(b"amplify", "192.0.2.2:9")?;
+                }
+                Ok(())
+            })??;
+            // Delivery on veth is synchronous up to the receiving softirq; give it a moment.
+            thread::sleep(std::time::Duration::from_millis(100));
+            Ok(())
+        };
+        let mut stack = EbpfStack::find(&b, &dir).unwrap();
+        assert_eq!(stack.ifaces, ["amp1"]);
+        stack.set(&b, 3).unwrap();
+        let proof = stack.verify(&b, 3, probe).unwrap();
+        assert_eq!(
+            proof["copy_runs"],
+            proof["sentinel_runs"].as_u64().unwrap() * 3
+        );
+        // A program that ends the chain after the first filter: copy 2 and the sentinel see
+        // nothing.
+        let stop = bpf::load_returning("kovn_amp_stop", 0).unwrap();
+        let pin = dir.join("stop");
+        bpf::pin(&stop, &pin).unwrap();
+        b.run(
+            "tc",
+            &[
+                "filter",
+                "add",
+                "dev",
+                "amp1",
+                "ingress",
+                "pref",
+                "15",
+                "bpf",
+                "object-pinned",
+                &pin.to_string_lossy(),
+                "direct-action",
+            ],
+        )
+        .unwrap();
+        let refused = stack.verify(&b, 3, probe).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("sentinel behind the copies never ran"),
+            "{refused:#}"
+        );
+        drop(stack);
     }
 }
