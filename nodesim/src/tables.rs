@@ -23,6 +23,9 @@ const SOURCES: &[(&[&str], Render)] = &[
     (&["traffic-amplified.json"], |j| {
         traffic::amplified_markdown(&j[0])
     }),
+    (&["traffic-amplified-tcp.json"], |j| {
+        traffic::amplified_markdown(&j[0])
+    }),
     (&["control-plane.json"], |j| control_plane(&j[0])),
     (&["datapath-old.json", "datapath-new.json"], datapath),
     (&["memory.json"], |j| memory(&j[0])),
