@@ -35,6 +35,10 @@ enum Command {
         /// Directory the JSON, Markdown and SVG results are written to.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Also measure with k stacked copies of each hook, for each k listed (e.g. 1,4,16),
+        /// and fit the cost of one more hook (BENCHMARKS.md, "Amplified mode").
+        #[arg(long, value_name = "K1,K2,…", value_delimiter = ',')]
+        amplify: Vec<usize>,
     },
     /// `cargo xtask kube-ovn`: see docs/kube-ovn-real.md.
     KubeOvn(kube_ovn::Args),
@@ -49,7 +53,11 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::E2e(args) => e2e::run(&args),
-        Command::Traffic { quick, out } => traffic::run(quick, &out),
+        Command::Traffic {
+            quick,
+            out,
+            amplify,
+        } => traffic::run(quick, &amplify, &out),
         Command::KubeOvn(args) => kube_ovn::run(&args),
         Command::Tables { check } => tables::run(check),
     }

@@ -20,6 +20,12 @@ type Render = fn(&[Value]) -> String;
 /// files is marked with all of them: `bench-results/a.json + bench-results/b.json`.
 const SOURCES: &[(&[&str], Render)] = &[
     (&["traffic.json"], |j| traffic::markdown(&j[0])),
+    (&["traffic-amplified.json"], |j| {
+        traffic::amplified_markdown(&j[0])
+    }),
+    (&["traffic-amplified-tcp.json"], |j| {
+        traffic::amplified_markdown(&j[0])
+    }),
     (&["control-plane.json"], |j| control_plane(&j[0])),
     (&["datapath-old.json", "datapath-new.json"], datapath),
     (&["memory.json"], |j| memory(&j[0])),

@@ -8,12 +8,16 @@
 //! median paired ratio and a sign test). Writes `target/bench/traffic.{json,md}` and one SVG per
 //! plotted metric; BENCHMARKS.md documents the method and the schema.
 
+mod amplify;
 mod cpu;
 mod load;
 mod paired;
 mod report;
 
-pub use self::report::{group, load_averages, markdown, num, vulnerable};
+pub use self::{
+    amplify::document as amplified_markdown,
+    report::{group, load_averages, markdown, num, vulnerable},
+};
 mod state;
 mod svg;
 
@@ -88,6 +92,8 @@ pub struct Config {
     /// Client threads of the connection workloads.
     pub conn_threads: usize,
     pub workloads: Vec<Workload>,
+    /// Stacked copies of each hook for the amplified phase (`--amplify`); empty: off.
+    pub amplify: Vec<usize>,
 }
 
 impl Config {
@@ -133,6 +139,7 @@ impl Config {
                 window: Duration::from_millis(400),
                 conn_threads: 2,
                 workloads: Workload::ALL.to_vec(),
+                amplify: Vec::new(),
             }
         } else {
             Self {
@@ -143,12 +150,14 @@ impl Config {
                 window: Duration::from_secs(1),
                 conn_threads: 2,
                 workloads: Workload::ALL.to_vec(),
+                amplify: Vec::new(),
             }
         }
     }
 }
 
-pub fn run(quick: bool, out: &Path) -> Result<()> {
+/// `amplify`: the copy counts of the amplified phase (`--amplify`, see `amplify`); empty: off.
+pub fn run(quick: bool, amplify: &[usize], out: &Path) -> Result<()> {
     if !setup::is_root() {
         bail!(
             "cargo xtask bench traffic needs root: it creates network namespaces, ipsets and \
@@ -159,7 +168,16 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
     cleanup::install_signal_handler();
     cleanup::remove_stale().context("removing what earlier runs left")?;
     let started = Instant::now();
-    let config = Config::new(quick)?;
+    let mut config = Config::new(quick)?;
+    if !amplify.is_empty() {
+        ensure!(
+            amplify.iter().all(|k| (1..=32).contains(k))
+                && amplify.iter().any(|k| *k != amplify[0]),
+            "--amplify: at least two different copy counts, each 1..=32 (a slope needs two \
+             points; the chains stay small)"
+        );
+        config.amplify = amplify.to_vec();
+    }
     let binary = agent_binary()?;
     let mut report = Report::new(&config, &binary);
     eprintln!(
@@ -330,6 +348,10 @@ fn scale_step(config: &Config, binary: &Path, entries: usize) -> Result<ScaleRes
         );
     }
     result.evidence = hook_evidence(&mut nodes)?;
+    if !config.amplify.is_empty() {
+        eprintln!("traffic:   amplified phase, k = {:?}", config.amplify);
+        result.amplified = Some(amplify::run(config, &mut nodes).context("amplified phase")?);
+    }
     Ok(result)
 }
 

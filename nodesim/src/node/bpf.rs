@@ -12,10 +12,14 @@ use std::{
 };
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+/// `BPF_STATS_RUN_TIME`: count runs and run time of every program while the fd is open.
+const BPF_STATS_RUN_TIME: u32 = 0;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_TCX_INGRESS: u32 = 46;
 
@@ -81,7 +85,7 @@ fn read_u32(buf: &[u8], offset: usize) -> u32 {
 }
 
 /// Opens a program by id: `Ok(None)` once the kernel has freed it.
-fn prog_by_id(id: u32) -> io::Result<Option<OwnedFd>> {
+pub fn prog_by_id(id: u32) -> io::Result<Option<OwnedFd>> {
     let mut attr = Attr::new();
     attr.u32(0, id);
     match sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) {
@@ -106,6 +110,28 @@ pub fn prog_name(id: u32) -> io::Result<Option<String>> {
     let name = &buf[64..80];
     let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
     Ok(Some(String::from_utf8_lossy(&name[..end]).into_owned()))
+}
+
+/// A program's run count (`bpf_prog_info.run_cnt`), `None` if it no longer exists. The kernel
+/// only counts while some [`enable_stats`] fd is open.
+pub fn prog_run_count(id: u32) -> io::Result<Option<u64>> {
+    let Some(fd) = prog_by_id(id)? else {
+        return Ok(None);
+    };
+    // struct bpf_prog_info: run_time_ns at offset 192, run_cnt at 200.
+    let buf = info(&fd, 208)?;
+    Ok(Some(u64::from_ne_bytes(
+        buf[200..208].try_into().expect("8 bytes"),
+    )))
+}
+
+/// `BPF_ENABLE_STATS(BPF_STATS_RUN_TIME)`: programs count their runs while the returned fd is
+/// open (reference counted in the kernel; closing the last fd turns counting off again, so no
+/// sysctl is touched and nothing outlives this process).
+pub fn enable_stats() -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32(0, BPF_STATS_RUN_TIME);
+    fd(sys_bpf(BPF_ENABLE_STATS, &mut attr)?)
 }
 
 fn ifindex(ifname: &str) -> io::Result<u32> {
@@ -138,6 +164,47 @@ pub fn tcx_ingress(ifname: &str) -> io::Result<Vec<(u32, u32)>> {
         .collect())
 }
 
+/// Loads `r0 = TCX_NEXT (-1, also TC_ACT_UNSPEC); exit` as a classifier named `name` (at
+/// most 15 bytes): a program that lets traffic go on to whatever runs after it.
+pub fn load_next(name: &str) -> io::Result<OwnedFd> {
+    load_returning(name, -1)
+}
+
+/// Loads `r0 = verdict; exit` as a classifier named `name` (at most 15 bytes).
+pub fn load_returning(name: &str, verdict: i32) -> io::Result<OwnedFd> {
+    // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm verdict; BPF_JMP | BPF_EXIT.
+    let mut insns: [u8; 16] = [
+        0xb7, 0, 0, 0, 0, 0, 0, 0, //
+        0x95, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    insns[4..8].copy_from_slice(&verdict.to_le_bytes());
+    let license = c"GPL";
+    let mut attr = Attr::new();
+    attr.u32(0, BPF_PROG_TYPE_SCHED_CLS)
+        .u32(4, 2)
+        .u64(8, ptr_u64(insns.as_ptr()))
+        .u64(16, ptr_u64(license.as_ptr()));
+    let name = &name.as_bytes()[..name.len().min(15)];
+    attr.0[48..48 + name.len()].copy_from_slice(name);
+    fd(sys_bpf(BPF_PROG_LOAD, &mut attr)?)
+}
+
+/// A program's id (`bpf_prog_info.id`).
+pub fn prog_id(prog: &OwnedFd) -> io::Result<u32> {
+    Ok(read_u32(&info(prog, 8)?, 4))
+}
+
+/// Pins `fd` at `path` on a bpffs (`BPF_OBJ_PIN`), for tools that take a pinned program.
+pub fn pin(fd: &OwnedFd, path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = Attr::new();
+    attr.u64(0, ptr_u64(path.as_ptr()))
+        .u32(8, u32::try_from(fd.as_raw_fd()).map_err(io::Error::other)?);
+    sys_bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
+}
+
 /// Another component's tcx program: `r0 = TCX_NEXT; exit`, so traffic goes on to whatever runs
 /// after it. Linked at ingress with no ordering flags (appended), unpinned: it lives exactly as
 /// long as this value holds its fds.
@@ -154,20 +221,12 @@ pub const FOREIGN_PROG_NAME: &str = "e2e_foreign";
 impl ForeignTcx {
     /// Loads and links the program on `ifname` of this thread's namespace.
     pub fn attach(ifname: &str) -> io::Result<Self> {
-        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm -1 (TCX_NEXT); BPF_JMP | BPF_EXIT.
-        let insns: [u8; 16] = [
-            0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, //
-            0x95, 0, 0, 0, 0, 0, 0, 0,
-        ];
-        let license = c"GPL";
-        let mut attr = Attr::new();
-        attr.u32(0, BPF_PROG_TYPE_SCHED_CLS)
-            .u32(4, 2)
-            .u64(8, ptr_u64(insns.as_ptr()))
-            .u64(16, ptr_u64(license.as_ptr()));
-        let name = FOREIGN_PROG_NAME.as_bytes();
-        attr.0[48..48 + name.len()].copy_from_slice(name);
-        let prog = fd(sys_bpf(BPF_PROG_LOAD, &mut attr)?)?;
+        Self::attach_named(ifname, FOREIGN_PROG_NAME)
+    }
+
+    /// [`ForeignTcx::attach`] under another program name (at most 15 bytes).
+    pub fn attach_named(ifname: &str, name: &str) -> io::Result<Self> {
+        let prog = load_next(name)?;
         let mut attr = Attr::new();
         attr.u32(
             0,

@@ -65,7 +65,7 @@ impl Paired {
     }
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(super) fn median(values: &[f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
@@ -94,7 +94,7 @@ impl Rng {
 }
 
 /// Percentile bootstrap 95 % interval of the median.
-fn bootstrap_ci(values: &[f64]) -> (f64, f64) {
+pub(super) fn bootstrap_ci(values: &[f64]) -> (f64, f64) {
     if values.is_empty() {
         return (f64::NAN, f64::NAN);
     }

@@ -274,6 +274,8 @@ pub struct ScaleResult {
     pub setup_s: f64,
     pub state_check: Value,
     pub evidence: Value,
+    /// The amplified phase (`--amplify`), if it ran.
+    pub amplified: Option<Value>,
     samples: Vec<[Vec<Sample>; 3]>,
 }
 
@@ -285,6 +287,7 @@ impl ScaleResult {
             setup_s,
             state_check,
             evidence: Value::Null,
+            amplified: None,
             samples: Workload::ALL.iter().map(|_| Default::default()).collect(),
         }
     }
@@ -414,6 +417,10 @@ impl Report {
             }
         }
         let mut md = markdown(&json);
+        if !self.config.amplify.is_empty() {
+            md.push('\n');
+            md.push_str(&super::amplify::document(&json));
+        }
         let _ = writeln!(md, "\nPlots: {}", svgs.join(", "));
         std::fs::write(out.join("traffic.md"), &md).context("writing traffic.md")?;
         println!("{md}");
@@ -490,7 +497,7 @@ impl Report {
             })
             .collect();
         let foreign = s.foreign();
-        json!({
+        let mut scale = json!({
             "entries": s.entries,
             "setup_s": s.setup_s,
             "agent_file_bytes": s.agent_file_bytes,
@@ -498,7 +505,11 @@ impl Report {
             "hook_evidence": s.evidence,
             "foreign_cpu_pct": {"median": foreign.median, "min": foreign.min, "max": foreign.max},
             "workloads": workloads,
-        })
+        });
+        if let Some(amplified) = &s.amplified {
+            scale["amplified"] = amplified.clone();
+        }
+        scale
     }
 
     fn json(&self) -> Value {
@@ -507,7 +518,7 @@ impl Report {
         let mut machine = self.machine.clone();
         machine["loadavg_before"] = json!(self.load_before);
         machine["loadavg_after"] = json!(self.load_after);
-        json!({
+        let mut report = json!({
             "schema": SCHEMA,
             "suite": "traffic",
             "quick": c.quick,
@@ -532,7 +543,11 @@ impl Report {
             "statistics": "paired: per-round ratio of two modes; median, percentile-bootstrap 95 % CI of the median (4000 resamples, fixed seed), exact two-sided sign test; a target is met or missed only when the whole CI is on one side of its threshold",
             "scales": scales,
             "targets": self.targets(),
-        })
+        });
+        if !c.amplify.is_empty() {
+            report["config"]["amplify"] = json!(c.amplify);
+        }
+        report
     }
 
     fn targets(&self) -> Vec<Value> {

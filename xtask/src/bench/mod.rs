@@ -26,6 +26,10 @@ pub struct Args {
     /// Short runs (fewer rounds, smaller scales) for a quick look or CI.
     #[arg(long)]
     pub quick: bool,
+    /// Traffic only: also measure with k stacked copies of each hook for each k listed
+    /// (e.g. 1,4,16) and fit the cost of one more hook. Off by default.
+    #[arg(long, value_name = "K1,K2,…", value_delimiter = ',')]
+    pub amplify: Vec<usize>,
     /// Which suites; all when none is given.
     #[arg(value_enum)]
     pub suites: Vec<Suite>,
@@ -60,6 +64,11 @@ pub fn run(args: &Args) -> Result<()> {
                 ];
                 if args.quick {
                     traffic.push("--quick".into());
+                }
+                if !args.amplify.is_empty() {
+                    let ks: Vec<String> = args.amplify.iter().map(ToString::to_string).collect();
+                    traffic.push("--amplify".into());
+                    traffic.push(ks.join(",").into());
                 }
                 nodesim::run::<std::ffi::OsString>(&traffic)?;
             }
