@@ -39,7 +39,9 @@ use kube_ovn_agent::{
         missing_privilege,
         netns::{Bpffs, NetNs, TempPath},
         objects::{Port, node, service, subnet},
-        stats::{Percentiles, Spread, percentiles, spread},
+        stats::{
+            Percentiles, Spread, loadavg, machine_facts, percentiles, proc_memory_mib, spread,
+        },
     },
     translate::{Incremental, KubeProxySets, NodeFacts, Options, translate},
 };
@@ -393,50 +395,6 @@ fn measure_objects(snapshot: &Snapshot) -> ObjectBytes {
     }
 }
 
-fn loadavg() -> [f64; 3] {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut values = text.split_whitespace().filter_map(|v| v.parse().ok());
-    [
-        values.next().unwrap_or(f64::NAN),
-        values.next().unwrap_or(f64::NAN),
-        values.next().unwrap_or(f64::NAN),
-    ]
-}
-
-/// What a reader needs to judge the numbers: kernel, CPU, cores, load before and after, and
-/// the CPU vulnerability mitigations in force (they set the cost of every system call).
-fn machine_facts(load_before: [f64; 3]) -> serde_json::Value {
-    let read = |path: &str| {
-        std::fs::read_to_string(path).map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
-    };
-    let mut vulnerabilities = serde_json::Map::new();
-    if let Ok(dir) = std::fs::read_dir("/sys/devices/system/cpu/vulnerabilities") {
-        let mut entries: Vec<_> = dir.flatten().collect();
-        entries.sort_by_key(std::fs::DirEntry::file_name);
-        for entry in entries {
-            let value = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            vulnerabilities.insert(
-                entry.file_name().to_string_lossy().into_owned(),
-                value.trim().into(),
-            );
-        }
-    }
-    let cpu = read("/proc/cpuinfo")
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|m| m.trim().to_owned())
-        .unwrap_or_default();
-    serde_json::json!({
-        "kernel": read("/proc/sys/kernel/osrelease"),
-        "cpu": cpu,
-        "cores": std::thread::available_parallelism().map_or(0, usize::from),
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
-        "vulnerabilities": vulnerabilities,
-    })
-}
-
 #[expect(clippy::too_many_lines, reason = "one linear measurement script")]
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -787,7 +745,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         .and_then(|body| json_body(&body))
         .map(|status| startup_phases(&status, cold_start_ms))
         .unwrap_or_default();
-    let rss_ready = rss_mib(child.id());
+    let rss_ready = proc_memory_mib(child.id(), "VmRSS");
     let kernel_map_mib = map_memlock_mib(&bpffs.root().join("maps"));
 
     let map_path = bpffs.root().join("maps").join(names::SERVICE_PORTS_V4);
@@ -836,7 +794,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         // Let the write settle before the next event, like independent user changes.
         std::thread::sleep(Duration::from_millis(5));
     }
-    let rss_after = rss_mib(child.id());
+    let rss_after = proc_memory_mib(child.id(), "VmRSS");
     // Includes the periodic work of the interval (health, polls), so an upper bound per change.
     let cpu_per_change_ms =
         (cpu_ms(child.id()) - cpu_before) / f64::from(u32::try_from(changes).expect("few changes"));
@@ -897,7 +855,7 @@ fn agent_run(snapshot: &Snapshot, changes: usize) -> AgentRun {
         std::thread::sleep(Duration::from_micros(50));
     }
     let burst_ms = burst_sent.elapsed().as_secs_f64() * 1e3;
-    let rss_hwm = rss_mib_field(child.id(), "VmHWM:");
+    let rss_hwm = proc_memory_mib(child.id(), "VmHWM");
     stop(&mut child);
     // A restart on the same pins: the program pinned above is this build's.
     let (mut child, restart_ms) = start_agent(&ns, &bpffs, &kubeconfig);
@@ -1049,21 +1007,6 @@ fn map_memlock_mib(dir: &std::path::Path) -> f64 {
     #[expect(clippy::cast_precision_loss, reason = "MiB of maps fit f64")]
     let bytes = bytes as f64;
     bytes / (1024.0 * 1024.0)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    rss_mib_field(pid, "VmRSS:")
-}
-
-/// A `/proc/<pid>/status` memory field (`VmRSS:`, `VmHWM:`) in MiB.
-fn rss_mib_field(pid: u32, field: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn options() -> Options {

@@ -7,5 +7,6 @@
 pub mod agent;
 pub mod control_plane;
 pub mod exec;
+pub mod machine;
 pub mod netns;
 pub mod privileged;

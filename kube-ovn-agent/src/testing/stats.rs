@@ -39,50 +39,14 @@ pub fn percentiles(mut samples: Vec<f64>) -> Percentiles {
     }
 }
 
-/// The 1-, 5- and 15-minute load averages.
-pub fn loadavg() -> [f64; 3] {
-    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut values = text.split_whitespace().filter_map(|v| v.parse().ok());
-    [
-        values.next().unwrap_or(f64::NAN),
-        values.next().unwrap_or(f64::NAN),
-        values.next().unwrap_or(f64::NAN),
-    ]
-}
+pub use kube_ovn_testkit::machine::loadavg;
 
-/// What a reader needs to judge a benchmark's numbers: kernel, CPU, cores, load before and
-/// after, and the CPU vulnerability mitigations in force (they set the cost of every system
-/// call).
+/// [`kube_ovn_testkit::machine::facts`] with the load averages before and after the run.
 pub fn machine_facts(load_before: [f64; 3]) -> serde_json::Value {
-    let read = |path: &str| {
-        std::fs::read_to_string(path).map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
-    };
-    let mut vulnerabilities = serde_json::Map::new();
-    if let Ok(dir) = std::fs::read_dir("/sys/devices/system/cpu/vulnerabilities") {
-        let mut entries: Vec<_> = dir.flatten().collect();
-        entries.sort_by_key(std::fs::DirEntry::file_name);
-        for entry in entries {
-            let value = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            vulnerabilities.insert(
-                entry.file_name().to_string_lossy().into_owned(),
-                value.trim().into(),
-            );
-        }
-    }
-    let cpu = read("/proc/cpuinfo")
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|m| m.trim().to_owned())
-        .unwrap_or_default();
-    serde_json::json!({
-        "kernel": read("/proc/sys/kernel/osrelease"),
-        "cpu": cpu,
-        "cores": std::thread::available_parallelism().map_or(0, usize::from),
-        "loadavg_before": load_before,
-        "loadavg_after": loadavg(),
-        "vulnerabilities": vulnerabilities,
-    })
+    let mut facts = kube_ovn_testkit::machine::facts();
+    facts.insert("loadavg_before".into(), load_before.to_vec().into());
+    facts.insert("loadavg_after".into(), loadavg().to_vec().into());
+    facts.into()
 }
 
 /// A memory line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, …) in MiB; NaN when unreadable.

@@ -183,60 +183,36 @@ fn machine_busy_ticks() -> u64 {
         .unwrap_or(0)
 }
 
-/// `/proc/loadavg`'s three averages.
-pub fn loadavg() -> [f64; 3] {
-    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut values = text.split_whitespace().filter_map(|v| v.parse().ok());
-    [
-        values.next().unwrap_or(0.0),
-        values.next().unwrap_or(0.0),
-        values.next().unwrap_or(0.0),
-    ]
-}
+pub use kube_ovn_testkit::machine::loadavg;
 
-/// What a reader needs to judge the numbers: kernel, CPU model, cores, load, and the CPU
-/// vulnerability mitigations in force (they set the cost of every kernel entry, indirect call
-/// and return, i.e. of both hooks).
+/// [`kube_ovn_testkit::machine::facts`], the kernel command line's mitigation switches and the
+/// load now.
 pub fn machine_facts() -> serde_json::Value {
-    let read = |path: &str| {
-        fs::read_to_string(path).map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
-    };
-    let mut mitigations = serde_json::Map::new();
-    if let Ok(dir) = fs::read_dir("/sys/devices/system/cpu/vulnerabilities") {
-        let mut entries: Vec<_> = dir.flatten().collect();
-        entries.sort_by_key(fs::DirEntry::file_name);
-        for entry in entries {
-            let value = fs::read_to_string(entry.path()).unwrap_or_default();
-            mitigations.insert(
-                entry.file_name().to_string_lossy().into_owned(),
-                value.trim().into(),
-            );
-        }
-    }
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
+    let mut facts = kube_ovn_testkit::machine::facts();
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    // Only the switches that change mitigations (mitigations=off, nospectre_v2, pti=off, …).
+    let switches: Vec<&str> = cmdline
+        .split_whitespace()
+        .filter(|t| {
+            [
+                "mitigation",
+                "spectre",
+                "pti",
+                "retbleed",
+                "mds",
+                "srbds",
+                "tsx",
+                "l1tf",
+                "ssbd",
+                "spec_",
+            ]
+            .iter()
+            .any(|k| t.contains(k))
         })
-        .unwrap_or_default();
-    serde_json::json!({
-        "kernel": read("/proc/sys/kernel/osrelease"),
-        // Only the switches that change mitigations (mitigations=off, nospectre_v2, pti=off, …).
-        "cmdline_mitigation_switches": read("/proc/cmdline")
-            .split_whitespace()
-            .filter(|t| ["mitigation", "spectre", "pti", "retbleed", "mds", "srbds", "tsx", "l1tf", "ssbd", "spec_"]
-                .iter()
-                .any(|k| t.contains(k)))
-            .map(str::to_owned)
-            .collect::<Vec<_>>(),
-        "cpu": cpu,
-        "cores": std::thread::available_parallelism().map_or(0, usize::from),
-        "loadavg": loadavg(),
-        "vulnerabilities": mitigations,
-    })
+        .collect();
+    facts.insert("cmdline_mitigation_switches".into(), switches.into());
+    facts.insert("loadavg".into(), loadavg().to_vec().into());
+    facts.into()
 }
 
 /// Whether `perf stat -e cycles` works here; the reason when it does not.

@@ -27,7 +27,7 @@ pub const PRIVILEGED_TESTS: &[&str] = &["verifier", "datapath", "netns", "least_
 pub struct TestBinary {
     pub name: String,
     /// Debug info stripped (the datapath suite is ~50 MB with it), symbols kept for
-    /// backtraces: the guest has 256 MiB.
+    /// backtraces: the guest has 512 MiB.
     pub path: PathBuf,
 }
 

@@ -28,7 +28,7 @@ pub fn qemu(kernel: &Kernel, initramfs: &Path, log: &Path, timeout: Duration) ->
     let mut command = Command::new("qemu-system-x86_64");
     command
         // `/dev/kvm` exists on these machines but KVM guests hang: software emulation only.
-        .args(["-accel", "tcg", "-m", "256", "-smp", "1"])
+        .args(["-accel", "tcg", "-m", "512", "-smp", "1"])
         // Without CMPXCHG16B: with it, 6.12 guests under this QEMU (7.2, TCG) corrupt their SLUB
         // freelists at random (double faults in kmem_cache_alloc, some before /init runs; 17 of
         // 21 boots crashed, 0 of 13 without). The kernel falls back to a lock; nothing the

@@ -1,7 +1,7 @@
 //! The guest's whole userland: a gzip-compressed `newc` cpio archive (the format the kernel
 //! unpacks into its rootfs) holding static busybox, the kernel's modules, the test binaries, the
 //! host tools they call and `/init`. Compressed, the archive and its unpacked copy fit together in
-//! the guest's 256 MiB while the kernel unpacks it.
+//! the guest's 512 MiB while the kernel unpacks it.
 
 use std::{
     collections::BTreeSet,

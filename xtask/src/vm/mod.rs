@@ -318,7 +318,7 @@ fn vm_timeout(tests: usize) -> Duration {
 }
 
 /// Runs every guest kernel of `kernels` side by side: each is one TCG vCPU (one host core) and
-/// 256 MiB, and they share nothing but read-only inputs (per-kernel apt, kernel, initramfs and
+/// 512 MiB, and they share nothing but read-only inputs (per-kernel apt, kernel, initramfs and
 /// log paths). The host suites run after them, alone.
 fn run_guests(
     vm_dir: &Path,
