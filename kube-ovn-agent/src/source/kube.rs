@@ -248,6 +248,38 @@ impl ClusterSource for KubeSource {
     }
 }
 
+/// `kube::Resource` for a projection of a core/v1 kind (`kind`, plural `plural`, `scope`), whose
+/// metadata `meta`/`meta_mut` reach: the watcher lists and watches the kind's API with it.
+macro_rules! core_v1_resource {
+    ($ty:ty, $kind:literal, $plural:literal, $scope:ident, $meta:expr, $meta_mut:expr) => {
+        impl ::kube::Resource for $ty {
+            type DynamicType = ();
+            type Scope = ::kube::core::$scope;
+
+            fn kind((): &()) -> std::borrow::Cow<'_, str> {
+                $kind.into()
+            }
+            fn group((): &()) -> std::borrow::Cow<'_, str> {
+                "".into()
+            }
+            fn version((): &()) -> std::borrow::Cow<'_, str> {
+                "v1".into()
+            }
+            fn plural((): &()) -> std::borrow::Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                let meta: fn(&Self) -> &ObjectMeta = $meta;
+                meta(self)
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                let meta_mut: fn(&mut Self) -> &mut ObjectMeta = $meta_mut;
+                meta_mut(self)
+            }
+        }
+    };
+}
+
 /// A Service as the kube source stores it: decoded straight from the API's JSON into the fields
 /// the translation reads, while the rest (managedFields, annotations, other labels, the
 /// selector, status, port names, …) is skipped by the decoder without being built. At 100 000
@@ -478,29 +510,14 @@ impl StoredService {
     }
 }
 
-impl ::kube::Resource for StoredService {
-    type DynamicType = ();
-    type Scope = ::kube::core::NamespaceResourceScope;
-
-    fn kind((): &()) -> std::borrow::Cow<'_, str> {
-        "Service".into()
-    }
-    fn group((): &()) -> std::borrow::Cow<'_, str> {
-        "".into()
-    }
-    fn version((): &()) -> std::borrow::Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural((): &()) -> std::borrow::Cow<'_, str> {
-        "services".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+core_v1_resource!(
+    StoredService,
+    "Service",
+    "services",
+    NamespaceResourceScope,
+    |s| &s.metadata,
+    |s| &mut s.metadata
+);
 
 /// A Node as the kube source stores it: decoded straight from the API's JSON into what
 /// [`trim_node`] keeps (name, identity, the join-address annotation, the mode label,
@@ -576,29 +593,14 @@ fn node_meta<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Object
     Ok(kept)
 }
 
-impl ::kube::Resource for StoredNode {
-    type DynamicType = ();
-    type Scope = ::kube::core::ClusterResourceScope;
-
-    fn kind((): &()) -> std::borrow::Cow<'_, str> {
-        "Node".into()
-    }
-    fn group((): &()) -> std::borrow::Cow<'_, str> {
-        "".into()
-    }
-    fn version((): &()) -> std::borrow::Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural((): &()) -> std::borrow::Cow<'_, str> {
-        "nodes".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.0.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut Arc::make_mut(&mut self.0).metadata
-    }
-}
+core_v1_resource!(
+    StoredNode,
+    "Node",
+    "nodes",
+    ClusterResourceScope,
+    |n| &n.0.metadata,
+    |n| &mut Arc::make_mut(&mut n.0).metadata
+);
 
 impl Watched for StoredNode {
     const KIND: Kind = Kind::Node;
