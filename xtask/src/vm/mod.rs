@@ -45,6 +45,9 @@ const MODULES: &[&str] = &[
     "xt_tcpudp",
     "ip_set_hash_ipport",
     "ip_set_bitmap_port",
+    // Connection tracking (with nf_conntrack and the defrag modules it depends on): the netns
+    // suite's `nf_conntrack_tcp_loose` test and its `-m conntrack` counting rules.
+    "xt_conntrack",
 ];
 
 /// Host programs the suites call inside the guest, with the Debian package providing each.
