@@ -40,7 +40,8 @@ use kube_ovn_agent::{
         netns::{Bpffs, NetNs, TempPath},
         objects::{Port, node, service, subnet},
         stats::{
-            Percentiles, Spread, loadavg, machine_facts, percentiles, proc_memory_mib, spread,
+            BenchArgs, Percentiles, Spread, loadavg, machine_facts, percentiles, proc_memory_mib,
+            spread,
         },
     },
     translate::{Incremental, KubeProxySets, NodeFacts, Options, translate},
@@ -397,42 +398,24 @@ fn measure_objects(snapshot: &Snapshot) -> ObjectBytes {
 
 #[expect(clippy::too_many_lines, reason = "one linear measurement script")]
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
+    let BenchArgs {
+        list,
+        quick,
+        out,
+        scales,
+    } = BenchArgs::from_env(
+        "control-plane",
+        &[1_000, 10_000],
+        // The traffic benchmark's scale sweep.
+        &[10, 1_000, 10_000, 100_000],
+    );
+    if list {
         return;
     }
     if let Some(why) = missing_privilege() {
         eprintln!("*** SKIPPING the control-plane benchmark: {why} ***");
         std::process::exit(i32::from(kube_ovn_agent::testing::privilege_required()));
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| {
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../target/bench/control-plane.json"
-            )
-            .into()
-        });
-    // `KOVN_BENCH_SCALES` (comma-separated Service counts) overrides the scales, as for the
-    // traffic benchmark.
-    let scales: Vec<usize> = match std::env::var("KOVN_BENCH_SCALES") {
-        Ok(list) => list
-            .split(',')
-            .map(|v| {
-                v.trim()
-                    .parse()
-                    .expect("KOVN_BENCH_SCALES: comma-separated counts")
-            })
-            .collect(),
-        Err(_) if quick => vec![1_000, 10_000],
-        // The traffic benchmark's scale sweep.
-        Err(_) => vec![10, 1_000, 10_000, 100_000],
-    };
     let changes = if quick { 40 } else { 200 };
     let cold_rounds = COLD_ROUNDS;
     let load_before = loadavg();

@@ -21,7 +21,7 @@ use kube_ovn_agent::testing::{
     http, missing_privilege,
     netns::{Bpffs, NetNs, TempPath},
     objects::cluster_file,
-    stats::{Spread, loadavg, machine_facts, proc_memory_mib, spread},
+    stats::{BenchArgs, Spread, loadavg, machine_facts, proc_memory_mib, spread},
 };
 use serde::Serialize;
 
@@ -62,36 +62,19 @@ struct Round {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--list") {
+    let BenchArgs {
+        list,
+        quick,
+        out,
+        scales,
+    } = BenchArgs::from_env("memory", &[10_000], &[10_000, 50_000, 100_000, 150_000]);
+    if list {
         return;
     }
     if let Some(why) = missing_privilege() {
         eprintln!("*** SKIPPING the memory benchmark: {why} ***");
         std::process::exit(i32::from(kube_ovn_agent::testing::privilege_required()));
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench/memory.json").into()
-        });
-    // `KOVN_BENCH_SCALES` (comma-separated Service counts) overrides the scales.
-    let scales: Vec<usize> = match std::env::var("KOVN_BENCH_SCALES") {
-        Ok(list) => list
-            .split(',')
-            .map(|n| {
-                n.trim()
-                    .parse()
-                    .expect("KOVN_BENCH_SCALES: comma-separated counts")
-            })
-            .collect(),
-        Err(_) if quick => vec![10_000],
-        Err(_) => vec![10_000, 50_000, 100_000, 150_000],
-    };
     let rounds = if quick { 1 } else { 3 };
     let load_before = loadavg();
     let mut results = Vec::new();

@@ -59,3 +59,48 @@ pub fn proc_memory_mib(pid: u32, field: &str) -> f64 {
         .and_then(|kib| kib.parse::<f64>().ok())
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
+
+/// A benchmark binary's command line: `--list` (cargo probing: nothing to run), `--quick`,
+/// `--out FILE` (default `target/bench/<name>.json`), and the Service counts
+/// (`KOVN_BENCH_SCALES=10,10000` overrides the defaults, as for the traffic benchmark).
+pub struct BenchArgs {
+    pub list: bool,
+    pub quick: bool,
+    pub out: String,
+    pub scales: Vec<usize>,
+}
+
+impl BenchArgs {
+    /// This process's arguments for the benchmark writing `name.json`, with `quick` and `full`
+    /// as the default scales.
+    pub fn from_env(name: &str, quick: &[usize], full: &[usize]) -> Self {
+        let args: Vec<String> = std::env::args().collect();
+        let quick_run = args.iter().any(|a| a == "--quick");
+        let out = args
+            .iter()
+            .position(|a| a == "--out")
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .unwrap_or_else(|| {
+                format!("{}/../target/bench/{name}.json", env!("CARGO_MANIFEST_DIR"))
+            });
+        let scales = match std::env::var("KOVN_BENCH_SCALES") {
+            Ok(list) => list
+                .split(',')
+                .map(|v| {
+                    v.trim()
+                        .parse()
+                        .expect("KOVN_BENCH_SCALES: comma-separated counts")
+                })
+                .collect(),
+            Err(_) if quick_run => quick.to_vec(),
+            Err(_) => full.to_vec(),
+        };
+        Self {
+            list: args.iter().any(|a| a == "--list"),
+            quick: quick_run,
+            out,
+            scales,
+        }
+    }
+}
