@@ -111,8 +111,9 @@ fn tcp_loose_from(text: &str) -> Option<bool> {
 }
 
 /// The object's map of frozen values (its `.rodata` section). Pinned next to the program
-/// ([`super::pins::PinRoot::frozen`]) so a later start can tell which values the pinned program
-/// was loaded with.
+/// ([`super::pins::PinRoot::frozen`]) so an operator can read which values the running program
+/// was loaded with; whether a later start reuses that program is decided by its identity
+/// (`datapath::reuse`), which covers these values.
 pub const FROZEN_MAP: &str = ".rodata";
 
 /// Where [`load`] pins the maps: each at `dir/<name>`, except the `staged` ones, at
