@@ -46,8 +46,10 @@ const MODULES: &[&str] = &[
     "ip_set_hash_ipport",
     "ip_set_bitmap_port",
     // Connection tracking (with nf_conntrack and the defrag modules it depends on): the netns
-    // suite's `nf_conntrack_tcp_loose` test and its `-m conntrack` counting rules.
+    // suite's `nf_conntrack_tcp_loose` test and its `-m conntrack` counting rules, which carry
+    // `-m comment`.
     "xt_conntrack",
+    "xt_comment",
 ];
 
 /// Host programs the suites call inside the guest, with the Debian package providing each.
