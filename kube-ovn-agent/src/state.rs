@@ -50,6 +50,17 @@ pub enum Proto {
 }
 
 impl Proto {
+    /// A Service port's `protocol` as Kubernetes spells it (absent means TCP); `None` for any
+    /// other value, which kube-proxy does not program.
+    pub fn from_service_port(protocol: Option<&str>) -> Option<Self> {
+        match protocol.unwrap_or("TCP") {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
     pub fn number(self) -> u8 {
         match self {
             Self::Tcp => ipproto::TCP,

@@ -422,7 +422,7 @@ impl<'a> Facts<'a> {
             for port in spec.ports.iter().flatten() {
                 let (Some(node_port), Some(l4)) = (
                     port.node_port.and_then(|n| u16::try_from(n).ok()),
-                    l4_of(proto_of(port.protocol.as_deref())),
+                    Proto::from_service_port(port.protocol.as_deref()).and_then(l4_of),
                 ) else {
                     continue;
                 };
@@ -508,14 +508,6 @@ fn l4_of(proto: Proto) -> Option<L4> {
         Proto::Tcp => Some(L4::Tcp),
         Proto::Udp => Some(L4::Udp),
         Proto::Sctp => None,
-    }
-}
-
-fn proto_of(protocol: Option<&str>) -> Proto {
-    match protocol {
-        Some("UDP") => Proto::Udp,
-        Some("SCTP") => Proto::Sctp,
-        _ => Proto::Tcp,
     }
 }
 

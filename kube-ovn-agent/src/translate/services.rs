@@ -71,19 +71,14 @@ pub(super) fn service_entries(service: &Service) -> ServiceEntries {
     let etp_local = spec.external_traffic_policy.as_deref() == Some("Local")
         && matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     for port in spec.ports.iter().flatten() {
-        let protocol = port.protocol.as_deref().unwrap_or("TCP");
-        let proto = match protocol {
-            "TCP" => Proto::Tcp,
-            "UDP" => Proto::Udp,
-            "SCTP" => Proto::Sctp,
-            other => {
-                out.issues.push(Issue {
-                    kind: Kind::Service.name(),
-                    object: object_name(&service.metadata),
-                    message: format!("unknown port protocol {other:?}; port skipped"),
-                });
-                continue;
-            }
+        let Some(proto) = Proto::from_service_port(port.protocol.as_deref()) else {
+            let other = port.protocol.as_deref().unwrap_or_default();
+            out.issues.push(Issue {
+                kind: Kind::Service.name(),
+                object: object_name(&service.metadata),
+                message: format!("unknown port protocol {other:?}; port skipped"),
+            });
+            continue;
         };
         let Ok(number) = u16::try_from(port.port) else {
             out.issues.push(Issue {
