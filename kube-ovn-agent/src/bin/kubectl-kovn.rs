@@ -477,26 +477,18 @@ fn agent_daemonset(list: &Value) -> AgentDaemonSet {
     else {
         return AgentDaemonSet::default();
     };
-    let args: Vec<&str> = container["args"]
+    let args: Vec<String> = container["args"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(Value::as_str)
+        .map(str::to_owned)
         .collect();
-    let flag = |name: &str| {
-        args.iter().enumerate().find_map(|(i, arg)| {
-            let value = arg.strip_prefix(name)?;
-            match value.strip_prefix('=') {
-                Some(value) => Some(value.to_owned()),
-                None if value.is_empty() => args.get(i + 1).map(|v| (*v).to_owned()),
-                None => None,
-            }
-        })
-    };
+    let flag = |name| kube_ovn_agent::ops::preflight::flag_value(&args, name, false);
     AgentDaemonSet {
         image: container["image"].as_str().map(str::to_owned),
-        service_cluster_ip_range: flag("--service-cluster-ip-range"),
-        cluster_router: flag("--cluster-router"),
+        service_cluster_ip_range: flag("service-cluster-ip-range"),
+        cluster_router: flag("cluster-router"),
     }
 }
 

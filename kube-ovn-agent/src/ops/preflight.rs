@@ -297,7 +297,7 @@ pub fn image_tag(image: &str) -> Option<&str> {
 
 /// The value of Go `pflag` flag `name` in `args` (`--name=value` or `--name value`; the last
 /// occurrence wins, as in pflag). `bool_flag`: a bare `--name` means `true`.
-fn flag_value(args: &[String], name: &str, bool_flag: bool) -> Option<String> {
+pub fn flag_value(args: &[String], name: &str, bool_flag: bool) -> Option<String> {
     let long = format!("--{name}");
     let mut found = None;
     let mut i = 0;
