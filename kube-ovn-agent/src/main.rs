@@ -298,12 +298,7 @@ async fn run(args: RunArgs) -> Result<()> {
         .lock()
         .expect("lock")
         .clone_from(&datapath.tables.capacities());
-    let kernel = KernelDatapath {
-        datapath,
-        pins: pins.clone(),
-        config: attach_config,
-        rtnl,
-    };
+    let kernel = KernelDatapath::new(datapath, pins.clone(), attach_config, rtnl);
     clock.phase("setup");
     let mut agent = Agent::new(Setup {
         config: agent::Config::from(&args),

@@ -9,11 +9,13 @@
 
 mod mode;
 mod startup;
+mod swap_retry;
 #[cfg(test)]
 mod tests;
 
 pub use mode::{MODE_LABEL, Mode, node_mode};
 pub use startup::StartupClock;
+use swap_retry::SwapRetry;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -102,6 +104,25 @@ pub struct KernelDatapath {
     pub pins: PinRoot,
     pub config: AttachConfig,
     pub rtnl: rtnetlink::Handle,
+    /// Paces [`Kernel::follow_frozen_config`]'s swap while it fails.
+    swap_retry: SwapRetry,
+}
+
+impl KernelDatapath {
+    pub fn new(
+        datapath: Datapath,
+        pins: PinRoot,
+        config: AttachConfig,
+        rtnl: rtnetlink::Handle,
+    ) -> Self {
+        Self {
+            datapath,
+            pins,
+            config,
+            rtnl,
+            swap_retry: SwapRetry::default(),
+        }
+    }
 }
 
 impl Kernel for KernelDatapath {
@@ -159,6 +180,15 @@ impl Kernel for KernelDatapath {
         let now = self.datapath.load_config;
         let want = now.with_tcp_loose(crate::datapath::object::tcp_loose());
         if want == now {
+            if self.swap_retry.succeeded() == swap_retry::Report::Recovered {
+                tracing::info!(
+                    "nf_conntrack_tcp_loose is back to the value the running program was loaded with"
+                );
+            }
+            return false;
+        }
+        let attempt = Instant::now();
+        if !self.swap_retry.due(attempt) {
             return false;
         }
         match self
@@ -166,14 +196,26 @@ impl Kernel for KernelDatapath {
             .reload(&self.pins, want, self.config, &self.rtnl)
             .await
         {
-            Ok(reloaded) => reloaded,
+            Ok(reloaded) => {
+                if self.swap_retry.succeeded() == swap_retry::Report::Recovered {
+                    tracing::info!(
+                        ?want,
+                        "program with the new nf_conntrack_tcp_loose swapped in"
+                    );
+                }
+                reloaded
+            }
             Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    ?want,
-                    "nf_conntrack_tcp_loose changed but the program could not be swapped; the \
-                     one loaded with the old value keeps running, retrying"
-                );
+                let error = diag::render_error(&e);
+                if self.swap_retry.failed(attempt, error.clone()) == swap_retry::Report::Failing {
+                    tracing::warn!(
+                        %error,
+                        ?want,
+                        "nf_conntrack_tcp_loose changed but the program could not be swapped; the \
+                         one loaded with the old value keeps running; retrying with a growing \
+                         delay (up to 5 min), logged again only if the error changes"
+                    );
+                }
                 false
             }
         }
