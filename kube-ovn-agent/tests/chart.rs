@@ -31,8 +31,8 @@ use kube_ovn_agent::{
     source::KindStatus,
 };
 use kube_ovn_ebpf_common::counter;
+use kube_ovn_testkit::typed::typed;
 use libtest_mimic::{Arguments, Failed, Trial};
-use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 type Test = fn() -> Result<(), Failed>;
@@ -682,40 +682,6 @@ fn helm_lint() -> Result<(), Failed> {
 
 // ---------------------------------------------------------------------------------------------
 // Typed objects and the agent's CLI
-
-/// Paths of `raw` that the typed round trip lost or changed (unknown or misspelt fields).
-fn unknown_fields(raw: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
-    match (raw, typed) {
-        (Value::Object(r), Value::Object(t)) => {
-            for (key, value) in r {
-                let here = format!("{path}.{key}");
-                match t.get(key) {
-                    Some(tv) => unknown_fields(value, tv, &here, out),
-                    None => out.push(format!("{here}: unknown field")),
-                }
-            }
-        }
-        (Value::Array(r), Value::Array(t)) if r.len() == t.len() => {
-            for (i, (rv, tv)) in r.iter().zip(t).enumerate() {
-                unknown_fields(rv, tv, &format!("{path}[{i}]"), out);
-            }
-        }
-        (r, t) if r == t => {}
-        (r, t) => out.push(format!("{path}: {r} became {t}")),
-    }
-}
-
-fn typed<T: DeserializeOwned + Serialize>(raw: &Value, what: &str) -> Result<T, String> {
-    let object: T = serde_json::from_value(raw.clone()).map_err(|e| format!("{what}: {e}"))?;
-    let back = serde_json::to_value(&object).map_err(|e| format!("{what}: {e}"))?;
-    let mut problems = Vec::new();
-    unknown_fields(raw, &back, "", &mut problems);
-    if problems.is_empty() {
-        Ok(object)
-    } else {
-        Err(format!("{what}:\n  {}", problems.join("\n  ")))
-    }
-}
 
 fn daemonsets_pass_the_cli() -> Result<(), Failed> {
     let Some(renders) = renders()? else {

@@ -25,8 +25,9 @@ use kube_ovn_agent::{
     cli::{Cli, Command as AgentCommand, Mode, RunArgs},
     source::kube::{KubeOptions, kinds},
 };
+use kube_ovn_testkit::typed::typed;
 use libtest_mimic::{Arguments, Failed, Trial};
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 type Test = fn() -> Result<(), Failed>;
@@ -119,42 +120,6 @@ fn document(path: &Path) -> Value {
     let mut docs = documents(path);
     assert_eq!(docs.len(), 1, "{}: one document expected", path.display());
     docs.remove(0)
-}
-
-/// Paths of `raw` that the typed round trip lost or changed: fields the type does not know,
-/// misspelt fields, values of the wrong shape.
-fn unknown_fields(raw: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
-    match (raw, typed) {
-        (Value::Object(r), Value::Object(t)) => {
-            for (key, value) in r {
-                let here = format!("{path}.{key}");
-                match t.get(key) {
-                    Some(tv) => unknown_fields(value, tv, &here, out),
-                    None => out.push(format!("{here}: unknown field")),
-                }
-            }
-        }
-        (Value::Array(r), Value::Array(t)) if r.len() == t.len() => {
-            for (i, (rv, tv)) in r.iter().zip(t).enumerate() {
-                unknown_fields(rv, tv, &format!("{path}[{i}]"), out);
-            }
-        }
-        (r, t) if r == t => {}
-        (r, t) => out.push(format!("{path}: {r} became {t}")),
-    }
-}
-
-/// Deserializes `raw` as `T` and fails on anything the round trip does not keep.
-fn typed<T: DeserializeOwned + Serialize>(raw: &Value, what: &str) -> Result<T, String> {
-    let object: T = serde_json::from_value(raw.clone()).map_err(|e| format!("{what}: {e}"))?;
-    let back = serde_json::to_value(&object).map_err(|e| format!("{what}: {e}"))?;
-    let mut problems = Vec::new();
-    unknown_fields(raw, &back, "", &mut problems);
-    if problems.is_empty() {
-        Ok(object)
-    } else {
-        Err(format!("{what}:\n  {}", problems.join("\n  ")))
-    }
 }
 
 /// Checks one Kubernetes object by its apiVersion/kind; `Ok(false)` for kinds k8s-openapi does
