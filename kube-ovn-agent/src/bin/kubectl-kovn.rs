@@ -17,9 +17,8 @@
 
 use std::{
     fmt::Write as _,
-    io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, ExitCode, Stdio},
+    process::{Command, ExitCode},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -27,6 +26,7 @@ use std::{
 use clap::{Parser, Subcommand};
 use kube_ovn_agent::{
     cluster::{KUBE_PROXY_SERVICE_SELECTOR, Snapshot},
+    host::exec,
     metrics::AgentStatus,
     ops::probe::{self, Target},
 };
@@ -193,26 +193,14 @@ impl Kubectl {
 
     /// [`Kubectl::run`] with `input` on its stdin.
     fn run_with_input(&self, args: &[&str], input: Option<&[u8]>) -> Result<Vec<u8>, String> {
-        let mut child = Command::new(&self.program)
-            .args(["-n", &self.namespace])
-            .args(args)
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.program))?;
-        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-            stdin
-                .write_all(input)
-                .map_err(|e| format!("writing to {}: {e}", self.program))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("cannot run {}: {e}", self.program))?;
+        let out = exec::run(
+            Command::new(&self.program)
+                .args(["-n", &self.namespace])
+                .args(args),
+            input,
+            None,
+        )
+        .map_err(|e| format!("cannot run {}: {e}", self.program))?;
         if out.status.success() {
             Ok(out.stdout)
         } else {

@@ -2,6 +2,7 @@
 //! kube-proxy keep there (ipsets, iptables/nftables rules, and who rewrites them).
 
 pub mod clobber;
+pub mod exec;
 pub mod ipset;
 pub mod netlink;
 pub mod xtables;

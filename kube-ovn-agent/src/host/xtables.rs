@@ -3,14 +3,7 @@
 //! `verify` and `cleanup-iptables`. Nothing here guesses a rule: it reads `*-save` output and
 //! deletes by exact rule spec.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    io::{Read as _, Write as _},
-    path::Path,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, fmt, path::Path, process::Command, time::Duration};
 
 use serde::Serialize;
 
@@ -337,64 +330,36 @@ pub fn run_within(
         .chain(args.iter().copied())
         .collect::<Vec<_>>()
         .join(" ");
-    let spawn_error = |source| XtablesError::Spawn {
-        command: command.clone(),
-        source,
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_error)?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).map_err(spawn_error)?;
-    }
-    // Drain both pipes on threads so a large ruleset cannot fill a pipe and stall the tool.
-    let mut stdout_pipe = child.stdout.take().expect("piped");
-    let mut stderr_pipe = child.stderr.take().expect("piped");
-    let stdout = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout_pipe.read_to_string(&mut s);
-        s
-    });
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr_pipe.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait().map_err(spawn_error)? {
-            Some(status) => break status,
-            None if Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(XtablesError::Timeout { command, timeout });
-            }
-            None => std::thread::sleep(Duration::from_millis(5)),
-        }
-    };
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
-    if status.success() {
-        Ok(stdout)
+    let finished = super::exec::run(
+        Command::new(program).args(args),
+        stdin.map(str::as_bytes),
+        Some(timeout),
+    )
+    .map_err(|e| match e {
+        super::exec::RunError::Spawn(source) => XtablesError::Spawn {
+            command: command.clone(),
+            source,
+        },
+        super::exec::RunError::Timeout(timeout) => XtablesError::Timeout {
+            command: command.clone(),
+            timeout,
+        },
+    })?;
+    if finished.status.success() {
+        Ok(String::from_utf8_lossy(&finished.stdout).into_owned())
     } else {
         Err(XtablesError::Failed {
             command,
-            status: status.to_string(),
-            stderr: stderr.trim().to_owned(),
+            status: finished.status.to_string(),
+            stderr: String::from_utf8_lossy(&finished.stderr).trim().to_owned(),
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     #[test]
@@ -410,6 +375,20 @@ mod tests {
         .expect("head finishes");
         assert_eq!(out.len(), 1_000_000);
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_bound_holds_for_a_tool_that_does_not_read_a_large_ruleset() {
+        // `iptables-restore -w` reads its input only once it holds the xtables lock; a ruleset
+        // larger than a pipe must not block the caller past the bound meanwhile.
+        let ruleset = "x".repeat(1 << 22);
+        let started = Instant::now();
+        let outcome = run_within("sleep", &["30"], Some(&ruleset), Duration::from_millis(300));
+        assert!(
+            matches!(outcome, Err(XtablesError::Timeout { .. })),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     const SAVE: &str = "\
