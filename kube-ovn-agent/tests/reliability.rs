@@ -72,6 +72,30 @@ fn main() {
         ("a_map_layout_change_migrates_netlink_filters_too", || {
             layout_migration("netlink")
         }),
+        (
+            "a_migration_killed_after_the_first_attachment_swapped_finishes_on_restart",
+            || interrupted_migration("swapped-first-attachment", Restart::NewBuild),
+        ),
+        (
+            "a_migration_killed_after_every_swap_finishes_on_restart",
+            || interrupted_migration("migration-swapped", Restart::NewBuild),
+        ),
+        (
+            "a_migration_killed_after_the_program_pin_finishes_on_restart",
+            || interrupted_migration("migration-program-pinned", Restart::NewBuild),
+        ),
+        (
+            "a_migration_killed_between_its_renames_finishes_on_restart",
+            || interrupted_migration("migration-renamed-first", Restart::NewBuild),
+        ),
+        (
+            "a_migration_killed_after_every_swap_rolls_back_to_the_older_build",
+            || interrupted_migration("migration-swapped", Restart::OlderBuild),
+        ),
+        (
+            "a_migration_killed_between_its_renames_rolls_back_to_the_older_build",
+            || interrupted_migration("migration-renamed-first", Restart::OlderBuild),
+        ),
     ];
     let trials = tests
         .into_iter()
@@ -109,6 +133,17 @@ impl Node {
 
     fn root(&self) -> PathBuf {
         self.bpffs.root()
+    }
+
+    /// The pod peer, addressed in the pod subnet and routed through `ovn0`.
+    fn pod_on_ovn0(&self) -> &NetNs {
+        let pod = &self.peers[1];
+        pod.sh(
+            "ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; \
+             ip route add default via 100.64.0.2",
+        )
+        .expect("shell in namespace");
+        pod
     }
 
     /// `kube-ovn-agent run` on `cluster` in the node namespace, its stderr in a file.
@@ -843,33 +878,8 @@ fn capacity(status: &Value, map: &str) -> u64 {
 fn layout_migration(attach: &str) -> Result<(), Failed> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let node = Node::new();
-    let pod = &node.peers[1];
-    pod.sh(
-        "ip addr add 10.16.0.5/16 dev eth0; ip route add 100.64.0.2 dev eth0; \
-         ip route add default via 100.64.0.2",
-    )
-    .expect("shell in namespace");
-    // Marked packets RETURN at the first rule; the second counts the rest: unmarked.
-    node.ns.sh(
-        "iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN; \
-         iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -j RETURN",
-    ).expect("shell in namespace");
-    let counts = || -> (u64, u64) {
-        let listing = node
-            .ns
-            .sh("iptables -t mangle -nvxL PREROUTING")
-            .expect("shell in namespace");
-        let mut rows = listing
-            .lines()
-            .filter(|l| l.contains("10.96.0.10") && l.contains("dpt:53"))
-            .map(|l| {
-                l.split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0)
-            });
-        (rows.next().unwrap_or(0), rows.next().unwrap_or(0))
-    };
+    let pod = node.pod_on_ovn0();
+    let counts = count_marks(&node);
     let extra = [
         "--metrics-addr",
         "none",
@@ -945,6 +955,152 @@ fn layout_migration(attach: &str) -> Result<(), Failed> {
     ensure(!log.contains("migrat"), || {
         format!("a second migration after a finished one:\n{log}")
     })
+}
+
+/// The "older build" of the interrupted-migration tests: two maps with another layout, so a
+/// crash can fall between their renames.
+const OLD_TWO_MAPS: &str = "kovn_svcport4=512,kovn_othernode4=128";
+
+/// Which build starts after the crash.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Restart {
+    /// The build that was migrating: it must finish the migration.
+    NewBuild,
+    /// The older build (a rollback): it must take the node back to its own layout.
+    OlderBuild,
+}
+
+/// Issue 13 item 11, the crash case: the migrating agent is killed (aborts, as `kill -9` would)
+/// at `point` of its migration (`KOVN_TEST_CRASH_AT`, a `testing` build's hook); the build given
+/// by `restart` then starts on what was left. A pod sends to a ClusterIP throughout: not one
+/// packet may go unmarked, and the node must end in the restarted build's layout, its program
+/// on every attachment, no staged map left.
+fn interrupted_migration(point: &str, restart: Restart) -> Result<(), Failed> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let node = Node::new();
+    let pod = node.pod_on_ovn0();
+    let counts = count_marks(&node);
+    let extra = [
+        "--metrics-addr",
+        "none",
+        "--mode",
+        "enforce",
+        "--attach",
+        "tcx",
+    ];
+    let daemonset = Privilege::DaemonSet.wrapper();
+    let daemonset: Vec<&str> = daemonset.iter().map(String::as_str).collect();
+    let old_env = format!("KOVN_TEST_MAP_MAX_ENTRIES={OLD_TWO_MAPS}");
+    let crash_env = format!("KOVN_TEST_CRASH_AT={point}");
+    let older = [daemonset.as_slice(), &["env", &old_env]].concat();
+    let crashing = [daemonset.as_slice(), &["env", &crash_env]].concat();
+    let mut old = node.agent_with(&older, &example_cluster(), &extra);
+    node.wait_ready(&mut old)?;
+    let start = counts();
+    let stop = AtomicBool::new(false);
+    let (sent, outcome) = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| pod_to_cluster_ip(pod, &stop));
+        let outcome = (|| -> Result<(Agent, Value), Failed> {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = Command::new("kill")
+                .args(["-TERM", &old.child.id().to_string()])
+                .status();
+            old.wait_exit(scaled(Duration::from_secs(10)))?;
+            let mut killed = node.agent_with(&crashing, &example_cluster(), &extra);
+            let code = killed.wait_exit(scaled(Duration::from_secs(30)))?;
+            let log = killed.log();
+            ensure(code.is_none() && log.contains(&crash_env), || {
+                format!("the agent did not abort at {point} (exit {code:?}):\n{log}")
+            })?;
+            std::thread::sleep(Duration::from_millis(300));
+            let wrapper = match restart {
+                Restart::NewBuild => daemonset.clone(),
+                Restart::OlderBuild => older.clone(),
+            };
+            let mut next = node.agent_with(&wrapper, &example_cluster(), &extra);
+            node.wait_ready(&mut next)?;
+            // A map of the other layout is left in maps/ in every case but a rollback from
+            // before the renames: that start migrates it.
+            let migrates = restart == Restart::NewBuild || point == "migration-renamed-first";
+            if migrates {
+                wait(scaled(Duration::from_secs(30)), || {
+                    next.check_running()?;
+                    Ok(next.log().contains("map layout migrated").then_some(()))
+                })
+                .map_err(|e| format!("{e}\n{}", next.log()))?;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let status = node.wait_ready(&mut next)?;
+            Ok((next, status))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        (sender.join().expect("sender"), outcome)
+    });
+    let (next, status) = outcome?;
+    let end = counts();
+    let (marked, unmarked) = (end.0 - start.0, end.1 - start.1);
+    eprintln!(
+        "killed at {point}, restarted {restart:?}: sent {sent}, marked {marked}, unmarked {unmarked}"
+    );
+    ensure(marked > 0 && unmarked == 0, || {
+        format!(
+            "pod → ClusterIP: sent {sent}, marked {marked}, unmarked {unmarked}\n{}",
+            next.log()
+        )
+    })?;
+    let want = match restart {
+        Restart::NewBuild => |c: u64| c > 512,
+        Restart::OlderBuild => |c: u64| c == 512,
+    };
+    let program = status["program"]["id"].as_u64();
+    let attachments = status["attachments"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure(
+        want(capacity(&status, "kovn_svcport4"))
+            && !attachments.is_empty()
+            && attachments
+                .iter()
+                .all(|a| a["program_id"].as_u64() == program)
+            && !node.root().join("maps-next").exists(),
+        || {
+            format!(
+                "after the restart: capacities {}, program {program:?}, attachments {}, staging \
+                 left: {}\n{}",
+                status["map_capacity"],
+                status["attachments"],
+                node.root().join("maps-next").exists(),
+                next.log()
+            )
+        },
+    )
+}
+
+/// Counting rules in the node's mangle PREROUTING for the pod's packets to kube-dns' ClusterIP;
+/// reads (marked, unmarked). Marked packets RETURN at the first rule, the second counts the rest.
+fn count_marks(node: &Node) -> impl Fn() -> (u64, u64) + '_ {
+    // Marked packets RETURN at the first rule; the second counts the rest: unmarked.
+    node.ns.sh(
+        "iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -m mark --mark 0x4000/0x4000 -j RETURN; \
+         iptables -t mangle -A PREROUTING -p udp --dport 53 -d 10.96.0.10 -j RETURN",
+    ).expect("shell in namespace");
+    move || -> (u64, u64) {
+        let listing = node
+            .ns
+            .sh("iptables -t mangle -nvxL PREROUTING")
+            .expect("shell in namespace");
+        let mut rows = listing
+            .lines()
+            .filter(|l| l.contains("10.96.0.10") && l.contains("dpt:53"))
+            .map(|l| {
+                l.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            });
+        (rows.next().unwrap_or(0), rows.next().unwrap_or(0))
+    }
 }
 
 /// After a migration: the new capacity, the new program on the same links, no staging left.

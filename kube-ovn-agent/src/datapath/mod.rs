@@ -320,12 +320,15 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         let program_id = self.program_id;
         swap_everywhere(self.program(), program_id, pins, config, rtnl).await?;
+        object::crash_point("migration-swapped");
         pin_program(pins, self.program())?;
         if let Some(ebpf) = &self.ebpf {
             pin_frozen(pins, ebpf)?;
         }
+        object::crash_point("migration-program-pinned");
         for name in &self.migrating {
             rename(&pins.staging().join(name), &pins.maps().join(name))?;
+            object::crash_point("migration-renamed-first");
         }
         let _ = std::fs::remove_dir(pins.staging());
         let identity = self.identity;
@@ -396,6 +399,7 @@ async fn swap_everywhere(
             ifname: found.ifname.clone(),
             source,
         })?;
+        object::crash_point("swapped-first-attachment");
     }
     Ok(())
 }

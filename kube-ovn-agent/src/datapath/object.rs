@@ -237,6 +237,21 @@ pub(crate) fn max_entries_overrides() -> Vec<(&'static str, u32)> {
     Vec::new()
 }
 
+/// `KOVN_TEST_CRASH_AT=<point>`: the process aborts at that named point of a map-layout
+/// migration, as a `kill -9` there would, so the tests can restart from every state an
+/// interrupted migration leaves (`tests/reliability.rs`). Only in builds with the `testing`
+/// feature; elsewhere a no-op.
+#[cfg(feature = "testing")]
+pub(crate) fn crash_point(point: &str) {
+    if std::env::var_os("KOVN_TEST_CRASH_AT").is_some_and(|at| at == point) {
+        eprintln!("KOVN_TEST_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}
+
+#[cfg(not(feature = "testing"))]
+pub(crate) fn crash_point(_point: &str) {}
+
 /// Kernels before 5.11 charge BPF memory to `RLIMIT_MEMLOCK`; later ones use memcg and ignore it.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
