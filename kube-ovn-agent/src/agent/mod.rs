@@ -562,9 +562,10 @@ impl<K: Kernel> Agent<K> {
                 }
             }
             Changes::Objects(_) | Changes::Reset => {
-                self.engine.reset(&running.source.snapshot());
-                // The snapshot (Services built from the kube source's projection) and the
-                // engine's previous state are freed.
+                // Services are translated where the source keeps them, not copied out.
+                self.engine
+                    .reset_with(|service| running.source.read(service));
+                // The engine's previous state is freed.
                 crate::source::release_freed_memory();
                 self.owed = Owed::FullWrite;
             }

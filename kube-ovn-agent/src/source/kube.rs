@@ -1,9 +1,10 @@
-//! `--source kube`: kube-rs watchers feeding reflector stores, one task per kind.
+//! `--source kube`: kube-rs watchers feeding stores, one task per kind.
 //!
 //! Each kind is listed and then watched with kube-rs' default backoff; watch errors are counted
 //! and retried, never fatal. Objects are trimmed in `.modify()` to the fields the translation (and,
 //! for Pods, the TPROXY replacement) reads, so the stores stay small on large clusters; Services,
-//! the many, are decoded straight into that projection ([`StoredService`]). A kind is
+//! the many, are decoded straight into that projection ([`StoredService`]) and kept in a store
+//! of our own ([`services`]); the other kinds in kube-rs reflector stores. A kind is
 //! `listed` from its first complete list on; an optional API the server does not serve
 //! (ServiceCIDR before Kubernetes 1.33) counts as listed and empty.
 
@@ -32,9 +33,12 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::{Changes, ClusterSource, Feed, Journal, Running, SourceStatus};
-use crate::cluster::{
-    HEADLESS_LABEL, IP_ADDRESS_ANNOTATION, KUBE_PROXY_SERVICE_SELECTOR, Kind,
-    SERVICE_PROXY_NAME_LABEL, Snapshot, Subnet, Watched, object_name,
+use crate::{
+    cluster::{
+        HEADLESS_LABEL, IP_ADDRESS_ANNOTATION, KUBE_PROXY_SERVICE_SELECTOR, Kind,
+        SERVICE_PROXY_NAME_LABEL, Snapshot, Subnet, Watched, object_name,
+    },
+    translate::ServiceView,
 };
 
 /// The Pod annotation naming the pod's Subnet (Kube-OVN's `ovn.kubernetes.io/logical_switch`).
@@ -112,7 +116,7 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
     // etcd: a DaemonSet's many agents restarting together must not each read every object
     // from etcd; the watch that follows brings the view up to date.
     let all = watcher::Config::default().any_semantic();
-    let subnets = spawner.watch(
+    let subnets = spawner.reflect(
         Kind::Subnet,
         Api::all(client.clone()),
         &all,
@@ -122,16 +126,18 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
     // The Services kube-proxy sees: the same label selector as its informers. Decoded straight
     // into what is stored: nothing to trim.
     let proxied = all.clone().labels(KUBE_PROXY_SERVICE_SELECTOR);
-    let services = spawner.watch(
+    let (services, service_writer) = ServiceStore::new();
+    spawner.watch(
         Kind::Service,
         Api::all(client.clone()),
         &proxied,
         |_| {},
         decodes,
+        service_writer,
     );
     // Decoded straight into what is stored, like Services: nothing to trim.
-    let nodes = spawner.watch(Kind::Node, Api::all(client.clone()), &all, |_| {}, decodes);
-    let service_cidrs = spawner.watch(
+    let nodes = spawner.reflect(Kind::Node, Api::all(client.clone()), &all, |_| {}, decodes);
+    let service_cidrs = spawner.reflect(
         Kind::ServiceCidr,
         Api::all(client.clone()),
         &all,
@@ -142,7 +148,7 @@ pub fn start_with_client(client: Client, options: &KubeOptions) -> Result<Runnin
         let this_node = all
             .clone()
             .fields(&format!("spec.nodeName={}", options.node_name));
-        spawner.watch(Kind::Pod, Api::all(client), &this_node, trim_pod, decodes)
+        spawner.reflect(Kind::Pod, Api::all(client), &this_node, trim_pod, decodes)
     });
     let source = KubeSource {
         subnets,
@@ -170,8 +176,8 @@ struct Spawner {
 }
 
 impl Spawner {
-    /// Spawns the watcher of one kind; returns the store it fills.
-    fn watch<K>(
+    /// Spawns the watcher of one kind into a reflector store; returns the store.
+    fn reflect<K>(
         &mut self,
         kind: Kind,
         api: Api<K>,
@@ -189,7 +195,28 @@ impl Spawner {
             + Sync
             + 'static,
     {
-        let (store, writer) = reflector::store();
+        let (reader, writer) = reflector::store();
+        let store = Reflected {
+            writer,
+            reader: reader.clone(),
+        };
+        self.watch(kind, api, config, trim, problem, store);
+        reader
+    }
+
+    /// Spawns the watcher of one kind, feeding `store`.
+    fn watch<K, S>(
+        &mut self,
+        kind: Kind,
+        api: Api<K>,
+        config: &watcher::Config,
+        trim: fn(&mut K),
+        problem: fn(&K) -> Option<&str>,
+        store: S,
+    ) where
+        K: ::kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+        S: KindStore<K>,
+    {
         let watch = Watch {
             kind,
             api,
@@ -202,17 +229,53 @@ impl Spawner {
             stall: self.stall,
         };
         self.tasks.spawn_on(
-            run(watch, writer, self.feed.clone(), self.journal.clone()),
+            run(watch, store, self.feed.clone(), self.journal.clone()),
             &self.runtime,
         );
-        store
     }
 }
 
-/// The reflector stores of a running kube source. Dropping it stops the watchers.
+/// Where one kind's watch events are kept.
+trait KindStore<K>: Send + 'static {
+    /// Applies `event` and records it in `journal`: an upsert with the object as stored, a
+    /// delete by name, a completed list as a change of the whole view.
+    fn apply(&mut self, event: Event<K>, journal: &Journal);
+    /// Objects stored.
+    fn len(&self) -> usize;
+    /// The stored version of `object` (by its name), as the watcher gives it.
+    fn stored(&self, object: &K) -> Option<K>;
+}
+
+/// A kube-rs reflector store.
+struct Reflected<K: ::kube::Resource<DynamicType = ()> + Clone + 'static> {
+    writer: Writer<K>,
+    reader: Store<K>,
+}
+
+impl<K> KindStore<K> for Reflected<K>
+where
+    K: ::kube::Resource<DynamicType = ()> + Watched + Clone + Send + Sync + 'static,
+{
+    fn apply(&mut self, event: Event<K>, journal: &Journal) {
+        self.writer.apply_watcher_event(&event);
+        record(journal, &self.reader, &event);
+    }
+
+    fn len(&self) -> usize {
+        self.reader.len()
+    }
+
+    fn stored(&self, object: &K) -> Option<K> {
+        self.reader
+            .get(&ObjectRef::from_obj(object))
+            .map(|o| (*o).clone())
+    }
+}
+
+/// The stores of a running kube source. Dropping it stops the watchers.
 pub struct KubeSource {
     subnets: Store<Subnet>,
-    services: Store<StoredService>,
+    services: ServiceStore,
     nodes: Store<StoredNode>,
     service_cidrs: Store<ServiceCIDR>,
     pods: Option<Store<Pod>>,
@@ -225,14 +288,17 @@ pub struct KubeSource {
 impl ClusterSource for KubeSource {
     fn snapshot(&self) -> Snapshot {
         Snapshot {
+            // Built on demand: what is stored stays compact.
+            services: self.services.services(),
+            ..self.read(&mut |_, _| {})
+        }
+    }
+
+    fn read(&self, service: &mut dyn FnMut(&str, &dyn ServiceView)) -> Snapshot {
+        self.services.read(service);
+        Snapshot {
             subnets: self.subnets.state(),
-            // Built on demand (a full read happens on a relist): what is stored stays compact.
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| Arc::new(s.service()))
-                .collect(),
+            services: Vec::new(),
             nodes: self.nodes.state().iter().map(|n| n.0.clone()).collect(),
             service_cidrs: self.service_cidrs.state(),
             pods: self.pods.as_ref().map(Store::state).unwrap_or_default(),
@@ -280,244 +346,10 @@ macro_rules! core_v1_resource {
     };
 }
 
-/// A Service as the kube source stores it: decoded straight from the API's JSON into the fields
-/// the translation reads, while the rest (managedFields, annotations, other labels, the
-/// selector, status, port names, …) is skipped by the decoder without being built. At 100 000
-/// Services the reflector store is the agent's largest structure, so what is kept is kept
-/// compactly: the values Kubernetes defines (type, traffic policy, protocol) as variants, a
-/// canonical address as an address, only the effective ClusterIP list, and any other text
-/// verbatim, so [`StoredService::service`] gives a `Service` the translation reads exactly as it
-/// reads the API's.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(from = "DecodedService")]
-pub struct StoredService {
-    metadata: ObjectMeta,
-    spec: Option<StoredSpec>,
-}
+// After the macro, which it uses.
+mod services;
 
-/// What the decoder builds of a Service, turned into a [`StoredService`] at once.
-#[derive(Deserialize)]
-struct DecodedService {
-    #[serde(deserialize_with = "stored_meta")]
-    metadata: ObjectMeta,
-    #[serde(default)]
-    spec: Option<DecodedSpec>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct DecodedSpec {
-    #[serde(default, rename = "type")]
-    type_: Option<String>,
-    #[serde(default, rename = "clusterIP")]
-    cluster_ip: Option<String>,
-    #[serde(default, rename = "clusterIPs")]
-    cluster_ips: Option<Vec<String>>,
-    #[serde(default)]
-    external_traffic_policy: Option<String>,
-    #[serde(default)]
-    ports: Option<Vec<DecodedPort>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct DecodedPort {
-    #[serde(default)]
-    protocol: Option<String>,
-    /// Required, as in k8s-openapi's `ServicePort`.
-    port: i32,
-    #[serde(default)]
-    node_port: Option<i32>,
-}
-
-#[derive(Clone, Debug)]
-struct StoredSpec {
-    type_: Text,
-    external_traffic_policy: Text,
-    /// `clusterIPs`, or `clusterIP` when that list is absent or empty (what the translation
-    /// reads); `None` when neither is set.
-    cluster_ips: Option<Box<[StoredIp]>>,
-    ports: Option<Box<[StoredPort]>>,
-}
-
-#[derive(Clone, Debug)]
-struct StoredPort {
-    protocol: Text,
-    port: i32,
-    node_port: Option<i32>,
-}
-
-/// An optional string field: one of the values Kubernetes defines for it, without an allocation,
-/// or any other text as it came.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Text {
-    Absent,
-    Known(&'static str),
-    Other(Box<str>),
-}
-
-/// Every value [`Text::Known`] holds: Service types, traffic policies, port protocols.
-const KNOWN_TEXT: &[&str] = &[
-    "ClusterIP",
-    "NodePort",
-    "LoadBalancer",
-    "ExternalName",
-    "Cluster",
-    "Local",
-    "TCP",
-    "UDP",
-    "SCTP",
-];
-
-impl Text {
-    fn new(text: Option<String>) -> Self {
-        match text {
-            None => Self::Absent,
-            Some(t) => KNOWN_TEXT
-                .iter()
-                .find(|k| **k == t)
-                .map_or_else(|| Self::Other(t.into_boxed_str()), |k| Self::Known(k)),
-        }
-    }
-
-    fn string(&self) -> Option<String> {
-        match self {
-            Self::Absent => None,
-            Self::Known(t) => Some((*t).to_owned()),
-            Self::Other(t) => Some(t.to_string()),
-        }
-    }
-}
-
-/// A ClusterIP as the API gave it: an address when the text is the address's canonical form
-/// (printing it gives the same text back), the text otherwise ("None", a malformed value).
-#[derive(Clone, Debug)]
-enum StoredIp {
-    Addr(std::net::IpAddr),
-    Text(Box<str>),
-}
-
-impl StoredIp {
-    fn new(text: String) -> Self {
-        match text.parse::<std::net::IpAddr>() {
-            Ok(ip) if ip.to_string() == text => Self::Addr(ip),
-            _ => Self::Text(text.into_boxed_str()),
-        }
-    }
-
-    fn string(&self) -> String {
-        match self {
-            Self::Addr(ip) => ip.to_string(),
-            Self::Text(t) => t.to_string(),
-        }
-    }
-}
-
-impl From<DecodedService> for StoredService {
-    fn from(decoded: DecodedService) -> Self {
-        let spec = decoded.spec.map(|spec| {
-            let listed = match (spec.cluster_ips, spec.cluster_ip) {
-                (Some(list), _) if !list.is_empty() => Some(list),
-                (_, Some(one)) => Some(vec![one]),
-                (list, None) => list,
-            };
-            StoredSpec {
-                type_: Text::new(spec.type_),
-                external_traffic_policy: Text::new(spec.external_traffic_policy),
-                cluster_ips: listed.map(|l| l.into_iter().map(StoredIp::new).collect()),
-                ports: spec.ports.map(|ports| {
-                    ports
-                        .into_iter()
-                        .map(|p| StoredPort {
-                            protocol: Text::new(p.protocol),
-                            port: p.port,
-                            node_port: p.node_port,
-                        })
-                        .collect()
-                }),
-            }
-        });
-        Self {
-            metadata: decoded.metadata,
-            spec,
-        }
-    }
-}
-
-/// The metadata [`trim_meta`] keeps of a Service, decoded without the rest.
-fn stored_meta<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Meta {
-        #[serde(default)]
-        name: Option<String>,
-        #[serde(default)]
-        namespace: Option<String>,
-        // uid is not kept: nothing reads it, and it is the longest string of the metadata.
-        // resourceVersion is: the watcher resumes from the last one it saw.
-        #[serde(default)]
-        resource_version: Option<String>,
-        #[serde(default)]
-        deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
-        #[serde(default)]
-        labels: Option<BTreeMap<String, String>>,
-    }
-    let meta = Meta::deserialize(deserializer)?;
-    let mut kept = ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        resource_version: meta.resource_version,
-        deletion_timestamp: meta.deletion_timestamp,
-        labels: meta.labels,
-        ..ObjectMeta::default()
-    };
-    trim_meta(&mut kept, &[], &[SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL]);
-    Ok(kept)
-}
-
-impl StoredService {
-    /// The `Service` this stands for: what [`trim_service`] leaves of the API's, less what the
-    /// translation does not read (port names, `clusterIP` beside a `clusterIPs` list).
-    pub fn service(&self) -> Service {
-        Service {
-            metadata: self.metadata.clone(),
-            spec: self.spec.as_ref().map(|spec| {
-                let cluster_ips: Option<Vec<String>> = spec
-                    .cluster_ips
-                    .as_ref()
-                    .map(|ips| ips.iter().map(StoredIp::string).collect());
-                ServiceSpec {
-                    type_: spec.type_.string(),
-                    cluster_ip: cluster_ips.as_ref().and_then(|ips| ips.first().cloned()),
-                    cluster_ips,
-                    external_traffic_policy: spec.external_traffic_policy.string(),
-                    ports: spec.ports.as_ref().map(|ports| {
-                        ports
-                            .iter()
-                            .map(|p| ServicePort {
-                                protocol: p.protocol.string(),
-                                port: p.port,
-                                node_port: p.node_port,
-                                ..ServicePort::default()
-                            })
-                            .collect()
-                    }),
-                    ..ServiceSpec::default()
-                }
-            }),
-            status: None,
-        }
-    }
-}
-
-core_v1_resource!(
-    StoredService,
-    "Service",
-    "services",
-    NamespaceResourceScope,
-    |s| &s.metadata,
-    |s| &mut s.metadata
-);
+pub use self::services::{ServiceStore, StoredService, WatchedService};
 
 /// A Node as the kube source stores it: decoded straight from the API's JSON into what
 /// [`trim_node`] keeps (name, identity, the join-address annotation, the mode label,
@@ -612,16 +444,6 @@ impl Watched for StoredNode {
     }
 }
 
-impl Watched for StoredService {
-    const KIND: Kind = Kind::Service;
-    fn object(this: Arc<Self>) -> crate::cluster::Object {
-        crate::cluster::Object::Service(Arc::new(this.service()))
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-}
-
 /// The k8s-openapi kinds decode whole or fail the list: the API server validated them.
 fn decodes<K>(_: &K) -> Option<&str> {
     None
@@ -643,18 +465,11 @@ struct Watch<K: ::kube::Resource + Clone> {
 }
 
 /// Feeds `writer` from a watcher until the task is aborted.
-async fn run<K>(w: Watch<K>, mut writer: Writer<K>, feed: Arc<Feed>, journal: Arc<Journal>)
+async fn run<K, S>(w: Watch<K>, mut store: S, feed: Arc<Feed>, journal: Arc<Journal>)
 where
-    K: ::kube::Resource<DynamicType = ()>
-        + Watched
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
+    K: ::kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+    S: KindStore<K>,
 {
-    let reader = writer.as_reader();
     let kind = w.kind;
     let mut last_error: Option<String> = None;
     let mut announced_absent = false;
@@ -674,13 +489,12 @@ where
             let Some(item) = item else { break };
             match item {
                 Ok(event) => {
-                    let Some(event) = rejects.screen(event, &w, &reader, &feed) else {
-                        continue;
+                    let screen = Screen {
+                        kind,
+                        problem: w.problem,
                     };
-                    writer.apply_watcher_event(&event);
-                    record(&journal, &reader, &event);
-                    match event {
-                        Event::InitDone => {
+                    match apply_event(event, screen, &mut store, &mut rejects, &feed, &journal) {
+                        Some(Applied::Listed) => {
                             listing = false;
                             retry = Retry::default();
                             if announced_absent {
@@ -690,19 +504,10 @@ where
                             if last_error.take().is_some() {
                                 info!(kind = kind.name(), "watch recovered");
                             }
-                            let objects = reader.len();
-                            debug!(kind = kind.name(), objects, "listed");
-                            feed.listed(kind, objects);
-                            feed.changed();
                         }
-                        Event::Apply(_) | Event::Delete(_) => {
-                            retry = Retry::default();
-                            let objects = reader.len();
-                            feed.event(kind, objects);
-                            feed.changed();
-                        }
-                        Event::Init => listing = true,
-                        Event::InitApply(_) => {}
+                        Some(Applied::Changed) => retry = Retry::default(),
+                        Some(Applied::Relisting) => listing = true,
+                        Some(Applied::Listing) | None => {}
                     }
                 }
                 Err(error) if w.optional && not_served(&error) => {
@@ -716,9 +521,8 @@ where
                         announced_absent = true;
                     }
                     // An empty relist: clears whatever the store held if the API went away.
-                    writer.apply_watcher_event(&Event::Init);
-                    writer.apply_watcher_event(&Event::InitDone);
-                    journal.reset();
+                    store.apply(Event::Init, &journal);
+                    store.apply(Event::InitDone, &journal);
                     feed.update(kind, |s| {
                         s.listed = true;
                         s.objects = 0;
@@ -757,8 +561,76 @@ where
     }
 }
 
-/// Records an applied event in the journal of changes: the stored object of an upsert (a
-/// Service as the `Service` it stands for), the name of a delete; a completed relist replaces the kind as a whole.
+/// What an event did, for the watch loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// A list starts (`Init`).
+    Relisting,
+    /// An object of the list under way.
+    Listing,
+    /// A list completed: the store holds what it listed.
+    Listed,
+    /// An object was created, changed or deleted.
+    Changed,
+}
+
+/// How the objects of one kind are screened ([`Rejects::screen`]).
+struct Screen<K> {
+    kind: Kind,
+    /// Why an object that decoded cannot be used (see [`Subnet::decode_error`]).
+    problem: fn(&K) -> Option<&str>,
+}
+
+// Not derived: a derive would ask `K: Copy`.
+impl<K> Clone for Screen<K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K> Copy for Screen<K> {}
+
+/// Screens one watch event ([`Rejects`]), applies it to `store` and the journal, and reports it
+/// in the kind's status. `None` when the event was dropped.
+fn apply_event<K, S>(
+    event: Event<K>,
+    screen: Screen<K>,
+    store: &mut S,
+    rejects: &mut Rejects,
+    feed: &Feed,
+    journal: &Journal,
+) -> Option<Applied>
+where
+    K: ::kube::Resource<DynamicType = ()> + Clone,
+    S: KindStore<K>,
+{
+    let event = rejects.screen(event, screen, &*store, feed)?;
+    let applied = match &event {
+        Event::Init => Applied::Relisting,
+        Event::InitApply(_) => Applied::Listing,
+        Event::InitDone => Applied::Listed,
+        Event::Apply(_) | Event::Delete(_) => Applied::Changed,
+    };
+    store.apply(event, journal);
+    let kind = screen.kind;
+    match applied {
+        Applied::Listed => {
+            let objects = store.len();
+            debug!(kind = kind.name(), objects, "listed");
+            feed.listed(kind, objects);
+            feed.changed();
+        }
+        Applied::Changed => {
+            feed.event(kind, store.len());
+            feed.changed();
+        }
+        Applied::Relisting | Applied::Listing => {}
+    }
+    Some(applied)
+}
+
+/// Records an applied event in the journal of changes: the stored object of an upsert, the
+/// name of a delete; a completed relist replaces the kind as a whole.
 fn record<K>(journal: &Journal, reader: &Store<K>, event: &Event<K>)
 where
     K: ::kube::Resource<DynamicType = ()> + Watched + Clone,
@@ -854,17 +726,18 @@ impl Rejects {
     /// Passes `event` on, or replaces or drops it when it carries an object that cannot be
     /// used: a new one is left out, a changed one keeps its last good version (the store's; a
     /// relist puts that back), as Kube-OVN's controller leaves one bad Subnet unprocessed.
-    fn screen<K>(
+    fn screen<K, S>(
         &mut self,
         event: Event<K>,
-        w: &Watch<K>,
-        reader: &Store<K>,
+        screen: Screen<K>,
+        store: &S,
         feed: &Feed,
     ) -> Option<Event<K>>
     where
         K: ::kube::Resource<DynamicType = ()> + Clone,
+        S: KindStore<K> + ?Sized,
     {
-        let kind = w.kind;
+        let kind = screen.kind;
         let object = match &event {
             Event::Init => {
                 self.before_relist = std::mem::take(&mut self.now);
@@ -883,7 +756,7 @@ impl Rejects {
             }
             Event::Apply(object) | Event::InitApply(object) => object,
         };
-        let problem = (w.problem)(object);
+        let problem = (screen.problem)(object);
         if problem.is_none() && self.now.is_empty() {
             // The common case, every event of every kind: no name built.
             return Some(event);
@@ -900,7 +773,7 @@ impl Rejects {
             }
             return Some(event);
         };
-        let previous = reader.get(&ObjectRef::from_obj(object));
+        let previous = store.stored(object);
         let message = format!("{} {name}: {problem}", kind.name());
         let reported = self.now.get(&name).or(self.before_relist.get(&name));
         if reported.map(String::as_str) != Some(problem) {
@@ -921,7 +794,7 @@ impl Rejects {
         feed.rejected_now(kind, self.now.len());
         match (event, previous) {
             // A relist rebuilds the store from what it lists: list the last good version.
-            (Event::InitApply(_), Some(previous)) => Some(Event::InitApply((*previous).clone())),
+            (Event::InitApply(_), Some(previous)) => Some(Event::InitApply(previous)),
             _ => None,
         }
     }
@@ -1077,7 +950,7 @@ mod tests {
         translate::{KubeProxySets, NodeFacts, Options, translate},
     };
 
-    fn noisy(meta: &mut ObjectMeta) {
+    pub(super) fn noisy(meta: &mut ObjectMeta) {
         meta.managed_fields = Some(vec![ManagedFieldsEntry {
             manager: Some("kubectl".into()),
             ..ManagedFieldsEntry::default()
@@ -1180,7 +1053,7 @@ mod tests {
     }
 
     /// Node n1's facts and kube-proxy in IPVS mode, for translating the spec cluster.
-    fn node_n1_ipvs() -> (NodeFacts, Options) {
+    pub(super) fn node_n1_ipvs() -> (NodeFacts, Options) {
         let node = NodeFacts {
             node_name: "n1".into(),
             ..NodeFacts::default()
@@ -1236,116 +1109,6 @@ mod tests {
                 },
                 ..Node::default()
             }
-        );
-    }
-
-    /// The spec cluster's Services, and variants with every odd value a stored Service keeps.
-    fn odd_services() -> Vec<Service> {
-        let mut services: Vec<Service> = spec_cluster()
-            .services
-            .iter()
-            .map(|s| (**s).clone())
-            .collect();
-        let odd = |name: &str, change: &dyn Fn(&mut ServiceSpec)| {
-            let mut s = services[0].clone();
-            s.metadata.name = Some(name.into());
-            change(s.spec.as_mut().unwrap());
-            s
-        };
-        let variants = [
-            odd("dual-local", &|spec| {
-                spec.cluster_ips = Some(vec!["10.96.0.9".into(), "fd00:10:96::9".into()]);
-                spec.type_ = Some("NodePort".into());
-                spec.external_traffic_policy = Some("Local".into());
-                spec.selector = Some(BTreeMap::from([("a".into(), "b".into())]));
-                for (i, port) in spec.ports.iter_mut().flatten().enumerate() {
-                    port.node_port = Some(30_100 + i32::try_from(i).unwrap());
-                }
-            }),
-            odd("one-ip-only", &|spec| {
-                spec.cluster_ips = Some(Vec::new());
-                spec.cluster_ip = Some("10.96.0.19".into());
-            }),
-            // Not canonical: kept as text, so the translation parses (and accepts) it as it would.
-            odd("leading-zeros", &|spec| {
-                spec.cluster_ips = Some(vec!["010.096.000.029".into()]);
-            }),
-            odd("malformed-and-headless", &|spec| {
-                spec.cluster_ips = Some(vec!["10.96.0.300".into(), "None".into()]);
-            }),
-            odd("unknown-values", &|spec| {
-                spec.type_ = Some("Weird".into());
-                spec.external_traffic_policy = Some("Sometimes".into());
-                for port in spec.ports.iter_mut().flatten() {
-                    port.protocol = Some("QUIC".into());
-                }
-            }),
-            odd("no-protocol", &|spec| {
-                for port in spec.ports.iter_mut().flatten() {
-                    port.protocol = None;
-                    port.name = Some("named".into());
-                }
-            }),
-        ];
-        services.extend(variants);
-        services.push(Service {
-            metadata: ObjectMeta {
-                name: Some("no-spec".into()),
-                namespace: Some("ns".into()),
-                ..ObjectMeta::default()
-            },
-            ..Service::default()
-        });
-        services
-    }
-
-    #[test]
-    fn a_stored_service_translates_as_the_trimmed_service() {
-        let services = odd_services();
-        let (node, options) = node_n1_ipvs();
-        let translated = |service: Service| {
-            let mut cluster = spec_cluster();
-            cluster.services = vec![Arc::new(service)];
-            translate(&cluster, &node, &options)
-        };
-        let mut programmed = 0;
-        for (i, mut full) in services.into_iter().enumerate() {
-            noisy(&mut full.metadata);
-            full.metadata.uid = Some(format!("5f1c2a4e-0000-4000-8000-{i:012}"));
-            if i % 2 == 1 {
-                // Kept, and honoured alike.
-                full.metadata
-                    .labels
-                    .get_or_insert_default()
-                    .insert(SERVICE_PROXY_NAME_LABEL.into(), "other".into());
-            }
-            // As the API serves it: with its type and a status.
-            let mut json = serde_json::to_value(&full).unwrap();
-            json["apiVersion"] = "v1".into();
-            json["kind"] = "Service".into();
-            json["status"] = serde_json::json!({"loadBalancer": {}});
-            let stored: StoredService = serde_json::from_value(json).unwrap();
-            let mut trimmed = full;
-            trim_service(&mut trimmed);
-            let (ours, theirs) = (stored.service(), trimmed.clone());
-            let name = object_name(&theirs.metadata);
-            assert_eq!(object_name(&ours.metadata), name);
-            assert_eq!(ours.metadata.labels, theirs.metadata.labels, "{name}");
-            assert_eq!(ours.metadata.resource_version.as_deref(), Some("42"));
-            assert!(ours.metadata.uid.is_none() && ours.metadata.managed_fields.is_none());
-            let (ours, theirs) = (translated(ours), translated(theirs));
-            assert_eq!(ours.desired, theirs.desired, "{name}");
-            assert_eq!(ours.issues, theirs.issues, "{name}");
-            programmed += usize::from(!theirs.desired.v4.service_ports.is_empty());
-        }
-        assert!(programmed >= 4, "most variants program ports: {programmed}");
-        let missing_port = serde_json::json!({
-            "metadata": {"name": "x"},
-            "spec": {"ports": [{"protocol": "TCP"}]}
-        });
-        assert!(
-            serde_json::from_value::<StoredService>(missing_port).is_err(),
-            "a port without its number is refused, as k8s-openapi refuses it"
         );
     }
 

@@ -10,7 +10,10 @@ use std::{
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::cluster::{Kind, Snapshot};
+use crate::{
+    cluster::{Kind, Snapshot, object_name},
+    translate::ServiceView,
+};
 
 pub mod file;
 pub mod journal;
@@ -138,6 +141,16 @@ pub struct Change {
 pub trait ClusterSource: Send + Sync {
     /// The current objects (cheap: `Arc` clones).
     fn snapshot(&self) -> Snapshot;
+    /// The current objects for a full read: [`Self::snapshot`] with its Services handed one by
+    /// one to `service` (by `namespace/name`) instead. A source that keeps Services as a
+    /// projection hands out the projection in place and builds no `Service` per object.
+    fn read(&self, service: &mut dyn FnMut(&str, &dyn ServiceView)) -> Snapshot {
+        let mut snapshot = self.snapshot();
+        for s in std::mem::take(&mut snapshot.services) {
+            service(&object_name(&s.metadata), &*s);
+        }
+        snapshot
+    }
     fn status(&self) -> SourceStatus;
     /// The object changes since the last call, for an incremental translation; the default
     /// (a source without a journal) always asks for a full re-read of [`Self::snapshot`].

@@ -33,7 +33,7 @@ use kube_ovn_ebpf_common::rule;
 
 use super::{
     Issue, NodeFacts, Options, Translation,
-    services::{ServiceEntries, service_entries},
+    services::{ServiceEntries, ServiceView, service_entries},
     translate,
 };
 use crate::{
@@ -150,6 +150,34 @@ impl Incremental {
     /// Starts over from a complete view (a first list, a relist, a new file version). Keeps
     /// its allocations.
     pub fn reset(&mut self, snapshot: &Snapshot) {
+        self.clear();
+        self.services.reserve(snapshot.services.len());
+        for change in snapshot.changes() {
+            self.apply(change);
+        }
+        self.base = None;
+    }
+
+    /// [`Self::reset`] from a view that `read` returns and whose Services it hands, one by
+    /// one, to the function it is given, by `namespace/name`, instead of putting them in the
+    /// snapshot: each is translated where it is stored (see [`ServiceView`]), no `Service` is
+    /// built for it.
+    pub fn reset_with(
+        &mut self,
+        read: impl FnOnce(&mut dyn FnMut(&str, &dyn ServiceView)) -> Snapshot,
+    ) {
+        self.clear();
+        let snapshot = read(&mut |key, service| {
+            self.service(key.to_owned(), Some(service_entries(service)));
+        });
+        for change in snapshot.changes() {
+            self.apply(change);
+        }
+        self.base = None;
+    }
+
+    /// Forgets every object; the next step is full.
+    fn clear(&mut self) {
         self.subnets.clear();
         self.nodes.clear();
         self.service_cidrs.clear();
@@ -158,21 +186,16 @@ impl Incremental {
         self.counts = Counts::default();
         self.service_issues.clear();
         self.touched = ServiceTouched::default();
-        self.services.reserve(snapshot.services.len());
         // The next step is full (a rebuild from the counts): which keys each Service touched
         // is not needed, and recording it was a sorted insert per key of every Service.
         self.reset = true;
-        for change in snapshot.changes() {
-            self.apply(change);
-        }
-        self.base = None;
     }
 
     /// Takes one object change in: O(that object) for a Service.
     pub fn apply(&mut self, change: ObjectChange) {
         let ObjectChange { kind, key, object } = change;
         match object {
-            Some(Object::Service(service)) => self.service(key, Some(service_entries(&service))),
+            Some(Object::Service(service)) => self.service(key, Some(service_entries(&*service))),
             None if kind == Kind::Service => self.service(key, None),
             Some(Object::Subnet(o)) => upsert(&mut self.subnets, key, o, &mut self.base),
             Some(Object::Node(o)) => upsert(&mut self.nodes, key, o, &mut self.base),

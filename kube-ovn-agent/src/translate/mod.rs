@@ -24,6 +24,7 @@ mod tproxy;
 pub use self::{
     incremental::{Incremental, Step},
     nodes::own_internal_ips,
+    services::{ClusterIp, PortView, ServiceView},
 };
 use self::{
     nodes::other_nodes,

@@ -35,7 +35,7 @@ pub(super) fn services(snapshot: &Snapshot, issues: &mut Vec<Issue>) -> ServiceS
         issues.extend(entries.issues.iter().cloned());
     };
     for service in &snapshot.services {
-        add(&service_entries(service), issues);
+        add(&service_entries(&**service), issues);
     }
     ServiceSets {
         v4: FamilyServices {
@@ -51,12 +51,87 @@ pub(super) fn services(snapshot: &Snapshot, issues: &mut Vec<Issue>) -> ServiceS
     }
 }
 
-pub(super) fn service_entries(service: &Service) -> ServiceEntries {
+/// A Service as the translation reads it: a `Service`, or a source's projection of one read in
+/// place (the kube source's store), so a full read of the cluster costs no `Service` per object.
+/// Both are translated by the one [`service_entries`].
+pub trait ServiceView {
+    /// `namespace/name` ([`object_name`]), for issues.
+    fn name(&self) -> String;
+    /// Whether kube-proxy ignores the Service for its labels ([`ignored_by_kube_proxy`]).
+    fn ignored_by_kube_proxy(&self) -> bool;
+    fn has_spec(&self) -> bool;
+    /// `spec.type`.
+    fn type_(&self) -> Option<&str>;
+    /// `spec.externalTrafficPolicy`.
+    fn external_traffic_policy(&self) -> Option<&str>;
+    /// Each address kube-proxy reads, in order: `spec.clusterIPs`, or `spec.clusterIP` when
+    /// that list is absent or empty.
+    fn cluster_ips(&self, each: &mut dyn FnMut(ClusterIp<'_>));
+    /// Each of `spec.ports`, in order.
+    fn ports(&self, each: &mut dyn FnMut(PortView<'_>));
+}
+
+/// One ClusterIP of a [`ServiceView`].
+#[derive(Clone, Copy, Debug)]
+pub enum ClusterIp<'a> {
+    /// The address whose canonical text (`Display`) the API gave: what parsing that text gives.
+    Addr(IpAddr),
+    /// The text as the API gave it, parsed as kube-proxy parses it.
+    Text(&'a str),
+}
+
+/// One port of a [`ServiceView`].
+#[derive(Clone, Copy, Debug)]
+pub struct PortView<'a> {
+    pub protocol: Option<&'a str>,
+    pub port: i32,
+    pub node_port: Option<i32>,
+}
+
+impl ServiceView for Service {
+    fn name(&self) -> String {
+        object_name(&self.metadata)
+    }
+    fn ignored_by_kube_proxy(&self) -> bool {
+        ignored_by_kube_proxy(&self.metadata)
+    }
+    fn has_spec(&self) -> bool {
+        self.spec.is_some()
+    }
+    fn type_(&self) -> Option<&str> {
+        self.spec.as_ref()?.type_.as_deref()
+    }
+    fn external_traffic_policy(&self) -> Option<&str> {
+        self.spec.as_ref()?.external_traffic_policy.as_deref()
+    }
+    fn cluster_ips(&self, each: &mut dyn FnMut(ClusterIp<'_>)) {
+        let Some(spec) = &self.spec else {
+            return;
+        };
+        let listed: &[String] = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(list), _) if !list.is_empty() => list,
+            (_, Some(one)) => std::slice::from_ref(one),
+            _ => &[],
+        };
+        for text in listed {
+            each(ClusterIp::Text(text));
+        }
+    }
+    fn ports(&self, each: &mut dyn FnMut(PortView<'_>)) {
+        let ports = self.spec.as_ref().and_then(|spec| spec.ports.as_ref());
+        for port in ports.into_iter().flatten() {
+            each(PortView {
+                protocol: port.protocol.as_deref(),
+                port: port.port,
+                node_port: port.node_port,
+            });
+        }
+    }
+}
+
+pub(super) fn service_entries<S: ServiceView + ?Sized>(service: &S) -> ServiceEntries {
     let mut out = ServiceEntries::default();
-    let Some(spec) = &service.spec else {
-        return out;
-    };
-    if ignored_by_kube_proxy(&service.metadata) {
+    if !service.has_spec() || service.ignored_by_kube_proxy() {
         return out;
     }
     let mut ips = Vec::new();
@@ -68,25 +143,25 @@ pub(super) fn service_entries(service: &Service) -> ServiceEntries {
         ips.iter().any(IpAddr::is_ipv4),
         ips.iter().any(IpAddr::is_ipv6),
     );
-    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local")
-        && matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-    for port in spec.ports.iter().flatten() {
-        let Some(proto) = Proto::from_service_port(port.protocol.as_deref()) else {
-            let other = port.protocol.as_deref().unwrap_or_default();
+    let etp_local = service.external_traffic_policy() == Some("Local")
+        && matches!(service.type_(), Some("NodePort" | "LoadBalancer"));
+    service.ports(&mut |port| {
+        let Some(proto) = Proto::from_service_port(port.protocol) else {
+            let other = port.protocol.unwrap_or_default();
             out.issues.push(Issue {
                 kind: Kind::Service.name(),
-                object: object_name(&service.metadata),
+                object: service.name(),
                 message: format!("unknown port protocol {other:?}; port skipped"),
             });
-            continue;
+            return;
         };
         let Ok(number) = u16::try_from(port.port) else {
             out.issues.push(Issue {
                 kind: Kind::Service.name(),
-                object: object_name(&service.metadata),
+                object: service.name(),
                 message: format!("port {} out of range; port skipped", port.port),
             });
-            continue;
+            return;
         };
         for ip in &ips {
             match *ip {
@@ -111,7 +186,7 @@ pub(super) fn service_entries(service: &Service) -> ServiceEntries {
             let (v4, v6) = match proto {
                 Proto::Tcp => (&mut out.local_tcp4, &mut out.local_tcp6),
                 Proto::Udp => (&mut out.local_udp4, &mut out.local_udp6),
-                Proto::Sctp => continue,
+                Proto::Sctp => return,
             };
             if has_v4 {
                 v4.push(node_port);
@@ -120,32 +195,27 @@ pub(super) fn service_entries(service: &Service) -> ServiceEntries {
                 v6.push(node_port);
             }
         }
-    }
+    });
     out
 }
 
-/// `spec.clusterIPs`, falling back to `spec.clusterIP`, appended to `ips`; `None` (headless) is
-/// no address, and an unparsable value is reported and skipped.
-pub(super) fn cluster_ips(service: &Service, issues: &mut Vec<Issue>, ips: &mut Vec<IpAddr>) {
-    let Some(spec) = &service.spec else {
-        return;
-    };
-    let listed: &[String] = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(list), _) if !list.is_empty() => list,
-        (_, Some(one)) => std::slice::from_ref(one),
-        _ => &[],
-    };
-    for text in listed
-        .iter()
-        .filter(|ip| !ip.is_empty() && ip.as_str() != "None")
-    {
-        match parse_ip_sloppy(text) {
+/// The Service's ClusterIPs ([`ServiceView::cluster_ips`]) appended to `ips`; `None` (headless)
+/// is no address, and an unparsable value is reported and skipped.
+pub(super) fn cluster_ips<S: ServiceView + ?Sized>(
+    service: &S,
+    issues: &mut Vec<Issue>,
+    ips: &mut Vec<IpAddr>,
+) {
+    service.cluster_ips(&mut |ip| match ip {
+        ClusterIp::Addr(ip) => ips.push(ip),
+        ClusterIp::Text(text) if text.is_empty() || text == "None" => {}
+        ClusterIp::Text(text) => match parse_ip_sloppy(text) {
             Some(ip) => ips.push(ip),
             None => issues.push(Issue {
                 kind: Kind::Service.name(),
-                object: object_name(&service.metadata),
+                object: service.name(),
                 message: format!("invalid clusterIP {text:?}; address skipped"),
             }),
-        }
-    }
+        },
+    });
 }

@@ -1089,6 +1089,15 @@ fn incremental_translation_equals_the_pure_one_over_random_histories() {
                 4 => node.local_v4 = [net4("192.168.0.11/32"), net4("10.16.0.1/32")].into(),
                 5 => node.ifaces = [(2, role::OVN0)].into(),
                 6 => engine.reset(&snapshot_of(&model)),
+                // A full read with the Services handed out one by one, as the kube source
+                // hands out its store.
+                7 => engine.reset_with(|each| {
+                    let mut snapshot = snapshot_of(&model);
+                    for s in std::mem::take(&mut snapshot.services) {
+                        each(&object_name(&s.metadata), &*s);
+                    }
+                    snapshot
+                }),
                 _ => {}
             }
             let step_out = engine.translate(&node, &options);
