@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::maps::PerCpuValues;
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapInfo, MapType, PerCpuValues, lpm_trie::Key};
 use kube_ovn_agent::{
     datapath::Datapath,
     datapath::maps::read_counters,
@@ -18,7 +18,9 @@ use kube_ovn_agent::{
         packet::{L4, Packet, TCP_ACK, TCP_SYN, TPID_8021AD, TPID_8021Q, ext},
     },
 };
-use kube_ovn_ebpf_common::{capacity, counter, iface_flag, role, rule};
+use kube_ovn_ebpf_common::{
+    ServicePortV4, capacity, counter, iface_flag, ipproto, mark, names, role, rule,
+};
 use libtest_mimic::{Failed, Trial};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
@@ -78,6 +80,10 @@ fn main() {
         Trial::test(
             "a_pinned_program_is_adopted_only_with_the_same_frozen_values",
             frozen_values_decide_adoption,
+        ),
+        Trial::test(
+            "array_fronts_answer_ipv4_hits_and_overflow_to_the_authority",
+            array_fronts,
         ),
     ]);
     kube_ovn_testkit::privileged::main("datapath tests", trials);
@@ -1028,6 +1034,140 @@ fn frozen_values_decide_adoption() -> Result<(), Failed> {
              when the frozen values match"
         )
         .into());
+    }
+    Ok(())
+}
+
+/// A second handle on one of the test program's maps, found by kernel name, for writes behind
+/// the agent's back.
+fn map_by_name(dp: &mut TestDatapath, name: &str) -> Map {
+    let ids = dp
+        .program()
+        .info()
+        .expect("program info")
+        .map_ids()
+        .expect("map ids")
+        .expect("the kernel reports map ids");
+    for id in ids {
+        let info = MapInfo::from_id(id).expect("map info");
+        if info.name_as_str() == Some(name) {
+            let data = MapData::from_id(id).expect("map by id");
+            return match info.map_type().expect("map type") {
+                MapType::Hash => Map::HashMap(data),
+                MapType::LpmTrie => Map::LpmTrie(data),
+                other => panic!("{name}: unexpected map type {other:?}"),
+            };
+        }
+    }
+    panic!("the program uses no map {name}");
+}
+
+/// The IPv4 R1a, R2 and R3 hits are answered by the array fronts (`kovn_svc4_front`,
+/// `kovn_loc4_front`, `kovn_oth4_front`): with the keys deleted from their hashes and tries
+/// behind the agent's back the packets still hit, so the program read the fronts. Keys past a
+/// set's four ways hit through the authority; a key the state drops leaves its front before
+/// its authority, and then misses.
+fn array_fronts() -> Result<(), Failed> {
+    let mut dp = TestDatapath::load();
+    let mut desired = fixture::desired(Mode::A, role::OVN0);
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, 20);
+    // Six ports of one ClusterIP: four fit its set, two stay in the hash only.
+    let ports: Vec<u16> = (8080..8086).collect();
+    for &port in &ports {
+        desired.v4.service_ports.insert(ServicePort {
+            addr: cluster_ip,
+            proto: Proto::Tcp,
+            port,
+        });
+    }
+    dp.apply(&desired);
+    let front = &dp.tables.fronts.service_ports_v4_array;
+    let in_front: Vec<u16> = front
+        .keys()
+        .filter(|k| k.addr == cluster_ip)
+        .map(|k| k.port)
+        .collect();
+    if in_front.len() != 4 {
+        return Err(format!("{} of the six ports in the front, want 4", in_front.len()).into());
+    }
+    let r1a = rule::bit(rule::R1A);
+    for &port in &ports {
+        let frame = Packet::tcp("10.16.0.5", "10.96.0.20", port).frame();
+        expect(
+            &mut dp,
+            &desired,
+            &format!("port {port}"),
+            &frame,
+            r1a,
+            None,
+        )?;
+    }
+
+    // Behind the agent's back: the ClusterIP ports, the other node and the local address
+    // leave their hashes and tries. What the fronts hold still hits.
+    let mut hash: HashMap<MapData, ServicePortV4, u8> =
+        map_by_name(&mut dp, names::SERVICE_PORTS_V4).try_into()?;
+    for &port in &ports {
+        hash.remove(&ServicePortV4 {
+            addr: cluster_ip.octets(),
+            port,
+            proto: ipproto::TCP,
+            pad: 0,
+        })?;
+    }
+    let other_node = Ipv4Addr::new(192, 168, 0, 12);
+    let mut others: HashMap<MapData, [u8; 4], u8> =
+        map_by_name(&mut dp, names::OTHER_NODES_V4).try_into()?;
+    others.remove(&other_node.octets())?;
+    let local = Ipv4Addr::new(192, 168, 0, 11);
+    let mut exact: HashMap<MapData, [u8; 4], u8> =
+        map_by_name(&mut dp, names::LOCAL_ADDRS_V4_EXACT).try_into()?;
+    exact.remove(&local.octets())?;
+    let mut trie: LpmTrie<MapData, [u8; 4], u8> =
+        map_by_name(&mut dp, names::LOCAL_ADDRS_V4).try_into()?;
+    trie.remove(&Key::new(32, local.octets()))?;
+    let run = |dp: &mut TestDatapath, frame: &[u8]| dp.run(frame, 0).map(|r| r.mark);
+    for &port in &ports {
+        let frame = Packet::tcp("10.16.0.5", "10.96.0.20", port).frame();
+        let want = in_front.contains(&port).then_some(mark::MASQUERADE);
+        let got = run(&mut dp, &frame).filter(|m| *m != 0);
+        if got != want {
+            return Err(format!(
+                "port {port} without its hash entry: mark {got:x?}, want {want:x?} (the front \
+                 holds {in_front:?})"
+            )
+            .into());
+        }
+    }
+    let frame = Packet::tcp("192.168.0.12", "192.168.0.11", 30080).frame();
+    let got = run(&mut dp, &frame);
+    if got != Some(mark::MASQUERADE | mark::NODEPORT_LOCAL) {
+        return Err(format!("R2/R3 from the fronts only: mark {got:x?}").into());
+    }
+
+    // The state drops the ClusterIP's ports: the front lets go of them with the prune pass,
+    // and nothing hits any more.
+    desired.v4.service_ports.retain(|k| k.addr != cluster_ip);
+    dp.apply(&desired);
+    for &port in &ports {
+        let frame = Packet::tcp("10.16.0.5", "10.96.0.20", port).frame();
+        expect(
+            &mut dp,
+            &desired,
+            &format!("dropped port {port}"),
+            &frame,
+            0,
+            None,
+        )?;
+    }
+    if dp
+        .tables
+        .fronts
+        .service_ports_v4_array
+        .keys()
+        .any(|k| k.addr == cluster_ip)
+    {
+        return Err("a dropped port stayed in the front".into());
     }
     Ok(())
 }

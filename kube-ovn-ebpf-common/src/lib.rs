@@ -299,8 +299,11 @@ pub mod names {
     pub const LOCAL_ADDRS_V4_EXACT: &str = "kovn_local4_32";
     pub const LOCAL_ADDRS_V6_EXACT: &str = "kovn_local6_128";
     pub const SUBNETS_V6_EXACT: &str = "kovn_sub6_64";
+    pub const SERVICE_PORTS_V4_FRONT: &str = "kovn_svc4_front";
+    pub const LOCAL_ADDRS_V4_FRONT: &str = "kovn_loc4_front";
+    pub const OTHER_NODES_V4_FRONT: &str = "kovn_oth4_front";
 
-    pub const ALL_MAPS: [&str; 21] = [
+    pub const ALL_MAPS: [&str; 24] = [
         CONFIG,
         IFACES,
         COUNTERS,
@@ -322,6 +325,9 @@ pub mod names {
         LOCAL_ADDRS_V4_EXACT,
         LOCAL_ADDRS_V6_EXACT,
         SUBNETS_V6_EXACT,
+        SERVICE_PORTS_V4_FRONT,
+        LOCAL_ADDRS_V4_FRONT,
+        OTHER_NODES_V4_FRONT,
     ];
 }
 
@@ -371,6 +377,54 @@ pub mod exact {
     /// fronts are sized like the ClusterIP-port hash rather than like the tries.
     pub const CAPACITY: u32 = 262_144;
 }
+
+/// Set-associative array fronts of the IPv4 exact-match sets the hot paths ask: ClusterIP ports
+/// (R1a), local /32s (R2) and other nodes (R3). An array of [`FrontSet`]s indexed by the
+/// address's last two bytes ([`set`]); each holds up to [`WAYS`] self-describing 8-byte words
+/// (the whole key and a [`VALID`] byte, so a word is never mistaken for another key) and zero
+/// for a free way. An array lookup is inlined by the verifier, so a hit costs a few loads and
+/// compares instead of a hash; a key not found asks the set's hash (or trie), which stays the
+/// authority and holds every member: a key its set has no free way for is answered there.
+///
+/// The agent writes the words through a shared memory mapping of the array
+/// (`BPF_F_MMAPABLE`), one aligned 8-byte atomic store per word, and the program reads each
+/// with one 8-byte load: a reader sees a word's old or new value, never a mix of two keys. A
+/// word is stored after the authority holds its key and cleared before the authority drops it,
+/// so a word the program finds is always a member.
+pub mod front4 {
+    /// Sets per front: one per value of the address's last two bytes. Consecutive ClusterIPs
+    /// (and node addresses) land in distinct sets; addresses 65 536 apart share one.
+    pub const SETS: u32 = 65_536;
+    /// Words per set.
+    pub const WAYS: usize = 4;
+    /// The last byte of every stored word: a free way (zero) is never a key.
+    pub const VALID: u8 = 1;
+
+    /// The set `addr` (network byte order) belongs to: its last two bytes, read in the host's
+    /// order (one load on either side of the map).
+    pub const fn set(addr: [u8; 4]) -> u32 {
+        u16::from_ne_bytes([addr[2], addr[3]]) as u32
+    }
+
+    /// The word of a ClusterIP port (`proto`, host-order `port`): the bytes of its
+    /// [`super::ServicePortV4`] key with `VALID` in the pad, which is how the program makes it.
+    pub const fn port_word(addr: [u8; 4], port: u16, proto: u8) -> u64 {
+        let [p0, p1] = port.to_ne_bytes();
+        u64::from_ne_bytes([addr[0], addr[1], addr[2], addr[3], p0, p1, proto, VALID])
+    }
+
+    /// The word of an address.
+    pub const fn addr_word(addr: [u8; 4]) -> u64 {
+        u64::from_ne_bytes([addr[0], addr[1], addr[2], addr[3], 0, 0, 0, VALID])
+    }
+}
+
+/// One set of a [`front4`] array.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FrontSet(pub [u64; front4::WAYS]);
+const _: () = assert!(size_of::<FrontSet>() == 32);
 
 /// One second-level chunk of a [`dir`] set: a [`dir`] value per third address byte.
 #[repr(C)]
@@ -506,6 +560,7 @@ mod user {
     unsafe impl aya::Pod for super::ProbeTargetV4 {}
     unsafe impl aya::Pod for super::ProbeTargetV6 {}
     unsafe impl aya::Pod for super::DirChunk {}
+    unsafe impl aya::Pod for super::FrontSet {}
 }
 
 #[cfg(test)]
@@ -582,6 +637,22 @@ mod tests {
             [7, 8, 9, 10, 11, 12, 13, 14, 15]
         );
         assert_eq!(counter::SLOTS, 16, "the pinned map's max_entries");
+    }
+
+    #[test]
+    fn a_port_word_is_the_key_with_valid_in_its_pad() {
+        let key = ServicePortV4 {
+            addr: [10, 96, 0, 10],
+            port: 53,
+            proto: ipproto::UDP,
+            pad: front4::VALID,
+        };
+        // SAFETY: 8 bytes either way; every bit pattern is a u64.
+        let raw = unsafe { core::mem::transmute::<ServicePortV4, u64>(key) };
+        assert_eq!(front4::port_word(key.addr, key.port, key.proto), raw);
+        assert_ne!(front4::addr_word(key.addr), 0, "a free way is never a key");
+        assert_eq!(front4::set([10, 96, 1, 2]), front4::set([10, 97, 1, 2]));
+        assert_ne!(front4::set([10, 96, 1, 2]), front4::set([10, 96, 1, 3]));
     }
 
     #[test]

@@ -11,14 +11,15 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use kube_ovn_ebpf_common::{
-    Config, DirChunk, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6, config_flag, dir,
-    nodeport,
+    Config, DirChunk, FrontSet, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6,
+    config_flag, dir, front4, nodeport,
 };
 
 use crate::maps::{
-    LOCAL_ADDRS_V4, LOCAL_ADDRS_V4_EXACT, LOCAL_ADDRS_V6, LOCAL_ADDRS_V6_EXACT, OTHER_NODES_V4,
-    OTHER_NODES_V6, SERVICE_CIDRS_V4, SERVICE_CIDRS_V6, SERVICE_PORTS_V4, SERVICE_PORTS_V6,
-    SUBNETS_V4, SUBNETS_V4_L16, SUBNETS_V4_L24, SUBNETS_V6, SUBNETS_V6_EXACT, TPROXY_V4, TPROXY_V6,
+    LOCAL_ADDRS_V4, LOCAL_ADDRS_V4_EXACT, LOCAL_ADDRS_V4_FRONT, LOCAL_ADDRS_V6,
+    LOCAL_ADDRS_V6_EXACT, OTHER_NODES_V4, OTHER_NODES_V4_FRONT, OTHER_NODES_V6, SERVICE_CIDRS_V4,
+    SERVICE_CIDRS_V6, SERVICE_PORTS_V4, SERVICE_PORTS_V4_FRONT, SERVICE_PORTS_V6, SUBNETS_V4,
+    SUBNETS_V4_L16, SUBNETS_V4_L24, SUBNETS_V6, SUBNETS_V6_EXACT, TPROXY_V4, TPROXY_V6,
 };
 
 pub trait Family {
@@ -70,6 +71,23 @@ fn dir_member<const T: usize, const S: usize, const C: usize>(
     }
 }
 
+/// Whether `word` is in `addr`'s set of a [`front4`] array: one inlined array lookup and a
+/// compare per way. Each way is read with one 8-byte load, which the agent's atomic stores
+/// never tear. Not found means "ask the authority".
+#[inline(always)]
+fn in_front<const S: usize, const F: usize>(
+    front: &Array<FrontSet, S, F>,
+    addr: [u8; 4],
+    word: u64,
+) -> bool {
+    const _: () = assert!(front4::WAYS == 4, "one compare per way below");
+    front.get(front4::set(addr)).is_some_and(|set| {
+        // SAFETY: aligned u64s inside the map value the lookup returned.
+        let way = |i: usize| unsafe { core::ptr::read_volatile(&raw const set.0[i]) };
+        way(0) == word || way(1) == word || way(2) == word || way(3) == word
+    })
+}
+
 impl Family for V4 {
     type Addr = [u8; 4];
     const NODEPORT_TCP: u8 = nodeport::TCP_V4;
@@ -90,20 +108,29 @@ impl Family for V4 {
             addr,
             port,
             proto,
-            pad: 0,
+            pad: front4::VALID,
         };
-        SERVICE_PORTS_V4.get_ptr(key).is_some()
+        // SAFETY: 8 bytes either way, and every bit pattern is a u64: the key with `VALID` in
+        // its pad is `front4::port_word`.
+        let word = unsafe { core::mem::transmute::<ServicePortV4, u64>(key) };
+        in_front(&SERVICE_PORTS_V4_FRONT, addr, word)
+            || SERVICE_PORTS_V4
+                .get_ptr(ServicePortV4 { pad: 0, ..key })
+                .is_some()
     }
     #[inline(always)]
     fn is_local(addr: [u8; 4]) -> bool {
-        // The exact-match front answers host addresses with one hash lookup; the trie (which
-        // holds the whole set) answers the rest (`kube_ovn_ebpf_common::exact`).
-        LOCAL_ADDRS_V4_EXACT.get_ptr(addr).is_some()
+        // The array front answers most host addresses with one inlined array read, the
+        // exact-match front the /32s it had no room for with one hash lookup, and the trie
+        // (which holds the whole set) the rest (`kube_ovn_ebpf_common::{front4, exact}`).
+        in_front(&LOCAL_ADDRS_V4_FRONT, addr, front4::addr_word(addr))
+            || LOCAL_ADDRS_V4_EXACT.get_ptr(addr).is_some()
             || LOCAL_ADDRS_V4.get(&Key::new(32, addr)).is_some()
     }
     #[inline(always)]
     fn is_other_node(addr: [u8; 4]) -> bool {
-        OTHER_NODES_V4.get_ptr(addr).is_some()
+        in_front(&OTHER_NODES_V4_FRONT, addr, front4::addr_word(addr))
+            || OTHER_NODES_V4.get_ptr(addr).is_some()
     }
     #[inline(always)]
     fn is_probe_target(addr: [u8; 4], port: u16) -> bool {

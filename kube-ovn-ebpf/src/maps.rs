@@ -2,16 +2,19 @@
 //! and `bpftool` shows (`kube_ovn_ebpf_common::names`).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
     macros::btf_map,
 };
 use kube_ovn_ebpf_common::{
-    Config, DirChunk, Iface, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6, capacity,
-    counter, dir, exact, nodeport,
+    Config, DirChunk, FrontSet, Iface, ProbeTargetV4, ProbeTargetV6, ServicePortV4, ServicePortV6,
+    capacity, counter, dir, exact, front4, nodeport,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+/// The agent writes the [`front4`] arrays through a memory mapping, one atomic word at a time.
+const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
+const FRONT_SETS: usize = front4::SETS as usize;
 
 #[btf_map(name = "kovn_config")]
 pub static CONFIG: Array<Config, 1> = Array::new();
@@ -107,3 +110,12 @@ pub static TPROXY_V6: HashMap<
     { capacity::PROBE_TARGETS as usize },
     NO_PREALLOC,
 > = HashMap::new();
+
+/// The set-associative fronts of `SERVICE_PORTS_V4`, the local /32s and `OTHER_NODES_V4`
+/// (`kube_ovn_ebpf_common::front4`).
+#[btf_map(name = "kovn_svc4_front")]
+pub static SERVICE_PORTS_V4_FRONT: Array<FrontSet, FRONT_SETS, MMAPABLE> = Array::new();
+#[btf_map(name = "kovn_loc4_front")]
+pub static LOCAL_ADDRS_V4_FRONT: Array<FrontSet, FRONT_SETS, MMAPABLE> = Array::new();
+#[btf_map(name = "kovn_oth4_front")]
+pub static OTHER_NODES_V4_FRONT: Array<FrontSet, FRONT_SETS, MMAPABLE> = Array::new();

@@ -16,8 +16,11 @@ use aya::maps::Map;
 use ipnet::{Ipv4Net, Ipv6Net};
 use kube_ovn_ebpf_common::{exact, names};
 
-use super::{FamilyTables, HashTable, MapError, MemTable, Result, Synced, codec::Ipv6Prefix64};
-use crate::state::MapState;
+use super::{
+    FamilyTables, HashTable, MapError, MemTable, Result, Synced, array_front::ArrayFront,
+    codec::Ipv6Prefix64,
+};
+use crate::state::{MapState, ServicePort};
 
 pub struct Fronts {
     /// /32s of the IPv4 local-address trie.
@@ -26,6 +29,10 @@ pub struct Fronts {
     pub local_v6: Synced<Ipv6Addr, ()>,
     /// /64s of the IPv6 subnet trie.
     pub subnets_v6: Synced<Ipv6Prefix64, ()>,
+    /// The array fronts (`array_front`): ClusterIP ports, local /32s, other nodes (IPv4).
+    pub service_ports_v4_array: ArrayFront<ServicePort<Ipv4Addr>>,
+    pub local_v4_array: ArrayFront<Ipv4Addr>,
+    pub other_nodes_v4_array: ArrayFront<Ipv4Addr>,
 }
 
 impl Fronts {
@@ -44,6 +51,9 @@ impl Fronts {
                 maps,
                 names::SUBNETS_V6_EXACT,
             )?))?,
+            service_ports_v4_array: ArrayFront::from_maps(maps, names::SERVICE_PORTS_V4_FRONT)?,
+            local_v4_array: ArrayFront::from_maps(maps, names::LOCAL_ADDRS_V4_FRONT)?,
+            other_nodes_v4_array: ArrayFront::from_maps(maps, names::OTHER_NODES_V4_FRONT)?,
         })
     }
 
@@ -58,6 +68,9 @@ impl Fronts {
             local_v4: table(names::LOCAL_ADDRS_V4_EXACT),
             local_v6: table(names::LOCAL_ADDRS_V6_EXACT),
             subnets_v6: table(names::SUBNETS_V6_EXACT),
+            service_ports_v4_array: ArrayFront::in_memory(names::SERVICE_PORTS_V4_FRONT),
+            local_v4_array: ArrayFront::in_memory(names::LOCAL_ADDRS_V4_FRONT),
+            other_nodes_v4_array: ArrayFront::in_memory(names::OTHER_NODES_V4_FRONT),
         }
     }
 
@@ -91,6 +104,17 @@ impl Fronts {
                 prune,
             ),
         ];
+        let local_v4: BTreeSet<Ipv4Addr> = kept(&v4.local, &desired.v4.local, |n| {
+            (n.prefix_len() == exact::LOCAL_V4_LEN).then(|| n.addr())
+        })
+        .into_iter()
+        .map(|(a, ())| a)
+        .collect();
+        self.local_v4_array.sync(&local_v4, prune);
+        self.service_ports_v4_array
+            .sync(&both(&v4.service_ports, &desired.v4.service_ports), prune);
+        self.other_nodes_v4_array
+            .sync(&both(&v4.other_nodes, &desired.v4.other_nodes), prune);
         reports
             .iter_mut()
             .flat_map(|r| std::mem::take(&mut r.errors))
@@ -100,6 +124,9 @@ impl Fronts {
 
     /// Re-reads the front maps.
     pub fn refresh(&mut self) -> Result<()> {
+        self.service_ports_v4_array.refresh();
+        self.local_v4_array.refresh();
+        self.other_nodes_v4_array.refresh();
         self.local_v4.refresh()?;
         self.local_v6.refresh()?;
         self.subnets_v6.refresh()
@@ -116,6 +143,16 @@ fn kept<N: Ord + Copy, K>(
         .keys()
         .filter(|n| desired.contains(n))
         .filter_map(|n| key(n).map(|k| (k, ())))
+        .collect()
+}
+
+/// The keys both in `table` and in `desired`.
+fn both<K: Ord + Copy>(table: &Synced<K, ()>, desired: &BTreeSet<K>) -> BTreeSet<K> {
+    table
+        .entries()
+        .keys()
+        .filter(|k| desired.contains(k))
+        .copied()
         .collect()
 }
 

@@ -11,6 +11,7 @@
 //! keys ↔ kernel bytes), [`synced`] (the table trait and the diffing mirror), [`kernel`] (each
 //! kernel map type as a table); this file puts the datapath's maps together.
 
+mod array_front;
 mod codec;
 mod error;
 mod front;
