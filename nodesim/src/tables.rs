@@ -16,6 +16,22 @@ const END: &str = "<!-- end generated -->";
 /// Renders the Markdown of one or more result files (in the order listed).
 type Render = fn(&[Value]) -> String;
 
+/// The traffic variant runs (kube-proxy modes, iptables backends, padding prefix lengths), one
+/// table each.
+const VARIANTS: &[&str] = &[
+    "traffic-variant-default-amplified.json",
+    "traffic-variant-prefixes-16-amplified.json",
+    "traffic-variant-legacy-amplified.json",
+    "traffic-variant-kp-iptables.json",
+    "traffic-variant-kp-nftables.json",
+];
+/// The variant runs with an amplified phase.
+const VARIANTS_AMPLIFIED: &[&str] = &[
+    "traffic-variant-default-amplified.json",
+    "traffic-variant-prefixes-16-amplified.json",
+    "traffic-variant-legacy-amplified.json",
+];
+
 /// The committed result files and the renderer of each block. A block rendered from several
 /// files is marked with all of them: `bench-results/a.json + bench-results/b.json`.
 const SOURCES: &[(&[&str], Render)] = &[
@@ -26,6 +42,8 @@ const SOURCES: &[(&[&str], Render)] = &[
     (&["traffic-amplified-tcp.json"], |j| {
         traffic::amplified_markdown(&j[0])
     }),
+    (VARIANTS, traffic::variants_markdown),
+    (VARIANTS_AMPLIFIED, traffic::variants_amplified_markdown),
     (&["control-plane.json"], |j| control_plane(&j[0])),
     (&["datapath-old.json", "datapath-new.json"], datapath),
     (&["memory.json"], |j| memory(&j[0])),

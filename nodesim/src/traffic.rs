@@ -16,13 +16,16 @@ mod report;
 
 pub use self::{
     amplify::document as amplified_markdown,
-    report::{group, load_averages, markdown, num, vulnerable},
+    report::{
+        group, load_averages, markdown, num, variants_amplified_markdown, variants_markdown,
+        vulnerable,
+    },
 };
 mod state;
 mod svg;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::atomic::Ordering,
     thread,
@@ -35,12 +38,13 @@ use kube_ovn_ebpf_common::names;
 use self::{
     load::{Generator, Load, Servers, Target},
     report::{Report, Sample, ScaleResult, Workload},
+    state::Variant,
 };
 use crate::{
     cmd,
     node::{
-        HookKind, HookOptions, Host, KubeProxyMode, Node, NodeSpec, agent::AgentConfig, cleanup,
-        topology::addr,
+        Family, HookKind, HookOptions, Host, IptablesBackend, KubeProxyMode, Node, NodeSpec,
+        agent::AgentConfig, cleanup, topology::addr,
     },
     setup,
 };
@@ -94,6 +98,8 @@ pub struct Config {
     pub workloads: Vec<Workload>,
     /// Stacked copies of each hook for the amplified phase (`--amplify`); empty: off.
     pub amplify: Vec<usize>,
+    /// kube-proxy's mode, the iptables backend, the padding's prefix lengths.
+    pub variant: Variant,
 }
 
 impl Config {
@@ -112,7 +118,7 @@ impl Config {
             config.workloads = ids
                 .split(',')
                 .map(|id| {
-                    Workload::ALL
+                    Workload::EVERY
                         .into_iter()
                         .find(|w| w.id() == id.trim())
                         .with_context(|| format!("KOVN_BENCH_WORKLOADS: unknown workload {id:?}"))
@@ -122,13 +128,56 @@ impl Config {
         if let Ok(rounds) = std::env::var("KOVN_BENCH_ROUNDS") {
             config.rounds = rounds.parse().context("KOVN_BENCH_ROUNDS: a count")?;
         }
+        config.variant = variant_from(|name| std::env::var(name).ok())?;
+        config.variant.ipv6 = config.workloads.iter().any(|w| w.ipv6());
+        ensure!(
+            !config.variant.ipv6 || config.scales.iter().all(|&n| n <= state::MAX_IPV6_ENTRIES),
+            "IPv6 workloads: at most {} padding entries (the IPv6 Service CIDR is a /112)",
+            state::MAX_IPV6_ENTRIES
+        );
         ensure!(
             config.rounds >= 1 && !config.scales.is_empty(),
             "nothing to run"
         );
         Ok(config)
     }
+}
 
+/// The variant `KOVN_BENCH_KUBE_PROXY` (`ipvs` | `iptables` | `nftables`), `KOVN_BENCH_IPTABLES`
+/// (`nft` | `legacy`) and `KOVN_BENCH_PREFIX_LENGTHS` (1–16) ask for; unset: the default.
+fn variant_from(env: impl Fn(&str) -> Option<String>) -> Result<Variant> {
+    let mut variant = Variant::default();
+    if let Some(mode) = env("KOVN_BENCH_KUBE_PROXY") {
+        variant.kube_proxy = match mode.trim() {
+            "ipvs" => KubeProxyMode::Ipvs,
+            "iptables" => KubeProxyMode::Iptables,
+            "nftables" => KubeProxyMode::Nftables,
+            other => bail!("KOVN_BENCH_KUBE_PROXY: ipvs, iptables or nftables, not {other:?}"),
+        };
+    }
+    if let Some(backend) = env("KOVN_BENCH_IPTABLES") {
+        variant.backend = match backend.trim() {
+            "nft" => IptablesBackend::System,
+            "legacy" => IptablesBackend::Legacy,
+            other => bail!("KOVN_BENCH_IPTABLES: nft or legacy, not {other:?}"),
+        };
+    }
+    if let Some(n) = env("KOVN_BENCH_PREFIX_LENGTHS") {
+        let n: u8 = n
+            .trim()
+            .parse()
+            .context("KOVN_BENCH_PREFIX_LENGTHS: a count")?;
+        ensure!(
+            (1..=state::MAX_PREFIX_LENGTHS).contains(&n),
+            "KOVN_BENCH_PREFIX_LENGTHS: 1 to {} distinct prefix lengths",
+            state::MAX_PREFIX_LENGTHS
+        );
+        variant.prefix_lengths = n;
+    }
+    Ok(variant)
+}
+
+impl Config {
     fn preset(quick: bool) -> Self {
         if quick {
             Self {
@@ -140,6 +189,7 @@ impl Config {
                 conn_threads: 2,
                 workloads: Workload::ALL.to_vec(),
                 amplify: Vec::new(),
+                variant: Variant::default(),
             }
         } else {
             Self {
@@ -151,6 +201,7 @@ impl Config {
                 conn_threads: 2,
                 workloads: Workload::ALL.to_vec(),
                 amplify: Vec::new(),
+                variant: Variant::default(),
             }
         }
     }
@@ -164,11 +215,24 @@ pub fn run(quick: bool, amplify: &[usize], out: &Path) -> Result<()> {
              iptables rules, and runs the agent"
         );
     }
-    setup::ensure_apt_tools(TOOLS)?;
-    cleanup::install_signal_handler();
-    cleanup::remove_stale().context("removing what earlier runs left")?;
     let started = Instant::now();
     let mut config = Config::new(quick)?;
+    setup::ensure_apt_tools(TOOLS)?;
+    if config.variant.kube_proxy == KubeProxyMode::Nftables {
+        setup::ensure_apt_tools(&[("nft", "nftables")])?;
+    }
+    if config.variant.backend == IptablesBackend::Legacy {
+        setup::ensure_apt_tools(&[
+            ("iptables-legacy", "iptables"),
+            ("ip6tables-legacy", "iptables"),
+            ("iptables-legacy-restore", "iptables"),
+            ("ip6tables-legacy-restore", "iptables"),
+        ])?;
+    }
+    // Every iptables command of every node from here on (kube-proxy's, Kube-OVN's, listings).
+    config.variant.backend.set();
+    cleanup::install_signal_handler();
+    cleanup::remove_stale().context("removing what earlier runs left")?;
     if !amplify.is_empty() {
         ensure!(
             amplify.iter().all(|k| (1..=32).contains(k))
@@ -181,7 +245,9 @@ pub fn run(quick: bool, amplify: &[usize], out: &Path) -> Result<()> {
     let binary = agent_binary()?;
     let mut report = Report::new(&config, &binary);
     eprintln!(
-        "traffic: scales {:?} × {} rounds × {} workloads × {} modes, {:?} windows (load {:?})",
+        "traffic: variant {}, scales {:?} × {} rounds × {} workloads × {} modes, {:?} windows \
+         (load {:?})",
+        config.variant.id(),
         config.scales,
         config.rounds,
         config.workloads.len(),
@@ -224,29 +290,53 @@ impl ModeNode {
     fn target(&self, workload: Workload) -> Target {
         let pods = self.node.ns(Host::Pods);
         let ext = self.node.ns(Host::Ext);
-        let v4 = SocketAddrV4::new;
+        let to = |ip: IpAddr, port: u16| SocketAddr::new(ip, port);
+        let (v4, v6) = (IpAddr::V4, IpAddr::V6);
         match workload {
             Workload::ConnClusterIp | Workload::Bulk | Workload::BulkSegments | Workload::Rr => {
                 Target::new(
                     pods,
-                    addr::POD_V4,
-                    v4(state::TCP_CLUSTER_IP, state::TCP_PORT),
+                    v4(addr::POD_V4),
+                    to(v4(state::TCP_CLUSTER_IP), state::TCP_PORT),
                 )
             }
-            Workload::ConnNodePort => {
-                Target::new(ext, addr::EXT_V4, v4(addr::NODE_V4, state::TCP_NODE_PORT))
-            }
+            Workload::ConnNodePort => Target::new(
+                ext,
+                v4(addr::EXT_V4),
+                to(v4(addr::NODE_V4), state::TCP_NODE_PORT),
+            ),
             // Sources walk away from these: fresh addresses in the pod subnet and the external
             // /24, none of them a real host (replies are not needed).
             Workload::UdpClusterIp => Target::new(
                 pods,
-                Ipv4Addr::new(10, 16, 1, 1),
-                v4(state::UDP_CLUSTER_IP, state::UDP_PORT),
+                v4(Ipv4Addr::new(10, 16, 1, 1)),
+                to(v4(state::UDP_CLUSTER_IP), state::UDP_PORT),
             ),
             Workload::UdpNodePort => Target::new(
                 ext,
-                Ipv4Addr::new(203, 0, 113, 10),
-                v4(addr::NODE_V4, state::UDP_NODE_PORT),
+                v4(Ipv4Addr::new(203, 0, 113, 10)),
+                to(v4(addr::NODE_V4), state::UDP_NODE_PORT),
+            ),
+            Workload::ConnClusterIp6 => Target::new(
+                pods,
+                v6(addr::POD_V6),
+                to(v6(state::TCP_CLUSTER_IP6), state::TCP_PORT),
+            ),
+            Workload::ConnNodePort6 => Target::new(
+                ext,
+                v6(addr::EXT_V6),
+                to(v6(addr::NODE_V6), state::TCP_NODE_PORT),
+            ),
+            // The same in the pod /64 and the external /64.
+            Workload::UdpClusterIp6 => Target::new(
+                pods,
+                v6(Ipv6Addr::new(0xfd00, 0x10, 0x16, 0, 0, 0, 1, 1)),
+                to(v6(state::UDP_CLUSTER_IP6), state::UDP_PORT),
+            ),
+            Workload::UdpNodePort6 => Target::new(
+                ext,
+                v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, 0x10)),
+                to(v6(addr::NODE_V6), state::UDP_NODE_PORT),
             ),
         }
     }
@@ -254,13 +344,14 @@ impl ModeNode {
 
 fn build_node(
     kind: HookKind,
+    variant: Variant,
     cluster: &crate::node::Cluster,
     binary: &Path,
     source_max_bytes: Option<usize>,
 ) -> Result<ModeNode> {
     let mut node = Node::build(NodeSpec {
         cluster: cluster.clone(),
-        kube_proxy: KubeProxyMode::Ipvs,
+        kube_proxy: variant.kube_proxy,
     })
     .with_context(|| format!("building the {kind} node"))?;
     let mut options = HookOptions::default();
@@ -272,7 +363,8 @@ fn build_node(
         }
         options.agent = Some(agent);
     }
-    if kind == HookKind::Baseline {
+    // Only IPVS mode has the guard (Kube-OVN installs it when kube-proxy's sets exist).
+    if kind == HookKind::Baseline && variant.ipvs() {
         state::neutralise_guard(node.ns(Host::Node))?;
     }
     // Clients close first and hold TIME_WAIT (see `load`): give them room. Tens of thousands
@@ -302,7 +394,7 @@ fn build_node(
 
 fn scale_step(config: &Config, binary: &Path, entries: usize) -> Result<ScaleResult> {
     let setup_started = Instant::now();
-    let cluster = state::cluster(entries);
+    let cluster = state::cluster(entries, config.variant);
     let yaml_bytes = cluster.to_yaml().len();
     // The agent reads the same cluster as a file; past its default limit it is told to accept it.
     let source_max_bytes = (yaml_bytes > state::AGENT_FILE_LIMIT).then_some(yaml_bytes + (1 << 20));
@@ -313,15 +405,25 @@ fn scale_step(config: &Config, binary: &Path, entries: usize) -> Result<ScaleRes
     let mut nodes = Vec::new();
     for kind in MODES {
         let t = Instant::now();
-        nodes.push(build_node(kind, &cluster, binary, source_max_bytes)?);
+        nodes.push(build_node(
+            kind,
+            config.variant,
+            &cluster,
+            binary,
+            source_max_bytes,
+        )?);
         eprintln!(
             "traffic:   {kind} node ready in {:.1} s",
             t.elapsed().as_secs_f64()
         );
     }
-    let state_check = check_state(&nodes, &cluster, entries)?;
+    let state_check = check_state(&nodes, &cluster, config.variant, entries)?;
     for node in &nodes {
-        for workload in [Workload::ConnClusterIp, Workload::ConnNodePort] {
+        let mut paths = vec![Workload::ConnClusterIp, Workload::ConnNodePort];
+        if config.variant.ipv6 {
+            paths.extend([Workload::ConnClusterIp6, Workload::ConnNodePort6]);
+        }
+        for &workload in &paths {
             load::check_connection(&node.target(workload))
                 .with_context(|| format!("{} node, {}", node.kind, workload.id()))?;
         }
@@ -347,7 +449,7 @@ fn scale_step(config: &Config, binary: &Path, entries: usize) -> Result<ScaleRes
             cpu::loadavg()[0]
         );
     }
-    result.evidence = hook_evidence(&mut nodes)?;
+    result.evidence = hook_evidence(&mut nodes, config.variant)?;
     if !config.amplify.is_empty() {
         eprintln!("traffic:   amplified phase, k = {:?}", config.amplify);
         result.amplified = Some(amplify::run(config, &mut nodes).context("amplified phase")?);
@@ -363,25 +465,47 @@ fn mib(bytes: usize) -> f64 {
 
 /// The state each node really holds: Kube-OVN's and kube-proxy's set sizes in every node, and
 /// the agent's map sizes in the ebpf node. They must agree with the cluster, or the comparison
-/// would be between different states.
+/// would be between different states. The variant is checked as well — the prefix lengths in
+/// `ovn40subnets`, kube-proxy's rules or map elements per Service, and which iptables backend
+/// holds the node's tables — so a variant that silently fell back to the default fails here.
 fn check_state(
     nodes: &[ModeNode],
     cluster: &crate::node::Cluster,
+    variant: Variant,
     entries: usize,
 ) -> Result<serde_json::Value> {
-    use crate::node::Family;
     let ovn = cluster.ovn_sets(Family::V4);
     let kube = cluster.kube_proxy_sets(Family::V4);
-    let want = [
+    let mut want = vec![
         ("ovn40subnets", ovn.subnets.len()),
         ("ovn40other-node", ovn.other_node.len()),
-        ("KUBE-CLUSTER-IP", kube.cluster_ip.len()),
     ];
+    if variant.ipvs() {
+        want.push(("KUBE-CLUSTER-IP", kube.cluster_ip.len()));
+    }
+    let (ovn6, kube6) = (
+        cluster.ovn_sets(Family::V6),
+        cluster.kube_proxy_sets(Family::V6),
+    );
+    if variant.ipv6 {
+        want.push(("ovn60subnets", ovn6.subnets.len()));
+        want.push(("ovn60other-node", ovn6.other_node.len()));
+        if variant.ipvs() {
+            want.push(("KUBE-6-CLUSTER-IP", kube6.cluster_ip.len()));
+        }
+    }
+    let lengths: std::collections::BTreeSet<u8> = ovn.subnets.iter().map(|c| c.len).collect();
+    ensure!(
+        lengths.len() >= usize::from(variant.prefix_lengths),
+        "the cluster's subnets have {} prefix lengths, the variant asks for {}",
+        lengths.len(),
+        variant.prefix_lengths
+    );
     let mut json = serde_json::Map::new();
     for node in nodes {
         let ns = node.node.ns(Host::Node);
         let mut sets = serde_json::Map::new();
-        for (set, expected) in want {
+        for &(set, expected) in &want {
             let have = state::ipset_entries(ns, set)?;
             ensure!(
                 have == expected,
@@ -390,7 +514,33 @@ fn check_state(
             );
             sets.insert(set.into(), have.into());
         }
+        let have = state::ipset_prefix_lengths(ns, "ovn40subnets")?;
+        ensure!(
+            have == lengths,
+            "{} node: ovn40subnets holds the prefix lengths {have:?}, the cluster has {lengths:?}",
+            node.kind
+        );
+        sets.insert("ovn40subnets_prefix_lengths".into(), have.len().into());
         json.insert(format!("{}_ipsets", node.kind), sets.into());
+        let services = state::kube_proxy_services(ns, variant.kube_proxy)?;
+        if !variant.ipvs() {
+            // Every Service with an endpoint (the padding's included) has its rule or element.
+            ensure!(
+                services >= entries + 2,
+                "{} node: kube-proxy ({}) lists {services} Service ports, expected at least {}",
+                node.kind,
+                variant.kube_proxy.flag(),
+                entries + 2
+            );
+        }
+        json.insert(
+            format!("{}_kube_proxy_service_ports", node.kind),
+            services.into(),
+        );
+        let tables = state::iptables_tables(ns)?;
+        state::check_backend(&tables, variant.backend)
+            .with_context(|| format!("{} node", node.kind))?;
+        json.insert(format!("{}_iptables_tables", node.kind), tables.json());
     }
     let ebpf = nodes
         .iter()
@@ -398,14 +548,26 @@ fn check_state(
         .context("no ebpf node")?;
     let bpffs = ebpf_bpffs(ebpf)?;
     let mut maps = serde_json::Map::new();
-    // Maps hold the fixture's entries too; the padding must be all there. Local addresses: every
-    // ClusterIP is on kube-ipvs0.
-    for (map, at_least) in [
-        (names::SERVICE_PORTS_V4, kube.cluster_ip.len()),
+    // Maps hold the fixture's entries too; the padding must be all there. Local addresses (IPVS
+    // mode): every ClusterIP is on kube-ipvs0. Without kube-proxy's sets (iptables, nftables
+    // modes) Kube-OVN installs R1b alone, which matches Services by CIDR: the port, other-node
+    // and local maps are not consulted there and only recorded.
+    let ipvs_only = |n: usize| if variant.ipvs() { n } else { 0 };
+    let mut want_maps = vec![
+        (names::SERVICE_PORTS_V4, ipvs_only(kube.cluster_ip.len())),
         (names::SUBNETS_V4, ovn.subnets.len()),
-        (names::OTHER_NODES_V4, ovn.other_node.len()),
-        (names::LOCAL_ADDRS_V4, entries),
-    ] {
+        (names::OTHER_NODES_V4, ipvs_only(ovn.other_node.len())),
+        (names::LOCAL_ADDRS_V4, ipvs_only(entries)),
+    ];
+    if variant.ipv6 {
+        want_maps.extend([
+            (names::SERVICE_PORTS_V6, ipvs_only(kube6.cluster_ip.len())),
+            (names::SUBNETS_V6, ovn6.subnets.len()),
+            (names::OTHER_NODES_V6, ipvs_only(ovn6.other_node.len())),
+            (names::LOCAL_ADDRS_V6, ipvs_only(entries)),
+        ]);
+    }
+    for (map, at_least) in want_maps {
         let have = state::map_entries(&bpffs, map)?;
         ensure!(
             have >= at_least,
@@ -442,10 +604,16 @@ fn measure(
     let target = node.target(workload);
     let deadline = Instant::now() + config.warmup + config.window + Duration::from_secs(5);
     let load = match workload {
-        Workload::ConnClusterIp | Workload::ConnNodePort => Load::Connections {
+        Workload::ConnClusterIp
+        | Workload::ConnNodePort
+        | Workload::ConnClusterIp6
+        | Workload::ConnNodePort6 => Load::Connections {
             threads: config.conn_threads,
         },
-        Workload::UdpClusterIp | Workload::UdpNodePort => Load::NewFlows,
+        Workload::UdpClusterIp
+        | Workload::UdpNodePort
+        | Workload::UdpClusterIp6
+        | Workload::UdpNodePort6 => Load::NewFlows,
         Workload::Bulk | Workload::BulkSegments => Load::Bulk,
         Workload::Rr => Load::RequestResponse,
     };
@@ -606,25 +774,43 @@ fn ovn0_rx_packets(node: &Node) -> Result<u64> {
 
 /// What each hook says it did during the run: the packet counters of Kube-OVN's nat rules, and
 /// the agent's per-rule counters. Proof that the hook under test really classified the traffic.
-fn hook_evidence(nodes: &mut [ModeNode]) -> Result<serde_json::Value> {
+fn hook_evidence(nodes: &mut [ModeNode], variant: Variant) -> Result<serde_json::Value> {
     let mut json = serde_json::Map::new();
     for node in nodes {
         match node.kind {
             HookKind::Iptables => {
-                let listing = node.node.ns(Host::Node).run(
-                    "iptables",
-                    &["-t", "nat", "-L", "OVN-PREROUTING", "-n", "-v", "-x"],
-                )?;
-                let rules: Vec<serde_json::Value> = listing
-                    .lines()
-                    .skip(2)
-                    .filter_map(|l| {
-                        let mut f = l.split_whitespace();
-                        let packets: u64 = f.next()?.parse().ok()?;
-                        Some(serde_json::json!({ "packets": packets, "rule": l.trim() }))
-                    })
-                    .collect();
-                json.insert("iptables_ovn_prerouting".into(), rules.into());
+                for family in Family::ALL {
+                    if family == Family::V6 && !variant.ipv6 {
+                        continue;
+                    }
+                    let listing = node.node.ns(Host::Node).run(
+                        family.iptables(),
+                        &["-t", "nat", "-L", "OVN-PREROUTING", "-n", "-v", "-x"],
+                    )?;
+                    let rules: Vec<serde_json::Value> = listing
+                        .lines()
+                        .skip(2)
+                        .filter_map(|l| {
+                            let mut f = l.split_whitespace();
+                            let packets: u64 = f.next()?.parse().ok()?;
+                            Some(serde_json::json!({ "packets": packets, "rule": l.trim() }))
+                        })
+                        .collect();
+                    // A hook that saw nothing was not in the path (another nat chain ran
+                    // first): every workload opens at least one connection through a rule of
+                    // this chain, and every node serves a connection of each family first.
+                    let seen: u64 = rules.iter().filter_map(|r| r["packets"].as_u64()).sum();
+                    ensure!(
+                        seen > 0,
+                        "iptables node: no rule of {family} OVN-PREROUTING matched a packet \
+                         during the run"
+                    );
+                    let key = match family {
+                        Family::V4 => "iptables_ovn_prerouting",
+                        Family::V6 => "ip6tables_ovn_prerouting",
+                    };
+                    json.insert(key.into(), rules.into());
+                }
             }
             HookKind::Ebpf => {
                 let agent = node
@@ -642,4 +828,40 @@ fn hook_evidence(nodes: &mut [ModeNode]) -> Result<serde_json::Value> {
         }
     }
     Ok(json.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(vars: &[(&str, &str)]) -> Result<Variant> {
+        variant_from(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    #[test]
+    fn the_variant_comes_from_the_environment() {
+        assert_eq!(variant(&[]).unwrap(), Variant::default());
+        let v = variant(&[
+            ("KOVN_BENCH_KUBE_PROXY", "nftables"),
+            ("KOVN_BENCH_IPTABLES", "legacy"),
+            ("KOVN_BENCH_PREFIX_LENGTHS", "16"),
+        ])
+        .unwrap();
+        assert_eq!(v.kube_proxy, KubeProxyMode::Nftables);
+        assert_eq!(v.backend, IptablesBackend::Legacy);
+        assert_eq!(v.prefix_lengths, 16);
+        assert_eq!(v.id(), "kp-nftables+legacy+prefixes-16");
+        for bad in [
+            ("KOVN_BENCH_KUBE_PROXY", "userspace"),
+            ("KOVN_BENCH_IPTABLES", "xtables"),
+            ("KOVN_BENCH_PREFIX_LENGTHS", "0"),
+            ("KOVN_BENCH_PREFIX_LENGTHS", "17"),
+        ] {
+            assert!(variant(&[bad]).is_err(), "{bad:?} accepted");
+        }
+    }
 }

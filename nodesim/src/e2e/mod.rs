@@ -385,7 +385,9 @@ fn check_agent(agent: &Agent, mode: KubeProxyMode, calico_raw: bool) -> Result<(
     let counter = |name: &str| status.counter(name);
     let (hit, silent): (&[&str], &[&str]) = match mode {
         KubeProxyMode::Ipvs => (&["R1a", "R2t", "R2u", "R3t", "R3u"], &["R1b"]),
-        KubeProxyMode::Iptables => (&["R1b"], &["R1a", "R2t", "R2u", "R3t", "R3u"]),
+        KubeProxyMode::Iptables | KubeProxyMode::Nftables => {
+            (&["R1b"], &["R1a", "R2t", "R2u", "R3t", "R3u"])
+        }
     };
     for rule in hit {
         ensure!(

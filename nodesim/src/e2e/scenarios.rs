@@ -70,7 +70,7 @@ impl Scenario {
     pub fn expect(&self, mode: KubeProxyMode) -> Option<&Expect> {
         match mode {
             KubeProxyMode::Ipvs => self.ipvs.as_ref(),
-            KubeProxyMode::Iptables => self.iptables.as_ref(),
+            KubeProxyMode::Iptables | KubeProxyMode::Nftables => self.iptables.as_ref(),
         }
     }
 }

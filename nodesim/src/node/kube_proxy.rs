@@ -1,4 +1,4 @@
-//! A minimal kube-proxy: the parts Kube-OVN's marks interact with, for both of its modes.
+//! A minimal kube-proxy: the parts Kube-OVN's marks interact with, in each of its modes.
 //!
 //! **IPVS mode is emulated.** The kernels this runs on are built without `CONFIG_IP_VS`, so there
 //! are no virtual servers. What the spec relies on is kept:
@@ -25,7 +25,19 @@
 //! `--cluster-cidr` here, so it does not mark pod → ClusterIP traffic itself: Kube-OVN's R1b is
 //! what makes it masquerade.
 //!
-//! Both modes masquerade 0x4000 in `KUBE-POSTROUTING` and accept it in `KUBE-FORWARD`.
+//! **nftables mode** is kube-proxy's `kube-proxy` table per family (Kubernetes v1.33,
+//! `pkg/proxy/nftables/proxier.go`): base chains at `dstnat`/`srcnat`, one verdict-map lookup
+//! (`service-ips`: address . protocol . port → the Service's chain) instead of a rule per
+//! Service, `service-nodeports` for local destinations, per-Service and per-endpoint chains, the
+//! `mark-for-masquerade`/`masquerading` pair on 0x4000 and the `cluster-ips` reject check in
+//! `filter-forward`. Kube-OVN's nat rules stay in iptables. Of two nat base chains at the same
+//! priority (`dstnat`) netfilter runs the one registered last first, and skips the rest once one
+//! has bound a DNAT: kube-proxy's table is created before iptables' nat table exists
+//! ([`install_nftables`]), so Kube-OVN's R1b sees the ClusterIP before kube-proxy rewrites it, as
+//! the spec's mode B needs. The traffic benchmark fails if R1b then counts no packet.
+//!
+//! The iptables and IPVS modes masquerade 0x4000 in `KUBE-POSTROUTING` and accept it in
+//! `KUBE-FORWARD`.
 
 use std::{fmt::Write as _, net::IpAddr, time::Duration};
 
@@ -48,10 +60,14 @@ pub fn install(ns: &NetNs, cluster: &Cluster, mode: KubeProxyMode) -> Result<()>
             .context("creating kube-proxy's IPVS-mode ipsets")?;
         kube_ipvs0(ns, cluster)?;
     }
+    if mode == KubeProxyMode::Nftables {
+        return install_nftables(ns, cluster);
+    }
     for family in Family::ALL {
         let script = match mode {
             KubeProxyMode::Ipvs => ipvs_rules(cluster, family),
             KubeProxyMode::Iptables => iptables_rules(cluster, family),
+            KubeProxyMode::Nftables => unreachable!("returned above"),
         };
         ns.run_stdin(family.iptables_restore(), &["--noflush"], &script)
             .with_context(|| format!("kube-proxy {family} rules:\n{script}"))?;
@@ -276,4 +292,163 @@ pub fn input_guard_mirror(services: &[String]) -> String {
         );
     }
     s
+}
+
+/// The `kube-proxy` tables of both families (nftables mode). The node is built with them before
+/// any iptables nat table exists, so iptables' nat chains register later and run first (see the
+/// module docs).
+fn install_nftables(ns: &NetNs, cluster: &Cluster) -> Result<()> {
+    let mut script = String::new();
+    for family in Family::ALL {
+        script.push_str(&nftables_rules(cluster, family));
+    }
+    ns.run_stdin("nft", &["-f", "/dev/stdin"], &script)
+        .context("kube-proxy's nftables tables")?;
+    Ok(())
+}
+
+/// How many elements one `add element` statement carries (keeps each statement small).
+const NFT_BATCH: usize = 1000;
+
+/// One family's `kube-proxy` table (nftables mode): everything kube-proxy's nftables proxier
+/// puts there for this cluster, with one endpoint per Service.
+pub fn nftables_rules(cluster: &Cluster, family: Family) -> String {
+    let (table, addr_type, daddr, saddr, loopback) = match family {
+        Family::V4 => ("ip", "ipv4_addr", "ip daddr", "ip saddr", "127.0.0.0/8"),
+        Family::V6 => ("ip6", "ipv6_addr", "ip6 daddr", "ip6 saddr", "::1"),
+    };
+    let mut s = format!(
+        "table {table} kube-proxy {{\n\
+         \tset cluster-ips {{ type {addr_type}; }}\n\
+         \tmap service-ips {{ type {addr_type} . inet_proto . inet_service : verdict; }}\n\
+         \tmap service-nodeports {{ type inet_proto . inet_service : verdict; }}\n\
+         \tchain mark-for-masquerade {{ meta mark set meta mark | 0x4000; }}\n\
+         \tchain masquerading {{\n\
+         \t\tmeta mark & 0x4000 == 0 return\n\
+         \t\tmeta mark set meta mark ^ 0x4000\n\
+         \t\tmasquerade fully-random\n\t}}\n\
+         \tchain services {{\n\
+         \t\t{daddr} . meta l4proto . th dport vmap @service-ips\n\
+         \t\tfib daddr type local {daddr} != {loopback} meta l4proto . th dport vmap @service-nodeports\n\t}}\n\
+         \tchain cluster-ips-check {{\n\
+         \t\t{daddr} @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"\n\t}}\n\
+         \tchain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump services; }}\n\
+         \tchain nat-output {{ type nat hook output priority -100; policy accept; jump services; }}\n\
+         \tchain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading; }}\n\
+         \tchain filter-forward {{ type filter hook forward priority -110; policy accept; ct state new jump cluster-ips-check; }}\n\
+         }}\n"
+    );
+    let mut ips = Vec::new();
+    let mut service_ips = Vec::new();
+    let mut node_ports = Vec::new();
+    for (i, service) in cluster.services.iter().enumerate() {
+        let Some(cluster_ip) = service.cluster_ip(family) else {
+            continue;
+        };
+        ips.push(cluster_ip.to_string());
+        let Some(backend) = service.endpoint(family) else {
+            continue;
+        };
+        for (j, port) in service.ports.iter().enumerate() {
+            let p = port.proto.name();
+            let svc = format!("service-e2e{i}x{j}");
+            let ep = format!("endpoint-e2e{i}x{j}");
+            let _ = writeln!(
+                s,
+                "add chain {table} kube-proxy {ep} {{ {saddr} {backend} jump mark-for-masquerade; \
+                 meta l4proto {p} dnat to {}; }}\n\
+                 add chain {table} kube-proxy {svc} {{ numgen random mod 1 vmap {{ 0 : goto {ep} }}; }}",
+                endpoint(backend, port.target_port),
+            );
+            service_ips.push(format!("{cluster_ip} . {p} . {} : goto {svc}", port.port));
+            if let Some(node_port) = port.node_port {
+                let ext = format!("external-e2e{i}x{j}");
+                let masq = if service.node_port_local == Some(false) {
+                    "jump mark-for-masquerade; "
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    s,
+                    "add chain {table} kube-proxy {ext} {{ {masq}goto {svc}; }}"
+                );
+                node_ports.push(format!("{p} . {node_port} : goto {ext}"));
+            }
+        }
+    }
+    for (name, elements) in [
+        ("cluster-ips", &ips),
+        ("service-ips", &service_ips),
+        ("service-nodeports", &node_ports),
+    ] {
+        for chunk in elements.chunks(NFT_BATCH) {
+            let _ = writeln!(
+                s,
+                "add element {table} kube-proxy {name} {{ {} }}",
+                chunk.join(", ")
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nftables_mode_has_one_map_element_and_chain_pair_per_service_port() {
+        let cluster = Cluster::fixture();
+        for family in Family::ALL {
+            let script = nftables_rules(&cluster, family);
+            let served: usize = cluster
+                .services
+                .iter()
+                .filter(|s| s.cluster_ip(family).is_some() && s.endpoint(family).is_some())
+                .map(|s| s.ports.len())
+                .sum();
+            assert!(served > 0);
+            let elements: usize = script
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix(&format!(
+                        "add element {} kube-proxy service-ips {{ ",
+                        if family == Family::V4 { "ip" } else { "ip6" }
+                    ))
+                })
+                .map(|l| l.matches(" : goto service-").count())
+                .sum();
+            assert_eq!(elements, served, "{script}");
+            // A chain is declared before the chain that jumps to it (nft resolves as it reads).
+            for (i, line) in script.lines().enumerate() {
+                if let Some(target) = line.split("goto endpoint-").nth(1) {
+                    let name = format!("endpoint-{}", target.split_whitespace().next().unwrap());
+                    let declared = script
+                        .lines()
+                        .position(|l| l.contains(&format!("kube-proxy {name} {{")))
+                        .unwrap_or(usize::MAX);
+                    assert!(declared < i, "{name} used before it is declared");
+                }
+            }
+            assert!(script.contains("type nat hook prerouting priority dstnat"));
+            assert!(script.contains("masquerade fully-random"));
+        }
+    }
+
+    #[test]
+    fn iptables_mode_has_a_kube_services_rule_per_service_port() {
+        let cluster = Cluster::fixture();
+        let script = iptables_rules(&cluster, Family::V4);
+        let served: usize = cluster
+            .services
+            .iter()
+            .filter(|s| s.cluster_ip(Family::V4).is_some() && s.endpoint(Family::V4).is_some())
+            .map(|s| s.ports.len())
+            .sum();
+        let rules = script
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES -d ") && l.contains("-j KUBE-SEP-"))
+            .count();
+        assert_eq!(rules, served);
+    }
 }

@@ -1,7 +1,7 @@
 //! A Kube-OVN node simulated in private network namespaces, for the end-to-end suite, the
 //! benchmarks and the demo: [`Node::build`] wires the topology (`topology`), kube-proxy
-//! (`kube_proxy`, IPVS or iptables mode), Kube-OVN's ipsets and the rules that consume its marks
-//! (`kube_ovn`), and backends that report the source address they saw (`traffic`); then
+//! (`kube_proxy`, IPVS, iptables or nftables mode), Kube-OVN's ipsets and the rules that consume
+//! its marks (`kube_ovn`), and backends that report the source address they saw (`traffic`); then
 //! [`Node::install_hook`] adds one implementation of the PREROUTING hook under test
 //! (`hook`: none, Kube-OVN's iptables rules, or the eBPF agent).
 //!
@@ -20,7 +20,12 @@ pub mod traffic;
 
 pub use kube_ovn_testkit::{exec, netns};
 
-use std::{fmt, net::IpAddr, time::Duration};
+use std::{
+    fmt,
+    net::IpAddr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, ensure};
 
@@ -51,17 +56,22 @@ impl Family {
         }
     }
 
+    /// The iptables command of this family in the process's backend ([`IptablesBackend`]).
     pub fn iptables(self) -> &'static str {
-        match self {
-            Self::V4 => "iptables",
-            Self::V6 => "ip6tables",
+        match (self, IptablesBackend::current()) {
+            (Self::V4, IptablesBackend::System) => "iptables",
+            (Self::V6, IptablesBackend::System) => "ip6tables",
+            (Self::V4, IptablesBackend::Legacy) => "iptables-legacy",
+            (Self::V6, IptablesBackend::Legacy) => "ip6tables-legacy",
         }
     }
 
     pub fn iptables_restore(self) -> &'static str {
-        match self {
-            Self::V4 => "iptables-restore",
-            Self::V6 => "ip6tables-restore",
+        match (self, IptablesBackend::current()) {
+            (Self::V4, IptablesBackend::System) => "iptables-restore",
+            (Self::V6, IptablesBackend::System) => "ip6tables-restore",
+            (Self::V4, IptablesBackend::Legacy) => "iptables-legacy-restore",
+            (Self::V6, IptablesBackend::Legacy) => "ip6tables-legacy-restore",
         }
     }
 
@@ -150,11 +160,13 @@ pub enum Host {
     Other,
 }
 
-/// kube-proxy's mode: spec mode A (IPVS) or B (iptables).
+/// kube-proxy's mode: spec mode A (IPVS) or B (iptables; nftables is B too for Kube-OVN: it
+/// creates no `KUBE-*` ipsets either).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KubeProxyMode {
     Ipvs,
     Iptables,
+    Nftables,
 }
 
 impl KubeProxyMode {
@@ -163,6 +175,7 @@ impl KubeProxyMode {
         match self {
             Self::Ipvs => "ipvs",
             Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
         }
     }
 }
@@ -172,7 +185,35 @@ impl fmt::Display for KubeProxyMode {
         f.write_str(match self {
             Self::Ipvs => "kube-proxy IPVS mode (spec mode A)",
             Self::Iptables => "kube-proxy iptables mode (spec mode B)",
+            Self::Nftables => "kube-proxy nftables mode (spec mode B)",
         })
+    }
+}
+
+/// Which iptables the node's rules go through — kube-proxy's, Kube-OVN's and every listing —
+/// as on a real node, where all of them use one backend. Process-wide: a benchmark run measures
+/// one backend ([`IptablesBackend::set`] before any node is built).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IptablesBackend {
+    /// The commands named `iptables`, `ip6tables`, … (iptables-nft on Debian 12).
+    System,
+    /// `iptables-legacy`, `ip6tables-legacy`, …: `x_tables`, rules walked linearly in the kernel.
+    Legacy,
+}
+
+static LEGACY_IPTABLES: AtomicBool = AtomicBool::new(false);
+
+impl IptablesBackend {
+    pub fn current() -> Self {
+        if LEGACY_IPTABLES.load(Ordering::Relaxed) {
+            Self::Legacy
+        } else {
+            Self::System
+        }
+    }
+
+    pub fn set(self) {
+        LEGACY_IPTABLES.store(self == Self::Legacy, Ordering::Relaxed);
     }
 }
 

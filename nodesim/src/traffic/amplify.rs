@@ -40,7 +40,7 @@ use super::{
     paired::{self, Paired},
     report::{Workload, load_averages, num},
 };
-use crate::node::{HookKind, Host, bpf, exec, netns::NetNs};
+use crate::node::{Family, HookKind, Host, bpf, exec, netns::NetNs};
 
 /// The comment on the copies of the jump, so they can be told apart from Kube-OVN's own.
 const COPY_COMMENT: &str = "kovn-amplify copy";
@@ -159,29 +159,36 @@ pub fn check_ebpf(
     Ok(())
 }
 
-/// The `k − 1` extra jumps on the iptables node.
-fn set_iptables(ns: &NetNs, extra_now: usize, k: usize) -> Result<()> {
+/// The `k − 1` extra jumps on the iptables node, in each of `families`' nat `PREROUTING`.
+fn set_iptables(ns: &NetNs, families: &[Family], extra_now: usize, k: usize) -> Result<()> {
+    for &family in families {
+        set_iptables_family(ns, family, extra_now, k)?;
+    }
+    Ok(())
+}
+
+fn set_iptables_family(ns: &NetNs, family: Family, extra_now: usize, k: usize) -> Result<()> {
     let copy = ["-m", "comment", "--comment", COPY_COMMENT, "-j", CHAIN];
     for _ in 0..extra_now {
         ns.run(
-            "iptables",
+            family.iptables(),
             &[&["-t", "nat", "-D", "PREROUTING"][..], &copy].concat(),
         )?;
     }
     for _ in 1..k {
         ns.run(
-            "iptables",
+            family.iptables(),
             &[&["-t", "nat", "-I", "PREROUTING", "1"][..], &copy].concat(),
         )?;
     }
-    ns.run("iptables", &["-t", "nat", "-Z", "PREROUTING"])?;
+    ns.run(family.iptables(), &["-t", "nat", "-Z", "PREROUTING"])?;
     Ok(())
 }
 
-/// Packet counters of every jump to `OVN-PREROUTING` in nat `PREROUTING`.
-fn jump_packets(ns: &NetNs) -> Result<Vec<u64>> {
+/// Packet counters of every jump to `OVN-PREROUTING` in `family`'s nat `PREROUTING`.
+fn jump_packets(ns: &NetNs, family: Family) -> Result<Vec<u64>> {
     let listing = ns.run(
-        "iptables",
+        family.iptables(),
         &["-t", "nat", "-L", "PREROUTING", "-n", "-v", "-x"],
     )?;
     Ok(listing
@@ -407,6 +414,19 @@ pub fn run(config: &Config, nodes: &mut [ModeNode]) -> Result<Value> {
         &super::ebpf_bpffs(&nodes[ebpf])?,
     )?;
     let mut extra = 0;
+    // IPv6 workloads meet ip6tables' nat PREROUTING: the copies go there too. Each family's
+    // copies must have run if a workload of that family was measured.
+    let families: &[Family] = if config.variant.ipv6 {
+        &Family::ALL
+    } else {
+        &[Family::V4]
+    };
+    let carried = |family: Family| {
+        config
+            .workloads
+            .iter()
+            .any(|w| w.ipv6() == (family == Family::V6))
+    };
     // values[workload][mode (0 iptables, 1 ebpf)][k index][round]: each (workload, mode, k)
     // is measured once per round, so pushing keeps the rounds in order.
     let mut values =
@@ -419,7 +439,7 @@ pub fn run(config: &Config, nodes: &mut [ModeNode]) -> Result<Value> {
                 // favour the same k.
                 let ki = (step + round) % ks.len();
                 let k = ks[ki];
-                set_iptables(nodes[ipt].node.ns(Host::Node), extra, k)?;
+                set_iptables(nodes[ipt].node.ns(Host::Node), families, extra, k)?;
                 extra = k - 1;
                 stack.set(nodes[ebpf].node.ns(Host::Node), k)?;
                 for (w, &workload) in config.workloads.iter().enumerate() {
@@ -437,9 +457,16 @@ pub fn run(config: &Config, nodes: &mut [ModeNode]) -> Result<Value> {
                         values[w][m][ki].push(cpu_ns(workload, &sample.values));
                     }
                 }
-                let counters = jump_packets(nodes[ipt].node.ns(Host::Node))?;
-                check_iptables(&counters, k)
-                    .with_context(|| format!("amplified round {} k={k}", round + 1))?;
+                let mut counters = Vec::new();
+                for &family in families {
+                    let packets = jump_packets(nodes[ipt].node.ns(Host::Node), family)?;
+                    if carried(family) {
+                        check_iptables(&packets, k).with_context(|| {
+                            format!("amplified round {} k={k}, {family}", round + 1)
+                        })?;
+                    }
+                    counters.push(packets);
+                }
                 let node = &nodes[ebpf];
                 let ebpf_proof = stack
                     .verify(node.node.ns(Host::Node), k, || {
@@ -454,7 +481,8 @@ pub fn run(config: &Config, nodes: &mut [ModeNode]) -> Result<Value> {
                 proofs.push(json!({
                     "round": round + 1,
                     "k": k,
-                    "iptables_jump_packets": counters,
+                    "iptables_jump_packets": counters[0],
+                    "ip6tables_jump_packets": counters.get(1),
                     "ebpf": ebpf_proof,
                 }));
             }
@@ -469,7 +497,7 @@ pub fn run(config: &Config, nodes: &mut [ModeNode]) -> Result<Value> {
     })();
     // Leave the nodes as they were, also after a failure (the namespaces go anyway).
     drop(stack);
-    let restored = set_iptables(nodes[ipt].node.ns(Host::Node), extra, 1);
+    let restored = set_iptables(nodes[ipt].node.ns(Host::Node), families, extra, 1);
     result?;
     restored?;
     Ok(to_json(config, &values, &proofs))

@@ -5,7 +5,10 @@
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{
+        IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+        UdpSocket,
+    },
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex,
@@ -51,54 +54,65 @@ pub struct Servers {
     pub counters: Arc<ServerCounters>,
 }
 
+/// The benchmark's TCP listener and UDP sink on `backend` (one per family).
+fn bind_servers(backend: IpAddr) -> Result<(TcpListener, UdpSocket)> {
+    let domain = Domain::for_address(SocketAddr::new(backend, 0));
+    let tcp = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    tcp.set_reuse_address(true)?;
+    tcp.bind(&SocketAddr::new(backend, state::TCP_PORT).into())
+        .with_context(|| format!("binding the benchmark TCP server on {backend}"))?;
+    tcp.listen(4096)?;
+    tcp.set_nonblocking(true)?;
+    let udp = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    // Large enough that a burst never overflows while the sink thread waits for a CPU;
+    // FORCE because net.core.rmem_max is a host-wide setting we do not touch.
+    set_int_opt(&udp, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 32 << 20)?;
+    udp.bind(&SocketAddr::new(backend, state::UDP_PORT).into())
+        .with_context(|| format!("binding the benchmark UDP sink on {backend}"))?;
+    udp.set_nonblocking(true)?;
+    Ok((tcp.into(), udp.into()))
+}
+
 impl Servers {
     pub fn start(pods: &NetNs) -> Result<Self> {
-        let (listener, udp) = pods.enter(|| -> Result<(TcpListener, UdpSocket)> {
-            let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-            tcp.set_reuse_address(true)?;
-            tcp.bind(&SocketAddr::from((state::BACKEND, state::TCP_PORT)).into())
-                .context("binding the benchmark TCP server")?;
-            tcp.listen(4096)?;
-            tcp.set_nonblocking(true)?;
-            let udp = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            // Large enough that a burst never overflows while the sink thread waits for a CPU;
-            // FORCE because net.core.rmem_max is a host-wide setting we do not touch.
-            set_int_opt(&udp, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 32 << 20)?;
-            udp.bind(&SocketAddr::from((state::BACKEND, state::UDP_PORT)).into())
-                .context("binding the benchmark UDP sink")?;
-            udp.set_nonblocking(true)?;
-            Ok((tcp.into(), udp.into()))
+        let sockets = pods.enter(|| -> Result<Vec<(TcpListener, UdpSocket)>> {
+            [IpAddr::V4(state::BACKEND), IpAddr::V6(state::BACKEND6)]
+                .into_iter()
+                .map(bind_servers)
+                .collect()
         })??;
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(ServerCounters::default());
         let spawned = Arc::new(Mutex::new(Vec::new()));
-        let listener = Arc::new(listener);
         let mut threads = Vec::new();
-        for i in 0..2 {
-            let (listener, stop, counters, spawned) = (
-                Arc::clone(&listener),
-                Arc::clone(&stop),
-                Arc::clone(&counters),
-                Arc::clone(&spawned),
-            );
+        for (family, (listener, udp)) in sockets.into_iter().enumerate() {
+            let listener = Arc::new(listener);
+            for i in 0..2 {
+                let (listener, stop, counters, spawned) = (
+                    Arc::clone(&listener),
+                    Arc::clone(&stop),
+                    Arc::clone(&counters),
+                    Arc::clone(&spawned),
+                );
+                threads.push(
+                    thread::Builder::new()
+                        .name(format!("bench-accept-{family}-{i}"))
+                        .spawn(move || {
+                            pin();
+                            accept_loop(&listener, &stop, &counters, &spawned);
+                        })?,
+                );
+            }
+            let (stop2, counters2) = (Arc::clone(&stop), Arc::clone(&counters));
             threads.push(
                 thread::Builder::new()
-                    .name(format!("bench-accept-{i}"))
+                    .name(format!("bench-udp-sink-{family}"))
                     .spawn(move || {
                         pin();
-                        accept_loop(&listener, &stop, &counters, &spawned);
+                        udp_sink(&udp, &stop2, &counters2);
                     })?,
             );
         }
-        let (stop2, counters2) = (Arc::clone(&stop), Arc::clone(&counters));
-        threads.push(
-            thread::Builder::new()
-                .name("bench-udp-sink".into())
-                .spawn(move || {
-                    pin();
-                    udp_sink(&udp, &stop2, &counters2);
-                })?,
-        );
         Ok(Self {
             stop,
             threads,
@@ -320,12 +334,12 @@ pub struct Target {
     /// `/run/netns/<name>` of the client namespace.
     pub ns_path: String,
     /// Source address (bound, or written into raw packets).
-    pub src: Ipv4Addr,
-    pub dst: SocketAddrV4,
+    pub src: IpAddr,
+    pub dst: SocketAddr,
 }
 
 impl Target {
-    pub fn new(ns: &NetNs, src: Ipv4Addr, dst: SocketAddrV4) -> Self {
+    pub fn new(ns: &NetNs, src: IpAddr, dst: SocketAddr) -> Self {
         Self {
             ns_path: format!("/run/netns/{}", ns.name()),
             src,
@@ -455,13 +469,17 @@ impl Limits {
 }
 
 fn connected(target: &Target) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(target.dst),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     // Choose the source port at connect time, by the full 4-tuple, rather than at bind time
     // from the ports no socket holds: the ephemeral range is then shared across destinations.
     set_int_opt(&socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
     socket.bind(&SocketAddr::from((target.src, 0)).into())?;
     socket
-        .connect_timeout(&SocketAddr::V4(target.dst).into(), IO_TIMEOUT)
+        .connect_timeout(&target.dst.into(), IO_TIMEOUT)
         .map_err(|e| std::io::Error::new(e.kind(), format!("connect: {e}")))?;
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -510,34 +528,120 @@ fn datagram(src: Ipv4Addr, sport: u16, dst: SocketAddrV4) -> [u8; 28 + UDP_PAYLO
     p
 }
 
-/// Raw datagrams, each with a 5-tuple conntrack has not seen: the source port walks
-/// 1024..65535 and then the source address moves to the next one after `target.src`.
-fn new_flows(target: &Target, limits: &Limits, counters: &ClientCounters) -> std::io::Result<()> {
-    const BATCH: usize = 32;
-    const PORTS: u64 = 65_536 - 1024;
+/// IPv6 + UDP header and payload. Unlike IPv4's, the kernel fills nothing in a header-included
+/// IPv6 packet, and IPv6 forbids a zero UDP checksum: both lengths and the checksum are set here.
+fn datagram6(src: Ipv6Addr, sport: u16, dst: SocketAddrV6) -> [u8; 48 + UDP_PAYLOAD] {
+    let mut p = [0u8; 48 + UDP_PAYLOAD];
+    let udp_len = u16::try_from(8 + UDP_PAYLOAD).expect("small");
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    p[6] = 17;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.ip().octets());
+    p[40..42].copy_from_slice(&sport.to_be_bytes());
+    p[42..44].copy_from_slice(&dst.port().to_be_bytes());
+    p[44..46].copy_from_slice(&udp_len.to_be_bytes());
+    let checksum = udp6_checksum(&p[8..40], &p[40..]);
+    p[46..48].copy_from_slice(&checksum.to_be_bytes());
+    p
+}
+
+/// RFC 8200 §8.1: the one's-complement sum over the pseudo-header (addresses, upper-layer
+/// length, next header 17) and the UDP datagram (checksum field zero); 0 is sent as 0xffff.
+fn udp6_checksum(addresses: &[u8], udp: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair[0]) << 8;
+            sum += hi | pair.get(1).copied().map_or(0, u32::from);
+        }
+    };
+    add(addresses);
+    add(&u32::try_from(udp.len()).expect("small").to_be_bytes());
+    add(&[0, 0, 0, 17]);
+    add(udp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    match !u16::try_from(sum).expect("folded") {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// One `IPPROTO_RAW` socket of `domain`: the packets written carry their own IP header (Linux
+/// sets header inclusion for this protocol in both families).
+fn raw_socket(domain: libc::c_int) -> std::io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    let fd = unsafe { libc::socket(domain, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let dst = libc::sockaddr_in {
-        sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET"),
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(target.dst.ip().octets()),
-        },
-        sin_zero: [0; 8],
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Raw datagrams, each with a 5-tuple conntrack has not seen: the source port walks
+/// 1024..65535 and then the source address moves to the next one after `target.src`.
+fn new_flows(target: &Target, limits: &Limits, counters: &ClientCounters) -> std::io::Result<()> {
+    const PORTS: u64 = 65_536 - 1024;
+    let flow = |n: u64| {
+        let host = u32::try_from(n / PORTS).unwrap_or(0) % 200;
+        let sport = u16::try_from(1024 + n % PORTS).expect("port range");
+        (host, sport)
     };
+    match (target.src, target.dst) {
+        (IpAddr::V4(src), SocketAddr::V4(dst)) => {
+            let fd = raw_socket(libc::AF_INET)?;
+            let to = libc::sockaddr_in {
+                sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET"),
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(dst.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            send_flows(&fd, &to, limits, counters, |n| {
+                let (host, sport) = flow(n);
+                datagram(Ipv4Addr::from(u32::from(src) + host), sport, dst)
+            })
+        }
+        (IpAddr::V6(src), SocketAddr::V6(dst)) => {
+            let fd = raw_socket(libc::AF_INET6)?;
+            // SAFETY: an all-zero sockaddr_in6 is valid; family and address are set below.
+            let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            to.sin6_family = libc::sa_family_t::try_from(libc::AF_INET6).expect("AF_INET6");
+            to.sin6_addr.s6_addr = dst.ip().octets();
+            send_flows(&fd, &to, limits, counters, |n| {
+                let (host, sport) = flow(n);
+                datagram6(
+                    Ipv6Addr::from(u128::from(src) + u128::from(host)),
+                    sport,
+                    dst,
+                )
+            })
+        }
+        _ => Err(std::io::Error::other(
+            "source and destination of different families",
+        )),
+    }
+}
+
+/// Sends `packet(n)` for n = 0, 1, … in batches of 32 to `to` until `limits` says stop.
+fn send_flows<A, const N: usize>(
+    fd: &OwnedFd,
+    to: &A,
+    limits: &Limits,
+    counters: &ClientCounters,
+    packet: impl Fn(u64) -> [u8; N],
+) -> std::io::Result<()> {
+    const BATCH: usize = 32;
     let mut n: u64 = 0;
-    let mut packets = vec![[0u8; 28 + UDP_PAYLOAD]; BATCH];
+    let mut packets = vec![[0u8; N]; BATCH];
     while !limits.done(counters) {
         for p in &mut packets {
-            let src =
-                Ipv4Addr::from(u32::from(target.src) + u32::try_from(n / PORTS).unwrap_or(0) % 200);
-            let sport = u16::try_from(1024 + n % PORTS).expect("port range");
-            *p = datagram(src, sport, target.dst);
+            *p = packet(n);
             n += 1;
         }
         let mut iovs: Vec<libc::iovec> = packets
@@ -551,9 +655,8 @@ fn new_flows(target: &Target, limits: &Limits, counters: &ClientCounters) -> std
         let mut msgs: Vec<libc::mmsghdr> =
             (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
         for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-            m.msg_hdr.msg_name = (&raw const dst).cast_mut().cast();
-            m.msg_hdr.msg_namelen =
-                libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).expect("small");
+            m.msg_hdr.msg_name = std::ptr::from_ref(to).cast_mut().cast();
+            m.msg_hdr.msg_namelen = libc::socklen_t::try_from(size_of::<A>()).expect("small");
             m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
         }
@@ -630,4 +733,38 @@ pub fn check_connection(target: &Target) -> Result<()> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the check thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checksum a receiver verifies: summing the pseudo-header and the datagram with its
+    /// checksum in place gives 0xffff.
+    #[test]
+    fn ipv6_datagrams_carry_a_valid_udp_checksum() {
+        let dst = SocketAddrV6::new("fd00:10:96::41".parse().unwrap(), 9000, 0, 0);
+        for sport in [1024, 4242, 65535] {
+            let p = datagram6("fd00:10:16::1:1".parse().unwrap(), sport, dst);
+            assert_eq!(p[0] >> 4, 6);
+            assert_eq!(
+                u16::from_be_bytes([p[4], p[5]]),
+                u16::try_from(8 + UDP_PAYLOAD).unwrap()
+            );
+            let mut sum: u32 = 0;
+            for pair in p[8..40].chunks(2).chain(p[40..].chunks(2)) {
+                sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+            }
+            sum += u32::try_from(p.len() - 40).unwrap() + 17;
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            assert_eq!(sum, 0xffff, "sport {sport}");
+        }
+        // A known vector: all-zero addresses and payload.
+        assert_eq!(
+            udp6_checksum(&[0; 32], &[0, 1, 0, 2, 0, 8, 0, 0]),
+            !(1 + 2 + 8 + 8 + 17)
+        );
+    }
 }

@@ -8,12 +8,13 @@ use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
 use super::{
+    super::node::{Family, KubeProxyMode},
     Config, MODES, cpu,
     paired::{self, Paired, Verdict},
     svg,
 };
 
-const SCHEMA: u32 = 2;
+const SCHEMA: u32 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
@@ -26,6 +27,14 @@ pub enum Workload {
     /// ~1.5 KB packet crosses TC on its own (the per-packet worst case of established flows).
     BulkSegments,
     Rr,
+    /// [`Self::ConnClusterIp`] over IPv6: pod → ClusterIP v6 (R1a).
+    ConnClusterIp6,
+    /// [`Self::ConnNodePort`] over IPv6: external → NodePort on the node's IPv6 address (R2t).
+    ConnNodePort6,
+    /// [`Self::UdpClusterIp`] over IPv6.
+    UdpClusterIp6,
+    /// [`Self::UdpNodePort`] over IPv6 (R2u).
+    UdpNodePort6,
 }
 
 pub struct Metric {
@@ -83,8 +92,50 @@ impl Workload {
         Self::Rr,
     ];
 
+    /// The IPv6 workloads: not run by default; `KOVN_BENCH_WORKLOADS` selects them by id.
+    pub const IPV6: [Self; 4] = [
+        Self::ConnClusterIp6,
+        Self::ConnNodePort6,
+        Self::UdpClusterIp6,
+        Self::UdpNodePort6,
+    ];
+
+    /// Every workload, the index of its samples.
+    pub const EVERY: [Self; 11] = [
+        Self::ConnClusterIp,
+        Self::ConnNodePort,
+        Self::UdpClusterIp,
+        Self::UdpNodePort,
+        Self::Bulk,
+        Self::BulkSegments,
+        Self::Rr,
+        Self::ConnClusterIp6,
+        Self::ConnNodePort6,
+        Self::UdpClusterIp6,
+        Self::UdpNodePort6,
+    ];
+
+    pub fn ipv6(self) -> bool {
+        Self::IPV6.contains(&self)
+    }
+
+    /// The IPv4 workload this one is the IPv6 form of (itself for IPv4 workloads).
+    pub fn v4(self) -> Self {
+        match self {
+            Self::ConnClusterIp6 => Self::ConnClusterIp,
+            Self::ConnNodePort6 => Self::ConnNodePort,
+            Self::UdpClusterIp6 => Self::UdpClusterIp,
+            Self::UdpNodePort6 => Self::UdpNodePort,
+            other => other,
+        }
+    }
+
     pub fn id(self) -> &'static str {
         match self {
+            Self::ConnClusterIp6 => "conn_clusterip6",
+            Self::ConnNodePort6 => "conn_nodeport6",
+            Self::UdpClusterIp6 => "udp_clusterip6",
+            Self::UdpNodePort6 => "udp_nodeport6",
             Self::ConnClusterIp => "conn_clusterip",
             Self::ConnNodePort => "conn_nodeport",
             Self::UdpClusterIp => "udp_clusterip",
@@ -97,6 +148,17 @@ impl Workload {
 
     pub fn title(self) -> &'static str {
         match self {
+            Self::ConnClusterIp6 => "New TCP connections over IPv6, pod → ClusterIP (R1a)",
+            Self::ConnNodePort6 => {
+                "New TCP connections over IPv6, external → NodePort ETP=Local (R2t)"
+            }
+            Self::UdpClusterIp6 => {
+                "New UDP flows over IPv6 (new 5-tuple per packet), pod → ClusterIP (R1a)"
+            }
+            Self::UdpNodePort6 => {
+                "New UDP flows over IPv6 (new 5-tuple per packet), external → NodePort ETP=Local \
+                 (R2u)"
+            }
             Self::ConnClusterIp => "New TCP connections, pod → ClusterIP (R1a)",
             Self::ConnNodePort => "New TCP connections, external → NodePort ETP=Local (R2t)",
             Self::UdpClusterIp => "New UDP flows (new 5-tuple per packet), pod → ClusterIP (R1a)",
@@ -115,21 +177,23 @@ impl Workload {
     }
 
     pub fn metrics(self) -> &'static [Metric] {
-        match self {
+        match self.v4() {
             Self::ConnClusterIp | Self::ConnNodePort => CONN,
             Self::UdpClusterIp | Self::UdpNodePort => UDP,
             Self::Bulk | Self::BulkSegments => BULK,
             Self::Rr => RR,
+            _ => unreachable!("v4() maps the IPv6 workloads"),
         }
     }
 
     /// The metrics issue 6's "ebpf ≥ iptables" target is judged on.
     fn target_metrics(self) -> &'static [&'static str] {
-        match self {
+        match self.v4() {
             Self::ConnClusterIp | Self::ConnNodePort => &["conn_per_s"],
             Self::UdpClusterIp | Self::UdpNodePort => &["delivered_pps"],
             Self::Bulk | Self::BulkSegments => &["gbit_per_s"],
             Self::Rr => &["trans_per_s", "p99_us"],
+            _ => unreachable!("v4() maps the IPv6 workloads"),
         }
     }
 }
@@ -194,7 +258,7 @@ impl Sample {
         let wall = w.usage.wall_s;
         let cpu = f(w.usage.total_ns());
         let ops = f(w.ops);
-        let values = match workload {
+        let values = match workload.v4() {
             Workload::ConnClusterIp | Workload::ConnNodePort => {
                 vec![per(ops, wall), per(cpu, ops) / 1e3]
             }
@@ -227,6 +291,7 @@ impl Sample {
                     per(cpu, n) / 1e3,
                 ]
             }
+            _ => unreachable!("v4() maps the IPv6 workloads"),
         };
         Self {
             values,
@@ -288,12 +353,12 @@ impl ScaleResult {
             state_check,
             evidence: Value::Null,
             amplified: None,
-            samples: Workload::ALL.iter().map(|_| Default::default()).collect(),
+            samples: Workload::EVERY.iter().map(|_| Default::default()).collect(),
         }
     }
 
     pub fn push(&mut self, workload: Workload, mode: usize, sample: Sample) {
-        let w = Workload::ALL
+        let w = Workload::EVERY
             .iter()
             .position(|x| *x == workload)
             .expect("known workload");
@@ -301,7 +366,7 @@ impl ScaleResult {
     }
 
     fn cell(&self, workload: Workload, mode: usize) -> &[Sample] {
-        let w = Workload::ALL
+        let w = Workload::EVERY
             .iter()
             .position(|x| *x == workload)
             .expect("known workload");
@@ -532,7 +597,14 @@ impl Report {
                 "conn_threads": c.conn_threads,
                 "modes": MODES.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "order": "rotating: round r measures workload w (0-based, in config order) in the r + w mod 6-th of the six orders of the modes",
-                "kube_proxy": "ipvs (emulated)",
+                "variant": c.variant.id(),
+                "kube_proxy": match c.variant.kube_proxy {
+                    KubeProxyMode::Ipvs => "ipvs (emulated)",
+                    KubeProxyMode::Iptables => "iptables",
+                    KubeProxyMode::Nftables => "nftables",
+                },
+                "iptables_backend": iptables_version(),
+                "subnet_prefix_lengths": c.variant.prefix_lengths,
                 "profile": "release (kube-ovn-nodesim and the agent)",
             },
             "agent": { "binary": self.agent },
@@ -608,6 +680,18 @@ impl Report {
         }
         out
     }
+}
+
+/// `iptables -V` of the backend every node used (`iptables v1.8.9 (legacy)`).
+fn iptables_version() -> String {
+    let program = Family::V4.iptables();
+    std::process::Command::new(program)
+        .arg("-V")
+        .output()
+        .map_or_else(
+            |e| format!("{program}: {e}"),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        )
 }
 
 fn number(v: &Value) -> f64 {
@@ -844,4 +928,162 @@ pub fn group(v: f64) -> String {
         out.push(ch);
     }
     if n < 0 { format!("-{out}") } else { out }
+}
+
+/// Which side a paired ratio's CI favours: `ebpf` or `iptables` when the whole interval is on
+/// one side of 1, `—` when it contains 1 (not resolved).
+fn favours(p: &Value, higher_is_better: bool) -> &'static str {
+    let (lo, hi) = (number(&p["ci95"][0]), number(&p["ci95"][1]));
+    if lo.is_nan() || hi.is_nan() {
+        return "?";
+    }
+    let ebpf_higher = lo > 1.0;
+    let ebpf_lower = hi < 1.0;
+    match (ebpf_higher, ebpf_lower, higher_is_better) {
+        (true, _, true) | (_, true, false) => "ebpf",
+        (true, _, false) | (_, true, true) => "iptables",
+        _ => "—",
+    }
+}
+
+/// The variant runs (kube-proxy modes, iptables backends, padding prefix lengths) as one
+/// table each: per workload and scale its rate and CPU metric, the three modes' medians, the
+/// paired ebpf/iptables ratio with its CI and sign test, and the side the CI favours.
+pub fn variants_markdown(runs: &[Value]) -> String {
+    let mut out = String::new();
+    for run in runs {
+        let machine = &run["machine"];
+        let config = &run["config"];
+        let _ = writeln!(
+            out,
+            "##### Variant `{}`: kube-proxy {}, {}, padding Subnets of {} prefix length(s)\n\n\
+             {}kernel {}, {} ({} cores); load average {} before, {} after; {:.0} s wall; {} \
+             rounds, {} s warm-up + {} s window. Ratio: median of the per-round ebpf/iptables \
+             ratios [95 % bootstrap CI], sign test (rounds ebpf ahead / behind, p); *favours*: \
+             the side the whole CI is on (— when it contains 1).\n\n\
+             | workload | metric | entries | baseline | iptables | ebpf | ebpf/iptables | sign \
+             test | favours |\n|---|---|---:|---:|---:|---:|---:|---|---|",
+            text(&config["variant"]),
+            text(&config["kube_proxy"]),
+            text(&config["iptables_backend"]),
+            config["subnet_prefix_lengths"],
+            if run["quick"].as_bool() == Some(true) {
+                "Quick run; "
+            } else {
+                ""
+            },
+            text(&machine["kernel"]),
+            text(&machine["cpu"]),
+            machine["cores"],
+            load_averages(machine, "loadavg_before"),
+            load_averages(machine, "loadavg_after"),
+            number(&run["wall_s"]),
+            config["rounds"],
+            number(&config["warmup_s"]),
+            number(&config["window_s"]),
+        );
+        let scales = run["scales"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let workloads = scales
+            .first()
+            .and_then(|sc| sc["workloads"].as_array())
+            .map_or(0, Vec::len);
+        for wi in 0..workloads {
+            for sc in scales {
+                let workload = &sc["workloads"][wi];
+                let metrics = workload["metrics"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                // The rate and the CPU per operation: the first metric and the `cpu_*` one.
+                let shown = metrics
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, metric)| *i == 0 || text(&metric["name"]).starts_with("cpu_"));
+                for (_, metric) in shown {
+                    let paired = &metric["paired"]["ebpf_iptables"];
+                    let mode = |name: &str| num(number(&metric["modes"][name]["median"]));
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} ({}) | {} | {} | {} | {} | {} | {} / {} (p = {:.3}) | {} |",
+                        text(&workload["workload"]),
+                        text(&metric["name"]),
+                        text(&metric["unit"]),
+                        group(number(&sc["entries"])),
+                        mode("baseline"),
+                        mode("iptables"),
+                        mode("ebpf"),
+                        paired_cell(paired),
+                        paired["above_1"],
+                        paired["below_1"],
+                        number(&paired["sign_test_p"]),
+                        favours(paired, metric["higher_is_better"].as_bool().unwrap_or(true)),
+                    );
+                }
+            }
+        }
+        let failed: u64 = scales
+            .iter()
+            .flat_map(|sc| sc["workloads"].as_array().cloned().unwrap_or_default())
+            .flat_map(|w| w["failures"].as_array().cloned().unwrap_or_default())
+            .filter_map(|f| f["failed"].as_u64())
+            .sum();
+        let _ = writeln!(
+            out,
+            "\n{failed} failed operations in the run; state checked on every node before \
+             measuring (`scales[].state`).\n"
+        );
+    }
+    out
+}
+
+/// The amplified phase of variant runs, one row per (run, workload, scale): the cost of one more
+/// hook (median of the per-round slopes [95 % CI]) for each mode and their per-round ratio.
+pub fn variants_amplified_markdown(runs: &[Value]) -> String {
+    let mut out = String::from(
+        "| variant | k | workload | entries | iptables, ns per hook | ebpf, ns per hook | \
+         ebpf/iptables slope (sign test) |\n|---|---|---|---:|---:|---:|---|\n",
+    );
+    for run in runs {
+        let variant = text(&run["config"]["variant"]);
+        let scales = run["scales"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for sc in scales {
+            let amplified = &sc["amplified"];
+            let ks = amplified["ks"]
+                .as_array()
+                .map(|ks| {
+                    ks.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            let workloads = amplified["workloads"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for workload in workloads {
+                let slope = |mode: &str| paired_cell(&workload["modes"][mode]["slope_ns"]);
+                let ratio = &workload["slope_ratio_ebpf_iptables"];
+                let _ = writeln!(
+                    out,
+                    "| `{variant}` | {ks} | {} | {} | {} | {} | {} ({} / {}, p = {:.3}) |",
+                    text(&workload["workload"]),
+                    group(number(&sc["entries"])),
+                    slope("iptables"),
+                    slope("ebpf"),
+                    paired_cell(ratio),
+                    ratio["above_1"],
+                    ratio["below_1"],
+                    number(&ratio["sign_test_p"]),
+                );
+            }
+        }
+    }
+    out
 }
