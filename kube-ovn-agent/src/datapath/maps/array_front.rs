@@ -141,17 +141,19 @@ impl Drop for Mapping {
     }
 }
 
-/// The ways of a front: the kernel array's, or memory (tests).
+/// The ways of a front: the kernel array's, memory (tests), or a copy read through a read-only
+/// descriptor (`status`, `dump`: the kernel maps a front writable only, and those never write).
 enum Words {
     Mapped(Mapping),
     Memory(Vec<u64>),
+    ReadOnly(Vec<u64>),
 }
 
 impl Words {
     fn load(&self, i: usize) -> u64 {
         match self {
             Self::Mapped(m) => m.word(i).load(Ordering::Acquire),
-            Self::Memory(v) => v[i],
+            Self::Memory(v) | Self::ReadOnly(v) => v[i],
         }
     }
 
@@ -159,8 +161,31 @@ impl Words {
         match self {
             Self::Mapped(m) => m.word(i).store(word, Ordering::Release),
             Self::Memory(v) => v[i] = word,
+            Self::ReadOnly(_) => panic!("a front read through a read-only descriptor is written"),
         }
     }
+
+    /// The ways of `data` copied out with lookups, for a read-only descriptor.
+    fn read_only(data: MapData, name: &'static str) -> Result<Self> {
+        let layout = |source: aya::maps::MapError| MapError::Layout {
+            map: name,
+            source: Box::new(source),
+        };
+        let array: aya::maps::Array<MapData, FrontSet> =
+            aya::maps::Array::try_from(Map::Array(data)).map_err(layout)?;
+        let mut words = Vec::with_capacity(WORDS);
+        for set in 0..front4::SETS {
+            words.extend(array.get(&set, 0).map_err(layout)?.0);
+        }
+        Ok(Self::ReadOnly(words))
+    }
+}
+
+/// Whether `data`'s descriptor allows writes (the read-side commands open maps read-only).
+fn writable(data: &MapData) -> bool {
+    // SAFETY: F_GETFL on a descriptor we hold.
+    let flags = unsafe { libc::fcntl(data.fd().as_fd().as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 /// One array front and where each key it holds sits.
@@ -179,9 +204,14 @@ impl<K: FrontKey> ArrayFront<K> {
                 source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }),
             });
         };
+        let words = if writable(&data) {
+            Words::Mapped(Mapping::new(&data, name)?)
+        } else {
+            Words::read_only(data, name)?
+        };
         let mut front = Self {
             name,
-            words: Words::Mapped(Mapping::new(&data, name)?),
+            words,
             placed: BTreeMap::new(),
         };
         front.refresh();
@@ -207,8 +237,8 @@ impl<K: FrontKey> ArrayFront<K> {
     }
 
     /// Re-reads the ways. A word that names no key of this front, sits in another key's set or
-    /// repeats a key is cleared: a front only ever answers faster, so dropping a word is
-    /// always safe.
+    /// repeats a key is cleared (left alone by a read-only reader): a front only ever answers
+    /// faster, so dropping a word is always safe.
     pub fn refresh(&mut self) {
         self.placed.clear();
         for i in 0..WORDS {
@@ -223,7 +253,8 @@ impl<K: FrontKey> ArrayFront<K> {
                 {
                     self.placed.insert(key, i);
                 }
-                _ => self.words.store(i, 0),
+                _ if !matches!(self.words, Words::ReadOnly(_)) => self.words.store(i, 0),
+                _ => {}
             }
         }
     }
