@@ -285,17 +285,9 @@ pub struct KubeSource {
     _tasks: JoinSet<()>,
 }
 
-impl ClusterSource for KubeSource {
-    fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            // Built on demand: what is stored stays compact.
-            services: self.services.services(),
-            ..self.read(&mut |_, _| {})
-        }
-    }
-
-    fn read(&self, service: &mut dyn FnMut(&str, &dyn ServiceView)) -> Snapshot {
-        self.services.read(service);
+impl KubeSource {
+    /// Every kind but Services.
+    fn others(&self) -> Snapshot {
         Snapshot {
             subnets: self.subnets.state(),
             services: Vec::new(),
@@ -303,6 +295,21 @@ impl ClusterSource for KubeSource {
             service_cidrs: self.service_cidrs.state(),
             pods: self.pods.as_ref().map(Store::state).unwrap_or_default(),
         }
+    }
+}
+
+impl ClusterSource for KubeSource {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            // Built on demand: what is stored stays compact.
+            services: self.services.services(),
+            ..self.others()
+        }
+    }
+
+    fn read(&self, service: &mut dyn FnMut(&str, &dyn ServiceView)) -> Snapshot {
+        self.services.read(service);
+        self.others()
     }
 
     fn status(&self) -> SourceStatus {
