@@ -24,12 +24,20 @@ const VARIANTS: &[&str] = &[
     "traffic-variant-legacy-amplified.json",
     "traffic-variant-kp-iptables.json",
     "traffic-variant-kp-nftables.json",
+    "traffic-variant-ipv6-amplified.json",
+    "traffic-variant-udp-default-amplified.json",
+    "traffic-variant-udp-prefixes-16-amplified.json",
+    "traffic-variant-udp-legacy-amplified.json",
 ];
-/// The variant runs with an amplified phase.
+/// The variant runs with an amplified phase: the quick ones, then the longer new-flow runs.
 const VARIANTS_AMPLIFIED: &[&str] = &[
     "traffic-variant-default-amplified.json",
     "traffic-variant-prefixes-16-amplified.json",
     "traffic-variant-legacy-amplified.json",
+    "traffic-variant-ipv6-amplified.json",
+    "traffic-variant-udp-default-amplified.json",
+    "traffic-variant-udp-prefixes-16-amplified.json",
+    "traffic-variant-udp-legacy-amplified.json",
 ];
 
 /// The committed result files and the renderer of each block. A block rendered from several

@@ -69,8 +69,14 @@ pub fn install(ns: &NetNs, cluster: &Cluster, mode: KubeProxyMode) -> Result<()>
             KubeProxyMode::Iptables => iptables_rules(cluster, family),
             KubeProxyMode::Nftables => unreachable!("returned above"),
         };
-        ns.run_stdin(family.iptables_restore(), &["--noflush"], &script)
-            .with_context(|| format!("kube-proxy {family} rules:\n{script}"))?;
+        restore(
+            ns,
+            family.iptables_restore(),
+            &["--noflush"],
+            &script,
+            cluster,
+        )
+        .with_context(|| format!("kube-proxy {family} rules"))?;
     }
     Ok(())
 }
@@ -302,8 +308,31 @@ fn install_nftables(ns: &NetNs, cluster: &Cluster) -> Result<()> {
     for family in Family::ALL {
         script.push_str(&nftables_rules(cluster, family));
     }
-    ns.run_stdin("nft", &["-f", "/dev/stdin"], &script)
+    restore(ns, "nft", &["-f", "/dev/stdin"], &script, cluster)
         .context("kube-proxy's nftables tables")?;
+    Ok(())
+}
+
+/// Feeds `script` to `program` in the namespace, with a deadline that grows with the cluster:
+/// a benchmark's 10 000 Services with endpoints are 20 000 chains, which take longer than the
+/// default deadline on a loaded machine. Errors quote the script's first lines only.
+fn restore(
+    ns: &NetNs,
+    program: &str,
+    args: &[&str],
+    script: &str,
+    cluster: &Cluster,
+) -> Result<()> {
+    let timeout = exec::DEFAULT_TIMEOUT
+        + Duration::from_millis(5) * cluster.services.len().try_into().unwrap_or(u32::MAX);
+    let out = exec::run_bounded(ns.command(program).args(args), Some(script), timeout)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{program} {}: {}\nscript begins:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim(),
+        script.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
     Ok(())
 }
 

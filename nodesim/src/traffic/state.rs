@@ -47,7 +47,8 @@ const PAD_ENDPOINT_BASE: Ipv4Addr = Ipv4Addr::new(23, 0, 0, 0);
 const PAD_PREFIX_BASE: Ipv4Addr = Ipv4Addr::new(32, 0, 0, 0);
 /// IPv6 padding (dual-stack variant): ClusterIPs in the Service CIDR `fd00:10:96::/112` from
 /// `::100` (so at most [`MAX_IPV6_ENTRIES`]), one /64 per Subnet under `fd20::/16`, other nodes
-/// in `fd22::/64`.
+/// in `fd22::/64` (from `::1`) with the padding endpoints of the kube-proxy iptables/nftables
+/// variants after them (from `fd22::1:0:0`).
 const PAD_CLUSTER_IP6_BASE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x100);
 const PAD_SUBNET6_BASE: Ipv6Addr = Ipv6Addr::new(0xfd20, 0, 0, 0, 0, 0, 0, 0);
 const PAD_NODE6_BASE: Ipv6Addr = Ipv6Addr::new(0xfd22, 0, 0, 0, 0, 0, 0, 0);
