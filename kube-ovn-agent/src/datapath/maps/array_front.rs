@@ -83,7 +83,8 @@ unsafe impl Send for Mapping {}
 impl Mapping {
     const BYTES: usize = WORDS * size_of::<u64>();
 
-    fn new(map: &MapData, name: &'static str) -> Result<Self> {
+    /// The mapping, or `None` when the map was opened read-only.
+    fn new(map: &MapData, name: &'static str) -> Result<Option<Self>> {
         let layout = |source: aya::maps::MapError| MapError::Layout {
             map: name,
             source: Box::new(source),
@@ -115,16 +116,23 @@ impl Mapping {
             )
         };
         if base == libc::MAP_FAILED {
+            let io_error = io::Error::last_os_error();
+            // A map opened read-only (`status`, `dump`, `verify`) refuses a writable shared
+            // mapping, and a shared one at all (the kernel drops VM_SHARED for a file opened
+            // read-only); those views do not read the fronts, which are not state.
+            if matches!(io_error.raw_os_error(), Some(libc::EACCES | libc::EPERM)) {
+                return Ok(None);
+            }
             return Err(layout(aya::maps::MapError::SyscallError(
                 aya::sys::SyscallError {
                     call: "mmap",
-                    io_error: io::Error::last_os_error(),
+                    io_error,
                 },
             )));
         }
-        Ok(Self {
+        Ok(Some(Self {
             base: NonNull::new(base.cast()).expect("mmap returned a mapping"),
-        })
+        }))
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
@@ -141,10 +149,11 @@ impl Drop for Mapping {
     }
 }
 
-/// The ways of a front: the kernel array's, or memory (tests).
+/// The ways of a front: the kernel array's, memory (tests), or none (a read-only view).
 enum Words {
     Mapped(Mapping),
     Memory(Vec<u64>),
+    Unmapped,
 }
 
 impl Words {
@@ -152,6 +161,7 @@ impl Words {
         match self {
             Self::Mapped(m) => m.word(i).load(Ordering::Acquire),
             Self::Memory(v) => v[i],
+            Self::Unmapped => unreachable!("a read-only view holds no ways"),
         }
     }
 
@@ -159,6 +169,7 @@ impl Words {
         match self {
             Self::Mapped(m) => m.word(i).store(word, Ordering::Release),
             Self::Memory(v) => v[i] = word,
+            Self::Unmapped => unreachable!("a read-only view is never synced"),
         }
     }
 }
@@ -181,7 +192,7 @@ impl<K: FrontKey> ArrayFront<K> {
         };
         let mut front = Self {
             name,
-            words: Words::Mapped(Mapping::new(&data, name)?),
+            words: Mapping::new(&data, name)?.map_or(Words::Unmapped, Words::Mapped),
             placed: BTreeMap::new(),
         };
         front.refresh();
@@ -208,9 +219,12 @@ impl<K: FrontKey> ArrayFront<K> {
 
     /// Re-reads the ways. A word that names no key of this front, sits in another key's set or
     /// repeats a key is cleared: a front only ever answers faster, so dropping a word is
-    /// always safe.
+    /// always safe. A read-only view holds nothing.
     pub fn refresh(&mut self) {
         self.placed.clear();
+        if matches!(self.words, Words::Unmapped) {
+            return;
+        }
         for i in 0..WORDS {
             let word = self.words.load(i);
             if word == 0 {
@@ -232,6 +246,9 @@ impl<K: FrontKey> ArrayFront<K> {
     /// `prune` (run before the authority loses anything) it first drops every key not in
     /// `target`; then it places every key of `target` it lacks whose set has a free way.
     pub fn sync(&mut self, target: &BTreeSet<K>, prune: bool) {
+        if matches!(self.words, Words::Unmapped) {
+            return;
+        }
         if prune {
             let stale: Vec<K> = self
                 .placed
