@@ -83,7 +83,8 @@ unsafe impl Send for Mapping {}
 impl Mapping {
     const BYTES: usize = WORDS * size_of::<u64>();
 
-    fn new(map: &MapData, name: &'static str) -> Result<Self> {
+    /// The mapping, or `None` when the map was opened read-only.
+    fn new(map: &MapData, name: &'static str) -> Result<Option<Self>> {
         let layout = |source: aya::maps::MapError| MapError::Layout {
             map: name,
             source: Box::new(source),
@@ -115,16 +116,23 @@ impl Mapping {
             )
         };
         if base == libc::MAP_FAILED {
+            let io_error = io::Error::last_os_error();
+            // A map opened read-only (`status`, `dump`, `verify`) refuses a writable shared
+            // mapping, and a shared one at all (the kernel drops VM_SHARED for a file opened
+            // read-only); those views do not read the fronts, which are not state.
+            if matches!(io_error.raw_os_error(), Some(libc::EACCES | libc::EPERM)) {
+                return Ok(None);
+            }
             return Err(layout(aya::maps::MapError::SyscallError(
                 aya::sys::SyscallError {
                     call: "mmap",
-                    io_error: io::Error::last_os_error(),
+                    io_error,
                 },
             )));
         }
-        Ok(Self {
+        Ok(Some(Self {
             base: NonNull::new(base.cast()).expect("mmap returned a mapping"),
-        })
+        }))
     }
 
     fn word(&self, i: usize) -> &AtomicU64 {
@@ -141,19 +149,19 @@ impl Drop for Mapping {
     }
 }
 
-/// The ways of a front: the kernel array's, memory (tests), or a copy read through a read-only
-/// descriptor (`status`, `dump`: the kernel maps a front writable only, and those never write).
+/// The ways of a front: the kernel array's, memory (tests), or none (a read-only view).
 enum Words {
     Mapped(Mapping),
     Memory(Vec<u64>),
-    ReadOnly(Vec<u64>),
+    Unmapped,
 }
 
 impl Words {
     fn load(&self, i: usize) -> u64 {
         match self {
             Self::Mapped(m) => m.word(i).load(Ordering::Acquire),
-            Self::Memory(v) | Self::ReadOnly(v) => v[i],
+            Self::Memory(v) => v[i],
+            Self::Unmapped => unreachable!("a read-only view holds no ways"),
         }
     }
 
@@ -161,31 +169,9 @@ impl Words {
         match self {
             Self::Mapped(m) => m.word(i).store(word, Ordering::Release),
             Self::Memory(v) => v[i] = word,
-            Self::ReadOnly(_) => panic!("a front read through a read-only descriptor is written"),
+            Self::Unmapped => unreachable!("a read-only view is never synced"),
         }
     }
-
-    /// The ways of `data` copied out with lookups, for a read-only descriptor.
-    fn read_only(data: MapData, name: &'static str) -> Result<Self> {
-        let layout = |source: aya::maps::MapError| MapError::Layout {
-            map: name,
-            source: Box::new(source),
-        };
-        let array: aya::maps::Array<MapData, FrontSet> =
-            aya::maps::Array::try_from(Map::Array(data)).map_err(layout)?;
-        let mut words = Vec::with_capacity(WORDS);
-        for set in 0..front4::SETS {
-            words.extend(array.get(&set, 0).map_err(layout)?.0);
-        }
-        Ok(Self::ReadOnly(words))
-    }
-}
-
-/// Whether `data`'s descriptor allows writes (the read-side commands open maps read-only).
-fn writable(data: &MapData) -> bool {
-    // SAFETY: F_GETFL on a descriptor we hold.
-    let flags = unsafe { libc::fcntl(data.fd().as_fd().as_raw_fd(), libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 /// One array front and where each key it holds sits.
@@ -204,14 +190,9 @@ impl<K: FrontKey> ArrayFront<K> {
                 source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }),
             });
         };
-        let words = if writable(&data) {
-            Words::Mapped(Mapping::new(&data, name)?)
-        } else {
-            Words::read_only(data, name)?
-        };
         let mut front = Self {
             name,
-            words,
+            words: Mapping::new(&data, name)?.map_or(Words::Unmapped, Words::Mapped),
             placed: BTreeMap::new(),
         };
         front.refresh();
@@ -237,10 +218,13 @@ impl<K: FrontKey> ArrayFront<K> {
     }
 
     /// Re-reads the ways. A word that names no key of this front, sits in another key's set or
-    /// repeats a key is cleared (left alone by a read-only reader): a front only ever answers
-    /// faster, so dropping a word is always safe.
+    /// repeats a key is cleared: a front only ever answers faster, so dropping a word is
+    /// always safe. A read-only view holds nothing.
     pub fn refresh(&mut self) {
         self.placed.clear();
+        if matches!(self.words, Words::Unmapped) {
+            return;
+        }
         for i in 0..WORDS {
             let word = self.words.load(i);
             if word == 0 {
@@ -253,8 +237,7 @@ impl<K: FrontKey> ArrayFront<K> {
                 {
                     self.placed.insert(key, i);
                 }
-                _ if !matches!(self.words, Words::ReadOnly(_)) => self.words.store(i, 0),
-                _ => {}
+                _ => self.words.store(i, 0),
             }
         }
     }
@@ -263,6 +246,9 @@ impl<K: FrontKey> ArrayFront<K> {
     /// `prune` (run before the authority loses anything) it first drops every key not in
     /// `target`; then it places every key of `target` it lacks whose set has a free way.
     pub fn sync(&mut self, target: &BTreeSet<K>, prune: bool) {
+        if matches!(self.words, Words::Unmapped) {
+            return;
+        }
         if prune {
             let stale: Vec<K> = self
                 .placed
