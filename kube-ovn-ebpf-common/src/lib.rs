@@ -651,6 +651,11 @@ mod tests {
         let raw = unsafe { core::mem::transmute::<ServicePortV4, u64>(key) };
         assert_eq!(front4::port_word(key.addr, key.port, key.proto), raw);
         assert_ne!(front4::addr_word(key.addr), 0, "a free way is never a key");
+        // The program makes an address word as the port word of port 0, protocol 0.
+        assert_eq!(
+            front4::addr_word(key.addr),
+            front4::port_word(key.addr, 0, 0)
+        );
         assert_eq!(front4::set([10, 96, 1, 2]), front4::set([10, 97, 1, 2]));
         assert_ne!(front4::set([10, 96, 1, 2]), front4::set([10, 96, 1, 3]));
     }

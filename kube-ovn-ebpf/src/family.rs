@@ -88,6 +88,20 @@ fn in_front<const S: usize, const F: usize>(
     })
 }
 
+/// `front4::addr_word(addr)`, made as the program makes a port word: the bytes of a
+/// [`ServicePortV4`] with port and protocol zero and `VALID` in the pad.
+#[inline(always)]
+fn addr_word(addr: [u8; 4]) -> u64 {
+    let key = ServicePortV4 {
+        addr,
+        port: 0,
+        proto: 0,
+        pad: front4::VALID,
+    };
+    // SAFETY: 8 bytes either way, and every bit pattern is a u64.
+    unsafe { core::mem::transmute::<ServicePortV4, u64>(key) }
+}
+
 impl Family for V4 {
     type Addr = [u8; 4];
     const NODEPORT_TCP: u8 = nodeport::TCP_V4;
@@ -123,13 +137,13 @@ impl Family for V4 {
         // The array front answers most host addresses with one inlined array read, the
         // exact-match front the /32s it had no room for with one hash lookup, and the trie
         // (which holds the whole set) the rest (`kube_ovn_ebpf_common::{front4, exact}`).
-        in_front(&LOCAL_ADDRS_V4_FRONT, addr, front4::addr_word(addr))
+        in_front(&LOCAL_ADDRS_V4_FRONT, addr, addr_word(addr))
             || LOCAL_ADDRS_V4_EXACT.get_ptr(addr).is_some()
             || LOCAL_ADDRS_V4.get(&Key::new(32, addr)).is_some()
     }
     #[inline(always)]
     fn is_other_node(addr: [u8; 4]) -> bool {
-        in_front(&OTHER_NODES_V4_FRONT, addr, front4::addr_word(addr))
+        in_front(&OTHER_NODES_V4_FRONT, addr, addr_word(addr))
             || OTHER_NODES_V4.get_ptr(addr).is_some()
     }
     #[inline(always)]
