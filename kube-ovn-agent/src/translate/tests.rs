@@ -1115,6 +1115,50 @@ fn incremental_translation_equals_the_pure_one_over_random_histories() {
                 pure.desired,
                 "maps, seed {seed} step {step}"
             );
+            if let Err(e) = fronts_within_authorities(&tables) {
+                panic!("fronts, seed {seed} step {step}: {e}");
+            }
         }
     }
+}
+
+/// A front answers for its authority (the program takes a key it finds there as a member), so
+/// it may hold less than the authority, never more.
+fn fronts_within_authorities(tables: &crate::datapath::maps::Tables) -> Result<(), String> {
+    use crate::datapath::maps::Ipv6Prefix64;
+    fn within<K: std::fmt::Debug>(
+        front: &str,
+        keys: impl IntoIterator<Item = K>,
+        held: impl Fn(&K) -> bool,
+    ) -> Result<(), String> {
+        match keys.into_iter().find(|k| !held(k)) {
+            Some(k) => Err(format!("{front} holds {k:?}, which its authority does not")),
+            None => Ok(()),
+        }
+    }
+    let (f, v4, v6) = (&tables.fronts, &tables.v4, &tables.v6);
+    let net4 = |a: &Ipv4Addr| Ipv4Net::new(*a, 32).expect("/32");
+    within("svc4 array", f.service_ports_v4_array.keys(), |k| {
+        v4.service_ports.entries().contains_key(*k)
+    })?;
+    within("oth4 array", f.other_nodes_v4_array.keys(), |k| {
+        v4.other_nodes.entries().contains_key(*k)
+    })?;
+    within("loc4 array", f.local_v4_array.keys(), |k| {
+        v4.local.entries().contains_key(&net4(k))
+    })?;
+    within("loc4 exact", f.local_v4.entries().keys(), |k| {
+        v4.local.entries().contains_key(&net4(k))
+    })?;
+    within("loc6 exact", f.local_v6.entries().keys(), |k| {
+        v6.local
+            .entries()
+            .contains_key(&Ipv6Net::new(**k, 128).expect("/128"))
+    })?;
+    within("subnets6 exact", f.subnets_v6.entries().keys(), |k| {
+        v6.subnets
+            .entries()
+            .keys()
+            .any(|n| n.prefix_len() == 64 && Ipv6Prefix64::of(n.network()) == **k)
+    })
 }

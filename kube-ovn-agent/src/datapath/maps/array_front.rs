@@ -246,9 +246,6 @@ impl<K: FrontKey> ArrayFront<K> {
     /// `prune` (run before the authority loses anything) it first drops every key not in
     /// `target`; then it places every key of `target` it lacks whose set has a free way.
     pub fn sync(&mut self, target: &BTreeSet<K>, prune: bool) {
-        if matches!(self.words, Words::Unmapped) {
-            return;
-        }
         if prune {
             let stale: Vec<K> = self
                 .placed
@@ -256,21 +253,42 @@ impl<K: FrontKey> ArrayFront<K> {
                 .filter(|k| !target.contains(k))
                 .copied()
                 .collect();
-            for key in stale {
-                if let Some(i) = self.placed.remove(&key) {
-                    self.words.store(i, 0);
-                }
+            for key in &stale {
+                self.remove(key);
             }
         }
         for key in target {
-            if self.placed.contains_key(key) {
-                continue;
+            self.place(*key);
+        }
+    }
+
+    /// [`Self::sync`] for only the keys of `keys`, each with whether it belongs in the front
+    /// (its authority holds it and the state keeps it): O(keys), for incremental updates.
+    pub fn sync_keys(&mut self, keys: &BTreeMap<K, bool>, prune: bool) {
+        for (key, &wanted) in keys {
+            if wanted {
+                self.place(*key);
+            } else if prune {
+                self.remove(key);
             }
-            let first = front4::set(key.addr()) as usize * WAYS;
-            if let Some(i) = (first..first + WAYS).find(|&i| self.words.load(i) == 0) {
-                self.words.store(i, key.word());
-                self.placed.insert(*key, i);
-            }
+        }
+    }
+
+    fn remove(&mut self, key: &K) {
+        if let Some(i) = self.placed.remove(key) {
+            self.words.store(i, 0);
+        }
+    }
+
+    /// Places `key` in a free way of its set, if it is not there and one is free.
+    fn place(&mut self, key: K) {
+        if self.placed.contains_key(&key) {
+            return;
+        }
+        let first = front4::set(key.addr()) as usize * WAYS;
+        if let Some(i) = (first..first + WAYS).find(|&i| self.words.load(i) == 0) {
+            self.words.store(i, key.word());
+            self.placed.insert(key, i);
         }
     }
 }

@@ -20,7 +20,7 @@ use super::{
     FamilyTables, HashTable, MapError, MemTable, Result, Synced, array_front::ArrayFront,
     codec::Ipv6Prefix64,
 };
-use crate::state::{MapState, ServicePort};
+use crate::state::{MapState, ServicePort, Touched};
 
 pub struct Fronts {
     /// /32s of the IPv4 local-address trie.
@@ -122,6 +122,59 @@ impl Fronts {
             .collect()
     }
 
+    /// [`Self::sync`] for only the keys an incremental step touched (`Tables::apply_touched`):
+    /// O(touched). Like a full sync, with `prune` it runs before the tries lose anything.
+    pub fn sync_touched(
+        &mut self,
+        v4: &FamilyTables<Ipv4Net, Ipv4Addr>,
+        v6: &FamilyTables<Ipv6Net, Ipv6Addr>,
+        desired: &MapState,
+        touched: &Touched,
+        prune: bool,
+    ) -> Vec<MapError> {
+        let local_v4 = touched_keys(&touched.v4.local, &v4.local, &desired.v4.local, |n| {
+            (n.prefix_len() == exact::LOCAL_V4_LEN).then(|| n.addr())
+        });
+        let local_v6 = touched_keys(&touched.v6.local, &v6.local, &desired.v6.local, |n| {
+            (n.prefix_len() == exact::LOCAL_V6_LEN).then(|| n.addr())
+        });
+        let subnets_v6 = touched_keys(&touched.v6.subnets, &v6.subnets, &desired.v6.subnets, |n| {
+            (n.prefix_len() == exact::SUBNETS_V6_LEN).then(|| Ipv6Prefix64::of(n.network()))
+        });
+        let mut reports = [
+            self.local_v4
+                .sync_keys(local_v4.keys(), wanted(&local_v4), prune),
+            self.local_v6
+                .sync_keys(local_v6.keys(), wanted(&local_v6), prune),
+            self.subnets_v6
+                .sync_keys(subnets_v6.keys(), wanted(&subnets_v6), prune),
+        ];
+        self.local_v4_array.sync_keys(&local_v4, prune);
+        self.service_ports_v4_array.sync_keys(
+            &touched_keys(
+                &touched.v4.service_ports,
+                &v4.service_ports,
+                &desired.v4.service_ports,
+                |k| Some(*k),
+            ),
+            prune,
+        );
+        self.other_nodes_v4_array.sync_keys(
+            &touched_keys(
+                &touched.v4.other_nodes,
+                &v4.other_nodes,
+                &desired.v4.other_nodes,
+                |k| Some(*k),
+            ),
+            prune,
+        );
+        reports
+            .iter_mut()
+            .flat_map(|r| std::mem::take(&mut r.errors))
+            .filter(|e| !e.is_full())
+            .collect()
+    }
+
     /// Re-reads the front maps.
     pub fn refresh(&mut self) -> Result<()> {
         self.service_ports_v4_array.refresh();
@@ -143,6 +196,25 @@ fn kept<N: Ord + Copy, K>(
         .keys()
         .filter(|n| desired.contains(n))
         .filter_map(|n| key(n).map(|k| (k, ())))
+        .collect()
+}
+
+/// Whether `keys` says a key belongs in the front, as [`Synced::sync_keys`] asks it.
+fn wanted<K: Ord>(keys: &BTreeMap<K, bool>) -> impl Fn(&K) -> Option<()> + '_ {
+    |k| keys.get(k).copied().unwrap_or(false).then_some(())
+}
+
+/// The front keys of the `touched` entries, each with whether it belongs in the front: held by
+/// `table` (the authority, as written so far) and kept by `desired`.
+fn touched_keys<N: Ord + Copy, K: Ord>(
+    touched: &BTreeSet<N>,
+    table: &Synced<N, ()>,
+    desired: &BTreeSet<N>,
+    key: impl Fn(&N) -> Option<K>,
+) -> BTreeMap<K, bool> {
+    touched
+        .iter()
+        .filter_map(|n| key(n).map(|k| (k, desired.contains(n) && table.entries().contains_key(n))))
         .collect()
 }
 

@@ -30,7 +30,7 @@ use kube_ovn_ebpf_common::{Config, config_flag, names};
 
 pub(crate) use self::kernel::take;
 pub use self::{
-    codec::{Codec, Prefix},
+    codec::{Codec, Ipv6Prefix64, Prefix},
     error::{MapError, MapFault, Result},
     front::Fronts,
     kernel::{ConfigTable, HashTable, IfaceTable, PortArrayTable, PrefixTable, read_counters},

@@ -16,6 +16,7 @@ impl Tables {
             self.sync_dirs(&mut report);
         }
         sync_family(&mut self.v6, &desired.v6, &touched.v6, false, &mut report);
+        self.sync_fronts_touched(desired, touched, false, &mut report);
         let entries = self.nodeport_local.entries();
         let filled: Vec<(u16, u8)> = touched
             .nodeport_local
@@ -40,17 +41,34 @@ impl Tables {
         // stale entries go) and reports what still fails.
         report.errors.clear();
         report.add(self.config.sync([((), desired.config())], true));
+        // The fronts drop what the tries and hashes are about to lose first (a key the program
+        // finds in a front is taken as a member), and take what the retries wrote after.
+        self.sync_fronts_touched(desired, touched, true, &mut report);
         sync_family(&mut self.v4, &desired.v4, &touched.v4, true, &mut report);
         if !touched.v4.subnets.is_empty() {
             self.sync_dirs(&mut report);
         }
         sync_family(&mut self.v6, &desired.v6, &touched.v6, true, &mut report);
+        self.sync_fronts_touched(desired, touched, false, &mut report);
         report.add(self.nodeport_local.sync_keys(
             &touched.nodeport_local,
             |port| Some(desired.nodeport_bits(*port)).filter(|bits| *bits != 0),
             true,
         ));
         report
+    }
+
+    fn sync_fronts_touched(
+        &mut self,
+        desired: &MapState,
+        touched: &Touched,
+        prune: bool,
+        report: &mut SyncReport,
+    ) {
+        report.errors.extend(
+            self.fronts
+                .sync_touched(&self.v4, &self.v6, desired, touched, prune),
+        );
     }
 }
 
