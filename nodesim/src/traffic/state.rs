@@ -510,7 +510,10 @@ mod tests {
             panic!("IPv4 padding")
         };
         let start = u32::from(a);
-        (start, start + u32::MAX.checked_shr(u32::from(c.len)).unwrap_or(0))
+        (
+            start,
+            start + u32::MAX.checked_shr(u32::from(c.len)).unwrap_or(0),
+        )
     }
 
     #[test]
