@@ -13,7 +13,7 @@
 //! same pass.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io,
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -149,6 +149,22 @@ impl Drop for Mapping {
     }
 }
 
+/// The keys of `from` that `other` lacks; both sorted ascending.
+fn sorted_difference<'a, K: Ord + Copy + 'a>(
+    from: impl Iterator<Item = &'a K>,
+    other: impl Iterator<Item = &'a K>,
+) -> Vec<K> {
+    let mut other = other.peekable();
+    let mut out = Vec::new();
+    for key in from {
+        while other.next_if(|o| *o < key).is_some() {}
+        if other.peek() != Some(&key) {
+            out.push(*key);
+        }
+    }
+    out
+}
+
 /// The ways of a front: the kernel array's, memory (tests), or none (a read-only view).
 enum Words {
     Mapped(Mapping),
@@ -242,23 +258,23 @@ impl<K: FrontKey> ArrayFront<K> {
         }
     }
 
-    /// Brings the front towards `target` (keys its authority holds and the state keeps): with
-    /// `prune` (run before the authority loses anything) it first drops every key not in
-    /// `target`; then it places every key of `target` it lacks whose set has a free way.
-    pub fn sync(&mut self, target: &BTreeSet<K>, prune: bool) {
+    /// Brings the front towards `target` (keys its authority holds and the state keeps, in
+    /// order, without repeats): with `prune` (run before the authority loses anything) it first
+    /// drops every key not in `target`; then it places every key of `target` it lacks whose set
+    /// has a free way. The placements and `target` are both sorted, so each step is one linear
+    /// merge over them (200 000 keys on a large node), not a lookup per key.
+    pub fn sync(&mut self, target: &[K], prune: bool) {
+        debug_assert!(
+            target.is_sorted_by(|a, b| a < b),
+            "target sorted, no repeats"
+        );
         if prune {
-            let stale: Vec<K> = self
-                .placed
-                .keys()
-                .filter(|k| !target.contains(k))
-                .copied()
-                .collect();
-            for key in &stale {
+            for key in &sorted_difference(self.placed.keys(), target.iter()) {
                 self.remove(key);
             }
         }
-        for key in target {
-            self.place(*key);
+        for key in sorted_difference(target.iter(), self.placed.keys()) {
+            self.place(key);
         }
     }
 
@@ -295,7 +311,31 @@ impl<K: FrontKey> ArrayFront<K> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+
+    fn sorted<K: Copy>(set: &BTreeSet<K>) -> Vec<K> {
+        set.iter().copied().collect()
+    }
+
+    #[test]
+    fn sorted_difference_is_the_set_difference() {
+        let cases: [(&[u32], &[u32], &[u32]); 5] = [
+            (&[1, 2, 3], &[], &[1, 2, 3]),
+            (&[], &[1, 2], &[]),
+            (&[1, 3, 5, 7], &[2, 3, 4, 7, 9], &[1, 5]),
+            (&[5, 6], &[1, 2, 3], &[5, 6]),
+            (&[1, 2], &[1, 2], &[]),
+        ];
+        for (from, other, want) in cases {
+            assert_eq!(
+                sorted_difference(from.iter(), other.iter()),
+                want,
+                "{from:?} - {other:?}"
+            );
+        }
+    }
 
     fn port(addr: [u8; 4], port: u16) -> ServicePort<Ipv4Addr> {
         ServicePort {
@@ -333,7 +373,7 @@ mod tests {
         // Five ports of one ClusterIP and one ClusterIP 65 536 addresses on: one set.
         let mut target: BTreeSet<_> = (1..=5).map(|p| port([10, 96, 0, 1], p)).collect();
         target.insert(port([10, 97, 0, 1], 80));
-        front.sync(&target, false);
+        front.sync(&sorted(&target), false);
         assert_eq!(front.keys().count(), WAYS, "one set, {WAYS} ways");
         let overflow: Vec<_> = target
             .iter()
@@ -344,9 +384,9 @@ mod tests {
         // Without pruning nothing leaves; with it, a removed key frees its way for another.
         let removed = *front.keys().next().unwrap();
         target.remove(&removed);
-        front.sync(&target, false);
+        front.sync(&sorted(&target), false);
         assert!(front.placed.contains_key(&removed));
-        front.sync(&target, true);
+        front.sync(&sorted(&target), true);
         assert!(!front.placed.contains_key(&removed));
         assert_eq!(
             front.keys().count(),
@@ -355,7 +395,7 @@ mod tests {
         );
         assert!(front.keys().all(|k| target.contains(k)));
         // Emptying the target clears every way.
-        front.sync(&BTreeSet::new(), true);
+        front.sync(&[], true);
         assert_eq!(front.keys().count(), 0);
         assert!((0..WORDS).all(|i| front.words.load(i) == 0));
     }

@@ -104,12 +104,14 @@ impl Fronts {
                 prune,
             ),
         ];
-        let local_v4: BTreeSet<Ipv4Addr> = kept(&v4.local, &desired.v4.local, |n| {
+        let mut local_v4: Vec<Ipv4Addr> = kept(&v4.local, &desired.v4.local, |n| {
             (n.prefix_len() == exact::LOCAL_V4_LEN).then(|| n.addr())
         })
         .into_iter()
         .map(|(a, ())| a)
         .collect();
+        local_v4.sort_unstable();
+        local_v4.dedup();
         self.local_v4_array.sync(&local_v4, prune);
         self.service_ports_v4_array
             .sync(&both(&v4.service_ports, &desired.v4.service_ports), prune);
@@ -218,14 +220,18 @@ fn touched_keys<N: Ord + Copy, K: Ord>(
         .collect()
 }
 
-/// The keys both in `table` and in `desired`.
-fn both<K: Ord + Copy>(table: &Synced<K, ()>, desired: &BTreeSet<K>) -> BTreeSet<K> {
-    table
-        .entries()
-        .keys()
-        .filter(|k| desired.contains(k))
-        .copied()
-        .collect()
+/// The keys both in `table` and in `desired`, in order: one linear merge of the two sorted
+/// sets.
+fn both<K: Ord + Copy>(table: &Synced<K, ()>, desired: &BTreeSet<K>) -> Vec<K> {
+    let mut wanted = desired.iter().peekable();
+    let mut out = Vec::new();
+    for key in table.entries().keys() {
+        while wanted.next_if(|w| *w < key).is_some() {}
+        if wanted.peek() == Some(&key) {
+            out.push(*key);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
