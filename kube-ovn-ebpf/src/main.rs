@@ -54,6 +54,14 @@ fn frozen(value: &'static u32) -> u32 {
     reason = "the #[classifier] entry signature"
 )]
 pub fn kovn_ingress(ctx: TcContext) -> i32 {
+    // A test build's salt (`KOVN_EBPF_SALT`, compile time): one store of a constant to the
+    // stack, so the program has another tag and the same behaviour (the e2e suite's in-place
+    // upgrade). Absent in every other build.
+    if let Some(salt) = option_env!("KOVN_EBPF_SALT") {
+        let mut slot = 0u64;
+        // SAFETY: a volatile store to a local, kept so the instruction stays.
+        unsafe { core::ptr::write_volatile(&raw mut slot, salt.len() as u64) };
+    }
     match try_kovn_ingress(&ctx) {
         Ok(verdict) => verdict,
         Err(skip) => {

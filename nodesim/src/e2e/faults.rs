@@ -4,7 +4,7 @@
 //!    restarted on the same pins. No connection may get the unmarked outcome, neither while the
 //!    agent is gone nor after it is back, and the attachments (tcx link ids) must not change.
 //! 2. **upgrade**: SIGTERM, then a rebuilt agent whose program differs only in code generation
-//!    (`KOVN_EBPF_OPT_LEVEL=s`: same behaviour, another tag) starts on the same pins and swaps
+//!    (`KOVN_EBPF_SALT=1`: same behaviour, another tag) starts on the same pins and swaps
 //!    its program into the existing attachments (`bpf_link_update`, or a netlink filter
 //!    replace). Zero wrong connections, a new program id, the same link ids, the old program
 //!    freed. Then the **downgrade**, the same way.
@@ -222,7 +222,7 @@ fn steps(
             let original = agent(node)?.binary().to_owned();
             let first = View::read(agent(node)?)?;
             let upgrade = Switch {
-                label: "upgrade: rebuilt program (opt-level s)",
+                label: "upgrade: rebuilt program (salted)",
                 binary: rebuilt,
                 tag: None,
             };

@@ -52,7 +52,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
     /// Agent binary the upgrade fault switches to, instead of rebuilding `kube-ovn-agent` with
-    /// `KOVN_EBPF_OPT_LEVEL=s` (same behaviour, another program tag).
+    /// `KOVN_EBPF_SALT=1` (same behaviour, another program tag).
     #[arg(long, value_name = "PATH")]
     rebuilt_agent: Option<PathBuf>,
     /// Build and run the release agent.
@@ -445,7 +445,7 @@ fn probe(node: &Node, probe: &crate::node::Probe) -> Result<Outcome> {
 
 /// Builds the agent (unless `--agent` names one, and no rebuilt agent had to be built over the
 /// default binary) and returns its path: a private copy, `target/e2e/kube-ovn-agent`, so that a
-/// build running meanwhile (another run's opt-level-s build, for one) cannot change the binary
+/// build running meanwhile (another run's salted build, for one) cannot change the binary
 /// under this run — the downgrade fault must get back the very program it started with.
 fn agent_binary(args: &Args) -> Result<PathBuf> {
     if args.agent.is_none() || args.rebuilt_agent.is_none() {
@@ -458,17 +458,18 @@ fn agent_binary(args: &Args) -> Result<PathBuf> {
 }
 
 /// The agent for the upgrade fault: `--rebuilt-agent`, or this workspace's agent with its eBPF
-/// object rebuilt at opt-level `s` (same behaviour, another program tag), copied to
-/// `target/e2e/kube-ovn-agent-opt-s`. The build overwrites `target/<profile>/kube-ovn-agent`;
+/// object rebuilt with `KOVN_EBPF_SALT=1` (same behaviour, another program tag), copied to
+/// `target/e2e/kube-ovn-agent-salted`. The build overwrites `target/<profile>/kube-ovn-agent`;
 /// [`agent_binary`] rebuilds the default right after (cargo reruns the agent's build script
-/// when `KOVN_EBPF_OPT_LEVEL` changes; both objects stay cached, so on an unchanged tree each
+/// when `KOVN_EBPF_SALT` changes; both objects stay cached, so on an unchanged tree each
 /// build takes seconds).
 fn rebuilt_agent(args: &Args) -> Result<PathBuf> {
     if let Some(path) = &args.rebuilt_agent {
         return Ok(path.clone());
     }
-    build_agent(args.release, Some("s")).context("building kube-ovn-agent at opt-level s")?;
-    copy_aside(args.release, "kube-ovn-agent-opt-s")
+    build_agent(args.release, Some("1"))
+        .context("building kube-ovn-agent with KOVN_EBPF_SALT=1")?;
+    copy_aside(args.release, "kube-ovn-agent-salted")
 }
 
 /// Copies the freshly built `target/<profile>/kube-ovn-agent` to `target/e2e/<name>`: to a
@@ -488,8 +489,8 @@ fn copy_aside(release: bool, name: &str) -> Result<PathBuf> {
     Ok(copy)
 }
 
-/// `cargo build -p kube-ovn-agent`, with `KOVN_EBPF_OPT_LEVEL` set to `opt_level` or removed.
-fn build_agent(release: bool, opt_level: Option<&str>) -> Result<()> {
+/// `cargo build -p kube-ovn-agent`, with `KOVN_EBPF_SALT` set to `salt` or removed.
+fn build_agent(release: bool, salt: Option<&str>) -> Result<()> {
     let mut command = Command::new(env!("CARGO"));
     command
         .args(["build", "--package", "kube-ovn-agent"])
@@ -497,9 +498,9 @@ fn build_agent(release: bool, opt_level: Option<&str>) -> Result<()> {
     if release {
         command.arg("--release");
     }
-    match opt_level {
-        Some(level) => command.env("KOVN_EBPF_OPT_LEVEL", level),
-        None => command.env_remove("KOVN_EBPF_OPT_LEVEL"),
+    match salt {
+        Some(salt) => command.env("KOVN_EBPF_SALT", salt),
+        None => command.env_remove("KOVN_EBPF_SALT"),
     };
     cmd::run(&mut command)
 }
